@@ -1,0 +1,1 @@
+"""The pure core: checkpoint I/O, recipes, parameter maps, merge methods. Imports no Dagster."""

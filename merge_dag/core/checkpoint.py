@@ -1,0 +1,462 @@
+"""Hugging Face checkpoint folders: lazy, one-tensor-at-a-time reading and streaming, atomic writing.
+
+Reading parses each safetensors header (8-byte little-endian length, then JSON) and checks that
+every tensor's byte range lies inside the file, so a truncated or corrupt file is refused before a
+merge starts. Tensor data is read with plain positioned reads into a fresh buffer, not through
+mmap: pages of a mapped file count towards the process's resident memory, and a merge that touches
+every byte of four 1 GB inputs would otherwise hold 4 GB resident.
+
+Writing knows every output tensor's name, shape and dtype before the first byte is computed (the
+merge plan), so each shard's header is written first and tensors are appended as they are
+produced: nothing is buffered beyond the tensor in hand. All files go to a temporary folder beside
+the target, which is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from .errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+COPIED_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+# safetensors dtype strings <-> torch dtypes
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """'bfloat16', 'bf16', 'float32', 'fp16', 'F32' ... -> torch dtype."""
+    aliases = {
+        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+        "float64": torch.float64, "fp64": torch.float64,
+    }
+    key = name.strip()
+    if key.lower() in aliases:
+        return aliases[key.lower()]
+    if key.upper() in DTYPES:
+        return DTYPES[key.upper()]
+    raise ValueError(f"unknown dtype {name!r} (expected one of bfloat16, float16, float32)")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors file's header. Raises CheckpointError naming the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})"
+                )
+            header_bytes = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, h in header.items():
+        try:
+            dtype = DTYPES[h["dtype"]]
+            shape = tuple(int(s) for s in h["shape"])
+            b, e = (int(x) for x in h["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: tensor {name!r}: corrupt header entry {h!r}") from exc
+        info = TensorInfo(name, path, dtype, shape, base + b, base + e)
+        expected = info.numel * torch.tensor([], dtype=dtype).element_size()
+        if e < b or e - b != expected:
+            raise CheckpointError(
+                f"{path}: tensor {name!r}: byte range {b}..{e} does not match shape {list(shape)} {h['dtype']}"
+            )
+        if base + e > size:
+            raise CheckpointError(
+                f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to {base + e}, "
+                f"file has {size}"
+            )
+        out[name] = info
+    return out, meta
+
+
+class Checkpoint:
+    """A Hugging Face model folder (or a single .safetensors file), read lazily.
+
+    Only headers are read on open; `get` reads one tensor.
+    """
+
+    def __init__(self, path: str | os.PathLike, name: str | None = None):
+        self.path = Path(path)
+        self.name = name or str(path)
+        if not self.path.exists():
+            raise CheckpointError(f"model {self.name!r}: path does not exist: {self.path}")
+        if self.path.is_file():
+            if self.path.suffix != ".safetensors":
+                raise CheckpointError(self._pickle_message([self.path]) if self.path.suffix in PICKLE_SUFFIXES
+                                      else f"model {self.name!r}: {self.path} is not a safetensors file")
+            files = [self.path]
+            self.folder = self.path.parent
+        else:
+            self.folder = self.path
+            files = self._shard_files()
+        self.tensors: dict[str, TensorInfo] = {}
+        for f in files:
+            infos, _ = read_safetensors_header(f)
+            for k, v in infos.items():
+                if k in self.tensors:
+                    raise CheckpointError(f"model {self.name!r}: tensor {k!r} appears in two files: "
+                                          f"{self.tensors[k].file.name} and {f.name}")
+                self.tensors[k] = v
+        if not self.tensors:
+            raise CheckpointError(f"model {self.name!r}: no tensors in {self.path}")
+
+    def _pickle_message(self, pickled: list[Path]) -> str:
+        names = ", ".join(p.name for p in pickled[:3])
+        return (
+            f"model {self.name!r}: {self.path} holds only pickled weights ({names}); merge_dag never "
+            "unpickles files it did not write. Convert it once, in an environment you trust: "
+            "`python -c \"from transformers import AutoModelForCausalLM as M; "
+            f"M.from_pretrained('{self.path}').save_pretrained('{self.path}-safetensors', "
+            "safe_serialization=True)\"`"
+        )
+
+    def _shard_files(self) -> list[Path]:
+        index = self.folder / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: corrupt index ({e})") from e
+            files = []
+            for fn in dict.fromkeys(weight_map.values()):
+                p = self.folder / fn
+                if not p.exists():
+                    raise CheckpointError(f"model {self.name!r}: {index.name} names {fn}, which does not exist")
+                files.append(p)
+            return files
+        files = sorted(self.folder.glob("*.safetensors"))
+        if files:
+            return files
+        pickled = sorted(p for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise CheckpointError(self._pickle_message(pickled))
+        raise CheckpointError(f"model {self.name!r}: no safetensors weights in {self.folder}")
+
+    # ---- metadata ----
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"model {self.name!r}: no tensor {name!r}") from None
+
+    def config(self) -> dict:
+        p = self.folder / "config.json"
+        if not p.exists():
+            return {}
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{p}: invalid JSON ({e})") from e
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    # ---- data ----
+    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor (a fresh, owned buffer), optionally cast, on `device`."""
+        info = self.info(name)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            got = f.readinto(memoryview(buf.numpy()))
+        if got != info.nbytes:
+            raise CheckpointError(f"model {self.name!r}: tensor {name!r}: short read from {info.file} "
+                                  f"({got} of {info.nbytes} bytes)")
+        t = buf.view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+        if torch.device(device).type != "cpu":
+            t = t.to(device, non_blocking=False)
+        if dtype is not None and t.dtype != dtype:
+            t = t.to(dtype)
+        return t
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.name!r}, {len(self.tensors)} tensors)"
+
+
+def is_pickle_only(path: Path) -> bool:
+    return path.is_dir() and not any(path.glob("*.safetensors")) and any(
+        p.suffix in PICKLE_SUFFIXES for p in path.iterdir()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2e9, '500MB', '1GiB', '4096' -> bytes."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for u, m in units.items():
+        if s.endswith(u):
+            num = s[: -len(u)]
+            break
+    else:
+        num, m = s, 1
+    try:
+        value = float(num)
+    except ValueError:
+        raise ValueError(f"invalid size {text!r} (examples: 2GB, 500MB, 1GiB)") from None
+    if value <= 0:
+        raise ValueError(f"invalid size {text!r}: must be positive")
+    return int(value * m)
+
+
+@dataclass
+class OutTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.tensor([], dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
+    """Greedy split, in order, so no shard exceeds max_shard_bytes unless one tensor does alone."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards if shards[0] else []
+
+
+def _header_bytes(shard: list[OutTensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
+    off = 0
+    for t in shard:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+        off += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class CheckpointWriter:
+    """Streams tensors, in a known order, into sharded safetensors in a temporary folder.
+
+    Use as a context manager: on an exception the temporary folder is removed and the target is
+    untouched; `commit()` renames the finished folder into place.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, tensors: list[OutTensor], max_shard_bytes: int,
+                 metadata: dict[str, str] | None = None, overwrite: bool = True):
+        self.out_dir = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        if self.out_dir.exists() and not overwrite:
+            raise FileExistsError(f"{self.out_dir} exists")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = plan_shards(tensors, max_shard_bytes)
+        n = len(self.shards)
+        self.shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
+        self._pos = 0
+        self._file = None
+        self._cur = -1
+        self.bytes_written = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _open_shard(self, si: int) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._cur = si
+        self._file = open(self.tmp / self.shard_names[si], "wb")
+        self._file.write(_header_bytes(self.shards[si], self.metadata))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the plan. Names, shapes and dtypes must follow the plan."""
+        if self._pos >= len(self.order):
+            raise RuntimeError(f"tensor {name!r} is not in the write plan (all planned tensors written)")
+        si, expected = self.order[self._pos]
+        if name != expected.name or tuple(tensor.shape) != expected.shape or tensor.dtype != expected.dtype:
+            raise RuntimeError(
+                f"write order broken: got {name} {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {expected.name} {expected.shape} {expected.dtype}"
+            )
+        if si != self._cur:
+            self._open_shard(si)
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.numel():
+            self._file.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+        self.bytes_written += expected.nbytes
+        self._pos += 1
+
+    def write_json(self, name: str, obj: dict) -> None:
+        (self.tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.tmp / name).write_text(text)
+
+    def copy_files(self, src_folder: Path, names: Iterable[str]) -> list[str]:
+        copied = []
+        for n in names:
+            p = Path(src_folder) / n
+            if p.is_file():
+                shutil.copy2(p, self.tmp / n)
+                copied.append(n)
+        return copied
+
+    def commit(self) -> Path:
+        if self._pos != len(self.order):
+            missing = self.order[self._pos][1].name
+            raise RuntimeError(f"merge incomplete: tensor {missing!r} and later ones were never written")
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        weight_map = {t.name: self.shard_names[si] for si, t in self.order}
+        index = {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
+        self.write_json(INDEX_NAME, index)
+        for p in self.tmp.iterdir():  # durability before the rename
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        return atomic_replace_dir(self.tmp, self.out_dir)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def atomic_replace_dir(tmp: Path, target: Path) -> Path:
+    """Rename a finished folder into place; an existing target is swapped out, then removed."""
+    if target.exists():
+        trash = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.rename(target, trash)
+        os.rename(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, target)
+    return target
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove temporary folders left beside `out_dir` by a merge that was killed.
+
+    A temporary folder carries its writer's pid; only those whose process is gone are removed, so a
+    merge still running into the same target is left alone.
+    """
+    out_dir = Path(out_dir).absolute()
+    removed = []
+    if not out_dir.parent.exists():
+        return removed
+    for p in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
+        m = re.match(r".*\.(?:tmp|old)-(\d+)-[0-9a-f]+$", p.name)
+        if m and _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

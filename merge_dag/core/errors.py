@@ -1,0 +1,17 @@
+"""Every error merge_dag raises on bad input. Each message names the file, key or tensor."""
+
+
+class MergeDagError(Exception):
+    """Base class: a problem with the user's input, reported without a traceback by the CLI."""
+
+
+class RecipeError(MergeDagError):
+    """A recipe file is malformed: unknown key, unknown method, missing or out-of-range parameter."""
+
+
+class CheckpointError(MergeDagError):
+    """A model folder cannot be read: missing, pickled only, truncated or corrupt safetensors."""
+
+
+class MergeInputError(MergeDagError):
+    """The inputs of a merge disagree: tensor names, shapes, non-finite values, duplicates."""

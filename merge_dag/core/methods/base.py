@@ -1,0 +1,86 @@
+"""The contract every merge method follows.
+
+A method merges ONE tensor at a time. The engine reads that tensor from every input as float32 on
+the configured device, resolves the parameters for this tensor (scalars, layer gradients, filters;
+see merge_dag.core.params) and calls `merge(task)`. The method returns the merged float32 tensor;
+the engine casts it to the output dtype and writes it. Inputs in `task` belong to the method and
+may be modified in place (this keeps peak memory near (inputs + 2) x one tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter a method accepts.
+
+    per_model: given per input model (`models[i].parameters`) and/or top-level as a default for all.
+    default: None with required=True means the recipe must give it.
+    check: returns an error text ("must be in (0, 1]") for a bad value, or None.
+    """
+
+    name: str
+    default: Any = None
+    required: bool = False
+    per_model: bool = False
+    kind: type = float
+    check: Optional[Callable[[Any], Optional[str]]] = None
+    help: str = ""
+
+
+def in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], Optional[str]]:
+    """A check for lo <= x <= hi, with open ends where asked: in_range(0, 1, lo_open=True) is (0, 1]."""
+
+    def check(x: Any) -> Optional[str]:
+        v = float(x)
+        ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi) and not math.isnan(v)
+        if ok:
+            return None
+        return f"must be in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}, got {x}"
+
+    return check
+
+
+def non_negative(x: Any) -> Optional[str]:
+    return None if float(x) >= 0 else f"must be >= 0, got {x}"
+
+
+@dataclass
+class TensorTask:
+    """Everything a method needs to merge one tensor."""
+
+    name: str                                # tensor name in the output checkpoint
+    base: Optional[torch.Tensor]             # base model's tensor (float32), None if the method takes no base
+    models: list[torch.Tensor]               # the other inputs (float32), in recipe order, base excluded
+    model_params: list[dict[str, Any]]       # per-model parameters resolved for this tensor
+    params: dict[str, Any]                   # global parameters resolved for this tensor
+    generator: Optional[torch.Generator] = None   # seeded per (seed, tensor name) for random methods
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. guidance maps (later issues)
+
+
+class MergeMethod:
+    """Subclass, set the class attributes, implement `merge`, register in registry.py."""
+
+    name: ClassVar[str]
+    requires_base: ClassVar[bool] = True
+    min_models: ClassVar[int] = 1            # inputs besides the base
+    max_models: ClassVar[Optional[int]] = None
+    randomized: ClassVar[bool] = False
+    params: ClassVar[tuple[Param, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def param(cls, name: str) -> Optional[Param]:
+        for p in cls.params:
+            if p.name == name:
+                return p
+        return None

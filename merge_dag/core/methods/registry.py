@@ -1,0 +1,41 @@
+"""Every merge method merge_dag ships, named in one place."""
+
+from __future__ import annotations
+
+from ..errors import RecipeError
+from .base import MergeMethod
+from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
+from .della import Della, DellaLinear
+from .dare import DareLinear, DareTies
+from .linear import Linear
+from .model_stock import ModelStock
+from .passthrough import Passthrough
+from .slerp import Slerp
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+
+METHODS: dict[str, type[MergeMethod]] = {
+    m.name: m
+    for m in (
+        Linear,
+        TaskArithmetic,
+        Ties,
+        DareLinear,
+        DareTies,
+        Breadcrumbs,
+        BreadcrumbsTies,
+        Della,
+        DellaLinear,
+        Slerp,
+        ModelStock,
+        Passthrough,
+    )
+}
+
+
+def get_method(name: str) -> type[MergeMethod]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        known = ", ".join(sorted(METHODS))
+        raise RecipeError(f"unknown merge_method {name!r} (known: {known})") from None
