@@ -1,0 +1,86 @@
+"""`merge-dag` commands. Each subcommand's module is imported only when it runs (torch, Dagster and
+lm-eval are slow to import)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from .core.errors import MergeDagError
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints from a YAML recipe (no Dagster; like mergekit-yaml)")
+    p.add_argument("recipe", type=Path, help="recipe YAML (mergekit shape)")
+    p.add_argument("out_dir", type=Path, help="output folder (written atomically)")
+    p.add_argument("--device", default="cpu", help="torch device for the arithmetic: cpu (default), cuda, cuda:1")
+    p.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB, 500MB, 1GiB (default 2GB)")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from .core.checkpoint import parse_size
+    from .core.engine import execute, plan_merge
+    from .core.recipe import load_recipe
+
+    try:
+        shard = parse_size(args.shard_size)
+    except ValueError as e:
+        raise MergeDagError(f"--shard-size: {e}") from None
+    recipe = load_recipe(args.recipe)
+    plan = plan_merge(recipe, device=args.device)
+    if args.dry_run:
+        print(plan.describe())
+        print(f"\nplan OK: nothing written (would write {args.out_dir})")
+        return 0
+    result = execute(plan, args.out_dir, shard_size=shard, progress=not args.no_progress)
+    print(f"merged {result.tensor_count} tensors ({result.bytes / 1e9:.3f} GB) with {result.method} "
+          f"in {result.seconds:.1f} s -> {result.out_dir}")
+    print(f"output fingerprint {result.output_fingerprint}")
+    return 0
+
+
+# subcommands living in other modules: name -> module with add_arguments(parser) and run(args)
+EXTERNAL = {
+    "zoo": ("merge_dag.zoo.command", "build the demo expert zoo (tokenizer, base, experts, data)"),
+    "demo": ("merge_dag.dagster.demo", "build the zoo if missing, materialize every recipe and eval, print the leaderboard"),
+    "audit": ("merge_dag.lineage.command", "print the provenance tree of a merged model (path, name or artifact id)"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Only the chosen external subcommand's module is imported (they pull in torch, Dagster)."""
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = argparse.ArgumentParser(prog="merge-dag", description="Declarative, incremental, auditable model merges.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_merge(sub)
+    for name, (module, help_text) in EXTERNAL.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(module=module)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    try:
+        if hasattr(args, "func"):
+            return args.func(args) or 0
+        return importlib.import_module(args.module).run(args) or 0
+    except MergeDagError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,544 @@
+"""The streaming merge engine: plan a recipe, then merge one tensor at a time into a new checkpoint.
+
+Memory: for each output tensor the engine holds that tensor of every input (float32), the method's
+temporaries, and the raw bytes of the next tensor being read ahead on a second thread, so peak
+memory is about (inputs + 2) x the largest tensor whatever the model size. Everything is checked
+before the first byte is written (names, shapes, paths, parameters); what can only be seen while
+reading (NaN/Inf, identical inputs) aborts the merge and removes its temporary folder, so no output
+folder ever exists unless it is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .. import __version__
+from . import params as pmap
+from .checkpoint import (
+    COPIED_FILES,
+    TOKENIZER_FILES,
+    Checkpoint,
+    CheckpointWriter,
+    OutTensor,
+    clean_stale_temporaries,
+    parse_dtype,
+    parse_size,
+    plan_shards,
+)
+from .errors import CheckpointError, MergeInputError
+from .fingerprint import checkpoint_fingerprint, short
+from .methods.base import MergeMethod, TensorTask
+from .methods.registry import get_method
+from .recipe import Recipe, load_recipe, parse_recipe
+from .version import code_version
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class Source:
+    """One tensor of one input: which checkpoint, which tensor name, with what parameters."""
+
+    model: int                 # index into MergePlan.inputs
+    tensor: str
+    params: dict[str, Any]     # per-model parameters resolved for this tensor
+    delta: Optional[Checkpoint] = None   # read this task vector (float32) and add the base, instead
+
+
+@dataclass
+class TensorStep:
+    name: str                          # output tensor name
+    shape: tuple[int, ...]
+    in_dtype: torch.dtype
+    out_dtype: torch.dtype
+    base: Optional[Source]
+    sources: list[Source]
+    params: dict[str, Any]             # global parameters resolved for this tensor
+    t: float                           # layer position in [0, 1]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: type[MergeMethod]
+    inputs: list[Checkpoint]           # every checkpoint read; index 0 is the base when there is one
+    roles: list[str]                   # "base" or "model"
+    steps: list[TensorStep]
+    out_dtype: torch.dtype
+    config: dict
+    tokenizer_from: Optional[Checkpoint]
+    device: str
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(s.numel * torch.tensor([], dtype=s.out_dtype).element_size() for s in self.steps)
+
+    @property
+    def largest_tensor(self) -> int:
+        return max((s.numel for s in self.steps), default=0)
+
+    def estimated_peak_bytes(self) -> int:
+        """(inputs + 2) float32 copies of the largest tensor, plus raw read-ahead of one more set."""
+        n_in = max(len(s.sources) + (1 if s.base else 0) for s in self.steps) if self.steps else 0
+        big = self.largest_tensor
+        raw = max((s.numel * torch.tensor([], dtype=s.in_dtype).element_size() for s in self.steps), default=0)
+        return (n_in + 2) * big * 4 + n_in * raw
+
+    def describe(self, max_rows: Optional[int] = None) -> str:
+        gb = 1e9
+        lines = [
+            f"recipe:     {self.recipe.where}",
+            f"method:     {self.method.name}",
+            f"device:     {self.device}",
+            "inputs:",
+        ]
+        for ck, role in zip(self.inputs, self.roles):
+            lines.append(f"  {role:<5} {ck.name}  ({len(ck.tensors)} tensors, {ck.total_bytes / gb:.3f} GB)")
+        lines += [
+            f"output:     {len(self.steps)} tensors, {self.out_bytes / gb:.3f} GB as {str(self.out_dtype).removeprefix('torch.')}",
+            f"largest:    {self.largest_tensor:,} elements",
+            f"est. peak memory for tensors: {self.estimated_peak_bytes() / gb:.3f} GB",
+            "",
+            "tensors (name, shape, parameters):",
+        ]
+        rows = self.steps if max_rows is None else self.steps[:max_rows]
+        for s in rows:
+            per_model = "; ".join(
+                f"{self.inputs[src.model].name}:{_fmt_params(src.params)}" for src in s.sources if src.params
+            )
+            glob = _fmt_params(s.params)
+            lines.append(f"  {s.name} {list(s.shape)}  {glob}{'  ' if glob and per_model else ''}{per_model}")
+        if max_rows is not None and len(self.steps) > max_rows:
+            lines.append(f"  ... {len(self.steps) - max_rows} more")
+        return "\n".join(lines)
+
+
+def _fmt_params(p: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    tensor_count: int
+    bytes: int
+    seconds: float
+    fingerprints: dict[str, str]       # input name -> fingerprint
+    output_fingerprint: str
+    method: str
+    card: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve(value_sources: list[dict[str, Any]], spec_name: str, default: Any, name: str, t: float) -> Any:
+    for src in value_sources:
+        if spec_name in src:
+            v = pmap.evaluate(src[spec_name], name, t)
+            if v is not None:
+                return v
+    return default
+
+
+def _num_layers(config: dict, names: list[str]) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    idx = [pmap.layer_index(n) for n in names]
+    idx = [i for i in idx if i is not None]
+    return max(idx) + 1 if idx else 1
+
+
+def _open(recipe: Recipe, ref: str) -> Checkpoint:
+    return Checkpoint(recipe.resolve_path(ref), name=ref)
+
+
+def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[str, str | Path]] = None) -> MergePlan:
+    """Check everything that can be checked without reading tensor data, and order the work.
+
+    task_vectors: {model reference in the recipe: folder of its task vector (expert - base, float32)}.
+    Those experts are read as base + task vector, so a cached task vector is reused across recipes.
+    """
+    method = get_method(recipe.merge_method)
+    if method.name == "passthrough" and recipe.slices:
+        return _plan_slices(recipe, method, device)
+
+    inputs: list[Checkpoint] = []
+    roles: list[str] = []
+    base_idx: Optional[int] = None
+    if method.requires_base:
+        inputs.append(_open(recipe, recipe.base_model))
+        roles.append("base")
+        base_idx = 0
+    model_entries = [m for m in recipe.models if not (method.requires_base and m.model == recipe.base_model)]
+    for m in model_entries:
+        inputs.append(_open(recipe, m.model))
+        roles.append("model")
+    _check_distinct_paths(recipe, inputs)
+
+    ref = inputs[0]
+    names = ref.tensor_names
+    for ck in inputs[1:]:
+        _check_same_tensors(ref, ck)
+
+    config = ref.config()
+    n_layers = _num_layers(config, names)
+    out_dtype = _out_dtype(recipe, ref)
+    offset = 0 if base_idx is None else 1
+    deltas: list[Optional[Checkpoint]] = [None] * len(model_entries)
+    for ref_name, folder in (task_vectors or {}).items():
+        if base_idx is None:
+            raise MergeInputError(f"{recipe.where}: task vectors need a base model; {method.name} takes none")
+        hits = [i for i, m in enumerate(model_entries) if m.model == ref_name]
+        if not hits:
+            raise MergeInputError(f"{recipe.where}: task vector given for {ref_name!r}, which the recipe does not merge")
+        tv = Checkpoint(folder, name=f"task_vector({ref_name})")
+        _check_same_tensors(ref, tv)
+        deltas[hits[0]] = tv
+    steps = []
+    for name in names:
+        info = ref.info(name)
+        t = pmap.layer_position(name, n_layers)
+        sources = [
+            Source(offset + i, name, _model_params(method, [m.parameters, recipe.parameters], name, t), deltas[i])
+            for i, m in enumerate(model_entries)
+        ]
+        base = Source(0, name, {}) if base_idx is not None else None
+        steps.append(TensorStep(name, info.shape, info.dtype,
+                                out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
+                                base, sources, _global_params(method, recipe.parameters, name, t), t))
+    tok = _open(recipe, recipe.tokenizer_source) if recipe.tokenizer_source not in (None, "base") else ref
+    return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, tok, device)
+
+
+def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> MergePlan:
+    """passthrough with slices: output layers are the slices' layers, renumbered consecutively."""
+    refs = list(dict.fromkeys(([recipe.base_model] if recipe.base_model else []) +
+                              [src.model for s in recipe.slices for src in s.sources]))
+    inputs = [_open(recipe, r) for r in refs]
+    _check_distinct_paths(recipe, inputs)
+    index = {r: i for i, r in enumerate(refs)}
+    roles = ["base" if recipe.base_model and r == recipe.base_model else "model" for r in refs]
+    for s_i, s in enumerate(recipe.slices):
+        if len(s.sources) != 1:
+            raise MergeInputError(f"{recipe.where}: slices[{s_i}].sources: passthrough takes exactly one "
+                                  f"source per slice, got {len(s.sources)}")
+    first = inputs[index[recipe.base_model or recipe.slices[0].sources[0].model]]
+    config = dict(first.config())
+    out_dtype = _out_dtype(recipe, first)
+    names = first.tensor_names
+    non_layer = [n for n in names if pmap.layer_index(n) is None]
+    total_layers = sum(src.layer_range[1] - src.layer_range[0] for s in recipe.slices for src in s.sources)
+
+    steps: list[TensorStep] = []
+
+    def add(out_name: str, ck_i: int, in_name: str, slice_params: list[dict], t: float):
+        ck = inputs[ck_i]
+        info = ck.tensors.get(in_name)
+        if info is None:
+            raise MergeInputError(f"model {ck.name!r}: tensor {in_name!r} is missing (needed for {out_name!r})")
+        src = Source(ck_i, in_name, _model_params(method, slice_params, out_name, t))
+        steps.append(TensorStep(out_name, info.shape, info.dtype,
+                                out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
+                                None, [src], _global_params(method, recipe.parameters, out_name, t), t))
+
+    head = [n for n in non_layer if not _is_post_weight(n)]
+    tail = [n for n in non_layer if _is_post_weight(n)]
+    first_idx = index[recipe.base_model or recipe.slices[0].sources[0].model]
+    for n in head:
+        add(n, first_idx, n, [recipe.parameters], 0.0)
+    out_layer = 0
+    for s_i, s in enumerate(recipe.slices):
+        src = s.sources[0]
+        ck_i = index[src.model]
+        ck = inputs[ck_i]
+        ck_layers = _num_layers(ck.config(), ck.tensor_names)
+        if src.layer_range[1] > ck_layers:
+            raise MergeInputError(f"{recipe.where}: slices[{s_i}].sources[0].layer_range: {list(src.layer_range)} "
+                                  f"exceeds model {src.model!r}, which has {ck_layers} layers")
+        layer_names: dict[int, list[str]] = {}
+        for n in ck.tensor_names:
+            li = pmap.layer_index(n)
+            if li is not None:
+                layer_names.setdefault(li, []).append(n)
+        span = src.layer_range[1] - src.layer_range[0]
+        for k, li in enumerate(range(*src.layer_range)):
+            t = k / (span - 1) if span > 1 else 1.0
+            for n in layer_names.get(li, []):
+                out_name = _renumber(n, li, out_layer)
+                add(out_name, ck_i, n, [src.parameters, s.parameters, recipe.parameters], t)
+            out_layer += 1
+    for n in tail:
+        add(n, first_idx, n, [recipe.parameters], 0.0)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if key in config:
+            config[key] = total_layers
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = (config["layer_types"] * (total_layers // max(1, len(config["layer_types"])) + 1))[:total_layers]
+    tok = _open(recipe, recipe.tokenizer_source) if recipe.tokenizer_source not in (None, "base") else first
+    return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, tok, device)
+
+
+def _is_post_weight(name: str) -> bool:
+    return name.startswith("lm_head") or name.endswith("norm.weight") and pmap.layer_index(name) is None \
+        and not name.startswith("model.embed")
+
+
+def _renumber(name: str, old: int, new: int) -> str:
+    m = pmap.LAYER_RE.search(name)
+    s, e = m.span(1)
+    return name[:s] + str(new) + name[e:]
+
+
+def _model_params(method: type[MergeMethod], value_sources: list[dict], name: str, t: float) -> dict[str, Any]:
+    return {p.name: _resolve(value_sources, p.name, p.default, name, t) for p in method.params if p.per_model}
+
+
+def _global_params(method: type[MergeMethod], top: dict, name: str, t: float) -> dict[str, Any]:
+    return {p.name: _resolve([top], p.name, p.default, name, t) for p in method.params if not p.per_model}
+
+
+def _out_dtype(recipe: Recipe, ref: Checkpoint) -> torch.dtype:
+    if recipe.out_dtype:
+        return parse_dtype(recipe.out_dtype)
+    if recipe.dtype:
+        return parse_dtype(recipe.dtype)
+    for info in ref.tensors.values():
+        if info.dtype in FLOAT_DTYPES:
+            return info.dtype
+    return torch.float32
+
+
+def _check_distinct_paths(recipe: Recipe, inputs: list[Checkpoint]) -> None:
+    seen: dict[Path, str] = {}
+    for ck in inputs:
+        real = ck.path.resolve()
+        if real in seen and seen[real] != ck.name:
+            raise MergeInputError(f"{recipe.where}: model {ck.name!r} and model {seen[real]!r} are the same "
+                                  f"checkpoint ({real}); a model cannot be merged with itself")
+        seen[real] = ck.name
+
+
+def _check_same_tensors(ref: Checkpoint, ck: Checkpoint) -> None:
+    for name, info in ref.tensors.items():
+        other = ck.tensors.get(name)
+        if other is None:
+            raise MergeInputError(f"model {ck.name!r}: tensor {name!r} is missing (present in {ref.name!r})")
+        if other.shape != info.shape:
+            raise MergeInputError(f"model {ck.name!r}: tensor {name!r} has shape {list(other.shape)}, "
+                                  f"but {ref.name!r} has {list(info.shape)}")
+    extra = [n for n in ck.tensors if n not in ref.tensors]
+    if extra:
+        raise MergeInputError(f"model {ck.name!r}: tensor {extra[0]!r} is not in {ref.name!r}"
+                              f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; tensor names disagree")
+
+
+# ---------------------------------------------------------------------------------------------
+# execution
+# ---------------------------------------------------------------------------------------------
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _read_raw(plan: MergePlan, step: TensorStep) -> tuple[list[torch.Tensor], list[str]]:
+    """Raw tensors (storage dtype, CPU) of the base then each source, and their sha256 digests.
+
+    Runs on the read-ahead thread: file reads and hashing release the GIL, so both overlap the
+    merge arithmetic of the previous tensor.
+    """
+    srcs = ([step.base] if step.base else []) + step.sources
+    raws = [(s.delta or plan.inputs[s.model]).get(s.tensor) for s in srcs]
+    digests = [hashlib.sha256(memoryview(r.reshape(-1).view(torch.uint8).numpy())).hexdigest() for r in raws]
+    if step.base and step.in_dtype in FLOAT_DTYPES:
+        base32 = None
+        for i, s in enumerate(srcs):
+            if s.delta is not None:  # expert = base + task vector, exact in float32 for bf16/fp16 inputs
+                if base32 is None:
+                    base32 = raws[0].to(torch.float32)
+                raws[i] = raws[i].to(torch.float32).add_(base32)
+                digests[i] = "delta:" + digests[i]
+    return raws, digests
+
+
+def execute(plan: MergePlan, out_dir: str | Path, shard_size: str | int = "2GB",
+            progress: bool = True, card_extra: Optional[dict] = None,
+            on_tensor: Optional[Callable[[int, int], None]] = None) -> MergeResult:
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    clean_stale_temporaries(out_dir)
+    device = torch.device(plan.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeInputError("device 'cuda' was asked for, but torch sees no CUDA device")
+    method = plan.method()
+    out_tensors = [OutTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
+    meta = {"merge_dag": __version__, "method": plan.method.name}
+    n_inputs = len(plan.inputs)
+    digests: list[dict[str, str]] = [dict() for _ in range(n_inputs)]
+    same_pairs = {(a, b) for a, b in combinations(range(n_inputs), 2)}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan.steps), unit="tensor", desc=f"{plan.method.name}", dynamic_ncols=True)
+
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
+
+    try:
+        with CheckpointWriter(out_dir, out_tensors, parse_size(shard_size), metadata=meta) as writer:
+            pending = io.submit(_read_raw, plan, plan.steps[0]) if plan.steps else None
+            for k, step in enumerate(plan.steps):
+                raws, raw_digests = pending.result()
+                pending = io.submit(_read_raw, plan, plan.steps[k + 1]) if k + 1 < len(plan.steps) else None
+                srcs = ([step.base] if step.base else []) + step.sources
+                for s, d in zip(srcs, raw_digests):
+                    if s.delta is None:
+                        digests[s.model][s.tensor] = d
+                # identical inputs: a pair stays suspect while every tensor's digest agrees
+                if same_pairs:
+                    by_model = {s.model: d for s, d in zip(srcs, raw_digests)}
+                    for a, b in list(same_pairs):
+                        if a in by_model and b in by_model and by_model[a] != by_model[b]:
+                            same_pairs.discard((a, b))
+                out = _merge_one(plan, method, step, srcs, raws, device)
+                writer.write(step.name, out)
+                del out, raws
+                if bar is not None:
+                    bar.update(1)
+                if on_tensor is not None:
+                    on_tensor(k + 1, len(plan.steps))
+            if plan.method.name != "passthrough":
+                for a, b in same_pairs:
+                    raise MergeInputError(
+                        f"model {plan.inputs[a].name!r} and model {plan.inputs[b].name!r} hold identical "
+                        "weights in every tensor: the same model under two names cannot be merged with itself")
+            fps = {ck.name: checkpoint_fingerprint(ck, digests[i]) for i, ck in enumerate(plan.inputs)}
+            card = _write_metadata(plan, writer, fps, card_extra or {})
+            elapsed = time.perf_counter() - t0
+            writer.commit()
+    finally:
+        io.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+    out_fp = checkpoint_fingerprint(Checkpoint(out_dir))
+    return MergeResult(out_dir, len(plan.steps), plan.out_bytes, elapsed, fps, out_fp, plan.method.name, card)
+
+
+def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: list[Source],
+               raws: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    for s, raw in zip(srcs, raws):
+        if raw.dtype in FLOAT_DTYPES and raw.numel() and not bool(torch.isfinite(raw).all()):
+            bad = "NaN" if bool(torch.isnan(raw).any()) else "Inf"
+            raise MergeInputError(f"model {plan.inputs[s.model].name!r}: tensor {s.tensor!r} contains {bad} values")
+    if step.in_dtype not in FLOAT_DTYPES:  # integer buffers: copied from the first input
+        return raws[0]
+    # raw buffers are fresh per read and already hashed, so methods may work on them in place
+    floats = [r.to(device=device, dtype=torch.float32) for r in raws]
+    base = floats[0] if step.base else None
+    models = floats[1:] if step.base else floats
+    gen = None
+    if plan.method.randomized:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_tensor_seed(plan.recipe.seed, step.name))
+    task = TensorTask(step.name, base, models, [s.params for s in step.sources], step.params, gen)
+    out = method.merge(task)
+    if tuple(out.shape) != step.shape:
+        raise RuntimeError(f"{plan.method.name} returned shape {list(out.shape)} for {step.name!r}, expected {list(step.shape)}")
+    return out.to(step.out_dtype)
+
+
+def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, str], extra: dict) -> dict:
+    config = dict(plan.config)
+    dt = str(plan.out_dtype).removeprefix("torch.")
+    if "torch_dtype" in config or "dtype" not in config:
+        config["torch_dtype"] = dt
+    if "dtype" in config:
+        config["dtype"] = dt
+    if config:
+        writer.write_json("config.json", config)
+    base_ck = plan.inputs[0]
+    writer.copy_files(base_ck.folder, [n for n in COPIED_FILES if n != "config.json"])
+    tok_files = []
+    if plan.tokenizer_from is not None:
+        tok_files = writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES)
+    recipe_yaml = plan.recipe.to_yaml_dict()
+    card = {
+        "merge_dag_version": __version__,
+        "code_version": code_version(),
+        "method": plan.method.name,
+        "recipe": recipe_yaml,
+        "recipe_file": plan.recipe.where,
+        "inputs": [{"role": role, "model": ck.name, "path": str(ck.path.resolve()), "fingerprint": fps[ck.name]}
+                   for ck, role in zip(plan.inputs, plan.roles)],
+        "out_dtype": dt,
+        "seed": plan.recipe.seed,
+        "tokenizer_source": plan.tokenizer_from.name if plan.tokenizer_from else None,
+        "tensor_count": len(plan.steps),
+        **extra,
+    }
+    writer.write_json("merge_dag.json", card)
+    writer.write_text("README.md", model_card(card))
+    return card
+
+
+def model_card(card: dict) -> str:
+    import yaml
+
+    base = next((i["model"] for i in card["inputs"] if i["role"] == "base"), None)
+    front = {"library_name": "transformers", "tags": ["merge", "merge_dag", card["method"]]}
+    if base:
+        front["base_model"] = [base]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {card.get('name') or card['recipe'].get('name') or 'merged model'}", "",
+             f"Merged by merge_dag {card['merge_dag_version']} (code version {card['code_version']}) "
+             f"with the **{card['method']}** method, written as {card['out_dtype']}."]
+    if card.get("artifact_id"):
+        lines += ["", f"Artifact id: `{card['artifact_id']}` (trace it with `merge-dag audit {card['artifact_id']}`)."]
+    lines += ["", "## Inputs", "", "| role | model | content fingerprint |", "|---|---|---|"]
+    for i in card["inputs"]:
+        lines.append(f"| {i['role']} | `{i['model']}` | `{i['fingerprint']}` |")
+    lines += ["", "## Recipe (method and all parameters)", "", "```yaml",
+              yaml.safe_dump(card["recipe"], sort_keys=False).strip(), "```", "",
+              "Fingerprints are sha256 hash trees over tensor names, dtypes, shapes and bytes plus "
+              "config.json (see merge_dag/core/fingerprint.py). Machine-readable provenance: merge_dag.json.", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# one-call API
+# ---------------------------------------------------------------------------------------------
+
+
+def merge(recipe: Recipe | dict | str | Path, out_dir: str | Path, device: str = "cpu",
+          shard_size: str | int = "2GB", progress: bool = False, card_extra: Optional[dict] = None) -> MergeResult:
+    """Merge a recipe (object, mergekit-shaped dict, or YAML path) into `out_dir`."""
+    if isinstance(recipe, (str, Path)):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, dict):
+        recipe = parse_recipe(recipe)
+    plan = plan_merge(recipe, device=device)
+    return execute(plan, out_dir, shard_size=shard_size, progress=progress, card_extra=card_extra)
+
+
+__all__ = ["MergePlan", "MergeResult", "plan_merge", "execute", "merge", "CheckpointError", "MergeInputError",
+           "plan_shards", "short", "json"]

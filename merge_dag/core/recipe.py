@@ -1,0 +1,252 @@
+"""Merge recipes: pydantic models for mergekit-shaped YAML.
+
+    merge_method: ties
+    base_model: data/models/ci/base
+    models:
+      - model: data/models/ci/add
+        parameters: {weight: 1.0, density: 0.5}
+      - model: data/models/ci/rev
+        parameters:
+          density: [0.3, 0.7]            # gradient over layers
+          weight: [{filter: mlp, value: 0.8}, {value: 1.0}]
+    parameters: {lambda: 1.0}
+    dtype: float32                        # accepted; merge_dag computes in float32 always
+    out_dtype: bfloat16                   # written dtype (default: dtype, else the base's)
+    tokenizer_source: base                # or a model path
+    seed: 0                               # random methods (dare, della) repeat exactly under it
+
+Relative model paths are resolved against the project root when the recipe belongs to a project (the
+Dagster layer), else against the working directory, then against the recipe's folder.
+Every error names the file and the key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import params as pmap
+from .checkpoint import parse_dtype
+from .errors import RecipeError
+
+Scalar = Union[bool, int, float, str]
+ParamValue = Any  # checked by params.validate_shape (pydantic unions over lists of dicts give poor errors)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class InputModel(_Strict):
+    model: str
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class InputSlice(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        if v[0] < 0 or v[1] <= v[0]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(v)}")
+        return v
+
+
+class OutputSlice(_Strict):
+    sources: list[InputSlice]
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class Recipe(_Strict):
+    merge_method: str
+    base_model: Optional[str] = None
+    models: Optional[list[InputModel]] = None
+    slices: Optional[list[OutputSlice]] = None
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    dtype: Optional[str] = None
+    out_dtype: Optional[str] = None
+    tokenizer_source: Optional[str] = None
+    seed: int = 0
+    name: Optional[str] = None
+    evals: list[str] = Field(default_factory=list)  # lm-eval task names (used by the Dagster layer)
+
+    # where the recipe came from, and the project root relative paths are resolved against (not YAML)
+    source_path: Optional[Path] = Field(default=None, exclude=True)
+    root: Optional[Path] = Field(default=None, exclude=True)
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            parse_dtype(v)
+        return v
+
+    # ---- helpers -------------------------------------------------------------------------
+    @property
+    def where(self) -> str:
+        return str(self.source_path) if self.source_path else "<recipe>"
+
+    def resolve_path(self, ref: str) -> Path:
+        p = Path(os.path.expanduser(ref))
+        if p.is_absolute():
+            return p
+        if self.root is not None:
+            return (self.root / p).absolute()
+        if p.exists() or self.source_path is None:
+            return p.absolute()
+        alt = self.source_path.parent / p
+        return alt.absolute() if alt.exists() else p.absolute()
+
+    def model_refs(self) -> list[str]:
+        """Every model the recipe names, base first, each once."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for m in self.models or []:
+            refs.append(m.model)
+        for s in self.slices or []:
+            for src in s.sources:
+                refs.append(src.model)
+        return list(dict.fromkeys(refs))
+
+    def to_yaml_dict(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True, exclude={"source_path", "root"},
+                               exclude_defaults=False)
+
+
+def _fmt_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path] = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a YAML mapping, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = _fmt_loc(tuple(err["loc"]))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            lines.append(f"{where}: {loc}: {msg}")
+        raise RecipeError("\n".join(lines)) from None
+    except ValueError as e:  # dtype parse errors surface here in some pydantic paths
+        raise RecipeError(f"{where}: {e}") from None
+    recipe.source_path = source_path
+    validate_recipe(recipe)
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    p = Path(path)
+    if not p.exists():
+        raise RecipeError(f"{p}: recipe file does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: invalid YAML: {e}") from None
+    return parse_recipe(data, where=str(p), source_path=p.absolute())
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Method-aware checks: known method, known parameters, required ones present, values in range."""
+    from .methods.registry import get_method  # late import: methods import nothing from here
+
+    where = recipe.where
+    try:
+        method = get_method(recipe.merge_method)
+    except RecipeError as e:
+        raise RecipeError(f"{where}: merge_method: {e}") from None
+
+    if method.name == "passthrough":
+        if not recipe.slices and not recipe.models:
+            raise RecipeError(f"{where}: passthrough needs `slices` (or one entry in `models`)")
+    else:
+        if recipe.slices:
+            raise RecipeError(f"{where}: slices: only the passthrough method takes `slices`; "
+                              f"{method.name} takes `models`")
+        if not recipe.models:
+            raise RecipeError(f"{where}: models: required key is missing (a list of models to merge)")
+    if recipe.slices and recipe.models:
+        raise RecipeError(f"{where}: give either `slices` or `models`, not both")
+    if method.requires_base and not recipe.base_model:
+        raise RecipeError(f"{where}: base_model: required by merge_method {method.name!r}")
+
+    experts = [m for m in (recipe.models or []) if m.model != recipe.base_model] if method.requires_base \
+        else list(recipe.models or [])
+    if recipe.models is not None:
+        n = len(experts)
+        if n < method.min_models:
+            raise RecipeError(f"{where}: models: {method.name} needs at least {method.min_models} "
+                              f"model(s) besides the base, got {n}")
+        if method.max_models is not None and n > method.max_models:
+            raise RecipeError(f"{where}: models: {method.name} takes at most {method.max_models} "
+                              f"model(s) besides the base, got {n}")
+
+    def check_value(loc: str, name: str, value: Any, allow_per_model: bool, allow_global: bool) -> None:
+        spec = method.param(name)
+        if spec is None:
+            known = ", ".join(p.name for p in method.params) or "none"
+            raise RecipeError(f"{where}: {loc}.{name}: unknown parameter for {method.name} (known: {known})")
+        if spec.per_model and not allow_per_model:
+            pass  # a per-model parameter given at top level is a default for every model (mergekit)
+        if not spec.per_model and not allow_global:
+            raise RecipeError(f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
+                              "give it under the top-level `parameters`")
+        err = pmap.validate_shape(value)
+        if err:
+            raise RecipeError(f"{where}: {loc}.{name}: {err}")
+        for leaf in pmap.leaves(value):
+            if spec.kind is bool:
+                if not isinstance(leaf, bool):
+                    raise RecipeError(f"{where}: {loc}.{name}: must be true or false, got {leaf!r}")
+                continue
+            if spec.kind in (int, float):
+                if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+                    raise RecipeError(f"{where}: {loc}.{name}: must be a number, got {leaf!r}")
+            if spec.check is not None:
+                msg = spec.check(leaf)
+                if msg:
+                    raise RecipeError(f"{where}: {loc}.{name}: {msg}")
+
+    for name, value in recipe.parameters.items():
+        check_value("parameters", name, value, allow_per_model=True, allow_global=True)
+    for i, m in enumerate(recipe.models or []):
+        for name, value in m.parameters.items():
+            check_value(f"models[{i}].parameters", name, value, allow_per_model=True, allow_global=False)
+    for si, s in enumerate(recipe.slices or []):
+        for name, value in s.parameters.items():
+            check_value(f"slices[{si}].parameters", name, value, allow_per_model=True, allow_global=True)
+        for j, src in enumerate(s.sources):
+            for name, value in src.parameters.items():
+                check_value(f"slices[{si}].sources[{j}].parameters", name, value,
+                            allow_per_model=True, allow_global=False)
+
+    # required parameters: per-model ones must reach every expert (own or top-level default)
+    for spec in method.params:
+        if not spec.required:
+            continue
+        if spec.per_model:
+            for i, m in enumerate(recipe.models or []):
+                if m in experts and spec.name not in m.parameters and spec.name not in recipe.parameters:
+                    raise RecipeError(f"{where}: models[{i}].parameters.{spec.name}: required by "
+                                      f"{method.name} (give it per model or under top-level `parameters`)")
+        elif spec.name not in recipe.parameters:
+            raise RecipeError(f"{where}: parameters.{spec.name}: required by {method.name}")
+
+    if recipe.tokenizer_source == "union":
+        raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")

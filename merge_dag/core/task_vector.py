@@ -1,0 +1,75 @@
+"""Task vectors: delta_i = expert_i - base, streamed tensor by tensor into a float32 checkpoint.
+
+A bf16/fp16 difference is exact in float32, so base + task vector gives back the expert exactly; the
+merge engine reads experts that way when it is handed their task vectors (engine.plan_merge).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointWriter, OutTensor, clean_stale_temporaries, parse_size
+from .errors import MergeInputError
+from .params import layer_index
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class TaskVectorResult:
+    out_dir: Path
+    tensor_count: int
+    bytes: int
+    l2_norm: float            # ||delta||_2 over every tensor
+    per_layer_norm: dict[str, float]
+    seconds: float
+
+
+def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Checkpoint, out_dir: str | Path,
+                        device: str = "cpu", shard_size: str | int = "2GB", metadata: dict | None = None) -> TaskVectorResult:
+    t0 = time.perf_counter()
+    base = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))
+    expert = expert if isinstance(expert, Checkpoint) else Checkpoint(expert, name=str(expert))
+    for name, info in base.tensors.items():
+        other = expert.tensors.get(name)
+        if other is None:
+            raise MergeInputError(f"model {expert.name!r}: tensor {name!r} is missing (present in base {base.name!r})")
+        if other.shape != info.shape:
+            raise MergeInputError(f"model {expert.name!r}: tensor {name!r} has shape {list(other.shape)}, "
+                                  f"but base {base.name!r} has {list(info.shape)}")
+    extra = [n for n in expert.tensors if n not in base.tensors]
+    if extra:
+        raise MergeInputError(f"model {expert.name!r}: tensor {extra[0]!r} is not in base {base.name!r}")
+    out_dir = Path(out_dir)
+    clean_stale_temporaries(out_dir)
+    plan = [OutTensor(n, i.shape, torch.float32 if i.dtype in FLOATS else i.dtype) for n, i in base.tensors.items()]
+    sq = 0.0
+    per_layer: dict[str, float] = {}
+    meta = {"kind": "task_vector", **{k: str(v) for k, v in (metadata or {}).items()}}
+    with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata=meta) as w:
+        for t in plan:
+            b = base.get(t.name, device=device)
+            e = expert.get(t.name, device=device)
+            if t.dtype == torch.float32:
+                for who, x in ((base, b), (expert, e)):
+                    if not bool(torch.isfinite(x).all()):
+                        raise MergeInputError(f"model {who.name!r}: tensor {t.name!r} contains NaN or Inf values")
+                d = e.to(torch.float32).sub_(b.to(torch.float32))
+                n2 = float(torch.linalg.vector_norm(d)) ** 2
+                sq += n2
+                li = layer_index(t.name)
+                key = f"layer {li}" if li is not None else t.name
+                per_layer[key] = per_layer.get(key, 0.0) + n2
+            else:
+                d = torch.zeros_like(b)
+            w.write(t.name, d)
+        cfg = base.folder / "config.json"
+        w.copy_files(base.folder, ["config.json"] if cfg.exists() else [])
+        nbytes = w.bytes_written
+        w.commit()
+    return TaskVectorResult(out_dir, len(plan), nbytes, sq ** 0.5, {k: v ** 0.5 for k, v in per_layer.items()},
+                            time.perf_counter() - t0)

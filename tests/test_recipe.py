@@ -1,0 +1,118 @@
+"""Recipes: mergekit's YAML shape, parameter maps, and errors that name the file and the key."""
+
+import textwrap
+
+import pytest
+
+from merge_dag.core import params as pmap
+from merge_dag.core.errors import RecipeError
+from merge_dag.core.recipe import load_recipe
+
+
+def write(tmp_path, text, name="recipe.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_mergekit_shape_loads(tmp_path):
+    p = write(tmp_path, """
+        merge_method: ties
+        base_model: base
+        models:
+          - model: base
+          - model: a
+            parameters: {weight: 1.0, density: [0.2, 0.8]}
+          - model: b
+            parameters:
+              weight: [{filter: mlp, value: 0.5}, {value: 1.0}]
+              density: 0.5
+        parameters: {lambda: 0.9, normalize: true}
+        dtype: float32
+        out_dtype: bfloat16
+        tokenizer_source: base
+    """)
+    r = load_recipe(p)
+    assert r.merge_method == "ties" and r.base_model == "base"
+    assert [m.model for m in r.models] == ["base", "a", "b"]
+    assert r.parameters["lambda"] == 0.9
+    assert r.source_path == p.absolute()
+
+
+def test_gradient_interpolates_over_layers_like_mergekit():
+    g = [0.0, 1.0, 0.5]
+    assert pmap.evaluate(g, "model.layers.0.mlp.up_proj.weight", 0.0) == 0.0
+    assert pmap.evaluate(g, "x", 0.25) == pytest.approx(0.5)
+    assert pmap.evaluate(g, "x", 0.5) == pytest.approx(1.0)
+    assert pmap.evaluate(g, "x", 0.75) == pytest.approx(0.75)
+    assert pmap.evaluate(g, "x", 1.0) == pytest.approx(0.5)
+    assert pmap.layer_position("model.layers.3.self_attn.q_proj.weight", 7) == pytest.approx(0.5)
+    assert pmap.layer_position("model.embed_tokens.weight", 7) == 0.0
+    assert pmap.layer_position("model.layers.0.mlp.up_proj.weight", 1) == 1.0
+
+
+def test_filters_first_match_wins():
+    v = [{"filter": "self_attn", "value": 0.1}, {"filter": "mlp", "value": [0.0, 1.0]}, {"value": 7}]
+    assert pmap.evaluate(v, "model.layers.1.self_attn.q_proj.weight", 0.5) == 0.1
+    assert pmap.evaluate(v, "model.layers.1.mlp.up_proj.weight", 0.5) == pytest.approx(0.5)
+    assert pmap.evaluate(v, "lm_head.weight", 0.0) == 7
+    assert pmap.evaluate([{"filter": "mlp", "value": 1}], "lm_head.weight", 0.0) is None
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]\nbogus: 1\n",
+         r"recipe.yaml: bogus: unknown key"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, paramters: {weight: 1}}]\n",
+         r"recipe.yaml: models\[0\].paramters: unknown key"),
+        ("merge_method: tiez\nbase_model: b\nmodels: [{model: a}]\n",
+         r"recipe.yaml: merge_method: unknown merge_method 'tiez'"),
+        ("merge_method: linear\nmodels: [{model: a}, {model: b, parameters: {weight: 1}}]\n",
+         r"recipe.yaml: models\[0\].parameters.weight: required by linear"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0}}]\n",
+         r"recipe.yaml: models\[0\].parameters.density: must be in \(0, 1\], got 0"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: [0.5, 1.5]}}]\n",
+         r"recipe.yaml: models\[0\].parameters.density: must be in \(0, 1\], got 1.5"),
+        ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}]\nparameters: {t: 1.2}\n",
+         r"recipe.yaml: parameters.t: must be in \[0, 1\], got 1.2"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, denisty: 0.5}}]\n",
+         r"recipe.yaml: models\[0\].parameters.denisty: unknown parameter for ties"),
+        ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]\n",
+         r"recipe.yaml: base_model: required by merge_method 'ties'"),
+        ("merge_method: ties\nbase_model: b\n",
+         r"recipe.yaml: models: required key is missing"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: float33\n",
+         r"recipe.yaml: dtype: .*unknown dtype 'float33'"),
+        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, lambda: 2}}]\n",
+         r"recipe.yaml: models\[0\].parameters.lambda: lambda is a global parameter of ties"),
+        ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}, {model: c}]\nparameters: {t: 0.5}\n",
+         r"recipe.yaml: models: slerp takes at most 1 model\(s\) besides the base, got 2"),
+        ("- just a list\n", r"recipe.yaml: a recipe must be a YAML mapping"),
+        ("merge_method: [unclosed\n", r"recipe.yaml: invalid YAML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, body, message):
+    p = write(tmp_path, body)
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(p)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match=r"nope.yaml: recipe file does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_top_level_default_satisfies_required_per_model_parameter(tmp_path):
+    p = write(tmp_path, "merge_method: linear\nmodels: [{model: a}, {model: b}]\nparameters: {weight: 1.0}\n")
+    assert load_recipe(p).parameters == {"weight": 1.0}
+
+
+def test_relative_model_paths_fall_back_to_recipe_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub" / "m").mkdir(parents=True)
+    p = tmp_path / "sub" / "r.yaml"
+    p.write_text("merge_method: linear\nmodels: [{model: m}, {model: n}]\nparameters: {weight: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    r = load_recipe(p)
+    assert r.resolve_path("m") == (tmp_path / "sub" / "m").absolute()
+    assert r.resolve_path("n") == (tmp_path / "n").absolute()  # neither exists: relative to cwd
