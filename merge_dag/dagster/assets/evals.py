@@ -1,0 +1,79 @@
+"""eval/merged/<recipe> and eval/model/<model>: lm-eval results of a merge and of its baselines."""
+
+
+import dagster as dg
+
+from ...core.fingerprint import checkpoint_fingerprint
+from ...core.version import code_version
+from ...project import ModelSource, Project, RecipeSpec
+from ..resources import MergeDagResource
+from ..steps import Input, run_step, source_id, upstream
+from .sources import tasks_fingerprint
+
+GROUP = "evals"
+
+
+def _settings(res: MergeDagResource, tasks: list[str]) -> dict:
+    import lm_eval
+
+    return {"tasks": list(tasks), "limit": res.eval_limit or None, "lm_eval": getattr(lm_eval, "__version__", "?")}
+
+
+def _evaluate(project: Project, res: MergeDagResource, path, tasks: list[str], model_label: str) -> dict:
+    from ...evaluation import evaluate
+
+    records = evaluate(str(path), tasks, device=res.device, limit=res.eval_limit or None,
+                       batch_size=res.eval_batch_size, tasks_dir=project.tasks_dir)
+    return {"model": model_label, "metrics": [[r.task, r.metric, r.value, r.stderr, r.n] for r in records]}
+
+
+def _metrics_md(info: dict) -> dg.MetadataValue:
+    rows = "\n".join(f"| {t} | {m} | {v:.4f} | {'' if s is None else f'{s:.4f}'} | {n} |"
+                     for t, m, v, s, n in info.get("metrics", []))
+    return dg.MetadataValue.md("| task | metric | value | stderr | n |\n|---|---|---|---|---|\n" + rows)
+
+
+def merged_eval_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
+    code = code_version("evaluation")
+
+    @dg.asset(key=["eval", "merged", spec.name], deps=[["merged", spec.name], ["eval_tasks"]], group_name=GROUP,
+              code_version=code, kinds={"lm_eval"}, description=f"lm-eval {', '.join(spec.evals)} on merged/{spec.name}.")
+    def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        up = upstream(context, ["merged", spec.name])
+        tfp = tasks_fingerprint(project)
+        inputs = [Input("model", up["artifact_id"], up["key"]), Input("tasks", source_id("tasks", tfp), tfp)]
+        return run_step(context, merge_dag, kind="eval", name=f"merged_{spec.name}", code_version=code,
+                        settings=_settings(merge_dag, spec.evals), inputs=inputs,
+                        build=lambda tmp, art: _evaluate(project, merge_dag, up["path"], spec.evals, f"merged/{spec.name}"),
+                        metadata=lambda art, info: {"results": _metrics_md(info)})
+
+    return _eval
+
+
+def model_eval_asset(project: Project, m: ModelSource, tasks: list[str]) -> dg.AssetsDefinition:
+    code = code_version("evaluation")
+
+    @dg.asset(key=["eval", "model", m.name], deps=[["model", m.name], ["eval_tasks"]], group_name=GROUP,
+              code_version=code, kinds={"lm_eval"}, description=f"lm-eval baseline {', '.join(tasks)} on {m.ref}.")
+    def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        fp = checkpoint_fingerprint(m.path)
+        tfp = tasks_fingerprint(project)
+        inputs = [Input("model", source_id("model", fp), fp), Input("tasks", source_id("tasks", tfp), tfp)]
+        return run_step(context, merge_dag, kind="eval", name=f"model_{m.name}", code_version=code,
+                        settings=_settings(merge_dag, tasks), inputs=inputs,
+                        build=lambda tmp, art: _evaluate(project, merge_dag, m.path, tasks, f"model/{m.name}"),
+                        metadata=lambda art, info: {"results": _metrics_md(info)})
+
+    return _eval
+
+
+def eval_assets(project: Project) -> list[dg.AssetsDefinition]:
+    out = [merged_eval_asset(project, s) for s in project.recipes.values() if s.evals]
+    out += [model_eval_asset(project, project.models[n], tasks) for n, tasks in project.model_evals.items()]
+    return out
+
+
+def eval_keys(project: Project) -> list[list[str]]:
+    keys = [["eval", "merged", s.name] for s in project.recipes.values() if s.evals]
+    keys += [["eval", "model", n] for n in project.model_evals]
+    return keys

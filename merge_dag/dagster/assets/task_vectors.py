@@ -1,0 +1,44 @@
+"""task_vector/<expert>: expert - base as a float32 safetensors checkpoint, shared by every recipe
+that merges that expert onto that base."""
+
+
+import dagster as dg
+
+from ...core.fingerprint import checkpoint_fingerprint
+from ...core.task_vector import compute_task_vector
+from ...core.version import code_version
+from ...project import ModelSource, Project
+from ..resources import MergeDagResource
+from ..steps import Input, run_step, source_id
+
+GROUP = "task_vectors"
+
+
+def task_vector_asset(name: str, base: ModelSource, expert: ModelSource) -> dg.AssetsDefinition:
+    code = code_version("core/task_vector.py", "core/checkpoint.py")
+
+    @dg.asset(key=["task_vector", name], deps=[["model", base.name], ["model", expert.name]], group_name=GROUP,
+              code_version=code, kinds={"pytorch", "safetensors"},
+              description=f"Task vector of {expert.ref} over {base.ref} (float32).")
+    def _tv(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        fb, fe = checkpoint_fingerprint(base.path), checkpoint_fingerprint(expert.path)
+        inputs = [Input("base", source_id("model", fb), fb), Input("expert", source_id("model", fe), fe)]
+
+        def build(tmp, art):
+            r = compute_task_vector(base.path, expert.path, tmp, device=merge_dag.device)
+            return {"tensor_count": r.tensor_count, "bytes": r.bytes, "l2_norm": r.l2_norm,
+                    "per_layer_norm": r.per_layer_norm, "seconds": r.seconds}
+
+        def meta(art, info):
+            rows = "\n".join(f"| {k} | {v:.5f} |" for k, v in info.get("per_layer_norm", {}).items())
+            return {"tensor_count": info.get("tensor_count"), "l2_norm": info.get("l2_norm"),
+                    "per_layer_norm": dg.MetadataValue.md("| tensor group | L2 norm |\n|---|---|\n" + rows)}
+
+        return run_step(context, merge_dag, kind="task_vector", name=name, code_version=code,
+                        settings={"dtype": "float32"}, inputs=inputs, build=build, metadata=meta)
+
+    return _tv
+
+
+def task_vector_assets(project: Project) -> list[dg.AssetsDefinition]:
+    return [task_vector_asset(name, base, expert) for name, (base, expert) in project.task_vectors.items()]

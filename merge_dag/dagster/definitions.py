@@ -1,0 +1,41 @@
+"""Assemble the Definitions of a merge_dag project: every asset kind, checks, resource and jobs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+
+from ..project import Project, load_project
+from .assets.evals import eval_assets
+from .assets.leaderboard import leaderboard_asset
+from .assets.merges import merge_assets
+from .assets.sources import source_assets
+from .assets.task_vectors import task_vector_assets
+from .resources import MergeDagResource
+
+ALL_JOB = "merge_all"
+
+
+def build_definitions(root: Optional[str | Path] = None, project: Optional[Project] = None,
+                      resource: Optional[MergeDagResource] = None) -> dg.Definitions:
+    project = project or load_project(root)
+    merges, checks = merge_assets(project)
+    assets = source_assets(project) + task_vector_assets(project) + merges + eval_assets(project)
+    if any(s.evals for s in project.recipes.values()):
+        assets.append(leaderboard_asset(project))
+    resource = resource or MergeDagResource(
+        root=str(project.root),
+        device=os.environ.get("MERGE_DAG_DEVICE", "cpu"),
+        db_path=os.environ.get("MERGE_DAG_DB", ""),
+        artifacts_dir=os.environ.get("MERGE_DAG_ARTIFACTS", ""),
+        eval_limit=int(os.environ.get("MERGE_DAG_EVAL_LIMIT", "0")),
+    )
+    # sources are in the job so every run observes them first: provenance names the current files
+    merge_all = dg.define_asset_job(ALL_JOB, selection=dg.AssetSelection.all(include_sources=True),
+                                    description="Observe every source, then build every artifact (cache hits "
+                                                "for anything whose inputs did not change).")
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=[merge_all],
+                          resources={"merge_dag": resource})

@@ -1,0 +1,60 @@
+"""`merge-dag demo`: build the ci zoo if missing, materialize every recipe under data/recipes and its
+evals headless through Dagster, then print the leaderboard and what was built or found in cache."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", type=Path, default=Path.cwd(), help="project root (default: the current folder)")
+    p.add_argument("--size", default="ci", choices=["ci", "bench"], help="zoo size to build if missing")
+    p.add_argument("--device", default=None, help="torch device for every step (default: $MERGE_DAG_DEVICE or cpu)")
+
+
+def ensure_dagster_home(root: Path) -> Path:
+    """DAGSTER_HOME defaults to <root>/data/dagster_home so runs persist and `dagster dev` shows them."""
+    home = Path(os.environ.get("DAGSTER_HOME") or root / "data" / "dagster_home").absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "dagster.yaml"
+    if not cfg.exists():
+        cfg.write_text("telemetry:\n  enabled: false\n")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def run(args: argparse.Namespace) -> int:
+    root = args.root.absolute()
+    if args.device:
+        os.environ["MERGE_DAG_DEVICE"] = args.device
+    t0 = time.perf_counter()
+    from ..zoo import build_zoo
+
+    build_zoo(size=args.size, out=root / "data" / "models", progress=True)
+    t_zoo = time.perf_counter() - t0
+
+    ensure_dagster_home(root)
+    from dagster import DagsterInstance
+
+    from .definitions import ALL_JOB, build_definitions
+
+    defs = build_definitions(root)
+    job = defs.resolve_job_def(ALL_JOB)
+    t1 = time.perf_counter()
+    with DagsterInstance.get() as instance:
+        result = job.execute_in_process(instance=instance, raise_on_error=True)
+    t_run = time.perf_counter() - t1
+    resource = defs.resources["merge_dag"]
+    summary = resource.lineage().run_summary(result.run_id)
+    board = resource.store().root / "leaderboard"
+    latest = max(board.glob("leaderboard-*/leaderboard.md"), key=lambda p: p.stat().st_mtime, default=None)
+    if latest is not None:
+        print("\nLeaderboard\n")
+        print(latest.read_text())
+    print(f"run {result.run_id[:8]}: {summary}")
+    print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
+    print(f"lineage: {resource.database()}  (try: merge-dag audit <recipe name>)")
+    return 0 if result.success else 1

@@ -1,0 +1,36 @@
+"""The one resource every merge_dag asset uses: where things live and which device runs torch."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from ..artifacts import ArtifactStore
+
+
+class MergeDagResource(dg.ConfigurableResource):
+    """Settings of a merge_dag project (each defaults from the environment, then the project root)."""
+
+    root: str
+    artifacts_dir: str = ""      # default <root>/data/artifacts
+    db_path: str = ""            # default $MERGE_DAG_DB or <root>/data/lineage.duckdb
+    device: str = "cpu"          # torch device for every tensor op: cpu, cuda, cuda:1
+    eval_limit: int = 0          # 0: every example of each eval task
+    eval_batch_size: int = 32
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root)
+
+    def store(self) -> ArtifactStore:
+        return ArtifactStore(self.artifacts_dir or self.root_path / "data" / "artifacts")
+
+    def database(self) -> Path:
+        return Path(self.db_path or os.environ.get("MERGE_DAG_DB") or self.root_path / "data" / "lineage.duckdb")
+
+    def lineage(self):
+        from ..lineage.store import LineageStore
+
+        return LineageStore(self.database())

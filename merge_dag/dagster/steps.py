@@ -1,0 +1,104 @@
+"""What every merge_dag asset does around its real work: content-addressed caching and lineage.
+
+    key      = sha256(kind, code version, settings, inputs' versions)
+    artifact = <artifacts>/<kind>/<name>-<key[:16]>/
+If the artifact exists, the step records a cache hit and returns it with the same data version;
+otherwise it builds it (atomically) and records a materialization. Either way the artifact, its
+input edges (role + fingerprint) and the event go to the DuckDB lineage store in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import dagster as dg
+
+from ..artifacts import Artifact, artifact_id, artifact_key, read_json
+from .resources import MergeDagResource
+
+META_FILE = "_artifact.json"
+
+
+@dataclass
+class Input:
+    role: str                  # base, expert, recipe, model, tasks, ...
+    artifact_id: str           # the parent's id in lineage
+    version: str               # fingerprint (sources) or key (artifacts)
+
+
+def source_id(kind: str, fingerprint: str) -> str:
+    return artifact_id(kind, fingerprint.removeprefix("sha256:"))
+
+
+def record_source(res: MergeDagResource, *, kind: str, name: str, fingerprint: str, path: Path,
+                  run_id: Optional[str], nbytes: Optional[int] = None) -> str:
+    sid = source_id(kind, fingerprint)
+    res.lineage().record_batch([
+        ("record_artifact", dict(artifact_id=sid, kind=kind, name=name, key_hash=fingerprint, path=str(path),
+                                 bytes=nbytes, code_version="-", params={}, run_id=run_id, data_version=fingerprint)),
+        ("record_event", dict(artifact_id=sid, run_id=run_id, step=f"{kind}/{name}", event="observed")),
+    ])
+    return sid
+
+
+def upstream(context: dg.AssetExecutionContext, key: list[str]) -> dict[str, Any]:
+    """The artifact an upstream asset last materialized: its id, key and path (from its metadata)."""
+    ak = dg.AssetKey(key)
+    event = context.instance.get_latest_materialization_event(ak)
+    if event is None or event.asset_materialization is None:
+        raise dg.Failure(f"{ak.to_user_string()} has never been materialized; materialize it first")
+    md = event.asset_materialization.metadata
+    return {k: md[k].value for k in ("artifact_id", "key", "path") if k in md}
+
+
+def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str, code_version: str,
+             settings: dict[str, Any], inputs: list[Input], build: Callable[[Path, Artifact], dict[str, Any]],
+             metadata: Callable[[Artifact, dict[str, Any]], dict[str, Any]] | None = None) -> dg.MaterializeResult:
+    key = artifact_key(kind, code_version, settings, {f"{i.role}:{n}": i.version for n, i in enumerate(inputs)})
+    art = res.store().artifact(kind, name, key)
+    t0 = time.perf_counter()
+    if art.exists:
+        info = read_json(art.path / META_FILE) or {}
+        event = "cache_hit"
+        context.log.info(f"{kind}/{name}: cache hit {art.id} ({art.path})")
+    else:
+        def builder(tmp: Path) -> dict[str, Any]:
+            out = build(tmp, art)
+            tmp.mkdir(parents=True, exist_ok=True)
+            (tmp / META_FILE).write_text(json.dumps(out, indent=2, default=str) + "\n")
+            return out
+
+        info = res.store().build(art, builder)
+        event = "materialized"
+        context.log.info(f"{kind}/{name}: built {art.id} in {time.perf_counter() - t0:.1f} s")
+    seconds = time.perf_counter() - t0
+    run_id = context.run_id
+    ops: list[tuple[str, dict]] = [
+        ("record_artifact", dict(artifact_id=art.id, kind=kind, name=name, key_hash=key, path=str(art.path),
+                                 bytes=art.size_bytes(), code_version=code_version, params=settings, run_id=run_id,
+                                 data_version=key)),
+        ("record_event", dict(artifact_id=art.id, run_id=run_id, step=f"{kind}/{name}", event=event, seconds=seconds)),
+        ("record_run", dict(run_id=run_id, started_at=None, status="running", job=context.job_name)),
+    ]
+    ops += [("record_edge", dict(parent_id=i.artifact_id, child_id=art.id, role=i.role, fingerprint=i.version))
+            for i in inputs]
+    for task, metric, value, stderr, n in info.get("metrics", []):
+        ops.append(("record_metric", dict(artifact_id=art.id, task=task, metric=metric, value=value, stderr=stderr,
+                                          n=n, model=info.get("model"))))
+    res.lineage().record_batch(ops)
+    md: dict[str, Any] = {
+        "artifact_id": art.id,
+        "key": key,
+        "path": dg.MetadataValue.path(str(art.path)),
+        "cache": "hit" if event == "cache_hit" else "miss",
+        "seconds": round(seconds, 3),
+        "code_version": code_version,
+        "inputs": dg.MetadataValue.json({f"{i.role}": i.version for i in inputs}),
+    }
+    if metadata is not None:
+        md.update(metadata(art, info))
+    return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata=md)

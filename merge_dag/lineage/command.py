@@ -1,0 +1,44 @@
+"""`merge-dag audit PATH_OR_NAME [--db PATH] [--json]`: the provenance of a merged model (or any artifact)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+DEFAULT_DB = Path("data") / "lineage.duckdb"
+
+
+def default_db() -> Path:
+    """$MERGE_DAG_DB, else data/lineage.duckdb under the current directory."""
+    return Path(os.environ.get("MERGE_DAG_DB") or DEFAULT_DB)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", metavar="PATH_OR_NAME",
+                        help="a merged folder (or any artifact's path), a name such as 'ties' or 'merged/ties', "
+                             "an artifact id, or a unique prefix of one")
+    parser.add_argument("--db", type=Path, default=None,
+                        help="lineage database (default: $MERGE_DAG_DB, else data/lineage.duckdb)")
+    parser.add_argument("--json", action="store_true", help="print the provenance tree as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .audit import audit, resolve
+    from .store import LineageStore
+
+    store = LineageStore(args.db or default_db())
+    if not getattr(args, "json", False):
+        print(audit(store, args.target), end="")
+        return 0
+    row, found = resolve(store, args.target)
+    if row is not None:
+        obj = store.provenance(row["artifact_id"])
+    elif found is not None:
+        obj = {"recorded": False, "folder": str(found[0]), "merge_dag.json": found[1]}
+    else:
+        audit(store, args.target)  # raises the MergeDagError that explains what is known
+        return 2
+    print(json.dumps(obj, indent=2, default=str))
+    return 0

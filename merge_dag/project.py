@@ -1,0 +1,116 @@
+"""A merge_dag project on disk: the recipes under data/recipes and everything they name.
+
+Pure (no Dagster): the Dagster layer turns a Project into asset definitions. Adding or editing a
+recipe file changes the Project, never Python code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .core.errors import RecipeError
+from .core.methods.registry import get_method
+from .core.recipe import Recipe, parse_recipe
+
+TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                       "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp"}
+
+
+def asset_name(text: str) -> str:
+    """A Dagster-safe name: letters, digits and underscores."""
+    out = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
+    return out if out and not out[0].isdigit() else f"m_{out}"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str          # asset-safe name, e.g. ci_add
+    ref: str           # as written in recipes, e.g. data/models/ci/add
+    path: Path         # absolute folder
+
+
+@dataclass
+class RecipeSpec:
+    name: str
+    file: Path
+    recipe: Recipe
+    base: Optional[ModelSource]
+    experts: list[ModelSource]
+    uses_task_vectors: bool
+    evals: list[str]
+
+
+@dataclass
+class Project:
+    root: Path
+    recipes: dict[str, RecipeSpec] = field(default_factory=dict)
+    models: dict[str, ModelSource] = field(default_factory=dict)
+    task_vectors: dict[str, tuple[ModelSource, ModelSource]] = field(default_factory=dict)  # name -> (base, expert)
+    model_evals: dict[str, list[str]] = field(default_factory=dict)  # model name -> tasks (baselines)
+
+    @property
+    def recipes_dir(self) -> Path:
+        return self.root / "data" / "recipes"
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.root / "data" / "tasks"
+
+    def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
+        return expert.name if self.task_vectors.get(expert.name, (base, expert))[0] == base else \
+            f"{expert.name}__on__{base.name}"
+
+
+def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
+    path = recipe.resolve_path(ref)
+    models_root = root / "data" / "models"
+    try:
+        rel = path.relative_to(models_root)
+    except ValueError:
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            rel = Path(path.name)
+    return ModelSource(asset_name(str(rel)), ref, path)
+
+
+def load_project(root: str | os.PathLike | None = None) -> Project:
+    root = Path(root or os.environ.get("MERGE_DAG_ROOT") or Path.cwd()).absolute()
+    project = Project(root=root)
+    files = sorted(project.recipes_dir.glob("*.yaml")) + sorted(project.recipes_dir.glob("*.yml"))
+    for f in files:
+        try:
+            data = yaml.safe_load(f.read_text())
+        except yaml.YAMLError as e:
+            raise RecipeError(f"{f}: invalid YAML: {e}") from None
+        recipe = parse_recipe(data, where=str(f), source_path=f.absolute())
+        recipe.root = root
+        name = asset_name(recipe.name or f.stem)
+        if name in project.recipes:
+            raise RecipeError(f"{f}: name: recipe name {name!r} is also used by {project.recipes[name].file}")
+        method = get_method(recipe.merge_method)
+        base = _model_source(root, recipe, recipe.base_model) if recipe.base_model else None
+        refs = [m.model for m in recipe.models or []] + [s.model for sl in recipe.slices or [] for s in sl.sources]
+        experts = [_model_source(root, recipe, r) for r in dict.fromkeys(refs) if r != recipe.base_model]
+        uses_tv = method.name in TASK_VECTOR_METHODS and base is not None
+        spec = RecipeSpec(name, f, recipe, base, experts, uses_tv, list(recipe.evals))
+        project.recipes[name] = spec
+        for m in ([base] if base else []) + experts:
+            known = project.models.get(m.name)
+            if known is not None and known.path != m.path:
+                raise RecipeError(f"{f}: model {m.ref!r} maps to asset name {m.name!r}, already used by {known.path}")
+            project.models[m.name] = m
+            if spec.evals:
+                tasks = project.model_evals.setdefault(m.name, [])
+                tasks.extend(t for t in spec.evals if t not in tasks)
+        if uses_tv:
+            for e in experts:
+                tv = e.name if project.task_vectors.get(e.name, (base, e))[0] == base else f"{e.name}__on__{base.name}"
+                project.task_vectors[tv] = (base, e)
+    return project
