@@ -14,6 +14,7 @@ from .assets.leaderboard import leaderboard_asset
 from .assets.merges import merge_assets
 from .assets.sources import source_assets
 from .assets.task_vectors import task_vector_assets
+from .automation import build_schedule, build_sensor
 from .resources import MergeDagResource
 
 ALL_JOB = "merge_all"
@@ -38,4 +39,11 @@ def build_definitions(root: Optional[str | Path] = None, project: Optional[Proje
                                     description="Observe every source, then build every artifact (cache hits "
                                                 "for anything whose inputs did not change).")
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=[merge_all],
+                          sensors=[build_sensor(project, ALL_JOB)], schedules=[build_schedule(ALL_JOB)],
                           resources={"merge_dag": resource})
+
+
+def merge_all_job() -> dg.JobDefinition:
+    """The merge_all job of the project at $MERGE_DAG_ROOT (or the working directory), for
+    `dg.reconstructable(merge_all_job)`: what the multiprocess executor re-imports in each step."""
+    return build_definitions(os.environ.get("MERGE_DAG_ROOT")).resolve_job_def(ALL_JOB)

@@ -8,22 +8,13 @@ import os
 import time
 from pathlib import Path
 
+from .home import ensure_dagster_home
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, default=Path.cwd(), help="project root (default: the current folder)")
     p.add_argument("--size", default="ci", choices=["ci", "bench"], help="zoo size to build if missing")
     p.add_argument("--device", default=None, help="torch device for every step (default: $MERGE_DAG_DEVICE or cpu)")
-
-
-def ensure_dagster_home(root: Path) -> Path:
-    """DAGSTER_HOME defaults to <root>/data/dagster_home so runs persist and `dagster dev` shows them."""
-    home = Path(os.environ.get("DAGSTER_HOME") or root / "data" / "dagster_home").absolute()
-    home.mkdir(parents=True, exist_ok=True)
-    cfg = home / "dagster.yaml"
-    if not cfg.exists():
-        cfg.write_text("telemetry:\n  enabled: false\n")
-    os.environ["DAGSTER_HOME"] = str(home)
-    return home
 
 
 def run(args: argparse.Namespace) -> int:

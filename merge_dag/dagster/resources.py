@@ -34,3 +34,16 @@ class MergeDagResource(dg.ConfigurableResource):
         from ..lineage.store import LineageStore
 
         return LineageStore(self.database())
+
+
+def torch_pool() -> str | None:
+    """The concurrency pool of steps that run torch on the device (task vectors, merges, evals).
+
+    $MERGE_DAG_POOL names it; by default it is "gpu" when $MERGE_DAG_DEVICE is a CUDA device (so two
+    steps never share a GPU: `dagster instance concurrency set gpu 1`, or the pools default_limit
+    that `merge-dag dev` writes) and none on the CPU, where the multiprocess executor runs steps in
+    parallel.
+    """
+    if "MERGE_DAG_POOL" in os.environ:
+        return os.environ["MERGE_DAG_POOL"] or None
+    return "gpu" if os.environ.get("MERGE_DAG_DEVICE", "cpu").startswith("cuda") else None

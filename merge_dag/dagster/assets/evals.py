@@ -6,7 +6,7 @@ import dagster as dg
 from ...core.fingerprint import checkpoint_fingerprint
 from ...core.version import code_version
 from ...project import ModelSource, Project, RecipeSpec
-from ..resources import MergeDagResource
+from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, source_id, upstream
 from .sources import tasks_fingerprint
 
@@ -37,7 +37,7 @@ def merged_eval_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition
     code = code_version("evaluation")
 
     @dg.asset(key=["eval", "merged", spec.name], deps=[["merged", spec.name], ["eval_tasks"]], group_name=GROUP,
-              code_version=code, kinds={"lm_eval"}, description=f"lm-eval {', '.join(spec.evals)} on merged/{spec.name}.")
+              code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval {', '.join(spec.evals)} on merged/{spec.name}.")
     def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         up = upstream(context, ["merged", spec.name])
         tfp = tasks_fingerprint(project)
@@ -54,7 +54,7 @@ def model_eval_asset(project: Project, m: ModelSource, tasks: list[str]) -> dg.A
     code = code_version("evaluation")
 
     @dg.asset(key=["eval", "model", m.name], deps=[["model", m.name], ["eval_tasks"]], group_name=GROUP,
-              code_version=code, kinds={"lm_eval"}, description=f"lm-eval baseline {', '.join(tasks)} on {m.ref}.")
+              code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval baseline {', '.join(tasks)} on {m.ref}.")
     def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         fp = checkpoint_fingerprint(m.path)
         tfp = tasks_fingerprint(project)

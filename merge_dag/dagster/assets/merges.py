@@ -13,7 +13,7 @@ from ...core.engine import execute, plan_merge
 from ...core.fingerprint import checkpoint_fingerprint
 from ...core.version import code_version
 from ...project import Project, RecipeSpec
-from ..resources import MergeDagResource
+from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, source_id, upstream
 from .sources import recipe_fingerprint
 
@@ -35,7 +35,7 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
         deps = [["model", m.name] for m in ([spec.base] if spec.base else []) + spec.experts]
     deps.append(["recipe", spec.name])
 
-    @dg.asset(key=["merged", spec.name], deps=deps, group_name=GROUP, code_version=code,
+    @dg.asset(key=["merged", spec.name], deps=deps, group_name=GROUP, code_version=code, pool=torch_pool(),
               kinds={"pytorch", "safetensors"},
               description=f"{spec.recipe.merge_method} merge of {len(spec.experts)} model(s), recipe {spec.file.name}.")
     def _merged(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:

@@ -8,7 +8,7 @@ from ...core.fingerprint import checkpoint_fingerprint
 from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
-from ..resources import MergeDagResource
+from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, source_id
 
 GROUP = "task_vectors"
@@ -18,7 +18,7 @@ def task_vector_asset(name: str, base: ModelSource, expert: ModelSource) -> dg.A
     code = code_version("core/task_vector.py", "core/checkpoint.py")
 
     @dg.asset(key=["task_vector", name], deps=[["model", base.name], ["model", expert.name]], group_name=GROUP,
-              code_version=code, kinds={"pytorch", "safetensors"},
+              code_version=code, pool=torch_pool(), kinds={"pytorch", "safetensors"},
               description=f"Task vector of {expert.ref} over {base.ref} (float32).")
     def _tv(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         fb, fe = checkpoint_fingerprint(base.path), checkpoint_fingerprint(expert.path)

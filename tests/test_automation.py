@@ -1,0 +1,178 @@
+"""Automation: the checkpoint sensor (half-copied folders trigger nothing; a complete new checkpoint
+triggers exactly its dependents), the nightly schedule, and torch steps under a concurrency pool."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from _models import make_family
+from merge_dag.dagster.automation import SCHEDULE_NAME, SENSOR_NAME, affected_keys, evaluate_models
+from merge_dag.dagster.definitions import ALL_JOB, build_definitions, merge_all_job
+from merge_dag.dagster.resources import MergeDagResource
+from merge_dag.lineage.store import LineageStore
+from merge_dag.project import load_project
+from merge_dag.zoo.tokenizer import save_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPES = {
+    "mix": """
+name: mix
+merge_method: task_arithmetic
+base_model: data/models/base
+models: [{model: data/models/a}, {model: data/models/b}]
+parameters: {weight: 1.0, lambda: 0.5}
+evals: [zoo_add]
+""",
+    "other": """
+name: other
+merge_method: ties
+base_model: data/models/base
+models: [{model: data/models/c}, {model: data/models/b}]
+parameters: {weight: 1.0, density: 0.5}
+""",
+}
+
+
+@pytest.fixture()
+def project(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGE_DAG_CACHE", str(tmp_path / "fp-cache"))
+    root = tmp_path / "proj"
+    fam = make_family(root / "data" / "models", n_experts=3)
+    for old, new in (("e0", "a"), ("e1", "b"), ("e2", "c")):
+        fam[old].rename(root / "data" / "models" / new)
+    for name in ("base", "a", "b", "c"):
+        save_tokenizer(root / "data" / "models" / name)
+    for folder in ("tasks", "eval"):
+        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
+    (root / "data" / "recipes").mkdir()
+    for name, text in RECIPES.items():
+        (root / "data" / "recipes" / f"{name}.yaml").write_text(text)
+    return root
+
+
+def keys(ks):
+    return {k.to_user_string() for k in ks}
+
+
+def test_affected_keys_are_exactly_the_dependents(project):
+    p = load_project(project)
+    assert keys(affected_keys(p, "a")) == {
+        "model/a", "task_vector/a", "recipe/mix", "merged/mix", "eval/merged/mix", "eval/model/a", "leaderboard"}
+    assert keys(affected_keys(p, "c")) == {"model/c", "task_vector/c", "recipe/other", "merged/other"}
+    assert "merged/other" in keys(affected_keys(p, "b")) and "merged/mix" in keys(affected_keys(p, "b"))
+
+
+def test_half_copied_checkpoint_triggers_nothing_until_complete(project):
+    p = load_project(project)
+    changed, cursor = evaluate_models(p, {}, now=0.0, settle_seconds=10)
+    assert changed == [] and set(cursor) == {"base", "a", "b", "c"}  # first sight: baseline only
+
+    shard = project / "data" / "models" / "c" / "model.safetensors"
+    full = shard.read_bytes()
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(shard))
+    state["lm_head.weight"] = state["lm_head.weight"] + 0.5
+    tmp = project / "new.safetensors"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    new_bytes = tmp.read_bytes()
+    shard.write_bytes(new_bytes[: len(new_bytes) // 2])  # the copy is half-way
+
+    changed, cursor = evaluate_models(p, cursor, now=100.0, settle_seconds=10)
+    assert changed == []  # signature changed: the settle clock starts
+    changed, cursor = evaluate_models(p, cursor, now=200.0, settle_seconds=10)
+    assert changed == []  # stable, but the file is truncated: not a complete checkpoint
+    shard.write_bytes(new_bytes)  # the copy finishes
+    changed, cursor = evaluate_models(p, cursor, now=201.0, settle_seconds=10)
+    assert changed == []  # just changed: wait for it to settle
+    changed, cursor = evaluate_models(p, cursor, now=205.0, settle_seconds=10)
+    assert changed == []  # not yet settled
+    changed, cursor = evaluate_models(p, cursor, now=212.0, settle_seconds=10)
+    assert changed == ["c"]
+    changed, cursor = evaluate_models(p, cursor, now=300.0, settle_seconds=10)
+    assert changed == []  # seen once, requested once
+    assert len(full) == len(new_bytes)
+
+
+def test_sensor_run_request_rebuilds_exactly_the_affected_assets(project, tmp_path):
+    res = MergeDagResource(root=str(project), eval_limit=4, db_path=str(tmp_path / "l.duckdb"),
+                           artifacts_dir=str(tmp_path / "artifacts"))
+    defs = build_definitions(project, resource=res)
+    job = defs.resolve_job_def(ALL_JOB)
+    with dg.instance_for_test() as instance:
+        assert job.execute_in_process(instance=instance).success
+        sensor = defs.get_sensor_def(SENSOR_NAME)
+        ctx = dg.build_sensor_context(instance=instance, definitions=defs)
+        first = sensor.evaluate_tick(ctx)  # baseline
+        assert not first.run_requests
+        # a brand-new version of expert a lands, complete
+        shard = project / "data" / "models" / "a" / "model.safetensors"
+        from safetensors.torch import load_file, save_file
+
+        state = load_file(str(shard))
+        state["model.norm.weight"] = state["model.norm.weight"] * 2
+        save_file(state, str(shard), metadata={"format": "pt"})
+        cursor = json.loads(first.cursor)
+        cursor["a"]["since"] -= 3600  # pretend the signature was first seen an hour ago ...
+        cursor["a"]["sig"] = json.loads(json.dumps(
+            sorted([q.name, q.stat().st_size, q.stat().st_mtime_ns] for q in shard.parent.iterdir() if q.is_file())))
+        ctx = dg.build_sensor_context(instance=instance, definitions=defs, cursor=json.dumps(cursor))
+        tick = sensor.evaluate_tick(ctx)  # ... so it is settled now
+        assert len(tick.run_requests) == 1
+        req = tick.run_requests[0]
+        assert keys(req.asset_selection) == {
+            "model/a", "task_vector/a", "recipe/mix", "merged/mix", "eval/merged/mix", "eval/model/a", "leaderboard"}
+        result = job.execute_in_process(instance=instance, asset_selection=req.asset_selection, tags=req.tags)
+        assert result.success
+        built = {e["step"] for e in LineageStore(tmp_path / "l.duckdb").events(run_id=result.run_id)
+                 if e["event"] == "materialized"}
+        assert built == {"task_vector/a", "merged/mix", "eval/merged_mix", "eval/model_a", "leaderboard/leaderboard"}
+
+
+def test_schedule_requests_a_full_rebuild(project):
+    defs = build_definitions(project)
+    schedule = defs.get_schedule_def(SCHEDULE_NAME)
+    assert schedule.cron_schedule == "0 3 * * *" and schedule.job_name == ALL_JOB
+    with dg.instance_for_test() as instance:
+        data = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    assert len(data.run_requests) == 1
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert defs.get_sensor_def(SENSOR_NAME).default_status == dg.DefaultSensorStatus.RUNNING
+
+
+def test_torch_steps_run_one_at_a_time_under_the_pool(project, tmp_path, monkeypatch):
+    """Multiprocess executor, 4 slots, but merges and task vectors share pool 'gpu' of limit 1.
+
+    (One recipe only: a step blocked on a pool polls with a back-off of up to 15 s in Dagster.)"""
+    (project / "data" / "recipes" / "mix.yaml").unlink()
+    monkeypatch.setenv("MERGE_DAG_POOL", "gpu")
+    monkeypatch.setenv("MERGE_DAG_ROOT", str(project))
+    monkeypatch.setenv("MERGE_DAG_DB", str(tmp_path / "pool.duckdb"))
+    monkeypatch.setenv("MERGE_DAG_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", "4")
+    defs = build_definitions(project)
+    pooled = [a for a in defs.assets if getattr(a, "op", None) is not None and a.op.pool == "gpu"]
+    assert len(pooled) == 3  # task_vector/c, task_vector/b, merged/other
+    with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
+        result = dg.execute_job(dg.reconstructable(merge_all_job), instance=instance,
+                                run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 4}}}})
+        assert result.success
+        spans = {}
+        for e in instance.all_logs(result.run_id):
+            if e.dagster_event is None or e.step_key is None:
+                continue
+            if e.dagster_event.event_type_value == "STEP_START":
+                spans.setdefault(e.step_key, [None, None])[0] = e.timestamp
+            elif e.dagster_event.event_type_value == "STEP_SUCCESS":
+                spans.setdefault(e.step_key, [None, None])[1] = e.timestamp
+    pooled_ops = {a.op.name for a in pooled}
+    torch_steps = sorted(v for k, v in spans.items() if k in pooled_ops)
+    assert len(torch_steps) == 3
+    for (s1, e1), (s2, e2) in zip(torch_steps, torch_steps[1:]):
+        assert s2 >= e1, "two pooled steps overlapped"

@@ -1,0 +1,207 @@
+"""The Dagster asset graph, materialized in-process on a copy of the ci zoo: cache hits on repeats,
+exactly the affected assets rebuilt after an expert or a recipe changes, audits, parallel lineage."""
+
+import json
+import os
+import shutil
+import textwrap
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merge_dag.core.fingerprint import checkpoint_fingerprint
+from merge_dag.dagster.definitions import ALL_JOB, build_definitions, merge_all_job
+from merge_dag.dagster.resources import MergeDagResource
+from merge_dag.lineage.audit import audit
+from merge_dag.lineage.store import LineageStore
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL_LIMIT = 12
+TASKS = ["add", "rev", "sort"]
+
+TA = """
+name: ta
+merge_method: task_arithmetic
+base_model: data/models/ci/base
+models:
+  - model: data/models/ci/add
+  - model: data/models/ci/rev
+  - model: data/models/ci/sort
+parameters: {weight: 1.0, lambda: 0.5}
+evals: [zoo_add, zoo_rev, zoo_sort]
+"""
+TIES = """
+name: ties
+merge_method: ties
+base_model: data/models/ci/base
+models:
+  - model: data/models/ci/add
+  - model: data/models/ci/sort
+parameters: {weight: 1.0, density: 0.5}
+evals: [zoo_add, zoo_sort]
+"""
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, ci_zoo):
+    root = tmp_path_factory.mktemp("project")
+    src = ROOT / "data" / "models" / "ci"
+    for name in ("base", "add", "rev", "sort"):
+        shutil.copytree(src / name, root / "data" / "models" / "ci" / name)
+    for folder in ("tasks", "eval"):
+        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
+    (root / "data" / "recipes").mkdir(parents=True)
+    (root / "data" / "recipes" / "ta.yaml").write_text(TA)
+    (root / "data" / "recipes" / "ties.yaml").write_text(TIES)
+    return root
+
+
+def resource(root: Path) -> MergeDagResource:
+    return MergeDagResource(root=str(root), eval_limit=EVAL_LIMIT, db_path=str(root / "data" / "lineage.duckdb"))
+
+
+def run_all(root: Path, instance: dg.DagsterInstance):
+    defs = build_definitions(root, resource=resource(root))
+    result = defs.resolve_job_def(ALL_JOB).execute_in_process(instance=instance)
+    assert result.success
+    return result
+
+
+def built(root: Path, run_id: str) -> set[str]:
+    return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id)
+            if e["event"] == "materialized"}
+
+
+def hits(root: Path, run_id: str) -> set[str]:
+    return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id)
+            if e["event"] == "cache_hit"}
+
+
+ALL_BUILT = {
+    "task_vector/ci_add", "task_vector/ci_rev", "task_vector/ci_sort",
+    "merged/ta", "merged/ties",
+    "eval/merged_ta", "eval/merged_ties",
+    "eval/model_ci_base", "eval/model_ci_add", "eval/model_ci_rev", "eval/model_ci_sort",
+    "leaderboard/leaderboard",
+}
+
+
+@pytest.fixture(scope="module")
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture(scope="module")
+def first_run(project, instance):
+    return run_all(project, instance)
+
+
+def test_first_run_builds_every_artifact_and_checks_pass(project, first_run):
+    assert built(project, first_run.run_id) == ALL_BUILT
+    checks = first_run.get_asset_check_evaluations()
+    assert len(checks) == 2 and all(c.passed for c in checks)
+    mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
+            for m in [m.event_specific_data.materialization]}
+    merged = mats[("merged", "ta")].metadata
+    assert merged["method"].value == "task_arithmetic"
+    assert merged["tensor_count"].value > 0 and merged["bytes"].value > 0
+    board = mats[("leaderboard",)].metadata["leaderboard"].value
+    assert {r.data["model"] for r in board.records} == {
+        "merged/ta", "merged/ties", "model/ci_base", "model/ci_add", "model/ci_rev", "model/ci_sort"}
+
+
+def test_merged_asset_equals_direct_engine_merge(project, first_run, tmp_path):
+    from merge_dag.core.engine import merge
+    from merge_dag.core.recipe import parse_recipe
+    import yaml
+
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    art = store.find("ta")
+    recipe = parse_recipe(yaml.safe_load(TA))
+    recipe.root = project
+    merge(recipe, tmp_path / "direct")
+    a, b = load_file(str(next(Path(art["path"]).glob("*.safetensors")))), {}
+    for f in (tmp_path / "direct").glob("*.safetensors"):
+        b.update(load_file(str(f)))
+    for f in Path(art["path"]).glob("*.safetensors"):
+        a.update(load_file(str(f)))
+    assert set(a) == set(b)
+    for n in a:  # via cached task vectors (base + delta in float32) == straight from the experts
+        torch.testing.assert_close(a[n].float(), b[n].float(), rtol=0, atol=0, msg=n)
+
+
+def test_repeat_recomputes_nothing(project, instance, first_run):
+    again = run_all(project, instance)
+    assert built(project, again.run_id) == set()
+    assert hits(project, again.run_id) == ALL_BUILT
+    mats = [m.event_specific_data.materialization for m in again.get_asset_materialization_events()]
+    assert all(m.metadata["cache"].value == "hit" for m in mats)
+
+
+def test_audit_names_the_right_fingerprints(project, first_run):
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    art = store.find("ta")
+    text = audit(store, art["path"])  # a folder found on disk, traced through its model card
+    for name in ("base", "add", "rev", "sort"):
+        assert checkpoint_fingerprint(project / "data" / "models" / "ci" / name) in text
+    assert "task_arithmetic" in text and "lambda" in text
+    card = json.loads((Path(art["path"]) / "merge_dag.json").read_text())
+    assert card["artifact_id"] == art["artifact_id"]
+
+
+def test_changing_one_expert_rebuilds_exactly_its_dependents(project, instance, first_run):
+    run_all(project, instance)  # make sure the starting point is fully built
+    shard = next((project / "data" / "models" / "ci" / "rev").glob("*.safetensors"))
+    state = load_file(str(shard))
+    name = next(n for n in state if n.endswith("mlp.up_proj.weight"))
+    state[name] = state[name] + 0.01
+    save_file(state, str(shard), metadata={"format": "pt"})
+    after = run_all(project, instance)
+    assert built(project, after.run_id) == {
+        "task_vector/ci_rev", "merged/ta", "eval/merged_ta", "eval/model_ci_rev", "leaderboard/leaderboard"}
+    assert hits(project, after.run_id) == ALL_BUILT - built(project, after.run_id)
+
+
+def test_changing_a_recipe_rebuilds_only_its_merge_and_evals(project, instance, first_run):
+    run_all(project, instance)
+    recipe = project / "data" / "recipes" / "ties.yaml"
+    recipe.write_text(TIES.replace("density: 0.5", "density: 0.7"))
+    try:
+        after = run_all(project, instance)
+        assert built(project, after.run_id) == {"merged/ties", "eval/merged_ties", "leaderboard/leaderboard"}
+    finally:
+        recipe.write_text(TIES)
+
+
+
+
+def keys_of(result) -> dict[tuple, str]:
+    return {tuple(m.asset_key.path): m.metadata["key"].value
+            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
+
+
+def test_multiprocess_executor_writes_lineage_without_loss(project, instance, first_run, tmp_path, monkeypatch):
+    """Steps in parallel processes (the multiprocess executor) each write to the one DuckDB file."""
+    reference = keys_of(run_all(project, instance))
+    db = tmp_path / "parallel.duckdb"
+    monkeypatch.setenv("MERGE_DAG_ROOT", str(project))
+    monkeypatch.setenv("MERGE_DAG_DB", str(db))
+    monkeypatch.setenv("MERGE_DAG_ARTIFACTS", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))
+    with dg.instance_for_test() as inst:
+        result = dg.execute_job(dg.reconstructable(merge_all_job), instance=inst,
+                                run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}})
+        assert result.success
+        starts = [e for e in result.all_events if e.event_type_value == "STEP_START"]
+        assert len({e.pid for e in starts}) > 1  # really several processes
+    store = LineageStore(db)
+    events = store.events(run_id=result.run_id)
+    assert {e["step"] for e in events if e["event"] == "materialized"} == ALL_BUILT
+    # same content keys (hence the same fingerprints) as in-process: parallelism changes nothing
+    parallel = {tuple(m.asset_key.path): m.metadata["key"].value
+                for m in (e.asset_materialization for e in result.all_events if e.is_step_materialization)}
+    assert parallel == reference
