@@ -1,0 +1,190 @@
+"""The task-arithmetic family: task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+One recipe for all of them (mergekit's "generalized task arithmetic"):
+
+    d_i   = sparsify(theta_i - theta_0)                  (per model: density, gamma, epsilon; rescale)
+    w_i d_i                                               (per model weight)
+    TIES sign consensus (ties, dare_ties, breadcrumbs_ties, della):
+        s   = +1 where sum_i w_i d_i >= 0, else -1        (elected from the weighted, sparsified deltas)
+        a_i = [sign(w_i d_i) == s]                        (zeros never agree)
+        mix = sum_i w_i d_i a_i,  div = sum_i w_i a_i,  div := 1 where div == 0
+    without consensus:
+        mix = sum_i w_i d_i,      div = sum_i w_i,      div := 1 where |div| < 1e-8
+    theta = theta_0 + lambda * (mix / div if normalize else mix)
+
+Everything is float32 and in place: each expert's tensor becomes its delta, the base tensor
+becomes the result. The combination runs chunk by chunk so its temporaries stay in cache. The
+consensus uses only arithmetic (no boolean temporaries): with m = copysign(1, s),
+clamp(w d m, min=0) * m is w d where it agrees and 0 where it does not, and its sign() is the
+agreement indicator for the divisor. Sums run in expert order, like mergekit's stacked sum, so
+with the same masks the results agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+
+from ..errors import RecipeError
+from ..sparsify import chunk_size, run_segments, segments, sparsify, spans, workers
+from .base import MergeMethod, Param, TensorTask, in_range
+
+
+def ta_params(normalize: bool, rescale: bool, sparsifies: bool, gamma: bool = False,
+              epsilon: bool = False) -> tuple[Param, ...]:
+    """mergekit's parameters for one member of the family, with its defaults."""
+    ps = [
+        Param("weight", required=True, per_model=True,
+              help="coefficient of this model's task vector (negative subtracts it)"),
+        Param("density", default=1.0, per_model=True, check=in_range(0, 1, lo_open=True),
+              help=("fraction of the task vector to keep" if sparsifies else
+                    "accepted for mergekit compatibility; task_arithmetic keeps the whole task vector")),
+    ]
+    if gamma:
+        ps.append(Param("gamma", default=0.01, per_model=True, check=in_range(0, 1),
+                        help="fraction of largest-magnitude entries dropped as outliers"))
+    if epsilon:
+        ps.append(Param("epsilon", default=0.15, per_model=True, check=in_range(0, 1, hi_open=True),
+                        help="keep probability spans density - epsilon .. density + epsilon by magnitude rank"))
+    ps += [
+        Param("lambda", default=1.0, help="scale of the merged task vector"),
+        Param("normalize", default=normalize, kind=bool,
+              help="divide by the sum of the weights (of the agreeing models, with sign consensus)"),
+        Param("rescale", default=rescale, kind=bool,
+              help="after sparsifying, rescale each task vector to its original L1 norm"),
+        Param("int8_mask", default=False, kind=bool,
+              help="accepted for mergekit compatibility; no effect (masks here take no memory)"),
+    ]
+    return tuple(ps)
+
+
+class TaskArithmeticFamily(MergeMethod):
+    """Subclasses set name, params and these two."""
+
+    sparsification: ClassVar[Optional[str]] = None   # a sparsify() method, or None
+    consensus: ClassVar[bool] = False                # TIES sign election
+    requires_base = True
+    min_models = 1
+
+    def merge(self, task: TensorTask) -> torch.Tensor:
+        base = task.base
+        assert base is not None, f"{self.name} needs a base model"
+        experts = task.models
+        if not experts:
+            return base
+        p = task.params
+        weights = [float(mp["weight"]) for mp in task.model_params]
+        combine = combine_ties if self.consensus else combine_linear
+        with workers(base):
+            if self.sparsification is not None:
+                for i, (x, mp) in enumerate(zip(experts, task.model_params)):
+                    try:  # x becomes its sparsified task vector (the subtraction is fused in)
+                        sparsify(x, float(mp["density"]), self.sparsification,
+                                 gamma=float(mp.get("gamma", 0.01)), epsilon=float(mp.get("epsilon", 0.15)),
+                                 rescale=bool(p["rescale"]), generator=task.generator, base=base)
+                    except ValueError as e:  # della: density +/- epsilon outside (0, 1)
+                        raise RecipeError(f"{self.name}: tensor {task.name!r}, model {i}: {e}") from None
+            return combine(base, experts, weights, bool(p["normalize"]), float(p["lambda"]),
+                           deltas_ready=self.sparsification is not None)
+
+
+def _contiguous(base: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    return base.view(-1), [d.view(-1) if d.is_contiguous() else d.contiguous().view(-1) for d in deltas]
+
+
+def combine_linear(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+                   normalize: bool, lam: float, deltas_ready: bool = True) -> torch.Tensor:
+    """base += lambda * sum_i w_i d_i [/ sum_i w_i], in place; `deltas` are overwritten.
+    deltas_ready=False: `deltas` hold the experts' weights; d_i = theta_i - base is fused in."""
+    div = float(torch.tensor(weights, dtype=torch.float32).sum())
+    if abs(div) < 1e-8:
+        div = 1.0
+    if not base.is_contiguous():
+        return base.copy_(combine_linear(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
+    b, ds = _contiguous(base, deltas)
+    n = b.numel()
+    step = min(chunk_size(b), max(1, n))
+
+    def work(_i: int, lo: int, hi: int) -> None:
+        mix = torch.empty(min(step, hi - lo), dtype=torch.float32, device=b.device)
+        for s, e in spans(lo, hi, step):
+            bc, m = b[s:e], mix[: e - s]
+            for i, (d, w) in enumerate(zip(ds, weights)):
+                dc = d[s:e]
+                if not deltas_ready:
+                    dc.sub_(bc)
+                dc.mul_(w)
+                if i == 0:
+                    m.copy_(dc)
+                else:
+                    m.add_(dc)
+            if normalize:
+                m.div_(div)
+            if lam != 1:
+                m.mul_(lam)
+            bc.add_(m)
+
+    with workers(b) as w:
+        run_segments(segments(n, step, w), work)
+    return base
+
+
+def combine_ties(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
+                 normalize: bool, lam: float, deltas_ready: bool = True) -> torch.Tensor:
+    """TIES: elect a sign per entry, sum the agreeing weighted deltas, in place into base."""
+    if not base.is_contiguous():
+        return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
+    b, ds = _contiguous(base, deltas)
+    n = b.numel()
+    dev = b.device
+    step = min(chunk_size(b), max(1, n))
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    # all weights >= 0: div is 0 exactly where nothing agrees (and mix is 0 there) and otherwise
+    # at least the smallest positive weight, so clamping to that weight stands for "0 -> 1"
+    pos_w = [w for w in weights if w > 0]
+    clamp_to = min(pos_w) if pos_w and all(w >= 0 for w in weights) else None
+
+    def work(_i: int, lo: int, hi: int) -> None:
+        mix, sgn, div, ind = (torch.empty(min(step, hi - lo), dtype=torch.float32, device=dev) for _ in range(4))
+        for s, e in spans(lo, hi, step):
+            bc, m, sg, dv, t = b[s:e], mix[: e - s], sgn[: e - s], div[: e - s], ind[: e - s]
+            dcs = [d[s:e] for d in ds]
+            for dc, w in zip(dcs, weights):
+                if not deltas_ready:
+                    dc.sub_(bc)
+                dc.mul_(w)                               # weighted deltas, in place
+            # elected sign: +1 where the sum is >= 0 (copysign(1, -0.0) = -1 only if all terms are 0)
+            if len(dcs) == 1:
+                torch.copysign(one, dcs[0], out=sg)
+            else:
+                torch.add(dcs[0], dcs[1], out=m)
+                for dc in dcs[2:]:
+                    m.add_(dc)
+                torch.copysign(one, m, out=sg)
+            for i, (dc, w) in enumerate(zip(dcs, weights)):
+                dc.mul_(sg).clamp_(min=0)                # |w d| where it agrees, else 0
+                if normalize:
+                    torch.sign(dc, out=t)                # agreement indicator (zeros never agree)
+                    if i == 0:
+                        torch.mul(t, w, out=dv)
+                    else:
+                        dv.add_(t, alpha=w)
+                dc.mul_(sg)                              # back to w d where it agrees, else 0
+                if i == 0:
+                    m.copy_(dc)
+                else:
+                    m.add_(dc)
+            if normalize:
+                if clamp_to is not None:
+                    dv.clamp_(min=clamp_to)
+                else:
+                    dv.masked_fill_(dv == 0, 1.0)
+                m.div_(dv)
+            if lam != 1:
+                m.mul_(lam)
+            bc.add_(m)
+
+    with workers(b) as w:
+        run_segments(segments(n, step, w), work)
+    return base

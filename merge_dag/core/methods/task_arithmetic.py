@@ -1,0 +1,9 @@
+"""task_arithmetic: theta_0 + lambda * sum_i w_i (theta_i - theta_0) (Ilharco et al., 2212.04089)."""
+
+from ._task_arithmetic_family import TaskArithmeticFamily, ta_params
+
+
+class TaskArithmetic(TaskArithmeticFamily):
+    name = "task_arithmetic"
+    description = "base + lambda * weighted sum of task vectors"
+    params = ta_params(normalize=False, rescale=False, sparsifies=False)

@@ -1,0 +1,504 @@
+"""Sparsifying a task vector: the one primitive behind ties, dare, breadcrumbs and della.
+
+    sparsify(delta, density, method, gamma=..., epsilon=..., rescale=..., generator=..., base=None)
+
+works IN PLACE on a float32 tensor and returns it. With `base`, the tensor holds a model's
+weights and first becomes its task vector `tensor - base` (fused into the first pass). Methods,
+named as in mergekit:
+
+- ``magnitude`` (TIES): keep the k = max(1, int(density * numel)) entries of largest magnitude.
+- ``random`` (DARE): keep each entry independently with probability `density`.
+- ``magnitude_outliers`` (breadcrumbs): rank by magnitude, drop the int(gamma * numel) largest
+  (fewer if that would leave less than the target), then the smallest, keeping int(density * numel).
+- ``della_magprune`` (DELLA): along dim 1 (each row of a matrix; a vector is one row), the keep
+  probability rises linearly with the magnitude rank, from density - epsilon for the smallest
+  entry to density + epsilon for the largest; one Bernoulli draw per entry. density +/- epsilon
+  must lie in (0, 1) (ValueError otherwise, as in mergekit).
+
+``rescale`` is mergekit's: after masking, multiply by L1(before) / L1(after) so the task vector
+keeps its L1 norm (skipped when either norm is below 1e-7). density >= 1 leaves the task vector
+untouched (and unscaled), as in mergekit.
+
+Ranking is a total order: magnitude first, then position in the flattened tensor (for della:
+within the row), the smaller index ranking higher among equal magnitudes for top-k and lower for
+della's ranks. So ties at the threshold never keep more than k entries and results repeat
+exactly. (mergekit breaks ties by whatever torch.argsort returns; a tie set is all one magnitude,
+so only which of the tied entries survive can differ, never how many.)
+
+Speed: top-k is a selection, not a sort. It is a two-pass radix select on the float bits:
+|x| as an int32 (sign bit cleared) orders like |x|, so a histogram of its top 16 bits
+(torch.bincount) finds the bucket that holds the k-th largest magnitude, and a histogram of the
+low 16 bits of that one bucket pins it exactly. Masking is torch.hardshrink (keeps |x| > lambda);
+when only some of the entries tied at the threshold are kept, the masking pass counts ties chunk
+by chunk and keeps the first ones. Everything runs in cache-sized chunks on the CPU (the whole
+tensor on an accelerator) with preallocated buffers, so no temporary is ever the size of the
+tensor, and with one intra-op thread: thousands of small parallel regions are what makes a
+2-core machine under load crawl. della needs every entry's rank: it sorts each row (rows are
+short), chunk by chunk. Randomness comes only from the torch.Generator passed in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+MAGNITUDE = "magnitude"
+RANDOM = "random"
+MAGNITUDE_OUTLIERS = "magnitude_outliers"
+DELLA = "della_magprune"
+METHODS = (MAGNITUDE, RANDOM, MAGNITUDE_OUTLIERS, DELLA)
+ALIASES = {"topk": MAGNITUDE, "ties": MAGNITUDE, "dare": RANDOM, "bernoulli": RANDOM,
+           "breadcrumbs": MAGNITUDE_OUTLIERS, "della": DELLA}
+
+L1_EPS = 1e-7             # mergekit's rescale guard
+CPU_CHUNK = 1 << 18       # elements per chunk on the CPU: 1 MiB of float32, stays in L2
+MAX_WORKERS = 4           # chunk-segment threads at most (and never more than torch's threads)
+_ABS = 0x7FFFFFFF         # clears the sign bit of a float32 seen as int32
+_HI_BINS = 1 << 15        # top 16 bits of a non-negative float32: 0 .. 32767
+_LO_BINS = (1 << 16) + 2  # low 16 bits inside one top bucket, plus "below" (0) and "above" (65537)
+_P_ONE = 1 << 31          # int32 random_() draws uniformly from [0, 2**31)
+_INF = float("inf")
+
+
+# ---- chunks, segments, workers ----------------------------------------------------------------
+def chunk_size(t: torch.Tensor) -> int:
+    """Elements per chunk: cache-sized on the CPU, the whole tensor on an accelerator."""
+    return CPU_CHUNK if t.device.type == "cpu" else max(1, t.numel())
+
+
+def spans(lo: int, hi: int, step: int) -> Iterator[tuple[int, int]]:
+    for s in range(lo, hi, step):
+        yield s, min(hi, s + step)
+
+
+_local = threading.local()
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_lock = threading.Lock()
+
+
+def _forget_pool_after_fork() -> None:
+    # a forked child has none of the parent's pool threads: start a fresh pool on first use
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+    _local.__dict__.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+@contextmanager
+def workers(t: torch.Tensor) -> Iterator[int]:
+    """Chunk loops inside this block run on one intra-op thread each; yields how many segment
+    workers to use (torch's thread count when entered, at most MAX_WORKERS; 1 off the CPU).
+    Nested uses (same thread) share the outer setting."""
+    outer = getattr(_local, "workers", None)
+    if outer is not None:
+        yield outer
+        return
+    if t.device.type != "cpu":
+        yield 1
+        return
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    _local.workers = max(1, min(MAX_WORKERS, n))
+    try:
+        yield _local.workers
+    finally:
+        _local.workers = None
+        if n > 1:
+            torch.set_num_threads(n)
+
+
+def segments(n: int, step: int, n_workers: int) -> list[tuple[int, int]]:
+    """[0, n) cut into at most n_workers contiguous runs of whole chunks."""
+    n_chunks = max(1, math.ceil(n / step))
+    w = max(1, min(n_workers, n_chunks))
+    per = math.ceil(n_chunks / w)
+    return [(i * per * step, min(n, (i + 1) * per * step)) for i in range(w) if i * per * step < n]
+
+
+def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)  # this pool thread's own OpenMP setting
+    return fn(*args)
+
+
+def run_segments(segs: Sequence[tuple[int, int]], fn: Callable[[int, int, int], Any]) -> list[Any]:
+    """fn(index, lo, hi) for each segment, concurrently (the first in the calling thread)."""
+    global _pool
+    if len(segs) <= 1:
+        return [fn(0, *segs[0])] if segs else []
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=MAX_WORKERS - 1, thread_name_prefix="merge-dag-chunks")
+    futures = [_pool.submit(_in_worker, fn, i, lo, hi) for i, (lo, hi) in enumerate(segs) if i > 0]
+    first = fn(0, *segs[0])
+    return [first] + [f.result() for f in futures]
+
+
+def chunk_generators(generator: Optional[torch.Generator], n_chunks: int,
+                     device: torch.device) -> list[Optional[torch.Generator]]:
+    """One generator per chunk, seeded in order from `generator` (the global RNG if None)."""
+    seeds = torch.randint(0, 2**62, (n_chunks,), generator=generator, dtype=torch.int64,
+                          device=generator.device if generator is not None else "cpu").tolist()
+    gens = []
+    for sd in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(sd)
+        gens.append(g)
+    return gens
+
+
+def _f32(bits: int) -> float:
+    """The float32 whose bit pattern is `bits`, as an exact Python float."""
+    return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
+
+
+# ---- exact top-k by radix select ----------------------------------------------------------------
+@dataclass(frozen=True)
+class TopCut:
+    """The k largest magnitudes of a flat tensor, ties broken by position.
+
+    Keeps every entry with |x| > lam_gt, plus the first `need` entries (in flat order) whose |x|
+    has the bit pattern t_bits (lam_ge, the float just below, keeps them in hardshrink).
+    need < 0: no partial tie set; lam_gt alone decides. seg_need: how many of those tied
+    entries each segment of `segs` keeps."""
+
+    lam_gt: float
+    lam_ge: float = 0.0
+    t_bits: int = 0
+    need: int = -1
+    segs: tuple[tuple[int, int], ...] = ()
+    seg_need: tuple[int, ...] = ()
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.lam_gt == -_INF
+
+    @property
+    def keeps_none(self) -> bool:
+        return self.lam_gt == _INF
+
+
+KEEP_ALL = TopCut(-_INF)
+KEEP_NONE = TopCut(_INF)
+
+
+def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor] = None) -> list[TopCut]:
+    """For each k, the cut keeping exactly the k largest magnitudes of `flat` (1-D float32).
+
+    Linear time: one histogram pass over the top 16 bits of |x| and one over the low 16 bits of
+    the bucket(s) holding the thresholds; several ks share both passes (breadcrumbs needs two).
+    With `base`, flat -= base is done in the first pass."""
+    n = flat.numel()
+    cuts: list[Optional[TopCut]] = [None] * len(ks)
+    todo = []
+    for j, k in enumerate(ks):
+        if k <= 0:
+            cuts[j] = KEEP_NONE
+        elif k >= n:
+            cuts[j] = KEEP_ALL
+        else:
+            todo.append(j)
+    if not todo:
+        if base is not None:
+            flat.sub_(base.reshape(-1))
+        return cuts  # type: ignore[return-value]
+
+    dev = flat.device
+    bits = flat.view(torch.int32)
+    step = min(chunk_size(flat), n)
+    bflat = base.reshape(-1) if base is not None else None
+    with workers(flat) as w:
+        segs = segments(n, step, w)
+
+        def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
+            buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+            hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
+            for s, e in spans(lo, hi, step):
+                if bflat is not None:
+                    flat[s:e].sub_(bflat[s:e])
+                b = buf[: e - s]
+                torch.bitwise_and(bits[s:e], _ABS, out=b)
+                b.bitwise_right_shift_(16)
+                hist += torch.bincount(b, minlength=_HI_BINS)
+            return hist
+
+        hist_c = sum(run_segments(segs, pass1)).cpu()
+        from_top = hist_c.flip(0).cumsum(0)           # from_top[i]: count in buckets >= 32767 - i
+
+        where: dict[int, tuple[int, int]] = {}        # j -> (bucket, count strictly above it)
+        for j in todo:
+            k = ks[j]
+            i = int(torch.searchsorted(from_top, k))  # first i with from_top[i] >= k
+            bucket = _HI_BINS - 1 - i
+            above = int(from_top[i - 1]) if i > 0 else 0
+            if above + int(hist_c[bucket]) == k:      # the whole bucket is kept: done
+                cuts[j] = TopCut(_f32((bucket << 16) - 1))
+            else:
+                where[j] = (bucket, above)
+        if not where:
+            return cuts  # type: ignore[return-value]
+
+        buckets = sorted({b for b, _ in where.values()})
+
+        def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
+            # the low 16 bits inside each needed bucket (bin 0 = below it, 65537 = above it)
+            buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+            buf2 = torch.empty_like(buf)
+            low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
+            for s, e in spans(lo, hi, step):
+                b = buf[: e - s]
+                b2 = buf2[: e - s]
+                torch.bitwise_and(bits[s:e], _ABS, out=b)
+                for bucket in buckets:
+                    torch.sub(b, (bucket << 16) - 1, out=b2)
+                    b2.clamp_(0, _LO_BINS - 1)
+                    low[bucket] += torch.bincount(b2, minlength=_LO_BINS)
+            return {b: h.cpu() for b, h in low.items()}
+
+        per_seg = run_segments(segs, pass2)
+
+    for j, (bucket, above) in where.items():
+        k = ks[j]
+        h = sum(ps[bucket] for ps in per_seg)[1:_LO_BINS - 1]  # counts of low bits 0 .. 65535
+        top = h.flip(0).cumsum(0)
+        i = int(torch.searchsorted(top, k - above))
+        lo16 = (1 << 16) - 1 - i
+        t_bits = (bucket << 16) | lo16
+        greater = above + (int(top[i - 1]) if i > 0 else 0)
+        need = k - greater                            # 1 <= need <= ties
+        if t_bits == 0:                               # threshold 0: the tied entries are zeros
+            cuts[j] = TopCut(0.0)
+        elif need == int(h[lo16]):                    # every tied entry is kept
+            cuts[j] = TopCut(_f32(t_bits - 1))
+        else:
+            seg_need, left = [], need
+            for ps in per_seg:
+                take = min(left, int(ps[bucket][lo16 + 1]))
+                seg_need.append(take)
+                left -= take
+            cuts[j] = TopCut(_f32(t_bits), _f32(t_bits - 1), t_bits, need, tuple(segs), tuple(seg_need))
+    return cuts  # type: ignore[return-value]
+
+
+class Shrinker:
+    """Applies one TopCut to consecutive chunks of one segment (it counts the kept ties)."""
+
+    def __init__(self, cut: TopCut, seg: int, step: int, device: torch.device):
+        self.cut = cut
+        self.left = cut.seg_need[seg] if cut.need > 0 else 0
+        if self.left > 0:
+            self.buf = torch.empty(step, dtype=torch.int32, device=device)
+            self.eq = torch.empty(step, dtype=torch.bool, device=device)
+
+    def __call__(self, x: torch.Tensor) -> None:
+        """Zero, in place, the entries of this chunk (the next one in order) the cut drops."""
+        cut = self.cut
+        if cut.keeps_all:
+            return
+        if self.left <= 0:
+            torch.hardshrink(x, cut.lam_gt, out=x)
+            return
+        m = x.numel()
+        b, q = self.buf[:m], self.eq[:m]
+        torch.bitwise_and(x.view(torch.int32), _ABS, out=b)
+        torch.eq(b, cut.t_bits, out=q)
+        c = int(torch.count_nonzero(q))
+        if c <= self.left:
+            torch.hardshrink(x, cut.lam_ge, out=x)
+            self.left -= c
+            return
+        split = int(q.nonzero()[self.left - 1, 0]) + 1
+        head, tail = x[:split], x[split:]
+        torch.hardshrink(head, cut.lam_ge, out=head)
+        torch.hardshrink(tail, cut.lam_gt, out=tail)
+        self.left = 0
+
+
+def apply_cuts(flat: torch.Tensor, keep: TopCut, drop: Optional[TopCut] = None) -> None:
+    """Zero, in place, every entry of `flat` outside `keep`, and (breadcrumbs) every entry in
+    `drop` (a subset of `keep`: the outliers)."""
+    n = flat.numel()
+    if drop is None or drop.keeps_none:
+        if keep.keeps_all:
+            return
+        if keep.need <= 0:
+            torch.hardshrink(flat, keep.lam_gt, out=flat)
+            return
+    partial = keep if keep.need > 0 else drop
+    step = min(chunk_size(flat), n)
+    with workers(flat) as w:
+        segs = list(partial.segs) if partial is not None and partial.need > 0 else segments(n, step, w)
+        with_drop = drop is not None and not drop.keeps_none
+
+        def work(i: int, lo: int, hi: int) -> None:
+            keep_i = Shrinker(keep, i, step, flat.device)
+            if with_drop:
+                drop_i = Shrinker(drop, i, step, flat.device)
+                tmp = torch.empty(min(step, hi - lo), dtype=flat.dtype, device=flat.device)
+            for s, e in spans(lo, hi, step):
+                x = flat[s:e]
+                if with_drop:
+                    outliers = tmp[: e - s].copy_(x)
+                    drop_i(outliers)                  # only the largest entries remain
+                    keep_i(x)
+                    x.sub_(outliers)                  # x - x = 0 exactly; x - 0 = x
+                else:
+                    keep_i(x)
+
+        run_segments(segs, work)
+
+
+# ---- the methods ---------------------------------------------------------------------------------
+def _magnitude(flat: torch.Tensor, density: float, base: Optional[torch.Tensor]) -> None:
+    (cut,) = top_cuts(flat, [max(1, int(density * flat.numel()))], base)
+    apply_cuts(flat, cut)
+
+
+def _magnitude_outliers(flat: torch.Tensor, density: float, gamma: float,
+                        base: Optional[torch.Tensor]) -> None:
+    n = flat.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    # keep the ascending ranks [n_bot, n_bot + target) = top(n - n_bot) minus top(n - n_bot - target)
+    big, out = top_cuts(flat, [n - n_bot, n - n_bot - target], base)
+    apply_cuts(flat, big, out)
+
+
+def _random(flat: torch.Tensor, density: float, generator: Optional[torch.Generator],
+            base: Optional[torch.Tensor]) -> None:
+    n = flat.numel()
+    step = min(chunk_size(flat), n)
+    thresh = round(density * _P_ONE)
+    gens = chunk_generators(generator, math.ceil(n / step), flat.device)
+    bflat = base.reshape(-1) if base is not None else None
+
+    def work(_i: int, lo: int, hi: int) -> None:
+        r = torch.empty(min(step, hi - lo), dtype=torch.int32, device=flat.device)
+        keep = torch.empty(r.numel(), dtype=torch.bool, device=flat.device)
+        for s, e in spans(lo, hi, step):
+            x = flat[s:e]
+            if bflat is not None:
+                x.sub_(bflat[s:e])
+            rr, kk = r[: e - s], keep[: e - s]
+            rr.random_(generator=gens[s // step])    # uniform on [0, 2**31)
+            torch.lt(rr, thresh, out=kk)             # P(keep) = thresh / 2**31 = density
+            x.mul_(kk)
+
+    with workers(flat) as w:
+        run_segments(segments(n, step, w), work)
+
+
+def _della(tensor: torch.Tensor, density: float, epsilon: float,
+           generator: Optional[torch.Generator]) -> None:
+    if tensor.dim() <= 1:
+        _della_rows(tensor.view(1, -1), density, epsilon, generator)
+    elif tensor.dim() == 2:
+        _della_rows(tensor, density, epsilon, generator)
+    else:  # mergekit ranks along dim 1 for any rank >= 2: move it last, work on a copy, write back
+        moved = tensor.movedim(1, -1).contiguous()
+        _della_rows(moved.view(-1, moved.shape[-1]), density, epsilon, generator)
+        tensor.copy_(moved.movedim(-1, 1))
+
+
+def _della_rows(x: torch.Tensor, density: float, epsilon: float,
+                generator: Optional[torch.Generator]) -> None:
+    n_rows, length = x.shape
+    dev = x.device
+    # keep probability for ascending rank r = 0 .. L-1, in float32 like mergekit
+    if length > 1:
+        rank_norm = torch.arange(length, dtype=torch.float32, device=dev) / (length - 1)
+        probs = (density - epsilon) + rank_norm * 2 * epsilon
+    else:  # a single entry is both the smallest and the largest: the midpoint, density
+        probs = torch.full((1,), density, dtype=torch.float32, device=dev)
+    thresh = (probs.double() * _P_ONE).round().clamp_(0, _P_ONE - 1).to(torch.int32)
+    per = max(1, chunk_size(x) // max(1, length))      # rows per chunk
+    gens = chunk_generators(generator, math.ceil(n_rows / per), dev)
+
+    def work(_i: int, lo: int, hi: int) -> None:
+        for s, e in spans(lo, hi, per):
+            xc = x[s:e]
+            order = torch.sort(xc.abs(), dim=1, stable=True).indices
+            r = torch.empty(xc.shape, dtype=torch.int32, device=dev).random_(generator=gens[s // per])
+            keep_sorted = r < thresh
+            keep = torch.empty_like(keep_sorted).scatter_(1, order, keep_sorted)
+            xc.mul_(keep)
+
+    with workers(x) as w:
+        run_segments(segments(n_rows, per, w), work)
+
+
+def abs_sum(flat: torch.Tensor) -> float:
+    """sum |x|: float32 per chunk, the chunk sums added in order in double (no big temporary)."""
+    n = flat.numel()
+    step = min(chunk_size(flat), max(1, n))
+
+    def work(_i: int, lo: int, hi: int) -> list[float]:
+        buf = torch.empty(min(step, hi - lo), dtype=flat.dtype, device=flat.device)
+        return [float(torch.abs(flat[s:e], out=buf[: e - s]).sum()) for s, e in spans(lo, hi, step)]
+
+    with workers(flat) as w:
+        parts = run_segments(segments(n, step, w), work)
+    total = 0.0
+    for part in parts:
+        for v in part:
+            total += v
+    return total
+
+
+def sparsify(tensor: torch.Tensor, density: float, method: str, *, gamma: float = 0.01,
+             epsilon: float = 0.15, rescale: bool = False,
+             generator: Optional[torch.Generator] = None,
+             base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sparsify `tensor` in place (see the module docstring) and return it."""
+    method = ALIASES.get(method, method)
+    if method not in METHODS:
+        raise ValueError(f"unknown sparsification method {method!r} (known: {', '.join(METHODS)})")
+    if method == DELLA and 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(f"della: density +/- epsilon must lie in (0, 1); got density {density:g}, "
+                         f"epsilon {epsilon:g}")
+    if base is not None and base.shape != tensor.shape:
+        raise ValueError(f"base shape {list(base.shape)} differs from {list(tensor.shape)}")
+    if density >= 1 or tensor.numel() == 0:
+        return tensor.sub_(base) if base is not None else tensor
+    if density <= 0:
+        return tensor.zero_()
+    if not tensor.is_contiguous():
+        work = tensor.contiguous()
+        sparsify(work, density, method, gamma=gamma, epsilon=epsilon, rescale=rescale,
+                 generator=generator, base=base)
+        return tensor.copy_(work)
+
+    flat = tensor.view(-1)
+    with workers(tensor):
+        if (rescale or method == DELLA) and base is not None:
+            flat.sub_(base.reshape(-1))
+            base = None
+        before = abs_sum(flat) if rescale else 0.0
+        if method == MAGNITUDE:
+            _magnitude(flat, density, base)
+        elif method == MAGNITUDE_OUTLIERS:
+            _magnitude_outliers(flat, density, gamma, base)
+        elif method == RANDOM:
+            _random(flat, density, generator, base)
+        else:
+            _della(tensor, density, epsilon, generator)
+        if rescale:
+            after = abs_sum(flat)
+            if before >= L1_EPS and after >= L1_EPS:
+                # the float32 ratio of the two norms, as mergekit computes it
+                scale = torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32)
+                flat.mul_(float(scale))
+    return tensor
