@@ -1,0 +1,240 @@
+"""Per-channel input statistics of every linear in the decoder layers, from forward hooks.
+
+For each nn.Linear inside model.model.layers[*] (q, k, v, o, gate, up, down in Llama) and each of
+its input channels j, over the real (non-padding) tokens of the calibration batches:
+    count        number of tokens N (one number per linear)
+    sumsq[j]     sum x_j^2            (LEWIS / Wanda: s_j = sumsq_j / N)
+    sumabs[j]    sum |x_j|            (AIM: mean |x_j| = sumabs_j / N)
+    maxabs[j]    max |x_j|
+    gram         X^T X  (d_in x d_in, only with gram=True; RegMean: G = X^T X / N)
+all accumulated in float32 whatever the model's dtype.
+
+Saved as a folder: `stats.safetensors` with tensors "<weight name>::<kind>" (e.g.
+"model.layers.0.self_attn.q_proj.weight::sumsq", "...::count" is a 0-d int64) and `stats.json`
+(meta: settings, token counts). q/k/v (and gate/up) see the same input, so their statistics are
+equal; they are stored once per linear anyway, so every weight finds its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..core.checkpoint import atomic_replace_dir
+from .calibration import Batch
+from .errors import GuidanceError
+from .model import decoder_layers, linear_modules
+
+STATS_FILE = "stats.safetensors"
+META_FILE = "stats.json"
+KINDS = ("count", "sumsq", "sumabs", "maxabs", "gram")
+FORMAT = 1
+
+
+@dataclass
+class ActivationStats:
+    count: dict[str, int]
+    sumsq: dict[str, torch.Tensor]
+    sumabs: dict[str, torch.Tensor]
+    maxabs: dict[str, torch.Tensor]
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    source: str = "<memory>"        # where these were loaded from, for error messages
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.count)
+
+    @property
+    def has_gram(self) -> bool:
+        return bool(self.gram)
+
+    def require(self, name: str, kind: str = "sumsq") -> None:
+        if name not in self.count:
+            raise GuidanceError(f"activation statistics {self.source}: no entry for tensor {name!r}")
+        if self.count[name] <= 0:
+            raise GuidanceError(f"activation statistics {self.source}: tensor {name!r} saw no tokens")
+        if kind == "gram" and name not in self.gram:
+            raise GuidanceError(f"activation statistics {self.source}: no Gram matrix for tensor {name!r} "
+                                "(collect with gram=True)")
+
+    def mean_sq(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """s_j = sum_tokens x_j^2 / N."""
+        self.require(name)
+        return self.sumsq[name].to(device) / self.count[name]
+
+    def mean_abs(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        self.require(name)
+        return self.sumabs[name].to(device) / self.count[name]
+
+    def gram_mean(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """G = X^T X / N."""
+        self.require(name, "gram")
+        return self.gram[name].to(device) / self.count[name]
+
+    # ---- persistence ----
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for n in self.count:
+            out[f"{n}::count"] = torch.tensor(self.count[n], dtype=torch.int64)
+            out[f"{n}::sumsq"] = self.sumsq[n]
+            out[f"{n}::sumabs"] = self.sumabs[n]
+            out[f"{n}::maxabs"] = self.maxabs[n]
+            if n in self.gram:
+                out[f"{n}::gram"] = self.gram[n]
+        return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write stats.safetensors + stats.json into `folder` (atomically: a temporary folder renamed)."""
+        folder = Path(folder).absolute()
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            save_file(self.tensors(), str(tmp / STATS_FILE), metadata={"format": "pt"})
+            meta = {"format": FORMAT, "gram": self.has_gram, "linears": len(self.count), **self.meta}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return atomic_replace_dir(tmp, folder)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "ActivationStats":
+        folder = Path(folder)
+        tpath, mpath = folder / STATS_FILE, folder / META_FILE
+        for p in (tpath, mpath):
+            if not p.is_file():
+                raise GuidanceError(f"{p}: activation statistics file is missing")
+        try:
+            meta = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise GuidanceError(f"{mpath}: invalid JSON ({e})") from e
+        try:
+            raw = load_file(str(tpath))
+        except Exception as e:  # safetensors raises its own error types
+            raise GuidanceError(f"{tpath}: cannot read activation statistics: {e}") from e
+        stats = cls({}, {}, {}, {}, {}, meta, str(folder))
+        for key, t in raw.items():
+            name, sep, kind = key.rpartition("::")
+            if not sep or kind not in KINDS:
+                raise GuidanceError(f"{tpath}: unexpected tensor {key!r} (expected '<weight name>::<kind>', "
+                                    f"kind one of {', '.join(KINDS)})")
+            if kind == "count":
+                stats.count[name] = int(t)
+            else:
+                getattr(stats, kind)[name] = t
+        for n in stats.count:
+            for kind in ("sumsq", "sumabs", "maxabs"):
+                if n not in getattr(stats, kind):
+                    raise GuidanceError(f"{tpath}: tensor {n!r} has a count but no {kind}")
+        return stats
+
+
+class _Accumulator:
+    def __init__(self, d_in: int, gram: bool, device: torch.device):
+        self.count = 0
+        self.sumsq = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.sumabs = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.maxabs = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.gram = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if gram else None
+
+    def add(self, x: torch.Tensor) -> None:
+        """x: (N, d_in) real tokens only."""
+        x = x.to(torch.float32)
+        a = x.abs()
+        self.count += x.shape[0]
+        self.sumsq += (x * x).sum(0)
+        self.sumabs += a.sum(0)
+        if x.shape[0]:
+            torch.maximum(self.maxabs, a.amax(0), out=self.maxabs)
+        if self.gram is not None:
+            self.gram += x.T @ x
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the layers of interest have run."""
+
+
+def collect_activation_stats(model, batches: Iterable[Batch], device: str | torch.device = "cpu", gram: bool = False,
+                             layers: Optional[Iterable[int]] = None, meta: Optional[dict] = None) -> ActivationStats:
+    """Run `batches` through `model` (moved to `device`) and accumulate the input statistics of every
+    linear in the decoder layers (only those of `layers` if given; the forward pass then stops after
+    the last of them). Padding positions (attention_mask == 0) are excluded."""
+    device = torch.device(device)
+    model.to(device)
+    _, layer_list = decoder_layers(model)
+    selected = None if layers is None else sorted(set(layers))
+    mods = {n: (i, m) for n, (i, m) in linear_modules(model).items() if selected is None or i in selected}
+    if not mods:
+        raise GuidanceError(f"{type(model).__name__}: no linear modules in layers {selected}")
+    acc = {n: _Accumulator(m.in_features, gram, device) for n, (_, m) in mods.items()}
+    state: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(_module, args, _output):
+            x = args[0]
+            mask = state["mask"]
+            if tuple(x.shape[:-1]) != tuple(mask.shape):
+                raise GuidanceError(f"tensor {name!r}: linear input of shape {tuple(x.shape)} does not match the "
+                                    f"batch's token layout {tuple(mask.shape)}")
+            acc[name].add(x.detach()[mask])
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, (_, m) in mods.items()]
+    if selected is not None:
+        def stop(_module, _args, _output):
+            raise _Stop()
+        handles.append(layer_list[selected[-1]].register_forward_hook(stop))
+    n_batches = n_seqs = n_tokens = 0
+    try:
+        with torch.no_grad():
+            for b in batches:
+                b = b.to(device)
+                state["mask"] = b.attention_mask.bool()
+                try:
+                    model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+                except _Stop:
+                    pass
+                n_batches += 1
+                n_seqs += b.input_ids.shape[0]
+                n_tokens += b.tokens
+    finally:
+        for h in handles:
+            h.remove()
+    if n_batches == 0:
+        raise GuidanceError("no calibration batches")
+    info = {"batches": n_batches, "sequences": n_seqs, "tokens": n_tokens,
+            "layers": selected if selected is not None else "all", **(meta or {})}
+    return ActivationStats(
+        count={n: a.count for n, a in acc.items()},
+        sumsq={n: a.sumsq for n, a in acc.items()},
+        sumabs={n: a.sumabs for n, a in acc.items()},
+        maxabs={n: a.maxabs for n, a in acc.items()},
+        gram={n: a.gram for n, a in acc.items() if a.gram is not None},
+        meta=info,
+    )
+
+
+def merge_stats(parts: Iterable[ActivationStats]) -> ActivationStats:
+    """Join statistics of disjoint sets of linears (e.g. one per layer) into one object."""
+    out = ActivationStats({}, {}, {}, {}, {}, {})
+    for p in parts:
+        for n in p.count:
+            if n in out.count:
+                raise GuidanceError(f"activation statistics {p.source}: tensor {n!r} appears twice")
+            out.count[n] = p.count[n]
+            out.sumsq[n], out.sumabs[n], out.maxabs[n] = p.sumsq[n], p.sumabs[n], p.maxabs[n]
+            if n in p.gram:
+                out.gram[n] = p.gram[n]
+        if not out.meta:
+            out.meta = {k: v for k, v in p.meta.items() if k != "layers"}
+    return out

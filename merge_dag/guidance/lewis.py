@@ -1,0 +1,141 @@
+"""LEWIS: layer-wise densities from activation-based importance (methods.md, "LEWIS").
+
+For one model (its own weights W and its own activation statistics on the calibration set):
+    I(l, m) = || |W| * sqrt(s) ||_F,   s_j = sum_tokens x_j^2 / N   (sqrt(s) broadcast over W's input columns)
+For each expert, against the base:
+    d(l, m)  = |I_expert(l, m) - I_base(l, m)|
+    d(l, m) <- d(l, m) / sum_l' d(l', m)      per module type m (q_proj, ..., down_proj); a type whose
+                                               shifts are all 0 stays 0
+    density  = gamma + (d - min d) / (max d - min d) * (epsilon - gamma)   min/max over all (l, m) of
+               that expert; if all d are equal, (gamma + epsilon) / 2
+so the modules whose importance moved most keep most of their task vector. Tensors outside the
+linears (embeddings, norms, lm_head) get density 1.
+
+Scaling s by a constant (the official code divides by sequences, we by tokens) scales every I of a
+model alike and cancels in the per-type normalisation when base and expert use the same set.
+
+Option `sequential_wanda_stats` (the official code's behaviour, default off in recipes): statistics
+are collected layer by layer, and each layer's linears are pruned to `sparsity` (0.5) by the Wanda
+score |W| * sqrt(s) (per output row, the lowest-scoring half of the inputs) before the next layer's
+statistics are collected. I is still computed from the unpruned W, as the official code does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+from ..core.checkpoint import Checkpoint
+from ..core.params import LAYER_RE
+from .activations import ActivationStats, collect_activation_stats, merge_stats
+from .calibration import Batch
+from .errors import GuidanceError
+from .model import decoder_layers, linear_modules
+
+
+def module_type(tensor_name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'self_attn.q_proj'."""
+    m = LAYER_RE.search(tensor_name)
+    if not m:
+        raise GuidanceError(f"tensor {tensor_name!r} is not inside a decoder layer")
+    rest = tensor_name[m.end():]
+    return rest.removesuffix(".weight")
+
+
+def wanda_score(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
+    """|W| * sqrt(s), s broadcast over the input columns (W is [out, in])."""
+    return weight.abs() * mean_sq.sqrt().unsqueeze(0)
+
+
+def importance(stats: ActivationStats, checkpoint: str | os.PathLike | Checkpoint,
+               device: str | torch.device = "cpu") -> dict[str, float]:
+    """{weight name: I(l, m)} for every linear in `stats`, reading W one tensor at a time."""
+    ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    out = {}
+    for name in stats.names:
+        w = ck.get(name, device=device, dtype=torch.float32)
+        s = stats.mean_sq(name, device)
+        if w.ndim != 2 or w.shape[1] != s.shape[0]:
+            raise GuidanceError(f"model {ck.name!r}: tensor {name!r} has shape {list(w.shape)}, but the activation "
+                                f"statistics {stats.source} have {s.shape[0]} input channels")
+        out[name] = float(torch.linalg.vector_norm(wanda_score(w, s)))
+    return out
+
+
+def shifts(base: dict[str, float], expert: dict[str, float], expert_name: str = "expert") -> dict[str, float]:
+    """d(l, m) = |I_expert - I_base|, divided by its sum over layers within each module type."""
+    missing = sorted(set(base) ^ set(expert))
+    if missing:
+        raise GuidanceError(f"importance of {expert_name!r} and of the base cover different tensors, "
+                            f"e.g. {missing[0]!r}")
+    d = {n: abs(expert[n] - base[n]) for n in base}
+    totals: dict[str, float] = {}
+    for n, v in d.items():
+        totals[module_type(n)] = totals.get(module_type(n), 0.0) + v
+    return {n: (v / totals[module_type(n)] if totals[module_type(n)] > 0 else 0.0) for n, v in d.items()}
+
+
+def rescale(d: dict[str, float], gamma: float, epsilon: float) -> dict[str, float]:
+    """Min-max rescale into [gamma, epsilon]; all equal -> (gamma + epsilon) / 2."""
+    if not d:
+        return {}
+    lo, hi = min(d.values()), max(d.values())
+    if hi == lo:
+        return {n: (gamma + epsilon) / 2 for n in d}
+    return {n: gamma + (v - lo) / (hi - lo) * (epsilon - gamma) for n, v in d.items()}
+
+
+def allocate(base: dict[str, float], experts: dict[str, dict[str, float]], gamma: float = 0.3,
+             epsilon: float = 0.8, tensor_names: Optional[Iterable[str]] = None) -> dict[str, dict[str, float]]:
+    """{expert: {tensor name: density}} from importances. With `tensor_names` (every tensor of the
+    checkpoint), the tensors that are not scored linears are included with density 1."""
+    if not (0 < gamma <= epsilon <= 1):
+        raise GuidanceError(f"LEWIS needs 0 < gamma <= epsilon <= 1, got gamma={gamma}, epsilon={epsilon}")
+    out = {}
+    for name, imp in experts.items():
+        dens = rescale(shifts(base, imp, name), gamma, epsilon)
+        if tensor_names is not None:
+            dens = {n: dens.get(n, 1.0) for n in tensor_names}
+        out[name] = dens
+    return out
+
+
+def to_parameter_map(densities: dict[str, float], default: float = 1.0) -> list[dict]:
+    """A parameter map ([{filter, value}, ..., {value: default}]) for a recipe's per-model `density`.
+    Filters are full tensor names, so 'model.layers.1.' never matches layer 11."""
+    return [{"filter": n, "value": v} for n, v in densities.items() if v != default] + [{"value": default}]
+
+
+def wanda_prune_(weight: torch.Tensor, mean_sq: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Zero, in each output row, the int(d_in * sparsity) inputs with the lowest Wanda score (in place)."""
+    k = int(weight.shape[1] * sparsity)
+    if k <= 0:
+        return weight
+    score = wanda_score(weight.float(), mean_sq.to(weight.device))
+    idx = torch.sort(score, dim=1, stable=True).indices[:, :k]
+    weight.scatter_(1, idx, 0)
+    return weight
+
+
+def sequential_wanda_stats(model, batches: list[Batch], sparsity: float = 0.5,
+                           device: str | torch.device = "cpu") -> ActivationStats:
+    """Statistics of each layer after every earlier layer was Wanda-pruned to `sparsity`.
+
+    Prunes `model` in place (load a fresh copy for anything else). Costs about L/2 forward passes of
+    the calibration set for L layers (each pass stops after the layer being measured)."""
+    if not 0 <= sparsity < 1:
+        raise GuidanceError(f"Wanda sparsity must be in [0, 1), got {sparsity}")
+    _, layers = decoder_layers(model)
+    mods = linear_modules(model)
+    parts = []
+    for i in range(len(layers)):
+        st = collect_activation_stats(model, batches, device=device, layers=[i])
+        with torch.no_grad():
+            for name in st.names:
+                wanda_prune_(mods[name][1].weight.data, st.mean_sq(name, device), sparsity)
+        parts.append(st)
+    out = merge_stats(parts)
+    out.meta.update({"layers": "all", "sequential_wanda_sparsity": sparsity})
+    return out

@@ -1,0 +1,174 @@
+"""Sens-Merging: per-layer, per-expert coefficients from sensitivity and logit alignment.
+
+There is no official code; this is the reconstruction of methods.md with every open choice fixed:
+
+Sensitivity (expert i on its own task's calibration batches b = 1..B, layer l):
+    L_b      = mean next-token cross-entropy over the batch's real tokens (targets at padding ignored)
+    S_i^l    = (1/B) sum_b sum_{theta in layer l} |theta * dL_b/dtheta|     (float32, gradients of the
+               parameters of model.model.layers[l] only)
+    alpha_i^l = S_i^l / ||S_i||_2        (norm over the layers; all-zero S gives alpha = 0)
+
+Alignment: g_ij = mean over the real tokens t of task j's texts of
+    KL( softmax(z_j(t)) || softmax(z_i(t)) )
+the divergence of expert i's next-token distribution from expert j's (the specialist) on task j;
+g_jj = 0, g >= 0, smaller = better aligned.
+
+Cross-task factor (direction: better alignment -> larger tau, so it is never penalised):
+    a_i   = mean_{j != i} exp(-g_ij)          in (0, 1]; 1 when i agrees with every specialist
+    tau_i = a_i / mean_k a_k                  (mean tau = 1; one expert or all equal -> tau = 1)
+
+Coefficients (temperature T > 0):
+    sigma_i^l = exp(alpha_i^l tau_i / T) / sum_k exp(alpha_k^l tau_k / T)
+so sigma sums to 1 over experts in every layer, and equal alpha*tau gives sigma = 1/K.
+The merge is theta^l = theta_0^l + K sum_i sigma_i^l delta_i^l: `tensor_weights` returns the per-tensor
+weights w_i = K sigma_i^l for task arithmetic (lambda 1), so uniform sigma is plain task arithmetic.
+Tensors outside the decoder layers (embeddings, final norm, lm_head) take sigma = 1/K, i.e. w = 1.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from ..core.params import layer_index
+from .calibration import Batch
+from .errors import GuidanceError
+from .model import decoder_layers
+
+
+def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets that are real tokens (float32)."""
+    labels = batch.labels()[:, 1:]
+    n = int((labels != -100).sum())
+    if n == 0:
+        raise GuidanceError("calibration batch has no next-token targets (every text is a single token)")
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum") / n
+
+
+def sensitivity(model, batches: Iterable[Batch], device: str | torch.device = "cpu") -> dict[int, float]:
+    """{layer index: S^l} for `model` (moved to `device`) on `batches`. `.grad` fields are not touched."""
+    device = torch.device(device)
+    model.to(device)
+    _, layers = decoder_layers(model)
+    params = [list(layer.parameters()) for layer in layers]
+    flat = [p for ps in params for p in ps]
+    saved = [p.requires_grad for p in flat]
+    totals = torch.zeros(len(layers), dtype=torch.float64)
+    n = 0
+    try:
+        for p in flat:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for b in batches:
+                b = b.to(device)
+                logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
+                grads = torch.autograd.grad(lm_loss(logits, b), flat)
+                k = 0
+                for li, ps in enumerate(params):
+                    s = torch.zeros((), dtype=torch.float32, device=device)
+                    for p in ps:
+                        s += (p.detach().float() * grads[k].float()).abs().sum()
+                        k += 1
+                    totals[li] += float(s)
+                n += 1
+    finally:
+        for p, r in zip(flat, saved):
+            p.requires_grad_(r)
+    if n == 0:
+        raise GuidanceError("no calibration batches")
+    return {li: float(v) / n for li, v in enumerate(totals)}
+
+
+def alpha(sens: dict[int, float]) -> dict[int, float]:
+    """alpha^l = S^l / ||S||_2 over the layers."""
+    norm = math.sqrt(sum(v * v for v in sens.values()))
+    return {l: (v / norm if norm > 0 else 0.0) for l, v in sens.items()}
+
+
+def logit_kl(reference, model, batches: Iterable[Batch], device: str | torch.device = "cpu") -> float:
+    """Mean over the real tokens of KL(softmax(reference logits) || softmax(model logits))."""
+    device = torch.device(device)
+    reference.to(device)
+    model.to(device)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            b = b.to(device)
+            mask = b.attention_mask.bool()
+            lp = F.log_softmax(reference(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                         use_cache=False).logits.float()[mask], dim=-1)
+            lq = F.log_softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask,
+                                     use_cache=False).logits.float()[mask], dim=-1)
+            total += float((lp.exp() * (lp - lq)).sum())
+            count += int(mask.sum())
+    if count == 0:
+        raise GuidanceError("no calibration tokens")
+    return total / count
+
+
+def alignment(models: dict[str, torch.nn.Module], tasks: dict[str, list[Batch]],
+              device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """g[i][j] = logit_kl(models[j], models[i], tasks[j]); tasks[j] are expert j's own task texts."""
+    if set(models) != set(tasks):
+        raise GuidanceError(f"alignment needs one task set per expert: experts {sorted(models)}, tasks {sorted(tasks)}")
+    return {i: {j: (0.0 if i == j else logit_kl(models[j], models[i], tasks[j], device)) for j in models}
+            for i in models}
+
+
+def tau(g: dict[str, dict[str, float]]) -> dict[str, float]:
+    """tau_i = a_i / mean_k a_k with a_i = mean_{j != i} exp(-g_ij): better alignment, larger tau."""
+    names = list(g)
+    if len(names) == 1:
+        return {names[0]: 1.0}
+    a = {}
+    for i in names:
+        others = [j for j in names if j != i]
+        try:
+            a[i] = sum(math.exp(-g[i][j]) for j in others) / len(others)
+        except KeyError as e:
+            raise GuidanceError(f"alignment matrix: no entry g[{i!r}][{e.args[0]!r}]") from None
+    mean = sum(a.values()) / len(a)
+    return {i: a[i] / mean for i in names}
+
+
+def coefficients(sens: dict[str, dict[int, float]], taus: dict[str, float],
+                 temperature: float = 2.0) -> dict[str, dict[int, float]]:
+    """sigma_i^l = softmax over experts i of alpha_i^l * tau_i / T."""
+    if temperature <= 0:
+        raise GuidanceError(f"Sens-Merging temperature must be > 0, got {temperature}")
+    names = list(sens)
+    if set(names) != set(taus):
+        raise GuidanceError(f"sensitivities for {sorted(names)} but tau for {sorted(taus)}")
+    layers = sorted(sens[names[0]])
+    for n in names:
+        if sorted(sens[n]) != layers:
+            raise GuidanceError(f"expert {n!r}: sensitivities cover layers {sorted(sens[n])}, "
+                                f"expert {names[0]!r} covers {layers}")
+    al = {n: alpha(sens[n]) for n in names}
+    out: dict[str, dict[int, float]] = {n: {} for n in names}
+    for l in layers:
+        z = torch.tensor([al[n][l] * taus[n] / temperature for n in names], dtype=torch.float64)
+        sig = torch.softmax(z, dim=0)
+        for n, s in zip(names, sig.tolist()):
+            out[n][l] = s
+    return out
+
+
+def tensor_weights(coeffs: dict[str, dict[int, float]], tensor_names: Iterable[str]) -> dict[str, dict[str, float]]:
+    """{expert: {tensor: K * sigma^l}} (task-arithmetic weights); tensors outside layers get 1."""
+    k = len(coeffs)
+    out: dict[str, dict[str, float]] = {n: {} for n in coeffs}
+    for t in tensor_names:
+        li = layer_index(t)
+        for n, c in coeffs.items():
+            if li is None:
+                out[n][t] = 1.0
+            elif li not in c:
+                raise GuidanceError(f"tensor {t!r}: no Sens-Merging coefficient for layer {li} of expert {n!r}")
+            else:
+                out[n][t] = k * c[li]
+    return out

@@ -1,0 +1,401 @@
+"""The data-guided core (merge_dag.guidance) against direct computation on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from _models import tiny_config
+from merge_dag.guidance import aim, lewis, regmean, sens
+from merge_dag.guidance.activations import ActivationStats, collect_activation_stats
+from merge_dag.guidance.calibration import load_batches, load_texts, load_tokenizer, make_batches
+from merge_dag.guidance.errors import CalibrationError, GuidanceError
+from merge_dag.guidance.model import linear_modules, load_model
+
+TEXTS = ["add:13+46=59", "add:130+757=887", "rev:abc=cba", "sort:3,1,2=1,2,3", "count:aab a=2",
+         "add:7+8=15", "rev:hello world=dlrow olleh", "add:680+633=1313", "sort:9,8=8,9", "add:1+1=2",
+         "count:xyzzy z=2", "rev:merge dag=gad egrem"]
+LINEAR_TYPES = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+def _save_llama(folder, state=None, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from merge_dag.zoo.tokenizer import save_tokenizer
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**tiny_config(layers=2, hidden=32, vocab=64)))
+    if state is not None:
+        model.load_state_dict(state)
+    model.save_pretrained(str(folder))
+    save_tokenizer(folder)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """base + two experts (base + noise), each a saved HF folder with the zoo's tokenizer."""
+    root = tmp_path_factory.mktemp("guidance")
+    base = _save_llama(root / "base")
+    out = {"base": root / "base"}
+    for i, (seed, sigma) in enumerate([(100, 0.02), (101, 0.005)]):
+        g = torch.Generator().manual_seed(seed)
+        st = {k: v + sigma * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        _save_llama(root / f"e{i}", st)
+        out[f"e{i}"] = root / f"e{i}"
+    calib = root / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS) + "\n")
+    out["calib"] = calib
+    return out
+
+
+@pytest.fixture(scope="module")
+def batches(family):
+    return load_batches(family["calib"], load_tokenizer(family["base"]), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def stats(family, batches):
+    """Activation statistics (with Gram matrices) of every model on the calibration set."""
+    return {n: collect_activation_stats(load_model(family[n]), batches, gram=True) for n in ("base", "e0", "e1")}
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+
+def test_calibration_rows_and_errors(tmp_path):
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text('{"text": "a"}\n\n{"text": "bc", "id": 3}\n')
+    assert load_texts(ok) == ["a", "bc"]
+    assert load_texts(ok, max_rows=1) == ["a"]
+    bad = {
+        '{"text": "a"}\n{"text": \n': "invalid JSON",
+        '{"text": "a"}\n["a"]\n': "expected a JSON object",
+        '{"text": "a"}\n{"txt": "a"}\n': 'no "text" field',
+        '{"text": "a"}\n{"text": 5}\n': "must be a string",
+        '{"text": "a"}\n{"text": "  "}\n': "is empty",
+    }
+    for i, (content, msg) in enumerate(bad.items()):
+        p = tmp_path / f"bad{i}.jsonl"
+        p.write_text(content)
+        with pytest.raises(CalibrationError, match=msg) as e:
+            load_texts(p)
+        assert f"{p}:2:" in str(e.value)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(CalibrationError, match="no calibration rows"):
+        load_texts(empty)
+
+
+def test_batches_are_padded_with_a_mask(family, batches):
+    tok = load_tokenizer(family["base"])
+    assert len(batches) == 3 and [b.input_ids.shape[0] for b in batches] == [4, 4, 4]
+    lengths = [len(tok(t)["input_ids"]) for t in TEXTS]
+    got = [int(n) for b in batches for n in b.attention_mask.sum(1)]
+    assert got == lengths
+    for b in batches:
+        assert b.input_ids.shape[1] == int(b.attention_mask.sum(1).max())
+        assert (b.input_ids[b.attention_mask == 0] == tok.pad_token_id).all()
+        assert (b.labels()[b.attention_mask == 0] == -100).all()
+    assert any((b.attention_mask == 0).any() for b in batches)  # the tests below do see padding
+
+
+# ---------------------------------------------------------------------------------------------- activations
+
+def test_hook_statistics_equal_direct_computation(family, batches, stats):
+    model = load_model(family["base"])
+    mods = linear_modules(model)
+    assert len(mods) == 2 * 7 and {lewis.module_type(n) for n in mods} == LINEAR_TYPES
+    captured = {n: [] for n in mods}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: captured[n].append(args[0].detach().clone()))
+               for n, (_, m) in mods.items()]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    for h in handles:
+        h.remove()
+    st = stats["base"]
+    assert sorted(st.names) == sorted(mods)
+    total = sum(b.tokens for b in batches)
+    for n in mods:
+        x = torch.cat([c[b.attention_mask.bool()] for c, b in zip(captured[n], batches)]).double()
+        assert x.shape[0] == total == st.count[n]
+        torch.testing.assert_close(st.sumsq[n].double(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st.sumabs[n].double(), x.abs().sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(st.maxabs[n].double(), x.abs().amax(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(st.gram[n].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(st.mean_sq(n), st.sumsq[n] / total)
+    # padding is excluded: one text per batch (no padding at all) gives the same statistics
+    single = make_batches(TEXTS, load_tokenizer(family["base"]), batch_size=1)
+    alone = collect_activation_stats(model, single)
+    assert not alone.has_gram
+    for n in mods:
+        assert alone.count[n] == st.count[n]
+        torch.testing.assert_close(alone.sumsq[n], st.sumsq[n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(alone.maxabs[n], st.maxabs[n], rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_save_and_load(tmp_path, stats):
+    st = stats["base"]
+    folder = st.save(tmp_path / "stats")
+    raw = load_file(str(folder / "stats.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.weight::sumsq" in raw
+    assert "model.layers.1.mlp.down_proj.weight::gram" in raw
+    assert raw["model.layers.1.mlp.down_proj.weight::gram"].shape == (64, 64)
+    meta = json.loads((folder / "stats.json").read_text())
+    assert meta["gram"] is True and meta["tokens"] == st.count["model.layers.0.self_attn.q_proj.weight"]
+    back = ActivationStats.load(folder)
+    assert back.count == st.count and back.has_gram
+    for n in st.names:
+        for kind in ("sumsq", "sumabs", "maxabs", "gram"):
+            assert torch.equal(getattr(back, kind)[n], getattr(st, kind)[n])
+    with pytest.raises(GuidanceError, match="no entry for tensor 'nope'"):
+        back.mean_sq("nope")
+    with pytest.raises(GuidanceError, match="stats.safetensors: activation statistics file is missing"):
+        ActivationStats.load(tmp_path / "absent")
+
+
+# ---------------------------------------------------------------------------------------------- LEWIS
+
+def test_lewis_importance_and_allocation_follow_the_formulas(family, stats):
+    imps = {n: lewis.importance(stats[n], family[n]) for n in ("base", "e0", "e1")}
+    for n in imps:
+        w = load_file(str(family[n] / "model.safetensors"))
+        for t, v in imps[n].items():
+            s = stats[n].sumsq[t].double() / stats[n].count[t]
+            direct = torch.sqrt(((w[t].double().abs() * s.sqrt()[None, :]) ** 2).sum())
+            assert v == pytest.approx(float(direct), rel=1e-5)
+    names = list(load_file(str(family["base"] / "model.safetensors")))
+    alloc = lewis.allocate(imps["base"], {"e0": imps["e0"], "e1": imps["e1"]}, gamma=0.3, epsilon=0.8,
+                           tensor_names=names)
+    for e in ("e0", "e1"):
+        d = {t: abs(imps[e][t] - imps["base"][t]) for t in imps["base"]}
+        for mt in LINEAR_TYPES:
+            ts = [t for t in d if t.endswith(mt + ".weight")]
+            tot = sum(d[t] for t in ts)
+            for t in ts:
+                d[t] /= tot
+        lo, hi = min(d.values()), max(d.values())
+        for t in names:
+            want = 0.3 + (d[t] - lo) / (hi - lo) * 0.5 if t in d else 1.0
+            assert alloc[e][t] == pytest.approx(want, rel=1e-9)
+        lin = [alloc[e][t] for t in d]
+        assert min(lin) == pytest.approx(0.3) and max(lin) == pytest.approx(0.8)
+        assert alloc[e]["model.embed_tokens.weight"] == 1.0 and alloc[e]["model.norm.weight"] == 1.0
+    pm = lewis.to_parameter_map(alloc["e0"])
+    assert pm[-1] == {"value": 1.0} and len(pm) == 1 + 14
+
+
+def test_lewis_all_equal_and_bad_settings(family, stats):
+    base = {"model.layers.0.mlp.up_proj.weight": 1.0, "model.layers.1.mlp.up_proj.weight": 2.0}
+    same = lewis.allocate(base, {"e": dict(base)}, gamma=0.2, epsilon=0.6)
+    assert same == {"e": {t: pytest.approx(0.4) for t in base}}
+    even = lewis.allocate(base, {"e": {t: v + 1 for t, v in base.items()}}, gamma=0.2, epsilon=0.6)
+    assert list(even["e"].values()) == [pytest.approx(0.4)] * 2
+    with pytest.raises(GuidanceError, match="gamma <= epsilon"):
+        lewis.allocate(base, {"e": base}, gamma=0.9, epsilon=0.5)
+    with pytest.raises(GuidanceError, match="'model.layers.1.mlp.up_proj.weight'"):
+        lewis.allocate(base, {"e": {"model.layers.0.mlp.up_proj.weight": 1.0}})
+    wrong = ActivationStats({"model.layers.0.mlp.down_proj.weight": 5},
+                            {"model.layers.0.mlp.down_proj.weight": torch.ones(32)},
+                            {"model.layers.0.mlp.down_proj.weight": torch.ones(32)},
+                            {"model.layers.0.mlp.down_proj.weight": torch.ones(32)})
+    with pytest.raises(GuidanceError, match="down_proj.weight' has shape \\[32, 64\\]"):
+        lewis.importance(wrong, family["base"])
+
+
+def test_sequential_wanda_variant(family, batches, stats):
+    plain = stats["base"]
+    unpruned = lewis.sequential_wanda_stats(load_model(family["base"]), batches, sparsity=0.0)
+    for n in plain.names:
+        torch.testing.assert_close(unpruned.sumsq[n], plain.sumsq[n], rtol=1e-5, atol=1e-6)
+    model = load_model(family["base"])
+    seq = lewis.sequential_wanda_stats(model, batches, sparsity=0.5)
+    assert seq.meta["sequential_wanda_sparsity"] == 0.5
+    # layer 0 sees unpruned inputs; every linear of every layer ends half pruned per row
+    ref = load_model(family["base"])
+    for n, (li, m) in linear_modules(model).items():
+        zeros = (m.weight == 0).sum(1)
+        assert (zeros == m.in_features // 2).all(), n
+        if li == 0:
+            torch.testing.assert_close(seq.sumsq[n], plain.sumsq[n], rtol=1e-5, atol=1e-6)
+            # direct Wanda pruning of layer 0 in a fresh copy
+            w = linear_modules(ref)[n][1].weight
+            score = w.abs() * plain.mean_sq(n).sqrt()[None, :]
+            keep = torch.ones_like(w, dtype=torch.bool)
+            keep.scatter_(1, score.argsort(dim=1)[:, : w.shape[1] // 2], False)
+            with torch.no_grad():
+                w.mul_(keep)
+            assert torch.equal(m.weight, w)
+    layer1 = collect_activation_stats(ref, batches, layers=[1])
+    assert sorted(layer1.names) == sorted(n for n in seq.names if ".layers.1." in n)
+    for n in layer1.names:
+        torch.testing.assert_close(seq.sumsq[n], layer1.sumsq[n], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(seq.sumsq[n], plain.sumsq[n], rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- Sens-Merging
+
+def test_sensitivity_equals_direct_first_order_taylor(family, batches):
+    model = load_model(family["e0"])
+    got = sens.sensitivity(model, batches)
+    assert all(p.grad is None for p in model.parameters())
+    layers = model.model.layers
+    want = [0.0, 0.0]
+    for b in batches:
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        logp = F.log_softmax(logits.double(), -1)
+        terms = []
+        for r in range(b.input_ids.shape[0]):
+            for t in range(b.input_ids.shape[1] - 1):
+                if b.attention_mask[r, t + 1]:
+                    terms.append(-logp[r, t, b.input_ids[r, t + 1]])
+        loss = torch.stack(terms).mean()
+        for li, layer in enumerate(layers):
+            ps = list(layer.parameters())
+            gs = torch.autograd.grad(loss, ps, retain_graph=True)
+            want[li] += sum(float((p.detach().double() * g.double()).abs().sum()) for p, g in zip(ps, gs))
+    assert sorted(got) == [0, 1]
+    for li in (0, 1):
+        assert got[li] == pytest.approx(want[li] / len(batches), rel=1e-4)
+    a = sens.alpha(got)
+    assert math.hypot(*a.values()) == pytest.approx(1.0)
+
+
+def test_sens_coefficients_follow_the_formula():
+    s = {"a": {0: 1.0, 1: 2.0, 2: 2.0}, "b": {0: 3.0, 1: 1.0, 2: 0.5}}
+    taus = {"a": 1.2, "b": 0.8}
+    got = sens.coefficients(s, taus, temperature=0.5)
+    na, nb = math.sqrt(1 + 4 + 4), math.sqrt(9 + 1 + 0.25)
+    for l in range(3):
+        za, zb = s["a"][l] / na * 1.2 / 0.5, s["b"][l] / nb * 0.8 / 0.5
+        assert got["a"][l] == pytest.approx(math.exp(za) / (math.exp(za) + math.exp(zb)), rel=1e-12)
+        assert got["a"][l] + got["b"][l] == pytest.approx(1.0)
+    # equal sensitivities and equal tau: uniform 1/K, so the merge is plain task arithmetic
+    eq = sens.coefficients({e: {0: 2.0, 1: 5.0} for e in "xyz"}, {e: 1.0 for e in "xyz"}, temperature=3)
+    assert all(v == pytest.approx(1 / 3) for c in eq.values() for v in c.values())
+    w = sens.tensor_weights(eq, ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"])
+    assert all(v == pytest.approx(1.0) for c in w.values() for v in c.values())
+    w2 = sens.tensor_weights(got, ["model.norm.weight", "model.layers.2.self_attn.q_proj.weight"])
+    assert w2["b"] == {"model.norm.weight": 1.0, "model.layers.2.self_attn.q_proj.weight": pytest.approx(2 * got["b"][2])}
+    with pytest.raises(GuidanceError, match="layer 7"):
+        sens.tensor_weights(got, ["model.layers.7.mlp.up_proj.weight"])
+    with pytest.raises(GuidanceError, match="temperature"):
+        sens.coefficients(s, taus, temperature=0)
+
+
+def test_tau_rewards_alignment():
+    g = {"a": {"a": 0.0, "b": 0.1, "c": 0.2}, "b": {"a": 0.9, "b": 0.0, "c": 1.0}, "c": {"a": 0.3, "b": 0.3, "c": 0.0}}
+    t = sens.tau(g)
+    a = {"a": (math.exp(-0.1) + math.exp(-0.2)) / 2, "b": (math.exp(-0.9) + math.exp(-1.0)) / 2, "c": math.exp(-0.3)}
+    mean = sum(a.values()) / 3
+    assert t == {k: pytest.approx(v / mean) for k, v in a.items()}
+    assert t["a"] > t["c"] > t["b"]  # the best-aligned expert gets the largest factor
+    assert sens.tau({"a": {"a": 0.0}}) == {"a": 1.0}
+    assert list(sens.tau({"a": {"a": 0, "b": 2.0}, "b": {"a": 2.0, "b": 0}}).values()) == [pytest.approx(1.0)] * 2
+
+
+def test_alignment_is_token_mean_kl(family, batches):
+    models = {"e0": load_model(family["e0"]), "e1": load_model(family["e1"])}
+    tasks = {"e0": batches[:2], "e1": batches[2:]}
+    g = sens.alignment(models, tasks)
+    assert g["e0"]["e0"] == 0.0 and g["e1"]["e1"] == 0.0
+    with torch.no_grad():
+        for i, j in (("e0", "e1"), ("e1", "e0")):
+            kls = []
+            for b in tasks[j]:
+                p = torch.softmax(models[j](input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+                q = torch.softmax(models[i](input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+                kl = (p * (p.log() - q.log())).sum(-1)
+                kls.append(kl[b.attention_mask.bool()])
+            assert g[i][j] == pytest.approx(float(torch.cat(kls).mean()), rel=1e-4)
+            assert g[i][j] > 0
+    assert sens.logit_kl(models["e0"], models["e0"], batches[:1]) == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- AIM
+
+def test_aim_relaxes_per_input_channel(tmp_path, family, stats):
+    g = torch.Generator().manual_seed(0)
+    delta, m = torch.randn(5, 4, generator=g), torch.tensor([0.5, 2.0, 0.0, 1.0])
+    got = aim.aim_relax(delta, m, omega=0.4)
+    want = delta * (1 - (m / 2.0) * 0.6)[None, :]
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got[:, 1], 0.4 * delta[:, 1])   # the most active channel keeps omega
+    torch.testing.assert_close(got[:, 2], delta[:, 2])         # a silent channel keeps everything
+    torch.testing.assert_close(aim.aim_relax(delta, torch.zeros(4)), delta)
+    with pytest.raises(GuidanceError, match="omega"):
+        aim.aim_factor(m, omega=1.5)
+    with pytest.raises(GuidanceError, match="'w'"):
+        aim.aim_relax(delta, torch.ones(3), name="w")
+
+    out = aim.aim_checkpoint(family["base"], family["e0"], stats["base"], tmp_path / "aim", omega=0.4)
+    res, b, e = (load_file(str(p)) for p in (next(out.glob("*.safetensors")), family["base"] / "model.safetensors",
+                                              family["e0"] / "model.safetensors"))
+    assert set(res) == set(e)
+    for t in e:
+        if t in stats["base"].count:
+            mean_abs = stats["base"].sumabs[t] / stats["base"].count[t]
+            want = b[t] + (e[t] - b[t]) * (1 - mean_abs / mean_abs.max() * 0.6)[None, :]
+            torch.testing.assert_close(res[t], want, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(res[t], e[t])
+    assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- RegMean
+
+def _spd(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3 * n, n, generator=g, dtype=torch.float64)
+    return x.T @ x / (3 * n)
+
+
+def test_regmean_tensor_math():
+    g = torch.Generator().manual_seed(1)
+    w1, w2 = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    g1, g2 = _spd(5, 2), _spd(5, 3)
+    for a in (1.0, 0.5, 0.0):   # one expert: its own W whatever a
+        torch.testing.assert_close(regmean.regmean_tensor([w1.float()], [g1.float()], a=a), w1.float(),
+                                   rtol=1e-4, atol=1e-5)
+    got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g2.float()], a=1.0)
+    torch.testing.assert_close(got.double(), (w1 @ g1 + w2 @ g2) @ torch.linalg.inv(g1 + g2), rtol=1e-4, atol=1e-5)
+    a = 0.3
+    s1, s2 = (a * g + (1 - a) * torch.diag(torch.diag(g)) for g in (g1, g2))
+    got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g2.float()], a=a)
+    torch.testing.assert_close(got.double(), (w1 @ s1 + w2 @ s2) @ torch.linalg.inv(s1 + s2), rtol=1e-4, atol=1e-5)
+    d1, d2 = torch.diag(g1), torch.diag(g2)   # a = 0: a per-input-channel weighted mean
+    got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g2.float()], a=0.0)
+    torch.testing.assert_close(got.double(), (w1 * d1 + w2 * d2) / (d1 + d2), rtol=1e-5, atol=1e-6)
+    got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g1.float()], a=1.0)
+    torch.testing.assert_close(got.double(), (w1 + w2) / 2, rtol=1e-4, atol=1e-5)
+    with pytest.raises(GuidanceError, match="'q'.*singular"):
+        regmean.regmean_tensor([w1.float()], [torch.zeros(5, 5)], name="q")
+    with pytest.raises(GuidanceError, match="'q'.*Gram"):
+        regmean.regmean_tensor([w1.float()], [torch.eye(4)], name="q")
+
+
+def test_regmean_checkpoint(tmp_path, family, stats):
+    out = regmean.regmean_checkpoint([family["e0"], family["e1"]], [stats["e0"], stats["e1"]], tmp_path / "rm", a=0.9)
+    res = load_file(str(next(out.glob("*.safetensors"))))
+    e0, e1 = (load_file(str(family[n] / "model.safetensors")) for n in ("e0", "e1"))
+    assert set(res) == set(e0)
+    for t in e0:
+        if t in stats["e0"].count:
+            gs = []
+            for st in (stats["e0"], stats["e1"]):
+                gm = st.gram[t].double() / st.count[t]
+                gs.append(0.9 * gm + 0.1 * torch.diag(torch.diag(gm)))
+            want = (e0[t].double() @ gs[0] + e1[t].double() @ gs[1]) @ torch.linalg.inv(gs[0] + gs[1])
+            torch.testing.assert_close(res[t].double(), want, rtol=1e-3, atol=1e-4)
+        else:
+            torch.testing.assert_close(res[t], (e0[t] + e1[t]) / 2)
+    no_gram = collect_activation_stats(load_model(family["e1"]), make_batches(TEXTS[:2], load_tokenizer(family["e1"])))
+    with pytest.raises(GuidanceError, match="no Gram matrix for tensor 'model.layers.0"):
+        regmean.regmean_checkpoint([family["e0"], family["e1"]], [stats["e0"], no_gram], tmp_path / "rm2")
+    assert not (tmp_path / "rm2").exists()
