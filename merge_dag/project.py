@@ -80,26 +80,42 @@ def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
     return ModelSource(asset_name(str(rel)), ref, path)
 
 
+def recipe_spec(root: Path, f: Path) -> RecipeSpec:
+    """One recipe file as the project sees it now (globs expanded against the folders on disk)."""
+    try:
+        data = yaml.safe_load(f.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{f}: invalid YAML: {e}") from None
+    recipe = parse_recipe(data, where=str(f), source_path=f.absolute(), root=root)
+    name = asset_name(recipe.name or f.stem)
+    method = get_method(recipe.merge_method)
+    base = _model_source(root, recipe, recipe.base_model) if recipe.base_model else None
+    refs = [m.model for m in recipe.models or []] + [s.model for sl in recipe.slices or [] for s in sl.sources]
+    experts = [_model_source(root, recipe, r) for r in dict.fromkeys(refs) if r != recipe.base_model]
+    uses_tv = method.name in TASK_VECTOR_METHODS and base is not None
+    return RecipeSpec(name, f, recipe, base, experts, uses_tv, list(recipe.evals))
+
+
+def current_spec(project: "Project", spec: RecipeSpec) -> RecipeSpec:
+    """The recipe as its file says now: edits and new glob matches since the definitions loaded
+    count at run time (the graph's shape follows at the next code-location reload)."""
+    return recipe_spec(project.root, spec.file)
+
+
 def load_project(root: str | os.PathLike | None = None) -> Project:
+    """Every recipe under data/recipes, and the models, task vectors and baselines they name.
+
+    Glob entries are expanded here, when the definitions load; a folder that appears later is
+    picked up by the sensor and the merge step (which expand the glob again at run time), and shows
+    as its own assets at the next reload of the code location."""
     root = Path(root or os.environ.get("MERGE_DAG_ROOT") or Path.cwd()).absolute()
     project = Project(root=root)
     files = sorted(project.recipes_dir.glob("*.yaml")) + sorted(project.recipes_dir.glob("*.yml"))
     for f in files:
-        try:
-            data = yaml.safe_load(f.read_text())
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{f}: invalid YAML: {e}") from None
-        recipe = parse_recipe(data, where=str(f), source_path=f.absolute())
-        recipe.root = root
-        name = asset_name(recipe.name or f.stem)
+        spec = recipe_spec(root, f)
+        name, base, experts = spec.name, spec.base, spec.experts
         if name in project.recipes:
             raise RecipeError(f"{f}: name: recipe name {name!r} is also used by {project.recipes[name].file}")
-        method = get_method(recipe.merge_method)
-        base = _model_source(root, recipe, recipe.base_model) if recipe.base_model else None
-        refs = [m.model for m in recipe.models or []] + [s.model for sl in recipe.slices or [] for s in sl.sources]
-        experts = [_model_source(root, recipe, r) for r in dict.fromkeys(refs) if r != recipe.base_model]
-        uses_tv = method.name in TASK_VECTOR_METHODS and base is not None
-        spec = RecipeSpec(name, f, recipe, base, experts, uses_tv, list(recipe.evals))
         project.recipes[name] = spec
         for m in ([base] if base else []) + experts:
             known = project.models.get(m.name)
@@ -109,7 +125,7 @@ def load_project(root: str | os.PathLike | None = None) -> Project:
             if spec.evals:
                 tasks = project.model_evals.setdefault(m.name, [])
                 tasks.extend(t for t in spec.evals if t not in tasks)
-        if uses_tv:
+        if spec.uses_task_vectors:
             for e in experts:
                 tv = e.name if project.task_vectors.get(e.name, (base, e))[0] == base else f"{e.name}__on__{base.name}"
                 project.task_vectors[tv] = (base, e)

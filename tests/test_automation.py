@@ -176,3 +176,60 @@ def test_torch_steps_run_one_at_a_time_under_the_pool(project, tmp_path, monkeyp
     assert len(torch_steps) == 3
     for (s1, e1), (s2, e2) in zip(torch_steps, torch_steps[1:]):
         assert s2 >= e1, "two pooled steps overlapped"
+
+
+GLOB_RECIPE = """
+name: globbed
+merge_method: task_arithmetic
+base_model: data/models/base
+models:
+  - glob: data/models/g-*
+    parameters: {weight: 1.0}
+parameters: {lambda: 0.5}
+"""
+
+
+def test_glob_recipe_picks_up_a_new_expert(project, tmp_path):
+    models = project / "data" / "models"
+    shutil.copytree(models / "c", models / "g-1")
+    (project / "data" / "recipes" / "globbed.yaml").write_text(GLOB_RECIPE)
+    res = MergeDagResource(root=str(project), db_path=str(tmp_path / "g.duckdb"),
+                           artifacts_dir=str(tmp_path / "artifacts"))
+    p = load_project(project)
+    loaded = build_definitions(project, resource=res)  # the code location, loaded before g-2 exists
+    assert [e.ref for e in p.recipes["globbed"].experts] == ["data/models/g-1"]
+    changed, cursor = evaluate_models(p, {}, now=0.0, settle_seconds=10)
+    assert changed == [] and "g_1" in cursor
+
+    # a new fine-tune lands in the watched folder: copied under a hidden name, then renamed
+    shutil.copytree(models / "b", models / ".g-2.tmp-copy")
+    changed, cursor = evaluate_models(p, cursor, now=50.0, settle_seconds=10)
+    assert changed == [] and "g_2" not in cursor  # hidden folders never match a glob
+    (models / ".g-2.tmp-copy").rename(models / "g-2")
+    changed, cursor = evaluate_models(p, cursor, now=100.0, settle_seconds=10)
+    assert changed == []  # first seen now: it must settle
+    changed, cursor = evaluate_models(p, cursor, now=111.0, settle_seconds=10)
+    assert changed == ["g_2"]
+    assert keys(affected_keys(p, "g_2")) == {"recipe/globbed", "merged/globbed"}
+
+    with dg.instance_for_test() as instance:
+        # the run the sensor requests, on the graph loaded before g-2 existed: the merge takes both
+        # experts and builds the newcomer's task vector inside its step
+        result = loaded.resolve_job_def(ALL_JOB).execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(["task_vector", "g_1"])] + affected_keys(p, "g_2"))
+        assert result.success
+        mats = {tuple(e.event_specific_data.materialization.asset_key.path): e.event_specific_data.materialization
+                for e in result.get_asset_materialization_events()}
+        assert mats[("merged", "globbed")].metadata["experts"].value == ["data/models/g-1", "data/models/g-2"]
+        steps = {e["step"] for e in LineageStore(tmp_path / "g.duckdb").events(run_id=result.run_id)
+                 if e["event"] == "materialized"}
+        assert steps == {"task_vector/g_1", "task_vector/g_2", "merged/globbed"}
+        # after a reload the graph shows the newcomer's own task vector asset: a cache hit
+        reloaded = build_definitions(project, resource=res)
+        assert dg.AssetKey(["task_vector", "g_2"]) in reloaded.resolve_asset_graph().get_all_asset_keys()
+        again = reloaded.resolve_job_def(ALL_JOB).execute_in_process(instance=instance, asset_selection=[
+            dg.AssetKey(["task_vector", "g_2"]), dg.AssetKey(["merged", "globbed"])])
+        assert again.success
+        events = LineageStore(tmp_path / "g.duckdb").events(run_id=again.run_id)
+        assert {e["step"] for e in events if e["event"] == "cache_hit"} == {"task_vector/g_2", "merged/globbed"}
+        assert not [e for e in events if e["event"] == "materialized"]

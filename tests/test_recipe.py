@@ -116,3 +116,30 @@ def test_relative_model_paths_fall_back_to_recipe_folder(tmp_path, monkeypatch):
     r = load_recipe(p)
     assert r.resolve_path("m") == (tmp_path / "sub" / "m").absolute()
     assert r.resolve_path("n") == (tmp_path / "n").absolute()  # neither exists: relative to cwd
+
+
+def test_glob_entries_expand_to_matching_folders(tmp_path):
+    from merge_dag.core.errors import RecipeError
+
+    for name in ("base", "math-a", "math-b", ".math-c.tmp-1", "code-a"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+    (tmp_path / "models" / "math-file").write_text("not a folder")
+    p = tmp_path / "r.yaml"
+    p.write_text("merge_method: ties\nbase_model: models/base\n"
+                 "models:\n  - model: models/math-b\n    parameters: {weight: 0.5}\n"
+                 "  - glob: models/math-*\n    parameters: {weight: 1.0, density: 0.4}\n")
+    r = load_recipe(p, root=tmp_path)
+    assert [(m.model, m.parameters, m.from_glob) for m in r.models] == [
+        ("models/math-b", {"weight": 0.5}, None),
+        ("models/math-a", {"weight": 1.0, "density": 0.4}, "models/math-*")]
+    assert r.globs == ["models/math-*"]
+    assert r.to_yaml_dict()["models"][1] == {"model": "models/math-a", "parameters": {"weight": 1.0, "density": 0.4}}
+
+    p.write_text("merge_method: ties\nbase_model: models/base\nmodels: [{glob: 'models/none-*'}]\n"
+                 "parameters: {weight: 1.0}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml: models: ties needs at least 1 model\(s\) besides the base, "
+                                          r"got 0; glob 'models/none-\*' matched no model folder"):
+        load_recipe(p, root=tmp_path)
+    p.write_text("merge_method: ties\nbase_model: models/base\nmodels: [{glob: 'models/*', model: models/base}]\n")
+    with pytest.raises(RecipeError, match=r"models\[0\]: .*exactly one of `model`"):
+        load_recipe(p, root=tmp_path)

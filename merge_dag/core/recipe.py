@@ -15,6 +15,12 @@
     tokenizer_source: base                # or a model path
     seed: 0                               # random methods (dare, della) repeat exactly under it
 
+A `models` entry may name experts by glob instead of by path: ``- glob: data/models/math-*`` (with
+optional `parameters`, applied to every match) stands for every folder matching the pattern when
+the recipe is loaded, in sorted order, skipping hidden folders (a copy in progress written as
+``.name.tmp-*``), the base, and models already named. A new fine-tune that matches joins the merge
+without editing the recipe.
+
 Relative model paths are resolved against the project root when the recipe belongs to a project (the
 Dagster layer), else against the working directory, then against the recipe's folder.
 Every error names the file and the key.
@@ -22,12 +28,13 @@ Every error names the file and the key.
 
 from __future__ import annotations
 
+import glob as globlib
 import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import params as pmap
 from .checkpoint import parse_dtype
@@ -42,8 +49,16 @@ class _Strict(BaseModel):
 
 
 class InputModel(_Strict):
-    model: str
+    model: Optional[str] = None
+    glob: Optional[str] = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    from_glob: Optional[str] = Field(default=None, exclude=True)   # the pattern this entry came from
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "InputModel":
+        if (self.model is None) == (self.glob is None):
+            raise ValueError("give exactly one of `model` (a path) or `glob` (a pattern)")
+        return self
 
 
 class InputSlice(_Strict):
@@ -80,6 +95,7 @@ class Recipe(_Strict):
     # where the recipe came from, and the project root relative paths are resolved against (not YAML)
     source_path: Optional[Path] = Field(default=None, exclude=True)
     root: Optional[Path] = Field(default=None, exclude=True)
+    _globs: list[str] = []
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -103,6 +119,11 @@ class Recipe(_Strict):
             return p.absolute()
         alt = self.source_path.parent / p
         return alt.absolute() if alt.exists() else p.absolute()
+
+    @property
+    def globs(self) -> list[str]:
+        """The glob patterns the recipe file named (kept after expansion)."""
+        return list(self._globs)
 
     def model_refs(self) -> list[str]:
         """Every model the recipe names, base first, each once."""
@@ -128,7 +149,38 @@ def _fmt_loc(loc: tuple) -> str:
     return out
 
 
-def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path] = None) -> Recipe:
+def expand_globs(recipe: Recipe) -> None:
+    """Replace every `glob` entry of `models` by one `model` entry per matching folder (in place)."""
+    if not recipe.models or all(m.glob is None for m in recipe.models):
+        return
+    base = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
+    named = {recipe.resolve_path(m.model) for m in recipe.models if m.model is not None}
+    out: list[InputModel] = []
+    patterns: list[str] = []
+    for m in recipe.models:
+        if m.glob is None:
+            out.append(m)
+            continue
+        patterns.append(m.glob)
+        pattern = recipe.resolve_path(m.glob)
+        for hit in sorted(globlib.glob(str(pattern))):
+            path = Path(hit)
+            if not path.is_dir() or path.name.startswith(".") or path == base or path.absolute() in named:
+                continue
+            named.add(path.absolute())
+            ref = str(path)
+            if recipe.root is not None:
+                try:
+                    ref = str(path.absolute().relative_to(recipe.root))
+                except ValueError:
+                    pass
+            out.append(InputModel(model=ref, parameters=dict(m.parameters), from_glob=m.glob))
+    recipe.models = out
+    recipe._globs = patterns
+
+
+def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path] = None,
+                 root: Optional[Path] = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe must be a YAML mapping, got {type(data).__name__}")
     try:
@@ -147,11 +199,13 @@ def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path]
     except ValueError as e:  # dtype parse errors surface here in some pydantic paths
         raise RecipeError(f"{where}: {e}") from None
     recipe.source_path = source_path
+    recipe.root = Path(root).absolute() if root is not None else None
+    expand_globs(recipe)
     validate_recipe(recipe)
     return recipe
 
 
-def load_recipe(path: str | os.PathLike) -> Recipe:
+def load_recipe(path: str | os.PathLike, root: Optional[Path] = None) -> Recipe:
     p = Path(path)
     if not p.exists():
         raise RecipeError(f"{p}: recipe file does not exist")
@@ -159,7 +213,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: invalid YAML: {e}") from None
-    return parse_recipe(data, where=str(p), source_path=p.absolute())
+    return parse_recipe(data, where=str(p), source_path=p.absolute(), root=root)
 
 
 def validate_recipe(recipe: Recipe) -> None:
@@ -179,7 +233,7 @@ def validate_recipe(recipe: Recipe) -> None:
         if recipe.slices:
             raise RecipeError(f"{where}: slices: only the passthrough method takes `slices`; "
                               f"{method.name} takes `models`")
-        if not recipe.models:
+        if recipe.models is None:
             raise RecipeError(f"{where}: models: required key is missing (a list of models to merge)")
     if recipe.slices and recipe.models:
         raise RecipeError(f"{where}: give either `slices` or `models`, not both")
@@ -191,8 +245,10 @@ def validate_recipe(recipe: Recipe) -> None:
     if recipe.models is not None:
         n = len(experts)
         if n < method.min_models:
+            hint = "".join(f"; glob {g!r} matched no model folder" for g in recipe.globs
+                           if not any(m.from_glob == g for m in recipe.models))
             raise RecipeError(f"{where}: models: {method.name} needs at least {method.min_models} "
-                              f"model(s) besides the base, got {n}")
+                              f"model(s) besides the base, got {n}{hint}")
         if method.max_models is not None and n > method.max_models:
             raise RecipeError(f"{where}: models: {method.name} takes at most {method.max_models} "
                               f"model(s) besides the base, got {n}")

@@ -9,6 +9,14 @@ triggers nothing. Only then is its content fingerprint computed; if it differs f
 the sensor saw, it requests one run of exactly the assets downstream of that model (its task
 vectors, the merges that use it, their evals, its own baseline eval, the leaderboard), with the
 model's observation in the same run so provenance names the new files.
+
+Globs: a recipe may name experts as `- glob: data/models/math-*`. Each tick the sensor expands the
+globs of every recipe again, so a folder that appears after the definitions loaded is watched like
+any other (a folder first seen after the sensor's first tick counts as new, complete or not: it
+triggers once it has settled). Its run rebuilds the recipes whose globs match it; the merge step
+expands the glob again at run time and builds the newcomer's task vector inside the step, under the
+same cache key that the expert's own task_vector asset finds once the code location is reloaded
+(Reload in the UI, or a restart of `dagster dev`) and the graph shows it.
 """
 
 import json
@@ -20,9 +28,9 @@ from typing import Optional
 import dagster as dg
 
 from ..core.checkpoint import Checkpoint
-from ..core.errors import CheckpointError
+from ..core.errors import CheckpointError, MergeDagError
 from ..core.fingerprint import checkpoint_fingerprint
-from ..project import Project
+from ..project import ModelSource, Project, RecipeSpec, current_spec
 
 SENSOR_NAME = "checkpoint_sensor"
 SCHEDULE_NAME = "nightly_rebuild"
@@ -42,11 +50,43 @@ def is_complete_checkpoint(path: Path) -> bool:
         return False
 
 
+def _members(spec: RecipeSpec) -> set[str]:
+    return {m.name for m in ([spec.base] if spec.base else []) + spec.experts}
+
+
+def _now(project: Project, spec: RecipeSpec) -> RecipeSpec | None:
+    """The recipe with its globs expanded against the disk now (None if the file is broken now)."""
+    try:
+        return current_spec(project, spec)
+    except (MergeDagError, OSError):
+        return None
+
+
+def watched_models(project: Project) -> dict[str, ModelSource]:
+    """The models the recipes name: those the definitions know, plus new matches of their globs."""
+    out = dict(project.models)
+    for spec in project.recipes.values():
+        if spec.recipe.globs and (now := _now(project, spec)) is not None:
+            for m in now.experts:
+                out.setdefault(m.name, m)
+    return out
+
+
+def recipes_using(project: Project, model: str) -> list[RecipeSpec]:
+    out = []
+    for spec in project.recipes.values():
+        if model in _members(spec):
+            out.append(spec)
+        elif spec.recipe.globs and (now := _now(project, spec)) is not None and model in _members(now):
+            out.append(spec)
+    return out
+
+
 def affected_keys(project: Project, model: str) -> list[dg.AssetKey]:
-    """Every asset downstream of model `model`, with the model's own source key first."""
-    keys = [["model", model]]
-    recipes = [s for s in project.recipes.values()
-               if any(m.name == model for m in ([s.base] if s.base else []) + s.experts)]
+    """Every asset downstream of model `model`, with the model's own source key first (a new glob
+    match has no asset of its own yet: its recipes' merges, evals and the leaderboard)."""
+    keys = [["model", model]] if model in project.models else []
+    recipes = recipes_using(project, model)
     for tv, (base, expert) in project.task_vectors.items():
         if model in (base.name, expert.name):
             keys.append(["task_vector", tv])
@@ -62,15 +102,22 @@ def affected_keys(project: Project, model: str) -> list[dg.AssetKey]:
 
 
 def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: float) -> tuple[list[str], dict]:
-    """One tick of the sensor's logic (pure, so tests can drive it): which models to rebuild."""
+    """One tick of the sensor's logic (pure, so tests can drive it): which models to rebuild.
+
+    On the first tick (empty cursor) every folder is remembered as it is and nothing is rebuilt;
+    afterwards a folder never seen before is new: it triggers once settled and complete."""
     out: list[str] = []
     state = dict(cursor)
-    for name, m in sorted(project.models.items()):
+    first_tick = not cursor
+    for name, m in sorted(watched_models(project).items()):
         sig = folder_signature(m.path)
         prev = state.get(name)
-        if prev is None:  # first sight: remember it as it is, rebuild nothing
-            fp = checkpoint_fingerprint(m.path) if sig and is_complete_checkpoint(m.path) else None
-            state[name] = {"sig": sig, "since": now, "fp": fp}
+        if prev is None:
+            if first_tick:  # baseline: remember it as it is, rebuild nothing
+                fp = checkpoint_fingerprint(m.path) if sig and is_complete_checkpoint(m.path) else None
+                state[name] = {"sig": sig, "since": now, "fp": fp}
+            else:  # a folder that appeared since: wait for it to settle, then build it
+                state[name] = {"sig": sig, "since": now, "fp": None}
             continue
         if sig != prev["sig"]:  # changed since the last tick: (re)start the settle clock
             state[name] = {"sig": sig, "since": now, "fp": prev.get("fp")}

@@ -22,9 +22,9 @@ def run(args: argparse.Namespace) -> int:
     if args.device:
         os.environ["MERGE_DAG_DEVICE"] = args.device
     t0 = time.perf_counter()
-    from ..zoo import build_zoo
+    from ..zoo.build import build_zoo
 
-    build_zoo(size=args.size, out=root / "data" / "models", progress=True)
+    build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data")
     t_zoo = time.perf_counter() - t0
 
     ensure_dagster_home(root)
@@ -39,12 +39,16 @@ def run(args: argparse.Namespace) -> int:
         result = job.execute_in_process(instance=instance, raise_on_error=True)
     t_run = time.perf_counter() - t1
     resource = defs.resources["merge_dag"]
+    from datetime import datetime, timezone
+
+    resource.lineage().record_run(run_id=result.run_id, finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
+                                  status="success" if result.success else "failure", job=ALL_JOB)
     summary = resource.lineage().run_summary(result.run_id)
-    board = resource.store().root / "leaderboard"
-    latest = max(board.glob("leaderboard-*/leaderboard.md"), key=lambda p: p.stat().st_mtime, default=None)
-    if latest is not None:
-        print("\nLeaderboard\n")
-        print(latest.read_text())
+    for event in result.get_asset_materialization_events():
+        mat = event.event_specific_data.materialization
+        if mat.asset_key.path == ["leaderboard"]:
+            print("\nLeaderboard\n")
+            print((Path(mat.metadata["path"].value) / "leaderboard.md").read_text())
     print(f"run {result.run_id[:8]}: {summary}")
     print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
     print(f"lineage: {resource.database()}  (try: merge-dag audit <recipe name>)")

@@ -55,9 +55,19 @@ def upstream(context: dg.AssetExecutionContext, key: list[str]) -> dict[str, Any
     return {k: md[k].value for k in ("artifact_id", "key", "path") if k in md}
 
 
-def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str, code_version: str,
-             settings: dict[str, Any], inputs: list[Input], build: Callable[[Path, Artifact], dict[str, Any]],
-             metadata: Callable[[Artifact, dict[str, Any]], dict[str, Any]] | None = None) -> dg.MaterializeResult:
+@dataclass
+class Outcome:
+    artifact: Artifact
+    key: str
+    event: str                 # materialized | cache_hit
+    info: dict[str, Any]
+    seconds: float
+
+
+def cached_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str,
+                code_version: str, settings: dict[str, Any], inputs: list[Input],
+                build: Callable[[Path, Artifact], dict[str, Any]]) -> Outcome:
+    """Build (or find) one content-addressed artifact and record it in lineage; no Dagster event."""
     key = artifact_key(kind, code_version, settings, {f"{i.role}:{n}": i.version for n, i in enumerate(inputs)})
     art = res.store().artifact(kind, name, key)
     t0 = time.perf_counter()
@@ -76,7 +86,7 @@ def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: 
         event = "materialized"
         context.log.info(f"{kind}/{name}: built {art.id} in {time.perf_counter() - t0:.1f} s")
     seconds = time.perf_counter() - t0
-    run_id = context.run_id
+    run_id = context.run.run_id
     ops: list[tuple[str, dict]] = [
         ("record_artifact", dict(artifact_id=art.id, kind=kind, name=name, key_hash=key, path=str(art.path),
                                  bytes=art.size_bytes(), code_version=code_version, params=settings, run_id=run_id,
@@ -90,6 +100,16 @@ def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: 
         ops.append(("record_metric", dict(artifact_id=art.id, task=task, metric=metric, value=value, stderr=stderr,
                                           n=n, model=info.get("model"))))
     res.lineage().record_batch(ops)
+    return Outcome(art, key, event, info, seconds)
+
+
+def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str, code_version: str,
+             settings: dict[str, Any], inputs: list[Input], build: Callable[[Path, Artifact], dict[str, Any]],
+             metadata: Callable[[Artifact, dict[str, Any]], dict[str, Any]] | None = None) -> dg.MaterializeResult:
+    """cached_step, reported to Dagster: data version = the key, metadata for the UI."""
+    out = cached_step(context, res, kind=kind, name=name, code_version=code_version, settings=settings,
+                      inputs=inputs, build=build)
+    art, key, event, info, seconds = out.artifact, out.key, out.event, out.info, out.seconds
     md: dict[str, Any] = {
         "artifact_id": art.id,
         "key": key,

@@ -12,10 +12,11 @@ from ...core.checkpoint import Checkpoint
 from ...core.engine import execute, plan_merge
 from ...core.fingerprint import checkpoint_fingerprint
 from ...core.version import code_version
-from ...project import Project, RecipeSpec
+from ...project import Project, RecipeSpec, current_spec
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, source_id, upstream
 from .sources import recipe_fingerprint
+from .task_vectors import task_vector_inline
 
 GROUP = "merges"
 
@@ -25,6 +26,13 @@ def _tv_name(project: Project, spec: RecipeSpec, expert) -> str:
         if b == spec.base and e == expert:
             return name
     raise KeyError(expert.name)
+
+
+def _known_tv(project: Project, spec: RecipeSpec, expert) -> str | None:
+    try:
+        return _tv_name(project, spec, expert)
+    except KeyError:
+        return None
 
 
 def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
@@ -39,24 +47,31 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
               kinds={"pytorch", "safetensors"},
               description=f"{spec.recipe.merge_method} merge of {len(spec.experts)} model(s), recipe {spec.file.name}.")
     def _merged(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        rfp = recipe_fingerprint(spec)
+        now = current_spec(project, spec)  # edits and new glob matches count now, not at the next reload
+        rfp = recipe_fingerprint(now)
         inputs = [Input("recipe", source_id("recipe", rfp), rfp)]
         tvs = {}
-        if spec.base is not None:
-            fb = checkpoint_fingerprint(spec.base.path)
+        if now.base is not None:
+            fb = checkpoint_fingerprint(now.base.path)
             inputs.append(Input("base", source_id("model", fb), fb))
-        for e in spec.experts:
-            if spec.uses_task_vectors:
-                up = upstream(context, ["task_vector", _tv_name(project, spec, e)])
+        for e in now.experts:
+            tv = _known_tv(project, now, e) if now.uses_task_vectors else None
+            if tv is not None:
+                up = upstream(context, ["task_vector", tv])
                 inputs.append(Input("expert", up["artifact_id"], up["key"]))
                 tvs[e.ref] = up["path"]
+            elif now.uses_task_vectors:  # an expert the graph does not show yet (e.g. a new glob match)
+                context.log.info(f"{e.ref}: not in the loaded graph yet; its task vector is built in this step")
+                out = task_vector_inline(context, merge_dag, e.name, now.base, e)
+                inputs.append(Input("expert", out.artifact.id, out.key))
+                tvs[e.ref] = str(out.artifact.path)
             else:
                 fe = checkpoint_fingerprint(e.path)
                 inputs.append(Input("expert", source_id("model", fe), fe))
-        settings = {"recipe": spec.recipe.to_yaml_dict()}
+        settings = {"recipe": now.recipe.to_yaml_dict()}
 
         def build(tmp, art):
-            plan = plan_merge(spec.recipe, device=merge_dag.device, task_vectors=tvs)
+            plan = plan_merge(now.recipe, device=merge_dag.device, task_vectors=tvs)
             res = execute(plan, tmp, progress=False, card_extra={"artifact_id": art.id, "name": spec.name})
             return {"tensor_count": res.tensor_count, "bytes": res.bytes, "method": res.method,
                     "seconds": res.seconds, "input_fingerprints": res.fingerprints,
@@ -64,7 +79,8 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
 
         def meta(art, info):
             return {
-                "method": spec.recipe.merge_method,
+                "method": now.recipe.merge_method,
+                "experts": dg.MetadataValue.json([e.ref for e in now.experts]),
                 "parameters": dg.MetadataValue.json(settings["recipe"]),
                 "tensor_count": info.get("tensor_count"),
                 "bytes": info.get("bytes"),

@@ -14,7 +14,7 @@ import json
 import dagster as dg
 
 from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
-from ...project import ModelSource, Project, RecipeSpec
+from ...project import ModelSource, Project, RecipeSpec, current_spec
 from ..resources import MergeDagResource
 from ..steps import record_source
 
@@ -39,7 +39,7 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = checkpoint_fingerprint(m.path)
         nbytes = sum(f.stat().st_size for f in m.path.glob("*.safetensors"))
-        record_source(merge_dag, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=context.run_id,
+        record_source(merge_dag, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=context.run.run_id,
                       nbytes=nbytes)
         return dg.ObserveResult(data_version=dg.DataVersion(fp),
                                 metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(m.path)),
@@ -48,12 +48,12 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
     return _observe
 
 
-def recipe_source_asset(spec: RecipeSpec) -> dg.AssetsDefinition:
+def recipe_source_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
     @dg.observable_source_asset(key=["recipe", spec.name], group_name=GROUP,
                                 description=f"Recipe file {spec.file}")
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
-        fp = recipe_fingerprint(spec)
-        record_source(merge_dag, kind="recipe", name=spec.name, fingerprint=fp, path=spec.file, run_id=context.run_id)
+        fp = recipe_fingerprint(current_spec(project, spec))  # the file as it is now, globs expanded
+        record_source(merge_dag, kind="recipe", name=spec.name, fingerprint=fp, path=spec.file, run_id=context.run.run_id)
         return dg.ObserveResult(data_version=dg.DataVersion(fp),
                                 metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(spec.file)),
                                           "method": spec.recipe.merge_method})
@@ -67,7 +67,7 @@ def tasks_source_asset(project: Project) -> dg.AssetsDefinition:
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = tasks_fingerprint(project)
         record_source(merge_dag, kind="tasks", name="eval_tasks", fingerprint=fp, path=project.root / "data" / "tasks",
-                      run_id=context.run_id)
+                      run_id=context.run.run_id)
         return dg.ObserveResult(data_version=dg.DataVersion(fp), metadata={"fingerprint": fp})
 
     return _observe
@@ -75,7 +75,7 @@ def tasks_source_asset(project: Project) -> dg.AssetsDefinition:
 
 def source_assets(project: Project) -> list[dg.AssetsDefinition]:
     out = [model_source_asset(m) for m in project.models.values()]
-    out += [recipe_source_asset(s) for s in project.recipes.values()]
+    out += [recipe_source_asset(project, s) for s in project.recipes.values()]
     if any(s.evals for s in project.recipes.values()):
         out.append(tasks_source_asset(project))
     return out

@@ -9,33 +9,43 @@ from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, run_step, source_id
+from ..steps import Input, Outcome, cached_step, run_step, source_id
 
 GROUP = "task_vectors"
+CODE = code_version("core/task_vector.py", "core/checkpoint.py")
+
+
+def _step_args(merge_dag: MergeDagResource, name: str, base: ModelSource, expert: ModelSource) -> dict:
+    fb, fe = checkpoint_fingerprint(base.path), checkpoint_fingerprint(expert.path)
+    inputs = [Input("base", source_id("model", fb), fb), Input("expert", source_id("model", fe), fe)]
+
+    def build(tmp, art):
+        r = compute_task_vector(base.path, expert.path, tmp, device=merge_dag.device)
+        return {"tensor_count": r.tensor_count, "bytes": r.bytes, "l2_norm": r.l2_norm,
+                "per_layer_norm": r.per_layer_norm, "seconds": r.seconds}
+
+    return dict(kind="task_vector", name=name, code_version=CODE, settings={"dtype": "float32"},
+                inputs=inputs, build=build)
+
+
+def task_vector_inline(context: dg.AssetExecutionContext, merge_dag: MergeDagResource, name: str,
+                       base: ModelSource, expert: ModelSource) -> Outcome:
+    """The task vector of an expert the definitions do not know yet (a new glob match), built inside
+    the step that needs it under the same cache key its own asset will find after a reload."""
+    return cached_step(context, merge_dag, **_step_args(merge_dag, name, base, expert))
 
 
 def task_vector_asset(name: str, base: ModelSource, expert: ModelSource) -> dg.AssetsDefinition:
-    code = code_version("core/task_vector.py", "core/checkpoint.py")
-
     @dg.asset(key=["task_vector", name], deps=[["model", base.name], ["model", expert.name]], group_name=GROUP,
-              code_version=code, pool=torch_pool(), kinds={"pytorch", "safetensors"},
+              code_version=CODE, pool=torch_pool(), kinds={"pytorch", "safetensors"},
               description=f"Task vector of {expert.ref} over {base.ref} (float32).")
     def _tv(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        fb, fe = checkpoint_fingerprint(base.path), checkpoint_fingerprint(expert.path)
-        inputs = [Input("base", source_id("model", fb), fb), Input("expert", source_id("model", fe), fe)]
-
-        def build(tmp, art):
-            r = compute_task_vector(base.path, expert.path, tmp, device=merge_dag.device)
-            return {"tensor_count": r.tensor_count, "bytes": r.bytes, "l2_norm": r.l2_norm,
-                    "per_layer_norm": r.per_layer_norm, "seconds": r.seconds}
-
         def meta(art, info):
             rows = "\n".join(f"| {k} | {v:.5f} |" for k, v in info.get("per_layer_norm", {}).items())
             return {"tensor_count": info.get("tensor_count"), "l2_norm": info.get("l2_norm"),
                     "per_layer_norm": dg.MetadataValue.md("| tensor group | L2 norm |\n|---|---|\n" + rows)}
 
-        return run_step(context, merge_dag, kind="task_vector", name=name, code_version=code,
-                        settings={"dtype": "float32"}, inputs=inputs, build=build, metadata=meta)
+        return run_step(context, merge_dag, metadata=meta, **_step_args(merge_dag, name, base, expert))
 
     return _tv
 
