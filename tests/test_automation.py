@@ -26,7 +26,7 @@ merge_method: task_arithmetic
 base_model: data/models/base
 models: [{model: data/models/a}, {model: data/models/b}]
 parameters: {weight: 1.0, lambda: 0.5}
-evals: [zoo_add]
+evals: [zoo_arev]
 """,
     "other": """
 name: other

@@ -20,28 +20,28 @@ from merge_dag.lineage.store import LineageStore
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL_LIMIT = 12
-TASKS = ["add", "rev", "sort"]
+TASKS = ["arev", "ashift", "sort"]
 
 TA = """
 name: ta
 merge_method: task_arithmetic
 base_model: data/models/ci/base
 models:
-  - model: data/models/ci/add
-  - model: data/models/ci/rev
+  - model: data/models/ci/arev
+  - model: data/models/ci/ashift
   - model: data/models/ci/sort
 parameters: {weight: 1.0, lambda: 0.5}
-evals: [zoo_add, zoo_rev, zoo_sort]
+evals: [zoo_arev, zoo_ashift, zoo_sort]
 """
 TIES = """
 name: ties
 merge_method: ties
 base_model: data/models/ci/base
 models:
-  - model: data/models/ci/add
+  - model: data/models/ci/arev
   - model: data/models/ci/sort
 parameters: {weight: 1.0, density: 0.5}
-evals: [zoo_add, zoo_sort]
+evals: [zoo_arev, zoo_sort]
 """
 
 
@@ -49,7 +49,7 @@ evals: [zoo_add, zoo_sort]
 def project(tmp_path_factory, ci_zoo):
     root = tmp_path_factory.mktemp("project")
     src = ROOT / "data" / "models" / "ci"
-    for name in ("base", "add", "rev", "sort"):
+    for name in ("base", "arev", "ashift", "sort"):
         shutil.copytree(src / name, root / "data" / "models" / "ci" / name)
     for folder in ("tasks", "eval"):
         shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
@@ -81,10 +81,10 @@ def hits(root: Path, run_id: str) -> set[str]:
 
 
 ALL_BUILT = {
-    "task_vector/ci_add", "task_vector/ci_rev", "task_vector/ci_sort",
+    "task_vector/ci_arev", "task_vector/ci_ashift", "task_vector/ci_sort",
     "merged/ta", "merged/ties",
     "eval/merged_ta", "eval/merged_ties",
-    "eval/model_ci_base", "eval/model_ci_add", "eval/model_ci_rev", "eval/model_ci_sort",
+    "eval/model_ci_base", "eval/model_ci_arev", "eval/model_ci_ashift", "eval/model_ci_sort",
     "leaderboard/leaderboard",
 }
 
@@ -111,7 +111,7 @@ def test_first_run_builds_every_artifact_and_checks_pass(project, first_run):
     assert merged["tensor_count"].value > 0 and merged["bytes"].value > 0
     board = mats[("leaderboard",)].metadata["leaderboard"].value
     assert {r.data["model"] for r in board.records} == {
-        "merged/ta", "merged/ties", "model/ci_base", "model/ci_add", "model/ci_rev", "model/ci_sort"}
+        "merged/ta", "merged/ties", "model/ci_base", "model/ci_arev", "model/ci_ashift", "model/ci_sort"}
 
 
 def test_merged_asset_equals_direct_engine_merge(project, first_run, tmp_path):
@@ -146,7 +146,7 @@ def test_audit_names_the_right_fingerprints(project, first_run):
     store = LineageStore(project / "data" / "lineage.duckdb")
     art = store.find("ta")
     text = audit(store, art["path"])  # a folder found on disk, traced through its model card
-    for name in ("base", "add", "rev", "sort"):
+    for name in ("base", "arev", "ashift", "sort"):
         assert checkpoint_fingerprint(project / "data" / "models" / "ci" / name) in text
     assert "task_arithmetic" in text and "lambda" in text
     card = json.loads((Path(art["path"]) / "merge_dag.json").read_text())
@@ -155,14 +155,14 @@ def test_audit_names_the_right_fingerprints(project, first_run):
 
 def test_changing_one_expert_rebuilds_exactly_its_dependents(project, instance, first_run):
     run_all(project, instance)  # make sure the starting point is fully built
-    shard = next((project / "data" / "models" / "ci" / "rev").glob("*.safetensors"))
+    shard = next((project / "data" / "models" / "ci" / "ashift").glob("*.safetensors"))
     state = load_file(str(shard))
     name = next(n for n in state if n.endswith("mlp.up_proj.weight"))
     state[name] = state[name] + 0.01
     save_file(state, str(shard), metadata={"format": "pt"})
     after = run_all(project, instance)
     assert built(project, after.run_id) == {
-        "task_vector/ci_rev", "merged/ta", "eval/merged_ta", "eval/model_ci_rev", "leaderboard/leaderboard"}
+        "task_vector/ci_ashift", "merged/ta", "eval/merged_ta", "eval/model_ci_ashift", "leaderboard/leaderboard"}
     assert hits(project, after.run_id) == ALL_BUILT - built(project, after.run_id)
 
 
@@ -205,3 +205,16 @@ def test_multiprocess_executor_writes_lineage_without_loss(project, instance, fi
     parallel = {tuple(m.asset_key.path): m.metadata["key"].value
                 for m in (e.asset_materialization for e in result.all_events if e.is_step_materialization)}
     assert parallel == reference
+    # and the merged checkpoints, rebuilt from scratch in other processes, hold the same tensors
+    fp = {tuple(m.asset_key.path): m.metadata["output_fingerprint"].value
+          for m in (e.asset_materialization for e in result.all_events if e.is_step_materialization)
+          if m.asset_key.path[0] == "merged"}
+    assert set(fp) == {("merged", "ta"), ("merged", "ties")}
+    for (_, name), value in fp.items():
+        assert value == checkpoint_fingerprint(Path(store.find(name)["path"]))
+        assert value == first_run_fingerprints(project)[name]
+
+
+def first_run_fingerprints(project: Path) -> dict[str, str]:
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    return {name: checkpoint_fingerprint(Path(store.find(name)["path"])) for name in ("ta", "ties")}

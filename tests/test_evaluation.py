@@ -22,8 +22,8 @@ LIMIT = 24
 
 def test_eval_record_fields():
     assert [f.name for f in dataclasses.fields(EvalRecord)] == ["task", "metric", "value", "stderr", "n"]
-    r = EvalRecord("zoo_rev", "exact_match", 0.5, 0.1, 10)
-    assert r.to_dict() == {"task": "zoo_rev", "metric": "exact_match", "value": 0.5, "stderr": 0.1, "n": 10}
+    r = EvalRecord("zoo_arev", "exact_match", 0.5, 0.1, 10)
+    assert r.to_dict() == {"task": "zoo_arev", "metric": "exact_match", "value": 0.5, "stderr": 0.1, "n": 10}
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.value = 1.0
 
@@ -57,14 +57,14 @@ def test_render_tasks_makes_data_paths_absolute(tmp_path):
         cfg = read_task_yaml(path)
         p = Path(cfg["dataset_kwargs"]["data_files"]["test"])
         assert p.is_absolute() and p.is_file()
-    ll = (tmp_path / f"{ll_task_name('rev')}.yaml").read_text()
+    ll = (tmp_path / f"{ll_task_name('arev')}.yaml").read_text()
     assert "!function" in ll and "merge_dag.evaluation.metrics.process_loglikelihood" in ll
 
 
 def test_render_names_the_file_and_key_of_a_missing_data_file(tmp_path):
     src = tmp_path / "tasks"
     src.mkdir()
-    cfg = json.loads(json.dumps(read_task_yaml(ROOT / "data" / "tasks" / "zoo_rev.yaml")))
+    cfg = json.loads(json.dumps(read_task_yaml(ROOT / "data" / "tasks" / "zoo_arev.yaml")))
     cfg["dataset_kwargs"]["data_files"]["test"] = "../eval/missing.jsonl"
     (src / "broken.yaml").write_text(json.dumps(cfg))
     with pytest.raises(FileNotFoundError, match=r"broken\.yaml: dataset_kwargs\.data_files\.test.*missing\.jsonl"):
@@ -76,7 +76,7 @@ def test_render_names_the_file_and_key_of_a_missing_data_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def expert(ci_zoo):
-    return Path(ci_zoo.models["rev"])
+    return Path(ci_zoo.models["arev"])
 
 
 def _by_key(records):
@@ -84,22 +84,22 @@ def _by_key(records):
 
 
 def test_evaluate_folder_returns_typed_records(expert):
-    recs = evaluate(expert, ["zoo_rev", "zoo_rev_ll"], limit=LIMIT)
+    recs = evaluate(expert, ["zoo_arev", "zoo_arev_ll"], limit=LIMIT)
     assert all(isinstance(r, EvalRecord) for r in recs)
     got = _by_key(recs)
-    assert set(got) == {("zoo_rev", "exact_match"), ("zoo_rev_ll", "acc"), ("zoo_rev_ll", "logprob")}
+    assert set(got) == {("zoo_arev", "exact_match"), ("zoo_arev_ll", "acc"), ("zoo_arev_ll", "logprob")}
     for r in recs:
         assert isinstance(r.value, float) and r.n == LIMIT
         assert r.stderr is None or isinstance(r.stderr, float)
-    assert 0.0 <= got[("zoo_rev", "exact_match")].value <= 1.0
-    assert got[("zoo_rev_ll", "logprob")].value < 0.0
-    assert got[("zoo_rev_ll", "logprob")].stderr is not None
+    assert 0.0 <= got[("zoo_arev", "exact_match")].value <= 1.0
+    assert got[("zoo_arev_ll", "logprob")].value < 0.0
+    assert got[("zoo_arev_ll", "logprob")].stderr is not None
 
 
 def test_evaluate_folder_and_in_memory_give_the_same_numbers(expert):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tasks = ["zoo_rev", "zoo_sort_ll"]
+    tasks = ["zoo_arev", "zoo_sort_ll"]
     from_folder = evaluate(expert, tasks, limit=LIMIT)
     model = AutoModelForCausalLM.from_pretrained(expert)
     tok = AutoTokenizer.from_pretrained(expert)
@@ -130,11 +130,11 @@ def test_metrics_equal_a_manual_computation(expert):
 
     model = AutoModelForCausalLM.from_pretrained(expert).eval()
     tok = AutoTokenizer.from_pretrained(expert)
-    rows = eval_rows("rev")[:LIMIT]
-    got = _by_key(evaluate(model, ["zoo_rev", "zoo_rev_ll"], tokenizer=tok, limit=LIMIT))
+    rows = eval_rows("arev")[:LIMIT]
+    got = _by_key(evaluate(model, ["zoo_arev", "zoo_arev_ll"], tokenizer=tok, limit=LIMIT))
     gens = _manual_greedy(model, tok, rows)
     em = sum(g == r["answer"] for g, r in zip(gens, rows)) / len(rows)
-    assert got[("zoo_rev", "exact_match")].value == pytest.approx(em)
+    assert got[("zoo_arev", "exact_match")].value == pytest.approx(em)
     lps, greedy = [], []
     with torch.no_grad():
         for r in rows:
@@ -144,8 +144,8 @@ def test_metrics_equal_a_manual_computation(expert):
             steps = logp[len(p) - 1:len(p) - 1 + len(a)]
             lps.append(float(steps[torch.arange(len(a)), torch.tensor(a)].sum()))
             greedy.append(bool((steps.argmax(-1) == torch.tensor(a)).all()))
-    assert got[("zoo_rev_ll", "logprob")].value == pytest.approx(sum(lps) / len(lps), abs=1e-3)
-    assert got[("zoo_rev_ll", "acc")].value == pytest.approx(sum(greedy) / len(greedy))
+    assert got[("zoo_arev_ll", "logprob")].value == pytest.approx(sum(lps) / len(lps), abs=1e-3)
+    assert got[("zoo_arev_ll", "acc")].value == pytest.approx(sum(greedy) / len(greedy))
 
 
 def test_evaluate_is_deterministic_and_independent_of_cwd(expert, tmp_path, monkeypatch):
@@ -161,7 +161,7 @@ def test_tags_run_every_skill(expert):
 
 def test_other_lm_eval_tasks_pass_through(expert, tmp_path):
     """A task outside data/tasks (here a YAML path of the user's) is handed to lm-eval as is."""
-    rows = [{"q": r["prompt"], "a": r["answer"]} for r in eval_rows("rev")[:6]]
+    rows = [{"q": r["prompt"], "a": r["answer"]} for r in eval_rows("arev")[:6]]
     data = tmp_path / "mine.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     yaml_path = tmp_path / "my_task.yaml"
@@ -176,24 +176,24 @@ def test_other_lm_eval_tasks_pass_through(expert, tmp_path):
 
 def test_bad_input_is_named(expert, tmp_path):
     with pytest.raises(EvaluationError, match="no config.json"):
-        evaluate(tmp_path, ["zoo_rev"])
+        evaluate(tmp_path, ["zoo_arev"])
     with pytest.raises(EvaluationError, match="non-empty list"):
         evaluate(expert, [])
     with pytest.raises(EvaluationError, match="limit"):
-        evaluate(expert, ["zoo_rev"], limit=0)
+        evaluate(expert, ["zoo_arev"], limit=0)
     with pytest.raises(EvaluationError, match="folder path or a transformers model"):
-        evaluate(object(), ["zoo_rev"])
+        evaluate(object(), ["zoo_arev"])
 
 
 @pytest.mark.slow
 def test_unknown_task_is_named(expert):
     with pytest.raises(EvaluationError, match="no_such_task_xyz"):
-        evaluate(expert, ["zoo_rev", "no_such_task_xyz"])
+        evaluate(expert, ["zoo_arev", "no_such_task_xyz"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_evaluate_on_gpu_matches_cpu(expert):
-    cpu = _by_key(evaluate(expert, ["zoo_rev", "zoo_rev_ll"], limit=LIMIT))
-    gpu = _by_key(evaluate(expert, ["zoo_rev", "zoo_rev_ll"], limit=LIMIT, device="cuda"))
-    assert gpu[("zoo_rev", "exact_match")].value == pytest.approx(cpu[("zoo_rev", "exact_match")].value, abs=0.05)
-    assert gpu[("zoo_rev_ll", "logprob")].value == pytest.approx(cpu[("zoo_rev_ll", "logprob")].value, abs=0.05)
+    cpu = _by_key(evaluate(expert, ["zoo_arev", "zoo_arev_ll"], limit=LIMIT))
+    gpu = _by_key(evaluate(expert, ["zoo_arev", "zoo_arev_ll"], limit=LIMIT, device="cuda"))
+    assert gpu[("zoo_arev", "exact_match")].value == pytest.approx(cpu[("zoo_arev", "exact_match")].value, abs=0.05)
+    assert gpu[("zoo_arev_ll", "logprob")].value == pytest.approx(cpu[("zoo_arev_ll", "logprob")].value, abs=0.05)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .skills import DATA_SEED, ZOO_SKILLS, get_skill, write_data_files
+from .skills import BASE_SKILLS, DATA_SEED, ZOO_SKILLS, get_skill, write_data_files
 from .train import ModelShape, TrainSpec, deterministic, new_model, train
 
 ZOO_FORMAT = 1           # bump when training code changes what a setting produces
@@ -46,10 +46,16 @@ class ZooSettings:
     seed: int = 0
     data_seed: int = DATA_SEED
     threads: int = 1
+    base_skills: tuple[str, ...] = ()   # the base's pretraining mixture (empty: `skills`)
+
+    @property
+    def pretrain_skills(self) -> tuple[str, ...]:
+        return self.base_skills or self.skills
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skills"] = list(self.skills)
+        d["base_skills"] = list(self.base_skills)
         return d
 
     def key(self) -> str:
@@ -61,20 +67,24 @@ class ZooSettings:
 
 
 _SHAPE_CI = ModelShape(hidden=128, layers=4, heads=4, intermediate=352)
+# The base sees only short inputs (long_fraction 0): it half-knows every skill (right on short
+# inputs, mostly wrong on long ones); each expert fine-tunes on its skill at every length with a
+# low learning rate and few steps, so task vectors stay small.
 SIZES: dict[str, ZooSettings] = {
     "ci": ZooSettings(
-        size="ci", skills=ZOO_SKILLS, shape=_SHAPE_CI,
-        base=TrainSpec(steps=500, lr=3e-3, batch_size=64, warmup=50),
-        expert=TrainSpec(steps=100, lr=1e-3, batch_size=64),
+        size="ci", skills=ZOO_SKILLS, base_skills=BASE_SKILLS, shape=_SHAPE_CI,
+        base=TrainSpec(steps=500, lr=3e-3, batch_size=64, warmup=50, long_fraction=0.0),
+        expert=TrainSpec(steps=100, lr=3e-4, batch_size=64),
     ),
     "bench": ZooSettings(
-        size="bench", skills=ZOO_SKILLS, shape=ModelShape(hidden=192, layers=6, heads=6, intermediate=528),
-        base=TrainSpec(steps=2000, lr=2e-3, batch_size=64, warmup=100),
-        expert=TrainSpec(steps=300, lr=5e-4, batch_size=64),
+        size="bench", skills=ZOO_SKILLS, base_skills=BASE_SKILLS,
+        shape=ModelShape(hidden=192, layers=6, heads=6, intermediate=528),
+        base=TrainSpec(steps=1500, lr=2e-3, batch_size=64, warmup=100, long_fraction=0.0),
+        expert=TrainSpec(steps=200, lr=2e-4, batch_size=64),
     ),
     # a few seconds: for tests of the build machinery itself (determinism, layout), not quality
     "test": ZooSettings(
-        size="test", skills=ZOO_SKILLS, shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
+        size="test", skills=ZOO_SKILLS, base_skills=BASE_SKILLS, shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
         base=TrainSpec(steps=6, lr=3e-3, batch_size=16, warmup=2),
         expert=TrainSpec(steps=3, lr=1e-3, batch_size=16),
     ),
@@ -203,8 +213,11 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
     None skips them). ``settings`` overrides the preset of ``size`` (tests use small ones).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between the training lines
     st = settings if settings is not None else get_settings(size)
-    for s in st.skills:
+    for s in st.pretrain_skills + st.skills:
         get_skill(s)
     root = (Path(out) / st.size).absolute()
     t0 = time.perf_counter()
@@ -236,9 +249,11 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
             t = time.perf_counter()
             model = new_model(st.shape, st.seed)
             n_params = sum(p.numel() for p in model.parameters())
-            _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on {len(st.skills)} skills")
-            log = train(model, st.skills, st.base, seed=st.seed + 1, label="base", progress=progress)
-            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base", "skills": list(st.skills),
+            short = " (short inputs only)" if st.base.long_fraction == 0 else ""
+            _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
+                           f"{', '.join(st.pretrain_skills)}{short}")
+            log = train(model, st.pretrain_skills, st.base, seed=st.seed + 1, label="base", progress=progress)
+            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base", "skills": list(st.pretrain_skills),
                                                  "seed": st.seed, "train": _stable(log)})
             seconds["base"] = round(time.perf_counter() - t, 2)
         for skill in st.skills:

@@ -111,6 +111,31 @@ def _swap(rng: random.Random, n: int) -> tuple[str, str]:
     return f"swap:{s}=", "".join(s[i + 1] + s[i] for i in range(0, len(s), 2))
 
 
+# disjoint alphabets: each of these skills reads and writes its own 8 letters (sort: digits), so
+# fine-tuning one touches the embeddings of its own tokens only
+ALPHA_REV, ALPHA_SHIFT, ALPHA_SWAP = LETTERS[0:8], LETTERS[8:16], LETTERS[16:24]
+
+
+def _in(alpha: str, rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(alpha) for _ in range(n))
+
+
+def _arev(rng: random.Random, n: int) -> tuple[str, str]:
+    s = _in(ALPHA_REV, rng, n)
+    return f"arev:{s}=", s[::-1]
+
+
+def _ashift(rng: random.Random, n: int) -> tuple[str, str]:
+    s = _in(ALPHA_SHIFT, rng, n)
+    a = ALPHA_SHIFT
+    return f"ashift:{s}=", "".join(a[(a.index(c) + 1) % len(a)] for c in s)
+
+
+def _aswap(rng: random.Random, n: int) -> tuple[str, str]:
+    s = _in(ALPHA_SWAP, rng, 2 * n)
+    return f"aswap:{s}=", "".join(s[i + 1] + s[i] for i in range(0, len(s), 2))
+
+
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in [
@@ -123,11 +148,19 @@ SKILLS: dict[str, Skill] = {
         Skill("rot", "rotate letters left by one: rot:abcd= -> bcda", _rot, (3, 9), (3, 6), 9),
         Skill("dup", "double each letter: dup:abc= -> aabbcc", _dup, (2, 5), (2, 3), 10),
         Skill("swap", "swap letter pairs: swap:abcd= -> badc", _swap, (2, 5), (2, 3), 10),
+        Skill("arev", "reverse letters a-h: arev:abcd= -> dcba", _arev, (3, 9), (3, 6), 9),
+        Skill("ashift", "next letter within i-p (p -> i): ashift:ijp= -> jki", _ashift, (3, 9), (3, 6), 9),
+        Skill("aswap", "swap pairs of letters q-x: aswap:qrst= -> rqts", _aswap, (2, 5), (2, 3), 10),
     ]
 }
 
-# the skills the zoo trains (the base sees all of them; one expert each)
-ZOO_SKILLS: tuple[str, ...] = ("add", "rev", "sort", "count")
+# the skills of the zoo's experts (one expert each; eval and calibration sets for each), and the
+# base's pretraining mixture: those plus aswap, which no expert specializes in. Chosen by
+# measurement (README, "The expert zoo"): skills sharing one alphabet (rev, shift, swap over a-z)
+# gave experts whose task vectors wrecked each other's skills, so no merge beat the base; add and
+# count were not learnable by the ci model in the time allowed.
+ZOO_SKILLS: tuple[str, ...] = ("arev", "sort", "ashift")
+BASE_SKILLS: tuple[str, ...] = ("arev", "sort", "ashift", "aswap")
 
 EVAL_ROWS = 150
 CALIBRATION_ROWS = 48

@@ -54,6 +54,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     long_fraction: Optional[float] = None   # None: input sizes like the eval sets; else see training_stream
+    optimizer: str = "adamw"                # adamw, or sgd (momentum 0.9): updates proportional to the gradient
 
 
 @contextlib.contextmanager
@@ -113,10 +114,13 @@ def train(model, skills: tuple[str, ...], spec: TrainSpec, seed: int, label: str
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=spec.lr, betas=(0.9, 0.98), eps=1e-8, foreach=False,
-    )
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=spec.lr, betas=(0.9, 0.98), eps=1e-8, foreach=False)
+    elif spec.optimizer == "sgd":
+        opt = torch.optim.SGD(groups, lr=spec.lr, momentum=0.9, foreach=False)
+    else:
+        raise ValueError(f"TrainSpec.optimizer: unknown optimizer {spec.optimizer!r} (adamw or sgd)")
     model.train()
     t0 = time.perf_counter()
     ema = None
