@@ -203,11 +203,11 @@ def test_multiprocess_executor_writes_lineage_without_loss(project, instance, fi
     assert {e["step"] for e in events if e["event"] == "materialized"} == ALL_BUILT
     # same content keys (hence the same fingerprints) as in-process: parallelism changes nothing
     parallel = {tuple(m.asset_key.path): m.metadata["key"].value
-                for m in (e.asset_materialization for e in result.all_events if e.is_step_materialization)}
+                for m in (e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization)}
     assert parallel == reference
     # and the merged checkpoints, rebuilt from scratch in other processes, hold the same tensors
     fp = {tuple(m.asset_key.path): m.metadata["output_fingerprint"].value
-          for m in (e.asset_materialization for e in result.all_events if e.is_step_materialization)
+          for m in (e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization)
           if m.asset_key.path[0] == "merged"}
     assert set(fp) == {("merged", "ta"), ("merged", "ties")}
     for (_, name), value in fp.items():
