@@ -11,7 +11,7 @@ import pytest
 
 from _models import make_family
 from merge_dag.dagster.automation import SCHEDULE_NAME, SENSOR_NAME, affected_keys, evaluate_models
-from merge_dag.dagster.definitions import ALL_JOB, build_definitions, merge_all_job
+from merge_dag.dagster.definitions import ALL_JOB, build_definitions, reconstructable_merge_all
 from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.lineage.store import LineageStore
 from merge_dag.project import load_project
@@ -160,7 +160,7 @@ def test_torch_steps_run_one_at_a_time_under_the_pool(project, tmp_path, monkeyp
     pooled = [a for a in defs.assets if getattr(a, "op", None) is not None and a.op.pool == "gpu"]
     assert len(pooled) == 3  # task_vector/c, task_vector/b, merged/other
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
-        result = dg.execute_job(dg.reconstructable(merge_all_job), instance=instance,
+        result = dg.execute_job(reconstructable_merge_all(project), instance=instance,
                                 run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 4}}}})
         assert result.success
         spans = {}

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merge_dag.core.fingerprint import checkpoint_fingerprint
-from merge_dag.dagster.definitions import ALL_JOB, build_definitions, merge_all_job
+from merge_dag.dagster.definitions import ALL_JOB, build_definitions, reconstructable_merge_all
 from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.lineage.audit import audit
 from merge_dag.lineage.store import LineageStore
@@ -193,7 +193,7 @@ def test_multiprocess_executor_writes_lineage_without_loss(project, instance, fi
     monkeypatch.setenv("MERGE_DAG_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))
     with dg.instance_for_test() as inst:
-        result = dg.execute_job(dg.reconstructable(merge_all_job), instance=inst,
+        result = dg.execute_job(reconstructable_merge_all(project), instance=inst,
                                 run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}})
         assert result.success
         starts = [e for e in result.all_events if e.event_type_value == "STEP_START"]

@@ -440,14 +440,15 @@ def _della_rows(x: torch.Tensor, density: float, epsilon: float,
         run_segments(segments(n_rows, per, w), work)
 
 
-def abs_sum(flat: torch.Tensor) -> float:
-    """sum |x|: float32 per chunk, the chunk sums added in order in double (no big temporary)."""
+def chunked_sum(flat: torch.Tensor, fn: Callable[[int, int, torch.Tensor], torch.Tensor]) -> float:
+    """sum over [0, n) of fn(s, e, out): each chunk's float32 values (written into the chunk-sized
+    buffer `out`) summed by torch, the chunk sums added in order in double (no big temporary)."""
     n = flat.numel()
     step = min(chunk_size(flat), max(1, n))
 
     def work(_i: int, lo: int, hi: int) -> list[float]:
         buf = torch.empty(min(step, hi - lo), dtype=flat.dtype, device=flat.device)
-        return [float(torch.abs(flat[s:e], out=buf[: e - s]).sum()) for s, e in spans(lo, hi, step)]
+        return [float(fn(s, e, buf[: e - s]).sum()) for s, e in spans(lo, hi, step)]
 
     with workers(flat) as w:
         parts = run_segments(segments(n, step, w), work)
@@ -456,6 +457,11 @@ def abs_sum(flat: torch.Tensor) -> float:
         for v in part:
             total += v
     return total
+
+
+def abs_sum(flat: torch.Tensor) -> float:
+    """sum |x|, chunk by chunk (see chunked_sum)."""
+    return chunked_sum(flat, lambda s, e, out: torch.abs(flat[s:e], out=out))
 
 
 def sparsify(tensor: torch.Tensor, density: float, method: str, *, gamma: float = 0.01,

@@ -43,7 +43,15 @@ def build_definitions(root: Optional[str | Path] = None, project: Optional[Proje
                           resources={"merge_dag": resource})
 
 
-def merge_all_job() -> dg.JobDefinition:
-    """The merge_all job of the project at $MERGE_DAG_ROOT (or the working directory), for
-    `dg.reconstructable(merge_all_job)`: what the multiprocess executor re-imports in each step."""
-    return build_definitions(os.environ.get("MERGE_DAG_ROOT")).resolve_job_def(ALL_JOB)
+def merge_all_job(root: Optional[str] = None) -> dg.JobDefinition:
+    """The merge_all job of the project at `root` (default $MERGE_DAG_ROOT, else the working
+    directory): what the multiprocess executor re-imports in each step."""
+    return build_definitions(root or os.environ.get("MERGE_DAG_ROOT")).resolve_job_def(ALL_JOB)
+
+
+def reconstructable_merge_all(root: str | Path) -> dg.ReconstructableJob:
+    """merge_all of the project at `root`, for dg.execute_job with an out-of-process executor.
+    (The root is part of the job's pointer: Dagster caches reconstructed jobs per pointer, so two
+    projects in one process must not share `dg.reconstructable(merge_all_job)`.)"""
+    return dg.build_reconstructable_job("merge_dag.dagster.definitions", "merge_all_job",
+                                        reconstructable_kwargs={"root": str(Path(root).absolute())})

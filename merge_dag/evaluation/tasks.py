@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..zoo.skills import SKILLS, ZOO_SKILLS, get_skill
+from ..zoo.skills import SKILLS, ZOO_SKILLS, get_skill, write_if_changed
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TASK_PREFIX = "zoo_"
@@ -127,15 +127,7 @@ def task_files(skills: tuple[str, ...] = ZOO_SKILLS) -> dict[str, str]:
 def write_task_files(tasks_dir: Path | None = None, skills: tuple[str, ...] = ZOO_SKILLS) -> list[Path]:
     tasks_dir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
     tasks_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in task_files(skills).items():
-        p = tasks_dir / name
-        if not p.exists() or p.read_text() != text:
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(p)
-        written.append(p)
-    return written
+    return [write_if_changed(tasks_dir / name, text) for name, text in task_files(skills).items()]
 
 
 # --- rendering for lm-eval -----------------------------------------------------------------------

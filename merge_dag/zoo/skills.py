@@ -221,19 +221,20 @@ def data_files(skills: tuple[str, ...] = ZOO_SKILLS, seed: int = DATA_SEED) -> d
     return out
 
 
+def write_if_changed(path: Path, text: str) -> Path:
+    """Write `text` to `path` (through a temporary file and a rename) unless it already holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists() or path.read_text() != text:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path
+
+
 def write_data_files(data_dir: Path = Path("data"), skills: tuple[str, ...] = ZOO_SKILLS,
                      seed: int = DATA_SEED) -> list[Path]:
     """Write (or rewrite identically) data/eval/<skill>.jsonl and data/calibration/<skill>.jsonl."""
-    written = []
-    for rel, text in data_files(skills, seed).items():
-        p = Path(data_dir) / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        if not p.exists() or p.read_text() != text:
-            tmp = p.with_name(p.name + ".tmp")
-            tmp.write_text(text)
-            tmp.replace(p)
-        written.append(p)
-    return written
+    return [write_if_changed(Path(data_dir) / rel, text) for rel, text in data_files(skills, seed).items()]
 
 
 def training_stream(skills: tuple[str, ...], seed: int, long_fraction: float | None = None,

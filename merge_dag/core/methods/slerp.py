@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..sparsify import chunk_size, run_segments, segments, spans, workers
+from ..sparsify import chunk_size, chunked_sum, run_segments, segments, spans, workers
 from .base import MergeMethod, Param, TensorTask, in_range
 
 DOT_THRESHOLD = 0.9995
@@ -23,20 +23,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """sum a*b: float32 products summed per chunk (torch's cascade sum), chunk sums added in
     order in double; no full-size temporary."""
     a, b = a.reshape(-1), b.reshape(-1)
-    n = a.numel()
-    step = max(1, min(chunk_size(a), n))
-
-    def work(_i: int, lo: int, hi: int) -> list[float]:
-        buf = torch.empty(min(step, hi - lo), dtype=a.dtype, device=a.device)
-        return [float(torch.mul(a[s:e], b[s:e], out=buf[: e - s]).sum()) for s, e in spans(lo, hi, step)]
-
-    with workers(a) as w:
-        parts = run_segments(segments(n, step, w), work)
-    total = 0.0
-    for part in parts:
-        for v in part:
-            total += v
-    return total
+    return chunked_sum(a, lambda s, e, out: torch.mul(a[s:e], b[s:e], out=out))
 
 
 def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float]:
