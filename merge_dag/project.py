@@ -45,6 +45,11 @@ class RecipeSpec:
     uses_task_vectors: bool
     evals: list[str]
 
+    @property
+    def members(self) -> list[ModelSource]:
+        """Every model the recipe merges: the base (if any), then the experts."""
+        return ([self.base] if self.base else []) + self.experts
+
 
 @dataclass
 class Project:
@@ -61,6 +66,11 @@ class Project:
     @property
     def tasks_dir(self) -> Path:
         return self.root / "data" / "tasks"
+
+    def known_task_vector(self, base: ModelSource, expert: ModelSource) -> Optional[str]:
+        """The task_vector asset of `expert` over `base`, if the loaded graph has one."""
+        name = self.tv_name(base, expert)
+        return name if self.task_vectors.get(name) == (base, expert) else None
 
     def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
         return expert.name if self.task_vectors.get(expert.name, (base, expert))[0] == base else \
@@ -117,7 +127,7 @@ def load_project(root: str | os.PathLike | None = None) -> Project:
         if name in project.recipes:
             raise RecipeError(f"{f}: name: recipe name {name!r} is also used by {project.recipes[name].file}")
         project.recipes[name] = spec
-        for m in ([base] if base else []) + experts:
+        for m in spec.members:
             known = project.models.get(m.name)
             if known is not None and known.path != m.path:
                 raise RecipeError(f"{f}: model {m.ref!r} maps to asset name {m.name!r}, already used by {known.path}")
@@ -127,6 +137,5 @@ def load_project(root: str | os.PathLike | None = None) -> Project:
                 tasks.extend(t for t in spec.evals if t not in tasks)
         if spec.uses_task_vectors:
             for e in experts:
-                tv = e.name if project.task_vectors.get(e.name, (base, e))[0] == base else f"{e.name}__on__{base.name}"
-                project.task_vectors[tv] = (base, e)
+                project.task_vectors[project.tv_name(base, e)] = (base, e)
     return project

@@ -51,7 +51,7 @@ def is_complete_checkpoint(path: Path) -> bool:
 
 
 def _members(spec: RecipeSpec) -> set[str]:
-    return {m.name for m in ([spec.base] if spec.base else []) + spec.experts}
+    return {m.name for m in spec.members}
 
 
 def _now(project: Project, spec: RecipeSpec) -> RecipeSpec | None:

@@ -21,26 +21,12 @@ from .task_vectors import task_vector_inline
 GROUP = "merges"
 
 
-def _tv_name(project: Project, spec: RecipeSpec, expert) -> str:
-    for name, (b, e) in project.task_vectors.items():
-        if b == spec.base and e == expert:
-            return name
-    raise KeyError(expert.name)
-
-
-def _known_tv(project: Project, spec: RecipeSpec, expert) -> str | None:
-    try:
-        return _tv_name(project, spec, expert)
-    except KeyError:
-        return None
-
-
 def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
     code = code_version("core")
     if spec.uses_task_vectors:
-        deps = [["model", spec.base.name]] + [["task_vector", _tv_name(project, spec, e)] for e in spec.experts]
+        deps = [["model", spec.base.name]] + [["task_vector", project.tv_name(spec.base, e)] for e in spec.experts]
     else:
-        deps = [["model", m.name] for m in ([spec.base] if spec.base else []) + spec.experts]
+        deps = [["model", m.name] for m in spec.members]
     deps.append(["recipe", spec.name])
 
     @dg.asset(key=["merged", spec.name], deps=deps, group_name=GROUP, code_version=code, pool=torch_pool(),
@@ -55,7 +41,7 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
             fb = checkpoint_fingerprint(now.base.path)
             inputs.append(Input("base", source_id("model", fb), fb))
         for e in now.experts:
-            tv = _known_tv(project, now, e) if now.uses_task_vectors else None
+            tv = project.known_task_vector(now.base, e) if now.uses_task_vectors else None
             if tv is not None:
                 up = upstream(context, ["task_vector", tv])
                 inputs.append(Input("expert", up["artifact_id"], up["key"]))
