@@ -187,8 +187,6 @@ def test_lewis_importance_and_allocation_follow_the_formulas(family, stats):
         lin = [alloc[e][t] for t in d]
         assert min(lin) == pytest.approx(0.3) and max(lin) == pytest.approx(0.8)
         assert alloc[e]["model.embed_tokens.weight"] == 1.0 and alloc[e]["model.norm.weight"] == 1.0
-    pm = lewis.to_parameter_map(alloc["e0"])
-    assert pm[-1] == {"value": 1.0} and len(pm) == 1 + 14
 
 
 def test_lewis_all_equal_and_bad_settings(family, stats):
@@ -399,3 +397,59 @@ def test_regmean_checkpoint(tmp_path, family, stats):
     with pytest.raises(GuidanceError, match="no Gram matrix for tensor 'model.layers.0"):
         regmean.regmean_checkpoint([family["e0"], family["e1"]], [stats["e0"], no_gram], tmp_path / "rm2")
     assert not (tmp_path / "rm2").exists()
+
+
+def test_match_mean_shifts_to_the_weighted_target():
+    d = {"a": 0.3, "b": 0.5, "c": 0.9}
+    sizes = {"a": 100, "b": 300, "c": 600}
+    got = lewis.match_mean(d, sizes, 0.5)
+    assert lewis.weighted_mean(got, sizes) == pytest.approx(0.5, abs=1e-9)
+    assert got["b"] - got["a"] == pytest.approx(0.2) and got["c"] - got["b"] == pytest.approx(0.4)
+    clipped = lewis.match_mean(d, sizes, 0.99)  # needs clipping at 1: still hits the mean
+    assert max(clipped.values()) == 1.0 and lewis.weighted_mean(clipped, sizes) == pytest.approx(0.99, abs=1e-9)
+    with pytest.raises(GuidanceError, match="no element count for tensor 'a'"):
+        lewis.match_mean(d, {"b": 1}, 0.5)
+
+
+def test_sum_stats_adds_counts_and_sums_and_takes_the_max(stats):
+    from merge_dag.guidance.activations import sum_stats
+
+    stats = stats["base"]
+    both = sum_stats([stats, stats])
+    n = stats.names[0]
+    assert both.count[n] == 2 * stats.count[n]
+    torch.testing.assert_close(both.mean_sq(n), stats.mean_sq(n))
+    torch.testing.assert_close(both.maxabs[n], stats.maxabs[n])
+    torch.testing.assert_close(both.gram_mean(n), stats.gram_mean(n))
+    other = ActivationStats({n: 1}, {n: stats.sumsq[n]}, {n: stats.sumabs[n]}, {n: stats.maxabs[n]}, source="x")
+    with pytest.raises(GuidanceError, match="differ in tensor"):
+        sum_stats([stats, other])
+
+
+def test_guided_recipe_replaces_density_and_scales_weight(tmp_path):
+    from merge_dag.core import params as pmap
+    from merge_dag.core.recipe import parse_recipe
+    from merge_dag.guidance.apply import guided_recipe
+
+    for n in ("b", "x", "y"):
+        (tmp_path / n).mkdir()
+    recipe = parse_recipe({"merge_method": "ties", "base_model": "b",
+                           "models": [{"model": "x", "parameters": {"weight": [1.0, 2.0], "density": 0.4}},
+                                      {"model": "y", "parameters": {"weight": [{"filter": "mlp", "value": 0.5},
+                                                                               {"value": 1.0}]}}],
+                           "parameters": {"density": 0.7}}, root=tmp_path)
+    t0, t1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"
+    g = guided_recipe(recipe, densities={"x": {t0: 0.9}}, weights={"x": {t0: 2.0, t1: 0.5, "model.norm.weight": 1.0},
+                                                                    "y": {t0: 3.0, t1: 1.0}}, num_layers=2)
+    assert g.guidance is None and recipe.models[0].parameters["density"] == 0.4  # the original is untouched
+    x, y = g.models[0].parameters, g.models[1].parameters
+    assert pmap.evaluate(x["density"], t0, 0.0) == 0.9
+    assert pmap.evaluate(x["density"], t1, 1.0) == 0.4                  # unscored: the recipe's own density
+    assert pmap.evaluate(x["weight"], t0, 0.0) == pytest.approx(1.0 * 2.0)  # gradient at layer 0 x Sens weight
+    assert pmap.evaluate(x["weight"], t1, 1.0) == pytest.approx(2.0 * 0.5)  # gradient at layer 1
+    assert pmap.evaluate(x["weight"], "model.norm.weight", 0.0) == 1.0     # outside the layers: recipe's value
+    assert pmap.evaluate(y["weight"], t0, 0.0) == pytest.approx(0.5 * 3.0)  # the recipe's filter still counts
+    assert pmap.evaluate(y["weight"], "model.layers.11.mlp.up_proj.weight", 0.0) == 0.5
+    assert "density" not in y                                               # no map given for y: unchanged
+    with pytest.raises(GuidanceError, match="map for 'z', which the recipe does not merge"):
+        guided_recipe(recipe, densities={"z": {t0: 0.5}})

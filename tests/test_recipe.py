@@ -143,3 +143,58 @@ def test_glob_entries_expand_to_matching_folders(tmp_path):
     p.write_text("merge_method: ties\nbase_model: models/base\nmodels: [{glob: 'models/*', model: models/base}]\n")
     with pytest.raises(RecipeError, match=r"models\[0\]: .*exactly one of `model`"):
         load_recipe(p, root=tmp_path)
+
+
+GUIDED = """
+merge_method: {method}
+base_model: base
+models:
+  - {{model: a, calibration: {cal}}}
+  - {{model: b}}
+parameters: {{weight: 1.0, density: 0.5}}
+guidance: {guidance}
+"""
+
+
+@pytest.mark.parametrize(
+    "method, cal, guidance, message",
+    [
+        ("ties", "c1", "{sparsity: {gamma: 0.9, epsilon: 0.5}}",
+         r"guidance.sparsity: Value error, gamma \(0.9\) must not exceed epsilon \(0.5\)"),
+        ("ties", "c1", "{sparsity: {method: owl}}", r"guidance.sparsity.method: Input should be 'lewis'"),
+        ("ties", "c1", "{sparsity: {}}", r"models\[1\].calibration: required by guidance.sparsity"),
+        ("ties", "c1", "{sparsity: {calibration: nope}}",
+         r"guidance.sparsity.calibration: calibration set 'nope' not found \(.*data/calibration/nope.jsonl\)"),
+        ("task_arithmetic", "c1", "{sparsity: {calibration: c1}}",
+         r"guidance.sparsity: task_arithmetic does not sparsify"),
+        ("ties", "c1", "{coefficients: {temperature: 0}}", r"guidance.coefficients.temperature: Input should be greater than 0"),
+        ("ties", "c1", "{coefficients: {}}", r"models\[1\].calibration: required by guidance.coefficients"),
+        ("ties", "c1", "{regmean: {}}", r"guidance.regmean: RegMean replaces the linears of a `linear` merge"),
+        ("ties", "c1", "{aim: {calibration: [], omega: 0.4}}", r"guidance.aim.calibration: name at least one"),
+        ("ties", "c1", "{aim: {calibration: c1, omega: 1.5}}", r"guidance.aim.omega: Input should be less than or equal to 1"),
+        ("ties", "missing", "{aim: {calibration: c1}}", r"models\[0\].calibration: calibration set 'missing' not found"),
+        ("ties", "c1", "{bogus: 1}", r"guidance.bogus: unknown key"),
+    ],
+)
+def test_guidance_errors_name_the_key(tmp_path, method, cal, guidance, message):
+    (tmp_path / "data" / "calibration").mkdir(parents=True)
+    (tmp_path / "data" / "calibration" / "c1.jsonl").write_text('{"text": "x"}\n')
+    p = write(tmp_path, GUIDED.format(method=method, cal=cal, guidance=guidance))
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(p, root=tmp_path)
+
+
+def test_guided_recipe_loads_and_the_engine_refuses_it_alone(tmp_path):
+    from merge_dag.core.engine import plan_merge
+
+    (tmp_path / "data" / "calibration").mkdir(parents=True)
+    (tmp_path / "data" / "calibration" / "c1.jsonl").write_text('{"text": "x"}\n')
+    p = write(tmp_path, GUIDED.format(method="ties", cal="c1",
+                                      guidance="{sparsity: {calibration: c1, gamma: 0.2, mean_density: 0.5}, "
+                                               "coefficients: {temperature: 3}}").replace("{model: b}", "{model: b, calibration: c1}"))
+    r = load_recipe(p, root=tmp_path)
+    assert r.guidance.sparsity.gamma == 0.2 and r.guidance.sparsity.epsilon == 0.8
+    assert r.calibration_path("c1") == tmp_path / "data" / "calibration" / "c1.jsonl"
+    assert r.models[0].calibration == "c1"
+    with pytest.raises(RecipeError, match="guidance: data-guided merges need their calibration statistics"):
+        plan_merge(r)

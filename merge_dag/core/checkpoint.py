@@ -312,6 +312,11 @@ def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[Out
     return shards if shards[0] else []
 
 
+def shard_file_names(n: int) -> list[str]:
+    """The file names of an n-shard checkpoint, as Hugging Face writes them."""
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
 def _header_bytes(shard: list[OutTensor], metadata: dict[str, str]) -> bytes:
     header: dict = {"__metadata__": metadata}
     off = 0
@@ -328,10 +333,16 @@ class CheckpointWriter:
 
     Use as a context manager: on an exception the temporary folder is removed and the target is
     untouched; `commit()` renames the finished folder into place.
+
+    A merge split into parts (merge_dag.core.parts) uses two more ways in: `only_shards` makes a
+    writer for some of the shards, whose finished files `commit_shards()` moves into a staging
+    folder; `adopt_shards()` takes every shard file from that folder instead of writing tensors.
+    The shard layout and file names are the same in all three cases (they come from the full list).
     """
 
     def __init__(self, out_dir: str | os.PathLike, tensors: list[OutTensor], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None, overwrite: bool = True):
+                 metadata: dict[str, str] | None = None, overwrite: bool = True,
+                 only_shards: Iterable[int] | None = None):
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
         if self.out_dir.exists() and not overwrite:
@@ -341,9 +352,9 @@ class CheckpointWriter:
         self.tmp.mkdir()
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards = plan_shards(tensors, max_shard_bytes)
-        n = len(self.shards)
-        self.shard_names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        self.order = [(si, t) for si, shard in enumerate(self.shards) for t in shard]
+        self.shard_names = shard_file_names(len(self.shards))
+        keep = set(range(len(self.shards)) if only_shards is None else only_shards)
+        self.order = [(si, t) for si, shard in enumerate(self.shards) if si in keep for t in shard]
         self._pos = 0
         self._file = None
         self._cur = -1
@@ -399,13 +410,56 @@ class CheckpointWriter:
                 copied.append(n)
         return copied
 
-    def commit(self) -> Path:
+    def shard_file_size(self, si: int) -> int:
+        """Bytes of shard file `si` once written: its header plus its tensors."""
+        return len(_header_bytes(self.shards[si], self.metadata)) + sum(t.nbytes for t in self.shards[si])
+
+    def _finish_tensors(self) -> None:
         if self._pos != len(self.order):
             missing = self.order[self._pos][1].name
             raise RuntimeError(f"merge incomplete: tensor {missing!r} and later ones were never written")
         if self._file is not None:
             self._file.close()
             self._file = None
+
+    def commit_shards(self, dest: str | os.PathLike) -> list[str]:
+        """Move this writer's finished shard files (only_shards) into `dest`, each by an atomic rename
+        after an fsync, and remove the temporary folder. Returns the file names moved."""
+        self._finish_tensors()
+        dest = Path(dest)
+        moved = []
+        for si in dict.fromkeys(si for si, _ in self.order):
+            name = self.shard_names[si]
+            with open(self.tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(self.tmp / name, dest / name)
+            moved.append(name)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return moved
+
+    def adopt_shards(self, folder: str | os.PathLike) -> None:
+        """Take every planned shard file, finished, from `folder` (hard link, or copy across file
+        systems) instead of writing tensors; checks each file's size against the plan."""
+        if self._pos:
+            raise RuntimeError("adopt_shards: tensors were already written to this writer")
+        folder = Path(folder)
+        for si in dict.fromkeys(si for si, _ in self.order):
+            name = self.shard_names[si]
+            src = folder / name
+            want = self.shard_file_size(si)
+            if not src.is_file():
+                raise CheckpointError(f"{src}: shard file is missing")
+            if src.stat().st_size != want:
+                raise CheckpointError(f"{src}: shard file has {src.stat().st_size} bytes, the plan needs {want}")
+            try:
+                os.link(src, self.tmp / name)
+            except OSError:
+                shutil.copy2(src, self.tmp / name)
+        self.bytes_written = sum(t.nbytes for _, t in self.order)
+        self._pos = len(self.order)
+
+    def commit(self) -> Path:
+        self._finish_tensors()
         weight_map = {t.name: self.shard_names[si] for si, t in self.order}
         index = {"metadata": {"total_size": self.bytes_written}, "weight_map": weight_map}
         self.write_json(INDEX_NAME, index)

@@ -35,7 +35,7 @@ from .checkpoint import (
     parse_size,
     plan_shards,
 )
-from .errors import CheckpointError, MergeInputError
+from .errors import CheckpointError, MergeInputError, RecipeError
 from .fingerprint import checkpoint_fingerprint, short
 from .methods.base import MergeMethod, TensorTask
 from .methods.registry import get_method
@@ -180,6 +180,10 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     Those experts are read as base + task vector, so a cached task vector is reused across recipes.
     """
     method = get_method(recipe.merge_method)
+    if recipe.guidance is not None:
+        raise RecipeError(f"{recipe.where}: guidance: data-guided merges need their calibration statistics, "
+                          "which the Dagster layer computes and caches; materialize merged/<recipe> "
+                          "(`merge-dag demo`, `merge-dag compare` or `merge-dag dev`) instead of `merge-dag merge`")
     if method.name == "passthrough" and recipe.slices:
         return _plan_slices(recipe, method, device)
 
@@ -388,61 +392,110 @@ def execute(plan: MergePlan, out_dir: str | Path, shard_size: str | int = "2GB",
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     clean_stale_temporaries(out_dir)
-    device = torch.device(plan.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeInputError("device 'cuda' was asked for, but torch sees no CUDA device")
-    method = plan.method()
-    out_tensors = [OutTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
-    meta = {"merge_dag": __version__, "method": plan.method.name}
-    n_inputs = len(plan.inputs)
-    digests: list[dict[str, str]] = [dict() for _ in range(n_inputs)]
-    same_pairs = {(a, b) for a, b in combinations(range(n_inputs), 2)}
+    device = merge_device(plan)
+    digests = input_digest_maps(plan)
+    same_pairs = input_pairs(plan)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(plan.steps), unit="tensor", desc=f"{plan.method.name}", dynamic_ncols=True)
 
-    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
+    def tick(k: int) -> None:
+        if bar is not None:
+            bar.update(1)
+        if on_tensor is not None:
+            on_tensor(k, len(plan.steps))
 
     try:
-        with CheckpointWriter(out_dir, out_tensors, parse_size(shard_size), metadata=meta) as writer:
-            pending = io.submit(_read_raw, plan, plan.steps[0]) if plan.steps else None
-            for k, step in enumerate(plan.steps):
-                raws, raw_digests = pending.result()
-                pending = io.submit(_read_raw, plan, plan.steps[k + 1]) if k + 1 < len(plan.steps) else None
-                srcs = ([step.base] if step.base else []) + step.sources
-                for s, d in zip(srcs, raw_digests):
-                    if s.delta is None:
-                        digests[s.model][s.tensor] = d
-                # identical inputs: a pair stays suspect while every tensor's digest agrees
-                if same_pairs:
-                    by_model = {s.model: d for s, d in zip(srcs, raw_digests)}
-                    for a, b in list(same_pairs):
-                        if a in by_model and b in by_model and by_model[a] != by_model[b]:
-                            same_pairs.discard((a, b))
-                out = _merge_one(plan, method, step, srcs, raws, device)
-                writer.write(step.name, out)
-                del out, raws
-                if bar is not None:
-                    bar.update(1)
-                if on_tensor is not None:
-                    on_tensor(k + 1, len(plan.steps))
-            if plan.method.name != "passthrough":
-                for a, b in same_pairs:
-                    raise MergeInputError(
-                        f"model {plan.inputs[a].name!r} and model {plan.inputs[b].name!r} hold identical "
-                        "weights in every tensor: the same model under two names cannot be merged with itself")
-            fps = {ck.name: checkpoint_fingerprint(ck, digests[i]) for i, ck in enumerate(plan.inputs)}
+        with CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan)) as writer:
+            merge_steps(plan, plan.steps, device, writer.write, digests, same_pairs, tick)
+            raise_if_identical(plan, same_pairs)
+            fps = input_fingerprints(plan, digests)
             card = _write_metadata(plan, writer, fps, card_extra or {})
             elapsed = time.perf_counter() - t0
             writer.commit()
     finally:
-        io.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
     out_fp = checkpoint_fingerprint(Checkpoint(out_dir))
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, elapsed, fps, out_fp, plan.method.name, card)
+
+
+# The pieces of `execute`, shared with merges split into parts (merge_dag.core.parts), so a split
+# merge writes the same bytes and computes the same fingerprints as a one-step one.
+
+
+def merge_device(plan: MergePlan) -> torch.device:
+    device = torch.device(plan.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MergeInputError("device 'cuda' was asked for, but torch sees no CUDA device")
+    return device
+
+
+def out_tensors(plan: MergePlan) -> list[OutTensor]:
+    """The output tensors in write order: what CheckpointWriter (and plan_shards) lays out."""
+    return [OutTensor(s.name, s.shape, s.out_dtype) for s in plan.steps]
+
+
+def shard_metadata(plan: MergePlan) -> dict[str, str]:
+    """The __metadata__ of every output shard."""
+    return {"merge_dag": __version__, "method": plan.method.name}
+
+
+def input_digest_maps(plan: MergePlan) -> list[dict[str, str]]:
+    """Per input (by index in plan.inputs), {tensor name: sha256} of what a merge read; empty."""
+    return [dict() for _ in plan.inputs]
+
+
+def input_pairs(plan: MergePlan) -> set[tuple[int, int]]:
+    """Every pair of inputs: each stays suspect of being the same model while every tensor agrees."""
+    return {(a, b) for a, b in combinations(range(len(plan.inputs)), 2)}
+
+
+def merge_steps(plan: MergePlan, steps: list[TensorStep], device: torch.device,
+                write: Callable[[str, torch.Tensor], None], digests: list[dict[str, str]],
+                same_pairs: set[tuple[int, int]], tick: Optional[Callable[[int], None]] = None) -> None:
+    """Merge `steps` in order and hand each result to `write`, reading the next tensor ahead on a
+    second thread. Records every input tensor's digest in `digests` (task-vector reads excepted)
+    and drops from `same_pairs` each pair of inputs seen to differ."""
+    method = plan.method()
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
+    try:
+        pending = io.submit(_read_raw, plan, steps[0]) if steps else None
+        for k, step in enumerate(steps):
+            raws, raw_digests = pending.result()
+            pending = io.submit(_read_raw, plan, steps[k + 1]) if k + 1 < len(steps) else None
+            srcs = ([step.base] if step.base else []) + step.sources
+            for s, d in zip(srcs, raw_digests):
+                if s.delta is None:
+                    digests[s.model][s.tensor] = d
+            # identical inputs: a pair stays suspect while every tensor's digest agrees
+            if same_pairs:
+                by_model = {s.model: d for s, d in zip(srcs, raw_digests)}
+                for a, b in list(same_pairs):
+                    if a in by_model and b in by_model and by_model[a] != by_model[b]:
+                        same_pairs.discard((a, b))
+            out = _merge_one(plan, method, step, srcs, raws, device)
+            write(step.name, out)
+            del out, raws
+            if tick is not None:
+                tick(k + 1)
+    finally:
+        io.shutdown(wait=True, cancel_futures=True)
+
+
+def raise_if_identical(plan: MergePlan, same_pairs: set[tuple[int, int]]) -> None:
+    if plan.method.name != "passthrough":
+        for a, b in sorted(same_pairs):
+            raise MergeInputError(
+                f"model {plan.inputs[a].name!r} and model {plan.inputs[b].name!r} hold identical "
+                "weights in every tensor: the same model under two names cannot be merged with itself")
+
+
+def input_fingerprints(plan: MergePlan, digests: list[dict[str, str]]) -> dict[str, str]:
+    """Each input's content fingerprint, from the digests a merge computed while reading it."""
+    return {ck.name: checkpoint_fingerprint(ck, digests[i]) for i, ck in enumerate(plan.inputs)}
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -486,9 +539,8 @@ def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, st
         writer.write_json("config.json", config)
     base_ck = plan.inputs[0]
     writer.copy_files(base_ck.folder, [n for n in COPIED_FILES if n != "config.json"])
-    tok_files = []
     if plan.tokenizer_from is not None:
-        tok_files = writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES)
+        writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES)
     recipe_yaml = plan.recipe.to_yaml_dict()
     card = {
         "merge_dag_version": __version__,
@@ -507,6 +559,14 @@ def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, st
     writer.write_json("merge_dag.json", card)
     writer.write_text("README.md", model_card(card))
     return card
+
+
+def write_card(folder: str | Path, card: dict) -> None:
+    """(Re)write merge_dag.json and the model card README.md of a finished folder not yet in place
+    (post-processing steps such as AIM, or merges written outside the engine such as RegMean)."""
+    folder = Path(folder)
+    (folder / "merge_dag.json").write_text(json.dumps(card, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(card))
 
 
 def model_card(card: dict) -> str:

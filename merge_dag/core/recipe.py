@@ -31,7 +31,7 @@ from __future__ import annotations
 import glob as globlib
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -52,6 +52,7 @@ class InputModel(_Strict):
     model: Optional[str] = None
     glob: Optional[str] = None
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
+    calibration: Optional[str] = None   # this model's own task calibration set (data-guided merging)
     from_glob: Optional[str] = Field(default=None, exclude=True)   # the pattern this entry came from
 
     @model_validator(mode="after")
@@ -79,6 +80,53 @@ class OutputSlice(_Strict):
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
+class SparsityGuidance(_Strict):
+    """LEWIS: per expert x layer x module densities from activation-based importance shifts."""
+    method: Literal["lewis"] = "lewis"
+    calibration: Optional[str] = None     # one set for every expert; default: each expert's own `calibration`
+    gamma: float = Field(default=0.3, gt=0, le=1)      # lowest density
+    epsilon: float = Field(default=0.8, gt=0, le=1)    # highest density
+    mean_density: Optional[float] = Field(default=None, gt=0, le=1)  # shift the map to this parameter-weighted mean
+    sequential: bool = False              # the official code's layer-by-layer Wanda-pruned statistics
+    wanda_sparsity: float = Field(default=0.5, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "SparsityGuidance":
+        if self.gamma > self.epsilon:
+            raise ValueError(f"gamma ({self.gamma}) must not exceed epsilon ({self.epsilon})")
+        return self
+
+
+class CoefficientGuidance(_Strict):
+    """Sens-Merging: per expert x layer coefficients from sensitivity and cross-task alignment."""
+    method: Literal["sens"] = "sens"
+    temperature: float = Field(default=2.0, gt=0)
+    alignment: bool = True                # False: tau = 1 (sensitivity only)
+
+
+class AimGuidance(_Strict):
+    """AIM: relax the merged task vector per input channel by the base's activation magnitude."""
+    calibration: Union[str, list[str]]   # one set, or several whose statistics are summed
+    omega: float = Field(default=0.4, ge=0, le=1)
+
+    @property
+    def calibrations(self) -> list[str]:
+        return [self.calibration] if isinstance(self.calibration, str) else list(self.calibration)
+
+
+class RegMeanGuidance(_Strict):
+    """RegMean: linears merged in closed form from each model's Gram matrices on its own calibration set."""
+    a: float = Field(default=0.9, ge=0, le=1)   # off-diagonal scale
+    ridge: float = Field(default=0.0, ge=0)
+
+
+class Guidance(_Strict):
+    sparsity: Optional[SparsityGuidance] = None
+    coefficients: Optional[CoefficientGuidance] = None
+    aim: Optional[AimGuidance] = None
+    regmean: Optional[RegMeanGuidance] = None
+
+
 class Recipe(_Strict):
     merge_method: str
     base_model: Optional[str] = None
@@ -91,6 +139,8 @@ class Recipe(_Strict):
     seed: int = 0
     name: Optional[str] = None
     evals: list[str] = Field(default_factory=list)  # lm-eval task names (used by the Dagster layer)
+    parts: int = Field(default=1, ge=1)  # Dagster layer: split the merge into this many tensor-range steps
+    guidance: Optional[Guidance] = None  # data-guided merging (the Dagster layer computes the statistics)
 
     # where the recipe came from, and the project root relative paths are resolved against (not YAML)
     source_path: Optional[Path] = Field(default=None, exclude=True)
@@ -119,6 +169,12 @@ class Recipe(_Strict):
             return p.absolute()
         alt = self.source_path.parent / p
         return alt.absolute() if alt.exists() else p.absolute()
+
+    def calibration_path(self, ref: str) -> Path:
+        """A calibration set by name (`arev` -> data/calibration/arev.jsonl under the root) or path."""
+        if "/" not in ref and not ref.endswith((".jsonl", ".json")):
+            ref = f"data/calibration/{ref}.jsonl"
+        return self.resolve_path(ref)
 
     @property
     def globs(self) -> list[str]:
@@ -174,7 +230,8 @@ def expand_globs(recipe: Recipe) -> None:
                     ref = str(path.absolute().relative_to(recipe.root))
                 except ValueError:
                     pass
-            out.append(InputModel(model=ref, parameters=dict(m.parameters), from_glob=m.glob))
+            out.append(InputModel(model=ref, parameters=dict(m.parameters), calibration=m.calibration,
+                                  from_glob=m.glob))
     recipe.models = out
     recipe._globs = patterns
 
@@ -304,5 +361,59 @@ def validate_recipe(recipe: Recipe) -> None:
         elif spec.name not in recipe.parameters:
             raise RecipeError(f"{where}: parameters.{spec.name}: required by {method.name}")
 
+    if recipe.guidance is not None:
+        _validate_guidance(recipe, method, experts)
+
     if recipe.tokenizer_source == "union":
         raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")
+
+
+SPARSIFYING = ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties")
+COEFFICIENT_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
+                       "breadcrumbs", "breadcrumbs_ties")
+
+
+def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> None:
+    where, g = recipe.where, recipe.guidance
+
+    def need_own_calibration(what: str, models: list[InputModel]) -> None:
+        for i, m in enumerate(recipe.models or []):
+            if m in models and not m.calibration:
+                raise RecipeError(f"{where}: models[{i}].calibration: required by guidance.{what} (the name or path "
+                                  f"of {m.model}'s own task calibration set, e.g. data/calibration/<task>.jsonl)")
+
+    def check_file(loc: str, ref: str) -> None:
+        p = recipe.calibration_path(ref)
+        if not p.is_file():
+            raise RecipeError(f"{where}: {loc}: calibration set {ref!r} not found ({p})")
+
+    if g.regmean is not None:
+        if method.name != "linear":
+            raise RecipeError(f"{where}: guidance.regmean: RegMean replaces the linears of a `linear` merge; "
+                              f"merge_method is {method.name!r}")
+        if g.sparsity or g.coefficients or g.aim:
+            raise RecipeError(f"{where}: guidance.regmean: cannot be combined with sparsity, coefficients or aim")
+        need_own_calibration("regmean", list(recipe.models or []))
+    if g.sparsity is not None:
+        if method.name not in SPARSIFYING:
+            raise RecipeError(f"{where}: guidance.sparsity: {method.name} does not sparsify; LEWIS densities apply "
+                              f"to {', '.join(SPARSIFYING)}")
+        if g.sparsity.calibration:
+            check_file("guidance.sparsity.calibration", g.sparsity.calibration)
+        else:
+            need_own_calibration("sparsity (no guidance.sparsity.calibration given)", experts)
+    if g.coefficients is not None:
+        if method.name not in COEFFICIENT_METHODS:
+            raise RecipeError(f"{where}: guidance.coefficients: Sens-Merging coefficients apply to "
+                              f"{', '.join(COEFFICIENT_METHODS)}, not {method.name}")
+        need_own_calibration("coefficients", experts)
+    if g.aim is not None:
+        if not recipe.base_model:
+            raise RecipeError(f"{where}: guidance.aim: AIM relaxes the merge towards the base; give base_model")
+        if not g.aim.calibrations:
+            raise RecipeError(f"{where}: guidance.aim.calibration: name at least one calibration set")
+        for ref in g.aim.calibrations:
+            check_file("guidance.aim.calibration", ref)
+    for i, m in enumerate(recipe.models or []):
+        if m.calibration:
+            check_file(f"models[{i}].calibration", m.calibration)

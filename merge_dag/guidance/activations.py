@@ -238,3 +238,26 @@ def merge_stats(parts: Iterable[ActivationStats]) -> ActivationStats:
         if not out.meta:
             out.meta = {k: v for k, v in p.meta.items() if k != "layers"}
     return out
+
+
+def sum_stats(parts: list[ActivationStats]) -> ActivationStats:
+    """Statistics of the union of several calibration sets on the same linears: counts and sums add,
+    maxima take the maximum (Gram matrices add too)."""
+    if not parts:
+        raise GuidanceError("no activation statistics to combine")
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for p in parts[1:]:
+        if set(p.count) != set(first.count):
+            diff = sorted(set(p.count) ^ set(first.count))[0]
+            raise GuidanceError(f"activation statistics {p.source} and {first.source} differ in tensor {diff!r}")
+    out = ActivationStats({}, {}, {}, {}, {}, {"sources": [p.source for p in parts]}, "+".join(p.source for p in parts))
+    for n in first.count:
+        out.count[n] = sum(p.count[n] for p in parts)
+        out.sumsq[n] = sum(p.sumsq[n] for p in parts)
+        out.sumabs[n] = sum(p.sumabs[n] for p in parts)
+        out.maxabs[n] = torch.stack([p.maxabs[n] for p in parts]).amax(0)
+        if all(n in p.gram for p in parts):
+            out.gram[n] = sum(p.gram[n] for p in parts)
+    return out

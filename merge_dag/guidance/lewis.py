@@ -102,10 +102,37 @@ def allocate(base: dict[str, float], experts: dict[str, dict[str, float]], gamma
     return out
 
 
-def to_parameter_map(densities: dict[str, float], default: float = 1.0) -> list[dict]:
-    """A parameter map ([{filter, value}, ..., {value: default}]) for a recipe's per-model `density`.
-    Filters are full tensor names, so 'model.layers.1.' never matches layer 11."""
-    return [{"filter": n, "value": v} for n, v in densities.items() if v != default] + [{"value": default}]
+def match_mean(densities: dict[str, float], sizes: dict[str, int], target: float,
+               floor: float = 0.01) -> dict[str, float]:
+    """Shift a density map by one constant c, clipped to [floor, 1], so that its mean weighted by
+    each tensor's element count is `target` (bisection on c; the map keeps its shape and order).
+    Used to compare a LEWIS-guided merge with a uniform one at the same mean density."""
+    if not 0 < target <= 1:
+        raise GuidanceError(f"mean density must be in (0, 1], got {target}")
+    missing = [n for n in densities if n not in sizes]
+    if missing:
+        raise GuidanceError(f"no element count for tensor {missing[0]!r}")
+    total = sum(sizes[n] for n in densities)
+    if not densities or total == 0:
+        return dict(densities)
+
+    def mean(c: float) -> float:
+        return sum(min(1.0, max(floor, d + c)) * sizes[n] for n, d in densities.items()) / total
+
+    lo, hi = -1.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if mean(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    c = (lo + hi) / 2
+    return {n: min(1.0, max(floor, d + c)) for n, d in densities.items()}
+
+
+def weighted_mean(densities: dict[str, float], sizes: dict[str, int]) -> float:
+    total = sum(sizes[n] for n in densities)
+    return sum(d * sizes[n] for n, d in densities.items()) / total if total else 0.0
 
 
 def wanda_prune_(weight: torch.Tensor, mean_sq: torch.Tensor, sparsity: float) -> torch.Tensor:
