@@ -48,6 +48,8 @@ def _run_merge(args: argparse.Namespace) -> int:
 EXTERNAL = {
     "zoo": ("merge_dag.zoo.command", "build the demo expert zoo (tokenizer, base, experts, data)"),
     "demo": ("merge_dag.dagster.demo", "build the zoo if missing, materialize every recipe and eval, print the leaderboard"),
+    "compare": ("merge_dag.dagster.compare", "data-guided merges (LEWIS, Sens-Merging, AIM, RegMean) vs their plain "
+                                             "counterparts on the demo zoo, per skill"),
     "dev": ("merge_dag.dagster.dev", "start the Dagster UI, daemon, sensor and schedule (dagster dev) for this project"),
     "audit": ("merge_dag.lineage.command", "print the provenance tree of a merged model (path, name or artifact id)"),
 }

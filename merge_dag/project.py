@@ -35,6 +35,29 @@ class ModelSource:
     path: Path         # absolute folder
 
 
+@dataclass(frozen=True)
+class CalibrationSource:
+    name: str          # asset-safe name, e.g. arev
+    ref: str           # as written in recipes
+    path: Path         # the jsonl file
+
+
+@dataclass(frozen=True)
+class StatsSource:
+    """One statistics pass: a model on a calibration set (activations, grams or sensitivity)."""
+    name: str
+    model: ModelSource
+    calibration: CalibrationSource
+    sequential: Optional[float] = None   # LEWIS sequential-Wanda variant (its sparsity), activations only
+
+
+@dataclass(frozen=True)
+class ImportanceSource:
+    name: str
+    base: StatsSource
+    expert: StatsSource
+
+
 @dataclass
 class RecipeSpec:
     name: str
@@ -50,6 +73,31 @@ class RecipeSpec:
         """Every model the recipe merges: the base (if any), then the experts."""
         return ([self.base] if self.base else []) + self.experts
 
+    @property
+    def guidance(self):
+        return self.recipe.guidance
+
+    def calibration(self, ref: str) -> CalibrationSource:
+        """A calibration set named in the recipe, as a source."""
+        path = self.recipe.calibration_path(ref)
+        cal_root = (self.recipe.root or Path.cwd()) / "data" / "calibration"
+        try:
+            label = str(path.relative_to(cal_root).with_suffix(""))
+        except ValueError:
+            label = path.stem
+        return CalibrationSource(asset_name(label), ref, path)
+
+    def own_calibration(self, m: ModelSource) -> Optional[CalibrationSource]:
+        """The `calibration` a models entry gives for `m` (its own task's set)."""
+        for entry in self.recipe.models or []:
+            if entry.model == m.ref and entry.calibration:
+                return self.calibration(entry.calibration)
+        return None
+
+    def sparsity_calibration(self, m: ModelSource) -> CalibrationSource:
+        g = self.guidance.sparsity
+        return self.calibration(g.calibration) if g.calibration else self.own_calibration(m)
+
 
 @dataclass
 class Project:
@@ -58,6 +106,12 @@ class Project:
     models: dict[str, ModelSource] = field(default_factory=dict)
     task_vectors: dict[str, tuple[ModelSource, ModelSource]] = field(default_factory=dict)  # name -> (base, expert)
     model_evals: dict[str, list[str]] = field(default_factory=dict)  # model name -> tasks (baselines)
+    # data-guided merging: every statistic any recipe needs, each once (shared by every recipe using it)
+    calibrations: dict[str, CalibrationSource] = field(default_factory=dict)
+    activations: dict[str, StatsSource] = field(default_factory=dict)
+    grams: dict[str, StatsSource] = field(default_factory=dict)
+    sensitivities: dict[str, StatsSource] = field(default_factory=dict)
+    importances: dict[str, ImportanceSource] = field(default_factory=dict)
 
     @property
     def recipes_dir(self) -> Path:
@@ -71,6 +125,25 @@ class Project:
         """The task_vector asset of `expert` over `base`, if the loaded graph has one."""
         name = self.tv_name(base, expert)
         return name if self.task_vectors.get(name) == (base, expert) else None
+
+    def stats(self, table: str, model: ModelSource, cal: CalibrationSource,
+              sequential: Optional[float] = None) -> StatsSource:
+        """The statistics pass of `model` on `cal` in `table` (activations, grams, sensitivities),
+        registered once whichever recipe asks."""
+        name = f"{model.name}__{cal.name}" + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
+        src = StatsSource(name, model, cal, sequential)
+        known = getattr(self, table).setdefault(name, src)
+        if known != src:
+            raise RecipeError(f"{table} {name!r} would stand for both {known} and {src}")
+        self.calibrations.setdefault(cal.name, cal)
+        return src
+
+    def importance(self, base: ModelSource, expert: ModelSource, cal: CalibrationSource,
+                   sequential: Optional[float] = None) -> ImportanceSource:
+        b, e = self.stats("activations", base, cal, sequential), self.stats("activations", expert, cal, sequential)
+        name = e.name if self.importances.get(e.name, ImportanceSource(e.name, b, e)).base == b \
+            else f"{e.name}__on__{base.name}"
+        return self.importances.setdefault(name, ImportanceSource(name, b, e))
 
     def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
         return expert.name if self.task_vectors.get(expert.name, (base, expert))[0] == base else \
@@ -138,4 +211,25 @@ def load_project(root: str | os.PathLike | None = None) -> Project:
         if spec.uses_task_vectors:
             for e in experts:
                 project.task_vectors[project.tv_name(base, e)] = (base, e)
+        register_guidance(project, spec)
     return project
+
+
+def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
+    """Register the statistics `spec`'s guidance needs; returns them by role for the merge's deps."""
+    g = spec.guidance
+    need: dict[str, list] = {"importance": [], "sensitivity": [], "grams": [], "aim": []}
+    if g is None:
+        return need
+    if g.sparsity is not None:
+        seq = g.sparsity.wanda_sparsity if g.sparsity.sequential else None
+        need["importance"] = [project.importance(spec.base, e, spec.sparsity_calibration(e), seq) for e in spec.experts]
+    if g.coefficients is not None:
+        need["sensitivity"] = [project.stats("sensitivities", e, spec.own_calibration(e)) for e in spec.experts]
+        for e in spec.experts:  # the alignment reads every expert on every other's texts
+            project.calibrations.setdefault(spec.own_calibration(e).name, spec.own_calibration(e))
+    if g.aim is not None:
+        need["aim"] = [project.stats("activations", spec.base, spec.calibration(c)) for c in g.aim.calibrations]
+    if g.regmean is not None:
+        need["grams"] = [project.stats("grams", m, spec.own_calibration(m)) for m in spec.members]
+    return need

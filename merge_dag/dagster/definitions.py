@@ -10,6 +10,7 @@ import dagster as dg
 
 from ..project import Project, load_project
 from .assets.evals import eval_assets
+from .assets.guidance import guidance_assets
 from .assets.leaderboard import leaderboard_asset
 from .assets.merges import merge_assets
 from .assets.sources import source_assets
@@ -24,7 +25,8 @@ def build_definitions(root: Optional[str | Path] = None, project: Optional[Proje
                       resource: Optional[MergeDagResource] = None) -> dg.Definitions:
     project = project or load_project(root)
     merges, checks = merge_assets(project)
-    assets = source_assets(project) + task_vector_assets(project) + merges + eval_assets(project)
+    assets = source_assets(project) + guidance_assets(project) + task_vector_assets(project) + merges \
+        + eval_assets(project)
     if any(s.evals for s in project.recipes.values()):
         assets.append(leaderboard_asset(project))
     resource = resource or MergeDagResource(

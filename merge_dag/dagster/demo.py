@@ -27,7 +27,22 @@ def run(args: argparse.Namespace) -> int:
     build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data")
     t_zoo = time.perf_counter() - t0
 
+    result, summary, leaderboard, t_run = materialize_all(root)
+    if leaderboard is not None:
+        print("\nLeaderboard\n")
+        print(leaderboard.read_text())
+    print(f"run {result.run_id[:8]}: {summary}")
+    print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
+    print(f"lineage: {os.environ.get('MERGE_DAG_DB') or root / 'data' / 'lineage.duckdb'}  (try: merge-dag audit <recipe name>)")
+    return 0 if result.success else 1
+
+
+def materialize_all(root: Path):
+    """Run the merge_all job of the project at `root` in-process (runs persist in its DAGSTER_HOME).
+    Returns (result, lineage summary text, leaderboard.md path or None, seconds)."""
     ensure_dagster_home(root)
+    from datetime import datetime, timezone
+
     from dagster import DagsterInstance
 
     from .definitions import ALL_JOB, build_definitions
@@ -37,19 +52,13 @@ def run(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     with DagsterInstance.get() as instance:
         result = job.execute_in_process(instance=instance, raise_on_error=True)
-    t_run = time.perf_counter() - t1
+    seconds = time.perf_counter() - t1
     resource = defs.resources["merge_dag"]
-    from datetime import datetime, timezone
-
     resource.lineage().record_run(run_id=result.run_id, finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
                                   status="success" if result.success else "failure", job=ALL_JOB)
-    summary = resource.lineage().run_summary(result.run_id)
+    leaderboard = None
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
         if mat.asset_key.path == ["leaderboard"]:
-            print("\nLeaderboard\n")
-            print((Path(mat.metadata["path"].value) / "leaderboard.md").read_text())
-    print(f"run {result.run_id[:8]}: {summary}")
-    print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
-    print(f"lineage: {resource.database()}  (try: merge-dag audit <recipe name>)")
-    return 0 if result.success else 1
+            leaderboard = Path(mat.metadata["path"].value) / "leaderboard.md"
+    return result, resource.lineage().run_summary(result.run_id), leaderboard, seconds

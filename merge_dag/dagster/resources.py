@@ -19,6 +19,14 @@ class MergeDagResource(dg.ConfigurableResource):
     device: str = "cpu"          # torch device for every tensor op: cpu, cuda, cuda:1
     eval_limit: int = 0          # 0: every example of each eval task
     eval_batch_size: int = 32
+    calibration_batch_size: int = 8    # rows per forward pass of a statistics step
+    calibration_max_length: int = 512  # tokens per row (longer rows are truncated)
+    calibration_max_rows: int = 0      # 0: every row of each calibration set
+
+    def calibration_settings(self) -> dict:
+        """Everything that shapes the batches of a statistics pass (part of each statistic's cache key)."""
+        return {"batch_size": self.calibration_batch_size, "max_length": self.calibration_max_length,
+                "max_rows": self.calibration_max_rows or None}
 
     @property
     def root_path(self) -> Path:

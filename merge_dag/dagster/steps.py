@@ -64,11 +64,16 @@ class Outcome:
     seconds: float
 
 
+def step_key(kind: str, code_version: str, settings: dict[str, Any], inputs: list[Input]) -> str:
+    """The cache key of a step's artifact (what cached_step looks up and builds under)."""
+    return artifact_key(kind, code_version, settings, {f"{i.role}:{n}": i.version for n, i in enumerate(inputs)})
+
+
 def cached_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str,
                 code_version: str, settings: dict[str, Any], inputs: list[Input],
                 build: Callable[[Path, Artifact], dict[str, Any]]) -> Outcome:
     """Build (or find) one content-addressed artifact and record it in lineage; no Dagster event."""
-    key = artifact_key(kind, code_version, settings, {f"{i.role}:{n}": i.version for n, i in enumerate(inputs)})
+    key = step_key(kind, code_version, settings, inputs)
     art = res.store().artifact(kind, name, key)
     t0 = time.perf_counter()
     if art.exists:

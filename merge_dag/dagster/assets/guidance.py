@@ -1,0 +1,356 @@
+"""Data-guided merging as assets: calibration sets, statistics, LEWIS allocations, Sens coefficients.
+
+    calibration/<set>                     observable source: sha256 of the jsonl file
+    activations/<model>__<set>[__seqwandaNN]   per-linear input statistics (one forward pass)
+    grams/<model>__<set>                  per-linear X^T X for RegMean (one forward pass)
+    sensitivity/<expert>__<set>           per-layer first-order sensitivity (one forward + backward pass)
+    importance/<expert>__<set>            LEWIS importance of expert and base, and its shift
+    allocation/<recipe>                   LEWIS density per expert x tensor (per-layer chart in the UI)
+    coefficients/<recipe>                 Sens-Merging sigma per expert x layer (alignment computed here)
+
+Every statistic is keyed by (model fingerprint, calibration fingerprint, batch settings, code
+version), so it is computed once and shared by every recipe that names the same model and set.
+The math lives in merge_dag.guidance; this module only wires it to the cache and lineage.
+"""
+
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from ...core.checkpoint import Checkpoint
+from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
+from ...core.version import code_version
+from ...project import CalibrationSource, ImportanceSource, Project, RecipeSpec, StatsSource, current_spec, \
+    register_guidance
+from ..resources import MergeDagResource, torch_pool
+from ..steps import Input, record_source, run_step, source_id, upstream
+
+GROUP = "guidance"
+STATS_CODE = code_version("guidance/activations.py", "guidance/calibration.py", "guidance/model.py",
+                          "guidance/lewis.py")
+SENS_CODE = code_version("guidance/sens.py", "guidance/calibration.py", "guidance/model.py")
+LEWIS_CODE = code_version("guidance/lewis.py", "guidance/activations.py")
+RESULT = "result.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def _model_input(role: str, m) -> Input:
+    fp = checkpoint_fingerprint(m.path)
+    return Input(role, source_id("model", fp), fp)
+
+
+def _calibration_input(cal: CalibrationSource) -> Input:
+    fp = file_fingerprint(cal.path)
+    return Input("calibration", source_id("calibration", fp), fp)
+
+
+def _upstream_input(context, role: str, key: list[str]) -> tuple[Input, dict]:
+    up = upstream(context, key)
+    return Input(role, up["artifact_id"], up["key"]), up
+
+
+def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource):
+    from ...guidance.calibration import load_batches, load_tokenizer
+
+    s = res.calibration_settings()
+    return load_batches(cal.path, load_tokenizer(model_path), batch_size=s["batch_size"], max_length=s["max_length"],
+                        max_rows=s["max_rows"], device=res.device)
+
+
+def read_result(path: str | Path) -> dict:
+    return json.loads((Path(path) / RESULT).read_text())
+
+
+def _write_result(tmp: Path, obj: dict) -> None:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / RESULT).write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def bar(v: float, width: int = 20) -> str:
+    """A text bar for v in [0, 1] (markdown charts that render in the Dagster UI)."""
+    n = max(0, min(width, round(v * width)))
+    return "█" * n + "·" * (width - n)
+
+
+def _layer_of(name: str) -> int:
+    from ...core.params import layer_index
+
+    li = layer_index(name)
+    return -1 if li is None else li
+
+
+# ---------------------------------------------------------------------------------------------
+# sources and per-(model, calibration set) statistics
+# ---------------------------------------------------------------------------------------------
+
+def calibration_source_asset(cal: CalibrationSource) -> dg.AssetsDefinition:
+    @dg.observable_source_asset(key=["calibration", cal.name], group_name="sources",
+                                description=f"Calibration set {cal.ref} ({cal.path}), versioned by sha256.")
+    def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
+        fp = file_fingerprint(cal.path)
+        record_source(merge_dag, kind="calibration", name=cal.name, fingerprint=fp, path=cal.path,
+                      run_id=context.run.run_id, nbytes=cal.path.stat().st_size)
+        return dg.ObserveResult(data_version=dg.DataVersion(fp),
+                                metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(cal.path))})
+
+    return _observe
+
+
+def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
+    """activations/<name> (kind "activations") or grams/<name> (kind "grams")."""
+    gram = kind == "grams"
+    what = "Gram matrices X^T X" if gram else "input statistics (count, sum x^2, sum |x|, max |x|)"
+    variant = f", sequential Wanda {src.sequential}" if src.sequential is not None else ""
+
+    @dg.asset(key=[kind, src.name], deps=[["model", src.model.name], ["calibration", src.calibration.name]],
+              group_name=GROUP, code_version=STATS_CODE, pool=torch_pool(), kinds={"pytorch", "safetensors"},
+              description=f"Per-linear {what} of {src.model.ref} on calibration set {src.calibration.ref}{variant}.")
+    def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        inputs = [_model_input("model", src.model), _calibration_input(src.calibration)]
+        settings = {**merge_dag.calibration_settings(), "gram": gram, "sequential_wanda": src.sequential}
+
+        def build(tmp, art):
+            from ...guidance.activations import collect_activation_stats
+            from ...guidance.lewis import sequential_wanda_stats
+            from ...guidance.model import load_model
+
+            model = load_model(src.model.path, device=merge_dag.device)
+            batches = _batches(merge_dag, src.model.path, src.calibration)
+            t0 = time.perf_counter()
+            if src.sequential is not None:
+                stats = sequential_wanda_stats(model, batches, sparsity=src.sequential, device=merge_dag.device)
+            else:
+                stats = collect_activation_stats(model, batches, device=merge_dag.device, gram=gram)
+            seconds = time.perf_counter() - t0
+            stats.meta.update({"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds,
+                               **settings})
+            stats.save(tmp)
+            return {"tokens": stats.meta["tokens"], "sequences": stats.meta["sequences"],
+                    "linears": len(stats.names), "pass_seconds": seconds}
+
+        return run_step(context, merge_dag, kind=kind, name=src.name, code_version=STATS_CODE, settings=settings,
+                        inputs=inputs, build=build,
+                        metadata=lambda art, info: {k: info.get(k) for k in ("tokens", "linears", "pass_seconds")})
+
+    return _stats
+
+
+def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
+    @dg.asset(key=["sensitivity", src.name], deps=[["model", src.model.name], ["calibration", src.calibration.name]],
+              group_name=GROUP, code_version=SENS_CODE, pool=torch_pool(), kinds={"pytorch"},
+              description=f"Sens-Merging per-layer sensitivity of {src.model.ref} on {src.calibration.ref} "
+                          "(sum |theta * dL/dtheta| per layer, one backward pass per batch).")
+    def _sens(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        inputs = [_model_input("model", src.model), _calibration_input(src.calibration)]
+
+        def build(tmp, art):
+            from ...guidance.model import load_model
+            from ...guidance.sens import alpha, sensitivity
+
+            model = load_model(src.model.path, device=merge_dag.device)
+            batches = _batches(merge_dag, src.model.path, src.calibration)
+            t0 = time.perf_counter()
+            s = sensitivity(model, batches, device=merge_dag.device)
+            out = {"sensitivity": {str(k): v for k, v in s.items()}, "alpha": {str(k): v for k, v in alpha(s).items()},
+                   "pass_seconds": time.perf_counter() - t0}
+            _write_result(tmp, out)
+            return out
+
+        def meta(art, info):
+            a = info.get("alpha", {})
+            top = max(a.values(), default=0) or 1
+            rows = "\n".join(f"| {k} | {info['sensitivity'][k]:.4g} | {v:.3f} | `{bar(v / top)}` |" for k, v in a.items())
+            return {"per_layer": dg.MetadataValue.md("| layer | S | alpha | |\n|---|---|---|---|\n" + rows),
+                    "pass_seconds": info.get("pass_seconds")}
+
+        return run_step(context, merge_dag, kind="sensitivity", name=src.name, code_version=SENS_CODE,
+                        settings=merge_dag.calibration_settings(), inputs=inputs, build=build, metadata=meta)
+
+    return _sens
+
+
+def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
+    b, e = imp.base, imp.expert
+
+    @dg.asset(key=["importance", imp.name],
+              deps=[["activations", b.name], ["activations", e.name], ["model", b.model.name], ["model", e.model.name]],
+              group_name=GROUP, code_version=LEWIS_CODE, kinds={"pytorch"},
+              description=f"LEWIS importance ||W * sqrt(s)||_F per linear of {e.model.ref} and of the base "
+                          f"{b.model.ref} on {e.calibration.ref}, and its normalised shift.")
+    def _importance(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        ib, ub = _upstream_input(context, "base_activations", ["activations", b.name])
+        ie, ue = _upstream_input(context, "expert_activations", ["activations", e.name])
+        inputs = [_model_input("base", b.model), _model_input("expert", e.model), ib, ie]
+
+        def build(tmp, art):
+            from ...guidance.activations import ActivationStats
+            from ...guidance.lewis import importance, shifts
+
+            i_base = importance(ActivationStats.load(ub["path"]), b.model.path, device=merge_dag.device)
+            i_exp = importance(ActivationStats.load(ue["path"]), e.model.path, device=merge_dag.device)
+            out = {"base": i_base, "expert": i_exp, "shift": shifts(i_base, i_exp, e.model.ref)}
+            _write_result(tmp, out)
+            return out
+
+        def meta(art, info):
+            per_layer: dict[int, float] = {}
+            for n, v in info.get("shift", {}).items():
+                per_layer[_layer_of(n)] = per_layer.get(_layer_of(n), 0.0) + v
+            top = max(per_layer.values(), default=0) or 1
+            rows = "\n".join(f"| {k} | {v:.4f} | `{bar(v / top)}` |" for k, v in sorted(per_layer.items()))
+            return {"shift_per_layer": dg.MetadataValue.md("| layer | sum of normalised shifts | |\n|---|---|---|\n"
+                                                           + rows)}
+
+        return run_step(context, merge_dag, kind="importance", name=imp.name, code_version=LEWIS_CODE, settings={},
+                        inputs=inputs, build=build, metadata=meta)
+
+    return _importance
+
+
+# ---------------------------------------------------------------------------------------------
+# per recipe: allocation (LEWIS) and coefficients (Sens-Merging)
+# ---------------------------------------------------------------------------------------------
+
+def allocation_chart(densities: dict[str, dict[str, float]], sizes: dict[str, int]) -> str:
+    """Markdown: per layer, each expert's parameter-weighted mean density with a bar."""
+    experts = list(densities)
+    layers = sorted({_layer_of(n) for d in densities.values() for n in d})
+    head = "| layer | " + " | ".join(experts) + " |\n|---|" + "---|" * len(experts)
+    rows = []
+    for li in layers:
+        cells = []
+        for ex in experts:
+            items = [(d, sizes[n]) for n, d in densities[ex].items() if _layer_of(n) == li]
+            mean = sum(d * s for d, s in items) / max(1, sum(s for _, s in items))
+            cells.append(f"{mean:.2f} `{bar(mean, 10)}`")
+        rows.append(f"| {'other' if li < 0 else li} | " + " | ".join(cells) + " |")
+    return head + "\n" + "\n".join(rows)
+
+
+def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSource]) -> dg.AssetsDefinition:
+    @dg.asset(key=["allocation", spec.name], deps=[["importance", i.name] for i in imps] + [["recipe", spec.name]],
+              group_name=GROUP, code_version=LEWIS_CODE, kinds={"pytorch"},
+              description=f"LEWIS density map (expert x layer x module) for recipe {spec.file.name}.")
+    def _allocation(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        now = current_spec(project, spec)
+        g = now.guidance.sparsity if now.guidance else None
+        if g is None:
+            raise dg.Failure(f"recipe {spec.file}: guidance.sparsity was removed; reload the code location")
+        by_expert = dict(zip([i.expert.model.ref for i in imps], imps))
+        missing = [e.ref for e in now.experts if e.ref not in by_expert]
+        if missing:
+            raise dg.Failure(f"recipe {spec.file}: {missing} joined after the definitions loaded; their LEWIS "
+                             "importance appears after a reload of the code location")
+        ups = {ref: _upstream_input(context, "importance", ["importance", by_expert[ref].name])
+               for ref in (e.ref for e in now.experts)}
+        inputs = [i for i, _ in ups.values()]
+        settings = g.model_dump(mode="json")
+
+        def build(tmp, art):
+            from ...guidance.lewis import match_mean, rescale, weighted_mean
+
+            ck = Checkpoint(now.base.path)
+            sizes = {n: ck.info(n).numel for n in ck.tensor_names}
+            dens, means = {}, {}
+            for ref, (_, up) in ups.items():
+                d = rescale(read_result(up["path"])["shift"], g.gamma, g.epsilon)
+                if g.mean_density is not None:
+                    d = match_mean(d, sizes, g.mean_density)
+                dens[ref], means[ref] = d, weighted_mean(d, sizes)
+            out = {"densities": dens, "mean_density": means, "chart": allocation_chart(dens, sizes)}
+            _write_result(tmp, out)
+            return out
+
+        def meta(art, info):
+            return {"per_layer_density": dg.MetadataValue.md(info.get("chart", "")),
+                    "mean_density": dg.MetadataValue.json(info.get("mean_density", {})),
+                    "gamma": g.gamma, "epsilon": g.epsilon}
+
+        return run_step(context, merge_dag, kind="allocation", name=spec.name, code_version=LEWIS_CODE,
+                        settings=settings, inputs=inputs, build=build, metadata=meta)
+
+    return _allocation
+
+
+def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSource]) -> dg.AssetsDefinition:
+    cals = {s.model.ref: s.calibration for s in sens}
+    deps = [["sensitivity", s.name] for s in sens] + [["model", s.model.name] for s in sens] \
+        + [["calibration", c.name] for c in dict.fromkeys(cals.values())] + [["recipe", spec.name]]
+
+    @dg.asset(key=["coefficients", spec.name], deps=deps, group_name=GROUP, code_version=SENS_CODE,
+              pool=torch_pool(), kinds={"pytorch"},
+              description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {spec.file.name}; "
+                          "the cross-task logit alignment is computed here.")
+    def _coefficients(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        now = current_spec(project, spec)
+        g = now.guidance.coefficients if now.guidance else None
+        if g is None:
+            raise dg.Failure(f"recipe {spec.file}: guidance.coefficients was removed; reload the code location")
+        by_expert = {s.model.ref: s for s in sens}
+        missing = [e.ref for e in now.experts if e.ref not in by_expert]
+        if missing:
+            raise dg.Failure(f"recipe {spec.file}: {missing} joined after the definitions loaded; their "
+                             "sensitivity appears after a reload of the code location")
+        refs = [e.ref for e in now.experts]
+        ups = {r: _upstream_input(context, "sensitivity", ["sensitivity", by_expert[r].name]) for r in refs}
+        inputs = [i for i, _ in ups.values()]
+        if g.alignment:
+            inputs += [_model_input("expert", by_expert[r].model) for r in refs]
+            inputs += [_calibration_input(c) for c in dict.fromkeys(by_expert[r].calibration for r in refs)]
+        settings = {**g.model_dump(mode="json"), **(merge_dag.calibration_settings() if g.alignment else {})}
+
+        def build(tmp, art):
+            from ...guidance.model import load_model
+            from ...guidance.sens import alignment, coefficients, tau
+
+            s = {r: {int(k): v for k, v in read_result(up["path"])["sensitivity"].items()} for r, (_, up) in ups.items()}
+            t0 = time.perf_counter()
+            if g.alignment and len(refs) > 1:
+                models = {r: load_model(by_expert[r].model.path, device=merge_dag.device) for r in refs}
+                tasks = {r: _batches(merge_dag, by_expert[r].model.path, by_expert[r].calibration) for r in refs}
+                gm = alignment(models, tasks, device=merge_dag.device)
+            else:
+                gm = {i: {j: 0.0 for j in refs} for i in refs}
+            taus = tau(gm)
+            sigma = coefficients(s, taus, g.temperature)
+            out = {"sigma": {r: {str(k): v for k, v in c.items()} for r, c in sigma.items()}, "tau": taus,
+                   "alignment": gm, "alignment_seconds": time.perf_counter() - t0}
+            _write_result(tmp, out)
+            return out
+
+        def meta(art, info):
+            sigma = info.get("sigma", {})
+            names = list(sigma)
+            layers = sorted({int(k) for c in sigma.values() for k in c})
+            head = "| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+            rows = "\n".join(f"| {li} | " + " | ".join(f"{sigma[n][str(li)]:.3f} `{bar(sigma[n][str(li)], 10)}`"
+                                                        for n in names) + " |" for li in layers)
+            return {"sigma_per_layer": dg.MetadataValue.md(head + "\n" + rows),
+                    "tau": dg.MetadataValue.json(info.get("tau", {})),
+                    "alignment_kl": dg.MetadataValue.json(info.get("alignment", {}))}
+
+        return run_step(context, merge_dag, kind="coefficients", name=spec.name, code_version=SENS_CODE,
+                        settings=settings, inputs=inputs, build=build, metadata=meta)
+
+    return _coefficients
+
+
+def guidance_assets(project: Project) -> list[dg.AssetsDefinition]:
+    out: list[dg.AssetsDefinition] = [calibration_source_asset(c) for c in project.calibrations.values()]
+    out += [stats_asset("activations", s) for s in project.activations.values()]
+    out += [stats_asset("grams", s) for s in project.grams.values()]
+    out += [sensitivity_asset(s) for s in project.sensitivities.values()]
+    out += [importance_asset(i) for i in project.importances.values()]
+    for spec in project.recipes.values():
+        need = register_guidance(project, spec)  # already registered at load: returns the same sources
+        if need["importance"]:
+            out.append(allocation_asset(project, spec, need["importance"]))
+        if need["sensitivity"]:
+            out.append(coefficients_asset(project, spec, need["sensitivity"]))
+    return out

@@ -1,0 +1,296 @@
+"""Data-guided merging through Dagster on a copy of the ci zoo: every statistic, allocation and
+coefficient map against its formula, the merges against direct computations, statistics shared
+across recipes (no second forward pass), and a calibration edit rebuilding exactly its dependents."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import torch
+
+from merge_dag.core.checkpoint import Checkpoint
+from merge_dag.dagster.definitions import ALL_JOB, build_definitions
+from merge_dag.dagster.resources import MergeDagResource
+from merge_dag.guidance.activations import ActivationStats
+from merge_dag.lineage.store import LineageStore
+
+ROOT = Path(__file__).resolve().parents[1]
+CI = "data/models/ci"
+MODELS3 = f"""
+models:
+  - {{model: {CI}/arev, calibration: arev}}
+  - {{model: {CI}/sort, calibration: sort}}
+  - {{model: {CI}/ashift, calibration: ashift}}
+"""
+RECIPES = {
+    "ties_lewis": f"""
+name: ties_lewis
+merge_method: ties
+base_model: {CI}/base
+models:
+  - {{model: {CI}/arev, calibration: arev}}
+  - {{model: {CI}/sort, calibration: sort}}
+parameters: {{weight: 1.0, density: 0.5, lambda: 1.0}}
+guidance:
+  sparsity: {{method: lewis, gamma: 0.2, epsilon: 0.9, mean_density: 0.5}}
+evals: [zoo_arev]
+""",
+    "ta_sens": f"""
+name: ta_sens
+merge_method: task_arithmetic
+base_model: {CI}/base
+{MODELS3}
+parameters: {{weight: 1.0, lambda: 0.6}}
+guidance:
+  coefficients: {{method: sens, temperature: 3}}
+""",
+    "ta_aim": f"""
+name: ta_aim
+merge_method: task_arithmetic
+base_model: {CI}/base
+{MODELS3}
+parameters: {{weight: 1.0, lambda: 0.6}}
+guidance:
+  aim: {{calibration: arev, omega: 0.4}}
+""",
+    "ta": f"""
+name: ta
+merge_method: task_arithmetic
+base_model: {CI}/base
+{MODELS3}
+parameters: {{weight: 1.0, lambda: 0.6}}
+""",
+    "regmean": f"""
+name: regmean
+merge_method: linear
+models:
+  - {{model: {CI}/arev, calibration: arev}}
+  - {{model: {CI}/sort, calibration: sort}}
+parameters: {{weight: 1.0}}
+guidance:
+  regmean: {{a: 0.9}}
+""",
+}
+
+ALL_BUILT = {
+    "activations/ci_base__arev", "activations/ci_arev__arev", "activations/ci_base__sort", "activations/ci_sort__sort",
+    "importance/ci_arev__arev", "importance/ci_sort__sort", "allocation/ties_lewis",
+    "sensitivity/ci_arev__arev", "sensitivity/ci_sort__sort", "sensitivity/ci_ashift__ashift", "coefficients/ta_sens",
+    "grams/ci_arev__arev", "grams/ci_sort__sort",
+    "task_vector/ci_arev", "task_vector/ci_sort", "task_vector/ci_ashift",
+    "merged/ties_lewis", "merged/ta_sens", "merged/ta_aim", "merged/ta", "merged/regmean",
+    "eval/merged_ties_lewis", "eval/model_ci_base", "eval/model_ci_arev", "eval/model_ci_sort",
+    "leaderboard/leaderboard",
+}
+AREV_DEPENDENTS = {
+    "activations/ci_base__arev", "activations/ci_arev__arev", "importance/ci_arev__arev", "allocation/ties_lewis",
+    "merged/ties_lewis", "eval/merged_ties_lewis", "leaderboard/leaderboard",
+    "sensitivity/ci_arev__arev", "coefficients/ta_sens", "merged/ta_sens",   # the alignment reads arev's texts
+    "merged/ta_aim",                                                        # AIM: the base's statistics on arev
+    "grams/ci_arev__arev", "merged/regmean",
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, ci_zoo):
+    root = tmp_path_factory.mktemp("guided")
+    for name in ("base", "arev", "ashift", "sort"):
+        shutil.copytree(ROOT / CI / name, root / CI / name)
+    for folder in ("tasks", "eval", "calibration"):
+        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
+    (root / "data" / "recipes").mkdir(parents=True)
+    for name, text in RECIPES.items():
+        (root / "data" / "recipes" / f"{name}.yaml").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="module")
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def run_all(root: Path, instance):
+    res = MergeDagResource(root=str(root), eval_limit=12, db_path=str(root / "data" / "lineage.duckdb"),
+                           calibration_batch_size=16)
+    result = build_definitions(root, resource=res).resolve_job_def(ALL_JOB).execute_in_process(instance=instance)
+    assert result.success
+    return result
+
+
+def events(root: Path, run_id: str, kind: str) -> set[str]:
+    return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id) if e["event"] == kind}
+
+
+def artifact(result, *key: str) -> Path:
+    for ev in result.get_asset_materialization_events():
+        mat = ev.event_specific_data.materialization
+        if tuple(mat.asset_key.path) == key:
+            return Path(mat.metadata["path"].value)
+    raise KeyError(key)
+
+
+def result_json(result, *key: str) -> dict:
+    return json.loads((artifact(result, *key) / "result.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_run(project, instance):
+    return run_all(project, instance)
+
+
+def test_first_run_builds_each_statistic_once(project, first_run):
+    assert events(project, first_run.run_id, "materialized") == ALL_BUILT
+    assert all(c.passed for c in first_run.get_asset_check_evaluations())
+
+
+def test_activation_statistics_match_a_direct_forward_pass(project, first_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stats = ActivationStats.load(artifact(first_run, "activations", "ci_arev__arev"))
+    folder = project / CI / "arev"
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    texts = [json.loads(line)["text"] for line in (project / "data" / "calibration" / "arev.jsonl").read_text().splitlines()]
+    captured = []
+    name = "model.layers.1.mlp.down_proj.weight"
+    h = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: captured.append(a[0][0]))
+    with torch.no_grad():
+        for t in texts:  # one text at a time: no padding at all
+            model(**tok(t, return_tensors="pt"))
+    h.remove()
+    x = torch.cat(captured)
+    assert stats.count[name] == x.shape[0]
+    torch.testing.assert_close(stats.sumsq[name], (x * x).sum(0), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(stats.maxabs[name], x.abs().amax(0), rtol=1e-5, atol=1e-6)
+
+
+def test_allocation_is_the_lewis_formula_and_the_merge_uses_it(project, first_run):
+    alloc = result_json(first_run, "allocation", "ties_lewis")
+    base_ck = Checkpoint(project / CI / "base")
+    sizes = {n: base_ck.info(n).numel for n in base_ck.tensor_names}
+    for expert, cal in (("arev", "arev"), ("sort", "sort")):
+        imp = result_json(first_run, "importance", f"ci_{expert}__{cal}")
+        # importance by hand: ||W * sqrt(sumsq / N)||_F, from the statistics and the weights
+        st = ActivationStats.load(artifact(first_run, "activations", f"ci_{expert}__{cal}"))
+        ck = Checkpoint(project / CI / expert)
+        for n in list(st.names)[:4]:
+            w = ck.get(n, dtype=torch.float32)
+            assert imp["expert"][n] == pytest.approx(float((w.abs() * (st.sumsq[n] / st.count[n]).sqrt()).norm()), rel=1e-5)
+        # shift normalised per module type, rescaled into [gamma, epsilon], shifted to mean density 0.5
+        d = {n: abs(imp["expert"][n] - imp["base"][n]) for n in imp["base"]}
+        types = {n: n.split(".", 3)[3] for n in d}
+        tot = {t: sum(v for n, v in d.items() if types[n] == t) for t in set(types.values())}
+        d = {n: v / tot[types[n]] for n, v in d.items()}
+        lo, hi = min(d.values()), max(d.values())
+        d = {n: 0.2 + (v - lo) / (hi - lo) * 0.7 for n, v in d.items()}
+        got = alloc["densities"][f"{CI}/{expert}"]
+        c = got[next(iter(got))] - d[next(iter(got))]
+        for n in d:
+            assert got[n] == pytest.approx(min(1, max(0.01, d[n] + c)), abs=1e-9)
+        mean = sum(got[n] * sizes[n] for n in got) / sum(sizes[n] for n in got)
+        assert mean == pytest.approx(0.5, abs=1e-6)
+    # the merged checkpoint is the engine's TIES with exactly these densities
+    from merge_dag.core.engine import execute, plan_merge
+    from merge_dag.core.recipe import load_recipe
+    from merge_dag.guidance.apply import guided_recipe
+
+    recipe = load_recipe(project / "data" / "recipes" / "ties_lewis.yaml", root=project)
+    plan = plan_merge(guided_recipe(recipe, alloc["densities"], None, 4))
+    step = next(s for s in plan.steps if s.name == "model.layers.2.self_attn.v_proj.weight")
+    assert step.sources[0].params["density"] == alloc["densities"][f"{CI}/arev"][step.name]
+    assert next(s for s in plan.steps if s.name == "model.embed_tokens.weight").sources[0].params["density"] == 0.5
+    out = execute(plan, project / "direct_ties_lewis", progress=False)
+    merged = Checkpoint(artifact(first_run, "merged", "ties_lewis"))
+    for n in out_names(out):
+        assert torch.equal(merged.get(n), Checkpoint(out.out_dir).get(n)), n
+
+
+def out_names(result) -> list[str]:
+    return Checkpoint(result.out_dir).tensor_names
+
+
+def test_coefficients_are_the_sens_formula_and_the_merge_uses_them(project, first_run):
+    co = result_json(first_run, "coefficients", "ta_sens")
+    experts = [f"{CI}/{e}" for e in ("arev", "sort", "ashift")]
+    sens = {e: result_json(first_run, "sensitivity", f"ci_{e.rsplit('/', 1)[1]}__{e.rsplit('/', 1)[1]}")["sensitivity"]
+            for e in experts}
+    g = co["alignment"]
+    assert all(g[i][i] == 0 for i in experts) and all(g[i][j] > 0 for i in experts for j in experts if i != j)
+    a = {i: sum(math.exp(-g[i][j]) for j in experts if j != i) / 2 for i in experts}
+    tau = {i: a[i] / (sum(a.values()) / 3) for i in experts}
+    assert co["tau"] == pytest.approx(tau)
+    for layer in ("0", "3"):
+        alpha = {e: sens[e][layer] / math.sqrt(sum(v * v for v in sens[e].values())) for e in experts}
+        z = {e: math.exp(alpha[e] * tau[e] / 3) for e in experts}
+        for e in experts:
+            assert co["sigma"][e][layer] == pytest.approx(z[e] / sum(z.values()), rel=1e-9)
+    # merged = base + lambda * sum_i K sigma_i^l delta_i
+    name = "model.layers.3.mlp.up_proj.weight"
+    base = Checkpoint(project / CI / "base").get(name, dtype=torch.float32)
+    want = base + 0.6 * sum(3 * co["sigma"][e]["3"] * (Checkpoint(project / e).get(name, dtype=torch.float32) - base)
+                            for e in experts)
+    got = Checkpoint(artifact(first_run, "merged", "ta_sens")).get(name, dtype=torch.float32)
+    torch.testing.assert_close(got, want.to(got.dtype).float(), rtol=0, atol=1e-2 * float(base.abs().max()) / 256)
+
+
+def test_aim_relaxes_the_plain_merge_by_the_bases_activations(project, first_run):
+    st = ActivationStats.load(artifact(first_run, "activations", "ci_base__arev"))
+    plain, aim = Checkpoint(artifact(first_run, "merged", "ta")), Checkpoint(artifact(first_run, "merged", "ta_aim"))
+    base = Checkpoint(project / CI / "base")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    m = st.sumabs[name] / st.count[name]
+    factor = 1 - (m / m.max()) * (1 - 0.4)
+    b = base.get(name, dtype=torch.float32)
+    want = b + (plain.get(name, dtype=torch.float32) - b) * factor.unsqueeze(0)
+    torch.testing.assert_close(aim.get(name, dtype=torch.float32), want.to(aim.info(name).dtype).float())
+    assert torch.equal(aim.get("model.embed_tokens.weight"), plain.get("model.embed_tokens.weight"))
+    card = json.loads((artifact(first_run, "merged", "ta_aim") / "merge_dag.json").read_text())
+    assert card["aim"]["omega"] == 0.4 and card["guidance"]["recipe"]["aim"]["calibration"] == "arev"
+
+
+def test_regmean_solves_each_linear_from_the_gram_matrices(project, first_run):
+    grams = [ActivationStats.load(artifact(first_run, "grams", f"ci_{e}__{e}")) for e in ("arev", "sort")]
+    name = "model.layers.2.mlp.gate_proj.weight"
+    ws = [Checkpoint(project / CI / e).get(name, dtype=torch.float32) for e in ("arev", "sort")]
+    gs = []
+    for st in grams:
+        g = st.gram[name] / st.count[name]
+        gs.append(0.9 * g + 0.1 * torch.diag(torch.diagonal(g)))
+    want = (sum(w @ g for w, g in zip(ws, gs)) @ torch.linalg.inv(sum(gs)))
+    got = Checkpoint(artifact(first_run, "merged", "regmean")).get(name, dtype=torch.float32)
+    torch.testing.assert_close(got, want.to(torch.float32), rtol=2e-2, atol=2e-3)
+    emb = "model.embed_tokens.weight"
+    torch.testing.assert_close(
+        Checkpoint(artifact(first_run, "merged", "regmean")).get(emb, dtype=torch.float32),
+        sum(Checkpoint(project / CI / e).get(emb, dtype=torch.float32) for e in ("arev", "sort")) / 2)
+
+
+def test_a_second_recipe_reusing_a_calibration_set_runs_no_forward_pass(project, instance, first_run):
+    extra = project / "data" / "recipes" / "ties_lewis_b.yaml"
+    extra.write_text(RECIPES["ties_lewis"].replace("name: ties_lewis", "name: ties_lewis_b")
+                     .replace("epsilon: 0.9", "epsilon: 0.7").replace("evals: [zoo_arev]", ""))
+    try:
+        after = run_all(project, instance)
+        assert events(project, after.run_id, "materialized") == {"allocation/ties_lewis_b", "merged/ties_lewis_b"}
+        assert {s for s in events(project, after.run_id, "cache_hit") if s.startswith("activations/")} == {
+            "activations/ci_base__arev", "activations/ci_arev__arev", "activations/ci_base__sort",
+            "activations/ci_sort__sort"}
+    finally:
+        extra.unlink()
+
+
+def test_editing_a_calibration_file_rebuilds_exactly_its_dependents(project, instance, first_run):
+    run_all(project, instance)
+    cal = project / "data" / "calibration" / "arev.jsonl"
+    original = cal.read_text()
+    cal.write_text(original + json.dumps({"text": "arev:abcdefgh=hgfedcba"}) + "\n")
+    try:
+        after = run_all(project, instance)
+        assert events(project, after.run_id, "materialized") == AREV_DEPENDENTS
+        assert events(project, after.run_id, "cache_hit") == ALL_BUILT - AREV_DEPENDENTS
+    finally:
+        cal.write_text(original)
