@@ -233,3 +233,71 @@ def test_glob_recipe_picks_up_a_new_expert(project, tmp_path):
         events = LineageStore(tmp_path / "g.duckdb").events(run_id=again.run_id)
         assert {e["step"] for e in events if e["event"] == "cache_hit"} == {"task_vector/g_2", "merged/globbed"}
         assert not [e for e in events if e["event"] == "materialized"]
+
+
+def test_new_expert_builds_when_the_run_reimports_the_definitions_and_the_sensor_fills_in_the_rest(project, tmp_path):
+    """Under `dagster dev` each run re-imports the definitions after the newcomer landed: its
+    task_vector and baseline eval exist in that graph but were never built. The merge builds the
+    task vector inline, the leaderboard leaves the missing baseline out, and once the code location
+    reloads the sensor requests the newcomer's never-built assets by itself."""
+    models = project / "data" / "models"
+    shutil.copytree(models / "c", models / "g-1")
+    (project / "data" / "recipes" / "globbed.yaml").write_text(GLOB_RECIPE + "evals: [zoo_arev]\n")
+    res = MergeDagResource(root=str(project), db_path=str(tmp_path / "g.duckdb"),
+                           artifacts_dir=str(tmp_path / "artifacts"), eval_limit=4)
+    p = load_project(project)  # the code server's view, before g-2
+    loaded = build_definitions(project, resource=res)
+    with dg.instance_for_test() as instance:
+        assert loaded.resolve_job_def(ALL_JOB).execute_in_process(instance=instance).success
+        sensor = loaded.get_sensor_def(SENSOR_NAME)
+        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=loaded))
+        assert not first.run_requests
+        shutil.copytree(models / "b", models / "g-2")
+        cursor = json.loads(first.cursor)
+        _, cursor = evaluate_models(p, cursor, now=time.time() - 100, settle_seconds=10)  # first seen
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=loaded,
+                                                            cursor=json.dumps(cursor)))
+        assert len(tick.run_requests) == 1
+        req = tick.run_requests[0]
+        assert keys(req.asset_selection) == {"recipe/globbed", "merged/globbed", "eval/merged/globbed", "leaderboard"}
+        fresh = build_definitions(project, resource=res)  # the run worker's import, after g-2 landed
+        result = fresh.resolve_job_def(ALL_JOB).execute_in_process(
+            instance=instance, asset_selection=req.asset_selection, raise_on_error=False)
+        failures = [e.event_specific_data.error.message for e in result.all_events if e.is_step_failure]
+        assert result.success, failures
+        events = LineageStore(tmp_path / "g.duckdb").events(run_id=result.run_id)
+        assert {e["step"] for e in events if e["event"] == "materialized"} == {
+            "task_vector/g_2", "merged/globbed", "eval/merged_globbed", "leaderboard/leaderboard"}
+        assert "model/g_2" in {e["step"] for e in events if e["event"] == "observed"}  # provenance of the newcomer
+        # the code location reloads (`fresh`): the sensor now asks once for g-2's never-built assets
+        tick2 = fresh.get_sensor_def(SENSOR_NAME).evaluate_tick(
+            dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick.cursor))
+        assert len(tick2.run_requests) == 1
+        assert keys(tick2.run_requests[0].asset_selection) == {"task_vector/g_2", "eval/model/g_2", "leaderboard"}
+        again = fresh.resolve_job_def(ALL_JOB).execute_in_process(
+            instance=instance, asset_selection=tick2.run_requests[0].asset_selection)
+        assert again.success
+        events = LineageStore(tmp_path / "g.duckdb").events(run_id=again.run_id)
+        assert {e["step"] for e in events if e["event"] == "cache_hit"} == {"task_vector/g_2"}  # built inline before
+        board = [e.event_specific_data.materialization for e in again.get_asset_materialization_events()
+                 if e.event_specific_data.materialization.asset_key.path == ["leaderboard"]][0]
+        assert "model/g_2" in {r.data["model"] for r in board.metadata["leaderboard"].value.records}
+        tick3 = fresh.get_sensor_def(SENSOR_NAME).evaluate_tick(
+            dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick2.cursor))
+        assert not tick3.run_requests  # nothing left to build
+
+
+def test_affected_keys_include_the_guidance_statistics_of_a_changed_expert(project):
+    shutil.copytree(ROOT / "data" / "calibration", project / "data" / "calibration")
+    (project / "data" / "recipes" / "guided.yaml").write_text("""
+name: guided
+merge_method: ties
+base_model: data/models/base
+models: [{model: data/models/a, calibration: arev}, {model: data/models/b, calibration: sort}]
+parameters: {weight: 1.0, density: 0.5}
+guidance: {sparsity: {gamma: 0.3, epsilon: 0.7}}
+""")
+    p = load_project(project)
+    assert keys(affected_keys(p, "a")) == {
+        "model/a", "recipe/mix", "recipe/guided", "task_vector/a", "merged/mix", "eval/merged/mix", "eval/model/a",
+        "leaderboard", "activations/a__arev", "importance/a__arev", "allocation/guided", "merged/guided"}

@@ -294,3 +294,20 @@ def test_editing_a_calibration_file_rebuilds_exactly_its_dependents(project, ins
         assert events(project, after.run_id, "cache_hit") == ALL_BUILT - AREV_DEPENDENTS
     finally:
         cal.write_text(original)
+
+
+def test_sequential_wanda_statistics_are_their_own_assets(tmp_path):
+    from merge_dag.project import load_project
+
+    (tmp_path / "data" / "recipes").mkdir(parents=True)
+    shutil.copytree(ROOT / "data" / "calibration", tmp_path / "data" / "calibration")
+    plain = RECIPES["ties_lewis"].replace("evals: [zoo_arev]", "")
+    (tmp_path / "data" / "recipes" / "a.yaml").write_text(plain)
+    (tmp_path / "data" / "recipes" / "b.yaml").write_text(
+        plain.replace("name: ties_lewis", "name: seq").replace("mean_density: 0.5}", "mean_density: 0.5, sequential: true}"))
+    p = load_project(tmp_path)
+    assert set(p.activations) == {"ci_base__arev", "ci_arev__arev", "ci_base__sort", "ci_sort__sort",
+                                  "ci_base__arev__seqwanda50", "ci_arev__arev__seqwanda50",
+                                  "ci_base__sort__seqwanda50", "ci_sort__sort__seqwanda50"}
+    assert p.importances["ci_arev__arev__seqwanda50"].base.sequential == 0.5
+    assert set(p.calibrations) == {"arev", "sort"}

@@ -16,9 +16,14 @@ any other (a folder first seen after the sensor's first tick counts as new, comp
 triggers once it has settled). Its run rebuilds the recipes whose globs match it; the merge step
 expands the glob again at run time and builds the newcomer's task vector inside the step, under the
 same cache key that the expert's own task_vector asset finds once the code location is reloaded
-(Reload in the UI, or a restart of `dagster dev`) and the graph shows it.
+(Reload in the UI, or a restart of `dagster dev`) and the graph shows it. After that reload, the
+sensor requests once, by itself, the newcomer's assets that were never built (its task vector: a
+cache hit; its baseline eval; the statistics of a guided recipe) and the leaderboard. A guided
+recipe (LEWIS, Sens, RegMean) cannot merge a newcomer before that reload: its statistics are assets
+the code location does not show yet, and the merge step says so.
 """
 
+import hashlib
 import json
 import os
 import time
@@ -82,23 +87,39 @@ def recipes_using(project: Project, model: str) -> list[RecipeSpec]:
     return out
 
 
-def affected_keys(project: Project, model: str) -> list[dg.AssetKey]:
-    """Every asset downstream of model `model`, with the model's own source key first (a new glob
-    match has no asset of its own yet: its recipes' merges, evals and the leaderboard)."""
-    keys = [["model", model]] if model in project.models else []
-    recipes = recipes_using(project, model)
-    for tv, (base, expert) in project.task_vectors.items():
-        if model in (base.name, expert.name):
-            keys.append(["task_vector", tv])
-    for s in recipes:
-        keys += [["recipe", s.name], ["merged", s.name]]
-        if s.evals:
-            keys.append(["eval", "merged", s.name])
-    if model in project.model_evals:
-        keys.append(["eval", "model", model])
-    if any(s.evals for s in recipes) or model in project.model_evals:
-        keys.append(["leaderboard"])
-    return [dg.AssetKey(k) for k in keys]
+def affected_keys(project: Project, model: str, asset_graph=None) -> list[dg.AssetKey]:
+    """Every asset downstream of model `model` (task vectors, statistics, allocations, merges, evals,
+    the leaderboard), with the model's own source and the sources of the recipes using it first so
+    the run observes them. A new glob match has no asset of its own yet: its recipes' downstream.
+    `asset_graph`: the code location's (the sensor passes its repository's); built when not given."""
+    if asset_graph is None:
+        from .definitions import build_definitions
+
+        asset_graph = build_definitions(project=project).resolve_asset_graph()
+    known = asset_graph.get_all_asset_keys()
+    roots = [k for k in [dg.AssetKey(["model", model])] if k in known]
+    roots += [k for s in recipes_using(project, model) for k in [dg.AssetKey(["recipe", s.name])] if k in known]
+    if not roots:
+        return []
+    below = dg.AssetSelection.assets(*roots).downstream().resolve(asset_graph) - set(roots)
+    return roots + sorted(below, key=lambda k: k.to_user_string())
+
+
+def missing_after_new(asset_graph, instance: dg.DagsterInstance, model: str) -> list[dg.AssetKey]:
+    """The never-materialized assets downstream of a model that appeared after the definitions
+    loaded and is in the graph now (after a reload: its task vector, baseline eval, statistics),
+    with the leaderboard when an eval is among them."""
+    mk = dg.AssetKey(["model", model])
+    if mk not in asset_graph.get_all_asset_keys():
+        return []
+    below = dg.AssetSelection.assets(mk).downstream().resolve(asset_graph) - {mk}
+    latest = instance.get_latest_materialization_events(list(below))
+    missing = sorted((k for k in below if latest.get(k) is None), key=lambda k: k.to_user_string())
+    board = dg.AssetKey(["leaderboard"])
+    if missing and board in asset_graph.get_all_asset_keys() and board not in missing \
+            and any(k.path[0] == "eval" for k in missing):
+        missing.append(board)
+    return missing
 
 
 def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: float) -> tuple[list[str], dict]:
@@ -117,7 +138,7 @@ def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: 
                 fp = checkpoint_fingerprint(m.path) if sig and is_complete_checkpoint(m.path) else None
                 state[name] = {"sig": sig, "since": now, "fp": fp}
             else:  # a folder that appeared since: wait for it to settle, then build it
-                state[name] = {"sig": sig, "since": now, "fp": None}
+                state[name] = {"sig": sig, "since": now, "fp": None, "new": True}
             continue
         if sig != prev["sig"]:  # changed since the last tick: (re)start the settle clock
             state[name] = {"sig": sig, "since": now, "fp": prev.get("fp")}
@@ -141,13 +162,25 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
     def _sensor(context: dg.SensorEvaluationContext):
         cursor = json.loads(context.cursor) if context.cursor else {}
         changed, state = evaluate_models(project, cursor, time.time(), settle)
+        graph = context.repository_def.asset_graph
+        requested = False
         for name in changed:
             fp = state[name]["fp"]
             yield dg.RunRequest(run_key=f"{name}:{fp}:{state[name]['since']}",
-                                asset_selection=affected_keys(project, name),
+                                asset_selection=affected_keys(project, name, graph),
                                 tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": fp})
+            requested = True
+        # a new model's own assets appear after a code-location reload: build those never built, once
+        for name, st in state.items():
+            if st.get("new") and st.get("fp") and name not in changed:
+                missing = missing_after_new(graph, context.instance, name)
+                if missing:
+                    digest = hashlib.sha256(",".join(k.to_user_string() for k in missing).encode()).hexdigest()[:16]
+                    yield dg.RunRequest(run_key=f"{name}:{st['fp']}:missing:{digest}", asset_selection=missing,
+                                        tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": st["fp"]})
+                    requested = True
         context.update_cursor(json.dumps(state))
-        if not changed:
+        if not requested:
             yield dg.SkipReason("no new or changed complete checkpoint")
 
     return _sensor

@@ -45,14 +45,23 @@ def record_source(res: MergeDagResource, *, kind: str, name: str, fingerprint: s
     return sid
 
 
-def upstream(context: dg.AssetExecutionContext, key: list[str]) -> dict[str, Any]:
-    """The artifact an upstream asset last materialized: its id, key and path (from its metadata)."""
-    ak = dg.AssetKey(key)
-    event = context.instance.get_latest_materialization_event(ak)
+def latest(context, key: list[str]) -> dict[str, Any] | None:
+    """The artifact an asset last materialized (its id, key and path from its metadata), or None
+    if it never was (e.g. the asset of a new glob match, known to this freshly imported step but
+    never built)."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
     if event is None or event.asset_materialization is None:
-        raise dg.Failure(f"{ak.to_user_string()} has never been materialized; materialize it first")
+        return None
     md = event.asset_materialization.metadata
     return {k: md[k].value for k in ("artifact_id", "key", "path") if k in md}
+
+
+def upstream(context: dg.AssetExecutionContext, key: list[str]) -> dict[str, Any]:
+    """latest(), required: a clear failure if the upstream asset has never been materialized."""
+    up = latest(context, key)
+    if up is None:
+        raise dg.Failure(f"{dg.AssetKey(key).to_user_string()} has never been materialized; materialize it first")
+    return up
 
 
 @dataclass

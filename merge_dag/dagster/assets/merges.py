@@ -20,7 +20,7 @@ from ...core.version import code_version
 from ...core.recipe import Recipe
 from ...project import Project, RecipeSpec, current_spec, register_guidance
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, run_step, source_id, upstream
+from ..steps import Input, latest, run_step, source_id, upstream
 from .sources import recipe_fingerprint
 from .task_vectors import task_vector_inline
 
@@ -53,12 +53,14 @@ def prepare_merge(context: dg.AssetExecutionContext, merge_dag: MergeDagResource
         inputs.append(Input("base", source_id("model", fb), fb))
     for e in now.experts:
         tv = project.known_task_vector(now.base, e) if now.uses_task_vectors else None
-        if tv is not None:
-            up = upstream(context, ["task_vector", tv])
+        up = latest(context, ["task_vector", tv]) if tv is not None else None
+        if up is not None:
             inputs.append(Input("expert", up["artifact_id"], up["key"]))
             tvs[e.ref] = up["path"]
-        elif now.uses_task_vectors:  # an expert the graph does not show yet (e.g. a new glob match)
-            context.log.info(f"{e.ref}: not in the loaded graph yet; its task vector is built in this step")
+        elif now.uses_task_vectors:
+            # a new glob match: either the graph does not show it yet, or this step's fresh import of
+            # the definitions does (Dagster re-imports them per run) but its task vector was never built
+            context.log.info(f"{e.ref}: task vector not built yet (a new expert); built in this step")
             out = task_vector_inline(context, merge_dag, e.name, now.base, e)
             inputs.append(Input("expert", out.artifact.id, out.key))
             tvs[e.ref] = str(out.artifact.path)

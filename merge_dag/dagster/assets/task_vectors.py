@@ -9,7 +9,7 @@ from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, Outcome, cached_step, run_step, source_id
+from ..steps import Input, Outcome, cached_step, record_source, run_step, source_id
 
 GROUP = "task_vectors"
 CODE = code_version("core/task_vector.py", "core/checkpoint.py")
@@ -32,6 +32,9 @@ def task_vector_inline(context: dg.AssetExecutionContext, merge_dag: MergeDagRes
                        base: ModelSource, expert: ModelSource) -> Outcome:
     """The task vector of an expert the definitions do not know yet (a new glob match), built inside
     the step that needs it under the same cache key its own asset will find after a reload."""
+    fp = checkpoint_fingerprint(expert.path)  # the newcomer has no observation of its own yet: record it
+    record_source(merge_dag, kind="model", name=expert.name, fingerprint=fp, path=expert.path,
+                  run_id=context.run.run_id, nbytes=sum(f.stat().st_size for f in expert.path.glob("*.safetensors")))
     return cached_step(context, merge_dag, **_step_args(merge_dag, name, base, expert))
 
 
