@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
-from .demo import materialize_all
+from .demo import materialize_all, prepare
 
 # (label, plain recipe, guided recipe): what each guidance is compared against
 PAIRS = [
@@ -92,13 +91,8 @@ def format_comparison(skills: list[str], table: dict[str, dict[str, float]]) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    root = args.root.absolute()
-    if args.device:
-        os.environ["MERGE_DAG_DEVICE"] = args.device
     t0 = time.perf_counter()
-    from ..zoo.build import build_zoo
-
-    build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data")
+    root = prepare(args)
     proj = root if args.size == "ci" else bench_project(root, args.size)
     result, summary, leaderboard, seconds = materialize_all(proj)
     if leaderboard is None:

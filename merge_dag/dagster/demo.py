@@ -17,14 +17,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="torch device for every step (default: $MERGE_DAG_DEVICE or cpu)")
 
 
-def run(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace) -> Path:
+    """The project root of `args`, with the device set and the zoo of `args.size` built if missing."""
     root = args.root.absolute()
     if args.device:
         os.environ["MERGE_DAG_DEVICE"] = args.device
-    t0 = time.perf_counter()
     from ..zoo.build import build_zoo
 
     build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data")
+    return root
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    root = prepare(args)
     t_zoo = time.perf_counter() - t0
 
     result, summary, leaderboard, t_run = materialize_all(root)
