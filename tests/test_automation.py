@@ -301,3 +301,54 @@ guidance: {sparsity: {gamma: 0.3, epsilon: 0.7}}
     assert keys(affected_keys(p, "a")) == {
         "model/a", "recipe/mix", "recipe/guided", "task_vector/a", "merged/mix", "eval/merged/mix", "eval/model/a",
         "leaderboard", "activations/a__arev", "importance/a__arev", "allocation/guided", "merged/guided"}
+
+
+def _newcomer_after_reload(project, tmp_path, partial_copy: bool):
+    """Drop g-2 into the glob (in one go, or first a config only then the rest), let the sensor request
+    the merge, then 'reload' (fresh definitions) and return (fresh defs, instance, cursor before reload tick)."""
+    models = project / "data" / "models"
+    shutil.copytree(models / "c", models / "g-1")
+    (project / "data" / "recipes" / "globbed.yaml").write_text(GLOB_RECIPE + "evals: [zoo_arev]\n")
+    p = load_project(project)
+    loaded = build_definitions(project)
+    instance = dg.DagsterInstance.ephemeral()
+    first = loaded.get_sensor_def(SENSOR_NAME).evaluate_tick(dg.build_sensor_context(instance=instance, definitions=loaded))
+    cursor = json.loads(first.cursor)
+    t = time.time()
+    if partial_copy:  # a copy still in progress when the sensor first sees the folder
+        (models / "g-2").mkdir()
+        shutil.copy2(models / "b" / "config.json", models / "g-2" / "config.json")
+        _, cursor = evaluate_models(p, cursor, now=t - 200, settle_seconds=10)
+        shutil.copytree(models / "b", models / "g-2", dirs_exist_ok=True)
+        _, cursor = evaluate_models(p, cursor, now=t - 100, settle_seconds=10)
+    else:
+        shutil.copytree(models / "b", models / "g-2")
+        _, cursor = evaluate_models(p, cursor, now=t - 100, settle_seconds=10)
+    tick = loaded.get_sensor_def(SENSOR_NAME).evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=loaded, cursor=json.dumps(cursor)))
+    assert len(tick.run_requests) == 1  # the merge of the glob recipe
+    fresh = build_definitions(project)
+    for k in fresh.resolve_asset_graph().materializable_asset_keys:  # everything else built (no need to execute)
+        if "g_2" not in k.path[-1]:
+            instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=k))
+    return fresh, instance, tick.cursor
+
+
+def test_fill_in_request_is_not_repeated_while_its_run_is_in_flight(project, tmp_path):
+    fresh, instance, cursor = _newcomer_after_reload(project, tmp_path, partial_copy=False)
+    sensor = fresh.get_sensor_def(SENSOR_NAME)
+    tick2 = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=fresh, cursor=cursor))
+    assert len(tick2.run_requests) == 1
+    assert keys(tick2.run_requests[0].asset_selection) == {"task_vector/g_2", "eval/model/g_2", "leaderboard"}
+    # the run is in flight: its first step has materialized, the others not yet
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=["task_vector", "g_2"]))
+    tick3 = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick2.cursor))
+    assert not tick3.run_requests, [(r.run_key, keys(r.asset_selection)) for r in tick3.run_requests]
+
+
+def test_newcomer_seen_mid_copy_still_gets_its_assets_after_reload(project, tmp_path):
+    fresh, instance, cursor = _newcomer_after_reload(project, tmp_path, partial_copy=True)
+    tick2 = fresh.get_sensor_def(SENSOR_NAME).evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=fresh, cursor=cursor))
+    assert len(tick2.run_requests) == 1
+    assert keys(tick2.run_requests[0].asset_selection) == {"task_vector/g_2", "eval/model/g_2", "leaderboard"}

@@ -23,7 +23,6 @@ recipe (LEWIS, Sens, RegMean) cannot merge a newcomer before that reload: its st
 the code location does not show yet, and the merge step says so.
 """
 
-import hashlib
 import json
 import os
 import time
@@ -140,8 +139,8 @@ def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: 
             else:  # a folder that appeared since: wait for it to settle, then build it
                 state[name] = {"sig": sig, "since": now, "fp": None, "new": True}
             continue
-        if sig != prev["sig"]:  # changed since the last tick: (re)start the settle clock
-            state[name] = {"sig": sig, "since": now, "fp": prev.get("fp")}
+        if sig != prev["sig"]:  # changed since the last tick: (re)start the settle clock (keeps "new")
+            state[name] = {**prev, "sig": sig, "since": now}
             continue
         if not sig or now - prev["since"] < settle_seconds or not is_complete_checkpoint(m.path):
             continue
@@ -172,12 +171,12 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
             requested = True
         # a new model's own assets appear after a code-location reload: build those never built, once
         for name, st in state.items():
-            if st.get("new") and st.get("fp") and name not in changed:
+            if st.get("new") and st.get("fp") and name not in changed and st.get("filled") != st["fp"]:
                 missing = missing_after_new(graph, context.instance, name)
-                if missing:
-                    digest = hashlib.sha256(",".join(k.to_user_string() for k in missing).encode()).hexdigest()[:16]
-                    yield dg.RunRequest(run_key=f"{name}:{st['fp']}:missing:{digest}", asset_selection=missing,
+                if missing:  # once per fingerprint: a run in flight must not be re-requested as it progresses
+                    yield dg.RunRequest(run_key=f"{name}:{st['fp']}:missing", asset_selection=missing,
                                         tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": st["fp"]})
+                    state[name] = {**st, "filled": st["fp"]}
                     requested = True
         context.update_cursor(json.dumps(state))
         if not requested:
