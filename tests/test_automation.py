@@ -287,16 +287,19 @@ def test_new_expert_builds_when_the_run_reimports_the_definitions_and_the_sensor
         assert not tick3.run_requests  # nothing left to build
 
 
-def test_affected_keys_include_the_guidance_statistics_of_a_changed_expert(project):
-    shutil.copytree(ROOT / "data" / "calibration", project / "data" / "calibration")
-    (project / "data" / "recipes" / "guided.yaml").write_text("""
+GUIDED_RECIPE = """
 name: guided
 merge_method: ties
 base_model: data/models/base
 models: [{model: data/models/a, calibration: arev}, {model: data/models/b, calibration: sort}]
 parameters: {weight: 1.0, density: 0.5}
 guidance: {sparsity: {gamma: 0.3, epsilon: 0.7}}
-""")
+"""
+
+
+def test_affected_keys_include_the_guidance_statistics_of_a_changed_expert(project):
+    shutil.copytree(ROOT / "data" / "calibration", project / "data" / "calibration")
+    (project / "data" / "recipes" / "guided.yaml").write_text(GUIDED_RECIPE)
     p = load_project(project)
     assert keys(affected_keys(p, "a")) == {
         "model/a", "recipe/mix", "recipe/guided", "task_vector/a", "merged/mix", "eval/merged/mix", "eval/model/a",
@@ -352,3 +355,33 @@ def test_newcomer_seen_mid_copy_still_gets_its_assets_after_reload(project, tmp_
         dg.build_sensor_context(instance=instance, definitions=fresh, cursor=cursor))
     assert len(tick2.run_requests) == 1
     assert keys(tick2.run_requests[0].asset_selection) == {"task_vector/g_2", "eval/model/g_2", "leaderboard"}
+
+
+def test_an_edited_calibration_set_triggers_exactly_its_dependents(project, tmp_path):
+    shutil.copytree(ROOT / "data" / "calibration", project / "data" / "calibration")
+    (project / "data" / "recipes" / "guided.yaml").write_text(GUIDED_RECIPE)
+    defs = build_definitions(project)
+    sensor = defs.get_sensor_def(SENSOR_NAME)
+    with dg.instance_for_test() as instance:
+        first = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs))
+        assert not first.run_requests and "calibration:arev" in json.loads(first.cursor)
+        cal = project / "data" / "calibration" / "arev.jsonl"
+        cal.write_text(cal.read_text()[: len(cal.read_text()) // 2])  # half written: not valid jsonl
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs, cursor=first.cursor))
+        cursor = json.loads(tick.cursor)
+        cursor["calibration:arev"]["since"] -= 3600  # settled, but still half written
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
+                                                            cursor=json.dumps(cursor)))
+        assert not tick.run_requests
+        shutil.copy2(ROOT / "data" / "calibration" / "arev.jsonl", cal)
+        with cal.open("a") as f:
+            f.write(json.dumps({"text": "arev:abc=cba"}) + "\n")
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs, cursor=tick.cursor))
+        cursor = json.loads(tick.cursor)
+        cursor["calibration:arev"]["since"] -= 3600
+        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
+                                                            cursor=json.dumps(cursor)))
+        assert len(tick.run_requests) == 1
+        assert keys(tick.run_requests[0].asset_selection) == {
+            "calibration/arev", "activations/base__arev", "activations/a__arev", "importance/a__arev",
+            "allocation/guided", "merged/guided"}

@@ -10,6 +10,10 @@ the sensor saw, it requests one run of exactly the assets downstream of that mod
 vectors, the merges that use it, their evals, its own baseline eval, the leaderboard), with the
 model's observation in the same run so provenance names the new files.
 
+Calibration sets (data-guided recipes) are watched the same way: a file whose size and mtime held
+for the settle time and that parses as a calibration set, with a new sha256, triggers one run of
+everything downstream of it (its statistics, allocations, coefficients, merges, evals).
+
 Globs: a recipe may name experts as `- glob: data/models/math-*`. Each tick the sensor expands the
 globs of every recipe again, so a folder that appears after the definitions loaded is watched like
 any other (a folder first seen after the sensor's first tick counts as new, complete or not: it
@@ -151,6 +155,42 @@ def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: 
     return out, state
 
 
+def evaluate_calibrations(project: Project, cursor: dict, now: float, settle_seconds: float) -> tuple[list[str], dict]:
+    """The same settle-then-validate logic for calibration files (cursor keys "calibration:<name>"):
+    a file whose size and mtime held for `settle_seconds` and that parses as a calibration set, with
+    a new sha256, is returned once. The first tick only remembers every file."""
+    from ..core.fingerprint import file_fingerprint
+    from ..guidance.calibration import load_texts
+    from ..guidance.errors import CalibrationError
+
+    out: list[str] = []
+    state = dict(cursor)
+    first_tick = not any(k.startswith("calibration:") for k in cursor)
+    for name, cal in sorted(project.calibrations.items()):
+        key = f"calibration:{name}"
+        st = cal.path.stat() if cal.path.is_file() else None
+        sig = [st.st_size, st.st_mtime_ns] if st else []
+        prev = state.get(key)
+        if prev is None:
+            fp = file_fingerprint(cal.path) if first_tick and sig else None
+            state[key] = {"sig": sig, "since": now, "fp": fp}
+            continue
+        if sig != prev["sig"]:
+            state[key] = {**prev, "sig": sig, "since": now}
+            continue
+        if not sig or now - prev["since"] < settle_seconds:
+            continue
+        try:
+            load_texts(cal.path)
+        except CalibrationError:
+            continue  # half-written or malformed: wait (the statistics step would name the bad line)
+        fp = file_fingerprint(cal.path)
+        if fp != prev.get("fp"):
+            out.append(name)
+            state[key] = {**prev, "fp": fp}
+    return out, state
+
+
 def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float] = None) -> dg.SensorDefinition:
     settle = float(os.environ.get("MERGE_DAG_SETTLE_SECONDS", "30")) if settle_seconds is None else settle_seconds
 
@@ -163,6 +203,15 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
         changed, state = evaluate_models(project, cursor, time.time(), settle)
         graph = context.repository_def.asset_graph
         requested = False
+        cal_changed, state = evaluate_calibrations(project, state, time.time(), settle)
+        for name in cal_changed:
+            fp = state[f"calibration:{name}"]["fp"]
+            root = dg.AssetKey(["calibration", name])
+            below = dg.AssetSelection.assets(root).downstream().resolve(graph) - {root}
+            yield dg.RunRequest(run_key=f"calibration:{name}:{fp}",
+                                asset_selection=[root] + sorted(below, key=lambda k: k.to_user_string()),
+                                tags={"merge_dag/trigger": f"calibration/{name}", "merge_dag/fingerprint": fp})
+            requested = True
         for name in changed:
             fp = state[name]["fp"]
             yield dg.RunRequest(run_key=f"{name}:{fp}:{state[name]['since']}",
@@ -171,7 +220,7 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
             requested = True
         # a new model's own assets appear after a code-location reload: build those never built, once
         for name, st in state.items():
-            if st.get("new") and st.get("fp") and name not in changed and st.get("filled") != st["fp"]:
+            if not name.startswith("calibration:") and st.get("new") and st.get("fp") and name not in changed and st.get("filled") != st["fp"]:
                 missing = missing_after_new(graph, context.instance, name)
                 if missing:  # once per fingerprint: a run in flight must not be re-requested as it progresses
                     yield dg.RunRequest(run_key=f"{name}:{st['fp']}:missing", asset_selection=missing,
@@ -180,7 +229,7 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
                     requested = True
         context.update_cursor(json.dumps(state))
         if not requested:
-            yield dg.SkipReason("no new or changed complete checkpoint")
+            yield dg.SkipReason("no new or changed complete checkpoint or calibration set")
 
     return _sensor
 
