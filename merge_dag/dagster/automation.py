@@ -125,70 +125,71 @@ def missing_after_new(asset_graph, instance: dg.DagsterInstance, model: str) -> 
     return missing
 
 
+def settle_step(state: dict, key: str, sig: list, now: float, settle_seconds: float, first_tick: bool,
+                complete, fingerprint) -> bool:
+    """One watched item's tick (a model folder or a calibration file), updating `state[key]`.
+
+    Never seen: on the first tick remember it as it is, later mark it new. A changed signature
+    (re)starts the settle clock. Once the signature held for `settle_seconds` and `complete()`, its
+    `fingerprint()` is taken; True if that differs from the last one seen (build it now)."""
+    prev = state.get(key)
+    if prev is None:
+        if first_tick:  # baseline: remember it as it is, rebuild nothing
+            state[key] = {"sig": sig, "since": now, "fp": fingerprint() if sig and complete() else None}
+        else:  # appeared since: wait for it to settle, then build it
+            state[key] = {"sig": sig, "since": now, "fp": None, "new": True}
+        return False
+    if sig != prev["sig"]:  # changed since the last tick: (re)start the settle clock (keeps "new")
+        state[key] = {**prev, "sig": sig, "since": now}
+        return False
+    if not sig or now - prev["since"] < settle_seconds or not complete():
+        return False
+    fp = fingerprint()
+    if fp == prev.get("fp"):
+        return False
+    state[key] = {**prev, "fp": fp}
+    return True
+
+
 def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: float) -> tuple[list[str], dict]:
     """One tick of the sensor's logic (pure, so tests can drive it): which models to rebuild.
 
     On the first tick (empty cursor) every folder is remembered as it is and nothing is rebuilt;
     afterwards a folder never seen before is new: it triggers once settled and complete."""
-    out: list[str] = []
     state = dict(cursor)
     first_tick = not cursor
-    for name, m in sorted(watched_models(project).items()):
-        sig = folder_signature(m.path)
-        prev = state.get(name)
-        if prev is None:
-            if first_tick:  # baseline: remember it as it is, rebuild nothing
-                fp = checkpoint_fingerprint(m.path) if sig and is_complete_checkpoint(m.path) else None
-                state[name] = {"sig": sig, "since": now, "fp": fp}
-            else:  # a folder that appeared since: wait for it to settle, then build it
-                state[name] = {"sig": sig, "since": now, "fp": None, "new": True}
-            continue
-        if sig != prev["sig"]:  # changed since the last tick: (re)start the settle clock (keeps "new")
-            state[name] = {**prev, "sig": sig, "since": now}
-            continue
-        if not sig or now - prev["since"] < settle_seconds or not is_complete_checkpoint(m.path):
-            continue
-        fp = checkpoint_fingerprint(m.path)
-        if fp != prev.get("fp"):
-            out.append(name)
-            state[name] = {**prev, "fp": fp}
-    return out, state
+    return [name for name, m in sorted(watched_models(project).items())
+            if settle_step(state, name, folder_signature(m.path), now, settle_seconds, first_tick,
+                           lambda m=m: is_complete_checkpoint(m.path), lambda m=m: checkpoint_fingerprint(m.path))
+            ], state
 
 
-def evaluate_calibrations(project: Project, cursor: dict, now: float, settle_seconds: float) -> tuple[list[str], dict]:
-    """The same settle-then-validate logic for calibration files (cursor keys "calibration:<name>"):
-    a file whose size and mtime held for `settle_seconds` and that parses as a calibration set, with
-    a new sha256, is returned once. The first tick only remembers every file."""
-    from ..core.fingerprint import file_fingerprint
+def is_calibration_set(path: Path) -> bool:
     from ..guidance.calibration import load_texts
     from ..guidance.errors import CalibrationError
 
-    out: list[str] = []
+    try:
+        load_texts(path)
+        return True
+    except CalibrationError:
+        return False  # half-written or malformed: wait (the statistics step would name the bad line)
+
+
+def evaluate_calibrations(project: Project, cursor: dict, now: float, settle_seconds: float) -> tuple[list[str], dict]:
+    """The same for calibration files (cursor keys "calibration:<name>", signature size + mtime,
+    complete = parses as a calibration set, fingerprint = sha256 of the file)."""
+    from ..core.fingerprint import file_fingerprint
+
     state = dict(cursor)
     first_tick = not any(k.startswith("calibration:") for k in cursor)
+    changed = []
     for name, cal in sorted(project.calibrations.items()):
-        key = f"calibration:{name}"
         st = cal.path.stat() if cal.path.is_file() else None
         sig = [st.st_size, st.st_mtime_ns] if st else []
-        prev = state.get(key)
-        if prev is None:
-            fp = file_fingerprint(cal.path) if first_tick and sig else None
-            state[key] = {"sig": sig, "since": now, "fp": fp}
-            continue
-        if sig != prev["sig"]:
-            state[key] = {**prev, "sig": sig, "since": now}
-            continue
-        if not sig or now - prev["since"] < settle_seconds:
-            continue
-        try:
-            load_texts(cal.path)
-        except CalibrationError:
-            continue  # half-written or malformed: wait (the statistics step would name the bad line)
-        fp = file_fingerprint(cal.path)
-        if fp != prev.get("fp"):
-            out.append(name)
-            state[key] = {**prev, "fp": fp}
-    return out, state
+        if settle_step(state, f"calibration:{name}", sig, now, settle_seconds, first_tick,
+                       lambda c=cal: is_calibration_set(c.path), lambda c=cal: file_fingerprint(c.path)):
+            changed.append(name)
+    return changed, state
 
 
 def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float] = None) -> dg.SensorDefinition:

@@ -22,6 +22,7 @@ import dagster as dg
 
 from ...core.checkpoint import Checkpoint
 from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
+from ...core.params import layer_index
 from ...core.version import code_version
 from ...project import CalibrationSource, ImportanceSource, Project, RecipeSpec, StatsSource, current_spec, \
     register_guidance
@@ -79,8 +80,6 @@ def bar(v: float, width: int = 20) -> str:
 
 
 def _layer_of(name: str) -> int:
-    from ...core.params import layer_index
-
     li = layer_index(name)
     return -1 if li is None else li
 

@@ -89,13 +89,13 @@ def _apply_guidance(context: dg.AssetExecutionContext, project: Project, prep: P
         return up
 
     densities = weights = None
+    base = Checkpoint(now.base.path) if now.base else None
     if g.sparsity is not None:
         densities = read_result(take("allocation", ["allocation", now.name])["path"])["densities"]
     if g.coefficients is not None:
         sigma = read_result(take("coefficients", ["coefficients", now.name])["path"])["sigma"]
-        names = Checkpoint(now.base.path).tensor_names
-        weights = tensor_weights({r: {int(k): v for k, v in c.items()} for r, c in sigma.items()}, names)
-    layers = Checkpoint(now.base.path).config().get("num_hidden_layers") if now.base else None
+        weights = tensor_weights({r: {int(k): v for k, v in c.items()} for r, c in sigma.items()}, base.tensor_names)
+    layers = base.config().get("num_hidden_layers") if base else None
     prep.recipe = guided_recipe(now.recipe, densities, weights, layers)  # guidance applied: a plain recipe
     if g.aim is not None:
         prep.aim_stats = [take("aim_activations", ["activations", s.name])["path"] for s in need["aim"]]
