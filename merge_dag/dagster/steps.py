@@ -29,6 +29,23 @@ class Input:
     artifact_id: str           # the parent's id in lineage
     version: str               # fingerprint (sources) or key (artifacts)
 
+    @classmethod
+    def source(cls, role: str, kind: str, fingerprint: str) -> "Input":
+        """An observed source (model, recipe, tasks, calibration) by its content fingerprint."""
+        return cls(role, source_id(kind, fingerprint), fingerprint)
+
+    @classmethod
+    def model(cls, role: str, path: Path) -> "Input":
+        """A checkpoint folder, by its content fingerprint (cached per shard: a stat when unchanged)."""
+        from ..core.fingerprint import checkpoint_fingerprint
+
+        return cls.source(role, "model", checkpoint_fingerprint(path))
+
+    @classmethod
+    def artifact(cls, role: str, up: dict[str, Any]) -> "Input":
+        """An upstream artifact, as `upstream()` / `latest()` return it."""
+        return cls(role, up["artifact_id"], up["key"])
+
 
 def source_id(kind: str, fingerprint: str) -> str:
     return artifact_id(kind, fingerprint.removeprefix("sha256:"))

@@ -3,11 +3,10 @@
 
 import dagster as dg
 
-from ...core.fingerprint import checkpoint_fingerprint
 from ...core.version import code_version
 from ...project import ModelSource, Project, RecipeSpec
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, run_step, source_id, upstream
+from ..steps import Input, run_step, upstream
 from .sources import tasks_fingerprint
 
 GROUP = "evals"
@@ -41,7 +40,7 @@ def merged_eval_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition
     def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         up = upstream(context, ["merged", spec.name])
         tfp = tasks_fingerprint(project)
-        inputs = [Input("model", up["artifact_id"], up["key"]), Input("tasks", source_id("tasks", tfp), tfp)]
+        inputs = [Input.artifact("model", up), Input.source("tasks", "tasks", tfp)]
         return run_step(context, merge_dag, kind="eval", name=f"merged_{spec.name}", code_version=code,
                         settings=_settings(merge_dag, spec.evals), inputs=inputs,
                         build=lambda tmp, art: _evaluate(project, merge_dag, up["path"], spec.evals, f"merged/{spec.name}"),
@@ -56,9 +55,8 @@ def model_eval_asset(project: Project, m: ModelSource, tasks: list[str]) -> dg.A
     @dg.asset(key=["eval", "model", m.name], deps=[["model", m.name], ["eval_tasks"]], group_name=GROUP,
               code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval baseline {', '.join(tasks)} on {m.ref}.")
     def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        fp = checkpoint_fingerprint(m.path)
         tfp = tasks_fingerprint(project)
-        inputs = [Input("model", source_id("model", fp), fp), Input("tasks", source_id("tasks", tfp), tfp)]
+        inputs = [Input.model("model", m.path), Input.source("tasks", "tasks", tfp)]
         return run_step(context, merge_dag, kind="eval", name=f"model_{m.name}", code_version=code,
                         settings=_settings(merge_dag, tasks), inputs=inputs,
                         build=lambda tmp, art: _evaluate(project, merge_dag, m.path, tasks, f"model/{m.name}"),

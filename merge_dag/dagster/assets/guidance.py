@@ -21,13 +21,13 @@ from pathlib import Path
 import dagster as dg
 
 from ...core.checkpoint import Checkpoint
-from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
+from ...core.fingerprint import file_fingerprint
 from ...core.params import layer_index
 from ...core.version import code_version
 from ...project import CalibrationSource, ImportanceSource, Project, RecipeSpec, StatsSource, current_spec, \
     register_guidance
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, record_source, run_step, source_id, upstream
+from ..steps import Input, record_source, run_step, upstream
 
 GROUP = "guidance"
 STATS_CODE = code_version("guidance/activations.py", "guidance/calibration.py", "guidance/model.py",
@@ -41,19 +41,13 @@ RESULT = "result.json"
 # helpers
 # ---------------------------------------------------------------------------------------------
 
-def _model_input(role: str, m) -> Input:
-    fp = checkpoint_fingerprint(m.path)
-    return Input(role, source_id("model", fp), fp)
-
-
 def _calibration_input(cal: CalibrationSource) -> Input:
-    fp = file_fingerprint(cal.path)
-    return Input("calibration", source_id("calibration", fp), fp)
+    return Input.source("calibration", "calibration", file_fingerprint(cal.path))
 
 
 def _upstream_input(context, role: str, key: list[str]) -> tuple[Input, dict]:
     up = upstream(context, key)
-    return Input(role, up["artifact_id"], up["key"]), up
+    return Input.artifact(role, up), up
 
 
 def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource):
@@ -111,7 +105,7 @@ def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
               group_name=GROUP, code_version=STATS_CODE, pool=torch_pool(), kinds={"pytorch", "safetensors"},
               description=f"Per-linear {what} of {src.model.ref} on calibration set {src.calibration.ref}{variant}.")
     def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        inputs = [_model_input("model", src.model), _calibration_input(src.calibration)]
+        inputs = [Input.model("model", src.model.path), _calibration_input(src.calibration)]
         settings = {**merge_dag.calibration_settings(), "gram": gram, "sequential_wanda": src.sequential}
 
         def build(tmp, art):
@@ -146,7 +140,7 @@ def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
               description=f"Sens-Merging per-layer sensitivity of {src.model.ref} on {src.calibration.ref} "
                           "(sum |theta * dL/dtheta| per layer, one backward pass per batch).")
     def _sens(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        inputs = [_model_input("model", src.model), _calibration_input(src.calibration)]
+        inputs = [Input.model("model", src.model.path), _calibration_input(src.calibration)]
 
         def build(tmp, art):
             from ...guidance.model import load_model
@@ -185,7 +179,7 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
     def _importance(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         ib, ub = _upstream_input(context, "base_activations", ["activations", b.name])
         ie, ue = _upstream_input(context, "expert_activations", ["activations", e.name])
-        inputs = [_model_input("base", b.model), _model_input("expert", e.model), ib, ie]
+        inputs = [Input.model("base", b.model.path), Input.model("expert", e.model.path), ib, ie]
 
         def build(tmp, art):
             from ...guidance.activations import ActivationStats
@@ -300,7 +294,7 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
         ups = {r: _upstream_input(context, "sensitivity", ["sensitivity", by_expert[r].name]) for r in refs}
         inputs = [i for i, _ in ups.values()]
         if g.alignment:
-            inputs += [_model_input("expert", by_expert[r].model) for r in refs]
+            inputs += [Input.model("expert", by_expert[r].model.path) for r in refs]
             inputs += [_calibration_input(c) for c in dict.fromkeys(by_expert[r].calibration for r in refs)]
         settings = {**g.model_dump(mode="json"), **(merge_dag.calibration_settings() if g.alignment else {})}
 

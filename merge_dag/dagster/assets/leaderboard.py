@@ -50,7 +50,7 @@ def leaderboard_asset(project: Project) -> dg.AssetsDefinition:
         ups = [u for u in (latest(context, k) for k in keys) if u is not None]
         if not ups:
             raise dg.Failure("no evaluation has been materialized yet; materialize the eval assets first")
-        inputs = [Input("eval", u["artifact_id"], u["key"]) for u in ups]
+        inputs = [Input.artifact("eval", u) for u in ups]
 
         def build(tmp, art):
             results = [read_json(f"{u['path']}/{META_FILE}") for u in ups]

@@ -20,7 +20,7 @@ from ...core.version import code_version
 from ...core.recipe import Recipe
 from ...project import Project, RecipeSpec, current_spec, register_guidance
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, latest, run_step, source_id, upstream
+from ..steps import Input, latest, run_step, upstream
 from .sources import recipe_fingerprint
 from .task_vectors import task_vector_inline
 
@@ -46,16 +46,15 @@ def prepare_merge(context: dg.AssetExecutionContext, merge_dag: MergeDagResource
                   spec: RecipeSpec) -> PreparedMerge:
     now = current_spec(project, spec)  # edits and new glob matches count now, not at the next reload
     rfp = recipe_fingerprint(now)
-    inputs = [Input("recipe", source_id("recipe", rfp), rfp)]
+    inputs = [Input.source("recipe", "recipe", rfp)]
     tvs: dict[str, str] = {}
     if now.base is not None:
-        fb = checkpoint_fingerprint(now.base.path)
-        inputs.append(Input("base", source_id("model", fb), fb))
+        inputs.append(Input.model("base", now.base.path))
     for e in now.experts:
         tv = project.known_task_vector(now.base, e) if now.uses_task_vectors else None
         up = latest(context, ["task_vector", tv]) if tv is not None else None
         if up is not None:
-            inputs.append(Input("expert", up["artifact_id"], up["key"]))
+            inputs.append(Input.artifact("expert", up))
             tvs[e.ref] = up["path"]
         elif now.uses_task_vectors:
             # a new glob match: either the graph does not show it yet, or this step's fresh import of
@@ -65,8 +64,7 @@ def prepare_merge(context: dg.AssetExecutionContext, merge_dag: MergeDagResource
             inputs.append(Input("expert", out.artifact.id, out.key))
             tvs[e.ref] = str(out.artifact.path)
         else:
-            fe = checkpoint_fingerprint(e.path)
-            inputs.append(Input("expert", source_id("model", fe), fe))
+            inputs.append(Input.model("expert", e.path))
     prep = PreparedMerge(now, inputs, tvs, {"recipe": now.recipe.to_yaml_dict()}, now.recipe, {})
     if now.guidance is not None:
         _apply_guidance(context, project, prep)
@@ -84,7 +82,7 @@ def _apply_guidance(context: dg.AssetExecutionContext, project: Project, prep: P
 
     def take(role: str, key: list[str]) -> dict:
         up = upstream(context, key)
-        prep.inputs.append(Input(role, up["artifact_id"], up["key"]))
+        prep.inputs.append(Input.artifact(role, up))
         prep.guidance[role if role not in prep.guidance else f"{role}:{key[-1]}"] = up["artifact_id"]
         return up
 

@@ -9,15 +9,14 @@ from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, Outcome, cached_step, record_source, run_step, source_id
+from ..steps import Input, Outcome, cached_step, record_source, run_step
 
 GROUP = "task_vectors"
 CODE = code_version("core/task_vector.py", "core/checkpoint.py")
 
 
 def _step_args(merge_dag: MergeDagResource, name: str, base: ModelSource, expert: ModelSource) -> dict:
-    fb, fe = checkpoint_fingerprint(base.path), checkpoint_fingerprint(expert.path)
-    inputs = [Input("base", source_id("model", fb), fb), Input("expert", source_id("model", fe), fe)]
+    inputs = [Input.model("base", base.path), Input.model("expert", expert.path)]
 
     def build(tmp, art):
         r = compute_task_vector(base.path, expert.path, tmp, device=merge_dag.device)
