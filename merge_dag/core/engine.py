@@ -40,7 +40,7 @@ from .fingerprint import checkpoint_fingerprint, short
 from .methods.base import MergeMethod, TensorTask
 from .methods.registry import get_method
 from .recipe import Recipe, load_recipe, parse_recipe
-from .version import code_version
+from .version import merge_code_version
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -544,7 +544,7 @@ def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, st
     recipe_yaml = plan.recipe.to_yaml_dict()
     card = {
         "merge_dag_version": __version__,
-        "code_version": code_version(),
+        "code_version": merge_code_version(),
         "method": plan.method.name,
         "recipe": recipe_yaml,
         "recipe_file": plan.recipe.where,

@@ -63,7 +63,7 @@ from .engine import (
 )
 from .errors import MergeDagError
 from .fingerprint import _file_key, checkpoint_fingerprint
-from .version import code_version
+from .version import merge_code_version
 
 MANIFEST_FORMAT = "merge_dag/part/v1"
 
@@ -152,7 +152,7 @@ def plan_key(plan: MergePlan, parts: int, shard_size: str | int = "2GB") -> str:
     payload = {
         "format": MANIFEST_FORMAT,
         "merge_dag": __version__,
-        "code": code_version("core"),
+        "code": merge_code_version(),
         "recipe": plan.recipe.to_yaml_dict(),
         "method": plan.method.name,
         "device": plan.device,

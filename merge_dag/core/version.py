@@ -19,3 +19,10 @@ def code_version(*subpackages: str) -> str:
         for f in files:
             h.update(str(f.relative_to(PACKAGE)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:12]
+
+
+def merge_code_version() -> str:
+    """The one code version of a merged checkpoint: the code that computes its tensors and writes its
+    card (the pure core and the guidance that turns into parameter maps, AIM and RegMean). The model
+    card, ``merge_dag.json``, the cache key, the lineage (``audit``) and the Dagster UI all show this."""
+    return code_version("core", "guidance")

@@ -34,7 +34,7 @@ import dagster as dg
 from ...core.checkpoint import parse_size
 from ...core.engine import MergePlan
 from ...core.parts import execute_part, finalize_parts
-from ...core.version import code_version
+from ...core.version import merge_code_version
 from ...project import Project, RecipeSpec
 from ..resources import MergeDagResource, torch_pool
 from ..steps import run_step, step_key
@@ -62,7 +62,7 @@ class SplitMerge:
 
 def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
     parts = spec.recipe.parts
-    code = code_version("core")
+    code = merge_code_version()
     deps = merged_deps(project, spec)
     pool = torch_pool()
 

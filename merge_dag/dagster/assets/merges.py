@@ -16,7 +16,7 @@ from ...core.checkpoint import Checkpoint
 from ... import __version__
 from ...core.engine import MergePlan, MergeResult, execute, plan_merge, write_card
 from ...core.fingerprint import checkpoint_fingerprint
-from ...core.version import code_version
+from ...core.version import merge_code_version
 from ...core.recipe import Recipe
 from ...project import Project, RecipeSpec, current_spec, register_guidance
 from ..resources import MergeDagResource, torch_pool
@@ -170,7 +170,7 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
                        device=merge_dag.device)
     ck = Checkpoint(out)
     dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
-    card = {"merge_dag_version": __version__, "code_version": code_version(), "method": "regmean",
+    card = {"merge_dag_version": __version__, "code_version": merge_code_version(), "method": "regmean",
             "recipe": prep.settings["recipe"], "recipe_file": str(prep.spec.file),
             "inputs": [{"role": "model", "model": m.ref, "path": str(m.path), "fingerprint": fps[m.ref]} for m in models],
             "out_dtype": dtype, "seed": prep.spec.recipe.seed, "tokenizer_source": models[0].ref,
@@ -197,7 +197,7 @@ def merged_deps(project: Project, spec: RecipeSpec) -> list[list[str]]:
 
 
 def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
-    code = code_version("core")
+    code = merge_code_version()
     deps = merged_deps(project, spec)
 
     @dg.asset(key=["merged", spec.name], deps=deps, group_name=GROUP, code_version=code, pool=torch_pool(),
