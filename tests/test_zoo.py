@@ -262,46 +262,95 @@ def test_ci_models_load_offline_and_generate(ci_zoo, monkeypatch):
         assert right >= 4, f"{name} generated only {right}/16 right answers on {skill}"
 
 
+QUALITY_LIMIT = 12   # a smoke test of the quality machinery; the verdict itself lives in bench/zoo_quality.py
+
+
 @pytest.fixture(scope="module")
 def ci_quality(ci_zoo):
     from merge_dag.zoo.quality import check_quality
 
-    return check_quality(ci_zoo, progress=True)
+    return check_quality(ci_zoo, progress=False, limit=QUALITY_LIMIT, lambdas=(0.5, 1.0), ties_lambdas=(1.0,))
 
 
-def test_ci_experts_beat_base_by_a_wide_margin(ci_quality):
-    from merge_dag.zoo.quality import MIN_EXPERT_GAIN
+def test_ci_quality_report_rows_and_merges_are_the_math(ci_quality, ci_zoo):
+    """Mechanics, not luck: every row is evaluated on every skill, the tuned row is the best grid
+    point, and the uniform row is the λ=1 row (the quality criteria are not asserted here: which of
+    them hold depends on the machine and library versions, see bench/zoo_quality.py)."""
+    q = ci_quality
+    assert q.n == QUALITY_LIMIT and q.lambdas == [0.5, 1.0]
+    assert set(q.exact_match) == set(q.logprob) >= {"base", "ta_0.5", "ta_1", "ta_uniform", "ta_tuned", "ties",
+                                                   *(f"expert_{s}" for s in q.skills)}
+    for row, scores in q.exact_match.items():
+        assert set(scores) == set(q.skills) and all(0.0 <= v <= 1.0 for v in scores.values()), row
+    assert q.exact_match["ta_uniform"] == q.exact_match["ta_1"]
+    best = max(q.lambdas, key=lambda lam: (sum(q.exact_match[f"ta_{lam:g}"].values()),
+                                           sum(q.logprob[f"ta_{lam:g}"].values())))
+    assert q.tuned_lambda == best and q.exact_match["ta_tuned"] == q.exact_match[f"ta_{best:g}"]
+    assert q.extra["settings_key"] == ci_zoo.settings_key and q.extra["environment"]["torch"]
+
+
+def test_ci_quality_table_and_no_verdict_below_the_needed_size(ci_quality, tmp_path):
+    from merge_dag.zoo.quality import MIN_VERDICT_N, QualityReport, load_report, save_report
 
     q = ci_quality
-    for s in q.skills:
-        gain = q.exact_match[f"expert_{s}"][s] - q.exact_match["base"][s]
-        assert gain >= MIN_EXPERT_GAIN, f"expert {s}: +{gain:.3f} over the base on {s}\n{q.markdown()}"
-        assert q.logprob[f"expert_{s}"][s] > q.logprob["base"][s]
-
-
-def test_ci_uniform_merge_interferes(ci_quality):
-    from merge_dag.zoo.quality import MIN_INTERFERENCE
-
-    q = ci_quality
-    for s in q.skills:
-        loss = q.exact_match[f"expert_{s}"][s] - q.exact_match["ta_uniform"][s]
-        assert loss >= MIN_INTERFERENCE, f"uniform merge keeps expert {s}'s skill (loss {loss:.3f})\n{q.markdown()}"
-
-
-def test_ci_best_standard_merge_beats_base_on_average(ci_quality):
-    from merge_dag.zoo.quality import MIN_MERGE_GAIN
-
-    q = ci_quality
-    gain = max(q.average("ta_tuned"), q.average("ties")) - q.average("base")
-    assert gain >= MIN_MERGE_GAIN, f"best standard merge +{gain:.3f} over the base\n{q.markdown()}"
-    assert q.tuned_lambda in q.lambdas and q.failures() == []
-
-
-def test_ci_quality_table(ci_quality):
-    q = ci_quality
-    table = q.markdown()
-    lines = table.splitlines()
+    lines = q.markdown().splitlines()
     assert lines[0].startswith("| model |") and all(s in lines[0] for s in q.skills)
     assert len(lines) == 2 + len(q.rows) == 2 + 1 + len(q.skills) + 3  # base, experts, uniform, tuned, ties
-    assert q.n >= 100
-    assert json.loads(json.dumps(q.to_dict()))["tuned_lambda"] == q.tuned_lambda
+    assert all(" ± " in line for line in lines[2:])
+    assert not q.meaningful and q.n < MIN_VERDICT_N
+    assert q.verdict().startswith(f"no verdict: {QUALITY_LIMIT} prompts per skill are too few")
+    assert "criteria met" not in q.verdict()
+    # the report round-trips through <zoo>/quality.json, and only for the same settings and environment
+    save_report(q, tmp_path)
+    again = load_report(tmp_path, q.extra["settings_key"])
+    assert again is not None and again.to_dict() == QualityReport.from_dict(json.loads(json.dumps(q.to_dict()))).to_dict()
+    assert load_report(tmp_path, "other-settings") is None
+
+
+def _report(em: dict, n: int = 150):
+    from merge_dag.zoo.quality import QualityReport
+
+    skills = ["a", "b"]
+    return QualityReport(skills=skills, exact_match=em, logprob={r: {s: 0.0 for s in skills} for r in em},
+                         rows=list(em), tuned_lambda=0.5, lambdas=[0.5, 1.0], n=n)
+
+
+def test_criteria_margins_are_binomial_standard_errors():
+    import math
+
+    from merge_dag.zoo.quality import MIN_EXPERT_GAIN, MIN_MERGE_GAIN
+
+    em = {"base": {"a": 0.5, "b": 0.4}, "expert_a": {"a": 0.9, "b": 0.3}, "expert_b": {"a": 0.2, "b": 0.65},
+          "ta_uniform": {"a": 0.1, "b": 0.2}, "ta_tuned": {"a": 0.8, "b": 0.5}, "ties": {"a": 0.6, "b": 0.5}}
+    q = _report(em, n=150)
+
+    def v(p, n=150):
+        pt = (p * n + 1) / (n + 2)
+        return pt * (1 - pt) / n
+
+    crit = q.criteria()
+    assert len(crit) == 5
+    a = crit[0]  # expert a on a: 0.9 - 0.5 = 0.4, threshold 0.2
+    assert a.value == pytest.approx(0.4) and a.threshold == MIN_EXPERT_GAIN
+    assert a.se == pytest.approx(math.sqrt(v(0.9) + v(0.5)))
+    assert a.z == pytest.approx((0.4 - 0.2) / a.se) and a.status == "holds"
+    b = crit[1]  # expert b on b: 0.65 - 0.4 = 0.25 vs 0.2: holds, but by less than 3 SE
+    assert b.value == pytest.approx(0.25) and b.holds and 0 < b.z < 3 and b.status == "holds within noise"
+    merge = crit[-1]  # best of ta_tuned (avg 0.65) and ties (0.55) vs base 0.45
+    assert "task arithmetic, tuned" in merge.text and merge.value == pytest.approx(0.2)
+    se_avg = lambda row: math.sqrt(v(em[row]["a"]) + v(em[row]["b"])) / 2  # noqa: E731
+    assert merge.se == pytest.approx(math.sqrt(se_avg("ta_tuned") ** 2 + se_avg("base") ** 2))
+    assert merge.threshold == MIN_MERGE_GAIN
+    assert q.failures() == [] and q.verdict().startswith("quality criteria met, 1 of 5 within noise")
+
+
+def test_a_failing_criterion_is_named_with_its_margin():
+    em = {"base": {"a": 0.5, "b": 0.5}, "expert_a": {"a": 0.55, "b": 0.5}, "expert_b": {"a": 0.5, "b": 1.0},
+          "ta_uniform": {"a": 0.1, "b": 0.1}, "ta_tuned": {"a": 0.5, "b": 0.5}, "ties": {"a": 0.5, "b": 0.5}}
+    q = _report(em, n=400)
+    fails = q.failures()
+    assert len(fails) == 2
+    assert fails[0].startswith("fails") and "expert a beats the base on a by >= 0.2: +0.050 vs 0.2" in fails[0]
+    assert "SE" in fails[0] and "best standard merge" in fails[1]
+    assert q.verdict() == "quality criteria NOT met: 2 of 5 fail"
+    assert _report(em, n=40).verdict().startswith("no verdict: 40 prompts per skill")

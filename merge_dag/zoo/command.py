@@ -41,20 +41,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {name:<8s} {path}")
     if args.no_eval:
         return 0
-    from .quality import check_quality
+    from .quality import check_quality, save_report
 
     report = check_quality(man, device=args.device, limit=args.limit, progress=not args.no_progress)
-    print(f"\nexact match on {report.n} held-out prompts per skill (greedy; evaluation {report.seconds:.0f}s):\n")
+    print(f"\nexact match on {report.n} held-out prompts per skill (greedy; evaluation {report.seconds:.0f}s; "
+          f"avg ± one binomial standard error):\n")
     print(report.markdown())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    fails = report.failures()
-    if fails:
-        print("\nquality criteria NOT met:", file=sys.stderr)
-        for f in fails:
-            print(f"  - {f}", file=sys.stderr)
-        return 1
-    print("\nquality criteria met: experts beat the base, the uniform merge interferes, the tuned merge beats the base")
+    print()
+    print(report.criteria_text())
+    print(f"\n{report.verdict()}")
+    if report.meaningful:
+        save_report(report, Path(man.root))
     print(f"total {time.perf_counter() - t0:.0f}s")
-    return 0
+    return 1 if report.meaningful and report.failures() else 0

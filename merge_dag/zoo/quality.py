@@ -18,10 +18,24 @@ The criteria (:meth:`QualityReport.failures`):
 3. the best standard merge (the tuned task arithmetic, or TIES at density 0.5 with the better of
    two λ) beats the base on the average over the skills by at least :data:`MIN_MERGE_GAIN`
    (merging is worth doing at all).
+
+Each criterion is a difference of exact-match rates d compared with a threshold t. Its margin is
+counted in binomial standard errors (:class:`Criterion`)::
+
+    z = (d - t) / SE(d),   SE(a - b) = sqrt(v(a) + v(b)),   v(p) = p~(1 - p~) / n,  p~ = (n p + 1) / (n + 2)
+
+(p~ keeps a rate of 0 or 1 from claiming zero noise); for an average over K skills
+v = sum_k v(p_k) / K^2. A criterion *holds* when d >= t and *holds robustly* when z >= 3: only then
+would another machine or library version, training the same seeds to slightly different weights,
+be expected to see it hold too. Fewer than :data:`MIN_VERDICT_N` prompts per skill make no verdict
+(one SE of a single skill's difference is then above 0.07, a third of the expert-gain threshold).
+Which criteria hold robustly depends on the machine and library versions (measured on two version
+sets in ``bench/zoo_quality.py``), so the tests do not assert them: they live in the benchmark.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,6 +48,45 @@ LAMBDAS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
 MIN_EXPERT_GAIN = 0.2
 MIN_INTERFERENCE = 0.10
 MIN_MERGE_GAIN = 0.03
+MIN_VERDICT_N = 100        # prompts per skill below which the criteria give no verdict
+ROBUST_Z = 3.0             # a criterion holds robustly with a margin of at least this many SE
+
+
+def rate_variance(p: float, n: int) -> float:
+    """Binomial variance of an exact-match rate p over n prompts, with p~ = (np + 1)/(n + 2)."""
+    pt = (p * n + 1) / (n + 2)
+    return pt * (1 - pt) / n
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One quality criterion: ``value`` (a difference of rates) must reach ``threshold``."""
+
+    text: str            # what is claimed, e.g. "expert arev beats the base on arev by >= 0.2"
+    value: float
+    threshold: float
+    se: float
+
+    @property
+    def z(self) -> float:
+        """The margin (value - threshold) in standard errors."""
+        return (self.value - self.threshold) / self.se if self.se > 0 else math.copysign(math.inf, self.value - self.threshold)
+
+    @property
+    def holds(self) -> bool:
+        return self.value >= self.threshold
+
+    @property
+    def status(self) -> str:
+        if self.z >= ROBUST_Z:
+            return "holds"
+        if self.holds:
+            return "holds within noise"
+        return "fails" if self.z <= -ROBUST_Z else "fails within noise"
+
+    def line(self) -> str:
+        return (f"{self.status:<19s} {self.text}: {self.value:+.3f} vs {self.threshold:g} "
+                f"(margin {self.z:+.1f} SE, SE {self.se:.3f})")
 
 
 @dataclass
@@ -51,22 +104,60 @@ class QualityReport:
     def average(self, row: str) -> float:
         return sum(self.exact_match[row][s] for s in self.skills) / len(self.skills)
 
+    def se_average(self, row: str) -> float:
+        """Binomial standard error of :meth:`average` (skills independent)."""
+        k = len(self.skills)
+        return math.sqrt(sum(rate_variance(self.exact_match[row][s], self.n) for s in self.skills)) / k
+
+    def criteria(self) -> list[Criterion]:
+        """The three criteria, each with its margin in standard errors (see the module docstring)."""
+        out = []
+        em, n = self.exact_match, self.n
+
+        def diff(a: float, b: float) -> float:
+            return math.sqrt(rate_variance(a, n) + rate_variance(b, n))
+
+        for s in self.skills:
+            e, b = em[f"expert_{s}"][s], em["base"][s]
+            out.append(Criterion(f"expert {s} beats the base on {s} by >= {MIN_EXPERT_GAIN:g}", e - b,
+                                 MIN_EXPERT_GAIN, diff(e, b)))
+        for s in self.skills:
+            e, u = em[f"expert_{s}"][s], em["ta_uniform"][s]
+            out.append(Criterion(f"the uniform merge loses >= {MIN_INTERFERENCE:g} of expert {s} on {s}", e - u,
+                                 MIN_INTERFERENCE, diff(e, u)))
+        best = max((r for r in ("ta_tuned", "ties") if r in em), key=self.average)
+        se = math.sqrt(self.se_average(best) ** 2 + self.se_average("base") ** 2)
+        out.append(Criterion(f"the best standard merge ({row_label(best, self.tuned_lambda, len(self.skills))}) "
+                             f"beats the base average by >= {MIN_MERGE_GAIN:g}",
+                             self.average(best) - self.average("base"), MIN_MERGE_GAIN, se))
+        return out
+
+    @property
+    def meaningful(self) -> bool:
+        """Whether enough prompts per skill were evaluated for the criteria to mean anything."""
+        return self.n >= MIN_VERDICT_N
+
     def failures(self) -> list[str]:
         """The quality criteria that do not hold (empty when the zoo is fit for comparing merges)."""
-        out = []
-        base, uni, tuned = self.exact_match["base"], self.exact_match["ta_uniform"], self.exact_match["ta_tuned"]
-        for s in self.skills:
-            e = self.exact_match[f"expert_{s}"][s]
-            if e - base[s] < MIN_EXPERT_GAIN:
-                out.append(f"expert {s} beats the base on {s} by {e - base[s]:+.3f} < {MIN_EXPERT_GAIN}")
-            if e - uni[s] < MIN_INTERFERENCE:
-                out.append(f"uniform merge loses only {e - uni[s]:+.3f} of expert {s} on {s} < {MIN_INTERFERENCE}")
-        best = max((r for r in ("ta_tuned", "ties") if r in self.exact_match), key=self.average)
-        gain = self.average(best) - self.average("base")
-        if gain < MIN_MERGE_GAIN:
-            out.append(f"the best standard merge ({row_label(best, self.tuned_lambda, len(self.skills))}) beats "
-                       f"the base average by {gain:+.3f} < {MIN_MERGE_GAIN}")
-        return out
+        return [c.line() for c in self.criteria() if not c.holds]
+
+    def verdict(self) -> str:
+        """One line: whether the criteria hold, hold robustly (>= 3 SE) or fail, or no verdict."""
+        if not self.meaningful:
+            return (f"no verdict: {self.n} prompts per skill are too few for the quality criteria "
+                    f"(they need at least {MIN_VERDICT_N}); the table above is only a smoke test")
+        cs = self.criteria()
+        failing = [c for c in cs if not c.holds]
+        weak = [c for c in cs if c.holds and c.z < ROBUST_Z]
+        if failing:
+            return f"quality criteria NOT met: {len(failing)} of {len(cs)} fail"
+        if weak:
+            return (f"quality criteria met, {len(weak)} of {len(cs)} within noise (margin under "
+                    f"{ROBUST_Z:g} SE): another machine may not see them hold")
+        return f"quality criteria met, all {len(cs)} with a margin of at least {ROBUST_Z:g} SE"
+
+    def criteria_text(self) -> str:
+        return "\n".join("  " + c.line() for c in self.criteria())
 
     def markdown(self, logprob: bool = False) -> str:
         """The table: rows x skills, exact match (and answer log-probability if ``logprob``)."""
@@ -81,11 +172,76 @@ class QualityReport:
                     c += f" ({self.logprob[row][s]:.2f})"
                 cells.append(c)
             label = row_label(row, self.tuned_lambda, len(self.skills))
-            lines.append(f"| {label} | " + " | ".join(cells) + f" | {self.average(row):.3f} |")
+            lines.append(f"| {label} | " + " | ".join(cells) +
+                         f" | {self.average(row):.3f} ± {self.se_average(row):.3f} |")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QualityReport":
+        return cls(**data)
+
+
+REPORT_FILE = "quality.json"
+
+
+def environment() -> dict[str, str]:
+    """The library versions and machine a report was measured with (training and evaluation
+    numerics depend on both)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {_cpu_name()}, "
+                                                           f"{__import__('os').cpu_count()} cores"}
+    for pkg in ("torch", "transformers", "lm_eval", "tokenizers", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:  # pragma: no cover
+            out[pkg] = "-"
+    return out
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def save_report(report: QualityReport, zoo_root: Path) -> Path:
+    """Write ``report`` as <zoo>/quality.json (atomically), for `merge-dag demo` to show."""
+    import json
+    import os
+
+    path = Path(zoo_root) / REPORT_FILE
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_report(zoo_root: Path, settings_key: str) -> Optional[QualityReport]:
+    """The saved report of the zoo at ``zoo_root`` if it belongs to these zoo settings and this
+    environment (library versions, machine), else None."""
+    import json
+
+    path = Path(zoo_root) / REPORT_FILE
+    try:
+        data = json.loads(path.read_text())
+        report = QualityReport.from_dict(data)
+    except (OSError, ValueError, TypeError):
+        return None
+    extra = report.extra or {}
+    if extra.get("settings_key") != settings_key or extra.get("environment") != environment():
+        return None
+    return report
 
 
 def row_label(row: str, tuned_lambda: float, k: int) -> str:
@@ -221,4 +377,5 @@ def check_quality(zoo, device: str = "cpu", limit: Optional[int] = None, batch_s
         extra_ties = {}
     return QualityReport(skills=skills, exact_match=em, logprob=lp, rows=rows, tuned_lambda=best,
                          lambdas=grid, n=n, seconds=round(time.perf_counter() - t0, 2),
-                         extra={"zoo": man.root, "settings_key": man.settings_key, **extra_ties})
+                         extra={"zoo": man.root, "settings_key": man.settings_key, "limit": limit,
+                                "environment": environment(), **extra_ties})
