@@ -153,6 +153,26 @@ def test_audit_names_the_right_fingerprints(project, first_run):
     assert card["artifact_id"] == art["artifact_id"]
 
 
+def test_one_code_version_for_a_merged_artifact(project, first_run):
+    """The model card, merge_dag.json, the lineage row (what `audit` prints) and the Dagster asset's
+    code version and metadata all name the same code version."""
+    from merge_dag.core.version import merge_code_version
+
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    art = store.find("ta")
+    card = json.loads((Path(art["path"]) / "merge_dag.json").read_text())
+    readme = (Path(art["path"]) / "README.md").read_text()
+    mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
+            for m in [m.event_specific_data.materialization]}
+    defs = build_definitions(project, resource=resource(project))
+    asset_code = defs.resolve_assets_def(dg.AssetKey(["merged", "ta"])).code_versions_by_key[dg.AssetKey(["merged", "ta"])]
+    versions = {card["code_version"], art["code_version"], mats[("merged", "ta")].metadata["code_version"].value,
+                asset_code}
+    assert versions == {merge_code_version()}
+    assert f"code version {merge_code_version()}" in readme
+    assert f"code {merge_code_version()}" in audit(store, "ta")
+
+
 def test_changing_one_expert_rebuilds_exactly_its_dependents(project, instance, first_run):
     run_all(project, instance)  # make sure the starting point is fully built
     shard = next((project / "data" / "models" / "ci" / "ashift").glob("*.safetensors"))
@@ -218,3 +238,33 @@ def test_multiprocess_executor_writes_lineage_without_loss(project, instance, fi
 def first_run_fingerprints(project: Path) -> dict[str, str]:
     store = LineageStore(project / "data" / "lineage.duckdb")
     return {name: checkpoint_fingerprint(Path(store.find(name)["path"])) for name in ("ta", "ties")}
+
+
+def test_quiet_demo_run_prints_one_line_per_asset_and_the_results_table(project, first_run, monkeypatch, capfd):
+    """`merge-dag demo` without --verbose: a progress line per asset (here all cache hits), no
+    Dagster DEBUG stream, and the results table with averages, standard errors and the base first."""
+    from merge_dag.dagster.demo import materialize_all, print_results, quiet
+
+    monkeypatch.setenv("DAGSTER_HOME", str(project / "data" / "dagster_home"))
+    monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))
+    monkeypatch.setenv("MERGE_DAG_DB", str(project / "data" / "lineage.duckdb"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    quiet(False)
+    capfd.readouterr()
+    result, summary, leaderboard, _ = materialize_all(project, verbose=False)
+    out, err = capfd.readouterr()
+    assert result.success
+    lines = [line.split() for line in out.splitlines() if line.strip()]
+    assets = sorted("/".join(e.event_specific_data.materialization.asset_key.path)
+                    for e in first_run.get_asset_materialization_events())
+    assert len(assets) == len(ALL_BUILT) and sorted(" ".join(w[2:]) for w in lines) == assets
+    assert all(w[:2] == ["cache", "hit"] for w in lines)
+    assert "DEBUG" not in out + err and "STEP_START" not in out + err
+    print_results(project, leaderboard)
+    table = capfd.readouterr().out
+    rows = [r for r in table.splitlines() if r.startswith("| ")]
+    assert rows[0].startswith("| model | arev | ashift | sort | avg ± SE | Δ avg vs base |")
+    assert rows[1].startswith("| ci_base (base) |")
+    assert {r.split(" |")[0] for r in rows[2:5]} == {"| ci_arev (expert)", "| ci_ashift (expert)", "| ci_sort (expert)"}
+    merged = [r for r in rows if r.startswith(("| ta ", "| ties "))]
+    assert len(merged) == 2 and all(" ± " in r for r in merged)

@@ -148,10 +148,12 @@ def test_metrics_equal_a_manual_computation(expert):
     assert got[("zoo_arev_ll", "acc")].value == pytest.approx(sum(greedy) / len(greedy))
 
 
-def test_evaluate_is_deterministic_and_independent_of_cwd(expert, tmp_path, monkeypatch):
+def test_evaluate_is_deterministic_and_independent_of_cwd(expert, tmp_path, monkeypatch, capfd):
     a = evaluate(expert, ["zoo_sort"], limit=LIMIT)
     monkeypatch.chdir(tmp_path)
     assert evaluate(expert, ["zoo_sort"], limit=LIMIT) == a
+    # outside a git checkout lm-eval's git probe must not print "fatal: not a git repository"
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 def test_tags_run_every_skill(expert):

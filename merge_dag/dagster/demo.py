@@ -1,11 +1,18 @@
 """`merge-dag demo`: build the ci zoo if missing, materialize every recipe under data/recipes and its
-evals headless through Dagster, then print the leaderboard and what was built or found in cache."""
+evals headless through Dagster, then print the zoo's quality verdict, the results table (average
+with standard errors, merges sorted, guided − plain rows, merges below the base marked) and what was
+built or found in cache. Quiet by default: one line per asset; `--verbose` shows Dagster's and
+lm-eval's own logs."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 from .home import ensure_dagster_home
@@ -15,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, default=Path.cwd(), help="project root (default: the current folder)")
     p.add_argument("--size", default="ci", choices=["ci", "bench"], help="zoo size to build if missing")
     p.add_argument("--device", default=None, help="torch device for every step (default: $MERGE_DAG_DEVICE or cpu)")
+    p.add_argument("--verbose", action="store_true", help="show Dagster's step logs, warnings and lm-eval's progress")
 
 
 def prepare(args: argparse.Namespace) -> Path:
@@ -30,21 +38,106 @@ def prepare(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
+    quiet(args.verbose)
     root = prepare(args)
     t_zoo = time.perf_counter() - t0
+    print_zoo_verdict(root, args.size)
 
-    result, summary, leaderboard, t_run = materialize_all(root)
+    print("\nmaterializing every asset through Dagster (one line per asset):")
+    result, summary, leaderboard, t_run = materialize_all(root, verbose=args.verbose)
     if leaderboard is not None:
-        print("\nLeaderboard\n")
-        print(leaderboard.read_text())
-    print(f"run {result.run_id[:8]}: {summary}")
+        print_results(root, leaderboard)
+    print(f"\nrun {result.run_id[:8]}: {summary}")
     print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
     print(f"lineage: {os.environ.get('MERGE_DAG_DB') or root / 'data' / 'lineage.duckdb'}  (try: merge-dag audit <recipe name>)")
     return 0 if result.success else 1
 
 
-def materialize_all(root: Path):
+def quiet(verbose: bool) -> None:
+    """Unless `verbose`: no Dagster beta/preview/supersession warnings, no tqdm bars (lm-eval's)."""
+    if verbose:
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import dagster as dg
+
+    for w in ("BetaWarning", "PreviewWarning", "SupersessionWarning"):
+        if hasattr(dg, w):
+            warnings.filterwarnings("ignore", category=getattr(dg, w))
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+
+
+def print_zoo_verdict(root: Path, size: str) -> None:
+    """The zoo's quality table and verdict (evaluated once per zoo, library versions and machine, then
+    read from <zoo>/quality.json)."""
+    from ..zoo.build import ZooManifest
+    from ..zoo.quality import check_quality, load_report, save_report
+
+    zoo_root = root / "data" / "models" / size
+    try:
+        man = ZooManifest.load(zoo_root / "zoo.json")
+    except ValueError:
+        return
+    report = load_report(zoo_root, man.settings_key)
+    if report is None:
+        print(f"checking the {size} zoo's quality once (base, experts, task arithmetic and TIES on every skill)...")
+        report = check_quality(man, progress=False)
+        if report.meaningful:
+            save_report(report, zoo_root)
+    print(f"\nThe {size} zoo: exact match on {report.n} held-out prompts per skill (avg ± one standard error)\n")
+    print(report.markdown())
+    print()
+    print(report.criteria_text())
+    print(f"\n{report.verdict()}")
+
+
+def print_results(root: Path, leaderboard: Path) -> None:
+    from ..evaluation.report import ScoreTable, format_results
+    from ..project import load_project
+
+    results_file = leaderboard.parent / "results.json"
+    if not results_file.is_file():
+        print(leaderboard.read_text())
+        return
+    table = ScoreTable.from_results(json.loads(results_file.read_text()))
+    bases = [s.base.name for s in load_project(root).recipes.values() if s.base is not None]
+    base = f"model/{max(set(bases), key=bases.count)}" if bases else None
+    print(f"\nResults (leaderboard: {leaderboard})\n")
+    print(format_results(table, base=base))
+
+
+def progress_logger_def():
+    """A Dagster logger printing one line per materialized asset (built or cache hit) and per failed
+    step (its error's first line), instead of Dagster's DEBUG stream."""
+    import dagster as dg
+
+    @dg.logger(description="merge_dag demo progress: one line per asset")
+    def progress(_init_context):
+        lg = logging.Logger("merge_dag.progress", level=logging.DEBUG)
+        lg.addHandler(_ProgressHandler())
+        return lg
+
+    return progress
+
+
+class _ProgressHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        ev = getattr(record, "dagster_event", None)
+        if ev is None:
+            return
+        if ev.event_type_value == "ASSET_MATERIALIZATION":
+            mat = ev.event_specific_data.materialization
+            cache = mat.metadata.get("cache")
+            how = {"hit": "cache hit", "miss": "built"}.get(getattr(cache, "value", None), "done")
+            print(f"  {how:<9s} {'/'.join(mat.asset_key.path)}", flush=True)
+        elif ev.event_type_value == "STEP_FAILURE":
+            err = ev.event_specific_data.error
+            msg = (err.message if err else "failed").strip().splitlines()
+            print(f"  FAILED    {ev.step_key}: {msg[-1] if msg else ''}", file=sys.stderr, flush=True)
+
+
+def materialize_all(root: Path, verbose: bool = True):
     """Run the merge_all job of the project at `root` in-process (runs persist in its DAGSTER_HOME).
+    `verbose` False: one progress line per asset instead of Dagster's console log.
     Returns (result, lineage summary text, leaderboard.md path or None, seconds)."""
     ensure_dagster_home(root)
     from datetime import datetime, timezone
@@ -55,9 +148,13 @@ def materialize_all(root: Path):
 
     defs = build_definitions(root)
     job = defs.resolve_job_def(ALL_JOB)
+    run_config = None
+    if not verbose:
+        job = job.with_logger_defs({"progress": progress_logger_def()})
+        run_config = {"loggers": {"progress": {}}}
     t1 = time.perf_counter()
     with DagsterInstance.get() as instance:
-        result = job.execute_in_process(instance=instance, raise_on_error=True)
+        result = job.execute_in_process(instance=instance, raise_on_error=True, run_config=run_config)
     seconds = time.perf_counter() - t1
     resource = defs.resources["merge_dag"]
     resource.lineage().record_run(run_id=result.run_id, finished_at=datetime.now(timezone.utc).replace(tzinfo=None),

@@ -98,13 +98,53 @@ def _quiet(verbose: bool):
         disable_progress_bar()
     except Exception:  # pragma: no cover - datasets without these helpers
         was = None
+    # lm-eval records `git describe` of the working directory in every result and lets git print
+    # "fatal: not a git repository" outside a checkout: ask git quietly instead (same value)
+    import lm_eval.evaluator as lm_evaluator
+
+    probe = lm_evaluator.get_git_commit_hash
+    lm_evaluator.get_git_commit_hash = _quiet_git_hash
+    bars = _silence_progress_bars()
     try:
         yield
     finally:
+        lm_evaluator.get_git_commit_hash = probe
+        for module, bar in bars:
+            module.tqdm = bar
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
         if was:
             enable_progress_bar()
+
+
+def _silence_progress_bars() -> list[tuple[Any, Any]]:
+    """Give lm-eval's modules a tqdm that draws nothing (they pass `disable=` themselves, so the
+    TQDM_DISABLE variable does not reach them). Returns [(module, original tqdm)] to restore."""
+    import sys
+
+    from tqdm import tqdm as real
+
+    def silent(*args: Any, **kwargs: Any):
+        kwargs["disable"] = True
+        return real(*args, **kwargs)
+
+    patched = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("lm_eval") and getattr(module, "tqdm", None) is real:
+            patched.append((module, real))
+            module.tqdm = silent
+    return patched
+
+
+def _quiet_git_hash() -> Optional[str]:
+    """`git describe --always` of the working directory, or None, with git's stderr discarded."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, check=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.decode().strip() or None
 
 
 def _make_lm(model: Any, tokenizer: Any, device: str, batch_size: int, dtype: str):

@@ -53,9 +53,11 @@ def leaderboard_asset(project: Project) -> dg.AssetsDefinition:
         inputs = [Input.artifact("eval", u) for u in ups]
 
         def build(tmp, art):
-            results = [read_json(f"{u['path']}/{META_FILE}") for u in ups]
-            columns, rows = leaderboard_rows([r for r in results if r])
+            results = [r for r in (read_json(f"{u['path']}/{META_FILE}") for u in ups) if r]
+            columns, rows = leaderboard_rows(results)
             tmp.mkdir(parents=True, exist_ok=True)
+            # every metric with its stderr and document count, for tables with standard errors
+            (tmp / "results.json").write_text(json.dumps(results, indent=2))
             (tmp / "leaderboard.md").write_text(format_leaderboard(columns, rows) + "\n")
             (tmp / "leaderboard.json").write_text(json.dumps({"columns": columns, "rows": rows}, indent=2))
             return {"columns": columns, "rows": rows}
