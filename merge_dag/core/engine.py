@@ -190,11 +190,12 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     inputs: list[Checkpoint] = []
     roles: list[str] = []
     base_idx: Optional[int] = None
-    if method.requires_base:
+    use_base = method.takes_base(recipe.base_model)
+    if use_base:
         inputs.append(_open(recipe, recipe.base_model))
         roles.append("base")
         base_idx = 0
-    model_entries = [m for m in recipe.models if not (method.requires_base and m.model == recipe.base_model)]
+    model_entries = [m for m in recipe.models if not (use_base and m.model == recipe.base_model)]
     for m in model_entries:
         inputs.append(_open(recipe, m.model))
         roles.append("model")

@@ -51,6 +51,11 @@ def non_negative(x: Any) -> Optional[str]:
     return None if float(x) >= 0 else f"must be >= 0, got {x}"
 
 
+def positive(x: Any) -> Optional[str]:
+    v = float(x)
+    return None if v > 0 and not math.isnan(v) else f"must be > 0, got {x}"
+
+
 @dataclass
 class TensorTask:
     """Everything a method needs to merge one tensor."""
@@ -69,6 +74,7 @@ class MergeMethod:
 
     name: ClassVar[str]
     requires_base: ClassVar[bool] = True
+    optional_base: ClassVar[bool] = False    # requires_base False: still takes a base when the recipe names one
     min_models: ClassVar[int] = 1            # inputs besides the base
     max_models: ClassVar[Optional[int]] = None
     randomized: ClassVar[bool] = False
@@ -77,6 +83,11 @@ class MergeMethod:
 
     def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def takes_base(cls, base_model: Optional[str]) -> bool:
+        """Whether a recipe with this base_model (None: none given) feeds the method a base tensor."""
+        return cls.requires_base or (cls.optional_base and bool(base_model))
 
     @classmethod
     def param(cls, name: str) -> Optional[Param]:
