@@ -9,6 +9,7 @@ from .della import Della, DellaLinear
 from .dare import DareLinear, DareTies
 from .linear import Linear
 from .model_stock import ModelStock
+from .nearswap import NearSwap
 from .passthrough import Passthrough
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
@@ -29,6 +30,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         Slerp,
         ModelStock,
         Passthrough,
+        NearSwap,
     )
 }
 

@@ -1,0 +1,97 @@
+"""The mergekit-only methods against mergekit 0.1.5's own outputs on the same inputs.
+
+tests/fixtures/mergekit_0_1_5 holds four tiny float32 Llama-shaped models, one recipe per case and
+the tensors `mergekit-yaml` wrote for it (regenerate with that folder's generate.py, run by a side
+virtualenv's python that has mergekit 0.1.5; see its docstring). Here merge_dag merges the same
+recipe, unchanged, through the engine, and every output tensor must equal mergekit's to float32
+rounding (they are bit for bit equal here). Also each method's contract, its parameter errors,
+and its written definition on hand-made cases, including where mergekit is random
+(arcee_fusion's quartiles of tensors above 1,000,000 entries)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from merge_dag.core.engine import merge
+from merge_dag.core.errors import MergeInputError, RecipeError
+from merge_dag.core.methods import get_method
+from merge_dag.core.recipe import load_recipe, parse_recipe
+
+from test_methods import assert_close, run
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
+NEW = ["nearswap"]
+FIXTURE_METHODS = {p.stem: yaml.safe_load(p.read_text())["merge_method"]
+                   for p in sorted((FIX / "recipes").glob("*.yaml"))}
+CASES = sorted(c for c, m in FIXTURE_METHODS.items() if m in NEW)
+
+
+def test_fixtures_cover_every_method_and_say_where_they_came_from():
+    assert set(NEW) <= set(FIXTURE_METHODS.values())
+    for case in FIXTURE_METHODS:
+        with safe_open(str(FIX / "outputs" / f"{case}.safetensors"), "pt") as f:
+            meta = f.metadata()
+        assert meta["mergekit"] == "0.1.5" and meta["torch"].startswith("2.13.0") and meta["case"] == case
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_equals_mergekit_0_1_5(case, tmp_path):
+    recipe = load_recipe(FIX / "recipes" / f"{case}.yaml", root=FIX)
+    merge(recipe, tmp_path / "out")
+    got = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        got.update(load_file(str(f)))
+    want = load_file(str(FIX / "outputs" / f"{case}.safetensors"))
+    assert sorted(got) == sorted(want)
+    for name, ref in want.items():
+        assert got[name].dtype == torch.float32, name
+        diff = (got[name] - ref).abs().max().item()
+        assert diff <= 2e-6 * max(1.0, ref.abs().max().item()), f"{case}: {name}: max abs diff {diff:.3g}"
+    # the case is not trivial: the merge differs from every input
+    for key in ("base", "a", "b", "c"):
+        sd = load_file(str(FIX / "inputs" / key / "model.safetensors"))
+        assert any(not torch.allclose(got[n], sd[n], atol=1e-6) for n in want), (case, key)
+
+
+def bad_recipe(tmp_path, method, params, n_models=1):
+    models = [{"model": "inputs/a", "parameters": {"weight": 1.0}}, {"model": "inputs/b", "parameters": {"weight": 1.0}}]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": method, "base_model": "inputs/base",
+                                    "models": models[:n_models], "parameters": params}))
+    return path
+
+
+def recipe_with(method, models, base=True, params=None, weights=False):
+    return parse_recipe({"merge_method": method, **({"base_model": "inputs/base"} if base else {}),
+                         "models": [{"model": f"inputs/{m}", **({"parameters": {"weight": 1.0}} if weights else {})}
+                                    for m in models],
+                         "parameters": params or {}}, root=FIX)
+
+
+# ==== nearswap ====
+def test_nearswap_contract_and_errors(tmp_path):
+    m = get_method("nearswap")
+    assert m.requires_base and m.min_models == m.max_models == 1 and m.param("t").required and not m.randomized
+    for t in (0, -0.1):
+        path = bad_recipe(tmp_path, "nearswap", {"t": t})
+        with pytest.raises(RecipeError, match=f"{path}: parameters.t: must be > 0, got {t}"):
+            load_recipe(path, root=FIX)
+    with pytest.raises(RecipeError, match="nearswap takes at most 1"):
+        recipe_with("nearswap", "ab", params={"t": 0.1})
+
+
+def test_nearswap_definition():
+    base = torch.tensor([0.0, 0.0, 0.0, 1.0, 5.0])
+    other = torch.tensor([0.05, 0.2, -0.4, 1.0, 5.0 + 1e-6])
+    got = run("nearswap", base, [other], t=0.1)
+    # |d| = .05 < t: swapped; .2: w = .5; .4: w = .25; equal: unchanged; tiny difference: swapped
+    assert_close(got, torch.tensor([0.05, 0.1, -0.1, 1.0, 5.0 + 1e-6]))
+
+
