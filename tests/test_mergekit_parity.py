@@ -27,7 +27,7 @@ from merge_dag.core.recipe import load_recipe, parse_recipe
 from test_methods import assert_close, run
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
-NEW = ["nearswap"]
+NEW = ["nearswap", "sce"]
 FIXTURE_METHODS = {p.stem: yaml.safe_load(p.read_text())["merge_method"]
                    for p in sorted((FIX / "recipes").glob("*.yaml"))}
 CASES = sorted(c for c, m in FIXTURE_METHODS.items() if m in NEW)
@@ -93,5 +93,33 @@ def test_nearswap_definition():
     got = run("nearswap", base, [other], t=0.1)
     # |d| = .05 < t: swapped; .2: w = .5; .4: w = .25; equal: unchanged; tiny difference: swapped
     assert_close(got, torch.tensor([0.05, 0.1, -0.1, 1.0, 5.0 + 1e-6]))
+
+
+# ==== sce ====
+def test_sce_contract_and_errors(tmp_path):
+    m = get_method("sce")
+    assert m.requires_base and m.min_models == 1 and m.max_models is None and not m.randomized
+    assert m.param("select_topk").default == 1.0 and m.param("int8_mask").default is False
+    path = bad_recipe(tmp_path, "sce", {"select_topk": 1.5})
+    with pytest.raises(RecipeError, match=f"{path}: parameters.select_topk: must be in \\[0, 1\\], got 1.5"):
+        load_recipe(path, root=FIX)
+    with pytest.raises(RecipeError, match="base_model: required by merge_method 'sce'"):
+        recipe_with("sce", "ab", base=False)
+
+
+def test_sce_weights_and_erasure_by_hand():
+    base = torch.zeros(4)
+    d1 = torch.tensor([1.0, 1.0, -2.0, 0.0])
+    d2 = torch.tensor([-1.0, 3.0, 2.0, 0.0])
+    w1, w2 = (1 + 1 + 4) / 4, (1 + 9 + 4) / 4
+    w1, w2 = w1 / (w1 + w2), w2 / (w1 + w2)
+    # elected signs: sums 0 (+), 4 (+), 0 (+), 0 (+); entry 0: only d1 agrees; entry 2: only d2; entry 3: none
+    assert_close(run("sce", base, [d1, d2]), torch.tensor([1.0, (w1 * 1 + w2 * 3) / (w1 + w2), 2.0, 0.0]))
+    # select_topk 0.5: variances 1, 1, 4, 0 (3 non-zero) -> the top int(1.5) = 1 entry survives
+    assert_close(run("sce", base, [d1, d2], select_topk=0.5), torch.tensor([0.0, 0.0, 2.0, 0.0]))
+    assert torch.equal(run("sce", base, [d1, d2], select_topk=0.0), base)
+    # tiny task vectors (sum of mean squares < 1e-6): equal weights, as in mergekit
+    small = run("sce", base, [d1 * 1e-4, d2 * 1e-4])
+    assert_close(small, torch.tensor([1e-4, 2e-4, 2e-4, 0.0]), atol=1e-9)
 
 

@@ -11,6 +11,7 @@ from .linear import Linear
 from .model_stock import ModelStock
 from .nearswap import NearSwap
 from .passthrough import Passthrough
+from .sce import Sce
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
@@ -30,6 +31,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         Slerp,
         ModelStock,
         Passthrough,
+        Sce,
         NearSwap,
     )
 }
