@@ -27,7 +27,7 @@ from merge_dag.core.recipe import load_recipe, parse_recipe
 from test_methods import assert_close, run
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
-NEW = ["nearswap", "sce"]
+NEW = ["nearswap", "sce", "arcee_fusion"]
 FIXTURE_METHODS = {p.stem: yaml.safe_load(p.read_text())["merge_method"]
                    for p in sorted((FIX / "recipes").glob("*.yaml"))}
 CASES = sorted(c for c, m in FIXTURE_METHODS.items() if m in NEW)
@@ -121,5 +121,31 @@ def test_sce_weights_and_erasure_by_hand():
     # tiny task vectors (sum of mean squares < 1e-6): equal weights, as in mergekit
     small = run("sce", base, [d1 * 1e-4, d2 * 1e-4])
     assert_close(small, torch.tensor([1e-4, 2e-4, 2e-4, 0.0]), atol=1e-9)
+
+
+# ==== arcee_fusion ====
+def test_arcee_fusion_contract():
+    m = get_method("arcee_fusion")
+    assert m.requires_base and m.min_models == m.max_models == 1 and m.params == () and not m.randomized
+    with pytest.raises(RecipeError, match="base_model: required by merge_method 'arcee_fusion'"):
+        recipe_with("arcee_fusion", "a", base=False)
+    with pytest.raises(RecipeError, match="arcee_fusion takes at most 1"):
+        recipe_with("arcee_fusion", "ab")
+
+
+def test_arcee_fusion_uses_exact_quartiles_on_large_tensors():
+    # mergekit samples 1,000,000 scores above that size; merge_dag takes the exact order statistics
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(1100, 1000, generator=g)
+    other = base + 0.1 * torch.randn(1100, 1000, generator=g)
+    got = run("arcee_fusion", base, [other])
+    p, q = torch.softmax(other, -1) + 1e-8, torch.softmax(base, -1) + 1e-8
+    score = (other - base).abs() * (p * torch.log(p / q)).sum(-1, keepdim=True)
+    s = torch.sort(score.reshape(-1)).values
+    n = s.numel()
+    q1, q2, q3 = (s[int(math.floor(f * (n - 1)))] for f in (0.25, 0.5, 0.75))
+    keep = score >= q2 + 1.5 * (q3 - q1)
+    assert 0 < keep.sum() < n
+    assert torch.equal(got, torch.where(keep, other, base))
 
 

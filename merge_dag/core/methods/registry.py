@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import RecipeError
 from .base import MergeMethod
+from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .della import Della, DellaLinear
 from .dare import DareLinear, DareTies
@@ -32,6 +33,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         ModelStock,
         Passthrough,
         Sce,
+        ArceeFusion,
         NearSwap,
     )
 }
