@@ -27,7 +27,7 @@ from merge_dag.core.recipe import load_recipe, parse_recipe
 from test_methods import assert_close, run
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
-NEW = ["nearswap", "sce", "arcee_fusion"]
+NEW = ["nearswap", "sce", "arcee_fusion", "karcher"]
 FIXTURE_METHODS = {p.stem: yaml.safe_load(p.read_text())["merge_method"]
                    for p in sorted((FIX / "recipes").glob("*.yaml"))}
 CASES = sorted(c for c, m in FIXTURE_METHODS.items() if m in NEW)
@@ -147,5 +147,26 @@ def test_arcee_fusion_uses_exact_quartiles_on_large_tensors():
     keep = score >= q2 + 1.5 * (q3 - q1)
     assert 0 < keep.sum() < n
     assert torch.equal(got, torch.where(keep, other, base))
+
+
+# ==== karcher ====
+def test_karcher_contract_and_errors(tmp_path):
+    m = get_method("karcher")
+    assert not m.requires_base and not m.optional_base and m.min_models == 1 and not m.randomized
+    assert m.param("max_iter").default == 10 and m.param("tol").default == 1e-5
+    for params, msg in (({"max_iter": 2.5}, "parameters.max_iter: must be a whole number >= 0, got 2.5"),
+                        ({"tol": -1}, "parameters.tol: must be >= 0, got -1")):
+        path = bad_recipe(tmp_path, "karcher", params)
+        with pytest.raises(RecipeError, match=f"{path}: {msg}"):
+            load_recipe(path, root=FIX)
+
+
+def test_karcher_of_two_is_the_arc_midpoint_times_the_mean_norm():
+    e0, e1 = torch.tensor([2.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
+    assert_close(run("karcher", None, [e0, e1]), 3.0 * torch.tensor([math.sqrt(0.5), math.sqrt(0.5), 0.0]), atol=1e-5)
+    z = torch.zeros(3)
+    assert torch.equal(run("karcher", None, [z, z]), z)
+    a = torch.randn(4, 5)
+    assert torch.equal(run("karcher", None, [a]), a)
 
 

@@ -8,6 +8,7 @@ from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .della import Della, DellaLinear
 from .dare import DareLinear, DareTies
+from .karcher import Karcher
 from .linear import Linear
 from .model_stock import ModelStock
 from .nearswap import NearSwap
@@ -32,6 +33,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         Slerp,
         ModelStock,
         Passthrough,
+        Karcher,
         Sce,
         ArceeFusion,
         NearSwap,
