@@ -27,7 +27,7 @@ from merge_dag.core.recipe import load_recipe, parse_recipe
 from test_methods import assert_close, run
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
-NEW = ["nearswap", "sce", "arcee_fusion", "karcher"]
+NEW = ["nearswap", "sce", "arcee_fusion", "karcher", "multislerp"]
 FIXTURE_METHODS = {p.stem: yaml.safe_load(p.read_text())["merge_method"]
                    for p in sorted((FIX / "recipes").glob("*.yaml"))}
 CASES = sorted(c for c, m in FIXTURE_METHODS.items() if m in NEW)
@@ -168,5 +168,27 @@ def test_karcher_of_two_is_the_arc_midpoint_times_the_mean_norm():
     assert torch.equal(run("karcher", None, [z, z]), z)
     a = torch.randn(4, 5)
     assert torch.equal(run("karcher", None, [a]), a)
+
+
+# ==== multislerp ====
+def test_multislerp_contract_and_errors(tmp_path):
+    m = get_method("multislerp")
+    assert not m.requires_base and m.optional_base and m.min_models == 1 and m.max_models is None
+    assert m.param("weight").required and m.param("weight").per_model and not m.randomized
+    assert m.param("normalize_weights").default is True and m.param("eps").default == 1e-8
+    path = bad_recipe(tmp_path, "multislerp", {"eps": -1}, n_models=2)
+    with pytest.raises(RecipeError, match=f"{path}: parameters.eps: must be >= 0, got -1"):
+        load_recipe(path, root=FIX)
+
+
+def test_multislerp_single_input_antipodal_pair_and_errors():
+    a = torch.randn(4, 3)
+    assert torch.equal(run("multislerp", None, [a], [{"weight": 2.0}]), a)
+    got = run("multislerp", None, [a, -a], [{"weight": 1.0}, {"weight": 1.0}])   # mean 0: the linear mix
+    assert_close(got, torch.zeros_like(a))
+    with pytest.raises(MergeInputError, match="multislerp: tensor 'model.layers.0.mlp.up_proj.weight'"):
+        run("multislerp", None, [a, -a, a, -a], [{"weight": 1.0}] * 4)
+    with pytest.raises(RecipeError, match="sum to 0"):
+        run("multislerp", None, [a, 2 * a], [{"weight": 1.0}, {"weight": -1.0}])
 
 

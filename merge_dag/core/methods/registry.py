@@ -11,6 +11,7 @@ from .dare import DareLinear, DareTies
 from .karcher import Karcher
 from .linear import Linear
 from .model_stock import ModelStock
+from .multislerp import MultiSlerp
 from .nearswap import NearSwap
 from .passthrough import Passthrough
 from .sce import Sce
@@ -33,6 +34,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         Slerp,
         ModelStock,
         Passthrough,
+        MultiSlerp,
         Karcher,
         Sce,
         ArceeFusion,
