@@ -27,7 +27,7 @@ from merge_dag.core.recipe import load_recipe, parse_recipe
 from test_methods import assert_close, run
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
-NEW = ["nearswap", "sce", "arcee_fusion", "karcher", "multislerp"]
+NEW = ["nearswap", "sce", "arcee_fusion", "karcher", "multislerp", "nuslerp"]
 FIXTURE_METHODS = {p.stem: yaml.safe_load(p.read_text())["merge_method"]
                    for p in sorted((FIX / "recipes").glob("*.yaml"))}
 CASES = sorted(c for c, m in FIXTURE_METHODS.items() if m in NEW)
@@ -192,3 +192,33 @@ def test_multislerp_single_input_antipodal_pair_and_errors():
         run("multislerp", None, [a, 2 * a], [{"weight": 1.0}, {"weight": -1.0}])
 
 
+# ==== nuslerp ====
+def test_nuslerp_contract_and_errors(tmp_path):
+    m = get_method("nuslerp")
+    assert not m.requires_base and m.optional_base and m.min_models == m.max_models == 2 and not m.randomized
+    assert m.param("weight").required and m.param("weight").per_model
+    assert m.param("nuslerp_flatten").default is True and m.param("nuslerp_row_wise").default is False
+    path = bad_recipe(tmp_path, "nuslerp", {"nuslerp_flatten": "yes"}, n_models=2)
+    with pytest.raises(RecipeError, match=f"{path}: parameters.nuslerp_flatten: must be true or false"):
+        load_recipe(path, root=FIX)
+    for base in (False, True):   # with a base, the base is not a third model
+        with pytest.raises(RecipeError, match="nuslerp takes at most 2"):
+            recipe_with("nuslerp", "abc", base=base, weights=True)
+    recipe_with("nuslerp", "ab", weights=True)
+    recipe_with("nuslerp", ["base", "a", "b"], weights=True)      # the base listed under models too
+
+
+def test_nuslerp_weights_give_t_and_colinear_falls_back_to_lerp():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    assert_close(run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 0.0}]), a)
+    assert_close(run("nuslerp", None, [a, b], [{"weight": 0.0}, {"weight": 2.0}]), b, atol=1e-5)
+    assert_close(run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": -1.0}]),    # |sum| < 1e-6: t = 0.5
+                 run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 1.0}]))
+    assert_close(run("nuslerp", None, [a, 3 * a], [{"weight": 1.0}, {"weight": 1.0}]), 2 * a)
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])      # the arc's midpoint, norm 1
+    assert_close(run("nuslerp", None, [e0, e1], [{"weight": 1.0}, {"weight": 1.0}]),
+                 torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+    base = torch.randn(6, 5, generator=g)                             # with a base: on the task vectors
+    assert_close(run("nuslerp", base, [base + a, base + b], [{"weight": 1.0}, {"weight": 3.0}]),
+                 base + run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 3.0}]), atol=1e-5)

@@ -13,6 +13,7 @@ from .linear import Linear
 from .model_stock import ModelStock
 from .multislerp import MultiSlerp
 from .nearswap import NearSwap
+from .nuslerp import NuSlerp
 from .passthrough import Passthrough
 from .sce import Sce
 from .slerp import Slerp
@@ -34,6 +35,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         Slerp,
         ModelStock,
         Passthrough,
+        NuSlerp,
         MultiSlerp,
         Karcher,
         Sce,
