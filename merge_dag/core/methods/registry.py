@@ -19,6 +19,7 @@ from .sce import Sce
 from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
+from .tsv_merge import TSVMerge
 
 METHODS: dict[str, type[MergeMethod]] = {
     m.name: m
@@ -41,6 +42,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         Sce,
         ArceeFusion,
         NearSwap,
+        TSVMerge,
     )
 }
 
