@@ -80,6 +80,32 @@ def test_tsv_matrix_smaller_than_the_task_count_falls_back_to_the_mean():
                  base + 0.5 * sum(x - base for x in xs) / 3, atol=1e-6)
 
 
+# ==== iso_c ====
+def ref_iso_c(base, xs, lam=1.0):
+    """Iso-C, Marczak et al. 2025, Sec. 4.1: SVD of the task-arithmetic sum, every singular value
+    replaced by their mean."""
+    ds = [x.double() - base.double() for x in xs]
+    if base.dim() != 2:
+        return (base.double() + lam * sum(ds) / len(ds)).float()
+    u, s, vh = torch.linalg.svd(sum(ds), full_matrices=False)
+    return (base.double() + lam * u @ torch.diag(torch.full_like(s, s.mean().item())) @ vh).float()
+
+
+REFS["iso_c"] = ref_iso_c
+
+
+def test_iso_c_spectrum_is_flat_and_spans_the_sum():
+    base, xs = experts((24, 16), 3)
+    d = run("iso_c", base, xs) - base
+    s = torch.linalg.svdvals(d)
+    assert torch.allclose(s, s.mean().expand_as(s), rtol=1e-4)
+    total = sum(x - base for x in xs)
+    assert abs(s.mean().item() - torch.linalg.svdvals(total).mean().item()) < 1e-4
+    # same left singular subspace as the task-arithmetic sum
+    u = torch.linalg.svd(total, full_matrices=False).U
+    assert_close(u @ u.T @ d, d, atol=1e-4)
+
+
 # ==== every spectral method ====
 @pytest.mark.parametrize("name", sorted(REFS))
 @pytest.mark.parametrize("shape", [(24, 16), (10, 30), (16, 16), (20,), (3, 4, 5)])

@@ -8,6 +8,7 @@ from .arcee_fusion import ArceeFusion
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .della import Della, DellaLinear
 from .dare import DareLinear, DareTies
+from .iso_c import IsoC
 from .karcher import Karcher
 from .linear import Linear
 from .model_stock import ModelStock
@@ -43,6 +44,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         ArceeFusion,
         NearSwap,
         TSVMerge,
+        IsoC,
     )
 }
 
