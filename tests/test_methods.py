@@ -13,7 +13,7 @@ from merge_dag.core.sparsify import sparsify
 GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
        "della_linear"]
 NEWER = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap",   # test_mergekit_parity.py
-         "tsv_merge", "iso_c"]                                           # test_spectral_methods.py
+         "tsv_merge", "iso_c", "iso_cts"]                                           # test_spectral_methods.py
 
 
 @pytest.fixture(params=["one-chunk", "many-chunks"])

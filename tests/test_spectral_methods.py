@@ -106,6 +106,74 @@ def test_iso_c_spectrum_is_flat_and_spans_the_sum():
     assert_close(u @ u.T @ d, d, atol=1e-4)
 
 
+# ==== iso_cts ====
+def ref_iso_cts(base, xs, lam=1.0, fraction=0.8):
+    """Iso-CTS, Marczak et al. 2025, Sec. 4.2 / Alg. 1: the top-k common subspace of the sum; per
+    task the top (r - k) / T directions of the task matrix with the common subspace projected out;
+    concatenate, orthogonalize, isotropic spectrum (mean of the kept singular values)."""
+    ds = [x.double() - base.double() for x in xs]
+    if base.dim() != 2:
+        return (base.double() + lam * sum(ds) / len(ds)).float()
+    t = len(ds)
+    r = min(base.shape)
+    k = int(r * fraction)
+    k = r - round((r - k) / t) * t          # the authors' rounding, so the rest splits evenly
+    if k < 0:
+        k += t
+    per = (r - k) // t
+    u, s, vh = torch.linalg.svd(sum(ds), full_matrices=False)
+    uc, sc, vc = u[:, :k], s[:k], vh[:k].T
+    us, ss, vs = [uc], [sc], [vc]
+    for d in ds:
+        dp = d - uc @ uc.T @ d
+        ui, si, vhi = torch.linalg.svd(dp, full_matrices=False)
+        us.append(ui[:, :per])
+        ss.append(si[:per])
+        vs.append(vhi[:per].T)
+    s_all = torch.cat(ss)
+    merged = s_all.mean() * polar(torch.cat(us, 1)) @ polar(torch.cat(vs, 1)).T
+    return (base.double() + lam * merged).float()
+
+
+REFS["iso_cts"] = ref_iso_cts
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.8, 1.0])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_iso_cts_subspace_fractions(fraction, n):
+    base, xs = experts((30, 22), n, seed=10 + n)
+    got = run("iso_cts", base, xs, common_space_fraction=fraction)
+    assert_close(got, ref_iso_cts(base, xs, fraction=fraction), rtol=1e-4, atol=1e-5)
+
+
+def test_subspace_sizes():
+    from merge_dag.core.methods.iso_cts import subspace_sizes
+
+    assert subspace_sizes(16, 3, 0.8) == (13, 1)     # int(12.8) = 12; round(4/3) * 3 = 3 -> k = 13
+    assert subspace_sizes(100, 4, 0.8) == (80, 5)
+    assert subspace_sizes(3, 2, 0.0) == (1, 1)       # round(1.5) = 2 -> 4 > r: one fewer per task
+    assert subspace_sizes(8, 3, 1.0) == (8, 0)
+    for r in range(1, 40):
+        for t in range(1, 6):
+            for f in (0.0, 0.3, 0.8, 1.0):
+                k, s = subspace_sizes(r, t, f)
+                assert k >= 0 and s >= 0 and k + t * s == r, (r, t, f)
+
+
+def test_iso_cts_with_the_whole_rank_common_is_iso_c():
+    base, xs = experts((20, 12), 3, seed=4)
+    assert_close(run("iso_cts", base, xs, common_space_fraction=1.0), run("iso_c", base, xs), rtol=1e-4, atol=1e-5)
+
+
+def test_iso_cts_bad_fraction_names_the_file_and_key(tmp_path):
+    assert get_method("iso_cts").param("common_space_fraction").default == 0.8
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"merge_method": "iso_cts", "base_model": "inputs/base",
+                                    "models": [{"model": "inputs/a"}], "parameters": {"common_space_fraction": 1.5}}))
+    with pytest.raises(RecipeError, match=f"{path}: parameters.common_space_fraction: must be in \\[0, 1\\], got 1.5"):
+        load_recipe(path, root=FIX)
+
+
 # ==== every spectral method ====
 @pytest.mark.parametrize("name", sorted(REFS))
 @pytest.mark.parametrize("shape", [(24, 16), (10, 30), (16, 16), (20,), (3, 4, 5)])

@@ -9,6 +9,7 @@ from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from .della import Della, DellaLinear
 from .dare import DareLinear, DareTies
 from .iso_c import IsoC
+from .iso_cts import IsoCTS
 from .karcher import Karcher
 from .linear import Linear
 from .model_stock import ModelStock
@@ -45,6 +46,7 @@ METHODS: dict[str, type[MergeMethod]] = {
         NearSwap,
         TSVMerge,
         IsoC,
+        IsoCTS,
     )
 }
 
