@@ -19,7 +19,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from merge_dag.core.engine import merge
+from merge_dag.core.engine import merge, plan_merge
 from merge_dag.core.errors import MergeInputError, RecipeError
 from merge_dag.core.methods import get_method
 from merge_dag.core.recipe import load_recipe, parse_recipe
@@ -58,6 +58,14 @@ def test_equals_mergekit_0_1_5(case, tmp_path):
     for key in ("base", "a", "b", "c"):
         sd = load_file(str(FIX / "inputs" / key / "model.safetensors"))
         assert any(not torch.allclose(got[n], sd[n], atol=1e-6) for n in want), (case, key)
+
+
+def test_memory_estimate_counts_the_methods_work_copies():
+    # largest tensor: 16 x 8 = 128 float32 entries (512 bytes), read as float32 (512 bytes raw)
+    sce = plan_merge(load_recipe(FIX / "recipes" / "sce.yaml", root=FIX))          # base + 3 models
+    assert sce.estimated_peak_bytes() == (4 + 3 * 3 + 3) * 512 + 4 * 512
+    swap = plan_merge(load_recipe(FIX / "recipes" / "nearswap.yaml", root=FIX))    # base + 1 model
+    assert swap.estimated_peak_bytes() == (2 + 2) * 512 + 2 * 512
 
 
 def bad_recipe(tmp_path, method, params, n_models=1):

@@ -53,6 +53,10 @@ class ArceeFusion(MergeMethod):
     max_models = 1
     params = ()
 
+    @classmethod
+    def work_copies(cls, _n_models: int) -> int:
+        return 5  # both softmaxes, the log ratio, its product and the scores
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         v0, (v1,) = task.base, task.models
         if v0.numel() == 0:

@@ -4,7 +4,8 @@ A method merges ONE tensor at a time. The engine reads that tensor from every in
 the configured device, resolves the parameters for this tensor (scalars, layer gradients, filters;
 see merge_dag.core.params) and calls `merge(task)`. The method returns the merged float32 tensor;
 the engine casts it to the output dtype and writes it. Inputs in `task` belong to the method and
-may be modified in place (this keeps peak memory near (inputs + 2) x one tensor).
+may be modified in place (this keeps peak memory near (inputs + 2) x one tensor; methods that need
+more temporaries say how many in `work_copies`, which the engine's memory estimate uses).
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ class MergeMethod:
 
     def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def work_copies(cls, n_models: int) -> int:
+        """Float32 temporaries of one tensor's size the method holds at its peak, besides its inputs
+        (counted from its code; the engine's memory estimate uses it)."""
+        return 2
 
     @classmethod
     def takes_base(cls, base_model: Optional[str]) -> bool:

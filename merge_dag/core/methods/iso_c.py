@@ -38,6 +38,10 @@ class IsoC(MergeMethod):
         Param("lambda", default=1.0, help="scale of the merged task vector (the paper's alpha)"),
     )
 
+    @classmethod
+    def work_copies(cls, _n_models: int) -> int:
+        return 4  # the SVD's factors, the scaled U and the product
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         base = task.base
         lam = float(task.params["lambda"])

@@ -51,6 +51,10 @@ class IsoCTS(MergeMethod):
               help="share of the rank given to the common subspace (the rest is split among the tasks)"),
     )
 
+    @classmethod
+    def work_copies(cls, _n_models: int) -> int:
+        return 10  # the sum, its SVD, one task's SVD, the stacked U and V, their orthogonalized bases and the product
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         base = task.base
         lam = float(task.params["lambda"])

@@ -39,6 +39,10 @@ class Karcher(MergeMethod):
         Param("tol", default=1e-5, check=non_negative, help="convergence and zero-norm tolerance"),
     )
 
+    @classmethod
+    def work_copies(cls, _n_models: int) -> int:
+        return 5  # the mean, the tangent, two terms of a tangent update and the new mean
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         xs = task.models
         if len(xs) == 1:

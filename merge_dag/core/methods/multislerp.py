@@ -35,6 +35,11 @@ class MultiSlerp(MergeMethod):
         Param("eps", default=1e-8, check=non_negative, help="numerical guard in the norms"),
     )
 
+    @classmethod
+    def work_copies(cls, n_models: int) -> int:
+        # the stacked inputs, their unit vectors and a weighted product (T each); mean, tangent, result
+        return 3 * n_models + 3
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         xs, base = task.models, task.base
         if len(xs) == 1:

@@ -61,6 +61,10 @@ class NuSlerp(MergeMethod):
               help="without flatten: interpolate vectors along the first dimension instead of the last"),
     )
 
+    @classmethod
+    def work_copies(cls, _n_models: int) -> int:
+        return 6  # two unit vectors and their product, the two weighted terms and the result
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         a, b = task.models
         w0, w1 = (float(mp["weight"]) for mp in task.model_params)

@@ -35,6 +35,12 @@ class Sce(MergeMethod):
               help="accepted for mergekit compatibility; no effect"),
     )
 
+    @classmethod
+    def work_copies(cls, n_models: int) -> int:
+        # the stacked task vectors, the weights times the agreement and their product (T each);
+        # variance, mask, elected sign
+        return 3 * n_models + 3
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         base, xs = task.base, task.models
         if not xs or base.numel() == 0:

@@ -35,6 +35,10 @@ class TSVMerge(MergeMethod):
         Param("lambda", default=1.0, help="scale of the merged task vector (the paper's alpha)"),
     )
 
+    @classmethod
+    def work_copies(cls, _n_models: int) -> int:
+        return 7  # the stacked U and V, one SVD's factors, the two orthogonalized bases and their product
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         base = task.base
         lam = float(task.params["lambda"])
