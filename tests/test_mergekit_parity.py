@@ -198,6 +198,9 @@ def test_multislerp_single_input_antipodal_pair_and_errors():
         run("multislerp", None, [a, -a, a, -a], [{"weight": 1.0}] * 4)
     with pytest.raises(RecipeError, match="sum to 0"):
         run("multislerp", None, [a, 2 * a], [{"weight": 1.0}, {"weight": -1.0}])
+    # a tensor no expert changed: zero task vectors, the base comes back (mergekit raises here)
+    assert torch.equal(run("multislerp", a, [a.clone(), a.clone(), a.clone()], [{"weight": 1.0}] * 3), a)
+    assert run("multislerp", None, [torch.empty(0, 3)] * 3, [{"weight": 1.0}] * 3).shape == (0, 3)
 
 
 # ==== nuslerp ====

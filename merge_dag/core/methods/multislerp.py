@@ -12,7 +12,9 @@ when normalize_weights: true) and eps:
     r = cos(|g| + eps) m + sin(|g| + eps) g / (|g| + eps)    (exponential map back to the sphere)
     v = (sum_i w_i n_i) r
 
-A single input is returned as it is.
+A single input is returned as it is. Where every x_i is 0 (with a base: a tensor no model changed)
+the result is 0 (the base); mergekit 0.1.5 raises its "weighted sum is zero" error there for three
+or more inputs.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class MultiSlerp(MergeMethod):
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         xs, base = task.models, task.base
-        if len(xs) == 1:
+        if len(xs) == 1 or xs[0].numel() == 0:
             return xs[0]
         eps = float(task.params["eps"])
         shape = xs[0].shape
@@ -60,6 +62,9 @@ class MultiSlerp(MergeMethod):
                                   "be normalized (give other weights or normalize_weights: false)")
             weights = weights / total
         norms = torch.norm(flat, dim=-1, keepdim=True)
+        if not bool(norms.any()):       # every input (task vector) is 0: so is their mean
+            out = torch.zeros(shape, dtype=torch.float32, device=stack.device)
+            return out + base if base is not None else out
         units = flat / (norms + eps)
         mean = (units * weights.view(-1, 1)).sum(0)
         mean_norm = torch.norm(mean)
