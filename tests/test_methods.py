@@ -12,6 +12,8 @@ from merge_dag.core.sparsify import sparsify
 
 GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
        "della_linear"]
+NEWER = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap",   # test_mergekit_parity.py
+         "tsv_merge", "iso_c", "iso_cts"]                                           # test_spectral_methods.py
 
 
 @pytest.fixture(params=["one-chunk", "many-chunks"])
@@ -148,7 +150,7 @@ MERGEKIT_DEFAULTS = {  # method: (normalize, rescale) defaults in mergekit's reg
 
 
 def test_registry_and_class_attributes():
-    assert set(METHODS) == set(GTA) | {"linear", "slerp", "model_stock", "passthrough"}
+    assert set(METHODS) == set(GTA) | {"linear", "slerp", "model_stock", "passthrough"} | set(NEWER)
     for name in GTA:
         m = get_method(name)
         assert m.requires_base and m.min_models == 1 and m.max_models is None

@@ -2,7 +2,8 @@
 
 Memory: for each output tensor the engine holds that tensor of every input (float32), the method's
 temporaries, and the raw bytes of the next tensor being read ahead on a second thread, so peak
-memory is about (inputs + 2) x the largest tensor whatever the model size. Everything is checked
+memory is about (inputs + 2) x the largest tensor whatever the model size (more for the methods
+that declare more `work_copies`: sce, multislerp and the SVD-based ones). Everything is checked
 before the first byte is written (names, shapes, paths, parameters); what can only be seen while
 reading (NaN/Inf, identical inputs) aborts the merge and removes its temporary folder, so no output
 folder ever exists unless it is complete.
@@ -95,11 +96,13 @@ class MergePlan:
         return max((s.numel for s in self.steps), default=0)
 
     def estimated_peak_bytes(self) -> int:
-        """(inputs + 2) float32 copies of the largest tensor, plus raw read-ahead of one more set."""
+        """(inputs + the method's work copies, 2 for most) float32 copies of the largest tensor, plus raw
+        read-ahead of one more set."""
         n_in = max(len(s.sources) + (1 if s.base else 0) for s in self.steps) if self.steps else 0
+        n_models = max(len(s.sources) for s in self.steps) if self.steps else 0
         big = self.largest_tensor
         raw = max((s.numel * torch.tensor([], dtype=s.in_dtype).element_size() for s in self.steps), default=0)
-        return (n_in + 2) * big * 4 + n_in * raw
+        return (n_in + self.method.work_copies(n_models)) * big * 4 + n_in * raw
 
     def describe(self, max_rows: Optional[int] = None) -> str:
         gb = 1e9
@@ -190,11 +193,12 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     inputs: list[Checkpoint] = []
     roles: list[str] = []
     base_idx: Optional[int] = None
-    if method.requires_base:
+    use_base = method.takes_base(recipe.base_model)
+    if use_base:
         inputs.append(_open(recipe, recipe.base_model))
         roles.append("base")
         base_idx = 0
-    model_entries = [m for m in recipe.models if not (method.requires_base and m.model == recipe.base_model)]
+    model_entries = [m for m in recipe.models if not (use_base and m.model == recipe.base_model)]
     for m in model_entries:
         inputs.append(_open(recipe, m.model))
         roles.append("model")

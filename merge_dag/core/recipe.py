@@ -297,7 +297,8 @@ def validate_recipe(recipe: Recipe) -> None:
     if method.requires_base and not recipe.base_model:
         raise RecipeError(f"{where}: base_model: required by merge_method {method.name!r}")
 
-    experts = [m for m in (recipe.models or []) if m.model != recipe.base_model] if method.requires_base \
+    experts = [m for m in (recipe.models or []) if m.model != recipe.base_model] \
+        if method.takes_base(recipe.base_model) \
         else list(recipe.models or [])
     if recipe.models is not None:
         n = len(experts)

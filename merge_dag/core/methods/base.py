@@ -4,7 +4,8 @@ A method merges ONE tensor at a time. The engine reads that tensor from every in
 the configured device, resolves the parameters for this tensor (scalars, layer gradients, filters;
 see merge_dag.core.params) and calls `merge(task)`. The method returns the merged float32 tensor;
 the engine casts it to the output dtype and writes it. Inputs in `task` belong to the method and
-may be modified in place (this keeps peak memory near (inputs + 2) x one tensor).
+may be modified in place (this keeps peak memory near (inputs + 2) x one tensor; methods that need
+more temporaries say how many in `work_copies`, which the engine's memory estimate uses).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def non_negative(x: Any) -> Optional[str]:
     return None if float(x) >= 0 else f"must be >= 0, got {x}"
 
 
+def positive(x: Any) -> Optional[str]:
+    v = float(x)
+    return None if v > 0 and not math.isnan(v) else f"must be > 0, got {x}"
+
+
 @dataclass
 class TensorTask:
     """Everything a method needs to merge one tensor."""
@@ -69,6 +75,7 @@ class MergeMethod:
 
     name: ClassVar[str]
     requires_base: ClassVar[bool] = True
+    optional_base: ClassVar[bool] = False    # requires_base False: still takes a base when the recipe names one
     min_models: ClassVar[int] = 1            # inputs besides the base
     max_models: ClassVar[Optional[int]] = None
     randomized: ClassVar[bool] = False
@@ -77,6 +84,17 @@ class MergeMethod:
 
     def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def work_copies(cls, n_models: int) -> int:
+        """Float32 temporaries of one tensor's size the method holds at its peak, besides its inputs
+        (counted from its code; the engine's memory estimate uses it)."""
+        return 2
+
+    @classmethod
+    def takes_base(cls, base_model: Optional[str]) -> bool:
+        """Whether a recipe with this base_model (None: none given) feeds the method a base tensor."""
+        return cls.requires_base or (cls.optional_base and bool(base_model))
 
     @classmethod
     def param(cls, name: str) -> Optional[Param]:
