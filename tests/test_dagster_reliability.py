@@ -238,7 +238,8 @@ def _started_run(instance, proc: subprocess.Popen, known: set[str]):
     raise AssertionError("the child's run never started")
 
 
-def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start(tmp_path, monkeypatch):
+def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start(tmp_path, monkeypatch, capsys):
+    from merge_dag.dagster.dev import _fail_dead_runs
     from merge_dag.dagster.home import ensure_dagster_home
     from merge_dag.dagster.stale_runs import fail_dead_runs
 
@@ -258,8 +259,9 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
                                      stderr=subprocess.STDOUT, text=True)
             live_run = _started_run(instance, alive, {dead_run.run_id})
             assert instance.get_run_by_id(dead_run.run_id).status == dg.DagsterRunStatus.STARTED  # stuck
-            lines = fail_dead_runs(instance)
-            assert len(lines) == 1 and dead_run.run_id[:8] in lines[0] and f"pid {killed.pid}" in lines[0]
+            _fail_dead_runs(tmp_path)  # what `merge-dag dev` does before it starts dagster (the demo: the same call)
+            lines = capsys.readouterr().out.splitlines()
+            assert len(lines) == 1 and dead_run.run_id[:8] in lines[0] and f"pid {killed.pid}" in lines[0], lines
             assert instance.get_run_by_id(dead_run.run_id).status == dg.DagsterRunStatus.FAILURE
             assert instance.get_run_by_id(live_run.run_id).status == dg.DagsterRunStatus.STARTED  # alive: untouched
             assert fail_dead_runs(instance) == []

@@ -68,7 +68,11 @@ def failure_lines(result) -> list[str]:
     for event in result.get_step_failure_events():
         data = event.event_specific_data
         step = event.step_key or "?"
-        label = keys.get(step.split(".", 1)[0], step)
+        node = step.split(".", 1)[0]
+        label = keys.get(node)
+        if label is None:  # an asset check's step: <asset>_<check name>
+            owner = max((k for k in keys if node.startswith(k + "_")), key=len, default=None)
+            label = f"{keys[owner]} (check {node[len(owner) + 1:]})" if owner else step
         if data.user_failure_data is not None and data.user_failure_data.description:
             text = data.user_failure_data.description.strip().splitlines()[0]
         elif data.error is not None:
@@ -95,7 +99,7 @@ def materialize_all(root: Path):
     t1 = time.perf_counter()
     with DagsterInstance.get() as instance:
         for line in fail_dead_runs(instance, defs.resources["merge_dag"].lineage()):
-            print(line)
+            print(line, flush=True)
         # every independent branch builds; Dagster skips only what depends on a failed step
         result = job.execute_in_process(instance=instance, raise_on_error=False, tags=run_tags())
     seconds = time.perf_counter() - t1

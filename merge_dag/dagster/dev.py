@@ -35,6 +35,10 @@ def _fail_dead_runs(root: Path) -> None:
     from .stale_runs import fail_dead_runs
 
     db = Path(os.environ.get("MERGE_DAG_DB") or root / "data" / "lineage.duckdb")
-    with DagsterInstance.get() as instance:
-        for line in fail_dead_runs(instance, LineageStore(db) if db.exists() else None):
-            print(line, flush=True)
+    try:
+        with DagsterInstance.get() as instance:
+            for line in fail_dead_runs(instance, LineageStore(db) if db.exists() else None):
+                print(line, flush=True)
+    except Exception as e:  # noqa: BLE001 - never keep the UI from starting; say what was not checked
+        print(f"merge_dag: runs left STARTED by a killed process were not checked: {type(e).__name__}: {e}",
+              flush=True)

@@ -80,7 +80,11 @@ def fail_dead_runs(instance, lineage=None) -> list[str]:
     for run in runs:
         if run.tags.get(HOST_TAG, socket.gethostname()) != socket.gethostname():
             continue
-        procs = _run_processes(instance, run)
+        try:
+            procs = _run_processes(instance, run)
+        except Exception as e:  # noqa: BLE001 - an unreadable event log: leave the run, say so, go on
+            lines.append(f"merge_dag: run {run.run_id[:8]} left as it is: its event log does not read ({e})")
+            continue
         if not procs or any(pid_alive(p, s) for p, s in procs):
             continue
         pids = ", ".join(str(p) for p, _ in procs)
