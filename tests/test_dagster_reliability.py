@@ -136,6 +136,21 @@ def test_good_recipe_materializes_and_each_bad_one_fails_on_its_own_source(bad_r
         assert re.search(cause, line) and "\n" not in line, line
 
 
+def test_sensor_says_when_a_broken_glob_recipe_loads_after_its_first_match(tmp_path, ci_zoo):
+    root = make_project(tmp_path, {"good.yaml": GOOD, "glob.yaml": BAD["glob.yaml"]})
+    defs = build_definitions(root, resource=resource(root))
+    sensor = defs.resolve_sensor_def(SENSOR_NAME)
+
+    def tick(instance):
+        [skip] = list(sensor(dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def())))
+        return skip.skip_message
+
+    with dg.DagsterInstance.ephemeral() as instance:
+        assert "glob.yaml" not in tick(instance)
+        shutil.copytree(root / CI / "sort", root / CI / "math-1")  # the first fine-tune the glob waits for
+        assert "recipe file(s) glob.yaml load now: reload the code location" in tick(instance)
+
+
 def test_a_bad_setting_fails_only_its_users_and_names_the_variable(tmp_path, ci_zoo, monkeypatch):
     root = make_project(tmp_path, {"good.yaml": GOOD + "evals: [zoo_arev]\n"})
     monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", "abc")

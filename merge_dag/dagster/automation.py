@@ -195,6 +195,18 @@ def evaluate_calibrations(project: Project, cursor: dict, now: float, settle_sec
     return changed, state
 
 
+def _fixed_recipes(project: Project) -> str:
+    """A note on the recipe files that did not load but do now (a glob's first match arrived, a typo
+    was fixed): their assets appear at the next reload of the code location."""
+    if not project.broken:
+        return ""
+    from ..project import load_project
+
+    still = {b.file for b in load_project(project.root).broken.values()}
+    fixed = [b.file.name for b in project.broken.values() if b.file.exists() and b.file not in still]
+    return f"; recipe file(s) {', '.join(fixed)} load now: reload the code location to build them" if fixed else ""
+
+
 def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float] = None) -> dg.SensorDefinition:
     settle, bad_setting = (env_number("MERGE_DAG_SETTLE_SECONDS", 30.0, float) if settle_seconds is None
                            else (settle_seconds, None))
@@ -239,7 +251,7 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
                     requested = True
         context.update_cursor(json.dumps(state))
         if not requested:
-            yield dg.SkipReason("no new or changed complete checkpoint or calibration set")
+            yield dg.SkipReason("no new or changed complete checkpoint or calibration set" + _fixed_recipes(project))
 
     return _sensor
 
