@@ -259,6 +259,7 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
     from merge_dag.dagster.stale_runs import fail_dead_runs
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MERGE_DAG_DB", raising=False)
     ensure_dagster_home(tmp_path)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     script = tmp_path / "slow.py"
@@ -274,11 +275,18 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
                                      stderr=subprocess.STDOUT, text=True)
             live_run = _started_run(instance, alive, {dead_run.run_id})
             assert instance.get_run_by_id(dead_run.run_id).status == dg.DagsterRunStatus.STARTED  # stuck
+            # the killed run had observed a source (lineage events, but no runs row yet)
+            store = LineageStore(tmp_path / "data" / "lineage.duckdb")
+            store.record_batch([
+                ("record_artifact", dict(artifact_id="model-x", kind="model", name="x", key_hash="sha256:x", path="x",
+                                         bytes=1, code_version="-", params={}, run_id=dead_run.run_id, data_version="x")),
+                ("record_event", dict(artifact_id="model-x", run_id=dead_run.run_id, step="model/x", event="observed"))])
             _fail_dead_runs(tmp_path)  # what `merge-dag dev` does before it starts dagster (the demo: the same call)
             lines = capsys.readouterr().out.splitlines()
             assert len(lines) == 1 and dead_run.run_id[:8] in lines[0] and f"pid {killed.pid}" in lines[0], lines
             assert instance.get_run_by_id(dead_run.run_id).status == dg.DagsterRunStatus.FAILURE
             assert instance.get_run_by_id(live_run.run_id).status == dg.DagsterRunStatus.STARTED  # alive: untouched
+            assert [(r["run_id"], r["status"]) for r in store.runs()] == [(dead_run.run_id, "failure")]
             assert fail_dead_runs(instance) == []
     finally:
         for p in (killed, alive):

@@ -71,7 +71,8 @@ def _run_processes(instance, run) -> list[tuple[int, Optional[str]]]:
 
 def fail_dead_runs(instance, lineage=None) -> list[str]:
     """Mark failed every STARTING/STARTED run of `instance` whose processes are all gone (see the
-    module docstring); also in the lineage store `lineage` when given and it knows the run.
+    module docstring); also in the lineage store `lineage` when given and the run wrote to it
+    (a row in `runs`, or only observation events: the step that records `running` never ran).
     Returns one line per run marked."""
     from dagster import DagsterRunStatus, RunsFilter
 
@@ -93,7 +94,8 @@ def fail_dead_runs(instance, lineage=None) -> list[str]:
         instance.report_run_failed(run, message=message)
         if lineage is not None:
             try:
-                if lineage.query("SELECT run_id FROM runs WHERE run_id = ?", [run.run_id]):
+                if lineage.query("SELECT run_id FROM runs WHERE run_id = ? UNION ALL "
+                                 "SELECT run_id FROM events WHERE run_id = ? LIMIT 1", [run.run_id, run.run_id]):
                     lineage.record_run(run_id=run.run_id, status="failure")
             except Exception as e:  # noqa: BLE001 - a lineage problem must not stop the start
                 message += f" (lineage not updated: {type(e).__name__}: {e})"
