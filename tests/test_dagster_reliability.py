@@ -244,7 +244,7 @@ SLOW_JOB = textwrap.dedent("""
 
 
 def _started_run(instance, proc: subprocess.Popen, known: set[str]):
-    for _ in range(600):  # until the child's run is STARTED (bounded; a failing child ends the wait)
+    for _ in range(3000):  # until the child's run is STARTED (bounded at 5 min; a failing child ends the wait)
         runs = [r for r in instance.get_runs() if r.run_id not in known]
         if runs and runs[0].status == dg.DagsterRunStatus.STARTED:
             return runs[0]
