@@ -14,7 +14,7 @@ from typing import Optional
 
 import yaml
 
-from .core.errors import RecipeError
+from .core.errors import MergeDagError, RecipeError
 from .core.methods.registry import get_method
 from .core.recipe import Recipe, parse_recipe
 
@@ -99,10 +99,19 @@ class RecipeSpec:
         return self.calibration(g.calibration) if g.calibration else self.own_calibration(m)
 
 
+@dataclass(frozen=True)
+class BrokenRecipe:
+    """A recipe file that could not join the graph: its own `recipe/<name>` reports `error`."""
+    name: str          # asset-safe, unique among recipes (the file's stem when its `name:` is unusable)
+    file: Path
+    error: str         # one or more lines, each naming the file and the cause
+
+
 @dataclass
 class Project:
     root: Path
     recipes: dict[str, RecipeSpec] = field(default_factory=dict)
+    broken: dict[str, BrokenRecipe] = field(default_factory=dict)  # name -> a recipe file that does not load
     models: dict[str, ModelSource] = field(default_factory=dict)
     task_vectors: dict[str, tuple[ModelSource, ModelSource]] = field(default_factory=dict)  # name -> (base, expert)
     model_evals: dict[str, list[str]] = field(default_factory=dict)  # model name -> tasks (baselines)
@@ -166,9 +175,13 @@ def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
 def recipe_spec(root: Path, f: Path) -> RecipeSpec:
     """One recipe file as the project sees it now (globs expanded against the folders on disk)."""
     try:
-        data = yaml.safe_load(f.read_text())
+        data = yaml.safe_load(f.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise RecipeError(f"{f}: invalid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except OSError as e:
+        raise RecipeError(f"{f}: cannot read the recipe file: {e.strerror or e}") from None
     recipe = parse_recipe(data, where=str(f), source_path=f.absolute(), root=root)
     name = asset_name(recipe.name or f.stem)
     method = get_method(recipe.merge_method)
@@ -188,31 +201,87 @@ def current_spec(project: "Project", spec: RecipeSpec) -> RecipeSpec:
 def load_project(root: str | os.PathLike | None = None) -> Project:
     """Every recipe under data/recipes, and the models, task vectors and baselines they name.
 
+    One bad recipe file never stops the others: a file that does not parse or validate, whose
+    `name:` another file already uses, or whose models or statistics clash with another recipe's,
+    goes to `project.broken` (with the error naming the file) and adds nothing else to the graph.
+    Of two files with the same `name:`, the one whose file stem is that name keeps it (else the
+    first in sorted order); the other is broken under its own file stem.
+
     Glob entries are expanded here, when the definitions load; a folder that appears later is
     picked up by the sensor and the merge step (which expand the glob again at run time), and shows
-    as its own assets at the next reload of the code location."""
+    as its own assets at the next reload of the code location. A glob recipe that matches too few
+    folders yet is broken (its error says which glob) until a reload after the first match exists."""
     root = Path(root or os.environ.get("MERGE_DAG_ROOT") or Path.cwd()).absolute()
     project = Project(root=root)
     files = sorted(project.recipes_dir.glob("*.yaml")) + sorted(project.recipes_dir.glob("*.yml"))
+    parsed: list[tuple[Path, RecipeSpec | None, str]] = []
     for f in files:
-        spec = recipe_spec(root, f)
-        name, base, experts = spec.name, spec.base, spec.experts
-        if name in project.recipes:
-            raise RecipeError(f"{f}: name: recipe name {name!r} is also used by {project.recipes[name].file}")
-        project.recipes[name] = spec
-        for m in spec.members:
-            known = project.models.get(m.name)
-            if known is not None and known.path != m.path:
-                raise RecipeError(f"{f}: model {m.ref!r} maps to asset name {m.name!r}, already used by {known.path}")
-            project.models[m.name] = m
-            if spec.evals:
-                tasks = project.model_evals.setdefault(m.name, [])
-                tasks.extend(t for t in spec.evals if t not in tasks)
-        if spec.uses_task_vectors:
-            for e in experts:
-                project.task_vectors[project.tv_name(base, e)] = (base, e)
-        register_guidance(project, spec)
+        try:
+            parsed.append((f, recipe_spec(root, f), ""))
+        except MergeDagError as e:
+            parsed.append((f, None, str(e)))
+        except Exception as e:  # noqa: BLE001 - whatever the parser did not name, reported naming the file
+            parsed.append((f, None, f"{f}: {type(e).__name__}: {e}"))
+    # a name belongs to the file whose stem is that name, else to the first file using it
+    owner: dict[str, Path] = {}
+    for f, spec, _ in parsed:
+        if spec is not None and (spec.name not in owner or asset_name(f.stem) == spec.name
+                                 and asset_name(owner[spec.name].stem) != spec.name):
+            owner[spec.name] = f
+    broken: list[tuple[Path, str]] = []
+    for f, spec, error in parsed:
+        if spec is None:
+            broken.append((f, error))
+        elif owner[spec.name] != f:
+            broken.append((f, f"{f}: name: recipe name {spec.name!r} is also used by {owner[spec.name]}"))
+        else:
+            try:
+                _add_recipe(project, spec)
+            except MergeDagError as e:
+                broken.append((f, str(e) if str(f) in str(e) else f"{f}: {e}"))
+            except Exception as e:  # noqa: BLE001 - one recipe's surprise never takes the others down
+                broken.append((f, f"{f}: {type(e).__name__}: {e}"))
+    for f, error in broken:
+        name = asset_name(f.stem)
+        n = 1
+        while name in project.recipes or name in project.broken:
+            n += 1
+            name = f"{asset_name(f.stem)}_{n}"
+        project.broken[name] = BrokenRecipe(name, f, error)
     return project
+
+
+_TABLES = ("recipes", "models", "task_vectors", "model_evals", "calibrations", "activations", "grams",
+           "sensitivities", "importances")
+
+
+def _add_recipe(project: Project, spec: RecipeSpec) -> None:
+    """Register one recipe and everything it names, or (on a clash) nothing at all."""
+    saved = {t: dict(getattr(project, t)) for t in _TABLES}
+    saved["model_evals"] = {k: list(v) for k, v in project.model_evals.items()}
+    try:
+        _register(project, spec)
+    except BaseException:
+        for t, value in saved.items():
+            setattr(project, t, value)
+        raise
+
+
+def _register(project: Project, spec: RecipeSpec) -> None:
+    f, name, base, experts = spec.file, spec.name, spec.base, spec.experts
+    project.recipes[name] = spec
+    for m in spec.members:
+        known = project.models.get(m.name)
+        if known is not None and known.path != m.path:
+            raise RecipeError(f"{f}: model {m.ref!r} maps to asset name {m.name!r}, already used by {known.path}")
+        project.models[m.name] = m
+        if spec.evals:
+            tasks = project.model_evals.setdefault(m.name, [])
+            tasks.extend(t for t in spec.evals if t not in tasks)
+    if spec.uses_task_vectors:
+        for e in experts:
+            project.task_vectors[project.tv_name(base, e)] = (base, e)
+    register_guidance(project, spec)
 
 
 def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:

@@ -39,9 +39,12 @@ from ..core.checkpoint import Checkpoint
 from ..core.errors import CheckpointError, MergeDagError
 from ..core.fingerprint import checkpoint_fingerprint
 from ..project import ModelSource, Project, RecipeSpec, current_spec
+from .markdown import md_text
+from .resources import SettingsError, env_number
 
 SENSOR_NAME = "checkpoint_sensor"
 SCHEDULE_NAME = "nightly_rebuild"
+DEFAULT_CRON = "0 3 * * *"
 
 
 def folder_signature(path: Path) -> list:
@@ -192,14 +195,32 @@ def evaluate_calibrations(project: Project, cursor: dict, now: float, settle_sec
     return changed, state
 
 
+def _fixed_recipes(project: Project) -> str:
+    """A note on the recipe files that did not load but do now (a glob's first match arrived, a typo
+    was fixed): their assets appear at the next reload of the code location."""
+    if not project.broken:
+        return ""
+    from ..project import load_project
+
+    still = {b.file for b in load_project(project.root).broken.values()}
+    fixed = [b.file.name for b in project.broken.values() if b.file.exists() and b.file not in still]
+    return f"; recipe file(s) {', '.join(fixed)} load now: reload the code location to build them" if fixed else ""
+
+
 def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float] = None) -> dg.SensorDefinition:
-    settle = float(os.environ.get("MERGE_DAG_SETTLE_SECONDS", "30")) if settle_seconds is None else settle_seconds
+    settle, bad_setting = (env_number("MERGE_DAG_SETTLE_SECONDS", 30.0, float) if settle_seconds is None
+                           else (settle_seconds, None))
+    broken = "".join(f" Recipe file {md_text(b.file.name)} did not load: {md_text(b.error)}."
+                     for b in project.broken.values())
 
     @dg.sensor(name=SENSOR_NAME, job_name=job_name, minimum_interval_seconds=15,
                default_status=dg.DefaultSensorStatus.RUNNING,
-               description=f"Rebuilds what depends on a model folder once a new or changed checkpoint has been "
-                           f"stable for {settle:g} s and opens as a complete safetensors checkpoint.")
+               description=(f"Every tick fails until fixed: {md_text(bad_setting)}." if bad_setting else
+                            f"Rebuilds what depends on a model folder once a new or changed checkpoint has been "
+                            f"stable for {settle:g} s and opens as a complete safetensors checkpoint.") + broken)
     def _sensor(context: dg.SensorEvaluationContext):
+        if bad_setting:  # a failed tick in the UI, naming the variable; the code location still loads
+            raise SettingsError(bad_setting)
         cursor = json.loads(context.cursor) if context.cursor else {}
         changed, state = evaluate_models(project, cursor, time.time(), settle)
         graph = context.repository_def.asset_graph
@@ -230,15 +251,54 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
                     requested = True
         context.update_cursor(json.dumps(state))
         if not requested:
-            yield dg.SkipReason("no new or changed complete checkpoint or calibration set")
+            yield dg.SkipReason("no new or changed complete checkpoint or calibration set" + _fixed_recipes(project))
 
     return _sensor
 
 
 def build_schedule(job_name: str) -> dg.ScheduleDefinition:
-    cron = os.environ.get("MERGE_DAG_SCHEDULE", "0 3 * * *")
+    from dagster._utils.schedules import is_valid_cron_string
+
+    cron = os.environ.get("MERGE_DAG_SCHEDULE", "").strip() or DEFAULT_CRON
+    if not is_valid_cron_string(cron):  # keep the code location loading: the schedule's ticks fail instead
+        error = f"MERGE_DAG_SCHEDULE={cron!r} is not a cron expression (e.g. {DEFAULT_CRON!r})"
+
+        @dg.schedule(name=SCHEDULE_NAME, job_name=job_name, cron_schedule=DEFAULT_CRON,
+                     default_status=dg.DefaultScheduleStatus.RUNNING,
+                     description=f"Every tick fails until fixed: {md_text(error)}.")
+        def _refuse(context):
+            raise SettingsError(error)
+
+        return _refuse
     return dg.ScheduleDefinition(
         name=SCHEDULE_NAME, job_name=job_name, cron_schedule=cron,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Re-observe every source and rebuild whatever is stale ({cron}); unchanged artifacts are "
-                    "cache hits, so a quiet night costs fingerprints only.")
+        description=f"Re-observe every source and rebuild whatever is stale ({md_text(cron)}); unchanged artifacts "
+                    "are cache hits, so a quiet night costs fingerprints only.")
+
+
+LINEAGE_SENSORS = {"lineage_run_succeeded": ("SUCCESS", "success"), "lineage_run_failed": ("FAILURE", "failure"),
+                   "lineage_run_canceled": ("CANCELED", "canceled")}
+
+
+def build_lineage_sensors() -> list:
+    """Run status sensors that write every run's end (success, failure, canceled) into the lineage
+    `runs` table, for runs the daemon launches (the sensor's, the schedule's, the UI's); steps only
+    ever record `running`. `merge-dag demo` records its own in-process runs."""
+    from datetime import datetime, timezone
+
+    from .resources import MergeDagResource
+
+    def make(name: str, dagster_status: str, status: str):
+        @dg.run_status_sensor(run_status=getattr(dg.DagsterRunStatus, dagster_status), name=name,
+                              default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=15,
+                              description=f"Records each run that ends in {dagster_status} as {status!r} in the "
+                                          "lineage runs table.")
+        def _record(context: dg.RunStatusSensorContext, merge_dag: MergeDagResource):
+            run = context.dagster_run
+            merge_dag.lineage().record_run(run_id=run.run_id, status=status, job=run.job_name,
+                                           finished_at=datetime.now(timezone.utc).replace(tzinfo=None))
+
+        return _record
+
+    return [make(name, d, s) for name, (d, s) in LINEAGE_SENSORS.items()]

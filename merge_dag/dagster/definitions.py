@@ -15,33 +15,30 @@ from .assets.leaderboard import leaderboard_asset
 from .assets.merges import merge_assets
 from .assets.sources import source_assets
 from .assets.task_vectors import task_vector_assets
-from .automation import build_schedule, build_sensor
-from .resources import MergeDagResource
+from .automation import build_lineage_sensors, build_schedule, build_sensor
+from .resources import MergeDagResource, resource_from_env
 
 ALL_JOB = "merge_all"
 
 
 def build_definitions(root: Optional[str | Path] = None, project: Optional[Project] = None,
                       resource: Optional[MergeDagResource] = None) -> dg.Definitions:
+    """Every asset, check, job, sensor and schedule of the project. A recipe file that does not load
+    (project.broken) is only its own failing `recipe/<name>` source; a bad environment setting fails
+    the steps, sensor ticks or schedule ticks that use it; neither stops the code location loading."""
     project = project or load_project(root)
     merges, checks = merge_assets(project)
     assets = source_assets(project) + guidance_assets(project) + task_vector_assets(project) + merges \
         + eval_assets(project)
     if any(s.evals for s in project.recipes.values()):
         assets.append(leaderboard_asset(project))
-    resource = resource or MergeDagResource(
-        root=str(project.root),
-        device=os.environ.get("MERGE_DAG_DEVICE", "cpu"),
-        db_path=os.environ.get("MERGE_DAG_DB", ""),
-        artifacts_dir=os.environ.get("MERGE_DAG_ARTIFACTS", ""),
-        eval_limit=int(os.environ.get("MERGE_DAG_EVAL_LIMIT", "0")),
-    )
+    resource = resource or resource_from_env(project.root)
     # sources are in the job so every run observes them first: provenance names the current files
     merge_all = dg.define_asset_job(ALL_JOB, selection=dg.AssetSelection.all(include_sources=True),
                                     description="Observe every source, then build every artifact (cache hits "
                                                 "for anything whose inputs did not change).")
     return dg.Definitions(assets=assets, asset_checks=checks, jobs=[merge_all],
-                          sensors=[build_sensor(project, ALL_JOB)], schedules=[build_schedule(ALL_JOB)],
+                          sensors=[build_sensor(project, ALL_JOB), *build_lineage_sensors()], schedules=[build_schedule(ALL_JOB)],
                           resources={"merge_dag": resource})
 
 

@@ -32,7 +32,9 @@ def prepare(args: argparse.Namespace) -> Path:
         os.environ["MERGE_DAG_DEVICE"] = args.device
     from ..zoo.build import build_zoo
 
-    build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data")
+    # data files only where missing: a user's edits under data/ survive (`merge-dag zoo` rewrites them)
+    build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data",
+              overwrite_data=False)
     return root
 
 
@@ -50,7 +52,45 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nrun {result.run_id[:8]}: {summary}")
     print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
     print(f"lineage: {os.environ.get('MERGE_DAG_DB') or root / 'data' / 'lineage.duckdb'}  (try: merge-dag audit <recipe name>)")
-    return 0 if result.success else 1
+    failed = failure_lines(result)
+    if failed:
+        print(f"\n{len(failed)} step(s) failed; what depends on them was skipped, everything else was built:")
+        print("\n".join(f"  {line}" for line in failed))
+    return 0 if result.success and not failed else 1
+
+
+def _one_line(error) -> str:
+    """The user's error inside Dagster's wrappers, as `Class: first line of its message`."""
+    while error.cause is not None and error.cls_name and error.cls_name.startswith("Dagster"):
+        error = error.cause
+    message = (error.message or "").strip()
+    prefix = f"{error.cls_name}: "
+    full = message.split(": ", 1)[1] if message.split(": ", 1)[0].endswith(error.cls_name or "?") else message
+    first = (full.strip().splitlines() or [""])[0]
+    return first if error.cls_name == "Failure" else prefix + first
+
+
+def failure_lines(result) -> list[str]:
+    """One line per failed step of `result`: `<asset key>: <the error's first line>`, no traceback."""
+    keys = {k.to_python_identifier(): k.to_user_string()
+            for k in result.job_def.asset_layer.asset_graph.get_all_asset_keys()}
+    lines = []
+    for event in result.get_step_failure_events():
+        data = event.event_specific_data
+        step = event.step_key or "?"
+        node = step.split(".", 1)[0]
+        label = keys.get(node)
+        if label is None:  # an asset check's step: <asset>_<check name>
+            owner = max((k for k in keys if node.startswith(k + "_")), key=len, default=None)
+            label = f"{keys[owner]} (check {node[len(owner) + 1:]})" if owner else step
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            text = data.user_failure_data.description.strip().splitlines()[0]
+        elif data.error is not None:
+            text = _one_line(data.error)
+        else:
+            text = "failed"
+        lines.append(f"{label}: {text}")
+    return lines
 
 
 def quiet(verbose: bool) -> None:
@@ -131,8 +171,7 @@ class _ProgressHandler(logging.Handler):
             print(f"  {how:<9s} {'/'.join(mat.asset_key.path)}", flush=True)
         elif ev.event_type_value == "STEP_FAILURE":
             err = ev.event_specific_data.error
-            msg = (err.message if err else "failed").strip().splitlines()
-            print(f"  FAILED    {ev.step_key}: {msg[-1] if msg else ''}", file=sys.stderr, flush=True)
+            print(f"  FAILED    {ev.step_key}: {_one_line(err) if err else 'failed'}", file=sys.stderr, flush=True)
 
 
 def materialize_all(root: Path, verbose: bool = True):
@@ -145,6 +184,7 @@ def materialize_all(root: Path, verbose: bool = True):
     from dagster import DagsterInstance
 
     from .definitions import ALL_JOB, build_definitions
+    from .stale_runs import fail_dead_runs, run_tags
 
     defs = build_definitions(root)
     job = defs.resolve_job_def(ALL_JOB)
@@ -154,7 +194,11 @@ def materialize_all(root: Path, verbose: bool = True):
         run_config = {"loggers": {"progress": {}}}
     t1 = time.perf_counter()
     with DagsterInstance.get() as instance:
-        result = job.execute_in_process(instance=instance, raise_on_error=True, run_config=run_config)
+        for line in fail_dead_runs(instance, defs.resources["merge_dag"].lineage()):
+            print(line, flush=True)
+        # every independent branch builds; Dagster skips only what depends on a failed step
+        result = job.execute_in_process(instance=instance, raise_on_error=False, tags=run_tags(),
+                                        run_config=run_config)
     seconds = time.perf_counter() - t1
     resource = defs.resources["merge_dag"]
     resource.lineage().record_run(run_id=result.run_id, finished_at=datetime.now(timezone.utc).replace(tzinfo=None),

@@ -19,8 +19,26 @@ def run(args: argparse.Namespace) -> int:
     root = args.root.absolute()
     home = ensure_dagster_home(root)
     os.environ.setdefault("MERGE_DAG_ROOT", str(root))
+    _fail_dead_runs(root)
     dagster = Path(sys.executable).with_name("dagster")
     cmd = [str(dagster), "dev", "-w", str(root / "workspace.yaml"), "-h", args.host, "-p", args.port]
     print(f"DAGSTER_HOME={home}\n{' '.join(cmd)}", flush=True)
     os.chdir(root)
     os.execv(cmd[0], cmd)
+
+
+def _fail_dead_runs(root: Path) -> None:
+    """Runs of this instance left STARTED by a killed process are marked failed (see stale_runs)."""
+    from dagster import DagsterInstance
+
+    from ..lineage.store import LineageStore
+    from .stale_runs import fail_dead_runs
+
+    db = Path(os.environ.get("MERGE_DAG_DB") or root / "data" / "lineage.duckdb")
+    try:
+        with DagsterInstance.get() as instance:
+            for line in fail_dead_runs(instance, LineageStore(db) if db.exists() else None):
+                print(line, flush=True)
+    except Exception as e:  # noqa: BLE001 - never keep the UI from starting; say what was not checked
+        print(f"merge_dag: runs left STARTED by a killed process were not checked: {type(e).__name__}: {e}",
+              flush=True)

@@ -8,6 +8,27 @@ from pathlib import Path
 import dagster as dg
 
 from ..artifacts import ArtifactStore
+from ..core.errors import MergeDagError
+
+
+class SettingsError(MergeDagError):
+    """An environment setting has a value merge_dag cannot use (the message names the variable)."""
+
+
+def env_number(var: str, default: float, kind: type = int, minimum: float = 0, hint: str = ""):
+    """($var as `kind`, None) or (`default`, the one-line error naming $var) when it is not a
+    `kind` >= `minimum`. The caller keeps loading and reports the error where the value is used."""
+    raw = os.environ.get(var)
+    if raw is None or raw.strip() == "":
+        return default, None
+    try:
+        value = kind(raw.strip())
+        if value < minimum or value != value or value in (float("inf"), float("-inf")):
+            raise ValueError
+        return value, None
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        return default, f"{var}={raw!r} is not {what} >= {minimum:g}{hint}"
 
 
 class MergeDagResource(dg.ConfigurableResource):
@@ -22,6 +43,14 @@ class MergeDagResource(dg.ConfigurableResource):
     calibration_batch_size: int = 8    # rows per forward pass of a statistics step
     calibration_max_length: int = 512  # tokens per row (longer rows are truncated)
     calibration_max_rows: int = 0      # 0: every row of each calibration set
+    invalid: dict[str, str] = {}       # field -> why its environment variable was refused (see checked)
+
+    def checked(self, field: str):
+        """The setting `field`, or SettingsError naming its environment variable when that was bad:
+        only the steps that use a bad setting fail; everything else runs."""
+        if field in self.invalid:
+            raise SettingsError(self.invalid[field])
+        return getattr(self, field)
 
     def calibration_settings(self) -> dict:
         """Everything that shapes the batches of a statistics pass (part of each statistic's cache key)."""
@@ -42,6 +71,20 @@ class MergeDagResource(dg.ConfigurableResource):
         from ..lineage.store import LineageStore
 
         return LineageStore(self.database())
+
+
+def resource_from_env(root: str | Path) -> MergeDagResource:
+    """The project's resource from $MERGE_DAG_DEVICE, _DB, _ARTIFACTS and _EVAL_LIMIT. A bad number
+    does not stop the code location from loading: the setting keeps its default in `invalid`, and
+    every step that reads it (the evals, for _EVAL_LIMIT) fails with one line naming the variable."""
+    invalid = {}
+    eval_limit, error = env_number("MERGE_DAG_EVAL_LIMIT", 0, int, hint=" (0 = every example)")
+    if error:
+        invalid["eval_limit"] = error
+    return MergeDagResource(root=str(root), device=os.environ.get("MERGE_DAG_DEVICE", "cpu"),
+                            db_path=os.environ.get("MERGE_DAG_DB", ""),
+                            artifacts_dir=os.environ.get("MERGE_DAG_ARTIFACTS", ""),
+                            eval_limit=eval_limit, invalid=invalid)
 
 
 def torch_pool() -> str | None:

@@ -124,10 +124,12 @@ def task_files(skills: tuple[str, ...] = ZOO_SKILLS) -> dict[str, str]:
     return out
 
 
-def write_task_files(tasks_dir: Path | None = None, skills: tuple[str, ...] = ZOO_SKILLS) -> list[Path]:
+def write_task_files(tasks_dir: Path | None = None, skills: tuple[str, ...] = ZOO_SKILLS,
+                     overwrite: bool = True) -> list[Path]:
+    """The zoo's lm-eval task files (`overwrite=False`: only those missing, so edits stay)."""
     tasks_dir = Path(tasks_dir) if tasks_dir is not None else default_tasks_dir()
     tasks_dir.mkdir(parents=True, exist_ok=True)
-    return [write_if_changed(tasks_dir / name, text) for name, text in task_files(skills).items()]
+    return [write_if_changed(tasks_dir / name, text, overwrite) for name, text in task_files(skills).items()]
 
 
 # --- rendering for lm-eval -----------------------------------------------------------------------

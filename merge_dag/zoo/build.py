@@ -205,12 +205,14 @@ def _log(progress: bool, msg: str) -> None:
 
 
 def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool = True, force: bool = False,
-              *, data_dir: Optional[Path] = Path("data"), settings: Optional[ZooSettings] = None) -> ZooManifest:
+              *, data_dir: Optional[Path] = Path("data"), settings: Optional[ZooSettings] = None,
+              overwrite_data: bool = True) -> ZooManifest:
     """Build (or reuse) the zoo of ``size`` under ``<out>/<size>``; returns its manifest.
 
     Models already complete with the same settings are reused (``force`` rebuilds them all).
     ``data_dir`` receives ``eval/``, ``calibration/`` and ``tasks/`` (regenerated identically;
-    None skips them). ``settings`` overrides the preset of ``size`` (tests use small ones).
+    None skips them); ``overwrite_data=False`` writes only the files that are missing, so a user's
+    edits survive (what `merge-dag demo` does; `merge-dag zoo` rewrites them). ``settings`` overrides the preset of ``size`` (tests use small ones).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -226,8 +228,8 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
     if data_dir is not None:
         from ..evaluation.tasks import write_task_files
 
-        files = [str(p) for p in write_data_files(Path(data_dir), st.skills, st.data_seed)]
-        files += [str(p) for p in write_task_files(Path(data_dir) / "tasks", st.skills)]
+        files = [str(p) for p in write_data_files(Path(data_dir), st.skills, st.data_seed, overwrite_data)]
+        files += [str(p) for p in write_task_files(Path(data_dir) / "tasks", st.skills, overwrite_data)]
 
     names = ["base", *st.skills]
     folders = {n: root / n for n in names}

@@ -221,10 +221,11 @@ def data_files(skills: tuple[str, ...] = ZOO_SKILLS, seed: int = DATA_SEED) -> d
     return out
 
 
-def write_if_changed(path: Path, text: str) -> Path:
-    """Write `text` to `path` (through a temporary file and a rename) unless it already holds it."""
+def write_if_changed(path: Path, text: str, overwrite: bool = True) -> Path:
+    """Write `text` to `path` (through a temporary file and a rename) unless it already holds it.
+    `overwrite=False`: only when `path` does not exist (a user's edit of a generated file stays)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists() or path.read_text() != text:
+    if not path.exists() or (overwrite and path.read_text() != text):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
@@ -232,9 +233,10 @@ def write_if_changed(path: Path, text: str) -> Path:
 
 
 def write_data_files(data_dir: Path = Path("data"), skills: tuple[str, ...] = ZOO_SKILLS,
-                     seed: int = DATA_SEED) -> list[Path]:
-    """Write (or rewrite identically) data/eval/<skill>.jsonl and data/calibration/<skill>.jsonl."""
-    return [write_if_changed(Path(data_dir) / rel, text) for rel, text in data_files(skills, seed).items()]
+                     seed: int = DATA_SEED, overwrite: bool = True) -> list[Path]:
+    """Write (or rewrite identically) data/eval/<skill>.jsonl and data/calibration/<skill>.jsonl
+    (`overwrite=False`: only those missing)."""
+    return [write_if_changed(Path(data_dir) / rel, text, overwrite) for rel, text in data_files(skills, seed).items()]
 
 
 def training_stream(skills: tuple[str, ...], seed: int, long_fraction: float | None = None,

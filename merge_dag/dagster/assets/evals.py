@@ -5,6 +5,7 @@ import dagster as dg
 
 from ...core.version import code_version
 from ...project import ModelSource, Project, RecipeSpec
+from ..markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, upstream
 from .sources import tasks_fingerprint
@@ -15,7 +16,7 @@ GROUP = "evals"
 def _settings(res: MergeDagResource, tasks: list[str]) -> dict:
     import lm_eval
 
-    return {"tasks": list(tasks), "limit": res.eval_limit or None, "lm_eval": getattr(lm_eval, "__version__", "?")}
+    return {"tasks": list(tasks), "limit": res.checked("eval_limit") or None, "lm_eval": getattr(lm_eval, "__version__", "?")}
 
 
 def _evaluate(project: Project, res: MergeDagResource, path, tasks: list[str], model_label: str) -> dict:
@@ -27,7 +28,7 @@ def _evaluate(project: Project, res: MergeDagResource, path, tasks: list[str], m
 
 
 def _metrics_md(info: dict) -> dg.MetadataValue:
-    rows = "\n".join(f"| {t} | {m} | {v:.4f} | {'' if s is None else f'{s:.4f}'} | {n} |"
+    rows = "\n".join(f"| {md_text(t)} | {md_text(m)} | {v:.4f} | {'' if s is None else f'{s:.4f}'} | {n} |"
                      for t, m, v, s, n in info.get("metrics", []))
     return dg.MetadataValue.md("| task | metric | value | stderr | n |\n|---|---|---|---|---|\n" + rows)
 
@@ -36,7 +37,7 @@ def merged_eval_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition
     code = code_version("evaluation")
 
     @dg.asset(key=["eval", "merged", spec.name], deps=[["merged", spec.name], ["eval_tasks"]], group_name=GROUP,
-              code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval {', '.join(spec.evals)} on merged/{spec.name}.")
+              code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval {md_text(', '.join(spec.evals))} on merged/{md_text(spec.name)}.")
     def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         up = upstream(context, ["merged", spec.name])
         tfp = tasks_fingerprint(project)
@@ -53,7 +54,7 @@ def model_eval_asset(project: Project, m: ModelSource, tasks: list[str]) -> dg.A
     code = code_version("evaluation")
 
     @dg.asset(key=["eval", "model", m.name], deps=[["model", m.name], ["eval_tasks"]], group_name=GROUP,
-              code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval baseline {', '.join(tasks)} on {m.ref}.")
+              code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval baseline {md_text(', '.join(tasks))} on {md_text(m.ref)}.")
     def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         tfp = tasks_fingerprint(project)
         inputs = [Input.model("model", m.path), Input.source("tasks", "tasks", tfp)]

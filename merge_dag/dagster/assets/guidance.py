@@ -26,6 +26,7 @@ from ...core.params import layer_index
 from ...core.version import code_version
 from ...project import CalibrationSource, ImportanceSource, Project, RecipeSpec, StatsSource, current_spec, \
     register_guidance
+from ..markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, record_source, run_step, upstream
 
@@ -84,7 +85,7 @@ def _layer_of(name: str) -> int:
 
 def calibration_source_asset(cal: CalibrationSource) -> dg.AssetsDefinition:
     @dg.observable_source_asset(key=["calibration", cal.name], group_name="sources",
-                                description=f"Calibration set {cal.ref} ({cal.path}), versioned by sha256.")
+                                description=f"Calibration set {md_text(cal.ref)} ({md_text(cal.path)}), versioned by sha256.")
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = file_fingerprint(cal.path)
         record_source(merge_dag, kind="calibration", name=cal.name, fingerprint=fp, path=cal.path,
@@ -103,7 +104,8 @@ def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
 
     @dg.asset(key=[kind, src.name], deps=[["model", src.model.name], ["calibration", src.calibration.name]],
               group_name=GROUP, code_version=STATS_CODE, pool=torch_pool(), kinds={"pytorch", "safetensors"},
-              description=f"Per-linear {what} of {src.model.ref} on calibration set {src.calibration.ref}{variant}.")
+              description=f"Per-linear {what} of {md_text(src.model.ref)} on calibration set "
+                          f"{md_text(src.calibration.ref)}{variant}.")
     def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("model", src.model.path), _calibration_input(src.calibration)]
         settings = {**merge_dag.calibration_settings(), "gram": gram, "sequential_wanda": src.sequential}
@@ -137,7 +139,7 @@ def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
 def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
     @dg.asset(key=["sensitivity", src.name], deps=[["model", src.model.name], ["calibration", src.calibration.name]],
               group_name=GROUP, code_version=SENS_CODE, pool=torch_pool(), kinds={"pytorch"},
-              description=f"Sens-Merging per-layer sensitivity of {src.model.ref} on {src.calibration.ref} "
+              description=f"Sens-Merging per-layer sensitivity of {md_text(src.model.ref)} on {md_text(src.calibration.ref)} "
                           "(sum |theta * dL/dtheta| per layer, one backward pass per batch).")
     def _sens(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("model", src.model.path), _calibration_input(src.calibration)]
@@ -158,7 +160,7 @@ def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
         def meta(art, info):
             a = info.get("alpha", {})
             top = max(a.values(), default=0) or 1
-            rows = "\n".join(f"| {k} | {info['sensitivity'][k]:.4g} | {v:.3f} | `{bar(v / top)}` |" for k, v in a.items())
+            rows = "\n".join(f"| {md_text(k)} | {info['sensitivity'][k]:.4g} | {v:.3f} | `{bar(v / top)}` |" for k, v in a.items())
             return {"per_layer": dg.MetadataValue.md("| layer | S | alpha | |\n|---|---|---|---|\n" + rows),
                     "pass_seconds": info.get("pass_seconds")}
 
@@ -174,8 +176,8 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
     @dg.asset(key=["importance", imp.name],
               deps=[["activations", b.name], ["activations", e.name], ["model", b.model.name], ["model", e.model.name]],
               group_name=GROUP, code_version=LEWIS_CODE, kinds={"pytorch"},
-              description=f"LEWIS importance ||W * sqrt(s)||_F per linear of {e.model.ref} and of the base "
-                          f"{b.model.ref} on {e.calibration.ref}, and its normalised shift.")
+              description=f"LEWIS importance ||W * sqrt(s)||_F per linear of {md_text(e.model.ref)} and of the base "
+                          f"{md_text(b.model.ref)} on {md_text(e.calibration.ref)}, and its normalised shift.")
     def _importance(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         ib, ub = _upstream_input(context, "base_activations", ["activations", b.name])
         ie, ue = _upstream_input(context, "expert_activations", ["activations", e.name])
@@ -196,7 +198,7 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
             for n, v in info.get("shift", {}).items():
                 per_layer[_layer_of(n)] = per_layer.get(_layer_of(n), 0.0) + v
             top = max(per_layer.values(), default=0) or 1
-            rows = "\n".join(f"| {k} | {v:.4f} | `{bar(v / top)}` |" for k, v in sorted(per_layer.items()))
+            rows = "\n".join(f"| {md_text(k)} | {v:.4f} | `{bar(v / top)}` |" for k, v in sorted(per_layer.items()))
             return {"shift_per_layer": dg.MetadataValue.md("| layer | sum of normalised shifts | |\n|---|---|---|\n"
                                                            + rows)}
 
@@ -214,7 +216,7 @@ def allocation_chart(densities: dict[str, dict[str, float]], sizes: dict[str, in
     """Markdown: per layer, each expert's parameter-weighted mean density with a bar."""
     experts = list(densities)
     layers = sorted({_layer_of(n) for d in densities.values() for n in d})
-    head = "| layer | " + " | ".join(experts) + " |\n|---|" + "---|" * len(experts)
+    head = "| layer | " + " | ".join(md_text(e) for e in experts) + " |\n|---|" + "---|" * len(experts)
     rows = []
     for li in layers:
         cells = []
@@ -229,7 +231,7 @@ def allocation_chart(densities: dict[str, dict[str, float]], sizes: dict[str, in
 def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSource]) -> dg.AssetsDefinition:
     @dg.asset(key=["allocation", spec.name], deps=[["importance", i.name] for i in imps] + [["recipe", spec.name]],
               group_name=GROUP, code_version=LEWIS_CODE, kinds={"pytorch"},
-              description=f"LEWIS density map (expert x layer x module) for recipe {spec.file.name}.")
+              description=f"LEWIS density map (expert x layer x module) for recipe {md_text(spec.file.name)}.")
     def _allocation(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         now = current_spec(project, spec)
         g = now.guidance.sparsity if now.guidance else None
@@ -278,7 +280,7 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
 
     @dg.asset(key=["coefficients", spec.name], deps=deps, group_name=GROUP, code_version=SENS_CODE,
               pool=torch_pool(), kinds={"pytorch"},
-              description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {spec.file.name}; "
+              description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {md_text(spec.file.name)}; "
                           "the cross-task logit alignment is computed here.")
     def _coefficients(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         now = current_spec(project, spec)
@@ -321,7 +323,7 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
             sigma = info.get("sigma", {})
             names = list(sigma)
             layers = sorted({int(k) for c in sigma.values() for k in c})
-            head = "| layer | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+            head = "| layer | " + " | ".join(md_text(n) for n in names) + " |\n|---|" + "---|" * len(names)
             rows = "\n".join(f"| {li} | " + " | ".join(f"{sigma[n][str(li)]:.3f} `{bar(sigma[n][str(li)], 10)}`"
                                                         for n in names) + " |" for li in layers)
             return {"sigma_per_layer": dg.MetadataValue.md(head + "\n" + rows),

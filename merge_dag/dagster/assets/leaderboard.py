@@ -8,6 +8,7 @@ import dagster as dg
 from ...artifacts import read_json
 from ...core.version import code_version
 from ...project import Project
+from ..markdown import md_text
 from ..resources import MergeDagResource
 from ..steps import META_FILE, Input, latest, run_step
 from .evals import eval_keys
@@ -30,10 +31,11 @@ def leaderboard_rows(results: list[dict]) -> tuple[list[str], list[dict]]:
     return columns, rows
 
 
-def format_leaderboard(columns: list[str], rows: list[dict]) -> str:
-    head = "| model | " + " | ".join(columns) + " |"
+def format_leaderboard(columns: list[str], rows: list[dict], text=str) -> str:
+    """A Markdown table; `text` renders model and column names (md_text for the UI, which renders it)."""
+    head = "| model | " + " | ".join(text(c) for c in columns) + " |"
     sep = "|---|" + "---|" * len(columns)
-    body = ["| " + r["model"] + " | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in columns) + " |"
+    body = ["| " + text(r["model"]) + " | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in columns) + " |"
             for r in rows]
     return "\n".join([head, sep, *body])
 
@@ -68,7 +70,7 @@ def leaderboard_asset(project: Project) -> dg.AssetsDefinition:
                                     [dg.TableColumn(c, "float") for c in columns])
             records = [dg.TableRecord({"model": r["model"], **{c: r.get(c) for c in columns}}) for r in rows]
             return {"leaderboard": dg.MetadataValue.table(records, schema=schema),
-                    "markdown": dg.MetadataValue.md(format_leaderboard(columns, rows)),
+                    "markdown": dg.MetadataValue.md(format_leaderboard(columns, rows, md_text)),
                     "models": len(rows)}
 
         return run_step(context, merge_dag, kind="leaderboard", name="leaderboard", code_version=code, settings={},

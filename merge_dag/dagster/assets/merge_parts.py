@@ -36,6 +36,7 @@ from ...core.engine import MergePlan
 from ...core.parts import execute_part, finalize_parts
 from ...core.version import merge_code_version
 from ...project import Project, RecipeSpec
+from ..markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import run_step, step_key
 from .merges import (GROUP, PreparedMerge, merge_card_extra, merge_info, merge_plan, merged_deps, merged_metadata,
@@ -136,5 +137,6 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
     return dg.graph_asset(
         compose, key=["merged", spec.name], group_name=GROUP, code_version=code, kinds={"pytorch", "safetensors"},
         ins={f"dep_{i}": dg.AssetIn(key=dg.AssetKey(d), dagster_type=dg.Nothing) for i, d in enumerate(deps)},
-        description=f"{spec.recipe.merge_method} merge of {len(spec.experts)} model(s), recipe {spec.file.name}, "
+        description=f"{md_text(spec.recipe.merge_method)} merge of {len(spec.experts)} model(s), recipe "
+                    f"{md_text(spec.file.name)}, "
                     f"in {parts} part steps.")

@@ -19,6 +19,7 @@ from ...core.fingerprint import checkpoint_fingerprint
 from ...core.version import merge_code_version
 from ...core.recipe import Recipe
 from ...project import Project, RecipeSpec, current_spec, register_guidance
+from ..markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, latest, run_step, upstream
 from .sources import recipe_fingerprint
@@ -202,7 +203,8 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
 
     @dg.asset(key=["merged", spec.name], deps=deps, group_name=GROUP, code_version=code, pool=torch_pool(),
               kinds={"pytorch", "safetensors"},
-              description=f"{spec.recipe.merge_method} merge of {len(spec.experts)} model(s), recipe {spec.file.name}.")
+              description=f"{md_text(spec.recipe.merge_method)} merge of {len(spec.experts)} model(s), recipe "
+                          f"{md_text(spec.file.name)}.")
     def _merged(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         prep = prepare_merge(context, merge_dag, project, spec)
 

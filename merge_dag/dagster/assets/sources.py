@@ -14,7 +14,8 @@ import json
 import dagster as dg
 
 from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
-from ...project import ModelSource, Project, RecipeSpec, current_spec
+from ...project import BrokenRecipe, ModelSource, Project, RecipeSpec, current_spec, load_project
+from ..markdown import md_text
 from ..resources import MergeDagResource
 from ..steps import record_source
 
@@ -35,7 +36,8 @@ def tasks_fingerprint(project: Project) -> str:
 
 def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
     @dg.observable_source_asset(key=["model", m.name], group_name=GROUP,
-                                description=f"Checkpoint folder {m.ref} ({m.path}), versioned by content fingerprint.")
+                                description=f"Checkpoint folder {md_text(m.ref)} ({md_text(m.path)}), versioned by "
+                                            "content fingerprint.")
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = checkpoint_fingerprint(m.path)
         nbytes = sum(f.stat().st_size for f in m.path.glob("*.safetensors"))
@@ -50,13 +52,36 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
 
 def recipe_source_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
     @dg.observable_source_asset(key=["recipe", spec.name], group_name=GROUP,
-                                description=f"Recipe file {spec.file}")
+                                description=f"Recipe file {md_text(spec.file)}")
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = recipe_fingerprint(current_spec(project, spec))  # the file as it is now, globs expanded
         record_source(merge_dag, kind="recipe", name=spec.name, fingerprint=fp, path=spec.file, run_id=context.run.run_id)
         return dg.ObserveResult(data_version=dg.DataVersion(fp),
                                 metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(spec.file)),
                                           "method": spec.recipe.merge_method})
+
+    return _observe
+
+
+def broken_recipe_asset(project: Project, b: BrokenRecipe) -> dg.AssetsDefinition:
+    """recipe/<name> of a file that did not load: its observation fails with the file and the cause
+    (as the file is at run time), so the problem shows in the UI and in the run while every other
+    recipe's assets work as usual."""
+    @dg.observable_source_asset(key=["recipe", b.name], group_name=GROUP,
+                                description=f"NOT LOADED: recipe file {md_text(b.file)}: {md_text(b.error)} "
+                                            "(fix it, then reload the code location; the other recipes are "
+                                            "unaffected)")
+    def _observe(context) -> dg.ObserveResult:
+        now = next((x for x in load_project(project.root).broken.values() if x.file == b.file), None)
+        if now is not None:
+            message = now.error
+        elif b.file.exists():
+            message = (f"{b.file}: loads now; reload the code location (Reload in the UI, or restart "
+                       "`merge-dag dev`) to get its assets")
+        else:
+            message = f"{b.file}: removed; reload the code location to drop recipe/{b.name}"
+        raise dg.Failure(description=message,
+                         metadata={"file": dg.MetadataValue.path(str(b.file)), "error": message})
 
     return _observe
 
@@ -76,6 +101,7 @@ def tasks_source_asset(project: Project) -> dg.AssetsDefinition:
 def source_assets(project: Project) -> list[dg.AssetsDefinition]:
     out = [model_source_asset(m) for m in project.models.values()]
     out += [recipe_source_asset(project, s) for s in project.recipes.values()]
+    out += [broken_recipe_asset(project, b) for b in project.broken.values()]
     if any(s.evals for s in project.recipes.values()):
         out.append(tasks_source_asset(project))
     return out

@@ -8,6 +8,7 @@ from ...core.fingerprint import checkpoint_fingerprint
 from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
+from ..markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, Outcome, cached_step, record_source, run_step
 
@@ -40,10 +41,10 @@ def task_vector_inline(context: dg.AssetExecutionContext, merge_dag: MergeDagRes
 def task_vector_asset(name: str, base: ModelSource, expert: ModelSource) -> dg.AssetsDefinition:
     @dg.asset(key=["task_vector", name], deps=[["model", base.name], ["model", expert.name]], group_name=GROUP,
               code_version=CODE, pool=torch_pool(), kinds={"pytorch", "safetensors"},
-              description=f"Task vector of {expert.ref} over {base.ref} (float32).")
+              description=f"Task vector of {md_text(expert.ref)} over {md_text(base.ref)} (float32).")
     def _tv(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         def meta(art, info):
-            rows = "\n".join(f"| {k} | {v:.5f} |" for k, v in info.get("per_layer_norm", {}).items())
+            rows = "\n".join(f"| {md_text(k)} | {v:.5f} |" for k, v in info.get("per_layer_norm", {}).items())
             return {"tensor_count": info.get("tensor_count"), "l2_norm": info.get("l2_norm"),
                     "per_layer_norm": dg.MetadataValue.md("| tensor group | L2 norm |\n|---|---|\n" + rows)}
 
