@@ -12,7 +12,7 @@
     parameters: {lambda: 1.0}
     dtype: float32                        # accepted; merge_dag computes in float32 always
     out_dtype: bfloat16                   # written dtype (default: dtype, else the base's)
-    tokenizer_source: base                # or a model path
+    tokenizer_source: base                # or a model path; `none`: write no tokenizer, on purpose
     seed: 0                               # random methods (dare, della) repeat exactly under it
 
 A `models` entry may name experts by glob instead of by path: ``- glob: data/models/math-*`` (with
