@@ -587,32 +587,6 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-# The atomic replace, as a state machine. A write into target X by process P goes through folders
-# beside X that all carry the same tag T = "<pid>-<random>":
-#
-#   1. write      .X.tmp-T   being written; incomplete until renamed (never read by anyone)
-#   2. finish     .X.tmp-T -> .X.new-T    (after fsync: complete, not yet in place)
-#   3. swap out   X -> .X.old-T           (only when X exists: the previous, complete output)
-#   4. swap in    .X.new-T -> X
-#   5. drop       remove .X.old-T         (the commit is done; the old output is superseded)
-#
-# A process killed between any two steps leaves a state that `clean_stale_temporaries` (run by the
-# next write into X, and only for tags whose process is gone) resolves without losing a complete
-# output:
-#
-#   left behind              meaning                          recovery
-#   .tmp-T alone             killed while writing (1)         remove .tmp-T (provably incomplete)
-#   .new-T, X                killed between 2 and 3           roll forward: steps 3, 4, 5
-#   .new-T, no X, no .old-T  first write, killed before 4     rename .new-T -> X
-#   .new-T, .old-T, no X     killed between 3 and 4           rename .new-T -> X, then step 5
-#   .old-T, X, no .new-T     killed between 4 and 5           step 5 (X is the new output)
-#   .old-T, no X, no .new-T  X lost otherwise                 rename .old-T -> X (restore)
-#   .new-T, .old-T, X        X re-created by hand             nothing (warns): every folder kept
-#
-# Folders written before the .new- step existed (merge_dag <= this change) named a finished folder
-# .tmp-T and swapped it in directly, so a .tmp-T that has an .old-T beside it was complete: it is
-# treated as .new-T. Only .tmp- folders, which no step ever reads, are ever removed unrecovered.
-
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<state>tmp|new|old)-(?P<pid>\d+)-(?P<tok>[0-9a-f]+)$")
 
 
@@ -621,9 +595,36 @@ def _exists(p: Path) -> bool:
 
 
 def atomic_replace_dir(tmp: Path, target: Path) -> Path:
-    """Rename the finished folder `tmp` into place as `target` (steps 2-5 above); an existing
+    """Rename the finished folder `tmp` into place as `target` (steps 2-5 below); an existing
     target is swapped out, then removed. If a rename fails (an error, not a crash) the earlier
-    target is put back and the new folder, this call's own, is removed."""
+    target is put back and the new folder, this call's own, is removed.
+
+    The atomic replace, as a state machine. A write into target X by process P goes through folders
+    beside X that all carry the same tag T = "<pid>-<random>":
+
+      1. write      .X.tmp-T   being written; incomplete until renamed (never read by anyone)
+      2. finish     .X.tmp-T -> .X.new-T    (after fsync: complete, not yet in place)
+      3. swap out   X -> .X.old-T           (only when X exists: the previous, complete output)
+      4. swap in    .X.new-T -> X
+      5. drop       remove .X.old-T         (the commit is done; the old output is superseded)
+
+    A process killed between any two steps leaves a state that `clean_stale_temporaries` (run by the
+    next write into X, and only for tags whose process is gone) resolves without losing a complete
+    output:
+
+      left behind              meaning                          recovery
+      .tmp-T alone             killed while writing (1)         remove .tmp-T (provably incomplete)
+      .new-T, X                killed between 2 and 3           roll forward: steps 3, 4, 5
+      .new-T, no X, no .old-T  first write, killed before 4     rename .new-T -> X
+      .new-T, .old-T, no X     killed between 3 and 4           rename .new-T -> X, then step 5
+      .old-T, X, no .new-T     killed between 4 and 5           step 5 (X is the new output)
+      .old-T, no X, no .new-T  X lost otherwise                 rename .old-T -> X (restore)
+      .new-T, .old-T, X        X re-created by hand             nothing (warns): every folder kept
+
+    Earlier merge_dag versions, before the .new- step, swapped a finished folder in straight from
+    .tmp-T, so a .tmp-T that has an .old-T beside it was complete: it is
+    treated as .new-T. Only .tmp- folders, which no step ever reads, are ever removed unrecovered.
+    """
     tmp, target = Path(tmp), Path(target)
     m = _TEMP_RE.match(tmp.name)
     tag = f"{m['pid']}-{m['tok']}" if m and m["name"] == target.name else f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -659,7 +660,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(out_dir: Path) -> list[Path]:
-    """Resolve what writes into `out_dir` that were killed left beside it (see the table above):
+    """Resolve what writes into `out_dir` that were killed left beside it (the table in
+    `atomic_replace_dir`'s docstring):
     complete outputs are put (back) in place, never deleted; incomplete `.tmp-` folders are removed.
 
     Only folders whose writer's process is gone are touched, so a merge still running into the same
