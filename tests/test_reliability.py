@@ -19,7 +19,7 @@ from _models import base_state, load_all, make_family, perturb, tiny_config, wri
 from merge_dag.cli import main as cli
 from merge_dag.core import checkpoint as ckmod
 from merge_dag.core.checkpoint import MARKER, Checkpoint, CheckpointWriter, clean_stale_temporaries
-from merge_dag.core.engine import merge, model_card, plan_merge
+from merge_dag.core.engine import merge, plan_merge
 from merge_dag.core.errors import (CheckpointError, MergeDagError, MergeInputError, MergeOutputError,
                                    OutputError, RecipeError)
 from merge_dag.core.fingerprint import checkpoint_fingerprint
@@ -347,7 +347,7 @@ def test_tokenizer_is_required_or_explicitly_waived(tmp_path):
     assert res.tensor_count and not any((tmp_path / "out" / n).exists() for n in ckmod.TOKENIZER_FILES)
 
 
-def _with_int_tensor(folder: Path, values: torch.Tensor, dtype_of_base=None) -> None:
+def _with_int_tensor(folder: Path, values: torch.Tensor) -> None:
     state = load_all(folder)
     state["model.position_ids"] = values
     for f in folder.glob("*.safetensors"):

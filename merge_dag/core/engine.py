@@ -15,7 +15,6 @@ import hashlib
 import html
 import json
 import math
-import os
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
