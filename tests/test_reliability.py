@@ -371,6 +371,22 @@ def test_integer_tensors_are_never_merged_as_floats(tmp_path, family):
     assert torch.equal(load_all(tmp_path / "out")["model.position_ids"], ids)
 
 
+def test_task_vector_refuses_an_integer_tensor_that_differs(tmp_path, family):
+    """The Dagster layer merges through cached task vectors: an integer tensor there is zero, so an
+    expert whose integer tensor differs from the base's must be refused, not silently reset."""
+    from merge_dag.core.task_vector import compute_task_vector
+
+    ids = torch.arange(8, dtype=torch.int64)
+    _with_int_tensor(family["base"], ids)
+    _with_int_tensor(family["e0"], ids + 1)
+    with pytest.raises(MergeInputError, match=r"tensor 'model.position_ids' is int64 and differs from base"):
+        compute_task_vector(family["base"], family["e0"], tmp_path / "tv")
+    assert not (tmp_path / "tv").exists()
+    _with_int_tensor(family["e0"], ids)
+    compute_task_vector(family["base"], family["e0"], tmp_path / "tv")
+    assert torch.equal(load_all(tmp_path / "tv")["model.position_ids"], torch.zeros(8, dtype=torch.int64))
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. links out of a model folder are never copied into an output
 # ---------------------------------------------------------------------------------------------
