@@ -18,13 +18,17 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the arithmetic: cpu (default), cuda, cuda:1")
     p.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB, 500MB, 1GiB (default 2GB)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier merge_dag output even if it holds files a merge does not write "
+                        "(they are lost); never replaces a folder without merge_dag.json, an input or the "
+                        "working directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_merge)
 
 
 def _run_merge(args: argparse.Namespace) -> int:
     from .core.checkpoint import parse_size
-    from .core.engine import execute, plan_merge
+    from .core.engine import check_target, execute, plan_merge
     from .core.recipe import load_recipe
 
     try:
@@ -34,10 +38,11 @@ def _run_merge(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     plan = plan_merge(recipe, device=args.device)
     if args.dry_run:
+        check_target(plan, args.out_dir, overwrite=args.overwrite)
         print(plan.describe())
         print(f"\nplan OK: nothing written (would write {args.out_dir})")
         return 0
-    result = execute(plan, args.out_dir, shard_size=shard, progress=not args.no_progress)
+    result = execute(plan, args.out_dir, shard_size=shard, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"merged {result.tensor_count} tensors ({result.bytes / 1e9:.3f} GB) with {result.method} "
           f"in {result.seconds:.1f} s -> {result.out_dir}")
     print(f"output fingerprint {result.output_fingerprint}")
@@ -79,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         return importlib.import_module(args.module).run(args) or 0
     except MergeDagError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # the file system refused something no check above foresaw (disk full, permissions, a file
+        # vanishing): one line naming the file and the cause, not a traceback
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -12,11 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import yaml
-
 from .core.errors import MergeDagError, RecipeError
 from .core.methods.registry import get_method
-from .core.recipe import Recipe, parse_recipe
+from .core.recipe import Recipe, parse_recipe, read_recipe_yaml
 
 TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
                        "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp"}
@@ -174,14 +172,7 @@ def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
 
 def recipe_spec(root: Path, f: Path) -> RecipeSpec:
     """One recipe file as the project sees it now (globs expanded against the folders on disk)."""
-    try:
-        data = yaml.safe_load(f.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{f}: invalid YAML: {e}") from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{f}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
-    except OSError as e:
-        raise RecipeError(f"{f}: cannot read the recipe file: {e.strerror or e}") from None
+    data = read_recipe_yaml(f)
     recipe = parse_recipe(data, where=str(f), source_path=f.absolute(), root=root)
     name = asset_name(recipe.name or f.stem)
     method = get_method(recipe.merge_method)

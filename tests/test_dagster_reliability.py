@@ -84,7 +84,7 @@ CAUSES = {
     "ties_copy": r"ties_copy\.yaml: name: recipe name 'good' is also used by .*good\.yaml",
     "glob": r"glob\.yaml: models: .*glob 'data/models/ci/math-\*' matched no model folder",
     "range": r"range\.yaml: .*density",
-    "latin1": r"latin1\.yaml: not UTF-8 text \(byte 0xe9 at offset \d+\)",
+    "latin1": r"latin1\.yaml:\d+: not UTF-8 text \(byte 0xe9 at offset \d+\)",
 }
 
 

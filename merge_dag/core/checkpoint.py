@@ -26,9 +26,10 @@ from typing import Iterable
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
+MARKER = "merge_dag.json"   # every merge output holds it: how an earlier output is recognised
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COPIED_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -252,6 +253,117 @@ class Checkpoint:
         return f"Checkpoint({self.name!r}, {len(self.tensors)} tensors)"
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or path.is_relative_to(folder)
+
+
+def copyable_files(src_folder: str | os.PathLike, names: Iterable[str]) -> list[tuple[str, Path]]:
+    """(name, resolved file) for each of `names` present in `src_folder` that may be copied into an
+    output, which users publish. A file is copied only if it resolves to a regular file inside the
+    model folder; a symbolic link that leads anywhere else (a secret linked as tokenizer_config.json)
+    is refused with CheckpointError naming it. The one exception is the Hugging Face hub cache
+    layout, where `.../snapshots/<revision>/<file>` links into the same repository's `.../blobs/`.
+    Names that are absent, or are folders, are skipped."""
+    folder = Path(src_folder)
+    real_folder = folder.resolve()
+    allowed = [real_folder]
+    if real_folder.parent.name == "snapshots":
+        allowed.append(real_folder.parent.parent / "blobs")
+    out = []
+    for n in names:
+        p = folder / n
+        if not os.path.lexists(p):
+            continue
+        real = p.resolve()
+        if not any(_inside(real, a) for a in allowed):
+            raise CheckpointError(f"{p}: is a symbolic link to {real}, outside the model folder {folder}; "
+                                  "merge_dag copies only files inside the model folder into an output "
+                                  "(replace the link by a copy of the file)")
+        if real.is_dir():
+            continue
+        if not real.is_file():
+            raise CheckpointError(f"{p}: not a regular file (a dangling link, a device or a pipe); "
+                                  "merge_dag copies only regular files into an output")
+        out.append((n, real))
+    return out
+
+
+def is_merge_dag_output(folder: str | os.PathLike) -> bool:
+    """True if `folder` holds the merge_dag.json of an earlier merge (written by the engine)."""
+    marker = Path(folder) / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        card = json.loads(marker.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(card, dict) and "merge_dag_version" in card and "inputs" in card
+
+
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def written_by_merge(name: str) -> bool:
+    """Whether a merge writes a file of this name into its output folder."""
+    return (name in (MARKER, "README.md", INDEX_NAME, "model.safetensors") or name in COPIED_FILES
+            or name in TOKENIZER_FILES or bool(_SHARD_RE.match(name)))
+
+
+def check_output_target(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]],
+                        overwrite: bool = False) -> Path:
+    """Refuse an output folder a merge may not replace; returns it (absolute). Raises OutputError.
+
+    Always refused: the working directory or a folder above it; a folder that is, contains or lies
+    inside an input (`inputs`: (name, path) of every model, task vector and tokenizer source read);
+    anything that is not a folder (a file, a symbolic link); a non-empty folder that is not an earlier
+    merge_dag output (no merge_dag.json). An earlier merge_dag output holding only files a merge
+    writes is replaced; one holding other files too (notes, eval results) only with `overwrite`,
+    which replaces the folder, those files included. `overwrite` never permits anything else.
+    """
+    out = Path(os.path.expanduser(out_dir)).absolute()
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, real):
+        what = "the current directory" if real == cwd else "a folder above the current directory"
+        raise OutputError(f"{out}: is {what}; a merge replaces its output folder, so name a new folder "
+                          f"(e.g. {out / 'merged'})")
+    for name, p in inputs:
+        rp = Path(p).resolve()
+        if real == rp:
+            rel = "is"
+        elif _inside(real, rp):
+            rel = "lies inside"
+        elif _inside(rp, real):
+            rel = "contains"
+        else:
+            continue
+        raise OutputError(f"{out}: the output folder {rel} the input {name!r} ({rp}); a merge replaces its "
+                          "output folder, so write it somewhere else")
+    if not os.path.lexists(out):
+        return out
+    if out.is_symlink():
+        raise OutputError(f"{out}: is a symbolic link; name a real folder (merge_dag replaces its output folder)")
+    if not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; name a new folder")
+    try:
+        entries = sorted(e.name for e in out.iterdir())
+    except OSError as e:
+        raise OutputError(f"{out}: cannot list the existing folder ({e.strerror or e})") from None
+    if not entries:
+        return out
+    if not is_merge_dag_output(out):
+        raise OutputError(f"{out}: is not empty and is not an earlier merge_dag output (no {MARKER}); merge_dag "
+                          f"never replaces a folder it did not write, even with --overwrite: choose a new or "
+                          f"empty folder")
+    extra = [e for e in entries if not written_by_merge(e)]
+    if extra and not overwrite:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise OutputError(f"{out}: this earlier merge_dag output also holds files a merge does not write "
+                          f"({', '.join(extra[:3])}{more}); pass --overwrite (overwrite=True) to replace the "
+                          f"whole folder, those files included, or choose a new folder")
+    return out
+
+
 def is_pickle_only(path: Path) -> bool:
     return path.is_dir() and not any(path.glob("*.safetensors")) and any(
         p.suffix in PICKLE_SUFFIXES for p in path.iterdir()
@@ -402,12 +514,12 @@ class CheckpointWriter:
         (self.tmp / name).write_text(text)
 
     def copy_files(self, src_folder: Path, names: Iterable[str]) -> list[str]:
+        """Copy those of `names` that `src_folder` holds (see `copyable_files`: a link leading out
+        of the model folder is refused with CheckpointError)."""
         copied = []
-        for n in names:
-            p = Path(src_folder) / n
-            if p.is_file():
-                shutil.copy2(p, self.tmp / n)
-                copied.append(n)
+        for n, p in copyable_files(src_folder, names):
+            shutil.copyfile(p, self.tmp / n)
+            copied.append(n)
         return copied
 
     def shard_file_size(self, si: int) -> int:
@@ -475,15 +587,63 @@ class CheckpointWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<state>tmp|new|old)-(?P<pid>\d+)-(?P<tok>[0-9a-f]+)$")
+
+
+def _exists(p: Path) -> bool:
+    return os.path.lexists(p)
+
+
 def atomic_replace_dir(tmp: Path, target: Path) -> Path:
-    """Rename a finished folder into place; an existing target is swapped out, then removed."""
-    if target.exists():
-        trash = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        os.rename(target, trash)
-        os.rename(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, target)
+    """Rename the finished folder `tmp` into place as `target` (steps 2-5 below); an existing
+    target is swapped out, then removed. If a rename fails (an error, not a crash) the earlier
+    target is put back and the new folder, this call's own, is removed.
+
+    The atomic replace, as a state machine. A write into target X by process P goes through folders
+    beside X that all carry the same tag T = "<pid>-<random>":
+
+      1. write      .X.tmp-T   being written; incomplete until renamed (never read by anyone)
+      2. finish     .X.tmp-T -> .X.new-T    (after fsync: complete, not yet in place)
+      3. swap out   X -> .X.old-T           (only when X exists: the previous, complete output)
+      4. swap in    .X.new-T -> X
+      5. drop       remove .X.old-T         (the commit is done; the old output is superseded)
+
+    A process killed between any two steps leaves a state that `clean_stale_temporaries` (run by the
+    next write into X, and only for tags whose process is gone) resolves without losing a complete
+    output:
+
+      left behind              meaning                          recovery
+      .tmp-T alone             killed while writing (1)         remove .tmp-T (provably incomplete)
+      .new-T, X                killed between 2 and 3           roll forward: steps 3, 4, 5
+      .new-T, no X, no .old-T  first write, killed before 4     rename .new-T -> X
+      .new-T, .old-T, no X     killed between 3 and 4           rename .new-T -> X, then step 5
+      .old-T, X, no .new-T     killed between 4 and 5           step 5 (X is the new output)
+      .old-T, no X, no .new-T  X lost otherwise                 rename .old-T -> X (restore)
+      .new-T, .old-T, X        X re-created by hand             nothing (warns): every folder kept
+
+    Earlier merge_dag versions, before the .new- step, swapped a finished folder in straight from
+    .tmp-T, so a .tmp-T that has an .old-T beside it was complete: it is
+    treated as .new-T. Only .tmp- folders, which no step ever reads, are ever removed unrecovered.
+    """
+    tmp, target = Path(tmp), Path(target)
+    m = _TEMP_RE.match(tmp.name)
+    tag = f"{m['pid']}-{m['tok']}" if m and m["name"] == target.name else f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    new = target.parent / f".{target.name}.new-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
+    os.rename(tmp, new)                                       # 2
+    swapped = False
+    try:
+        if _exists(target):
+            os.rename(target, old)                            # 3
+            swapped = True
+        os.rename(new, target)                                # 4
+    except BaseException:
+        if swapped and _exists(old) and not _exists(target):
+            os.rename(old, target)
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if swapped:
+        shutil.rmtree(old, ignore_errors=True)                # 5
     return target
 
 
@@ -494,23 +654,58 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    except OverflowError:
+        return False
     return True
 
 
 def clean_stale_temporaries(out_dir: Path) -> list[Path]:
-    """Remove temporary folders left beside `out_dir` by a merge that was killed.
+    """Resolve what writes into `out_dir` that were killed left beside it (the table in
+    `atomic_replace_dir`'s docstring):
+    complete outputs are put (back) in place, never deleted; incomplete `.tmp-` folders are removed.
 
-    A temporary folder carries its writer's pid; only those whose process is gone are removed, so a
-    merge still running into the same target is left alone.
+    Only folders whose writer's process is gone are touched, so a merge still running into the same
+    target is left alone. Returns the folders removed.
     """
+    import warnings
+
     out_dir = Path(out_dir).absolute()
-    removed = []
-    if not out_dir.parent.exists():
+    parent = out_dir.parent
+    removed: list[Path] = []
+    if not parent.is_dir():
         return removed
-    for p in list(out_dir.parent.glob(f".{out_dir.name}.tmp-*")) + list(out_dir.parent.glob(f".{out_dir.name}.old-*")):
-        m = re.match(r".*\.(?:tmp|old)-(\d+)-[0-9a-f]+$", p.name)
-        if m and _pid_alive(int(m.group(1))):
+    groups: dict[str, dict[str, Path]] = {}
+    for p in parent.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if not m or m["name"] != out_dir.name or p.is_symlink() or not p.is_dir():
             continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+        if _pid_alive(int(m["pid"])):
+            continue
+        groups.setdefault(f"{m['pid']}-{m['tok']}", {})[m["state"]] = p
+
+    def mtime(g: dict[str, Path]) -> float:
+        return max(q.stat().st_mtime for q in g.values())
+
+    for tag, g in sorted(groups.items(), key=lambda kv: mtime(kv[1])):  # the newest interrupted write last
+        tmp, new, old = g.get("tmp"), g.get("new"), g.get("old")
+        if tmp is not None and old is not None and new is None:
+            new, tmp = tmp, None  # legacy naming: a .tmp- beside its .old- was complete
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        if new is not None:
+            if old is not None and _exists(out_dir):
+                warnings.warn(f"{out_dir}: an interrupted write left {new.name} and {old.name}, and "
+                              f"{out_dir.name} exists again; all three are kept, resolve them by hand")
+                continue
+            if old is None and _exists(out_dir):
+                old = parent / f".{out_dir.name}.old-{tag}"
+                os.rename(out_dir, old)
+            os.rename(new, out_dir)
+        if old is not None:
+            if _exists(out_dir):
+                shutil.rmtree(old, ignore_errors=True)  # superseded by the finished write now at out_dir
+                removed.append(old)
+            else:
+                os.rename(old, out_dir)  # restore the earlier complete output
     return removed

@@ -11,9 +11,12 @@ folder ever exists unless it is complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import html
 import json
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,12 +34,14 @@ from .checkpoint import (
     Checkpoint,
     CheckpointWriter,
     OutTensor,
+    check_output_target,
     clean_stale_temporaries,
+    copyable_files,
     parse_dtype,
     parse_size,
     plan_shards,
 )
-from .errors import CheckpointError, MergeInputError, RecipeError
+from .errors import CheckpointError, MergeInputError, MergeOutputError, OutputError, RecipeError
 from .fingerprint import checkpoint_fingerprint, short
 from .methods.base import MergeMethod, TensorTask
 from .methods.registry import get_method
@@ -183,12 +188,13 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     Those experts are read as base + task vector, so a cached task vector is reused across recipes.
     """
     method = get_method(recipe.merge_method)
+    check_device(device)
     if recipe.guidance is not None:
         raise RecipeError(f"{recipe.where}: guidance: data-guided merges need their calibration statistics, "
                           "which the Dagster layer computes and caches; materialize merged/<recipe> "
                           "(`merge-dag demo`, `merge-dag compare` or `merge-dag dev`) instead of `merge-dag merge`")
     if method.name == "passthrough" and recipe.slices:
-        return _plan_slices(recipe, method, device)
+        return _checked(_plan_slices(recipe, method, device))
 
     inputs: list[Checkpoint] = []
     roles: list[str] = []
@@ -208,6 +214,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     names = ref.tensor_names
     for ck in inputs[1:]:
         _check_same_tensors(ref, ck)
+    _check_dtypes(method, inputs)
 
     config = ref.config()
     n_layers = _num_layers(config, names)
@@ -235,8 +242,8 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
         steps.append(TensorStep(name, info.shape, info.dtype,
                                 out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
                                 base, sources, _global_params(method, recipe.parameters, name, t), t))
-    tok = _open(recipe, recipe.tokenizer_source) if recipe.tokenizer_source not in (None, "base") else ref
-    return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, tok, device)
+    return _checked(MergePlan(recipe, method, inputs, roles, steps, out_dtype, config,
+                              _tokenizer_source(recipe, ref), device))
 
 
 def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> MergePlan:
@@ -303,8 +310,7 @@ def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> Merg
             config[key] = total_layers
     if isinstance(config.get("layer_types"), list):
         config["layer_types"] = (config["layer_types"] * (total_layers // max(1, len(config["layer_types"])) + 1))[:total_layers]
-    tok = _open(recipe, recipe.tokenizer_source) if recipe.tokenizer_source not in (None, "base") else first
-    return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, tok, device)
+    return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, first), device)
 
 
 def _is_post_weight(name: str) -> bool:
@@ -338,13 +344,131 @@ def _out_dtype(recipe: Recipe, ref: Checkpoint) -> torch.dtype:
 
 
 def _check_distinct_paths(recipe: Recipe, inputs: list[Checkpoint]) -> None:
+    """Refuse the same checkpoint twice: the same reference listed twice, two references resolving to
+    one folder (symbolic links, `a/../a`), or two folders sharing a weight file (hard links)."""
     seen: dict[Path, str] = {}
+    files: dict[tuple[int, int], tuple[str, Path]] = {}
     for ck in inputs:
         real = ck.path.resolve()
-        if real in seen and seen[real] != ck.name:
-            raise MergeInputError(f"{recipe.where}: model {ck.name!r} and model {seen[real]!r} are the same "
-                                  f"checkpoint ({real}); a model cannot be merged with itself")
+        if real in seen:
+            same = "is listed twice" if seen[real] == ck.name else f"and model {seen[real]!r} are the same checkpoint"
+            raise MergeInputError(f"{recipe.where}: model {ck.name!r} {same} ({real}); a model cannot be merged "
+                                  "with itself")
         seen[real] = ck.name
+        for f in dict.fromkeys(i.file for i in ck.tensors.values()):
+            st = f.stat()
+            key = (st.st_dev, st.st_ino)
+            other = files.get(key)
+            if other is not None and other[0] != ck.name:
+                raise MergeInputError(f"{recipe.where}: model {ck.name!r} and model {other[0]!r} share the weight "
+                                      f"file {f} (a hard link of {other[1]}); a model cannot be merged with itself")
+            files[key] = (ck.name, f)
+
+
+def _check_dtypes(method: type[MergeMethod], inputs: list[Checkpoint]) -> None:
+    """A tensor is float in every input or in none: an integer tensor is never merged as a float."""
+    ref = inputs[0]
+    for ck in inputs[1:]:
+        for name, info in ref.tensors.items():
+            other = ck.tensors[name].dtype
+            if (info.dtype in FLOAT_DTYPES) != (other in FLOAT_DTYPES):
+                raise MergeInputError(f"model {ck.name!r}: tensor {name!r} is {str(other).removeprefix('torch.')}, "
+                                      f"but {ref.name!r} has {str(info.dtype).removeprefix('torch.')}; "
+                                      f"integer and bool tensors are never merged as floats")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device named by `device`, refused (MergeInputError) if torch cannot use it here."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise MergeInputError(f"--device: {device!r} is not a torch device (expected cpu, cuda, cuda:1 or mps)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MergeInputError(f"device {str(device)!r} was asked for, but torch sees no CUDA device")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise MergeInputError(f"device {str(device)!r}: torch sees only {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MergeInputError(f"device {str(device)!r} was asked for, but torch sees no MPS device")
+    elif d.type != "cpu":
+        raise MergeInputError(f"--device: {device!r} is not supported (expected cpu, cuda, cuda:1 or mps)")
+    return d
+
+
+NO_TOKENIZER = "none"   # tokenizer_source: none -- write the output without tokenizer files, on purpose
+
+
+def _tokenizer_source(recipe: Recipe, default: Checkpoint) -> Optional[Checkpoint]:
+    """The checkpoint whose tokenizer files the output gets; it must hold some (or the recipe says
+    `tokenizer_source: none`). Every file to copy is checked now (copyable_files)."""
+    ref = recipe.tokenizer_source
+    if ref is not None and ref.strip().lower() == NO_TOKENIZER:
+        return None
+    tok = default if ref in (None, "base") else _open(recipe, ref)
+    if not copyable_files(tok.folder, TOKENIZER_FILES):
+        raise CheckpointError(f"{recipe.where}: tokenizer_source: model {tok.name!r} has no tokenizer files in "
+                              f"{tok.folder} (one of {', '.join(TOKENIZER_FILES[:4])} ...); name a model that has "
+                              f"them, or write `tokenizer_source: none` to write the output without a tokenizer")
+    return tok
+
+
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+def check_config(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+    """The output config.json must describe the output tensors, or transformers cannot load it:
+    vocab_size and hidden_size against the embedding, the layer count against the layer indices,
+    intermediate_size against the MLP projections (each checked only where both exist)."""
+    def bad(key: str, tensor: str, detail: str) -> None:
+        raise CheckpointError(f"{where}: {key} is {config[key]!r}, but tensor {tensor!r} {detail}; "
+                              "config.json disagrees with the weights")
+
+    emb = next((n for n in shapes if n.endswith(_EMBED_SUFFIXES) and len(shapes[n]) == 2), None)
+    if emb is not None:
+        if isinstance(config.get("vocab_size"), int) and shapes[emb][0] != config["vocab_size"]:
+            bad("vocab_size", emb, f"has {shapes[emb][0]} rows")
+        if isinstance(config.get("hidden_size"), int) and shapes[emb][1] != config["hidden_size"]:
+            bad("hidden_size", emb, f"has {shapes[emb][1]} columns")
+    layers = {pmap.layer_index(n): n for n in shapes}
+    layers.pop(None, None)
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)
+                and not isinstance(config.get(k), bool)), None)
+    if key is not None and layers:
+        top = max(layers)
+        if top + 1 != config[key]:
+            bad(key, layers[top], f"is in layer {top} (the weights hold {top + 1} layers)")
+    inter = config.get("intermediate_size")
+    if isinstance(inter, int) and not isinstance(inter, bool):
+        for n, shape in shapes.items():
+            if len(shape) != 2:
+                continue
+            if re.search(r"\.mlp\.(gate_proj|up_proj)\.weight$", n) and shape[0] != inter:
+                bad("intermediate_size", n, f"has shape {list(shape)}")
+            if re.search(r"\.mlp\.down_proj\.weight$", n) and shape[1] != inter:
+                bad("intermediate_size", n, f"has shape {list(shape)}")
+
+
+def _checked(plan: MergePlan) -> MergePlan:
+    """The checks every plan passes before any tensor is read."""
+    if plan.config:
+        check_config(plan.config, {s.name: s.shape for s in plan.steps}, str(plan.inputs[0].folder / "config.json"))
+    copyable_files(plan.inputs[0].folder, COPIED_FILES)
+    return plan
+
+
+def plan_input_paths(plan: MergePlan) -> list[tuple[str, Path]]:
+    """(name, path) of everything a merge reads: inputs, task vectors, the tokenizer source."""
+    out = [(ck.name, ck.path) for ck in plan.inputs]
+    out += [(s.delta.name, s.delta.path) for st in plan.steps[:1] for s in st.sources if s.delta is not None]
+    if plan.tokenizer_from is not None:
+        out.append((plan.tokenizer_from.name, plan.tokenizer_from.folder))
+    return out
+
+
+def check_target(plan: MergePlan, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """check_output_target for this plan's inputs (what `--dry-run` and `execute` both run)."""
+    return check_output_target(out_dir, plan_input_paths(plan), overwrite=overwrite)
 
 
 def _check_same_tensors(ref: Checkpoint, ck: Checkpoint) -> None:
@@ -392,10 +516,15 @@ def _read_raw(plan: MergePlan, step: TensorStep) -> tuple[list[torch.Tensor], li
 
 def execute(plan: MergePlan, out_dir: str | Path, shard_size: str | int = "2GB",
             progress: bool = True, card_extra: Optional[dict] = None,
-            on_tensor: Optional[Callable[[int, int], None]] = None) -> MergeResult:
+            on_tensor: Optional[Callable[[int, int], None]] = None, overwrite: bool = False) -> MergeResult:
+    """Merge `plan` into `out_dir`, atomically. An existing `out_dir` is replaced only if it is an
+    earlier merge_dag output (`overwrite`: even one holding files a merge does not write); see
+    check_output_target for what is always refused."""
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    clean_stale_temporaries(out_dir)
+    with output_errors(out_dir):
+        clean_stale_temporaries(out_dir)
+    check_target(plan, out_dir, overwrite)
     device = merge_device(plan)
     digests = input_digest_maps(plan)
     same_pairs = input_pairs(plan)
@@ -412,7 +541,8 @@ def execute(plan: MergePlan, out_dir: str | Path, shard_size: str | int = "2GB",
             on_tensor(k, len(plan.steps))
 
     try:
-        with CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan)) as writer:
+        with output_errors(out_dir), CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size),
+                                                      metadata=shard_metadata(plan)) as writer:
             merge_steps(plan, plan.steps, device, writer.write, digests, same_pairs, tick)
             raise_if_identical(plan, same_pairs)
             fps = input_fingerprints(plan, digests)
@@ -431,10 +561,29 @@ def execute(plan: MergePlan, out_dir: str | Path, shard_size: str | int = "2GB",
 
 
 def merge_device(plan: MergePlan) -> torch.device:
-    device = torch.device(plan.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MergeInputError("device 'cuda' was asked for, but torch sees no CUDA device")
-    return device
+    return check_device(plan.device)
+
+
+class output_errors:
+    """Context manager: an OSError while writing `out_dir` (disk full, read-only, permission)
+    becomes one OutputError naming the folder and the cause; the writer has already removed its
+    temporary folder, so nothing is left at the target."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+
+    def __enter__(self) -> "output_errors":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, OSError):
+            return False
+        cause = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                 errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        raise OutputError(f"{self.out_dir}: cannot write the output: {cause}{where}; nothing was written "
+                          "there") from exc
 
 
 def out_tensors(plan: MergePlan) -> list[OutTensor]:
@@ -515,7 +664,17 @@ def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: lis
         if raw.dtype in FLOAT_DTYPES and raw.numel() and not _all_finite(raw):
             bad = "NaN" if bool(torch.isnan(raw).any()) else "Inf"
             raise MergeInputError(f"model {plan.inputs[s.model].name!r}: tensor {s.tensor!r} contains {bad} values")
-    if step.in_dtype not in FLOAT_DTYPES:  # integer buffers: copied from the first input
+    if step.in_dtype not in FLOAT_DTYPES:
+        # integer/bool tensors: passthrough copies its one source; other methods copy the tensor only
+        # when every input holds the same bytes (a buffer such as position ids), else refuse it
+        if plan.method.name != "passthrough":
+            for s, raw in zip(srcs[1:], raws[1:]):
+                if s.delta is None and not torch.equal(raw, raws[0]):
+                    raise MergeInputError(
+                        f"model {plan.inputs[s.model].name!r}: tensor {s.tensor!r} is "
+                        f"{str(raw.dtype).removeprefix('torch.')} and differs from {plan.inputs[srcs[0].model].name!r}; "
+                        f"{plan.method.name} merges only float tensors (integer and bool tensors are copied "
+                        "only when identical in every input; passthrough copies them as they are)")
         return raws[0]
     # raw buffers are fresh per read and already hashed, so methods may work on them in place
     floats = [r.to(device=device, dtype=torch.float32) for r in raws]
@@ -529,7 +688,14 @@ def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: lis
     out = method.merge(task)
     if tuple(out.shape) != step.shape:
         raise RuntimeError(f"{plan.method.name} returned shape {list(out.shape)} for {step.name!r}, expected {list(step.shape)}")
-    return out.to(step.out_dtype)
+    out = out.to(step.out_dtype)
+    if out.numel() and not _all_finite(out):  # the same single aminmax pass as for the inputs
+        bad = "NaN" if bool(torch.isnan(out).any()) else "Inf"
+        raise MergeOutputError(
+            f"merged tensor {step.name!r} contains {bad} values after {plan.method.name} and the cast to "
+            f"{str(step.out_dtype).removeprefix('torch.')} (parameters {_fmt_params(step.params) or 'none'}; "
+            f"per model {[_fmt_params(s.params) for s in step.sources]}); nothing was written")
+    return out
 
 
 def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, str], extra: dict) -> dict:
@@ -573,24 +739,45 @@ def write_card(folder: str | Path, card: dict) -> None:
     (folder / "README.md").write_text(model_card(card))
 
 
+def md_text(value: object) -> str:
+    """A user string (model or recipe name, path) made inert in markdown: HTML-escaped (no <script>,
+    no <img onerror=...>), backticks as &#96; (no code span or fence can open), table pipes escaped,
+    and newlines folded to spaces (no new block: heading, fence, front matter)."""
+    text = html.escape(str(value), quote=True)
+    text = text.replace("`", "&#96;").replace("|", "&#124;").replace("\\", "&#92;")
+    return re.sub(r"[\r\n\u2028\u2029\x0b\x0c]+", " ", text).strip()
+
+
+def _fence(body: str) -> str:
+    """A backtick fence longer than any backtick run in `body`, so nothing inside can close it."""
+    longest = max((len(m) for m in re.findall(r"`+", body)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def model_card(card: dict) -> str:
+    """The README.md of a merged model. Every user string (names, paths, parameters) is escaped
+    (md_text) or sits in a code fence it cannot close."""
     import yaml
 
     base = next((i["model"] for i in card["inputs"] if i["role"] == "base"), None)
-    front = {"library_name": "transformers", "tags": ["merge", "merge_dag", card["method"]]}
+    front = {"library_name": "transformers", "tags": ["merge", "merge_dag", str(card["method"])]}
     if base:
-        front["base_model"] = [base]
+        front["base_model"] = [str(base)]
+    title = card.get("name") or card["recipe"].get("name") or "merged model"
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {card.get('name') or card['recipe'].get('name') or 'merged model'}", "",
-             f"Merged by merge_dag {card['merge_dag_version']} (code version {card['code_version']}) "
-             f"with the **{card['method']}** method, written as {card['out_dtype']}."]
+             f"# {md_text(title)}", "",
+             f"Merged by merge_dag {md_text(card['merge_dag_version'])} (code version {md_text(card['code_version'])}) "
+             f"with the **{md_text(card['method'])}** method, written as {md_text(card['out_dtype'])}."]
     if card.get("artifact_id"):
-        lines += ["", f"Artifact id: `{card['artifact_id']}` (trace it with `merge-dag audit {card['artifact_id']}`)."]
+        aid = md_text(card["artifact_id"])
+        lines += ["", f"Artifact id: <code>{aid}</code> (trace it with <code>merge-dag audit {aid}</code>)."]
     lines += ["", "## Inputs", "", "| role | model | content fingerprint |", "|---|---|---|"]
     for i in card["inputs"]:
-        lines.append(f"| {i['role']} | `{i['model']}` | `{i['fingerprint']}` |")
-    lines += ["", "## Recipe (method and all parameters)", "", "```yaml",
-              yaml.safe_dump(card["recipe"], sort_keys=False).strip(), "```", "",
+        lines.append(f"| {md_text(i['role'])} | <code>{md_text(i['model'])}</code> | "
+                     f"<code>{md_text(i['fingerprint'])}</code> |")
+    recipe_text = yaml.safe_dump(card["recipe"], sort_keys=False).strip()
+    fence = _fence(recipe_text)
+    lines += ["", "## Recipe (method and all parameters)", "", f"{fence}yaml", recipe_text, fence, "",
               "Fingerprints are sha256 hash trees over tensor names, dtypes, shapes and bytes plus "
               "config.json (see merge_dag/core/fingerprint.py). Machine-readable provenance: merge_dag.json.", ""]
     return "\n".join(lines)
@@ -602,14 +789,17 @@ def model_card(card: dict) -> str:
 
 
 def merge(recipe: Recipe | dict | str | Path, out_dir: str | Path, device: str = "cpu",
-          shard_size: str | int = "2GB", progress: bool = False, card_extra: Optional[dict] = None) -> MergeResult:
-    """Merge a recipe (object, mergekit-shaped dict, or YAML path) into `out_dir`."""
+          shard_size: str | int = "2GB", progress: bool = False, card_extra: Optional[dict] = None,
+          overwrite: bool = False) -> MergeResult:
+    """Merge a recipe (object, mergekit-shaped dict, or YAML path) into `out_dir`. `overwrite`: as
+    `merge-dag merge --overwrite` (see execute)."""
     if isinstance(recipe, (str, Path)):
         recipe = load_recipe(recipe)
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     plan = plan_merge(recipe, device=device)
-    return execute(plan, out_dir, shard_size=shard_size, progress=progress, card_extra=card_extra)
+    return execute(plan, out_dir, shard_size=shard_size, progress=progress, card_extra=card_extra,
+                   overwrite=overwrite)
 
 
 __all__ = ["MergePlan", "MergeResult", "plan_merge", "execute", "merge", "CheckpointError", "MergeInputError",

@@ -15,3 +15,12 @@ class CheckpointError(MergeDagError):
 
 class MergeInputError(MergeDagError):
     """The inputs of a merge disagree: tensor names, shapes, non-finite values, duplicates."""
+
+
+class OutputError(MergeDagError):
+    """The output cannot be written where asked: a folder merge_dag may not replace (a user's folder,
+    an input, the working directory), or the file system refused (disk full, read-only)."""
+
+
+class MergeOutputError(MergeDagError):
+    """A merge produced a tensor that cannot be written: NaN or Inf after the arithmetic or the cast."""

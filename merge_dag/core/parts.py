@@ -52,11 +52,13 @@ from .engine import (
     MergePlan,
     MergeResult,
     _write_metadata,
+    check_target,
     input_digest_maps,
     input_fingerprints,
     input_pairs,
     merge_device,
     merge_steps,
+    output_errors,
     out_tensors,
     raise_if_identical,
     shard_metadata,
@@ -282,7 +284,7 @@ def execute_part(plan: MergePlan, staging_dir: str | Path, part_index: int, part
 
 def finalize_parts(plan: MergePlan, staging_dir: str | Path, out_dir: str | Path, parts: int,
                    card_extra: Optional[dict] = None, shard_size: str | int = "2GB",
-                   cleanup: bool = True) -> MergeResult:
+                   cleanup: bool = True, overwrite: bool = False) -> MergeResult:
     """Assemble the finished parts in `staging_dir` into the checkpoint `out_dir`, exactly as one
     `execute(plan, out_dir, shard_size, card_extra=card_extra)` writes it. `cleanup`: remove the
     staging folder once the checkpoint is in place."""
@@ -304,8 +306,11 @@ def finalize_parts(plan: MergePlan, staging_dir: str | Path, out_dir: str | Path
             digests[i].update(inp["digests"])
     raise_if_identical(plan, same_pairs)
     fps = input_fingerprints(plan, digests)
-    clean_stale_temporaries(out_dir)
-    with CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan)) as writer:
+    with output_errors(out_dir):
+        clean_stale_temporaries(out_dir)
+    check_target(plan, out_dir, overwrite)
+    with output_errors(out_dir), CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size),
+                                                  metadata=shard_metadata(plan)) as writer:
         writer.adopt_shards(staging)
         card = _write_metadata(plan, writer, fps, card_extra or {})
         elapsed = sum(m["seconds"] for m in manifests) + time.perf_counter() - t0

@@ -12,7 +12,7 @@
     parameters: {lambda: 1.0}
     dtype: float32                        # accepted; merge_dag computes in float32 always
     out_dtype: bfloat16                   # written dtype (default: dtype, else the base's)
-    tokenizer_source: base                # or a model path
+    tokenizer_source: base                # or a model path; `none`: write no tokenizer, on purpose
     seed: 0                               # random methods (dare, della) repeat exactly under it
 
 A `models` entry may name experts by glob instead of by path: ``- glob: data/models/math-*`` (with
@@ -29,6 +29,7 @@ Every error names the file and the key.
 from __future__ import annotations
 
 import glob as globlib
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -45,7 +46,7 @@ ParamValue = Any  # checked by params.validate_shape (pydantic unions over lists
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False)
+    model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
 
 
 class InputModel(_Strict):
@@ -262,14 +263,51 @@ def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path]
     return recipe
 
 
-def load_recipe(path: str | os.PathLike, root: Optional[Path] = None) -> Recipe:
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses aliases (`*name`). A recipe has no use for them, and nested
+    aliases (a "billion laughs") expand into exponentially large values that hang every later step;
+    refusing them keeps loading linear in the file's size."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            mark = event.start_mark
+            raise RecipeError(f"{mark.name}:{mark.line + 1}: YAML alias *{event.anchor} is not allowed in a recipe "
+                              "(anchors and aliases are refused; write the value out)")
+        return super().compose_node(parent, index)
+
+
+def read_recipe_yaml(path: str | os.PathLike) -> Any:
+    """The YAML data of a recipe file. Every problem is one RecipeError naming the file: missing,
+    a folder, unreadable, not UTF-8, invalid YAML, YAML aliases."""
     p = Path(path)
     if not p.exists():
         raise RecipeError(f"{p}: recipe file does not exist")
+    if p.is_dir():
+        raise RecipeError(f"{p}: is a folder, not a recipe file (name the .yaml file)")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"{p}: cannot read the recipe ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RecipeError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                          "save the recipe as UTF-8") from None
+    loader = _RecipeLoader(text)
+    loader.name = str(p)
+    try:
+        return loader.get_single_data()
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: invalid YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def load_recipe(path: str | os.PathLike, root: Optional[Path] = None) -> Recipe:
+    p = Path(path)
+    data = read_recipe_yaml(p)
     return parse_recipe(data, where=str(p), source_path=p.absolute(), root=root)
 
 
@@ -329,6 +367,8 @@ def validate_recipe(recipe: Recipe) -> None:
                 if not isinstance(leaf, bool):
                     raise RecipeError(f"{where}: {loc}.{name}: must be true or false, got {leaf!r}")
                 continue
+            if isinstance(leaf, float) and not math.isfinite(leaf):
+                raise RecipeError(f"{where}: {loc}.{name}: must be a finite number, got {leaf!r}")
             if spec.kind in (int, float):
                 if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
                     raise RecipeError(f"{where}: {loc}.{name}: must be a number, got {leaf!r}")

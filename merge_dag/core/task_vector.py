@@ -65,6 +65,12 @@ def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Chec
                 key = f"layer {li}" if li is not None else t.name
                 per_layer[key] = per_layer.get(key, 0.0) + n2
             else:
+                # an integer/bool tensor has no float difference: the merge copies the base's, which
+                # is right only when the expert holds the same (engine: copied only when identical)
+                if not torch.equal(b, e):
+                    raise MergeInputError(f"model {expert.name!r}: tensor {t.name!r} is "
+                                          f"{str(e.dtype).removeprefix('torch.')} and differs from base "
+                                          f"{base.name!r}; integer and bool tensors are never merged")
                 d = torch.zeros_like(b)
             w.write(t.name, d)
         cfg = base.folder / "config.json"

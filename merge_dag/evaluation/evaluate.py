@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..core.errors import MergeDagError
 from .tasks import default_tasks_dir, local_task_names, render_tasks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,8 +42,9 @@ class EvalRecord:
         return asdict(self)
 
 
-class EvaluationError(ValueError):
-    """Bad input to :func:`evaluate`: an unknown task, a missing model folder, no tokenizer."""
+class EvaluationError(MergeDagError, ValueError):
+    """Bad input to :func:`evaluate`: an unknown task, a missing model folder, no tokenizer. A
+    MergeDagError (one line from the CLI, exit 2); still a ValueError for callers that catch that."""
 
 
 def _float(x: Any) -> Optional[float]:

@@ -146,6 +146,26 @@ class LineageLockTimeout(MergeDagError):
     """Another process held the lineage database for longer than the lock timeout."""
 
 
+class LineageCorrupt(MergeDagError):
+    """The lineage database file exists but DuckDB cannot open it (damaged, truncated, not DuckDB)."""
+
+
+def corrupt_message(path: Path, e: BaseException) -> str:
+    cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (f"lineage database {path} cannot be opened ({cause}); nothing was changed. To start a fresh one, "
+            f"run `merge-dag audit --repair --db {path}`: it moves the damaged file aside to "
+            f"{path.name}.corrupt-<time> (kept, never deleted) and the next run creates a new database")
+
+
+_CORRUPTION_SIGNS = ("not a valid DuckDB database", "Corrupt database", "Could not read enough bytes",
+                     "checksum", "Serialization Error")
+
+
+def _is_corruption(e: BaseException) -> bool:
+    return isinstance(e, (duckdb.SerializationException, duckdb.InternalException)) or (
+        isinstance(e, duckdb.Error) and any(sign in str(e) for sign in _CORRUPTION_SIGNS))
+
+
 def _is_lock_error(e: BaseException) -> bool:
     msg = str(e)
     return "Could not set lock" in msg or "Conflicting lock" in msg
@@ -348,6 +368,10 @@ class LineageStore:
                 try:
                     con.execute(f"USE {_ALIAS}")
                     yield con
+                except duckdb.Error as e:
+                    if _is_corruption(e):  # damage found past the file header, while reading
+                        raise LineageCorrupt(corrupt_message(self.path, e)) from None
+                    raise
                 finally:
                     _detach(con)
             finally:
@@ -363,6 +387,8 @@ class LineageStore:
                 return None
             except duckdb.IOException as e:
                 if not _is_lock_error(e):
+                    if _is_corruption(e):
+                        raise LineageCorrupt(corrupt_message(self.path, e)) from None
                     raise
                 now = time.monotonic()
                 if now >= deadline:
@@ -382,6 +408,44 @@ class LineageStore:
                         raise MergeDagError(f"lineage database {self.path} is open read-only elsewhere in this "
                                             f"process; close that connection to record lineage") from None
                     return duckdb.connect(str(self.path))
+            except duckdb.Error as e:
+                if _is_corruption(e):
+                    raise LineageCorrupt(corrupt_message(self.path, e)) from None
+                raise
+
+    def repair(self) -> Optional[Path]:
+        """If the database file cannot be opened, move it aside to `<name>.corrupt-<UTC time>` (its
+        WAL too) and return the new path; a healthy or missing file is left alone (None). Nothing is
+        ever deleted: the next write creates a fresh, empty database."""
+        if not self.path.exists():
+            return None
+        try:
+            with self._attached(read_only=True) as con:  # open it and read every table through
+                tables = [r[0] for r in con.execute(
+                    "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
+                for t in tables:
+                    con.execute(f'SELECT * FROM "{t}"').fetchall()
+                return None
+        except LineageCorrupt:
+            pass
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+        with _ENGINE_LOCK:
+            lock_fd = _flock(self.lock_path, exclusive=True, timeout=self.lock_timeout, stats=self.stats)
+            try:
+                os.rename(self.path, dest)
+                wal = self.path.with_name(self.path.name + ".wal")
+                if wal.exists():
+                    os.rename(wal, dest.with_name(dest.name + ".wal"))
+            finally:
+                if lock_fd is not None:
+                    os.close(lock_fd)
+        _schema_ready.discard(str(self.path))
+        return dest
 
     def ensure_schema(self) -> None:
         """Create the folder and every table of schema.sql (idempotent; once per process and file)."""
