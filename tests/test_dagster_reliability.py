@@ -21,7 +21,7 @@ import pytest
 from merge_dag.dagster.automation import SCHEDULE_NAME, SENSOR_NAME
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.demo import failure_lines
-from merge_dag.dagster.markdown import md_text
+from merge_dag.core.markdown import md_text
 from merge_dag.dagster.resources import MergeDagResource, SettingsError
 from merge_dag.lineage.store import LineageStore
 from merge_dag.project import load_project

@@ -437,7 +437,7 @@ def test_model_card_escapes_names(tmp_path, family):
     code, tail = rest.split("\n" + fence_lines[1] + "\n", 1)
     rendered = head + tail  # markdown outside the code block (inside it, text is shown as text)
     assert "<script" not in rendered and "<img" not in rendered
-    assert "&lt;script&gt;" in rendered and "&lt;img src=x onerror=alert(1)&gt;" in rendered
+    assert "&lt;script&gt;" in rendered and "&lt;img src=x onerror=alert\\(1\\)&gt;" in rendered
     assert not [line for line in rendered.splitlines() if "injected" in line and not line.startswith("# &lt;script")]
     assert "<script>alert(1)</script>" in code  # the recipe as written, inside a block it cannot close
     # the front matter stays one YAML document
@@ -447,9 +447,9 @@ def test_model_card_escapes_names(tmp_path, family):
 
 
 def test_md_text_neutralises_code_and_newlines():
-    from merge_dag.core.engine import md_text
+    from merge_dag.core.markdown import md_text
 
-    assert md_text("a`b`c\nd|e<x>") == "a&#96;b&#96;c d&#124;e&lt;x&gt;"
+    assert md_text("a`b`c\nd|e<x>") == "a\\`b\\`c d\\|e&lt;x&gt;"
 
 
 # ---------------------------------------------------------------------------------------------

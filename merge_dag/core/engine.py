@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import html
 import json
 import math
 import re
@@ -46,6 +45,7 @@ from .fingerprint import checkpoint_fingerprint, short
 from .methods.base import MergeMethod, TensorTask
 from .methods.registry import get_method
 from .recipe import Recipe, load_recipe, parse_recipe
+from .markdown import md_text
 from .version import merge_code_version
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -737,15 +737,6 @@ def write_card(folder: str | Path, card: dict) -> None:
     folder = Path(folder)
     (folder / "merge_dag.json").write_text(json.dumps(card, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(card))
-
-
-def md_text(value: object) -> str:
-    """A user string (model or recipe name, path) made inert in markdown: HTML-escaped (no <script>,
-    no <img onerror=...>), backticks as &#96; (no code span or fence can open), table pipes escaped,
-    and newlines folded to spaces (no new block: heading, fence, front matter)."""
-    text = html.escape(str(value), quote=True)
-    text = text.replace("`", "&#96;").replace("|", "&#124;").replace("\\", "&#92;")
-    return re.sub(r"[\r\n\u2028\u2029\x0b\x0c]+", " ", text).strip()
 
 
 def _fence(body: str) -> str:

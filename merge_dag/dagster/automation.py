@@ -39,7 +39,7 @@ from ..core.checkpoint import Checkpoint
 from ..core.errors import CheckpointError, MergeDagError
 from ..core.fingerprint import checkpoint_fingerprint
 from ..project import ModelSource, Project, RecipeSpec, current_spec
-from .markdown import md_text
+from ..core.markdown import md_text
 from .resources import SettingsError, env_number
 
 SENSOR_NAME = "checkpoint_sensor"

@@ -5,7 +5,7 @@ import dagster as dg
 
 from ...core.version import code_version
 from ...project import ModelSource, Project, RecipeSpec
-from ..markdown import md_text
+from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, upstream
 from .sources import tasks_fingerprint

@@ -26,7 +26,7 @@ from ...core.params import layer_index
 from ...core.version import code_version
 from ...project import CalibrationSource, ImportanceSource, Project, RecipeSpec, StatsSource, current_spec, \
     register_guidance
-from ..markdown import md_text
+from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, record_source, run_step, upstream
 

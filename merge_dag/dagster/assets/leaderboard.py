@@ -8,7 +8,7 @@ import dagster as dg
 from ...artifacts import read_json
 from ...core.version import code_version
 from ...project import Project
-from ..markdown import md_text
+from ...core.markdown import md_text
 from ..resources import MergeDagResource
 from ..steps import META_FILE, Input, latest, run_step
 from .evals import eval_keys

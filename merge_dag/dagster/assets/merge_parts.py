@@ -36,7 +36,7 @@ from ...core.engine import MergePlan
 from ...core.parts import execute_part, finalize_parts
 from ...core.version import merge_code_version
 from ...project import Project, RecipeSpec
-from ..markdown import md_text
+from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import run_step, step_key
 from .merges import (GROUP, PreparedMerge, merge_card_extra, merge_info, merge_plan, merged_deps, merged_metadata,

@@ -19,7 +19,7 @@ from ...core.fingerprint import checkpoint_fingerprint
 from ...core.version import merge_code_version
 from ...core.recipe import Recipe
 from ...project import Project, RecipeSpec, current_spec, register_guidance
-from ..markdown import md_text
+from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, latest, run_step, upstream
 from .sources import recipe_fingerprint

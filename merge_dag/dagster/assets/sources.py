@@ -15,7 +15,7 @@ import dagster as dg
 
 from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
 from ...project import BrokenRecipe, ModelSource, Project, RecipeSpec, current_spec, load_project
-from ..markdown import md_text
+from ...core.markdown import md_text
 from ..resources import MergeDagResource
 from ..steps import record_source
 

@@ -8,7 +8,7 @@ from ...core.fingerprint import checkpoint_fingerprint
 from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
-from ..markdown import md_text
+from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, Outcome, cached_step, record_source, run_step
 

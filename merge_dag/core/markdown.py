@@ -1,5 +1,6 @@
 r"""Text from the user's files (model paths, recipe file names, task and tensor names, errors) as
-inert Markdown for Dagster asset descriptions and `MetadataValue.md`, which the UI renders.
+inert Markdown: for the model card a merge writes (README.md, which users publish) and for Dagster
+asset descriptions and `MetadataValue.md`, which the UI renders.
 
 `md_text` turns a string into one line that renders as exactly that text: `&`, `<` and `>` become
 entities (no HTML tag, e.g. `<script>` or `<img onerror=...>`, can form); the punctuation that can
