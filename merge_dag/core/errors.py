@@ -15,3 +15,7 @@ class CheckpointError(MergeDagError):
 
 class MergeInputError(MergeDagError):
     """The inputs of a merge disagree: tensor names, shapes, non-finite values, duplicates."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA adapter folder cannot be read, or does not fit its base (module names, shapes, ranks)."""
