@@ -74,13 +74,14 @@ class Factor:
     transpose: bool      # fan_in_fan_out: delta = (B A)^T
 
 
-class LoraCheckpoint:
+class LoraCheckpoint(Checkpoint):
     """base + LoRA adapter, read like a Checkpoint of the adapted model (see the module docstring).
 
     `path` is the adapter folder, `folder` the base's (config.json and tokenizer files are the base's),
-    `tensors` the base's tensor infos."""
+    `tensors` the base's tensor infos. A Checkpoint subclass so every reader of checkpoints takes it;
+    it overrides every method that touches data."""
 
-    def __init__(self, base: Checkpoint, adapter: str | os.PathLike, name: Optional[str] = None):
+    def __init__(self, base: Checkpoint, adapter: str | os.PathLike, name: Optional[str] = None):  # noqa: D107 (no Checkpoint.__init__: nothing of the base is re-read)
         self.base = base
         self.adapter_dir = Path(adapter)
         self.path = self.adapter_dir
@@ -249,16 +250,26 @@ def open_model(path: str | os.PathLike, name: Optional[str] = None,
     return LoraCheckpoint(base_ck, path, name=name)
 
 
-def lora_fingerprint(ck: LoraCheckpoint) -> str:
-    """sha256 over the base's fingerprint, adapter_config.json's bytes and the adapter's tensors
-    (name, dtype, shape, bytes): any change to the base, the adapter's config or its weights changes it."""
-    from .fingerprint import PREFIX, checkpoint_fingerprint, tensor_digests
+def adapter_fingerprint(ck: LoraCheckpoint) -> str:
+    """The adapter alone: sha256 over adapter_config.json's bytes and the adapter's tensors (name,
+    dtype, shape, bytes; digests cached per file like a checkpoint's). Its README is not part of it."""
+    from .fingerprint import PREFIX, tensor_digests
 
-    h = hashlib.sha256(b"merge_dag/lora/v1\n")
-    h.update(b"base\t" + checkpoint_fingerprint(ck.base).encode() + b"\n")
+    h = hashlib.sha256(b"merge_dag/adapter/v1\n")
     h.update(b"adapter_config\t" + hashlib.sha256((ck.adapter_dir / ADAPTER_CONFIG).read_bytes()).hexdigest().encode())
     digests = tensor_digests(ck.weights)
     for n in sorted(ck.weights.tensors):
         info = ck.weights.tensors[n]
         h.update(f"\n{n}\t{DTYPE_NAMES[info.dtype]}\t{list(info.shape)}\t{digests[n]}".encode())
+    return PREFIX + h.hexdigest()
+
+
+def lora_fingerprint(ck: LoraCheckpoint) -> str:
+    """The adapted model: sha256 over the base's fingerprint and the adapter's, so any change to the
+    base, the adapter's config or its weights changes it."""
+    from .fingerprint import PREFIX, checkpoint_fingerprint
+
+    h = hashlib.sha256(b"merge_dag/lora/v1\n")
+    h.update(b"base\t" + checkpoint_fingerprint(ck.base).encode() + b"\n")
+    h.update(b"adapter\t" + adapter_fingerprint(ck).encode())
     return PREFIX + h.hexdigest()
