@@ -369,3 +369,26 @@ def test_dora_is_refused(zoo, tmp_path):
     ad = _broken(zoo, tmp_path, edit_config=lambda c: {**c, "use_dora": True})
     assert _merge_fails(zoo, tmp_path, ad) == (f"{ad / 'adapter_config.json'}: use_dora: DoRA (use_dora) adapters are "
                                                "not supported (not a low-rank delta of the base's own tensors)")
+
+
+def test_cli_dry_run_and_bad_adapter(zoo, tmp_path, capsys):
+    from merge_dag.cli import main as cli
+
+    rec = write_recipe(tmp_path, f"""
+        merge_method: ties
+        base_model: {zoo['base']}
+        models:
+          - lora: {zoo['a1']}
+          - model: {zoo['base']}+{zoo['a3']}
+        parameters: {{weight: 1.0, density: 0.5}}
+    """)
+    assert cli(["merge", str(rec), str(tmp_path / "o"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert f"model {zoo['base']}+{zoo['a1']}" in text and f"model {zoo['base']}+{zoo['a3']}" in text
+    assert not (tmp_path / "o").exists()
+    ad = _broken(zoo, tmp_path, edit_config=lambda c: {**c, "r": 2})
+    rec.write_text(rec.read_text().replace(str(zoo["a3"]), str(ad)))
+    assert cli(["merge", str(rec), str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: adapter '{zoo['base']}+{ad}': tensor ") and "expected [2, " in err
+    assert "Traceback" not in err and err.count("\n") == 1 and not (tmp_path / "o").exists()

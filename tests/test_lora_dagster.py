@@ -214,3 +214,24 @@ def test_sensor_waits_for_a_complete_adapter(project, tmp_path):
     changed, cursor = evaluate_models(p, cursor, now=600.0, settle_seconds=10)
     assert changed == []  # once
     shutil.rmtree(new)
+
+
+def test_task_vector_asset_of_an_adapter_is_its_exact_delta(project, tmp_path):
+    """The project registers no task vector for an adapter (the merge streams it), but the asset works
+    for one when built: its float32 delta equals peft's merged weights minus the base."""
+    from merge_dag.dagster.assets.task_vectors import task_vector_asset
+
+    p = load_project(project)
+    base, expert = p.models["ci_base"], p.models["lora_arev"]
+    res = MergeDagResource(root=str(project), db_path=str(tmp_path / "lineage.duckdb"),
+                           artifacts_dir=str(tmp_path / "artifacts"))
+    with dg.instance_for_test() as inst:
+        result = dg.materialize([task_vector_asset("lora_arev", base, expert)], resources={"merge_dag": res},
+                                instance=inst)
+        assert result.success
+        folder = Path(result.asset_materializations_for_node("task_vector__lora_arev")[0].metadata["path"].value)
+    tv = load_all(folder)
+    b = load_all(project / CI / "base")
+    ref = peft_merged(project / CI / "base", project / LORA / "arev")
+    for n, d in tv.items():
+        torch.testing.assert_close(b[n] + d, ref[n], atol=1e-6, rtol=0, msg=n)

@@ -21,6 +21,11 @@ the recipe is loaded, in sorted order, skipping hidden folders (a copy in progre
 ``.name.tmp-*``), the base, and models already named. A new fine-tune that matches joins the merge
 without editing the recipe.
 
+A LoRA adapter folder (PEFT: adapter_config.json + adapter_model.safetensors) is an expert too:
+``- model: base+adapter`` (mergekit's form), ``- {model: base, lora: adapter}``, ``- {lora: adapter}``
+(on top of base_model), a `model` that is an adapter folder, or a glob match that is one (both on
+top of base_model). All are spelled ``base+adapter`` once parsed (merge_dag.core.lora reads them).
+
 Relative model paths are resolved against the project root when the recipe belongs to a project (the
 Dagster layer), else against the working directory, then against the recipe's folder.
 Every error names the file and the key.
