@@ -29,8 +29,34 @@ def asset_name(text: str) -> str:
 @dataclass(frozen=True)
 class ModelSource:
     name: str          # asset-safe name, e.g. ci_add
-    ref: str           # as written in recipes, e.g. data/models/ci/add
-    path: Path         # absolute folder
+    ref: str           # as written in recipes, e.g. data/models/ci/add (`base+adapter` for a LoRA expert)
+    path: Path         # absolute folder (a LoRA expert: the adapter folder)
+    base: Optional[Path] = None   # a LoRA expert: its base's folder (config, tokenizer and weights)
+    base_name: Optional[str] = None   # a LoRA expert: its base's asset-safe name
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.base is not None
+
+    @property
+    def model_folder(self) -> Path:
+        """The folder with config.json and the tokenizer: the model's own, or a LoRA expert's base."""
+        return self.base if self.base is not None else self.path
+
+    def open(self):
+        """The checkpoint, read lazily: a Checkpoint, or for a LoRA expert a LoraCheckpoint (base + delta)."""
+        from .core.lora import open_model
+
+        return open_model(self.path, name=self.ref, base=self.base)
+
+    def fingerprint(self) -> str:
+        """Content fingerprint (a LoRA expert's covers its base, adapter config and adapter weights)."""
+        from .core.fingerprint import checkpoint_fingerprint
+
+        return checkpoint_fingerprint(self.open() if self.is_adapter else self.path)
+
+    def weight_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.glob("*.safetensors"))
 
 
 @dataclass(frozen=True)
@@ -158,7 +184,11 @@ class Project:
 
 
 def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
-    path = recipe.resolve_path(ref)
+    path, base = recipe.model_location(ref)
+    return ModelSource(_source_name(root, path), ref, path, base, _source_name(root, base) if base else None)
+
+
+def _source_name(root: Path, path: Path) -> str:
     models_root = root / "data" / "models"
     try:
         rel = path.relative_to(models_root)
@@ -167,7 +197,7 @@ def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
             rel = path.relative_to(root)
         except ValueError:
             rel = Path(path.name)
-    return ModelSource(asset_name(str(rel)), ref, path)
+    return asset_name(str(rel))
 
 
 def recipe_spec(root: Path, f: Path) -> RecipeSpec:
@@ -263,7 +293,7 @@ def _register(project: Project, spec: RecipeSpec) -> None:
     project.recipes[name] = spec
     for m in spec.members:
         known = project.models.get(m.name)
-        if known is not None and known.path != m.path:
+        if known is not None and (known.path, known.base) != (m.path, m.base):
             raise RecipeError(f"{f}: model {m.ref!r} maps to asset name {m.name!r}, already used by {known.path}")
         project.models[m.name] = m
         if spec.evals:
@@ -271,7 +301,8 @@ def _register(project: Project, spec: RecipeSpec) -> None:
             tasks.extend(t for t in spec.evals if t not in tasks)
     if spec.uses_task_vectors:
         for e in experts:
-            project.task_vectors[project.tv_name(base, e)] = (base, e)
+            if not e.is_adapter:  # an adapter's delta is computed per tensor inside the merge
+                project.task_vectors[project.tv_name(base, e)] = (base, e)
     register_guidance(project, spec)
 
 

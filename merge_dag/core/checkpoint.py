@@ -41,6 +41,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    "chat_template.json",
 )
 
 # safetensors dtype strings <-> torch dtypes
@@ -150,11 +151,15 @@ class Checkpoint:
     Only headers are read on open; `get` reads one tensor.
     """
 
-    def __init__(self, path: str | os.PathLike, name: str | None = None):
+    def __init__(self, path: str | os.PathLike, name: str | None = None, allow_adapter: bool = False):
         self.path = Path(path)
         self.name = name or str(path)
         if not self.path.exists():
             raise CheckpointError(f"model {self.name!r}: path does not exist: {self.path}")
+        if not allow_adapter and self.path.is_dir() and (
+                (self.path / "adapter_config.json").exists() or (self.path / "adapter_model.safetensors").exists()):
+            raise CheckpointError(f"model {self.name!r}: {self.path} is a PEFT LoRA adapter folder, not a full "
+                                  "checkpoint; name it with its base (`base+adapter`, or `lora:` in a models entry)")
         if self.path.is_file():
             if self.path.suffix != ".safetensors":
                 raise CheckpointError(self._pickle_message([self.path]) if self.path.suffix in PICKLE_SUFFIXES

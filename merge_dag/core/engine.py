@@ -42,6 +42,7 @@ from .checkpoint import (
 )
 from .errors import CheckpointError, MergeInputError, MergeOutputError, OutputError, RecipeError
 from .fingerprint import checkpoint_fingerprint, short
+from .lora import LoraCheckpoint
 from .methods.base import MergeMethod, TensorTask
 from .methods.registry import get_method
 from .recipe import Recipe, load_recipe, parse_recipe
@@ -178,7 +179,8 @@ def _num_layers(config: dict, names: list[str]) -> int:
 
 
 def _open(recipe: Recipe, ref: str) -> Checkpoint:
-    return Checkpoint(recipe.resolve_path(ref), name=ref)
+    """A model the recipe names; `base+adapter` opens as a LoraCheckpoint (base + delta per tensor)."""
+    return recipe.open_model(ref)
 
 
 def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[str, str | Path]] = None) -> MergePlan:
@@ -345,16 +347,21 @@ def _out_dtype(recipe: Recipe, ref: Checkpoint) -> torch.dtype:
 
 def _check_distinct_paths(recipe: Recipe, inputs: list[Checkpoint]) -> None:
     """Refuse the same checkpoint twice: the same reference listed twice, two references resolving to
-    one folder (symbolic links, `a/../a`), or two folders sharing a weight file (hard links)."""
-    seen: dict[Path, str] = {}
+    one folder (symbolic links, `a/../a`), or two folders sharing a weight file (hard links). A LoRA
+    expert is the pair (adapter folder, base folder); it reads the base's weight files, so the
+    hard-link check covers plain checkpoints only."""
+    seen: dict = {}
     files: dict[tuple[int, int], tuple[str, Path]] = {}
     for ck in inputs:
-        real = ck.path.resolve()
+        lora_base = getattr(ck, "base", None)
+        real = ck.path.resolve() if lora_base is None else (ck.path.resolve(), lora_base.path.resolve())
         if real in seen:
             same = "is listed twice" if seen[real] == ck.name else f"and model {seen[real]!r} are the same checkpoint"
             raise MergeInputError(f"{recipe.where}: model {ck.name!r} {same} ({real}); a model cannot be merged "
                                   "with itself")
         seen[real] = ck.name
+        if lora_base is not None:
+            continue
         for f in dict.fromkeys(i.file for i in ck.tensors.values()):
             st = f.stat()
             key = (st.st_dev, st.st_ino)
@@ -709,8 +716,8 @@ def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, st
         writer.write_json("config.json", config)
     base_ck = plan.inputs[0]
     writer.copy_files(base_ck.folder, [n for n in COPIED_FILES if n != "config.json"])
-    if plan.tokenizer_from is not None:
-        writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES)
+    if plan.tokenizer_from is not None:  # tokenizer, chat template, special tokens, generation config
+        writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES + ("generation_config.json",))
     recipe_yaml = plan.recipe.to_yaml_dict()
     card = {
         "merge_dag_version": __version__,
@@ -718,8 +725,7 @@ def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, st
         "method": plan.method.name,
         "recipe": recipe_yaml,
         "recipe_file": plan.recipe.where,
-        "inputs": [{"role": role, "model": ck.name, "path": str(ck.path.resolve()), "fingerprint": fps[ck.name]}
-                   for ck, role in zip(plan.inputs, plan.roles)],
+        "inputs": [_card_input(ck, role, fps[ck.name]) for ck, role in zip(plan.inputs, plan.roles)],
         "out_dtype": dt,
         "seed": plan.recipe.seed,
         "tokenizer_source": plan.tokenizer_from.name if plan.tokenizer_from else None,
@@ -729,6 +735,14 @@ def _write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, st
     writer.write_json("merge_dag.json", card)
     writer.write_text("README.md", model_card(card))
     return card
+
+
+def _card_input(ck, role: str, fingerprint: str) -> dict:
+    out = {"role": role, "model": ck.name, "path": str(ck.path.resolve()), "fingerprint": fingerprint}
+    if isinstance(ck, LoraCheckpoint):  # base + adapter: both, with the base's own fingerprint
+        out.update(adapter=str(ck.adapter_dir.resolve()), base_path=str(ck.base.path.resolve()),
+                   base_fingerprint=checkpoint_fingerprint(ck.base))
+    return out
 
 
 def write_card(folder: str | Path, card: dict) -> None:

@@ -24,3 +24,7 @@ class OutputError(MergeDagError):
 
 class MergeOutputError(MergeDagError):
     """A merge produced a tensor that cannot be written: NaN or Inf after the arithmetic or the cast."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA adapter folder cannot be read, or does not fit its base (module names, shapes, ranks)."""

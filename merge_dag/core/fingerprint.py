@@ -101,6 +101,12 @@ def tensor_digests(ckpt: Checkpoint, known: Optional[dict[str, str]] = None) -> 
 
 
 def checkpoint_fingerprint(ckpt: Checkpoint | str | os.PathLike, known: Optional[dict[str, str]] = None) -> str:
+    """A checkpoint's fingerprint; a LoRA-adapted model's (merge_dag.core.lora.LoraCheckpoint) is
+    lora_fingerprint: base fingerprint + adapter config + adapter tensors (`known` is not used)."""
+    from .lora import LoraCheckpoint, lora_fingerprint
+
+    if isinstance(ckpt, LoraCheckpoint):
+        return lora_fingerprint(ckpt)
     if not isinstance(ckpt, Checkpoint):
         ckpt = Checkpoint(ckpt)
     digests = tensor_digests(ckpt, known)

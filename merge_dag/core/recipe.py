@@ -21,6 +21,11 @@ the recipe is loaded, in sorted order, skipping hidden folders (a copy in progre
 ``.name.tmp-*``), the base, and models already named. A new fine-tune that matches joins the merge
 without editing the recipe.
 
+A LoRA adapter folder (PEFT: adapter_config.json + adapter_model.safetensors) is an expert too:
+``- model: base+adapter`` (mergekit's form), ``- {model: base, lora: adapter}``, ``- {lora: adapter}``
+(on top of base_model), a `model` that is an adapter folder, or a glob match that is one (both on
+top of base_model). All are spelled ``base+adapter`` once parsed (merge_dag.core.lora reads them).
+
 Relative model paths are resolved against the project root when the recipe belongs to a project (the
 Dagster layer), else against the working directory, then against the recipe's folder.
 Every error names the file and the key.
@@ -39,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import params as pmap
 from .checkpoint import parse_dtype
+from .lora import is_adapter_folder
 from .errors import RecipeError
 
 Scalar = Union[bool, int, float, str]
@@ -52,14 +58,18 @@ class _Strict(BaseModel):
 class InputModel(_Strict):
     model: Optional[str] = None
     glob: Optional[str] = None
+    lora: Optional[str] = None          # a PEFT adapter folder on top of `model` (default: base_model)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
     calibration: Optional[str] = None   # this model's own task calibration set (data-guided merging)
     from_glob: Optional[str] = Field(default=None, exclude=True)   # the pattern this entry came from
 
     @model_validator(mode="after")
     def _one_of(self) -> "InputModel":
-        if (self.model is None) == (self.glob is None):
-            raise ValueError("give exactly one of `model` (a path) or `glob` (a pattern)")
+        if self.glob is not None and self.lora is not None:
+            raise ValueError("`lora` names one adapter; a `glob` matching adapter folders needs no `lora`")
+        if self.model is not None and self.glob is not None or self.model is None and self.glob is None \
+                and self.lora is None:
+            raise ValueError("give exactly one of `model` (a path) or `glob` (a pattern), or `lora` (an adapter)")
         return self
 
 
@@ -171,6 +181,32 @@ class Recipe(_Strict):
         alt = self.source_path.parent / p
         return alt.absolute() if alt.exists() else p.absolute()
 
+    def split_ref(self, ref: str) -> tuple[str, Optional[str]]:
+        """(model ref, adapter ref or None): mergekit's `base+adapter` names a LoRA adapter folder on top
+        of a base. A path that exists as written is never split; otherwise it splits at the first `+`
+        whose left part exists (else the first `+`)."""
+        if "+" not in ref or self.resolve_path(ref).exists():
+            return ref, None
+        cuts = [i for i, c in enumerate(ref) if c == "+"]
+        for i in cuts:
+            if self.resolve_path(ref[:i]).exists():
+                return ref[:i], ref[i + 1:]
+        return ref[:cuts[0]], ref[cuts[0] + 1:]
+
+    def model_location(self, ref: str) -> tuple[Path, Optional[Path]]:
+        """(folder, base folder or None): for `base+adapter`, the adapter folder and its base's."""
+        model, adapter = self.split_ref(ref)
+        if adapter is None:
+            return self.resolve_path(model), None
+        return self.resolve_path(adapter), self.resolve_path(model)
+
+    def open_model(self, ref: str):
+        """The model a recipe names: a Checkpoint, or a LoraCheckpoint for `base+adapter`."""
+        from .lora import open_model
+
+        path, base = self.model_location(ref)
+        return open_model(path, name=ref, base=base)
+
     def calibration_path(self, ref: str) -> Path:
         """A calibration set by name (`arev` -> data/calibration/arev.jsonl under the root) or path."""
         if "/" not in ref and not ref.endswith((".jsonl", ".json")):
@@ -211,7 +247,7 @@ def expand_globs(recipe: Recipe) -> None:
     if not recipe.models or all(m.glob is None for m in recipe.models):
         return
     base = recipe.resolve_path(recipe.base_model) if recipe.base_model else None
-    named = {recipe.resolve_path(m.model) for m in recipe.models if m.model is not None}
+    named = {recipe.model_location(m.model)[0].absolute() for m in recipe.models if m.model is not None}
     out: list[InputModel] = []
     patterns: list[str] = []
     for m in recipe.models:
@@ -231,10 +267,36 @@ def expand_globs(recipe: Recipe) -> None:
                     ref = str(path.absolute().relative_to(recipe.root))
                 except ValueError:
                     pass
+            if is_adapter_folder(path):  # an adapter on top of the recipe's base
+                if not recipe.base_model:
+                    raise RecipeError(f"{recipe.where}: models: glob {m.glob!r} matched the LoRA adapter folder "
+                                      f"{ref}, which needs a base: give base_model")
+                ref = f"{recipe.base_model}+{ref}"
             out.append(InputModel(model=ref, parameters=dict(m.parameters), calibration=m.calibration,
                                   from_glob=m.glob))
     recipe.models = out
     recipe._globs = patterns
+
+
+def normalize_adapters(recipe: Recipe) -> None:
+    """Spell every LoRA expert as `base+adapter` (in place): `{model: B, lora: A}` and `{lora: A}` (on
+    top of base_model), and a `model` that is an adapter folder (on top of base_model)."""
+    for i, m in enumerate(recipe.models or []):
+        if m.lora is not None:
+            base = m.model or recipe.base_model
+            if not base:
+                raise RecipeError(f"{recipe.where}: models[{i}].lora: an adapter needs a base: give `model` "
+                                  "(its base) or the recipe's base_model")
+            m.model, m.lora = f"{base}+{m.lora}", None
+        elif m.model is not None and recipe.split_ref(m.model)[1] is None \
+                and is_adapter_folder(recipe.resolve_path(m.model)):
+            if not recipe.base_model:
+                raise RecipeError(f"{recipe.where}: models[{i}].model: {m.model} is a LoRA adapter folder, which "
+                                  "needs a base: give base_model, or write `base+adapter`")
+            m.model = f"{recipe.base_model}+{m.model}"
+    if recipe.base_model and is_adapter_folder(recipe.resolve_path(recipe.base_model)):
+        raise RecipeError(f"{recipe.where}: base_model: {recipe.base_model} is a LoRA adapter folder; name it "
+                          "with its own base as `base+adapter`")
 
 
 def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path] = None,
@@ -258,6 +320,7 @@ def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path]
         raise RecipeError(f"{where}: {e}") from None
     recipe.source_path = source_path
     recipe.root = Path(root).absolute() if root is not None else None
+    normalize_adapters(recipe)
     expand_globs(recipe)
     validate_recipe(recipe)
     return recipe

@@ -14,6 +14,7 @@ import torch
 
 from .checkpoint import Checkpoint, CheckpointWriter, OutTensor, clean_stale_temporaries, parse_size
 from .errors import MergeInputError
+from .lora import LoraCheckpoint
 from .params import layer_index
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -32,8 +33,11 @@ class TaskVectorResult:
 def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Checkpoint, out_dir: str | Path,
                         device: str = "cpu", shard_size: str | int = "2GB", metadata: dict | None = None) -> TaskVectorResult:
     t0 = time.perf_counter()
-    base = base if isinstance(base, Checkpoint) else Checkpoint(base, name=str(base))
-    expert = expert if isinstance(expert, Checkpoint) else Checkpoint(expert, name=str(expert))
+    base = base if isinstance(base, (Checkpoint, LoraCheckpoint)) else Checkpoint(base, name=str(base))
+    expert = expert if isinstance(expert, (Checkpoint, LoraCheckpoint)) else Checkpoint(expert, name=str(expert))
+    # a LoRA expert over this very base: its delta is the adapter's, computed exactly per tensor
+    low_rank = isinstance(expert, LoraCheckpoint) and expert.base.path.resolve() == base.path.resolve() \
+        and not isinstance(base, LoraCheckpoint)
     for name, info in base.tensors.items():
         other = expert.tensors.get(name)
         if other is None:
@@ -53,6 +57,20 @@ def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Chec
     with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata=meta) as w:
         for t in plan:
             b = base.get(t.name, device=device)
+            if low_rank and t.dtype == torch.float32:
+                if not bool(torch.isfinite(b).all()):
+                    raise MergeInputError(f"model {base.name!r}: tensor {t.name!r} contains NaN or Inf values")
+                d = expert.delta(t.name, device=device, base=b)
+                d = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if d is None else d
+                if not bool(torch.isfinite(d).all()):
+                    raise MergeInputError(f"model {expert.name!r}: tensor {t.name!r} contains NaN or Inf values")
+                n2 = float(torch.linalg.vector_norm(d)) ** 2
+                sq += n2
+                li = layer_index(t.name)
+                key = f"layer {li}" if li is not None else t.name
+                per_layer[key] = per_layer.get(key, 0.0) + n2
+                w.write(t.name, d)
+                continue
             e = expert.get(t.name, device=device)
             if t.dtype == torch.float32:
                 for who, x in ((base, b), (expert, e)):

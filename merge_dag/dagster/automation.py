@@ -37,7 +37,6 @@ import dagster as dg
 
 from ..core.checkpoint import Checkpoint
 from ..core.errors import CheckpointError, MergeDagError
-from ..core.fingerprint import checkpoint_fingerprint
 from ..project import ModelSource, Project, RecipeSpec, current_spec
 from ..core.markdown import md_text
 from .resources import SettingsError, env_number
@@ -53,9 +52,12 @@ def folder_signature(path: Path) -> list:
     return sorted([p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in path.iterdir() if p.is_file())
 
 
-def is_complete_checkpoint(path: Path) -> bool:
+def is_complete_checkpoint(path) -> bool:
+    """A folder (or a project ModelSource) that opens as a whole checkpoint; a LoRA expert's adapter
+    folder must hold a parseable adapter_config.json and a complete adapter_model.safetensors whose
+    every tensor fits its base (a half-written adapter fails one of these)."""
     try:
-        Checkpoint(path)
+        path.open() if hasattr(path, "is_adapter") else Checkpoint(path)
         return True
     except CheckpointError:
         return False
@@ -163,7 +165,7 @@ def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: 
     first_tick = not cursor
     return [name for name, m in sorted(watched_models(project).items())
             if settle_step(state, name, folder_signature(m.path), now, settle_seconds, first_tick,
-                           lambda m=m: is_complete_checkpoint(m.path), lambda m=m: checkpoint_fingerprint(m.path))
+                           lambda m=m: is_complete_checkpoint(m), lambda m=m: m.fingerprint())
             ], state
 
 

@@ -35,11 +35,15 @@ class Input:
         return cls(role, source_id(kind, fingerprint), fingerprint)
 
     @classmethod
-    def model(cls, role: str, path: Path) -> "Input":
-        """A checkpoint folder, by its content fingerprint (cached per shard: a stat when unchanged)."""
+    def model(cls, role: str, model) -> "Input":
+        """A checkpoint folder (a path or a project ModelSource), by its content fingerprint (cached
+        per shard: a stat when unchanged). A LoRA expert is its `lora` node (record_model records it
+        with its base and adapter as parents), by the fingerprint covering both."""
         from ..core.fingerprint import checkpoint_fingerprint
 
-        return cls.source(role, "model", checkpoint_fingerprint(path))
+        if getattr(model, "is_adapter", False):
+            return cls.source(role, "lora", model.fingerprint())
+        return cls.source(role, "model", checkpoint_fingerprint(getattr(model, "path", model)))
 
     @classmethod
     def artifact(cls, role: str, up: dict[str, Any]) -> "Input":
@@ -60,6 +64,41 @@ def record_source(res: MergeDagResource, *, kind: str, name: str, fingerprint: s
         ("record_event", dict(artifact_id=sid, run_id=run_id, step=f"{kind}/{name}", event="observed")),
     ])
     return sid
+
+
+def record_model(res: MergeDagResource, m, run_id: Optional[str]) -> str:
+    """Record a project model (ModelSource) in lineage and return its fingerprint. A LoRA expert is
+    three rows: its base (a model source), its adapter folder (an adapter source: config + weights)
+    and the adapted model (kind lora, the fingerprint of both) with edges base -> lora, adapter -> lora,
+    so `merge-dag audit` shows the base and the adapter under every expert that is one."""
+    if not m.is_adapter:
+        fp = m.fingerprint()
+        record_source(res, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=run_id,
+                      nbytes=m.weight_bytes())
+        return fp
+    from ..core.fingerprint import checkpoint_fingerprint
+    from ..core.lora import adapter_fingerprint
+
+    ck = m.open()
+    fp, bfp, afp = m.fingerprint(), checkpoint_fingerprint(ck.base), adapter_fingerprint(ck)
+    cfg = {k: ck.adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "fan_in_fan_out", "target_modules",
+                                                 "modules_to_save", "rank_pattern", "alpha_pattern")
+           if ck.adapter_config.get(k) not in (None, {}, [])}
+    bid, aid, lid = source_id("model", bfp), source_id("adapter", afp), source_id("lora", fp)
+    base_name = m.base_name or m.base.name
+    res.lineage().record_batch([
+        ("record_artifact", dict(artifact_id=bid, kind="model", name=base_name, key_hash=bfp, path=str(m.base),
+                                 bytes=sum(f.stat().st_size for f in m.base.glob("*.safetensors")), code_version="-", params={}, run_id=run_id, data_version=bfp)),
+        ("record_artifact", dict(artifact_id=aid, kind="adapter", name=m.name, key_hash=afp, path=str(m.path),
+                                 bytes=m.weight_bytes(), code_version="-", params=cfg, run_id=run_id, data_version=afp)),
+        ("record_artifact", dict(artifact_id=lid, kind="lora", name=m.name, key_hash=fp, path=str(m.path),
+                                 bytes=m.weight_bytes(), code_version="-", params={"lora": cfg}, run_id=run_id,
+                                 data_version=fp)),
+        ("record_edge", dict(parent_id=bid, child_id=lid, role="base", fingerprint=bfp)),
+        ("record_edge", dict(parent_id=aid, child_id=lid, role="adapter", fingerprint=afp)),
+        ("record_event", dict(artifact_id=lid, run_id=run_id, step=f"model/{m.name}", event="observed")),
+    ])
+    return fp
 
 
 def latest(context, key: list[str]) -> dict[str, Any] | None:

@@ -10,11 +10,30 @@ from ..core.checkpoint import Checkpoint
 from .errors import GuidanceError
 
 
-def load_model(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_model(folder, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """The model in `folder`, in eval mode on `device`. The folder is opened with the core reader first,
-    so a pickled, truncated or corrupt checkpoint is refused with the core's message."""
+    so a pickled, truncated or corrupt checkpoint is refused with the core's message.
+
+    `folder` may also be an opened checkpoint; a LoRA expert (merge_dag.core.lora.LoraCheckpoint) is
+    built in memory as its base with base + delta written into every tensor the adapter touches (a
+    model in memory for a statistics pass or an eval; nothing is written to disk)."""
     from transformers import AutoModelForCausalLM
 
+    from ..core.lora import LoraCheckpoint
+
+    if isinstance(folder, LoraCheckpoint):
+        model = load_model(folder.base.folder, device=device, dtype=dtype)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        params.update(dict(model.named_buffers(remove_duplicate=False)))
+        with torch.no_grad():
+            for name in folder.touched:
+                if name not in params:
+                    raise GuidanceError(f"adapter {folder.name!r}: tensor {name!r} is not a parameter of "
+                                        f"{type(model).__name__}")
+                params[name].copy_(folder.get(name, device=device, dtype=dtype))
+        return model
+    if isinstance(folder, Checkpoint):
+        folder = folder.path
     Checkpoint(folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,

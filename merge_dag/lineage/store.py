@@ -40,7 +40,7 @@ except ImportError:  # Windows: DuckDB's lock and retries only
 
 SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 EVENTS = ("materialized", "cache_hit", "observed")
-SOURCE_KINDS = ("model", "calibration", "recipe", "tasks")
+SOURCE_KINDS = ("model", "calibration", "recipe", "tasks", "adapter")
 TERMINAL_STATUSES = ("success", "failure", "failed", "canceled", "cancelled")
 DEFAULT_LOCK_TIMEOUT = 60.0
 MAX_TREE_DEPTH = 64

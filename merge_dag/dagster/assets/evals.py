@@ -20,9 +20,18 @@ def _settings(res: MergeDagResource, tasks: list[str]) -> dict:
 
 
 def _evaluate(project: Project, res: MergeDagResource, path, tasks: list[str], model_label: str) -> dict:
+    """lm-eval on a folder, or on a project model (a LoRA expert: base + delta built in memory)."""
     from ...evaluation import evaluate
 
-    records = evaluate(str(path), tasks, device=res.device, limit=res.eval_limit or None,
+    tokenizer = None
+    if isinstance(path, ModelSource):
+        if path.is_adapter:
+            from ...guidance.model import load_model
+
+            path, tokenizer = load_model(path.open(), device=res.device), str(path.model_folder)
+        else:
+            path = path.path
+    records = evaluate(path if tokenizer is not None else str(path), tasks, tokenizer=tokenizer, device=res.device, limit=res.eval_limit or None,
                        batch_size=res.eval_batch_size, tasks_dir=project.tasks_dir)
     return {"model": model_label, "metrics": [[r.task, r.metric, r.value, r.stderr, r.n] for r in records]}
 
@@ -57,10 +66,10 @@ def model_eval_asset(project: Project, m: ModelSource, tasks: list[str]) -> dg.A
               code_version=code, pool=torch_pool(), kinds={"lm_eval"}, description=f"lm-eval baseline {md_text(', '.join(tasks))} on {md_text(m.ref)}.")
     def _eval(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         tfp = tasks_fingerprint(project)
-        inputs = [Input.model("model", m.path), Input.source("tasks", "tasks", tfp)]
+        inputs = [Input.model("model", m), Input.source("tasks", "tasks", tfp)]
         return run_step(context, merge_dag, kind="eval", name=f"model_{m.name}", code_version=code,
                         settings=_settings(merge_dag, tasks), inputs=inputs,
-                        build=lambda tmp, art: _evaluate(project, merge_dag, m.path, tasks, f"model/{m.name}"),
+                        build=lambda tmp, art: _evaluate(project, merge_dag, m, tasks, f"model/{m.name}"),
                         metadata=lambda art, info: {"results": _metrics_md(info)})
 
     return _eval

@@ -107,7 +107,7 @@ def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
               description=f"Per-linear {what} of {md_text(src.model.ref)} on calibration set "
                           f"{md_text(src.calibration.ref)}{variant}.")
     def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        inputs = [Input.model("model", src.model.path), _calibration_input(src.calibration)]
+        inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
         settings = {**merge_dag.calibration_settings(), "gram": gram, "sequential_wanda": src.sequential}
 
         def build(tmp, art):
@@ -115,8 +115,8 @@ def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
             from ...guidance.lewis import sequential_wanda_stats
             from ...guidance.model import load_model
 
-            model = load_model(src.model.path, device=merge_dag.device)
-            batches = _batches(merge_dag, src.model.path, src.calibration)
+            model = load_model(src.model.open(), device=merge_dag.device)
+            batches = _batches(merge_dag, src.model.model_folder, src.calibration)
             t0 = time.perf_counter()
             if src.sequential is not None:
                 stats = sequential_wanda_stats(model, batches, sparsity=src.sequential, device=merge_dag.device)
@@ -142,14 +142,14 @@ def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
               description=f"Sens-Merging per-layer sensitivity of {md_text(src.model.ref)} on {md_text(src.calibration.ref)} "
                           "(sum |theta * dL/dtheta| per layer, one backward pass per batch).")
     def _sens(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        inputs = [Input.model("model", src.model.path), _calibration_input(src.calibration)]
+        inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
 
         def build(tmp, art):
             from ...guidance.model import load_model
             from ...guidance.sens import alpha, sensitivity
 
-            model = load_model(src.model.path, device=merge_dag.device)
-            batches = _batches(merge_dag, src.model.path, src.calibration)
+            model = load_model(src.model.open(), device=merge_dag.device)
+            batches = _batches(merge_dag, src.model.model_folder, src.calibration)
             t0 = time.perf_counter()
             s = sensitivity(model, batches, device=merge_dag.device)
             out = {"sensitivity": {str(k): v for k, v in s.items()}, "alpha": {str(k): v for k, v in alpha(s).items()},
@@ -181,14 +181,14 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
     def _importance(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         ib, ub = _upstream_input(context, "base_activations", ["activations", b.name])
         ie, ue = _upstream_input(context, "expert_activations", ["activations", e.name])
-        inputs = [Input.model("base", b.model.path), Input.model("expert", e.model.path), ib, ie]
+        inputs = [Input.model("base", b.model), Input.model("expert", e.model), ib, ie]
 
         def build(tmp, art):
             from ...guidance.activations import ActivationStats
             from ...guidance.lewis import importance, shifts
 
-            i_base = importance(ActivationStats.load(ub["path"]), b.model.path, device=merge_dag.device)
-            i_exp = importance(ActivationStats.load(ue["path"]), e.model.path, device=merge_dag.device)
+            i_base = importance(ActivationStats.load(ub["path"]), b.model.open(), device=merge_dag.device)
+            i_exp = importance(ActivationStats.load(ue["path"]), e.model.open(), device=merge_dag.device)
             out = {"base": i_base, "expert": i_exp, "shift": shifts(i_base, i_exp, e.model.ref)}
             _write_result(tmp, out)
             return out
@@ -250,7 +250,7 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSo
         def build(tmp, art):
             from ...guidance.lewis import match_mean, rescale, weighted_mean
 
-            ck = Checkpoint(now.base.path)
+            ck = now.base.open()
             sizes = {n: ck.info(n).numel for n in ck.tensor_names}
             dens, means = {}, {}
             for ref, (_, up) in ups.items():
@@ -296,7 +296,7 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
         ups = {r: _upstream_input(context, "sensitivity", ["sensitivity", by_expert[r].name]) for r in refs}
         inputs = [i for i, _ in ups.values()]
         if g.alignment:
-            inputs += [Input.model("expert", by_expert[r].model.path) for r in refs]
+            inputs += [Input.model("expert", by_expert[r].model) for r in refs]
             inputs += [_calibration_input(c) for c in dict.fromkeys(by_expert[r].calibration for r in refs)]
         settings = {**g.model_dump(mode="json"), **(merge_dag.calibration_settings() if g.alignment else {})}
 
@@ -307,8 +307,8 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
             s = {r: {int(k): v for k, v in read_result(up["path"])["sensitivity"].items()} for r, (_, up) in ups.items()}
             t0 = time.perf_counter()
             if g.alignment and len(refs) > 1:
-                models = {r: load_model(by_expert[r].model.path, device=merge_dag.device) for r in refs}
-                tasks = {r: _batches(merge_dag, by_expert[r].model.path, by_expert[r].calibration) for r in refs}
+                models = {r: load_model(by_expert[r].model.open(), device=merge_dag.device) for r in refs}
+                tasks = {r: _batches(merge_dag, by_expert[r].model.model_folder, by_expert[r].calibration) for r in refs}
                 gm = alignment(models, tasks, device=merge_dag.device)
             else:
                 gm = {i: {j: 0.0 for j in refs} for i in refs}

@@ -21,7 +21,7 @@ from ...core.recipe import Recipe
 from ...project import Project, RecipeSpec, current_spec, register_guidance
 from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, latest, run_step, upstream
+from ..steps import Input, latest, record_model, run_step, upstream
 from .sources import recipe_fingerprint
 from .task_vectors import task_vector_inline
 
@@ -50,8 +50,12 @@ def prepare_merge(context: dg.AssetExecutionContext, merge_dag: MergeDagResource
     inputs = [Input.source("recipe", "recipe", rfp)]
     tvs: dict[str, str] = {}
     if now.base is not None:
-        inputs.append(Input.model("base", now.base.path))
+        inputs.append(Input.model("base", now.base))
     for e in now.experts:
+        if e.is_adapter:  # read as base + its low-rank delta, per tensor, inside the merge
+            record_model(merge_dag, e, context.run.run_id)
+            inputs.append(Input.model("expert", e))
+            continue
         tv = project.known_task_vector(now.base, e) if now.uses_task_vectors else None
         up = latest(context, ["task_vector", tv]) if tv is not None else None
         if up is not None:
@@ -65,7 +69,7 @@ def prepare_merge(context: dg.AssetExecutionContext, merge_dag: MergeDagResource
             inputs.append(Input("expert", out.artifact.id, out.key))
             tvs[e.ref] = str(out.artifact.path)
         else:
-            inputs.append(Input.model("expert", e.path))
+            inputs.append(Input.model("expert", e))
     prep = PreparedMerge(now, inputs, tvs, {"recipe": now.recipe.to_yaml_dict()}, now.recipe, {})
     if now.guidance is not None:
         _apply_guidance(context, project, prep)
@@ -88,7 +92,7 @@ def _apply_guidance(context: dg.AssetExecutionContext, project: Project, prep: P
         return up
 
     densities = weights = None
-    base = Checkpoint(now.base.path) if now.base else None
+    base = now.base.open() if now.base else None
     if g.sparsity is not None:
         densities = read_result(take("allocation", ["allocation", now.name])["path"])["densities"]
     if g.coefficients is not None:
@@ -165,8 +169,8 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
 
     g = prep.spec.guidance.regmean
     models = prep.spec.members
-    fps = {m.ref: checkpoint_fingerprint(m.path) for m in models}
-    regmean_checkpoint([Checkpoint(m.path, name=m.ref) for m in models],
+    fps = {m.ref: m.fingerprint() for m in models}
+    regmean_checkpoint([m.open() for m in models],
                        [ActivationStats.load(prep.grams[m.ref]) for m in models], out, a=g.a, ridge=g.ridge,
                        device=merge_dag.device)
     ck = Checkpoint(out)
@@ -184,7 +188,8 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
 def merged_deps(project: Project, spec: RecipeSpec) -> list[list[str]]:
     """The assets merged/<recipe> depends on (the one-step and the split asset alike)."""
     if spec.uses_task_vectors:
-        deps = [["model", spec.base.name]] + [["task_vector", project.tv_name(spec.base, e)] for e in spec.experts]
+        deps = [["model", spec.base.name]] + [["model", e.name] if e.is_adapter else
+                                               ["task_vector", project.tv_name(spec.base, e)] for e in spec.experts]
     else:
         deps = [["model", m.name] for m in spec.members]
     deps.append(["recipe", spec.name])
@@ -232,7 +237,7 @@ def merged_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
         problems = []
         try:
             out = Checkpoint(path, name=f"merged/{spec.name}")
-            ref = Checkpoint(reference.path, name=reference.ref)
+            ref = reference.open()
         except Exception as e:  # noqa: BLE001 - reported as a failed check
             return dg.AssetCheckResult(passed=False, metadata={"error": str(e)})
         if set(out.tensors) != set(ref.tensors):

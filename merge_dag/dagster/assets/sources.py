@@ -17,7 +17,7 @@ from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
 from ...project import BrokenRecipe, ModelSource, Project, RecipeSpec, current_spec, load_project
 from ...core.markdown import md_text
 from ..resources import MergeDagResource
-from ..steps import record_source
+from ..steps import record_model, record_source
 
 GROUP = "sources"
 
@@ -36,16 +36,16 @@ def tasks_fingerprint(project: Project) -> str:
 
 def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
     @dg.observable_source_asset(key=["model", m.name], group_name=GROUP,
-                                description=f"Checkpoint folder {md_text(m.ref)} ({md_text(m.path)}), versioned by "
-                                            "content fingerprint.")
+                                description=(f"LoRA adapter {md_text(m.path)} on base {md_text(m.base)}"
+                                             if m.is_adapter else f"Checkpoint folder {md_text(m.ref)} ({md_text(m.path)})")
+                                            + ", versioned by content fingerprint.")
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
-        fp = checkpoint_fingerprint(m.path)
-        nbytes = sum(f.stat().st_size for f in m.path.glob("*.safetensors"))
-        record_source(merge_dag, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=context.run.run_id,
-                      nbytes=nbytes)
+        fp = record_model(merge_dag, m, context.run.run_id)
+        nbytes = m.weight_bytes()
+        extra = {"base": dg.MetadataValue.path(str(m.base)), "kind": "LoRA adapter"} if m.is_adapter else {}
         return dg.ObserveResult(data_version=dg.DataVersion(fp),
                                 metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(m.path)),
-                                          "bytes": nbytes})
+                                          "bytes": nbytes, **extra})
 
     return _observe
 

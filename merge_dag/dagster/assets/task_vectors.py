@@ -4,23 +4,22 @@ that merges that expert onto that base."""
 
 import dagster as dg
 
-from ...core.fingerprint import checkpoint_fingerprint
 from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
 from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, Outcome, cached_step, record_source, run_step
+from ..steps import Input, Outcome, cached_step, record_model, run_step
 
 GROUP = "task_vectors"
 CODE = code_version("core/task_vector.py", "core/checkpoint.py")
 
 
 def _step_args(merge_dag: MergeDagResource, name: str, base: ModelSource, expert: ModelSource) -> dict:
-    inputs = [Input.model("base", base.path), Input.model("expert", expert.path)]
+    inputs = [Input.model("base", base), Input.model("expert", expert)]
 
-    def build(tmp, art):
-        r = compute_task_vector(base.path, expert.path, tmp, device=merge_dag.device)
+    def build(tmp, art):  # a LoRA expert's delta is computed per tensor from its factors
+        r = compute_task_vector(base.open(), expert.open(), tmp, device=merge_dag.device)
         return {"tensor_count": r.tensor_count, "bytes": r.bytes, "l2_norm": r.l2_norm,
                 "per_layer_norm": r.per_layer_norm, "seconds": r.seconds}
 
@@ -32,9 +31,7 @@ def task_vector_inline(context: dg.AssetExecutionContext, merge_dag: MergeDagRes
                        base: ModelSource, expert: ModelSource) -> Outcome:
     """The task vector of an expert the definitions do not know yet (a new glob match), built inside
     the step that needs it under the same cache key its own asset will find after a reload."""
-    fp = checkpoint_fingerprint(expert.path)  # the newcomer has no observation of its own yet: record it
-    record_source(merge_dag, kind="model", name=expert.name, fingerprint=fp, path=expert.path,
-                  run_id=context.run.run_id, nbytes=sum(f.stat().st_size for f in expert.path.glob("*.safetensors")))
+    record_model(merge_dag, expert, context.run.run_id)  # the newcomer has no observation of its own yet
     return cached_step(context, merge_dag, **_step_args(merge_dag, name, base, expert))
 
 
