@@ -40,6 +40,8 @@ def tiny_llama(tied: bool = False, seed: int = 0, hidden: int = 16):
 
 def save_base(model, folder: Path) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
+    # a merge needs tokenizer files from its tokenizer_source (the base by default)
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 64}')
     return folder
 
 
@@ -100,7 +102,8 @@ def _dense(zoo, key: str, folder: Path) -> Path:
         names = Checkpoint(zoo["base"]).tensor_names
         folder.mkdir(parents=True)
         save_file({n: zoo["ref"][key][n].contiguous() for n in names}, str(folder / "model.safetensors"))
-        shutil.copy(zoo["base"] / "config.json", folder / "config.json")
+        for f in ("config.json", "tokenizer_config.json"):
+            shutil.copy(zoo["base"] / f, folder / f)
     return folder
 
 
