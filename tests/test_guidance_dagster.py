@@ -104,6 +104,7 @@ def project(tmp_path_factory, ci_zoo):
     (root / "data" / "recipes").mkdir(parents=True)
     for name, text in RECIPES.items():
         (root / "data" / "recipes" / f"{name}.yaml").write_text(text)
+    PROJECT_ROOT[:] = [root]
     return root
 
 
@@ -125,11 +126,17 @@ def events(root: Path, run_id: str, kind: str) -> set[str]:
     return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id) if e["event"] == kind}
 
 
-def artifact(result, *key: str) -> Path:
+PROJECT_ROOT: list[Path] = []  # the module's project folder, set by the `project` fixture
+
+
+def artifact(result, *key: str, root: Path | None = None) -> Path:
+    """The artifact folder of an asset's materialization (metadata paths are relative to the project)."""
     for ev in result.get_asset_materialization_events():
         mat = ev.event_specific_data.materialization
         if tuple(mat.asset_key.path) == key:
-            return Path(mat.metadata["path"].value)
+            path = Path(mat.metadata["path"].value)
+            assert not path.is_absolute(), path
+            return (root or PROJECT_ROOT[0]) / path
     raise KeyError(key)
 
 
