@@ -336,7 +336,7 @@ def test_leaderboard_tells_the_story(project, first_run):
 
     mats = materializations(first_run)
     md = mats[("leaderboard",)].metadata
-    lines = [r for r in md["leaderboard"].value.splitlines() if r.startswith("| ")]
+    lines = [r for r in md["leaderboard_markdown"].value.splitlines() if r.startswith("| ")]
     assert lines[0].startswith("| model | arev | ashift | sort | **avg** ± SE | Δ avg vs base |")
     assert lines[1].startswith("| *ci_base (base)* |")
     assert {r.split(" |")[0] for r in lines[2:5]} == {"| *ci_arev (expert)*", "| *ci_ashift (expert)*",
@@ -348,6 +348,10 @@ def test_leaderboard_tells_the_story(project, first_run):
     best = f"merged/{merges[0]}"
     assert md["best_merge_average"].value == round(table.average(best), 4)
     assert md["best_merge_delta_vs_base"].value == round(table.diff(best, "model/ci_base")[0], 4)
+    rows = [r.data for r in md["leaderboard"].value.records]  # the same rows as a table
+    models = [r["model"] for r in rows]
+    assert models[0] == "ci_base (base)" and models[5:] == merges
+    assert rows[5]["avg ± SE"].endswith(" ★") and rows[0]["Δ avg vs base"] == ""
     assert md["chart"].value.startswith("![leaderboard chart](data:image/png;base64,")
     assert (art / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert isinstance(md["seconds"].value, float) and isinstance(md["peak_rss_mb"].value, float)

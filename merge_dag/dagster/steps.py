@@ -191,6 +191,7 @@ def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: 
         "code_version": code_version,
         "inputs": inputs_table(res, inputs),
     }
-    if metadata is not None:
-        md.update(metadata(art, info))
+    if metadata is not None:  # the asset's own story first (tables, pictures), then the bookkeeping
+        own = metadata(art, info)
+        md = {**own, **{k: v for k, v in md.items() if k not in own}}
     return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata=md)

@@ -141,6 +141,29 @@ def leaderboard_markdown(table: ScoreTable, base: Optional[str] = None) -> str:
     return "\n".join(lines + [""] + [" ".join(notes)])
 
 
+def leaderboard_rows(table: ScoreTable, base: Optional[str] = None) -> tuple[list[str], list[dict[str, str]]]:
+    """The leaderboard as rows of text cells (columns: model, one per task, avg ± SE, Δ avg vs base):
+    reference rows first (base, experts), then merges by average; ★ marks the best merge per task and
+    on average, ▼ a merge below the base on average. Numbers rounded to 3 places."""
+    base, refs, merges = row_order(table, base)
+    best = {t: max((table.value(m, t) for m in merges if t in table.scores[m]), default=None) for t in table.tasks}
+    best_avg = max((table.average(m) for m in merges), default=None)
+    cols = ["model"] + [_short(t) for t in table.tasks] + ["avg ± SE", "Δ avg vs base"]
+    rows = []
+    for m in refs + merges:
+        merge = m not in refs
+        row = {"model": _label(m, base, refs)}
+        for t in table.tasks:
+            v = "—" if t not in table.scores[m] else f"{table.value(m, t):.3f} ± {table.se(m, t):.3f}"
+            row[_short(t)] = v + (" ★" if merge and t in table.scores[m] and table.value(m, t) == best[t] else "")
+        row["avg ± SE"] = (f"{table.average(m):.3f} ± {table.se_average(m):.3f}" + ("" if table.complete(m) else "*")
+                           + (" ★" if merge and table.average(m) == best_avg else ""))
+        d = table.diff(m, base) if base and m != base else None
+        row["Δ avg vs base"] = "" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}" + (" ▼" if merge and d[0] < 0 else "")
+        rows.append(row)
+    return cols, rows
+
+
 def format_results(table: ScoreTable, base: Optional[str] = None,
                    pairs: list[tuple[str, str, str]] = DEMO_PAIRS) -> str:
     """Markdown: the base row, the other source models (experts), then merges by average, best first;

@@ -290,7 +290,7 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSo
         def meta(art, info):
             return {**chart_metadata(art, "allocation.png", f"LEWIS allocation of {spec.name}"),
                     "per_layer_density": dg.MetadataValue.md(info.get("chart", "")),
-                    "mean_density": dg.MetadataValue.json(info.get("mean_density", {})),
+                    "mean_density": dg.MetadataValue.json({k: round(v, 4) for k, v in info.get("mean_density", {}).items()}),
                     "gamma": g.gamma, "epsilon": g.epsilon}
 
         return run_step(context, merge_dag, kind="allocation", name=spec.name, code_version=LEWIS_CODE,

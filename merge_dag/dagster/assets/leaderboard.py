@@ -66,13 +66,16 @@ def leaderboard_metadata(art, info: dict, base: str | None) -> dict:
     """The story first (sorted table with ± SE and Δ vs base, the chart), numbers the Plots tab can
     chart, then every raw metric."""
     from ...charts import markdown_image
-    from ...evaluation.report import ScoreTable, leaderboard_markdown, row_order
+    from ...evaluation.report import ScoreTable, leaderboard_markdown, leaderboard_rows, row_order
 
     results = read_json(f"{art.path}/results.json") or []
     table = ScoreTable.from_results(results)
     md: dict = {}
     if table.tasks:
-        md["leaderboard"] = dg.MetadataValue.md(leaderboard_markdown(table, base))
+        cols, rows_ = leaderboard_rows(table, base)
+        md["leaderboard"] = dg.MetadataValue.table([dg.TableRecord(r) for r in rows_],
+                                                   schema=dg.TableSchema([dg.TableColumn(c, "string") for c in cols]))
+        md["leaderboard_markdown"] = dg.MetadataValue.md(leaderboard_markdown(table, base))
         png = art.path / "leaderboard.png"
         if png.exists():
             md["chart"] = dg.MetadataValue.md(markdown_image(png, "leaderboard chart"))
