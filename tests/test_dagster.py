@@ -350,8 +350,8 @@ def test_leaderboard_tells_the_story(project, first_run):
     assert md["best_merge_delta_vs_base"].value == round(table.diff(best, "model/ci_base")[0], 4)
     rows = [r.data for r in md["leaderboard"].value.records]  # the same rows as a table
     models = [r["model"] for r in rows]
-    assert models[0] == "ci_base (base)" and models[5:] == merges
-    assert rows[5]["avg ± SE"].endswith(" ★") and rows[0]["Δ avg vs base"] == ""
+    assert models[0] == "ci_base (base)" and models[4:] == merges
+    assert rows[4]["avg ± SE"].endswith(" ★") and rows[0]["Δ avg vs base"] == ""
     assert md["chart"].value.startswith("![leaderboard chart](data:image/png;base64,")
     assert (art / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert isinstance(md["seconds"].value, float) and isinstance(md["peak_rss_mb"].value, float)

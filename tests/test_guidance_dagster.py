@@ -318,3 +318,34 @@ def test_sequential_wanda_statistics_are_their_own_assets(tmp_path):
                                   "ci_base__sort__seqwanda50", "ci_sort__sort__seqwanda50"}
     assert p.importances["ci_arev__arev__seqwanda50"].base.sequential == 0.5
     assert set(p.calibrations) == {"arev", "sort"}
+
+
+def test_guidance_pages_show_heatmaps_saved_in_the_artifact(project, first_run):
+    """allocation, coefficients, sensitivity and importance draw a PNG into their own artifact folder
+    and show it inline (a data URI) in their metadata; the allocation panels are the densities."""
+    import base64
+
+    from merge_dag.charts import allocation_panels
+
+    files = {"allocation": "allocation.png", "coefficients": "coefficients.png", "sensitivity": "sensitivity.png",
+             "importance": "shift.png"}
+    seen = set()
+    for ev in first_run.get_asset_materialization_events():
+        mat = ev.event_specific_data.materialization
+        kind = mat.asset_key.path[0]
+        if kind in files:
+            png = artifact(first_run, *mat.asset_key.path) / files[kind]
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 120_000
+            md = mat.metadata["heatmap"].value
+            assert md.endswith(f"(data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+            seen.add(kind)
+    assert seen == set(files)
+    dens = result_json(first_run, "allocation", "ties_lewis")["densities"]
+    panels = {p.title: p for p in allocation_panels(dens)}
+    assert set(panels) == {"mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                           "self_attn.q_proj", "self_attn.v_proj"}
+    up = panels["mlp.up_proj"]
+    assert up.rows == ["arev", "sort"] and up.cols == ["0", "1", "2", "3"]
+    for i, expert in enumerate(("arev", "sort")):
+        for j in range(4):
+            assert up.values[i][j] == dens[f"{CI}/{expert}"][f"model.layers.{j}.mlp.up_proj.weight"]
