@@ -56,8 +56,11 @@ def run(args: argparse.Namespace) -> int:
     cmd = dagster_dev_command(root, args.host, args.port)
     print(f"DAGSTER_HOME={home}\ndagster dev -w {root / 'workspace.yaml'} -h {args.host} -p {args.port}", flush=True)
     started: list[subprocess.Popen] = []
+    pending: list[int] = []
 
     def forward(signum, _frame):
+        if not started:  # arrived before dagster dev existed: delivered right after it starts
+            pending.append(signum)
         for p in started:
             try:
                 os.killpg(p.pid, signum)
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     proc = subprocess.Popen(cmd, cwd=root, start_new_session=True)  # its own process group (pgid = pid)
     started.append(proc)
+    for signum in pending:
+        forward(signum, None)
     try:
         rc = proc.wait()
     finally:
