@@ -281,7 +281,7 @@ def test_new_expert_builds_when_the_run_reimports_the_definitions_and_the_sensor
         assert {e["step"] for e in events if e["event"] == "cache_hit"} == {"task_vector/g_2"}  # built inline before
         board = [e.event_specific_data.materialization for e in again.get_asset_materialization_events()
                  if e.event_specific_data.materialization.asset_key.path == ["leaderboard"]][0]
-        assert "model/g_2" in {r.data["model"] for r in board.metadata["leaderboard"].value.records}
+        assert "model/g_2" in {r.data["model"] for r in board.metadata["all_metrics"].value.records}
         tick3 = fresh.get_sensor_def(SENSOR_NAME).evaluate_tick(
             dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick2.cursor))
         assert not tick3.run_requests  # nothing left to build

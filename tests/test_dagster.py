@@ -102,14 +102,17 @@ def first_run(project, instance):
 
 def test_first_run_builds_every_artifact_and_checks_pass(project, first_run):
     assert built(project, first_run.run_id) == ALL_BUILT
-    checks = first_run.get_asset_check_evaluations()
-    assert len(checks) == 2 and all(c.passed for c in checks)
+    checks = {(tuple(c.asset_key.path), c.check_name): c for c in first_run.get_asset_check_evaluations()}
+    assert set(checks) == {(("merged", r), "loads_and_matches_base") for r in ("ta", "ties")} \
+        | {(("merged", r), "embeddings_sane") for r in ("ta", "ties")} \
+        | {(("eval", "merged", r), c) for r in ("ta", "ties") for c in ("not_below_base", "no_task_collapsed")}
+    assert all(checks[k].passed for k in checks if k[1] in ("loads_and_matches_base", "embeddings_sane"))
     mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
             for m in [m.event_specific_data.materialization]}
     merged = mats[("merged", "ta")].metadata
     assert merged["method"].value == "task_arithmetic"
     assert merged["tensor_count"].value > 0 and merged["bytes"].value > 0
-    board = mats[("leaderboard",)].metadata["leaderboard"].value
+    board = mats[("leaderboard",)].metadata["all_metrics"].value
     assert {r.data["model"] for r in board.records} == {
         "merged/ta", "merged/ties", "model/ci_base", "model/ci_arev", "model/ci_ashift", "model/ci_sort"}
 
@@ -268,3 +271,87 @@ def test_quiet_demo_run_prints_one_line_per_asset_and_the_results_table(project,
     assert {r.split(" |")[0] for r in rows[2:5]} == {"| ci_arev (expert)", "| ci_ashift (expert)", "| ci_sort (expert)"}
     merged = [r for r in rows if r.startswith(("| ta ", "| ties "))]
     assert len(merged) == 2 and all(" ± " in r for r in merged)
+
+
+def materializations(result) -> dict[tuple, dg.AssetMaterialization]:
+    return {tuple(m.asset_key.path): m for m in (e.event_specific_data.materialization
+                                                 for e in result.get_asset_materialization_events())}
+
+
+def test_metadata_lists_every_input_with_relative_paths(project, first_run):
+    """`inputs` is a table with one row per input (a role may repeat): merged/ta has its recipe, base
+    and 3 task vectors, the leaderboard all 6 evals; no metadata path is absolute."""
+    mats = materializations(first_run)
+    rows = [r.data for r in mats[("merged", "ta")].metadata["inputs"].value.records]
+    assert [(r["role"], r["name"]) for r in rows] == [
+        ("recipe", "recipe/ta"), ("base", "model/ci_base"), ("expert", "task_vector/ci_arev"),
+        ("expert", "task_vector/ci_ashift"), ("expert", "task_vector/ci_sort")]
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    edges = store.query("SELECT fingerprint FROM edges WHERE child_id = ? ORDER BY seq",
+                        [mats[("merged", "ta")].metadata["artifact_id"].value])
+    assert [r["fingerprint"] for r in rows] == [e["fingerprint"][:len(r["fingerprint"])] for e, r in zip(edges, rows)]
+    board = [r.data for r in mats[("leaderboard",)].metadata["inputs"].value.records]
+    assert len(board) == 6 and {r["role"] for r in board} == {"eval"}
+    for m in mats.values():
+        for k, v in m.metadata.items():
+            if isinstance(v, dg.PathMetadataValue):
+                assert not Path(v.value).is_absolute(), (m.asset_key, k, v.value)
+                assert (project / v.value).exists()
+
+
+def test_merged_provenance_matches_the_audit(project, instance, first_run):
+    """The merged page's provenance names every input of the audit tree (role, name, fingerprint) and,
+    once the merge was evaluated, its scores with Δ vs the base's."""
+    from merge_dag.lineage.audit import format_audit
+
+    again = run_all(project, instance)  # a cache hit: by now the merge's evaluation is in lineage
+    md = materializations(again)[("merged", "ta")].metadata["provenance"].value
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    tree = store.provenance(store.find("ta")["artifact_id"])
+    text = format_audit(tree)
+    assert "method **task_arithmetic**" in md and tree["code_version"] in md and "lambda: 0.5" in md
+    assert str(project) not in md
+    base_scores = {(m["task"], m["metric"]): m["value"] for m in tree["inputs"][1]["node"]["metrics"]}
+    for m in tree["metrics"]:
+        d = m["value"] - base_scores[(m["task"], m["metric"])]
+        assert f"| {m['task']} | {m['metric']} | {m['value']:.3f}" in md and f"{d:+.3f}" in md
+
+    def walk(inputs, depth=0):
+        for i in inputs:
+            yield depth, i
+            if not i["node"].get("source"):
+                yield from walk(i["node"].get("inputs") or [], depth + 1)
+
+    listed = [line for line in md.splitlines() if line.startswith("| ") and "`" in line]
+    for _, i in walk(tree["inputs"]):
+        label = f"{i['node']['kind']}/{i['node']['name']}"
+        fp = (i["fingerprint"] or "").rpartition(":")[2][:12]
+        assert label in text and fp in text  # what the audit prints ...
+        assert any(f"`{label}`" in line and fp in line for line in listed), label  # ... is on the page
+
+
+def test_leaderboard_tells_the_story(project, first_run):
+    """Sorted rows with ± SE, an average and Δ vs base; base and experts first; a chart; numbers."""
+    from merge_dag.evaluation.report import ScoreTable
+
+    mats = materializations(first_run)
+    md = mats[("leaderboard",)].metadata
+    lines = [r for r in md["leaderboard_markdown"].value.splitlines() if r.startswith("| ")]
+    assert lines[0].startswith("| model | arev | ashift | sort | **avg** ± SE | Δ avg vs base |")
+    assert lines[1].startswith("| *ci_base (base)* |")
+    assert {r.split(" |")[0] for r in lines[2:5]} == {"| *ci_arev (expert)*", "| *ci_ashift (expert)*",
+                                                    "| *ci_sort (expert)*"}
+    art = project / md["path"].value
+    table = ScoreTable.from_results(json.loads((art / "results.json").read_text()))
+    merges = [r.split(" |")[0].removeprefix("| ") for r in lines[5:]]
+    assert merges == sorted(["ta", "ties"], key=lambda m: -table.average(f"merged/{m}"))
+    best = f"merged/{merges[0]}"
+    assert md["best_merge_average"].value == round(table.average(best), 4)
+    assert md["best_merge_delta_vs_base"].value == round(table.diff(best, "model/ci_base")[0], 4)
+    rows = [r.data for r in md["leaderboard"].value.records]  # the same rows as a table
+    models = [r["model"] for r in rows]
+    assert models[0] == "ci_base (base)" and models[4:] == merges
+    assert rows[4]["avg ± SE"].endswith(" ★") and rows[0]["Δ avg vs base"] == ""
+    assert md["chart"].value.startswith("![leaderboard chart](data:image/png;base64,")
+    assert (art / "leaderboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert isinstance(md["seconds"].value, float) and isinstance(md["peak_rss_mb"].value, float)

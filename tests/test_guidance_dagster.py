@@ -104,6 +104,7 @@ def project(tmp_path_factory, ci_zoo):
     (root / "data" / "recipes").mkdir(parents=True)
     for name, text in RECIPES.items():
         (root / "data" / "recipes" / f"{name}.yaml").write_text(text)
+    PROJECT_ROOT[:] = [root]
     return root
 
 
@@ -125,11 +126,17 @@ def events(root: Path, run_id: str, kind: str) -> set[str]:
     return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id) if e["event"] == kind}
 
 
-def artifact(result, *key: str) -> Path:
+PROJECT_ROOT: list[Path] = []  # the module's project folder, set by the `project` fixture
+
+
+def artifact(result, *key: str, root: Path | None = None) -> Path:
+    """The artifact folder of an asset's materialization (metadata paths are relative to the project)."""
     for ev in result.get_asset_materialization_events():
         mat = ev.event_specific_data.materialization
         if tuple(mat.asset_key.path) == key:
-            return Path(mat.metadata["path"].value)
+            path = Path(mat.metadata["path"].value)
+            assert not path.is_absolute(), path
+            return (root or PROJECT_ROOT[0]) / path
     raise KeyError(key)
 
 
@@ -311,3 +318,34 @@ def test_sequential_wanda_statistics_are_their_own_assets(tmp_path):
                                   "ci_base__sort__seqwanda50", "ci_sort__sort__seqwanda50"}
     assert p.importances["ci_arev__arev__seqwanda50"].base.sequential == 0.5
     assert set(p.calibrations) == {"arev", "sort"}
+
+
+def test_guidance_pages_show_heatmaps_saved_in_the_artifact(project, first_run):
+    """allocation, coefficients, sensitivity and importance draw a PNG into their own artifact folder
+    and show it inline (a data URI) in their metadata; the allocation panels are the densities."""
+    import base64
+
+    from merge_dag.charts import allocation_panels
+
+    files = {"allocation": "allocation.png", "coefficients": "coefficients.png", "sensitivity": "sensitivity.png",
+             "importance": "shift.png"}
+    seen = set()
+    for ev in first_run.get_asset_materialization_events():
+        mat = ev.event_specific_data.materialization
+        kind = mat.asset_key.path[0]
+        if kind in files:
+            png = artifact(first_run, *mat.asset_key.path) / files[kind]
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 120_000
+            md = mat.metadata["heatmap"].value
+            assert md.endswith(f"(data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})")
+            seen.add(kind)
+    assert seen == set(files)
+    dens = result_json(first_run, "allocation", "ties_lewis")["densities"]
+    panels = {p.title: p for p in allocation_panels(dens)}
+    assert set(panels) == {"mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                           "self_attn.q_proj", "self_attn.v_proj"}
+    up = panels["mlp.up_proj"]
+    assert up.rows == ["arev", "sort"] and up.cols == ["0", "1", "2", "3"]
+    for i, expert in enumerate(("arev", "sort")):
+        for j in range(4):
+            assert up.values[i][j] == dens[f"{CI}/{expert}"][f"model.layers.{j}.mlp.up_proj.weight"]

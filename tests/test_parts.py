@@ -250,7 +250,7 @@ def test_split_asset_equals_one_step_and_hits_the_cache(project):
         md = merged_metadata(first)
         assert md["split"]["cache"] == md["whole"]["cache"] == "miss"
         assert md["split"]["output_fingerprint"] == md["whole"]["output_fingerprint"]
-        split_dir, whole_dir = Path(md["split"]["path"]), Path(md["whole"]["path"])
+        split_dir, whole_dir = project / md["split"]["path"], project / md["whole"]["path"]
         assert checkpoint_fingerprint(split_dir) == checkpoint_fingerprint(whole_dir) == md["split"]["output_fingerprint"]
         assert len(list(split_dir.glob("*.safetensors"))) >= 3
         assert part_steps(first) == ["merged__split.part_1_of_3", "merged__split.part_2_of_3",

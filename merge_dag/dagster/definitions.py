@@ -9,6 +9,7 @@ from typing import Optional
 import dagster as dg
 
 from ..project import Project, load_project
+from .assets.checks import extra_checks
 from .assets.evals import eval_assets
 from .assets.guidance import guidance_assets
 from .assets.leaderboard import leaderboard_asset
@@ -28,6 +29,7 @@ def build_definitions(root: Optional[str | Path] = None, project: Optional[Proje
     the steps, sensor ticks or schedule ticks that use it; neither stops the code location loading."""
     project = project or load_project(root)
     merges, checks = merge_assets(project)
+    checks = checks + extra_checks(project)
     assets = source_assets(project) + guidance_assets(project) + task_vector_assets(project) + merges \
         + eval_assets(project)
     if any(s.evals for s in project.recipes.values()):

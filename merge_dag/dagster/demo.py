@@ -207,5 +207,5 @@ def materialize_all(root: Path, verbose: bool = True):
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization
         if mat.asset_key.path == ["leaderboard"]:
-            leaderboard = Path(mat.metadata["path"].value) / "leaderboard.md"
+            leaderboard = Path(resource.root) / mat.metadata["path"].value / "leaderboard.md"
     return result, resource.lineage().run_summary(result.run_id), leaderboard, seconds

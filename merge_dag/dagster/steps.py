@@ -10,6 +10,7 @@ input edges (role + fingerprint) and the event go to the DuckDB lineage store in
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,15 +102,33 @@ def record_model(res: MergeDagResource, m, run_id: Optional[str]) -> str:
     return fp
 
 
+def shown_path(res: MergeDagResource, path: str | Path) -> str:
+    """A path as metadata shows it: relative to the project root when inside it (the UI shows no
+    absolute paths of the machine that built it); absolute otherwise."""
+    p = Path(path)
+    try:
+        return str(p.relative_to(res.root_path.absolute()))
+    except ValueError:
+        return str(p)
+
+
+def resolve_path(root: str | Path, shown: str) -> str:
+    """The absolute path of a `shown_path` (relative to the project root, or already absolute)."""
+    return str(Path(root) / shown)
+
+
 def latest(context, key: list[str]) -> dict[str, Any] | None:
-    """The artifact an asset last materialized (its id, key and path from its metadata), or None
-    if it never was (e.g. the asset of a new glob match, known to this freshly imported step but
+    """The artifact an asset last materialized (its id, key and absolute path from its metadata), or
+    None if it never was (e.g. the asset of a new glob match, known to this freshly imported step but
     never built)."""
     event = context.instance.get_latest_materialization_event(dg.AssetKey(key))
     if event is None or event.asset_materialization is None:
         return None
     md = event.asset_materialization.metadata
-    return {k: md[k].value for k in ("artifact_id", "key", "path") if k in md}
+    out = {k: md[k].value for k in ("artifact_id", "key", "path") if k in md}
+    if "path" in out:
+        out["path"] = resolve_path(context.resources.merge_dag.root, out["path"])
+    return out
 
 
 def upstream(context: dg.AssetExecutionContext, key: list[str]) -> dict[str, Any]:
@@ -173,6 +192,25 @@ def cached_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kin
     return Outcome(art, key, event, info, seconds)
 
 
+def short(version: str, n: int = 12) -> str:
+    """A fingerprint or key, shortened for display: sha256:0123456789abcdef... -> sha256:0123456789ab."""
+    prefix, _, rest = version.rpartition(":")
+    return f"{prefix}:{rest[:n]}" if prefix else version[:n]
+
+
+def inputs_table(res: MergeDagResource, inputs: list[Input]) -> dg.TableMetadataValue:
+    """Every input of a step (a role may have many: a merge's experts, a leaderboard's evals) as a table:
+    role, name (kind/name from lineage), short fingerprint or key."""
+    ids = [i.artifact_id for i in inputs]
+    rows = res.lineage().query("SELECT artifact_id, kind, name FROM artifacts WHERE list_contains(?, artifact_id)",
+                               [ids]) if ids else []
+    names = {r["artifact_id"]: f"{r['kind']}/{r['name']}" for r in rows}
+    schema = dg.TableSchema(columns=[dg.TableColumn("role", "string"), dg.TableColumn("name", "string"),
+                                     dg.TableColumn("fingerprint", "string")])
+    return dg.MetadataValue.table([dg.TableRecord({"role": i.role, "name": names.get(i.artifact_id, i.artifact_id),
+                                                   "fingerprint": short(i.version)}) for i in inputs], schema=schema)
+
+
 def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str, code_version: str,
              settings: dict[str, Any], inputs: list[Input], build: Callable[[Path, Artifact], dict[str, Any]],
              metadata: Callable[[Artifact, dict[str, Any]], dict[str, Any]] | None = None) -> dg.MaterializeResult:
@@ -183,12 +221,16 @@ def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: 
     md: dict[str, Any] = {
         "artifact_id": art.id,
         "key": key,
-        "path": dg.MetadataValue.path(str(art.path)),
+        "path": dg.MetadataValue.path(shown_path(res, art.path)),
         "cache": "hit" if event == "cache_hit" else "miss",
         "seconds": round(seconds, 3),
+        "bytes": art.size_bytes(),
+        # the step process's peak resident memory (with the multiprocess executor: this step's own)
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "code_version": code_version,
-        "inputs": dg.MetadataValue.json({f"{i.role}": i.version for i in inputs}),
+        "inputs": inputs_table(res, inputs),
     }
-    if metadata is not None:
-        md.update(metadata(art, info))
+    if metadata is not None:  # the asset's own story first (tables, pictures), then the bookkeeping
+        own = metadata(art, info)
+        md = {**own, **{k: v for k, v in md.items() if k not in own}}
     return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata=md)

@@ -83,16 +83,97 @@ def _short(task: str) -> str:
     return task.removeprefix("zoo_")
 
 
-def format_results(table: ScoreTable, base: Optional[str] = None,
-                   pairs: list[tuple[str, str, str]] = DEMO_PAIRS) -> str:
-    """Markdown: the base row, the other source models (experts), then merges by average, best first;
-    a Δ column against the base with a mark where a merge is below it; then guided − plain rows."""
+def row_order(table: ScoreTable, base: Optional[str] = None) -> tuple[Optional[str], list[str], list[str]]:
+    """(base, reference rows: the base then the other source models, merges by average best first).
+    `base` defaults to the first source model (a label not starting with 'merged/')."""
     models = [m for m in table.scores if table.scores[m]]
     sources = [m for m in models if not m.startswith("merged/")]
     if base is None or base not in sources:
         base = sources[0] if sources else None
     merges = sorted((m for m in models if m.startswith("merged/")), key=table.average, reverse=True)
-    order = ([base] if base else []) + [m for m in sources if m != base] + merges
+    return base, ([base] if base else []) + [m for m in sources if m != base], merges
+
+
+def _label(m: str, base: Optional[str], sources: list[str]) -> str:
+    label = m.split("/", 1)[1] if "/" in m else m
+    if m == base:
+        return label + " (base)"
+    return label + " (expert)" if m in sources else label
+
+
+def leaderboard_markdown(table: ScoreTable, base: Optional[str] = None) -> str:
+    """The leaderboard as the Dagster UI shows it: per task value ± SE (the best merge per task in
+    bold), avg ± SE, Δ avg vs base ± SE (▼ where a merge is below the base); reference rows (base,
+    experts) first and in italics, then merges by average. Every number rounded to 3 places."""
+    from ..core.markdown import md_text  # names come from the user's recipes and task files
+
+    base, refs, merges = row_order(table, base)
+    cols = [md_text(_short(t)) for t in table.tasks]
+    best = {t: max((table.value(m, t) for m in merges if t in table.scores[m]), default=None) for t in table.tasks}
+    best_avg = max((table.average(m) for m in merges), default=None)
+    lines = [f"| model | {' | '.join(cols)} | **avg** ± SE | Δ avg vs base |", "|---|" + "---:|" * (len(cols) + 2)]
+    below = 0
+    for m in refs + merges:
+        ref = m in refs
+        cells = []
+        for t in table.tasks:
+            if t not in table.scores[m]:
+                cells.append("—")
+                continue
+            v = f"{table.value(m, t):.3f} ± {table.se(m, t):.3f}"
+            cells.append(f"**{v}**" if not ref and table.value(m, t) == best[t] else v)
+        avg = f"{table.average(m):.3f} ± {table.se_average(m):.3f}" + ("" if table.complete(m) else "*")
+        if not ref and table.average(m) == best_avg:
+            avg = f"**{avg}**"
+        delta = ""
+        if base and m != base:
+            d, se = table.diff(m, base)
+            delta = f"{d:+.3f} ± {se:.3f}"
+            if not ref and d < 0:
+                below += 1
+                delta += " ▼"
+        label = md_text(_label(m, base, refs))
+        lines.append(f"| {f'*{label}*' if ref else label} | {' | '.join(cells)} | {avg} | {delta} |")
+    notes = [f"{table.metric} per task ± one binomial standard error, on {_n_text(table)}. Reference rows in "
+             "italics; merges sorted by average; **bold**: the best merge per task and on average."]
+    if below:
+        notes.append(f"▼ {below} merge(s) below the base on average.")
+    if any(not table.complete(m) for m in refs + merges):
+        notes.append("* evaluated on some of the tasks only.")
+    return "\n".join(lines + [""] + [" ".join(notes)])
+
+
+def leaderboard_rows(table: ScoreTable, base: Optional[str] = None) -> tuple[list[str], list[dict[str, str]]]:
+    """The leaderboard as rows of text cells (columns: model, one per task, avg ± SE, Δ avg vs base):
+    reference rows first (base, experts), then merges by average; ★ marks the best merge per task and
+    on average, ▼ a merge below the base on average. Numbers rounded to 3 places."""
+    base, refs, merges = row_order(table, base)
+    best = {t: max((table.value(m, t) for m in merges if t in table.scores[m]), default=None) for t in table.tasks}
+    best_avg = max((table.average(m) for m in merges), default=None)
+    cols = ["model"] + [_short(t) for t in table.tasks] + ["avg ± SE", "Δ avg vs base"]
+    rows = []
+    for m in refs + merges:
+        merge = m not in refs
+        row = {"model": _label(m, base, refs)}
+        for t in table.tasks:
+            v = "—" if t not in table.scores[m] else f"{table.value(m, t):.3f} ± {table.se(m, t):.3f}"
+            row[_short(t)] = v + (" ★" if merge and t in table.scores[m] and table.value(m, t) == best[t] else "")
+        row["avg ± SE"] = (f"{table.average(m):.3f} ± {table.se_average(m):.3f}" + ("" if table.complete(m) else "*")
+                           + (" ★" if merge and table.average(m) == best_avg else ""))
+        d = table.diff(m, base) if base and m != base else None
+        row["Δ avg vs base"] = "" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}" + (" ▼" if merge and d[0] < 0 else "")
+        rows.append(row)
+    return cols, rows
+
+
+def format_results(table: ScoreTable, base: Optional[str] = None,
+                   pairs: list[tuple[str, str, str]] = DEMO_PAIRS) -> str:
+    """Markdown: the base row, the other source models (experts), then merges by average, best first;
+    a Δ column against the base with a mark where a merge is below it; then guided − plain rows."""
+    models = [m for m in table.scores if table.scores[m]]
+    base, refs, merges = row_order(table, base)
+    sources = refs
+    order = refs + merges
     cols = [_short(t) for t in table.tasks]
     lines = [f"| model | {' | '.join(cols)} | avg ± SE | Δ avg vs base |",
              "|---|" + "---:|" * (len(cols) + 2)]

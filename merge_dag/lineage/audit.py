@@ -69,12 +69,12 @@ def flow(obj: Any) -> str:
     return _scalar(obj)
 
 
-def _show_path(p: Optional[str]) -> str:
+def _show_path(p: Optional[str], root: Optional[Path] = None) -> str:
     if not p:
         return ""
     path = Path(p)
     try:
-        shown = str(path.relative_to(Path.cwd())) if path.is_absolute() else p
+        shown = str(path.relative_to((root or Path.cwd()).absolute())) if path.is_absolute() else p
     except ValueError:
         shown = p
     return shown if path.exists() else f"{shown} (no longer on disk)"
@@ -198,6 +198,88 @@ def _format_inputs(inputs: list[dict], prefix: str, out: list[str], printed: set
                 continue
             printed.add(node["artifact_id"])
             _format_inputs(node["inputs"], child_prefix, out, printed)
+
+
+def _short(fp: Optional[str], n: int = 12) -> str:
+    fp = fp or ""
+    prefix, _, rest = fp.rpartition(":")
+    return f"{prefix}:{rest[:n]}" if prefix else fp[:n]
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _base_metrics(tree: dict) -> dict[tuple[str, str], dict]:
+    """The metrics of the tree's base model (its own evaluations), found by role 'base' anywhere below."""
+    todo = list(tree.get("inputs") or [])
+    while todo:
+        inp = todo.pop(0)
+        if inp["role"] == "base" and inp["node"].get("metrics"):
+            return {(m["task"], m["metric"]): m for m in inp["node"]["metrics"]}
+        todo += inp["node"].get("inputs") or []
+    return {}
+
+
+def provenance_markdown(tree: dict, root: Optional[Path] = None) -> str:
+    """What `format_audit` prints, as markdown for the Dagster UI: the artifact's facts, method, code
+    version and parameters, its evaluation scores with Δ vs the base model's, then every input of
+    the provenance tree (one row per edge, depth shown by indentation) with role, name, short
+    fingerprint and path relative to `root`; guidance artifacts are the inputs of guidance kinds."""
+    facts = [x for x in (_size(tree.get("bytes")),
+                         f"created {_when(tree['created_at'])}" if tree.get("created_at") else None,
+                         f"run {tree['run_id'][:8]}" if tree.get("run_id") else None) if x]
+    method, plines = describe_params(tree.get("params") or {})
+    out = [f"**{_label(tree)}** `{tree['artifact_id']}`" + (f" ({', '.join(facts)})" if facts else ""), ""]
+    head = [f"method **{method}**"] if method else []
+    if tree.get("code_version") and tree["code_version"] != "-":
+        head.append(f"code `{tree['code_version']}`")
+    out += ["- " + " · ".join(head)] if head else []
+    out += [f"- `{line}`" for line in plines]
+    out.append(f"- {'fingerprint' if tree.get('kind') in SOURCE_KINDS else 'key'} `{tree.get('key_hash')}`")
+    if tree.get("path"):
+        out.append(f"- path `{_show_path(tree['path'], root)}`")
+    guidance = [i for i in tree.get("inputs") or [] if i["role"] not in ("base", "expert", "model", "recipe", "tasks")]
+    if guidance:
+        out.append("- guidance: " + ", ".join(f"{i['role']} `{_label(i['node'])}` `{_short(i.get('fingerprint'))}`"
+                                              for i in guidance))
+    out.append("")
+    base = _base_metrics(tree)
+    if tree.get("metrics"):
+        out += ["| task | metric | value ± SE | n | base | Δ vs base |", "|---|---|---:|---:|---:|---:|"]
+        for m in tree["metrics"]:
+            b = base.get((m["task"], m["metric"]))
+            se = f" ± {m['stderr']:.3f}" if m.get("stderr") is not None else ""
+            delta = f"{m['value'] - b['value']:+.3f}" if b else ""
+            if b and m["value"] < b["value"]:
+                delta += " ▼"
+            out.append(f"| {m['task']} | {m['metric']} | {m['value']:.3f}{se} | {m.get('n') or ''} | "
+                       f"{'' if not b else format(b['value'], '.3f')} | {delta} |")
+    else:
+        out.append("*no evaluation of this artifact recorded yet* (its eval asset materializes after it)")
+    out += ["", "| role | input | fingerprint / key | path |", "|---|---|---|---|"]
+    _inputs_rows(tree.get("inputs") or [], 0, out, set(), root)
+    return "\n".join(out) + "\n"
+
+
+def _inputs_rows(inputs: list[dict], depth: int, out: list[str], printed: set[str], root: Optional[Path]) -> None:
+    pad = "&nbsp;&nbsp;&nbsp;&nbsp;" * depth + ("└ " if depth else "")
+    for inp in inputs:
+        node = inp["node"]
+        fp = inp.get("fingerprint") or node.get("key_hash") or ""
+        note = ""
+        if node.get("missing"):
+            note = " (not in the lineage database)"
+        elif node.get("cycle"):
+            note = " (cycle)"
+        elif node.get("key_hash") and inp.get("fingerprint") and node["key_hash"] != inp["fingerprint"]:
+            note = f" (! recorded key {_short(node['key_hash'])})"
+        repeat = node["artifact_id"] in printed and bool(node.get("inputs"))
+        out.append(f"| {pad}{_cell(inp['role'])} | `{_cell(_label(node))}` | `{_short(fp)}`{note} | "
+                   f"{_cell(_show_path(node.get('path'), root))}{' (inputs as above)' if repeat else ''} |")
+        if node.get("inputs") and not repeat and not node.get("source"):
+            printed.add(node["artifact_id"])
+            _inputs_rows(node["inputs"], depth + 1, out, printed, root)
 
 
 def format_card(card: dict, folder: Path, note: str = "") -> str:

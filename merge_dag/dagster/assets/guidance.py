@@ -74,6 +74,15 @@ def bar(v: float, width: int = 20) -> str:
     return "█" * n + "·" * (width - n)
 
 
+def chart_metadata(art, file: str, alt: str) -> dict:
+    """{"heatmap": markdown image} for a PNG the build step saved in the artifact folder (absent in an
+    artifact built before merge_dag drew pictures: then nothing)."""
+    from ...charts import markdown_image
+
+    png = Path(art.path) / file
+    return {"heatmap": dg.MetadataValue.md(markdown_image(png, alt))} if png.exists() else {}
+
+
 def _layer_of(name: str) -> int:
     li = layer_index(name)
     return -1 if li is None else li
@@ -155,13 +164,20 @@ def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
             out = {"sensitivity": {str(k): v for k, v in s.items()}, "alpha": {str(k): v for k, v in alpha(s).items()},
                    "pass_seconds": time.perf_counter() - t0}
             _write_result(tmp, out)
+            from ...charts import heatmaps, layer_panel
+
+            heatmaps([layer_panel("sensitivity S per layer (share)", {src.model.ref: {int(k): v for k, v in
+                                                                                     out["alpha"].items()}})],
+                     tmp / "sensitivity.png", title=f"Sens-Merging sensitivity of {src.model.ref} on "
+                                                    f"{src.calibration.ref}", label="alpha (share of S)")
             return out
 
         def meta(art, info):
             a = info.get("alpha", {})
             top = max(a.values(), default=0) or 1
             rows = "\n".join(f"| {md_text(k)} | {info['sensitivity'][k]:.4g} | {v:.3f} | `{bar(v / top)}` |" for k, v in a.items())
-            return {"per_layer": dg.MetadataValue.md("| layer | S | alpha | |\n|---|---|---|---|\n" + rows),
+            return {**chart_metadata(art, "sensitivity.png", f"sensitivity of {src.model.ref}"),
+                    "per_layer": dg.MetadataValue.md("| layer | S | alpha | |\n|---|---|---|---|\n" + rows),
                     "pass_seconds": info.get("pass_seconds")}
 
         return run_step(context, merge_dag, kind="sensitivity", name=src.name, code_version=SENS_CODE,
@@ -191,6 +207,11 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
             i_exp = importance(ActivationStats.load(ue["path"]), e.model.open(), device=merge_dag.device)
             out = {"base": i_base, "expert": i_exp, "shift": shifts(i_base, i_exp, e.model.ref)}
             _write_result(tmp, out)
+            from ...charts import heatmaps, shift_panel
+
+            heatmaps([shift_panel(e.model.ref, out["shift"])], tmp / "shift.png",
+                     title=f"LEWIS importance shift of {e.model.ref} vs {b.model.ref} on {e.calibration.ref}",
+                     label="normalised shift", ncols=1)
             return out
 
         def meta(art, info):
@@ -199,7 +220,8 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
                 per_layer[_layer_of(n)] = per_layer.get(_layer_of(n), 0.0) + v
             top = max(per_layer.values(), default=0) or 1
             rows = "\n".join(f"| {md_text(k)} | {v:.4f} | `{bar(v / top)}` |" for k, v in sorted(per_layer.items()))
-            return {"shift_per_layer": dg.MetadataValue.md("| layer | sum of normalised shifts | |\n|---|---|---|\n"
+            return {**chart_metadata(art, "shift.png", f"importance shift of {e.model.ref}"),
+                    "shift_per_layer": dg.MetadataValue.md("| layer | sum of normalised shifts | |\n|---|---|---|\n"
                                                            + rows)}
 
         return run_step(context, merge_dag, kind="importance", name=imp.name, code_version=LEWIS_CODE, settings={},
@@ -260,11 +282,17 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSo
                 dens[ref], means[ref] = d, weighted_mean(d, sizes)
             out = {"densities": dens, "mean_density": means, "chart": allocation_chart(dens, sizes)}
             _write_result(tmp, out)
+            from ...charts import allocation_panels, heatmaps
+
+            heatmaps(allocation_panels(dens), tmp / "allocation.png", vmin=0.0, vmax=1.0, label="density",
+                     title=f"LEWIS density per expert x layer, per module kind (recipe {spec.name}; "
+                           f"gamma {g.gamma}, epsilon {g.epsilon})")
             return out
 
         def meta(art, info):
-            return {"per_layer_density": dg.MetadataValue.md(info.get("chart", "")),
-                    "mean_density": dg.MetadataValue.json(info.get("mean_density", {})),
+            return {**chart_metadata(art, "allocation.png", f"LEWIS allocation of {spec.name}"),
+                    "per_layer_density": dg.MetadataValue.md(info.get("chart", "")),
+                    "mean_density": dg.MetadataValue.json({k: round(v, 4) for k, v in info.get("mean_density", {}).items()}),
                     "gamma": g.gamma, "epsilon": g.epsilon}
 
         return run_step(context, merge_dag, kind="allocation", name=spec.name, code_version=LEWIS_CODE,
@@ -317,6 +345,11 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
             out = {"sigma": {r: {str(k): v for k, v in c.items()} for r, c in sigma.items()}, "tau": taus,
                    "alignment": gm, "alignment_seconds": time.perf_counter() - t0}
             _write_result(tmp, out)
+            from ...charts import heatmaps, layer_panel
+
+            heatmaps([layer_panel("sigma per expert x layer", {r: c for r, c in sigma.items()})],
+                     tmp / "coefficients.png", label="sigma", ncols=1,
+                     title=f"Sens-Merging coefficients of recipe {spec.name} (temperature {g.temperature})")
             return out
 
         def meta(art, info):
@@ -326,7 +359,8 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
             head = "| layer | " + " | ".join(md_text(n) for n in names) + " |\n|---|" + "---|" * len(names)
             rows = "\n".join(f"| {li} | " + " | ".join(f"{sigma[n][str(li)]:.3f} `{bar(sigma[n][str(li)], 10)}`"
                                                         for n in names) + " |" for li in layers)
-            return {"sigma_per_layer": dg.MetadataValue.md(head + "\n" + rows),
+            return {**chart_metadata(art, "coefficients.png", f"Sens coefficients of {spec.name}"),
+                    "sigma_per_layer": dg.MetadataValue.md(head + "\n" + rows),
                     "tau": dg.MetadataValue.json(info.get("tau", {})),
                     "alignment_kl": dg.MetadataValue.json(info.get("alignment", {}))}
 

@@ -124,7 +124,7 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
             return {**merge_info(res), "parts": parts}
 
         result = run_step(context, merge_dag, kind=KIND, name=spec.name, code_version=code, settings=prep.settings,
-                          inputs=prep.inputs, build=build, metadata=lambda art, info: merged_metadata(prep, art, info))
+                          inputs=prep.inputs, build=build, metadata=lambda art, info: merged_metadata(prep, art, info, merge_dag))
         shutil.rmtree(split.staging, ignore_errors=True)
         with warnings.catch_warnings():  # Output(data_version=) is marked beta; it is what run_step reports
             warnings.simplefilter("ignore", dg.BetaWarning)

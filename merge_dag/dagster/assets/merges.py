@@ -21,7 +21,7 @@ from ...core.recipe import Recipe
 from ...project import Project, RecipeSpec, current_spec, register_guidance
 from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, latest, record_model, run_step, upstream
+from ..steps import Input, latest, record_model, resolve_path, run_step, shown_path, upstream
 from .sources import recipe_fingerprint
 from .task_vectors import task_vector_inline
 
@@ -124,16 +124,21 @@ def merge_info(res: MergeResult) -> dict:
             "input_fingerprints": res.fingerprints, "output_fingerprint": res.output_fingerprint}
 
 
-def merged_metadata(prep: PreparedMerge, art, info: dict) -> dict:
-    """The materialization metadata of merged/<recipe> (both the one-step and the split asset)."""
+def merged_metadata(prep: PreparedMerge, art, info: dict, res: MergeDagResource) -> dict:
+    """The materialization metadata of merged/<recipe> (both the one-step and the split asset): first
+    its provenance as `merge-dag audit` prints it (every input, method, parameters, guidance, code
+    version, eval scores with Δ vs base; paths relative to the project root)."""
+    from ...lineage.audit import provenance_markdown
+
     return {
+        "provenance": dg.MetadataValue.md(provenance_markdown(res.lineage().provenance(art.id), res.root_path)),
         "method": prep.spec.recipe.merge_method,
         "experts": dg.MetadataValue.json([e.ref for e in prep.spec.experts]),
         "parameters": dg.MetadataValue.json(prep.settings["recipe"]),
         "tensor_count": info.get("tensor_count"),
         "bytes": info.get("bytes"),
         "output_fingerprint": info.get("output_fingerprint", ""),
-        "model_card": dg.MetadataValue.path(str(art.path / "README.md")),
+        "model_card": dg.MetadataValue.path(shown_path(res, art.path / "README.md")),
     }
 
 
@@ -217,7 +222,7 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
             return build_merge(prep, merge_dag, tmp, {"artifact_id": art.id, "name": spec.name})
 
         def meta(art, info):
-            return merged_metadata(prep, art, info)
+            return merged_metadata(prep, art, info, merge_dag)
 
         return run_step(context, merge_dag, kind="merged", name=spec.name, code_version=code, settings=prep.settings,
                         inputs=prep.inputs, build=build, metadata=meta)
@@ -233,7 +238,7 @@ def merged_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
                                 "shapes, and holds no NaN/Inf.")
     def _check(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         ev = context.instance.get_latest_materialization_event(dg.AssetKey(["merged", spec.name]))
-        path = ev.asset_materialization.metadata["path"].value
+        path = resolve_path(merge_dag.root, ev.asset_materialization.metadata["path"].value)
         problems = []
         try:
             out = Checkpoint(path, name=f"merged/{spec.name}")

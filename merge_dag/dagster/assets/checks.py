@@ -1,0 +1,133 @@
+"""Asset checks users read next to a merge: its embeddings are sane, and its evaluation against the base.
+
+    merged/<recipe>       embeddings_sane      no NaN/Inf and no new all-zero row in the embedding / lm_head
+    eval/merged/<recipe>  not_below_base       average of the primary metric >= the base's (WARN if below)
+    eval/merged/<recipe>  no_task_collapsed    no task below half the base's score (ERROR)
+
+The two score checks sit on eval/merged/<recipe>, the asset that holds the scores: a check runs right
+after its asset in the same run, so it always reads the evaluation just made (a check on merged/<recipe>
+would run before that merge's evaluation and read the previous one). They also depend on
+eval/model/<base> (additional_deps), so in a run that evaluates both, the base is evaluated first.
+"""
+
+
+from pathlib import Path
+
+import dagster as dg
+import torch
+
+from ...artifacts import read_json
+from ...core.checkpoint import Checkpoint
+from ...evaluation.report import ScoreTable
+from ...project import Project, RecipeSpec
+from ..resources import MergeDagResource
+from ..steps import META_FILE, resolve_path
+
+COLLAPSE = 0.5          # a task "collapsed" when the merge scores below this fraction of the base's score
+EMBEDDING_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "lm_head", "embed_out")
+
+
+def _latest_info(context, key: list[str], root: str) -> dict | None:
+    ev = context.instance.get_latest_materialization_event(dg.AssetKey(key))
+    if ev is None or ev.asset_materialization is None or "path" not in ev.asset_materialization.metadata:
+        return None
+    return read_json(Path(resolve_path(root, ev.asset_materialization.metadata["path"].value)) / META_FILE)
+
+
+def embedding_problems(path: str | Path, reference: str | Path | None = None) -> tuple[list[str], int]:
+    """(problems, tensors checked): every 2-D embedding-like tensor must be finite, with no all-zero row
+    that is not all-zero in `reference` too (a padding token's row is zero in the base already)."""
+    ck = Checkpoint(path)
+    ref = Checkpoint(reference) if reference is not None else None
+    problems, checked = [], 0
+    for name in ck.tensor_names:
+        if not any(h in name for h in EMBEDDING_HINTS) or len(ck.info(name).shape) != 2:
+            continue
+        checked += 1
+        t = ck.get(name, dtype=torch.float32)
+        if not bool(torch.isfinite(t).all()):
+            problems.append(f"{name}: {int((~torch.isfinite(t)).any(dim=1).sum())} row(s) with NaN/Inf")
+        zero = (t == 0).all(dim=1)
+        if ref is not None and name in ref.tensors and ref.info(name).shape == ck.info(name).shape:
+            zero &= ~(ref.get(name, dtype=torch.float32) == 0).all(dim=1)
+        if bool(zero.any()):
+            rows = zero.nonzero().flatten().tolist()
+            problems.append(f"{name}: {len(rows)} all-zero row(s), e.g. {rows[:5]}")
+    return problems, checked
+
+
+def embeddings_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
+    key = dg.AssetKey(["merged", spec.name])
+
+    reference = spec.base or spec.experts[0]
+
+    @dg.asset_check(asset=key, name="embeddings_sane",
+                    description=f"The merged embedding and lm_head matrices hold no NaN/Inf and no all-zero row "
+                                f"(other than rows all-zero in {reference.ref} too, e.g. padding).")
+    def _check(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
+        ev = context.instance.get_latest_materialization_event(key)
+        path = resolve_path(merge_dag.root, ev.asset_materialization.metadata["path"].value)
+        problems, checked = embedding_problems(path, reference.path)
+        return dg.AssetCheckResult(passed=not problems and checked > 0,
+                                   metadata={"tensors_checked": checked,
+                                             "problems": "\n".join(problems) or ("none" if checked else
+                                                                                 "no embedding tensor found")})
+
+    return _check
+
+
+def score_checks(project: Project, spec: RecipeSpec) -> list[dg.AssetChecksDefinition]:
+    if spec.base is None or spec.base.name not in project.model_evals:
+        return []
+    key = dg.AssetKey(["eval", "merged", spec.name])
+    base_key = ["eval", "model", spec.base.name]
+    label, base_label = f"merged/{spec.name}", f"model/{spec.base.name}"
+
+    def table(context, merge_dag) -> ScoreTable | None:
+        mine = _latest_info(context, key.path, merge_dag.root)
+        base = _latest_info(context, base_key, merge_dag.root)
+        if not mine or not base:
+            return None
+        t = ScoreTable.from_results([{**base, "model": base_label}, {**mine, "model": label}])
+        return t if base_label in t.scores and label in t.scores else None
+
+    missing = dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
+                                  description=f"no evaluation of {base_label} (or of {label}) to compare with yet")
+
+    @dg.asset_check(asset=key, name="not_below_base", additional_deps=[dg.AssetKey(base_key)],
+                    description=f"The merge's average score (primary metric) is not below {base_label}'s, over "
+                                "the tasks both were evaluated on (a warning when it is).")
+    def _not_below(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
+        t = table(context, merge_dag)
+        if t is None:
+            return missing
+        d, se = t.diff(label, base_label)
+        return dg.AssetCheckResult(passed=d >= 0, severity=dg.AssetCheckSeverity.WARN,
+                                   metadata={"average": round(t.average(label), 4),
+                                             "base_average": round(t.average(base_label), 4),
+                                             "delta_vs_base": round(d, 4), "delta_se": round(se, 4)})
+
+    @dg.asset_check(asset=key, name="no_task_collapsed", additional_deps=[dg.AssetKey(base_key)],
+                    description=f"No task scores below {COLLAPSE:g} x {base_label}'s score on it.")
+    def _collapsed(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
+        t = table(context, merge_dag)
+        if t is None:
+            return missing
+        common = [x for x in t.tasks if x in t.scores[label] and x in t.scores[base_label]]
+        bad = [x for x in common if t.value(label, x) < COLLAPSE * t.value(base_label, x)]
+        return dg.AssetCheckResult(
+            passed=not bad,
+            metadata={"collapsed": ", ".join(f"{x} {t.value(label, x):.3f} < {COLLAPSE:g} x {t.value(base_label, x):.3f}"
+                                             for x in bad) or "none",
+                      "tasks": len(common)})
+
+    return [_not_below, _collapsed]
+
+
+def extra_checks(project: Project) -> list[dg.AssetChecksDefinition]:
+    out: list[dg.AssetChecksDefinition] = []
+    for spec in project.recipes.values():
+        out.append(embeddings_check(spec))
+        if spec.evals:
+            out += score_checks(project, spec)
+    return out
