@@ -208,7 +208,7 @@ def test_demo_builds_independent_branches_and_lists_each_failure(tmp_path, ci_zo
     for var in ("MERGE_DAG_DB", "MERGE_DAG_EVAL_LIMIT", "MERGE_DAG_ARTIFACTS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    rc = demo.run(argparse.Namespace(root=root, size="ci", device=None))
+    rc = demo.run(argparse.Namespace(root=root, size="ci", device=None, verbose=False))
     out = capsys.readouterr().out
     assert rc == 1
     summary = out[out.index("step(s) failed"):].splitlines()[1:]
