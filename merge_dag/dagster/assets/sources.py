@@ -4,7 +4,8 @@ A model's data version is its checkpoint fingerprint (merge_dag.core.fingerprint
 tree over tensor names, dtypes, shapes and bytes plus config.json, cached per shard by path, size,
 mtime and inode, so re-observing an unchanged model costs a stat per shard). A recipe's is the sha256
 of its canonical YAML content (comments and key order do not count); eval tasks', the sha256 of
-data/tasks and data/eval.
+data/tasks and data/eval. A model folder written by `merge-dag import` also records its GGUF file
+(kind gguf, sha256 of the file) as the model source's parent, from the folder's merge_dag.json.
 """
 
 
@@ -14,6 +15,7 @@ import json
 import dagster as dg
 
 from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
+from ...core.gguf_import import lineage_ops
 from ...project import ModelSource, Project, RecipeSpec, current_spec
 from ..resources import MergeDagResource
 from ..steps import record_source
@@ -41,9 +43,12 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
         nbytes = sum(f.stat().st_size for f in m.path.glob("*.safetensors"))
         record_source(merge_dag, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=context.run.run_id,
                       nbytes=nbytes)
-        return dg.ObserveResult(data_version=dg.DataVersion(fp),
-                                metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(m.path)),
-                                          "bytes": nbytes})
+        metadata = {"fingerprint": fp, "path": dg.MetadataValue.path(str(m.path)), "bytes": nbytes}
+        imported = lineage_ops(m.path, name=m.name, run_id=context.run.run_id, model_fingerprint=fp)
+        if imported:  # a `merge-dag import` folder: its GGUF is recorded as the model source's parent
+            merge_dag.lineage().record_batch(imported)
+            metadata["imported_from"] = imported[0][1]["key_hash"]
+        return dg.ObserveResult(data_version=dg.DataVersion(fp), metadata=metadata)
 
     return _observe
 
