@@ -151,4 +151,35 @@ def test_cli_records_the_gguf_as_a_source_in_lineage(tmp_path, capsys):
     assert [op for op, _ in ops] == ["record_artifact", "record_event", "record_artifact", "record_event", "record_edge"]
     assert ops[4][1] == dict(parent_id=f"gguf-{sha[:16]}", child_id=card["artifact_id"], role="imported_from",
                              fingerprint=f"sha256:{sha}")
+    assert lineage_ops(out, name="tiny", model=False) == ops[:2] + ops[4:]  # the Dagster source records the model itself
     assert lineage_ops(tmp_path) == []  # a folder without an import card: nothing
+
+
+def test_dagster_model_source_of_an_imported_folder_records_its_gguf(tmp_path):
+    """A project whose base and expert are `merge-dag import` folders: the merge's audit ends in the GGUF hashes."""
+    import dagster as dg
+
+    from merge_dag.dagster.definitions import ALL_JOB, build_definitions
+    from merge_dag.dagster.resources import MergeDagResource
+    from merge_dag.lineage.audit import audit
+    from merge_dag.lineage.store import LineageStore
+
+    root = tmp_path / "project"
+    shas = {}
+    for name, seed in (("base", 0), ("expert", 1)):
+        g = write_tiny_gguf(tmp_path / f"{name}.gguf", seed=seed)
+        shas[name] = hashlib.sha256(g.read_bytes()).hexdigest()
+        import_gguf(g, root / "data" / "models" / "tiny" / name)
+    (root / "data" / "recipes").mkdir(parents=True)
+    (root / "data" / "recipes" / "ta.yaml").write_text(
+        "name: ta\nmerge_method: task_arithmetic\nbase_model: data/models/tiny/base\n"
+        "models:\n  - model: data/models/tiny/expert\nparameters: {weight: 1.0, lambda: 0.5}\n")
+    db = root / "data" / "lineage.duckdb"
+    defs = build_definitions(root, resource=MergeDagResource(root=str(root), db_path=str(db)))
+    with dg.instance_for_test() as inst:
+        assert defs.resolve_job_def(ALL_JOB).execute_in_process(instance=inst).success
+    store = LineageStore(db)
+    assert {r["key_hash"] for r in store.artifacts("gguf")} == {f"sha256:{s}" for s in shas.values()}
+    text = audit(store, "ta")
+    for name, sha in shas.items():
+        assert f"imported_from gguf/{name}.gguf  sha256:{sha}" in text, text

@@ -285,10 +285,11 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
 # --- lineage -------------------------------------------------------------------------------------
 
 def lineage_ops(folder: str | os.PathLike, *, name: Optional[str] = None, run_id: Optional[str] = None,
-                model_fingerprint: Optional[str] = None) -> list[tuple[str, dict]]:
+                model_fingerprint: Optional[str] = None, model: bool = True) -> list[tuple[str, dict]]:
     """Lineage records of an imported folder (LineageStore.record_batch operations): the GGUF source
-    (kind ``gguf``), the folder's model source, the edge between them and an 'observed' event for
-    each. Empty when ``folder`` has no import card."""
+    (kind ``gguf``), the folder's model source (``model=False``: left out, for a caller that records
+    it itself), the edge between them and an 'observed' event for each. Empty when ``folder`` has
+    no import card."""
     from ..artifacts import artifact_id
     from .fingerprint import checkpoint_fingerprint
 
@@ -308,16 +309,19 @@ def lineage_ops(folder: str | os.PathLike, *, name: Optional[str] = None, run_id
     nbytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
     gname = Path(str(src.get("path") or "model.gguf")).name
     params = {k: src.get(k) for k in ("architecture", "name", "file_type") if src.get(k) is not None}
-    return [
+    ops = [
         ("record_artifact", dict(artifact_id=gid, kind="gguf", name=gname, key_hash=gguf_fp, path=src.get("path"),
                                  bytes=src.get("bytes"), code_version="-", params=params, run_id=run_id,
                                  data_version=gguf_fp)),
         ("record_event", dict(artifact_id=gid, run_id=run_id, step=f"gguf/{gname}", event="observed")),
-        ("record_artifact", dict(artifact_id=mid, kind="model", name=mname, key_hash=fp, path=str(folder),
-                                 bytes=nbytes, code_version="-", params={}, run_id=run_id, data_version=fp)),
-        ("record_event", dict(artifact_id=mid, run_id=run_id, step=f"model/{mname}", event="observed")),
-        ("record_edge", dict(parent_id=gid, child_id=mid, role="imported_from", fingerprint=gguf_fp)),
     ]
+    if model:
+        ops += [
+            ("record_artifact", dict(artifact_id=mid, kind="model", name=mname, key_hash=fp, path=str(folder),
+                                     bytes=nbytes, code_version="-", params={}, run_id=run_id, data_version=fp)),
+            ("record_event", dict(artifact_id=mid, run_id=run_id, step=f"model/{mname}", event="observed")),
+        ]
+    return ops + [("record_edge", dict(parent_id=gid, child_id=mid, role="imported_from", fingerprint=gguf_fp))]
 
 
 __all__ = ["GGUFImportError", "ImportResult", "import_gguf", "read_metadata", "read_card", "lineage_ops",

@@ -44,7 +44,7 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
         record_source(merge_dag, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=context.run.run_id,
                       nbytes=nbytes)
         metadata = {"fingerprint": fp, "path": dg.MetadataValue.path(str(m.path)), "bytes": nbytes}
-        imported = lineage_ops(m.path, name=m.name, run_id=context.run.run_id, model_fingerprint=fp)
+        imported = lineage_ops(m.path, name=m.name, run_id=context.run.run_id, model_fingerprint=fp, model=False)
         if imported:  # a `merge-dag import` folder: its GGUF is recorded as the model source's parent
             merge_dag.lineage().record_batch(imported)
             metadata["imported_from"] = imported[0][1]["key_hash"]

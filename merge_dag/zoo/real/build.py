@@ -50,7 +50,7 @@ class RealSettings:
     lora: LoraSpec = LoraSpec()
     seed: int = 0
     data_seed: int = DATA_SEED
-    threads: int = 2
+    threads: int = 1          # 2 threads on 2 shared cores: 6x slower (OpenMP barriers wait for a descheduled thread)
     gguf: str = GGUF_FILE
     system_prompt: str = SYSTEM_PROMPT
 

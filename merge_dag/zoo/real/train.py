@@ -22,7 +22,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class LoraSpec:
-    steps: int = 60
+    steps: int = 50
     lr: float = 2e-3
     batch_size: int = 8
     warmup: int = 5
