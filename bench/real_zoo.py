@@ -3,7 +3,7 @@
 
     nice -n 10 .venv/bin/python bench/real_zoo.py                  # build (or reuse) + base/expert table
     nice -n 10 .venv/bin/python bench/real_zoo.py --merges         # + task_arithmetic / ties / linear merges
-    nice -n 10 .venv/bin/python bench/real_zoo.py --lmeval-limit 8 # + the lm-eval YAMLs run on the base
+    nice -n 10 .venv/bin/python bench/real_zoo.py --lmeval-limit 8 # + the lm-eval YAMLs on base and experts
 
 What it does
   1. Builds the real zoo (merge_dag.zoo.real.build: SmolLM2-135M-Instruct imported from the
@@ -19,8 +19,9 @@ What it does
      by the smaller lambda, then the larger density); only the chosen setting of each method is
      scored on the test split. Reports each merge's test score per task and on average, and the
      share of the mean expert gain it keeps: mean over tasks of (merge - base) / (expert - base).
-  4. --lmeval-limit N: runs the lm-eval YAMLs (data/real/tasks, real_<task>) on the base with
-     merge_dag.evaluation.evaluate, N documents per task, as a check that they run.
+  4. --lmeval-limit N: runs the lm-eval YAMLs (data/real/tasks, real_<task>) with
+     merge_dag.evaluation.evaluate, N documents per task: the base on every task, each expert on
+     its own (a check that lm-eval scores what the in-process loop scores).
   Writes JSON to --json (default bench/results/real_zoo.json) and markdown tables to stdout.
 """
 
@@ -130,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.lmeval_limit:
         from merge_dag.evaluation.evaluate import evaluate
 
-        recs = evaluate(man.models["base"], ["real"], limit=args.lmeval_limit, batch_size=16,
-                        tasks_dir=ROOT / "data" / "real" / "tasks")
-        report["lmeval_base"] = [r.to_dict() for r in recs]
-        print("\nlm-eval on the base: " + ", ".join(f"{r.task} {r.metric} {r.value:.2f} (n={r.n})" for r in recs))
+        report["lmeval"] = {}
+        for name in ["base", *man.tasks]:
+            tasks = ["real"] if name == "base" else [f"real_{name}"]
+            recs = evaluate(man.models[name], tasks, limit=args.lmeval_limit, batch_size=16,
+                            tasks_dir=ROOT / "data" / "real" / "tasks")
+            report["lmeval"][name] = [r.to_dict() for r in recs]
+            print(f"lm-eval on {name}: " + ", ".join(f"{r.task} {r.metric} {r.value:.2f} (n={r.n})" for r in recs))
 
     if args.merges:
         tasks = list(man.tasks)
