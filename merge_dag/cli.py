@@ -56,6 +56,8 @@ EXTERNAL = {
     "compare": ("merge_dag.dagster.compare", "data-guided merges (LEWIS, Sens-Merging, AIM, RegMean) vs their plain "
                                              "counterparts on the demo zoo, per skill"),
     "dev": ("merge_dag.dagster.dev", "start the Dagster UI, daemon, sensor and schedule (dagster dev) for this project"),
+    "import": ("merge_dag.gguf_command", "turn a GGUF file (llama.cpp) into a Hugging Face safetensors folder, "
+                                        "recorded in lineage with the GGUF's sha256"),
     "audit": ("merge_dag.lineage.command", "print the provenance tree of a merged model (path, name or artifact id)"),
 }
 

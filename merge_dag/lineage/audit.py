@@ -183,7 +183,7 @@ def _format_inputs(inputs: list[dict], prefix: str, out: list[str], printed: set
                 line += f"  (! the artifact's recorded key is {node['key_hash']})"
         out.append(line.rstrip())
         child_prefix = prefix + ("    " if last else "│   ")
-        if node.get("missing") or node.get("cycle") or node.get("source"):
+        if node.get("missing") or node.get("cycle") or (node.get("source") and not node.get("inputs")):
             continue
         method, plines = describe_params(node.get("params") or {})
         detail = [f"method {method}"] if method else []

@@ -40,7 +40,7 @@ except ImportError:  # Windows: DuckDB's lock and retries only
 
 SCHEMA_FILE = Path(__file__).with_name("schema.sql")
 EVENTS = ("materialized", "cache_hit", "observed")
-SOURCE_KINDS = ("model", "calibration", "recipe", "tasks", "adapter")
+SOURCE_KINDS = ("model", "calibration", "recipe", "tasks", "adapter", "gguf")
 TERMINAL_STATUSES = ("success", "failure", "failed", "canceled", "cancelled")
 DEFAULT_LOCK_TIMEOUT = 60.0
 MAX_TREE_DEPTH = 64
@@ -659,7 +659,8 @@ class LineageStore:
     def provenance(self, artifact_id: str) -> dict:
         """The artifact as a tree: its row (params decoded), 'metrics' (its own and those of the evals
         run on it, latest eval per task/metric) and 'inputs': [{'role', 'fingerprint', 'node'}] walking
-        edges back to the sources (kinds model / calibration / recipe / tasks). A parent never recorded
+        edges back to the sources (kinds model / calibration / recipe / tasks; a model imported with
+        `merge-dag import` has its GGUF, kind gguf, as a parent). A parent never recorded
         is a node with 'missing': True; a parent already on the path is a node with 'cycle': True."""
         def load(con) -> tuple[dict, dict, dict]:
             nodes: dict[str, dict] = {}
@@ -668,7 +669,9 @@ class LineageStore:
             while frontier:
                 for r in _rows(con.execute("SELECT * FROM artifacts WHERE list_contains(?, artifact_id)", [frontier])):
                     nodes[r["artifact_id"]] = _artifact_row(r)
-                walk = [i for i in frontier if i in nodes and nodes[i]["kind"] not in SOURCE_KINDS]
+                # sources have no parents, except a model imported from a GGUF (edge gguf -> model)
+                walk = [i for i in frontier if i in nodes and (nodes[i]["kind"] not in SOURCE_KINDS
+                                                               or nodes[i]["kind"] == "model")]
                 nxt = []
                 if walk:
                     for e in _rows(con.execute("SELECT parent_id, child_id, role, fingerprint FROM edges "

@@ -4,7 +4,8 @@ A model's data version is its checkpoint fingerprint (merge_dag.core.fingerprint
 tree over tensor names, dtypes, shapes and bytes plus config.json, cached per shard by path, size,
 mtime and inode, so re-observing an unchanged model costs a stat per shard). A recipe's is the sha256
 of its canonical YAML content (comments and key order do not count); eval tasks', the sha256 of
-data/tasks and data/eval.
+data/tasks and data/eval. A model folder written by `merge-dag import` also records its GGUF file
+(kind gguf, sha256 of the file) as the model source's parent, from the folder's merge_dag.json.
 """
 
 
@@ -13,9 +14,10 @@ import json
 
 import dagster as dg
 
-from ...core.fingerprint import checkpoint_fingerprint, file_fingerprint
-from ...project import BrokenRecipe, ModelSource, Project, RecipeSpec, current_spec, load_project
+from ...core.fingerprint import file_fingerprint
+from ...core.gguf_import import lineage_ops
 from ...core.markdown import md_text
+from ...project import BrokenRecipe, ModelSource, Project, RecipeSpec, current_spec, load_project
 from ..resources import MergeDagResource
 from ..steps import record_model, record_source
 
@@ -42,10 +44,15 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = record_model(merge_dag, m, context.run.run_id)
         nbytes = m.weight_bytes()
-        extra = {"base": dg.MetadataValue.path(str(m.base)), "kind": "LoRA adapter"} if m.is_adapter else {}
-        return dg.ObserveResult(data_version=dg.DataVersion(fp),
-                                metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(m.path)),
-                                          "bytes": nbytes, **extra})
+        metadata = {"fingerprint": fp, "path": dg.MetadataValue.path(str(m.path)), "bytes": nbytes}
+        if m.is_adapter:
+            metadata.update({"base": dg.MetadataValue.path(str(m.base)), "kind": "LoRA adapter"})
+        else:
+            imported = lineage_ops(m.path, name=m.name, run_id=context.run.run_id, model_fingerprint=fp, model=False)
+            if imported:  # a `merge-dag import` folder: its GGUF is recorded as the model source's parent
+                merge_dag.lineage().record_batch(imported)
+                metadata["imported_from"] = imported[0][1]["key_hash"]
+        return dg.ObserveResult(data_version=dg.DataVersion(fp), metadata=metadata)
 
     return _observe
 
