@@ -17,6 +17,7 @@ from conftest import zoo_cache_dir
 from merge_dag.core.engine import merge
 from merge_dag.core.recipe import load_recipe
 from merge_dag.dagster.automation import evaluate_models, is_complete_checkpoint
+from merge_dag.dagster.steps import resolve_path
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.guidance.activations import ActivationStats
@@ -103,11 +104,12 @@ def first_run(project):
         yield result
 
 
-def artifact(result, *key: str) -> Path:
+def artifact(result, root: Path, *key: str) -> Path:
+    """The artifact folder of asset `key` (metadata paths are relative to the project root)."""
     for ev in result.get_asset_materialization_events():
         mat = ev.event_specific_data.materialization
         if tuple(mat.asset_key.path) == key:
-            return Path(mat.metadata["path"].value)
+            return Path(resolve_path(root, mat.metadata["path"].value))
     raise KeyError(key)
 
 
@@ -135,7 +137,7 @@ def test_adapters_are_sources_not_task_vectors(project, first_run):
 
 
 def test_merge_equals_the_core_engine_on_the_same_recipe(project, first_run):
-    got = load_all(artifact(first_run, "merged", "ta_lora"))
+    got = load_all(artifact(first_run, project, "merged", "ta_lora"))
     rec = load_recipe(project / "data" / "recipes" / "ta_lora.yaml", root=project)
     merge(rec, project / "direct")
     want = load_all(project / "direct")
@@ -155,7 +157,7 @@ def test_statistics_are_those_of_the_adapted_model(project, first_run):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stats = ActivationStats.load(artifact(first_run, "activations", "lora_arev__arev"))
+    stats = ActivationStats.load(artifact(first_run, project, "activations", "lora_arev__arev"))
     model = AutoModelForCausalLM.from_pretrained(project / CI / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(model, project / LORA / "arev").merge_and_unload().eval()
     tok = AutoTokenizer.from_pretrained(str(project / CI / "base"))
@@ -175,13 +177,13 @@ def test_statistics_are_those_of_the_adapted_model(project, first_run):
 
 def test_lineage_and_audit_show_base_and_adapter(project, first_run):
     store = LineageStore(project / "data" / "lineage.duckdb")
-    text = audit(store, str(artifact(first_run, "merged", "ta_lora")))
+    text = audit(store, str(artifact(first_run, project, "merged", "ta_lora")))
     assert "lora/lora_arev" in text and "lora/lora_sort" in text
     assert "adapter/lora_arev" in text and "adapter/lora_sort" in text
     assert text.count("model/ci_base") >= 3   # the merge's base, and under each expert its base
     rows = {r["kind"] for r in store.artifacts()}
     assert {"adapter", "lora", "model"} <= rows
-    card = json.loads((artifact(first_run, "merged", "ta_lora") / "merge_dag.json").read_text())
+    card = json.loads((artifact(first_run, project, "merged", "ta_lora") / "merge_dag.json").read_text())
     assert {Path(i["adapter"]).name for i in card["inputs"] if "adapter" in i} == {"arev", "sort"}
 
 
@@ -232,7 +234,8 @@ def test_task_vector_asset_of_an_adapter_is_its_exact_delta(project, tmp_path):
         result = dg.materialize([task_vector_asset("lora_arev", base, expert)], resources={"merge_dag": res},
                                 instance=inst)
         assert result.success
-        folder = Path(result.asset_materializations_for_node("task_vector__lora_arev")[0].metadata["path"].value)
+        folder = Path(resolve_path(project, result.asset_materializations_for_node("task_vector__lora_arev")[0]
+                                   .metadata["path"].value))
     tv = load_all(folder)
     b = load_all(project / CI / "base")
     ref = peft_merged(project / CI / "base", project / LORA / "arev")
