@@ -105,8 +105,10 @@ def test_first_run_builds_every_artifact_and_checks_pass(project, first_run):
     checks = {(tuple(c.asset_key.path), c.check_name): c for c in first_run.get_asset_check_evaluations()}
     assert set(checks) == {(("merged", r), "loads_and_matches_base") for r in ("ta", "ties")} \
         | {(("merged", r), "embeddings_sane") for r in ("ta", "ties")} \
-        | {(("eval", "merged", r), c) for r in ("ta", "ties") for c in ("not_below_base", "no_task_collapsed")}
-    assert all(checks[k].passed for k in checks if k[1] in ("loads_and_matches_base", "embeddings_sane"))
+        | {(("eval", "merged", r), c) for r in ("ta", "ties") for c in ("not_below_base", "no_task_collapsed")} \
+        | {(("merged", r), "evaluated_vs_base") for r in ("ta", "ties")}
+    assert all(checks[k].passed for k in checks
+               if k[1] in ("loads_and_matches_base", "embeddings_sane", "evaluated_vs_base"))
     mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
             for m in [m.event_specific_data.materialization]}
     merged = mats[("merged", "ta")].metadata
@@ -115,6 +117,28 @@ def test_first_run_builds_every_artifact_and_checks_pass(project, first_run):
     board = mats[("leaderboard",)].metadata["all_metrics"].value
     assert {r.data["model"] for r in board.records} == {
         "merged/ta", "merged/ties", "model/ci_base", "model/ci_arev", "model/ci_ashift", "model/ci_sort"}
+
+
+def test_merged_page_shows_this_builds_scores_beside_the_base(project, first_run):
+    """evaluated_vs_base runs on merged/<recipe> after its eval: the scores of this very build, per
+    task, beside the base's, with the averages and Δ as numbers."""
+    from merge_dag.dagster.steps import META_FILE
+    from merge_dag.evaluation.report import ScoreTable
+
+    checks = {(tuple(c.asset_key.path), c.check_name): c for c in first_run.get_asset_check_evaluations()}
+    meta = checks[(("merged", "ta"), "evaluated_vs_base")].metadata
+    mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
+            for m in [m.event_specific_data.materialization]}
+    results = [{**json.loads((project / mats[key].metadata["path"].value / META_FILE).read_text()),
+                "model": name} for key, name in ((("eval", "merged", "ta"), "merged/ta"),
+                                                  (("eval", "model", "ci_base"), "model/ci_base"))]
+    t = ScoreTable.from_results(results)
+    assert meta["average"].value == round(t.average("merged/ta"), 4)
+    assert meta["base_average"].value == round(t.average("model/ci_base"), 4)
+    assert meta["delta_vs_base"].value == round(t.diff("merged/ta", "model/ci_base")[0], 4)
+    table = meta["scores"].value.splitlines()
+    assert table[0] == "| task | this merge | base | Δ |" and len(table) == 2 + len(TASKS) + 1
+    assert table[-1].startswith("| **average** |")
 
 
 def test_merged_asset_equals_direct_engine_merge(project, first_run, tmp_path):

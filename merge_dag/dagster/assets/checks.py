@@ -1,6 +1,8 @@
 """Asset checks users read next to a merge: its embeddings are sane, and its evaluation against the base.
 
     merged/<recipe>       embeddings_sane      no NaN/Inf and no new all-zero row in the embedding / lm_head
+    merged/<recipe>       evaluated_vs_base    the merge's eval scores beside the base's, per task with Δ
+                                               (after eval/merged/<recipe>: the merged page shows this build's scores)
     eval/merged/<recipe>  not_below_base       average of the primary metric >= the base's (WARN if below)
     eval/merged/<recipe>  no_task_collapsed    no task below half the base's score (ERROR)
 
@@ -122,7 +124,34 @@ def score_checks(project: Project, spec: RecipeSpec) -> list[dg.AssetChecksDefin
                                              for x in bad) or "none",
                       "tasks": len(common)})
 
-    return [_not_below, _collapsed]
+    @dg.asset_check(asset=dg.AssetKey(["merged", spec.name]), name="evaluated_vs_base",
+                    additional_deps=[key, dg.AssetKey(base_key)],
+                    description=f"This merge's own evaluation beside {base_label}'s, per task with Δ (runs after "
+                                "the merge's eval, so the merged page shows the scores of this very build).")
+    def _evaluated(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
+        t = table(context, merge_dag)
+        if t is None:
+            return missing
+        return dg.AssetCheckResult(passed=True, metadata=score_metadata(t, label, base_label))
+
+    return [_not_below, _collapsed, _evaluated]
+
+
+def score_metadata(t: ScoreTable, label: str, base_label: str) -> dict:
+    """A merge's scores beside the base's: a markdown table per task (value ± SE, base, Δ) and the
+    averages and their difference as numbers (so the UI's Plots tab charts them)."""
+    from ...core.markdown import md_text
+
+    common = [x for x in t.tasks if x in t.scores[label] and x in t.scores[base_label]]
+    rows = [f"| {md_text(x)} | {t.value(label, x):.3f} ± {t.se(label, x):.3f} | {t.value(base_label, x):.3f} | "
+            f"{t.value(label, x) - t.value(base_label, x):+.3f} |" for x in common]
+    d, se = t.diff(label, base_label)
+    table_md = "\n".join([f"| task | this merge | base | Δ |", "|---|---:|---:|---:|", *rows,
+                           f"| **average** | {t.average(label, common):.3f} ± {t.se_average(label, common):.3f} | "
+                           f"{t.average(base_label, common):.3f} | {d:+.3f} ± {se:.3f}{' ▼' if d < 0 else ''} |"])
+    return {"scores": dg.MetadataValue.md(table_md), "average": round(t.average(label, common), 4),
+            "base_average": round(t.average(base_label, common), 4), "delta_vs_base": round(d, 4),
+            "delta_se": round(se, 4)}
 
 
 def extra_checks(project: Project) -> list[dg.AssetChecksDefinition]:
