@@ -124,6 +124,11 @@ def _silence_progress_bars() -> list[tuple[Any, Any]]:
     TQDM_DISABLE variable does not reach them). Returns [(module, original tqdm)] to restore."""
     import sys
 
+    # the modules that draw bars, imported now so that the first evaluation is silent too
+    import lm_eval.api.metrics  # noqa: F401
+    import lm_eval.api.model  # noqa: F401
+    import lm_eval.api.task  # noqa: F401
+    import lm_eval.models.huggingface  # noqa: F401
     from tqdm import tqdm as real
 
     def silent(*args: Any, **kwargs: Any):
