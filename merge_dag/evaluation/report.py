@@ -72,9 +72,13 @@ class ScoreTable:
         ts = self._tasks(model, tasks)
         return math.sqrt(sum(self.se(model, t) ** 2 for t in ts)) / len(ts)
 
+    def common_tasks(self, a: str, b: str) -> list[str]:
+        """The tasks both `a` and `b` were evaluated on, in table order."""
+        return [t for t in self.tasks if t in self.scores[a] and t in self.scores[b]]
+
     def diff(self, a: str, b: str) -> tuple[float, float]:
         """(average(a) - average(b), its standard error), over the tasks both were evaluated on."""
-        common = [t for t in self.tasks if t in self.scores[a] and t in self.scores[b]]
+        common = self.common_tasks(a, b)
         return (self.average(a, common) - self.average(b, common),
                 math.hypot(self.se_average(a, common), self.se_average(b, common)))
 

@@ -116,7 +116,7 @@ def score_checks(project: Project, spec: RecipeSpec) -> list[dg.AssetChecksDefin
         t = table(context, merge_dag)
         if t is None:
             return missing
-        common = [x for x in t.tasks if x in t.scores[label] and x in t.scores[base_label]]
+        common = t.common_tasks(label, base_label)
         bad = [x for x in common if t.value(label, x) < COLLAPSE * t.value(base_label, x)]
         return dg.AssetCheckResult(
             passed=not bad,
@@ -142,7 +142,7 @@ def score_metadata(t: ScoreTable, label: str, base_label: str) -> dict:
     averages and their difference as numbers (so the UI's Plots tab charts them)."""
     from ...core.markdown import md_text
 
-    common = [x for x in t.tasks if x in t.scores[label] and x in t.scores[base_label]]
+    common = t.common_tasks(label, base_label)
     rows = [f"| {md_text(x)} | {t.value(label, x):.3f} ± {t.se(label, x):.3f} | {t.value(base_label, x):.3f} | "
             f"{t.value(label, x) - t.value(base_label, x):+.3f} |" for x in common]
     d, se = t.diff(label, base_label)
