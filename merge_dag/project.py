@@ -14,6 +14,7 @@ from typing import Optional
 
 from .core.errors import MergeDagError, RecipeError
 from .core.methods.registry import get_method
+from .core.paths import data_dir
 from .core.recipe import Recipe, parse_recipe, read_recipe_yaml
 
 TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -104,7 +105,7 @@ class RecipeSpec:
     def calibration(self, ref: str) -> CalibrationSource:
         """A calibration set named in the recipe, as a source."""
         path = self.recipe.calibration_path(ref)
-        cal_root = (self.recipe.root or Path.cwd()) / "data" / "calibration"
+        cal_root = data_dir(self.recipe.root or Path.cwd()) / "calibration"
         try:
             label = str(path.relative_to(cal_root).with_suffix(""))
         except ValueError:
@@ -134,6 +135,7 @@ class BrokenRecipe:
 @dataclass
 class Project:
     root: Path
+    data: Optional[Path] = None   # default: data_dir(root)
     recipes: dict[str, RecipeSpec] = field(default_factory=dict)
     broken: dict[str, BrokenRecipe] = field(default_factory=dict)  # name -> a recipe file that does not load
     models: dict[str, ModelSource] = field(default_factory=dict)
@@ -146,13 +148,21 @@ class Project:
     sensitivities: dict[str, StatsSource] = field(default_factory=dict)
     importances: dict[str, ImportanceSource] = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.data is None:
+            self.data = data_dir(self.root)
+
     @property
     def recipes_dir(self) -> Path:
-        return self.root / "data" / "recipes"
+        return self.data / "recipes"
 
     @property
     def tasks_dir(self) -> Path:
-        return self.root / "data" / "tasks"
+        return self.data / "tasks"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.data / "eval"
 
     def known_task_vector(self, base: ModelSource, expert: ModelSource) -> Optional[str]:
         """The task_vector asset of `expert` over `base`, if the loaded graph has one."""
@@ -219,8 +229,8 @@ def current_spec(project: "Project", spec: RecipeSpec) -> RecipeSpec:
     return recipe_spec(project.root, spec.file)
 
 
-def load_project(root: str | os.PathLike | None = None) -> Project:
-    """Every recipe under data/recipes, and the models, task vectors and baselines they name.
+def load_project(root: str | os.PathLike | None = None, data: str | os.PathLike | None = None) -> Project:
+    """Every recipe under <data>/recipes (data: see `data_dir`), and the models, task vectors and baselines they name.
 
     One bad recipe file never stops the others: a file that does not parse or validate, whose
     `name:` another file already uses, or whose models or statistics clash with another recipe's,
@@ -233,7 +243,7 @@ def load_project(root: str | os.PathLike | None = None) -> Project:
     as its own assets at the next reload of the code location. A glob recipe that matches too few
     folders yet is broken (its error says which glob) until a reload after the first match exists."""
     root = Path(root or os.environ.get("MERGE_DAG_ROOT") or Path.cwd()).absolute()
-    project = Project(root=root)
+    project = Project(root=root, data=Path(data).absolute() if data is not None else None)
     files = sorted(project.recipes_dir.glob("*.yaml")) + sorted(project.recipes_dir.glob("*.yml"))
     parsed: list[tuple[Path, RecipeSpec | None, str]] = []
     for f in files:

@@ -208,9 +208,10 @@ class Recipe(_Strict):
         return open_model(path, name=ref, base=base)
 
     def calibration_path(self, ref: str) -> Path:
-        """A calibration set by name (`arev` -> data/calibration/arev.jsonl under the root) or path."""
+        """A calibration set by name (`arev` -> <data>/calibration/arev.jsonl, the project's data folder:
+        `merge_dag.core.paths.data_dir`, data/ under the root by default) or path."""
         if "/" not in ref and not ref.endswith((".jsonl", ".json")):
-            ref = f"data/calibration/{ref}.jsonl"
+            ref = f"{os.environ.get('MERGE_DAG_DATA', '').strip() or 'data'}/calibration/{ref}.jsonl"
         return self.resolve_path(ref)
 
     @property

@@ -204,7 +204,7 @@ def _fixed_recipes(project: Project) -> str:
         return ""
     from ..project import load_project
 
-    still = {b.file for b in load_project(project.root).broken.values()}
+    still = {b.file for b in load_project(project.root, project.data).broken.values()}
     fixed = [b.file.name for b in project.broken.values() if b.file.exists() and b.file not in still]
     return f"; recipe file(s) {', '.join(fixed)} load now: reload the code location to build them" if fixed else ""
 

@@ -34,7 +34,7 @@ def build_definitions(root: Optional[str | Path] = None, project: Optional[Proje
         + eval_assets(project)
     if any(s.evals for s in project.recipes.values()):
         assets.append(leaderboard_asset(project))
-    resource = resource or resource_from_env(project.root)
+    resource = resource or resource_from_env(project.root, project.data)
     # sources are in the job so every run observes them first: provenance names the current files
     merge_all = dg.define_asset_job(ALL_JOB, selection=dg.AssetSelection.all(include_sources=True),
                                     description="Observe every source, then build every artifact (cache hits "

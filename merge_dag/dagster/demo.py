@@ -1,5 +1,6 @@
 """`merge-dag demo`: build the ci zoo if missing, materialize every recipe under data/recipes and its
-evals headless through Dagster, then print the zoo's quality verdict, the results table (average
+evals headless through Dagster (`--size real`: the real zoo and the project whose data folder is
+data/real, recipes in data/real/recipes), then print the zoo's quality verdict, the results table (average
 with standard errors, merges sorted, guided − plain rows, merges below the base marked) and what was
 built or found in cache. Quiet by default: one line per asset; `--verbose` shows Dagster's and
 lm-eval's own logs."""
@@ -20,7 +21,9 @@ from .home import ensure_dagster_home
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, default=Path.cwd(), help="project root (default: the current folder)")
-    p.add_argument("--size", default="ci", choices=["ci", "bench"], help="zoo size to build if missing")
+    p.add_argument("--size", default="ci", choices=["ci", "bench", "real"],
+                   help="zoo to build if missing; real: SmolLM2-135M-Instruct with LoRA experts, and the project "
+                        "in data/real (recipes for every method and guided method, scored on the test split)")
     p.add_argument("--device", default=None, help="torch device for every step (default: $MERGE_DAG_DEVICE or cpu)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's step logs, warnings and lm-eval's progress")
 
@@ -30,6 +33,18 @@ def prepare(args: argparse.Namespace) -> Path:
     root = args.root.absolute()
     if args.device:
         os.environ["MERGE_DAG_DEVICE"] = args.device
+    if args.size == "real":
+        from ..zoo.real.build import build_real_zoo
+
+        # the real project's data folder (unless the user named one): recipes, tasks, eval, calibration,
+        # and its own artifacts, lineage and dagster_home
+        os.environ.setdefault("MERGE_DAG_DATA", "data/real")
+        # lm-eval in bfloat16: 2-3x faster on a CPU with bf16 instructions; the recipes write bfloat16
+        os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")
+        # the base-vs-expert table comes from the run's own lm-eval assets: no separate evaluation here
+        build_real_zoo(root / "data" / "models", progress=True, data_dir=root / "data", evaluate=False,
+                       device=args.device or os.environ.get("MERGE_DAG_DEVICE", "cpu"))
+        return root
     from ..zoo.build import build_zoo
 
     # data files only where missing: a user's edits under data/ survive (`merge-dag zoo` rewrites them)
@@ -51,7 +66,10 @@ def run(args: argparse.Namespace) -> int:
         print_results(root, leaderboard)
     print(f"\nrun {result.run_id[:8]}: {summary}")
     print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
-    print(f"lineage: {os.environ.get('MERGE_DAG_DB') or root / 'data' / 'lineage.duckdb'}  (try: merge-dag audit <recipe name>)")
+    from ..core.paths import data_dir
+
+    print(f"lineage: {os.environ.get('MERGE_DAG_DB') or data_dir(root) / 'lineage.duckdb'}  "
+          f"(try: merge-dag audit <recipe name>{' --db ' + str(data_dir(root) / 'lineage.duckdb') if args.size == 'real' else ''})")
     failed = failure_lines(result)
     if failed:
         print(f"\n{len(failed)} step(s) failed; what depends on them was skipped, everything else was built:")
@@ -108,7 +126,19 @@ def quiet(verbose: bool) -> None:
 
 def print_zoo_verdict(root: Path, size: str) -> None:
     """The zoo's quality table and verdict (evaluated once per zoo, library versions and machine, then
-    read from <zoo>/quality.json)."""
+    read from <zoo>/quality.json). The real zoo: its manifest's table when `merge-dag zoo --size real`
+    evaluated it (the demo's own results table has the base and experts on every task anyway)."""
+    if size == "real":
+        from ..zoo.real.build import RealManifest, RealZooError, quality_table
+
+        try:
+            man = RealManifest.load(root / "data" / "models" / "real")
+        except RealZooError:
+            return
+        if man.quality:
+            print("\nThe real zoo (`merge-dag zoo --size real`): exact match on each task's test split\n")
+            print(quality_table(man))
+        return
     from ..zoo.build import ZooManifest
     from ..zoo.quality import check_quality, load_report, save_report
 
@@ -139,7 +169,7 @@ def print_results(root: Path, leaderboard: Path) -> None:
         print(leaderboard.read_text())
         return
     table = ScoreTable.from_results(json.loads(results_file.read_text()))
-    bases = [s.base.name for s in load_project(root).recipes.values() if s.base is not None]
+    bases = [s.base.name for s in load_project(root).recipes.values() if s.base is not None and not s.base.is_adapter]
     base = f"model/{max(set(bases), key=bases.count)}" if bases else None
     print(f"\nResults (leaderboard: {leaderboard})\n")
     print(format_results(table, base=base))

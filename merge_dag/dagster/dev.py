@@ -96,7 +96,9 @@ def _fail_dead_runs(root: Path) -> None:
     from ..lineage.store import LineageStore
     from .stale_runs import fail_dead_runs
 
-    db = Path(os.environ.get("MERGE_DAG_DB") or root / "data" / "lineage.duckdb")
+    from ..core.paths import data_dir
+
+    db = Path(os.environ.get("MERGE_DAG_DB") or data_dir(root) / "lineage.duckdb")
     try:
         with DagsterInstance.get() as instance:
             for line in fail_dead_runs(instance, LineageStore(db) if db.exists() else None):

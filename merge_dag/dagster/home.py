@@ -1,4 +1,4 @@
-"""DAGSTER_HOME for a merge_dag project: <root>/data/dagster_home unless set, so runs persist.
+"""DAGSTER_HOME for a merge_dag project: <data>/dagster_home (data: `core.paths.data_dir`) unless set, so runs persist.
 
 merge_dag owns two keys of its dagster.yaml: `telemetry.enabled` and `nux.enabled` (the "Join the
 Dagster community" modal), both false. A dagster.yaml written by an earlier merge_dag (or edited by
@@ -53,7 +53,9 @@ def update_dagster_yaml(cfg: Path) -> bool:
 
 
 def ensure_dagster_home(root: Path) -> Path:
-    home = Path(os.environ.get("DAGSTER_HOME") or Path(root) / "data" / "dagster_home").absolute()
+    from ..core.paths import data_dir
+
+    home = Path(os.environ.get("DAGSTER_HOME") or data_dir(root) / "dagster_home").absolute()
     home.mkdir(parents=True, exist_ok=True)
     update_dagster_yaml(home / "dagster.yaml")
     os.environ["DAGSTER_HOME"] = str(home)

@@ -9,6 +9,7 @@ import dagster as dg
 
 from ..artifacts import ArtifactStore
 from ..core.errors import MergeDagError
+from ..core.paths import data_dir
 
 
 class SettingsError(MergeDagError):
@@ -35,11 +36,13 @@ class MergeDagResource(dg.ConfigurableResource):
     """Settings of a merge_dag project (each defaults from the environment, then the project root)."""
 
     root: str
-    artifacts_dir: str = ""      # default <root>/data/artifacts
-    db_path: str = ""            # default $MERGE_DAG_DB or <root>/data/lineage.duckdb
+    data_dir: str = ""           # default $MERGE_DAG_DATA under the root, else <root>/data (see core.paths)
+    artifacts_dir: str = ""      # default <data>/artifacts
+    db_path: str = ""            # default $MERGE_DAG_DB or <data>/lineage.duckdb
     device: str = "cpu"          # torch device for every tensor op: cpu, cuda, cuda:1
     eval_limit: int = 0          # 0: every example of each eval task
     eval_batch_size: int = 32
+    eval_dtype: str = "auto"           # $MERGE_DAG_EVAL_DTYPE: auto (the checkpoint's), float32, bfloat16, float16
     calibration_batch_size: int = 8    # rows per forward pass of a statistics step
     calibration_max_length: int = 512  # tokens per row (longer rows are truncated)
     calibration_max_rows: int = 0      # 0: every row of each calibration set
@@ -61,11 +64,15 @@ class MergeDagResource(dg.ConfigurableResource):
     def root_path(self) -> Path:
         return Path(self.root)
 
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else data_dir(self.root_path)
+
     def store(self) -> ArtifactStore:
-        return ArtifactStore(self.artifacts_dir or self.root_path / "data" / "artifacts")
+        return ArtifactStore(self.artifacts_dir or self.data_path / "artifacts")
 
     def database(self) -> Path:
-        return Path(self.db_path or os.environ.get("MERGE_DAG_DB") or self.root_path / "data" / "lineage.duckdb")
+        return Path(self.db_path or os.environ.get("MERGE_DAG_DB") or self.data_path / "lineage.duckdb")
 
     def lineage(self):
         from ..lineage.store import LineageStore
@@ -73,7 +80,7 @@ class MergeDagResource(dg.ConfigurableResource):
         return LineageStore(self.database())
 
 
-def resource_from_env(root: str | Path) -> MergeDagResource:
+def resource_from_env(root: str | Path, data: str | Path | None = None) -> MergeDagResource:
     """The project's resource from $MERGE_DAG_DEVICE, _DB, _ARTIFACTS and _EVAL_LIMIT. A bad number
     does not stop the code location from loading: the setting keeps its default in `invalid`, and
     every step that reads it (the evals, for _EVAL_LIMIT) fails with one line naming the variable."""
@@ -81,10 +88,22 @@ def resource_from_env(root: str | Path) -> MergeDagResource:
     eval_limit, error = env_number("MERGE_DAG_EVAL_LIMIT", 0, int, hint=" (0 = every example)")
     if error:
         invalid["eval_limit"] = error
-    return MergeDagResource(root=str(root), device=os.environ.get("MERGE_DAG_DEVICE", "cpu"),
+    eval_dtype = os.environ.get("MERGE_DAG_EVAL_DTYPE", "").strip() or "auto"
+    if eval_dtype != "auto":
+        from ..core.checkpoint import parse_dtype
+        from ..core.errors import MergeDagError as _E
+
+        try:
+            parse_dtype(eval_dtype)
+        except (_E, ValueError, KeyError):
+            invalid["eval_dtype"] = (f"MERGE_DAG_EVAL_DTYPE={eval_dtype!r} is not a dtype "
+                                     "(auto, float32, bfloat16, float16)")
+            eval_dtype = "auto"
+    return MergeDagResource(root=str(root), data_dir=str(data) if data is not None else "",
+                            device=os.environ.get("MERGE_DAG_DEVICE", "cpu"),
                             db_path=os.environ.get("MERGE_DAG_DB", ""),
                             artifacts_dir=os.environ.get("MERGE_DAG_ARTIFACTS", ""),
-                            eval_limit=eval_limit, invalid=invalid)
+                            eval_limit=eval_limit, eval_dtype=eval_dtype, invalid=invalid)
 
 
 def torch_pool() -> str | None:

@@ -179,6 +179,10 @@ def _make_lm(model: Any, tokenizer: Any, device: str, batch_size: int, dtype: st
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
     if str(next(model.parameters()).device) != str(torch.device(device)):
         model.to(device)
+    if dtype not in ("auto", None):
+        from ..core.checkpoint import parse_dtype
+
+        model.to(parse_dtype(dtype))
     model.eval()
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 

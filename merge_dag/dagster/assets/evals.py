@@ -16,7 +16,10 @@ GROUP = "evals"
 def _settings(res: MergeDagResource, tasks: list[str]) -> dict:
     import lm_eval
 
-    return {"tasks": list(tasks), "limit": res.checked("eval_limit") or None, "lm_eval": getattr(lm_eval, "__version__", "?")}
+    out = {"tasks": list(tasks), "limit": res.checked("eval_limit") or None, "lm_eval": getattr(lm_eval, "__version__", "?")}
+    if res.eval_dtype != "auto":  # part of the cache key only when set (keys of earlier results unchanged)
+        out["dtype"] = res.eval_dtype
+    return out
 
 
 def _evaluate(project: Project, res: MergeDagResource, path, tasks: list[str], model_label: str) -> dict:
@@ -32,7 +35,7 @@ def _evaluate(project: Project, res: MergeDagResource, path, tasks: list[str], m
         else:
             path = path.path
     records = evaluate(path if tokenizer is not None else str(path), tasks, tokenizer=tokenizer, device=res.device, limit=res.eval_limit or None,
-                       batch_size=res.eval_batch_size, tasks_dir=project.tasks_dir)
+                       batch_size=res.eval_batch_size, tasks_dir=project.tasks_dir, dtype=res.checked("eval_dtype"))
     return {"model": model_label, "metrics": [[r.task, r.metric, r.value, r.stderr, r.n] for r in records]}
 
 

@@ -31,7 +31,7 @@ def recipe_fingerprint(spec: RecipeSpec) -> str:
 
 def tasks_fingerprint(project: Project) -> str:
     h = hashlib.sha256()
-    for folder in (project.root / "data" / "tasks", project.root / "data" / "eval"):
+    for folder in (project.tasks_dir, project.eval_dir):
         h.update(file_fingerprint(folder).encode() if folder.exists() else b"-")
     return "sha256:" + h.hexdigest()
 
@@ -79,7 +79,7 @@ def broken_recipe_asset(project: Project, b: BrokenRecipe) -> dg.AssetsDefinitio
                                             "(fix it, then reload the code location; the other recipes are "
                                             "unaffected)")
     def _observe(context) -> dg.ObserveResult:
-        now = next((x for x in load_project(project.root).broken.values() if x.file == b.file), None)
+        now = next((x for x in load_project(project.root, project.data).broken.values() if x.file == b.file), None)
         if now is not None:
             message = now.error
         elif b.file.exists():
@@ -98,7 +98,7 @@ def tasks_source_asset(project: Project) -> dg.AssetsDefinition:
                                 description="lm-eval task definitions (data/tasks) and their data (data/eval).")
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = tasks_fingerprint(project)
-        record_source(merge_dag, kind="tasks", name="eval_tasks", fingerprint=fp, path=project.root / "data" / "tasks",
+        record_source(merge_dag, kind="tasks", name="eval_tasks", fingerprint=fp, path=project.tasks_dir,
                       run_id=context.run.run_id)
         return dg.ObserveResult(data_version=dg.DataVersion(fp), metadata={"fingerprint": fp})
 
