@@ -17,7 +17,10 @@ The real zoo (`merge-dag zoo --size real`) must exist. The procedure, stated onc
 3. Stage 2, guided methods, each at its plain twin's chosen lambda and (mean) density, so each
    guided recipe differs from its twin only by its guidance: LEWIS (gamma, epsilon) on TIES,
    Sens-Merging (temperature) and AIM (omega) on task arithmetic, RegMean (a) against linear.
-   Chosen by the same rule.
+   Chosen by the same rule. The other task-arithmetic variants are not swept: dare_ties,
+   breadcrumbs_ties and della take TIES's chosen (density, lambda); dare_linear, breadcrumbs and
+   della_linear take task arithmetic's chosen lambda at density 0.6 (gamma 0.01, epsilon 0.15:
+   mergekit's defaults), so each differs from its tuned relative only by its sparsification.
 4. Families without a hyperparameter (linear, model_stock, karcher, multislerp, and the two-model
    methods at their midpoint) are not evaluated on validation: there is nothing to choose.
 5. The chosen recipe of every family is written to data/real/recipes/<family>.yaml with the TEST
@@ -70,14 +73,16 @@ FAMILIES: dict[str, dict] = {
     "linear": {"method": "linear", "base": False, "grid": {}},
     "task_arithmetic": {"method": "task_arithmetic", "grid": {"lambda": [0.3, 0.5, 0.7, 1.0]}},
     "ties": {"method": "ties", "grid": {"density": [0.3, 0.6], "lambda": [0.7, 1.0]}},
-    "dare_ties": {"method": "dare_ties", "grid": {"density": [0.6], "lambda": [0.7, 1.0]}},
-    "dare_linear": {"method": "dare_linear", "grid": {"density": [0.6], "lambda": [0.5, 1.0]}},
-    "breadcrumbs": {"method": "breadcrumbs", "fixed": {"gamma": 0.01}, "grid": {"density": [0.6], "lambda": [0.5, 1.0]}},
-    "breadcrumbs_ties": {"method": "breadcrumbs_ties", "fixed": {"gamma": 0.01},
-                         "grid": {"density": [0.6], "lambda": [0.7, 1.0]}},
-    "della": {"method": "della", "fixed": {"epsilon": 0.15}, "grid": {"density": [0.6], "lambda": [0.7, 1.0]}},
-    "della_linear": {"method": "della_linear", "fixed": {"epsilon": 0.15},
-                     "grid": {"density": [0.6], "lambda": [0.5, 1.0]}},
+    # the rest of the task-arithmetic family takes the lambda and density chosen for its nearest tuned
+    # relative (stage 2), so each differs from it only by its sparsification
+    "dare_ties": {"method": "dare_ties", "twin": "ties", "grid": {}},
+    "breadcrumbs_ties": {"method": "breadcrumbs_ties", "twin": "ties", "fixed": {"gamma": 0.01}, "grid": {}},
+    "della": {"method": "della", "twin": "ties", "fixed": {"epsilon": 0.15}, "grid": {}},
+    "dare_linear": {"method": "dare_linear", "twin": "task_arithmetic", "fixed": {"density": 0.6}, "grid": {}},
+    "breadcrumbs": {"method": "breadcrumbs", "twin": "task_arithmetic", "fixed": {"density": 0.6, "gamma": 0.01},
+                    "grid": {}},
+    "della_linear": {"method": "della_linear", "twin": "task_arithmetic", "fixed": {"density": 0.6, "epsilon": 0.15},
+                     "grid": {}},
     "model_stock": {"method": "model_stock", "weight": False, "grid": {}},
     "multislerp": {"method": "multislerp", "grid": {}},
     "karcher": {"method": "karcher", "base": False, "weight": False, "grid": {}},
@@ -89,7 +94,7 @@ FAMILIES: dict[str, dict] = {
     "ties_lewis": {"method": "ties", "twin": "ties", "calibration": True,
                    "grid": {"gamma_epsilon": [(0.3, 0.8), (0.2, 0.9)]}},
     "task_arithmetic_sens": {"method": "task_arithmetic", "twin": "task_arithmetic", "calibration": True,
-                             "grid": {"temperature": [1.0, 2.0, 4.0]}},
+                             "grid": {"temperature": [0.5, 2.0]}},
     "task_arithmetic_aim": {"method": "task_arithmetic", "twin": "task_arithmetic", "calibration": True,
                             "grid": {"omega": [0.2, 0.4]}},
     "regmean": {"method": "linear", "base": False, "twin": "linear", "calibration": True,
@@ -100,7 +105,8 @@ FAMILIES: dict[str, dict] = {
     "nearswap": {"method": "nearswap", "pair": True, "grid": {}},
     "arcee_fusion": {"method": "arcee_fusion", "pair": True, "grid": {}},
 }
-GUIDED = [f for f, spec in FAMILIES.items() if "twin" in spec]
+GUIDED = [f for f, spec in FAMILIES.items() if "twin" in spec and spec.get("calibration")]
+STAGE2 = [f for f, spec in FAMILIES.items() if "twin" in spec]   # guided, and the inheriting plain ones
 PAIR_TASKS = ("numwords", "isodate")
 
 
@@ -234,8 +240,8 @@ def main() -> int:
     chosen: dict[str, dict] = {}
     record: dict = {"procedure": __doc__.split("The procedure, stated once:")[1].split("`merge-dag demo")[0].strip(),
                     "trials": {}, "chosen": {}}
-    plain = [f for f in FAMILIES if f not in GUIDED]
-    for stage, families in (("plain", plain), ("guided", GUIDED)):
+    plain = [f for f in FAMILIES if f not in STAGE2]
+    for stage, families in (("plain", plain), ("at the chosen lambda / density of their twin", STAGE2)):
         trials: dict[str, dict[str, dict]] = {}
         for fam in families:
             spec = FAMILIES[fam]
@@ -277,11 +283,13 @@ def main() -> int:
                 mean = sum(s.values()) / len(s) if s else float("nan")
                 mark = "  <- chosen" if n == c["trial"] else ""
                 lines.append(f"  {json.dumps(record['trials'][n]['point'])}: {mean:.3f}{mark}")
-        elif grid == {} and "twin" not in FAMILIES[fam]:
+        elif grid == {} and fam not in STAGE2:
             lines.append("No hyperparameter to choose" + (" (two-model method: numwords and isodate at t = 0.5)"
                                                          if FAMILIES[fam].get("pair") else "") + ".")
-        if "twin" in FAMILIES[fam]:
+        if fam in GUIDED:
             lines.append(f"Guided twin of {FAMILIES[fam]['twin']}: same lambda and (mean) density as its chosen recipe.")
+        elif "twin" in FAMILIES[fam]:
+            lines.append(f"Takes the lambda (and density) chosen for {FAMILIES[fam]['twin']} on validation.")
         write_yaml(args.out / f"{fam}.yaml", c["recipe"], "\n".join(lines))
         record["chosen"][fam] = {"point": c["point"], "trial": c.get("trial")}
     record["seconds"] = round(time.perf_counter() - t0, 1)

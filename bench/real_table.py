@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""The real demo's quality table for the README, from its leaderboard (run `merge-dag demo --size real` first).
+
+    .venv/bin/python bench/real_table.py [--results data/real/artifacts/leaderboard/<key>/results.json]
+
+Rows: the base, each LoRA expert, then every merge by its average, best first. Columns: exact match
+per task on the test split ± one binomial standard error, the average ± SE, and "gain kept": the
+mean over the merge's tasks of (merge - base) / (own expert - base), the share of each expert's own
+gain the merge keeps (the issue's aim: >= 0.70 for the best merge). Then each guided recipe against
+its plain twin (same lambda and mean density): the difference of averages ± SE and in SE units.
+The two-model methods (numwords + isodate) are scored on those two tasks only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TWINS = [("ties_lewis", "ties", "LEWIS densities (gamma, epsilon) vs uniform density"),
+         ("task_arithmetic_sens", "task_arithmetic", "Sens-Merging coefficients vs equal weights"),
+         ("task_arithmetic_aim", "task_arithmetic", "AIM relaxation vs none"),
+         ("regmean", "linear", "RegMean closed form vs plain average")]
+
+
+def latest_results(data: Path) -> Path:
+    files = sorted((data / "artifacts" / "leaderboard").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise SystemExit(f"error: no leaderboard under {data / 'artifacts'}: run `merge-dag demo --size real` first")
+    return files[-1]
+
+
+def main() -> int:
+    from merge_dag.evaluation.report import ScoreTable
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", type=Path, default=None)
+    ap.add_argument("--data", type=Path, default=ROOT / "data" / "real")
+    args = ap.parse_args()
+    path = args.results or latest_results(args.data)
+    table = ScoreTable.from_results(json.loads(path.read_text()))
+    tasks = table.tasks
+    short = {t: t.removeprefix("real_") for t in tasks}
+    sources = [m for m in table.scores if not m.startswith("merged/")]
+    base = next(m for m in sources if m.endswith("_base"))
+    own = {t: next(m for m in sources if m.endswith("_" + short[t])) for t in tasks}
+    merges = sorted((m for m in table.scores if m.startswith("merged/")), key=table.average, reverse=True)
+
+    def cell(m, t):
+        return f"{table.value(m, t):.2f} ± {table.se(m, t):.2f}" if t in table.scores[m] else "—"
+
+    def kept(m):
+        ts = [t for t in tasks if t in table.scores[m] and table.value(own[t], t) > table.value(base, t)]
+        if not ts:
+            return float("nan")
+        return sum((table.value(m, t) - table.value(base, t)) / (table.value(own[t], t) - table.value(base, t))
+                   for t in ts) / len(ts)
+
+    print(f"results: {path}\n")
+    print("| model | " + " | ".join(short[t] for t in tasks) + " | avg ± SE | gain kept |")
+    print("|---|" + "---:|" * (len(tasks) + 2))
+    print(f"| base | " + " | ".join(cell(base, t) for t in tasks) + f" | {table.average(base):.3f} ± "
+          f"{table.se_average(base):.3f} | |")
+    for t in tasks:
+        e = own[t]
+        print(f"| expert {short[t]} (LoRA) | " + " | ".join(cell(e, u) for u in tasks)
+              + f" | {table.average(e):.3f} ± {table.se_average(e):.3f} | |")
+    own_avg = sum(table.value(own[t], t) for t in tasks) / len(tasks)
+    print(f"| *each expert on its own task* | " + " | ".join(f"{table.value(own[t], t):.2f}" for t in tasks)
+          + f" | {own_avg:.3f} | 1 |")
+    for m in merges:
+        star = "" if table.complete(m) else "*"
+        print(f"| {m.removeprefix('merged/')} | " + " | ".join(cell(m, t) for t in tasks)
+              + f" | {table.average(m):.3f} ± {table.se_average(m):.3f}{star} | {kept(m):.2f} |")
+    print("\n| guided − plain twin | Δ avg ± SE | Δ / SE |\n|---|---:|---:|")
+    for g, p, what in TWINS:
+        a, b = f"merged/{g}", f"merged/{p}"
+        if a in table.scores and b in table.scores:
+            d, se = table.diff(a, b)
+            print(f"| {g} − {p} ({what}) | {d:+.3f} ± {se:.3f} | {d / se if se else float('nan'):+.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
