@@ -211,7 +211,9 @@ class Recipe(_Strict):
         """A calibration set by name (`arev` -> <data>/calibration/arev.jsonl, the project's data folder:
         `merge_dag.core.paths.data_dir`, data/ under the root by default) or path."""
         if "/" not in ref and not ref.endswith((".jsonl", ".json")):
-            ref = f"{os.environ.get('MERGE_DAG_DATA', '').strip() or 'data'}/calibration/{ref}.jsonl"
+            from .paths import data_folder
+
+            ref = f"{data_folder()}/calibration/{ref}.jsonl"
         return self.resolve_path(ref)
 
     @property

@@ -91,11 +91,10 @@ def resource_from_env(root: str | Path, data: str | Path | None = None) -> Merge
     eval_dtype = os.environ.get("MERGE_DAG_EVAL_DTYPE", "").strip() or "auto"
     if eval_dtype != "auto":
         from ..core.checkpoint import parse_dtype
-        from ..core.errors import MergeDagError as _E
 
         try:
             parse_dtype(eval_dtype)
-        except (_E, ValueError, KeyError):
+        except (MergeDagError, ValueError, KeyError):
             invalid["eval_dtype"] = (f"MERGE_DAG_EVAL_DTYPE={eval_dtype!r} is not a dtype "
                                      "(auto, float32, bfloat16, float16)")
             eval_dtype = "auto"
