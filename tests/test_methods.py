@@ -10,8 +10,7 @@ from merge_dag.core.errors import RecipeError
 from merge_dag.core.methods import METHODS, TensorTask, get_method
 from merge_dag.core.sparsify import sparsify
 
-GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-       "della_linear"]
+GTA = [name for name, m in METHODS.items() if m.takes_coefficients]   # the task-arithmetic family
 NEWER = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap",   # test_mergekit_parity.py
          "tsv_merge", "iso_c", "iso_cts"]                                           # test_spectral_methods.py
 
@@ -147,6 +146,22 @@ MERGEKIT_DEFAULTS = {  # method: (normalize, rescale) defaults in mergekit's reg
     "dare_linear": (False, True), "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
     "della": (True, True), "della_linear": (False, True),
 }
+
+
+def test_method_abilities_and_the_lists_derived_from_them():
+    from merge_dag.core.methods import registry
+    from merge_dag.core.methods._task_arithmetic_family import TaskArithmeticFamily
+
+    family = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+              "della_linear"]
+    assert GTA == family == [n for n, m in METHODS.items() if issubclass(m, TaskArithmeticFamily)]
+    assert registry.COEFFICIENT_METHODS == tuple(family)
+    assert registry.SPARSIFYING == tuple(n for n in family if n != "task_arithmetic")
+    assert registry.TASK_VECTOR_METHODS == tuple(family + ["slerp", "model_stock"])
+    assert registry.names_where(lambda m: m.uses_task_vectors) == registry.TASK_VECTOR_METHODS
+    for name, m in METHODS.items():   # every method cites its source, except mergekit's own inventions
+        assert m.reference_url.startswith("https://") or name in ("passthrough", "nuslerp"), name
+        assert m.sparsifies == (getattr(m, "sparsification", None) is not None)
 
 
 def test_registry_and_class_attributes():

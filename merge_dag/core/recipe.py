@@ -472,12 +472,9 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")
 
 
-SPARSIFYING = ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties")
-COEFFICIENT_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
-                       "breadcrumbs", "breadcrumbs_ties")
-
-
 def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> None:
+    from .methods.registry import COEFFICIENT_METHODS, SPARSIFYING
+
     where, g = recipe.where, recipe.guidance
 
     def need_own_calibration(what: str, models: list[InputModel]) -> None:
@@ -499,7 +496,7 @@ def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> Non
             raise RecipeError(f"{where}: guidance.regmean: cannot be combined with sparsity, coefficients or aim")
         need_own_calibration("regmean", list(recipe.models or []))
     if g.sparsity is not None:
-        if method.name not in SPARSIFYING:
+        if not method.sparsifies:
             raise RecipeError(f"{where}: guidance.sparsity: {method.name} does not sparsify; LEWIS densities apply "
                               f"to {', '.join(SPARSIFYING)}")
         if g.sparsity.calibration:
@@ -507,7 +504,7 @@ def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> Non
         else:
             need_own_calibration("sparsity (no guidance.sparsity.calibration given)", experts)
     if g.coefficients is not None:
-        if method.name not in COEFFICIENT_METHODS:
+        if not method.takes_coefficients:
             raise RecipeError(f"{where}: guidance.coefficients: Sens-Merging coefficients apply to "
                               f"{', '.join(COEFFICIENT_METHODS)}, not {method.name}")
         need_own_calibration("coefficients", experts)

@@ -66,6 +66,12 @@ class TaskArithmeticFamily(MergeMethod):
     consensus: ClassVar[bool] = False                # TIES sign election
     requires_base = True
     min_models = 1
+    uses_task_vectors = True
+    takes_coefficients = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.sparsifies = cls.sparsification is not None
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         base = task.base

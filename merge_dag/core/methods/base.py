@@ -81,6 +81,11 @@ class MergeMethod:
     randomized: ClassVar[bool] = False
     params: ClassVar[tuple[Param, ...]] = ()
     description: ClassVar[str] = ""
+    reference_url: ClassVar[str] = ""        # the paper or page the method follows ("" when it has none)
+    # abilities (the registry derives every list of method names from these)
+    uses_task_vectors: ClassVar[bool] = False   # with a base, reads each expert as base + its stored task vector
+    sparsifies: ClassVar[bool] = False          # drops task-vector entries by per-model `density` (LEWIS applies)
+    takes_coefficients: ClassVar[bool] = False  # scales each task vector by a per-model `weight` (Sens-Merging applies)
 
     def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -11,6 +11,7 @@ from .base import MergeMethod, Param, TensorTask
 
 class Linear(MergeMethod):
     name = "linear"
+    reference_url = "https://arxiv.org/abs/2203.05482"
     description = "weighted average of the models (no base)"
     requires_base = False
     min_models = 2

@@ -37,6 +37,8 @@ def _rowdots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class ModelStock(MergeMethod):
     name = "model_stock"
+    reference_url = "https://arxiv.org/abs/2403.19522"
+    uses_task_vectors = True    # the project builds task_vectors/<expert> for it
     description = "Model Stock: interpolate base -> experts' average by the angle between task vectors"
     requires_base = True
     min_models = 2

@@ -41,6 +41,8 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[fl
 
 class Slerp(MergeMethod):
     name = "slerp"
+    reference_url = "https://en.wikipedia.org/wiki/Slerp"
+    uses_task_vectors = True    # the project builds task_vectors/<expert> for it
     description = "spherical linear interpolation between the base (t=0) and one other model (t=1)"
     requires_base = True
     min_models = 1
