@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from merge_dag.core import sparsify as sp
+from merge_dag.core import chunks
 from merge_dag.core.errors import RecipeError
 from merge_dag.core.methods import METHODS, TensorTask, get_method
 from merge_dag.core.sparsify import sparsify
@@ -18,7 +18,7 @@ NEWER = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", 
 @pytest.fixture(params=["one-chunk", "many-chunks"])
 def chunking(request, monkeypatch):
     if request.param == "many-chunks":
-        monkeypatch.setattr(sp, "CPU_CHUNK", 53)
+        monkeypatch.setattr(chunks, "CPU_CHUNK", 53)
     return request.param
 
 
@@ -425,7 +425,7 @@ def test_passthrough():
 
 # ---- in place, one thread count or another, the same bits ---------------------------------------------
 def test_methods_work_in_place_and_do_not_depend_on_threads(monkeypatch):
-    monkeypatch.setattr(sp, "CPU_CHUNK", 61)
+    monkeypatch.setattr(chunks, "CPU_CHUNK", 61)
     base, xs = family(3, shape=(40, 25), seed=12, integers=True)
     old = torch.get_num_threads()
     results = []

@@ -30,7 +30,7 @@ Speed: top-k is a selection, not a sort. It is a two-pass radix select on the fl
 (torch.bincount) finds the bucket that holds the k-th largest magnitude, and a histogram of the
 low 16 bits of that one bucket pins it exactly. Masking is torch.hardshrink (keeps |x| > lambda);
 when only some of the entries tied at the threshold are kept, the masking pass counts ties chunk
-by chunk and keeps the first ones. Everything runs in cache-sized chunks on the CPU (the whole
+by chunk and keeps the first ones. Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole
 tensor on an accelerator) with preallocated buffers, so no temporary is ever the size of the
 tensor, and with one intra-op thread: thousands of small parallel regions are what makes a
 2-core machine under load crawl. della needs every entry's rank: it sorts each row (rows are
@@ -40,15 +40,13 @@ short), chunk by chunk. Randomness comes only from the torch.Generator passed in
 from __future__ import annotations
 
 import math
-import os
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from .chunks import chunk_generators, chunk_size, chunked_sum, run_segments, segments, spans, workers
 
 MAGNITUDE = "magnitude"
 RANDOM = "random"
@@ -59,104 +57,11 @@ ALIASES = {"topk": MAGNITUDE, "ties": MAGNITUDE, "dare": RANDOM, "bernoulli": RA
            "breadcrumbs": MAGNITUDE_OUTLIERS, "della": DELLA}
 
 L1_EPS = 1e-7             # mergekit's rescale guard
-CPU_CHUNK = 1 << 18       # elements per chunk on the CPU: 1 MiB of float32, stays in L2
-MAX_WORKERS = 4           # chunk-segment threads at most (and never more than torch's threads)
 _ABS = 0x7FFFFFFF         # clears the sign bit of a float32 seen as int32
 _HI_BINS = 1 << 15        # top 16 bits of a non-negative float32: 0 .. 32767
 _LO_BINS = (1 << 16) + 2  # low 16 bits inside one top bucket, plus "below" (0) and "above" (65537)
 _P_ONE = 1 << 31          # int32 random_() draws uniformly from [0, 2**31)
 _INF = float("inf")
-
-
-# ---- chunks, segments, workers ----------------------------------------------------------------
-def chunk_size(t: torch.Tensor) -> int:
-    """Elements per chunk: cache-sized on the CPU, the whole tensor on an accelerator."""
-    return CPU_CHUNK if t.device.type == "cpu" else max(1, t.numel())
-
-
-def spans(lo: int, hi: int, step: int) -> Iterator[tuple[int, int]]:
-    for s in range(lo, hi, step):
-        yield s, min(hi, s + step)
-
-
-_local = threading.local()
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
-
-
-def _forget_pool_after_fork() -> None:
-    # a forked child has none of the parent's pool threads: start a fresh pool on first use
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-    _local.__dict__.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-@contextmanager
-def workers(t: torch.Tensor) -> Iterator[int]:
-    """Chunk loops inside this block run on one intra-op thread each; yields how many segment
-    workers to use (torch's thread count when entered, at most MAX_WORKERS; 1 off the CPU).
-    Nested uses (same thread) share the outer setting."""
-    outer = getattr(_local, "workers", None)
-    if outer is not None:
-        yield outer
-        return
-    if t.device.type != "cpu":
-        yield 1
-        return
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    _local.workers = max(1, min(MAX_WORKERS, n))
-    try:
-        yield _local.workers
-    finally:
-        _local.workers = None
-        if n > 1:
-            torch.set_num_threads(n)
-
-
-def segments(n: int, step: int, n_workers: int) -> list[tuple[int, int]]:
-    """[0, n) cut into at most n_workers contiguous runs of whole chunks."""
-    n_chunks = max(1, math.ceil(n / step))
-    w = max(1, min(n_workers, n_chunks))
-    per = math.ceil(n_chunks / w)
-    return [(i * per * step, min(n, (i + 1) * per * step)) for i in range(w) if i * per * step < n]
-
-
-def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)  # this pool thread's own OpenMP setting
-    return fn(*args)
-
-
-def run_segments(segs: Sequence[tuple[int, int]], fn: Callable[[int, int, int], Any]) -> list[Any]:
-    """fn(index, lo, hi) for each segment, concurrently (the first in the calling thread)."""
-    global _pool
-    if len(segs) <= 1:
-        return [fn(0, *segs[0])] if segs else []
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=MAX_WORKERS - 1, thread_name_prefix="merge-dag-chunks")
-    futures = [_pool.submit(_in_worker, fn, i, lo, hi) for i, (lo, hi) in enumerate(segs) if i > 0]
-    first = fn(0, *segs[0])
-    return [first] + [f.result() for f in futures]
-
-
-def chunk_generators(generator: Optional[torch.Generator], n_chunks: int,
-                     device: torch.device) -> list[Optional[torch.Generator]]:
-    """One generator per chunk, seeded in order from `generator` (the global RNG if None)."""
-    seeds = torch.randint(0, 2**62, (n_chunks,), generator=generator, dtype=torch.int64,
-                          device=generator.device if generator is not None else "cpu").tolist()
-    gens = []
-    for sd in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(sd)
-        gens.append(g)
-    return gens
 
 
 def _f32(bits: int) -> float:
@@ -438,25 +343,6 @@ def _della_rows(x: torch.Tensor, density: float, epsilon: float,
 
     with workers(x) as w:
         run_segments(segments(n_rows, per, w), work)
-
-
-def chunked_sum(flat: torch.Tensor, fn: Callable[[int, int, torch.Tensor], torch.Tensor]) -> float:
-    """sum over [0, n) of fn(s, e, out): each chunk's float32 values (written into the chunk-sized
-    buffer `out`) summed by torch, the chunk sums added in order in double (no big temporary)."""
-    n = flat.numel()
-    step = min(chunk_size(flat), max(1, n))
-
-    def work(_i: int, lo: int, hi: int) -> list[float]:
-        buf = torch.empty(min(step, hi - lo), dtype=flat.dtype, device=flat.device)
-        return [float(fn(s, e, buf[: e - s]).sum()) for s, e in spans(lo, hi, step)]
-
-    with workers(flat) as w:
-        parts = run_segments(segments(n, step, w), work)
-    total = 0.0
-    for part in parts:
-        for v in part:
-            total += v
-    return total
 
 
 def abs_sum(flat: torch.Tensor) -> float:
