@@ -67,7 +67,7 @@ def known_methods() -> tuple[str, ...]:
     return ("linear",) + COEFFICIENT_METHODS
 
 
-# issue targets for merge_dag on this model (2 cores)
+# the goals merge_dag is held to on this model (2 cores); the run reports each as met or not
 TARGET_TIES_WALL_S = 15.0
 TARGET_PEAK_RSS_GB = 1.5
 

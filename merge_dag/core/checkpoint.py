@@ -369,12 +369,6 @@ def check_output_target(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, 
     return out
 
 
-def is_pickle_only(path: Path) -> bool:
-    return path.is_dir() and not any(path.glob("*.safetensors")) and any(
-        p.suffix in PICKLE_SUFFIXES for p in path.iterdir()
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------

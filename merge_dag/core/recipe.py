@@ -218,18 +218,6 @@ class Recipe(_Strict):
         """The glob patterns the recipe file named (kept after expansion)."""
         return list(self._globs)
 
-    def model_refs(self) -> list[str]:
-        """Every model the recipe names, base first, each once."""
-        refs: list[str] = []
-        if self.base_model:
-            refs.append(self.base_model)
-        for m in self.models or []:
-            refs.append(m.model)
-        for s in self.slices or []:
-            for src in s.sources:
-                refs.append(src.model)
-        return list(dict.fromkeys(refs))
-
     def to_yaml_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True, exclude={"source_path", "root"},
                                exclude_defaults=False)
@@ -412,13 +400,13 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: models: {method.name} takes at most {method.max_models} "
                               f"model(s) besides the base, got {n}")
 
-    def check_value(loc: str, name: str, value: Any, allow_per_model: bool, allow_global: bool) -> None:
+    def check_value(loc: str, name: str, value: Any, allow_global: bool) -> None:
+        """A per-model parameter is welcome anywhere (at top level: the default for every model, as in
+        mergekit); a global one only where `allow_global`."""
         spec = method.param(name)
         if spec is None:
             known = ", ".join(p.name for p in method.params) or "none"
             raise RecipeError(f"{where}: {loc}.{name}: unknown parameter for {method.name} (known: {known})")
-        if spec.per_model and not allow_per_model:
-            pass  # a per-model parameter given at top level is a default for every model (mergekit)
         if not spec.per_model and not allow_global:
             raise RecipeError(f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
                               "give it under the top-level `parameters`")
@@ -441,17 +429,16 @@ def validate_recipe(recipe: Recipe) -> None:
                     raise RecipeError(f"{where}: {loc}.{name}: {msg}")
 
     for name, value in recipe.parameters.items():
-        check_value("parameters", name, value, allow_per_model=True, allow_global=True)
+        check_value("parameters", name, value, allow_global=True)
     for i, m in enumerate(recipe.models or []):
         for name, value in m.parameters.items():
-            check_value(f"models[{i}].parameters", name, value, allow_per_model=True, allow_global=False)
+            check_value(f"models[{i}].parameters", name, value, allow_global=False)
     for si, s in enumerate(recipe.slices or []):
         for name, value in s.parameters.items():
-            check_value(f"slices[{si}].parameters", name, value, allow_per_model=True, allow_global=True)
+            check_value(f"slices[{si}].parameters", name, value, allow_global=True)
         for j, src in enumerate(s.sources):
             for name, value in src.parameters.items():
-                check_value(f"slices[{si}].sources[{j}].parameters", name, value,
-                            allow_per_model=True, allow_global=False)
+                check_value(f"slices[{si}].sources[{j}].parameters", name, value, allow_global=False)
 
     # required parameters: per-model ones must reach every expert (own or top-level default)
     for spec in method.params:

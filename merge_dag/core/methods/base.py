@@ -11,7 +11,7 @@ more temporaries say how many in `work_copies`, which the engine's memory estima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -67,7 +67,6 @@ class TensorTask:
     model_params: list[dict[str, Any]]       # per-model parameters resolved for this tensor
     params: dict[str, Any]                   # global parameters resolved for this tensor
     generator: Optional[torch.Generator] = None   # seeded per (seed, tensor name) for random methods
-    extras: dict[str, Any] = field(default_factory=dict)  # e.g. guidance maps (later issues)
 
 
 class MergeMethod:
