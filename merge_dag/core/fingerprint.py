@@ -37,9 +37,14 @@ def cache_dir() -> Path:
     return p / "fingerprints"
 
 
-def _file_key(path: Path) -> tuple[Path, str]:
+def file_identity(path: Path) -> str:
+    """path | size | mtime | inode: what tells an unchanged file from a rewritten one."""
     st = path.stat()
-    ident = f"{path.absolute()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return f"{path.absolute()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _file_key(path: Path) -> tuple[Path, str]:
+    ident = file_identity(path)
     h = hashlib.sha256(ident.encode()).hexdigest()[:40]
     return cache_dir() / f"{h}.json", ident
 
