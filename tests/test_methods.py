@@ -47,7 +47,7 @@ def run(name, base, models, model_params=None, generator=None, **params):
     return out
 
 
-# ---- references (from methods.md / mergekit's definitions) ----------------------------------------
+# ---- references (from docs/methods.md / mergekit's definitions) ----------------------------------------
 def ref_topk_mask(d, density):
     n = d.numel()
     k = max(1, int(density * n))

@@ -1,6 +1,6 @@
 """Sens-Merging: per-layer, per-expert coefficients from sensitivity and logit alignment.
 
-There is no official code; this is the reconstruction of methods.md with every open choice fixed:
+There is no official code; this is the reconstruction in docs/methods.md with every open choice fixed:
 
 Sensitivity (expert i on its own task's calibration batches b = 1..B, layer l):
     L_b      = mean next-token cross-entropy over the batch's real tokens (targets at padding ignored)
