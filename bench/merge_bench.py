@@ -298,7 +298,8 @@ def recipe_text(method: str, base: Path, experts: list[Path], density: float, we
     for e in experts:
         params = f"weight: {weight}" + (f", density: {density}" if takes_density else "")
         lines += [f"  - model: {e}", f"    parameters: {{{params}}}"]
-    lines += [f"dtype: {dtype}", f"out_dtype: {out_dtype}", "seed: 0  # merge_dag; mergekit ignores it and gets --random-seed 0"]
+    lines += [f"dtype: {dtype}", f"out_dtype: {out_dtype}",
+              "seed: 0  # merge_dag; mergekit ignores it and gets --random-seed 0"]
     return "\n".join(lines) + "\n"
 
 

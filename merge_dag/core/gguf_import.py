@@ -206,7 +206,6 @@ def state_dict_for_saving(model) -> dict:
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
                 force: bool = False) -> ImportResult:
     """Import ``gguf_path`` into the folder ``out_dir``; see the module docstring."""
-    import torch
 
     from .checkpoint import atomic_replace_dir, clean_stale_temporaries, parse_dtype
     from .fingerprint import checkpoint_fingerprint
@@ -260,7 +259,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             "source": {"kind": "gguf", "path": str(gguf), "sha256": sha, "bytes": gguf.stat().st_size,
                        "architecture": arch, "name": meta.get("general.name"),
                        "file_type": meta.get("general.file_type")},
-            "inputs": [{"role": "imported_from", "model": gguf.name, "fingerprint": f"sha256:{sha}", "path": str(gguf)}],
+            "inputs": [{"role": "imported_from", "model": gguf.name, "fingerprint": f"sha256:{sha}",
+                        "path": str(gguf)}],
             "dtype": dtype,
             "tensor_count": len(tensors),
             "parameters": sum(p.numel() for p in model.parameters()),

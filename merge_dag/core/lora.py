@@ -120,8 +120,9 @@ class LoraCheckpoint(Checkpoint):
         for (module, emb), ab in sorted(parts.items()):
             if set(ab) != {"A", "B"}:
                 missing = "B" if "A" in ab else "A"
-                raise AdapterError(f"{where}: module {module!r} has lora_{'embedding_' if emb else ''}"
-                                   f"{'A' if missing == 'B' else 'B'} but no lora_{'embedding_' if emb else ''}{missing}")
+                kind = f"lora_{'embedding_' if emb else ''}"
+                raise AdapterError(f"{where}: module {module!r} has {kind}{'A' if missing == 'B' else 'B'} "
+                                   f"but no {kind}{missing}")
             target = f"{module}.weight"
             if target not in self.base.tensors:
                 raise AdapterError(f"{where}: tensor {ab['A']!r} adapts module {module!r}, which base "

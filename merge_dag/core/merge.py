@@ -236,7 +236,8 @@ def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: lis
                 if s.delta is None and not torch.equal(raw, raws[0]):
                     raise MergeInputError(
                         f"model {plan.inputs[s.model].name!r}: tensor {s.tensor!r} is "
-                        f"{str(raw.dtype).removeprefix('torch.')} and differs from {plan.inputs[srcs[0].model].name!r}; "
+                        f"{str(raw.dtype).removeprefix('torch.')} and differs from "
+                        f"{plan.inputs[srcs[0].model].name!r}; "
                         f"{plan.method.name} merges only float tensors (integer and bool tensors are copied "
                         "only when identical in every input; passthrough copies them as they are)")
         return raws[0]
@@ -251,7 +252,8 @@ def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: lis
     task = TensorTask(step.name, base, models, [s.params for s in step.sources], step.params, gen)
     out = method.merge(task)
     if tuple(out.shape) != step.shape:
-        raise RuntimeError(f"{plan.method.name} returned shape {list(out.shape)} for {step.name!r}, expected {list(step.shape)}")
+        raise RuntimeError(f"{plan.method.name} returned shape {list(out.shape)} for {step.name!r}, "
+                           f"expected {list(step.shape)}")
     out = out.to(step.out_dtype)
     if out.numel() and not _all_finite(out):  # the same single aminmax pass as for the inputs
         bad = "NaN" if bool(torch.isnan(out).any()) else "Inf"

@@ -94,7 +94,8 @@ class MergePlan:
         for ck, role in zip(self.inputs, self.roles):
             lines.append(f"  {role:<5} {ck.name}  ({len(ck.tensors)} tensors, {ck.total_bytes / gb:.3f} GB)")
         lines += [
-            f"output:     {len(self.steps)} tensors, {self.out_bytes / gb:.3f} GB as {str(self.out_dtype).removeprefix('torch.')}",
+            f"output:     {len(self.steps)} tensors, {self.out_bytes / gb:.3f} GB as "
+            f"{str(self.out_dtype).removeprefix('torch.')}",
             f"largest:    {self.largest_tensor:,} elements",
             f"est. peak memory for tensors: {self.estimated_peak_bytes() / gb:.3f} GB",
             "",
@@ -184,7 +185,8 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
             raise MergeInputError(f"{recipe.where}: task vectors need a base model; {method.name} takes none")
         hits = [i for i, m in enumerate(model_entries) if m.model == ref_name]
         if not hits:
-            raise MergeInputError(f"{recipe.where}: task vector given for {ref_name!r}, which the recipe does not merge")
+            raise MergeInputError(f"{recipe.where}: task vector given for {ref_name!r}, "
+                                  "which the recipe does not merge")
         tv = Checkpoint(folder, name=f"task_vector({ref_name})")
         _check_same_tensors(ref, tv)
         deltas[hits[0]] = tv
@@ -267,7 +269,8 @@ def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> Merg
         if key in config:
             config[key] = total_layers
     if isinstance(config.get("layer_types"), list):
-        config["layer_types"] = (config["layer_types"] * (total_layers // max(1, len(config["layer_types"])) + 1))[:total_layers]
+        types = config["layer_types"]
+        config["layer_types"] = (types * (total_layers // max(1, len(types)) + 1))[:total_layers]
     return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, first), device)
 
 
@@ -345,7 +348,8 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise MergeInputError(f"--device: {device!r} is not a torch device (expected cpu, cuda, cuda:1 or mps)") from None
+        raise MergeInputError(f"--device: {device!r} is not a torch device "
+                              "(expected cpu, cuda, cuda:1 or mps)") from None
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise MergeInputError(f"device {str(device)!r} was asked for, but torch sees no CUDA device")

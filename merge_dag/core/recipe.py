@@ -44,8 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import params as pmap
 from .checkpoint import parse_dtype
-from .lora import is_adapter_folder
 from .errors import RecipeError
+from .lora import is_adapter_folder
 
 Scalar = Union[bool, int, float, str]
 ParamValue = Any  # checked by params.validate_shape (pydantic unions over lists of dicts give poor errors)

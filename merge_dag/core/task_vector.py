@@ -31,7 +31,8 @@ class TaskVectorResult:
 
 
 def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Checkpoint, out_dir: str | Path,
-                        device: str = "cpu", shard_size: str | int = "2GB", metadata: dict | None = None) -> TaskVectorResult:
+                        device: str = "cpu", shard_size: str | int = "2GB",
+                        metadata: dict | None = None) -> TaskVectorResult:
     t0 = time.perf_counter()
     base = base if isinstance(base, (Checkpoint, LoraCheckpoint)) else Checkpoint(base, name=str(base))
     expert = expert if isinstance(expert, (Checkpoint, LoraCheckpoint)) else Checkpoint(expert, name=str(expert))

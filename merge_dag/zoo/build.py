@@ -84,7 +84,8 @@ SIZES: dict[str, ZooSettings] = {
     ),
     # a few seconds: for tests of the build machinery itself (determinism, layout), not quality
     "test": ZooSettings(
-        size="test", skills=ZOO_SKILLS, base_skills=BASE_SKILLS, shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
+        size="test", skills=ZOO_SKILLS, base_skills=BASE_SKILLS,
+        shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
         base=TrainSpec(steps=6, lr=3e-3, batch_size=16, warmup=2),
         expert=TrainSpec(steps=3, lr=1e-3, batch_size=16),
     ),
@@ -212,7 +213,8 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
     Models already complete with the same settings are reused (``force`` rebuilds them all).
     ``data_dir`` receives ``eval/``, ``calibration/`` and ``tasks/`` (regenerated identically;
     None skips them); ``overwrite_data=False`` writes only the files that are missing, so a user's
-    edits survive (what `merge-dag demo` does; `merge-dag zoo` rewrites them). ``settings`` overrides the preset of ``size`` (tests use small ones).
+    edits survive (what `merge-dag demo` does; `merge-dag zoo` rewrites them). ``settings`` overrides the
+    preset of ``size`` (tests use small ones).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -244,7 +246,8 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
         except ValueError:
             pass
 
-    _log(progress, f"zoo {st.size}: building into {root} (settings {st.key()}; {st.shape}; skills {', '.join(st.skills)})")
+    _log(progress, f"zoo {st.size}: building into {root} (settings {st.key()}; {st.shape}; "
+                   f"skills {', '.join(st.skills)})")
     seconds: dict[str, float] = {}
     with deterministic(st.threads):
         if force or not model_complete(folders["base"], st, "base"):
@@ -255,8 +258,9 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
             _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
                            f"{', '.join(st.pretrain_skills)}{short}")
             log = train(model, st.pretrain_skills, st.base, seed=st.seed + 1, label="base", progress=progress)
-            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base", "skills": list(st.pretrain_skills),
-                                                 "seed": st.seed, "train": _stable(log)})
+            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base",
+                                                 "skills": list(st.pretrain_skills), "seed": st.seed,
+                                                 "train": _stable(log)})
             seconds["base"] = round(time.perf_counter() - t, 2)
         for skill in st.skills:
             if not force and model_complete(folders[skill], st, skill):

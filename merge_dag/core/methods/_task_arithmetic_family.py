@@ -26,8 +26,8 @@ from typing import ClassVar, Optional
 
 import torch
 
-from ..errors import RecipeError
 from ..chunks import each_chunk, workers
+from ..errors import RecipeError
 from ..sparsify import sparsify
 from .base import MergeMethod, Param, TensorTask, in_range
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import RecipeError
 from ..chunks import each_chunk
+from ..errors import RecipeError
 from .base import MergeMethod, Param, TensorTask
 
 

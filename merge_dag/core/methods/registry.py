@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import RecipeError
-from .base import MergeMethod
 from .arcee_fusion import ArceeFusion
+from .base import MergeMethod
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
-from .della import Della, DellaLinear
 from .dare import DareLinear, DareTies
+from .della import Della, DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCTS
 from .karcher import Karcher
