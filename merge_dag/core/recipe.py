@@ -400,45 +400,63 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: models: {method.name} takes at most {method.max_models} "
                               f"model(s) besides the base, got {n}")
 
-    def check_value(loc: str, name: str, value: Any, allow_global: bool) -> None:
-        """A per-model parameter is welcome anywhere (at top level: the default for every model, as in
-        mergekit); a global one only where `allow_global`."""
-        spec = method.param(name)
-        if spec is None:
-            known = ", ".join(p.name for p in method.params) or "none"
-            raise RecipeError(f"{where}: {loc}.{name}: unknown parameter for {method.name} (known: {known})")
-        if not spec.per_model and not allow_global:
-            raise RecipeError(f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
-                              "give it under the top-level `parameters`")
-        err = pmap.validate_shape(value)
-        if err:
-            raise RecipeError(f"{where}: {loc}.{name}: {err}")
-        for leaf in pmap.leaves(value):
-            if spec.kind is bool:
-                if not isinstance(leaf, bool):
-                    raise RecipeError(f"{where}: {loc}.{name}: must be true or false, got {leaf!r}")
-                continue
-            if isinstance(leaf, float) and not math.isfinite(leaf):
-                raise RecipeError(f"{where}: {loc}.{name}: must be a finite number, got {leaf!r}")
-            if spec.kind in (int, float):
-                if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
-                    raise RecipeError(f"{where}: {loc}.{name}: must be a number, got {leaf!r}")
-            if spec.check is not None:
-                msg = spec.check(leaf)
-                if msg:
-                    raise RecipeError(f"{where}: {loc}.{name}: {msg}")
+    _validate_parameters(recipe, method, experts)
+
+    if recipe.guidance is not None:
+        _validate_guidance(recipe, method, experts)
+
+    if recipe.tokenizer_source == "union":
+        raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")
+
+
+def _check_value(where: str, method, loc: str, name: str, value: Any, allow_global: bool) -> None:
+    """One parameter value as `method` takes it: known, placed where it may be (a per-model parameter is
+    welcome anywhere, at top level as the default for every model, as in mergekit; a global one only
+    where `allow_global`), well-shaped, of its kind and in range."""
+    spec = method.param(name)
+    if spec is None:
+        known = ", ".join(p.name for p in method.params) or "none"
+        raise RecipeError(f"{where}: {loc}.{name}: unknown parameter for {method.name} (known: {known})")
+    if not spec.per_model and not allow_global:
+        raise RecipeError(f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
+                          "give it under the top-level `parameters`")
+    err = pmap.validate_shape(value)
+    if err:
+        raise RecipeError(f"{where}: {loc}.{name}: {err}")
+    for leaf in pmap.leaves(value):
+        if spec.kind is bool:
+            if not isinstance(leaf, bool):
+                raise RecipeError(f"{where}: {loc}.{name}: must be true or false, got {leaf!r}")
+            continue
+        if isinstance(leaf, float) and not math.isfinite(leaf):
+            raise RecipeError(f"{where}: {loc}.{name}: must be a finite number, got {leaf!r}")
+        if spec.kind in (int, float):
+            if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+                raise RecipeError(f"{where}: {loc}.{name}: must be a number, got {leaf!r}")
+        if spec.check is not None:
+            msg = spec.check(leaf)
+            if msg:
+                raise RecipeError(f"{where}: {loc}.{name}: {msg}")
+
+
+def _validate_parameters(recipe: Recipe, method, experts: list[InputModel]) -> None:
+    """Every parameter given anywhere in the recipe, then the required ones."""
+    where = recipe.where
+
+    def check(loc: str, name: str, value: Any, allow_global: bool) -> None:
+        _check_value(where, method, loc, name, value, allow_global)
 
     for name, value in recipe.parameters.items():
-        check_value("parameters", name, value, allow_global=True)
+        check("parameters", name, value, allow_global=True)
     for i, m in enumerate(recipe.models or []):
         for name, value in m.parameters.items():
-            check_value(f"models[{i}].parameters", name, value, allow_global=False)
+            check(f"models[{i}].parameters", name, value, allow_global=False)
     for si, s in enumerate(recipe.slices or []):
         for name, value in s.parameters.items():
-            check_value(f"slices[{si}].parameters", name, value, allow_global=True)
+            check(f"slices[{si}].parameters", name, value, allow_global=True)
         for j, src in enumerate(s.sources):
             for name, value in src.parameters.items():
-                check_value(f"slices[{si}].sources[{j}].parameters", name, value, allow_global=False)
+                check(f"slices[{si}].sources[{j}].parameters", name, value, allow_global=False)
 
     # required parameters: per-model ones must reach every expert (own or top-level default)
     for spec in method.params:
@@ -451,12 +469,6 @@ def validate_recipe(recipe: Recipe) -> None:
                                       f"{method.name} (give it per model or under top-level `parameters`)")
         elif spec.name not in recipe.parameters:
             raise RecipeError(f"{where}: parameters.{spec.name}: required by {method.name}")
-
-    if recipe.guidance is not None:
-        _validate_guidance(recipe, method, experts)
-
-    if recipe.tokenizer_source == "union":
-        raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")
 
 
 def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> None:
