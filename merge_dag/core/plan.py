@@ -179,17 +179,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     n_layers = _num_layers(config, names)
     out_dtype = _out_dtype(recipe, ref)
     offset = 0 if base_idx is None else 1
-    deltas: list[Optional[Checkpoint]] = [None] * len(model_entries)
-    for ref_name, folder in (task_vectors or {}).items():
-        if base_idx is None:
-            raise MergeInputError(f"{recipe.where}: task vectors need a base model; {method.name} takes none")
-        hits = [i for i, m in enumerate(model_entries) if m.model == ref_name]
-        if not hits:
-            raise MergeInputError(f"{recipe.where}: task vector given for {ref_name!r}, "
-                                  "which the recipe does not merge")
-        tv = Checkpoint(folder, name=f"task_vector({ref_name})")
-        _check_same_tensors(ref, tv)
-        deltas[hits[0]] = tv
+    deltas = _task_vector_deltas(recipe, method, ref, model_entries, task_vectors, base_idx is not None)
     steps = []
     for name in names:
         info = ref.info(name)
@@ -204,6 +194,23 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
                                 base, sources, _global_params(method, recipe.parameters, name, t), t))
     return _checked(MergePlan(recipe, method, inputs, roles, steps, out_dtype, config,
                               _tokenizer_source(recipe, ref), device))
+
+
+def _task_vector_deltas(recipe: Recipe, method: type[MergeMethod], ref: Checkpoint, model_entries: list,
+                        task_vectors: Optional[dict[str, str | Path]], has_base: bool) -> list[Optional[Checkpoint]]:
+    """Per model entry, the task vector checkpoint to read it from (base + delta), or None."""
+    deltas: list[Optional[Checkpoint]] = [None] * len(model_entries)
+    for ref_name, folder in (task_vectors or {}).items():
+        if not has_base:
+            raise MergeInputError(f"{recipe.where}: task vectors need a base model; {method.name} takes none")
+        hits = [i for i, m in enumerate(model_entries) if m.model == ref_name]
+        if not hits:
+            raise MergeInputError(f"{recipe.where}: task vector given for {ref_name!r}, "
+                                  "which the recipe does not merge")
+        tv = Checkpoint(folder, name=f"task_vector({ref_name})")
+        _check_same_tensors(ref, tv)
+        deltas[hits[0]] = tv
+    return deltas
 
 
 def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> MergePlan:
@@ -251,11 +258,7 @@ def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> Merg
         if src.layer_range[1] > ck_layers:
             raise MergeInputError(f"{recipe.where}: slices[{s_i}].sources[0].layer_range: {list(src.layer_range)} "
                                   f"exceeds model {src.model!r}, which has {ck_layers} layers")
-        layer_names: dict[int, list[str]] = {}
-        for n in ck.tensor_names:
-            li = pmap.layer_index(n)
-            if li is not None:
-                layer_names.setdefault(li, []).append(n)
+        layer_names = _names_by_layer(ck.tensor_names)
         span = src.layer_range[1] - src.layer_range[0]
         for k, li in enumerate(range(*src.layer_range)):
             t = k / (span - 1) if span > 1 else 1.0
@@ -265,13 +268,28 @@ def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> Merg
             out_layer += 1
     for n in tail:
         add(n, first_idx, n, [recipe.parameters], 0.0)
+    _set_layer_count(config, total_layers)
+    return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, first), device)
+
+
+def _names_by_layer(names: list[str]) -> dict[int, list[str]]:
+    """Layer index -> the tensor names of that layer, in checkpoint order."""
+    out: dict[int, list[str]] = {}
+    for n in names:
+        li = pmap.layer_index(n)
+        if li is not None:
+            out.setdefault(li, []).append(n)
+    return out
+
+
+def _set_layer_count(config: dict, total_layers: int) -> None:
+    """A sliced model's config: its layer count, and `layer_types` repeated or cut to that count."""
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if key in config:
             config[key] = total_layers
     if isinstance(config.get("layer_types"), list):
         types = config["layer_types"]
         config["layer_types"] = (types * (total_layers // max(1, len(types)) + 1))[:total_layers]
-    return MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, first), device)
 
 
 def _is_post_weight(name: str) -> bool:
