@@ -58,6 +58,14 @@ def write_card(folder: str | Path, card: dict) -> None:
         (Path(folder) / name).write_text(text)
 
 
+def method_reference(method: str) -> str:
+    """The paper or page a registered merge method follows (its class's reference_url), else ""."""
+    from .methods.registry import METHODS
+
+    m = METHODS.get(method)
+    return m.reference_url if m is not None else ""
+
+
 def _fence(body: str) -> str:
     """A backtick fence longer than any backtick run in `body`, so nothing inside can close it."""
     longest = max((len(m) for m in re.findall(r"`+", body)), default=0)
@@ -78,6 +86,9 @@ def model_card(card: dict) -> str:
              f"# {md_text(title)}", "",
              f"Merged by merge_dag {md_text(card['merge_dag_version'])} (code version {md_text(card['code_version'])}) "
              f"with the **{md_text(card['method'])}** method, written as {md_text(card['out_dtype'])}."]
+    reference = method_reference(str(card["method"]))
+    if reference:
+        lines += ["", f"Method reference: <{reference}>"]
     if card.get("artifact_id"):
         aid = md_text(card["artifact_id"])
         lines += ["", f"Artifact id: <code>{aid}</code> (trace it with <code>merge-dag audit {aid}</code>)."]
