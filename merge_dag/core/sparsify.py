@@ -120,26 +120,10 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
             flat.sub_(base.reshape(-1))
         return cuts  # type: ignore[return-value]
 
-    dev = flat.device
-    bits = flat.view(torch.int32)
     step = min(chunk_size(flat), n)
-    bflat = base.reshape(-1) if base is not None else None
     with workers(flat) as w:
         segs = segments(n, step, w)
-
-        def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
-            buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
-            hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
-            for s, e in spans(lo, hi, step):
-                if bflat is not None:
-                    flat[s:e].sub_(bflat[s:e])
-                b = buf[: e - s]
-                torch.bitwise_and(bits[s:e], _ABS, out=b)
-                b.bitwise_right_shift_(16)
-                hist += torch.bincount(b, minlength=_HI_BINS)
-            return hist
-
-        hist_c = sum(run_segments(segs, pass1)).cpu()
+        hist_c = _hi_histogram(flat, base, step, segs)
         from_top = hist_c.flip(0).cumsum(0)           # from_top[i]: count in buckets >= 32767 - i
 
         where: dict[int, tuple[int, int]] = {}        # j -> (bucket, count strictly above it)
@@ -154,47 +138,79 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
                 where[j] = (bucket, above)
         if not where:
             return cuts  # type: ignore[return-value]
-
-        buckets = sorted({b for b, _ in where.values()})
-
-        def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
-            # the low 16 bits inside each needed bucket (bin 0 = below it, 65537 = above it)
-            buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
-            buf2 = torch.empty_like(buf)
-            low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
-            for s, e in spans(lo, hi, step):
-                b = buf[: e - s]
-                b2 = buf2[: e - s]
-                torch.bitwise_and(bits[s:e], _ABS, out=b)
-                for bucket in buckets:
-                    torch.sub(b, (bucket << 16) - 1, out=b2)
-                    b2.clamp_(0, _LO_BINS - 1)
-                    low[bucket] += torch.bincount(b2, minlength=_LO_BINS)
-            return {b: h.cpu() for b, h in low.items()}
-
-        per_seg = run_segments(segs, pass2)
+        per_seg = _lo_histograms(flat, step, segs, sorted({b for b, _ in where.values()}))
 
     for j, (bucket, above) in where.items():
-        k = ks[j]
-        h = sum(ps[bucket] for ps in per_seg)[1:_LO_BINS - 1]  # counts of low bits 0 .. 65535
-        top = h.flip(0).cumsum(0)
-        i = int(torch.searchsorted(top, k - above))
-        lo16 = (1 << 16) - 1 - i
-        t_bits = (bucket << 16) | lo16
-        greater = above + (int(top[i - 1]) if i > 0 else 0)
-        need = k - greater                            # 1 <= need <= ties
-        if t_bits == 0:                               # threshold 0: the tied entries are zeros
-            cuts[j] = TopCut(0.0)
-        elif need == int(h[lo16]):                    # every tied entry is kept
-            cuts[j] = TopCut(_f32(t_bits - 1))
-        else:
-            seg_need, left = [], need
-            for ps in per_seg:
-                take = min(left, int(ps[bucket][lo16 + 1]))
-                seg_need.append(take)
-                left -= take
-            cuts[j] = TopCut(_f32(t_bits), _f32(t_bits - 1), t_bits, need, tuple(segs), tuple(seg_need))
+        cuts[j] = _cut_in_bucket(ks[j], bucket, above, per_seg, segs)
     return cuts  # type: ignore[return-value]
+
+
+def _hi_histogram(flat: torch.Tensor, base: Optional[torch.Tensor], step: int,
+                  segs: list[tuple[int, int]]) -> torch.Tensor:
+    """Counts of the top 16 bits of |x| over the whole tensor (on the CPU); flat -= base is fused in."""
+    dev = flat.device
+    bits = flat.view(torch.int32)
+    bflat = base.reshape(-1) if base is not None else None
+
+    def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
+        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+        hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
+        for s, e in spans(lo, hi, step):
+            if bflat is not None:
+                flat[s:e].sub_(bflat[s:e])
+            b = buf[: e - s]
+            torch.bitwise_and(bits[s:e], _ABS, out=b)
+            b.bitwise_right_shift_(16)
+            hist += torch.bincount(b, minlength=_HI_BINS)
+        return hist
+
+    return sum(run_segments(segs, pass1)).cpu()
+
+
+def _lo_histograms(flat: torch.Tensor, step: int, segs: list[tuple[int, int]],
+                   buckets: list[int]) -> list[dict[int, torch.Tensor]]:
+    """Per segment, for each bucket: counts of the low 16 bits of the |x| inside it (bin 0 = below
+    the bucket, 65537 = above it), on the CPU."""
+    dev = flat.device
+    bits = flat.view(torch.int32)
+
+    def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
+        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+        buf2 = torch.empty_like(buf)
+        low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
+        for s, e in spans(lo, hi, step):
+            b = buf[: e - s]
+            b2 = buf2[: e - s]
+            torch.bitwise_and(bits[s:e], _ABS, out=b)
+            for bucket in buckets:
+                torch.sub(b, (bucket << 16) - 1, out=b2)
+                b2.clamp_(0, _LO_BINS - 1)
+                low[bucket] += torch.bincount(b2, minlength=_LO_BINS)
+        return {b: h.cpu() for b, h in low.items()}
+
+    return run_segments(segs, pass2)
+
+
+def _cut_in_bucket(k: int, bucket: int, above: int, per_seg: list[dict[int, torch.Tensor]],
+                   segs: list[tuple[int, int]]) -> TopCut:
+    """The cut keeping the k largest, whose threshold lies in `bucket` (`above` entries are larger)."""
+    h = sum(ps[bucket] for ps in per_seg)[1:_LO_BINS - 1]  # counts of low bits 0 .. 65535
+    top = h.flip(0).cumsum(0)
+    i = int(torch.searchsorted(top, k - above))
+    lo16 = (1 << 16) - 1 - i
+    t_bits = (bucket << 16) | lo16
+    greater = above + (int(top[i - 1]) if i > 0 else 0)
+    need = k - greater                            # 1 <= need <= ties
+    if t_bits == 0:                               # threshold 0: the tied entries are zeros
+        return TopCut(0.0)
+    if need == int(h[lo16]):                      # every tied entry is kept
+        return TopCut(_f32(t_bits - 1))
+    seg_need, left = [], need
+    for ps in per_seg:
+        take = min(left, int(ps[bucket][lo16 + 1]))
+        seg_need.append(take)
+        left -= take
+    return TopCut(_f32(t_bits), _f32(t_bits - 1), t_bits, need, tuple(segs), tuple(seg_need))
 
 
 class Shrinker:
