@@ -205,6 +205,36 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _train_models(st: ZooSettings, folders: dict[str, Path], force: bool, progress: bool) -> dict[str, float]:
+    """Train the base (on the pretraining skills) and each expert (from the base, on its skill) that is
+    not complete yet (all with ``force``); returns the seconds each took."""
+    seconds: dict[str, float] = {}
+    with deterministic(st.threads):
+        if force or not model_complete(folders["base"], st, "base"):
+            t = time.perf_counter()
+            model = new_model(st.shape, st.seed)
+            n_params = sum(p.numel() for p in model.parameters())
+            short = " (short inputs only)" if st.base.long_fraction == 0 else ""
+            _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
+                           f"{', '.join(st.pretrain_skills)}{short}")
+            log = train(model, st.pretrain_skills, st.base, seed=st.seed + 1, label="base", progress=progress)
+            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base",
+                                                 "skills": list(st.pretrain_skills), "seed": st.seed,
+                                                 "train": _stable(log)})
+            seconds["base"] = round(time.perf_counter() - t, 2)
+        for skill in st.skills:
+            if not force and model_complete(folders[skill], st, skill):
+                continue
+            t = time.perf_counter()
+            model = _load(folders["base"])
+            log = train(model, (skill,), st.expert, seed=st.expert_seed(skill), label=f"expert {skill}",
+                        progress=progress)
+            _save_model(model, folders[skill], {"key": _model_key(st, skill), "name": skill, "skills": [skill],
+                                                "seed": st.expert_seed(skill), "train": _stable(log)})
+            seconds[skill] = round(time.perf_counter() - t, 2)
+    return seconds
+
+
 def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool = True, force: bool = False,
               *, data_dir: Optional[Path] = Path("data"), settings: Optional[ZooSettings] = None,
               overwrite_data: bool = True) -> ZooManifest:
@@ -248,30 +278,7 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
 
     _log(progress, f"zoo {st.size}: building into {root} (settings {st.key()}; {st.shape}; "
                    f"skills {', '.join(st.skills)})")
-    seconds: dict[str, float] = {}
-    with deterministic(st.threads):
-        if force or not model_complete(folders["base"], st, "base"):
-            t = time.perf_counter()
-            model = new_model(st.shape, st.seed)
-            n_params = sum(p.numel() for p in model.parameters())
-            short = " (short inputs only)" if st.base.long_fraction == 0 else ""
-            _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
-                           f"{', '.join(st.pretrain_skills)}{short}")
-            log = train(model, st.pretrain_skills, st.base, seed=st.seed + 1, label="base", progress=progress)
-            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base",
-                                                 "skills": list(st.pretrain_skills), "seed": st.seed,
-                                                 "train": _stable(log)})
-            seconds["base"] = round(time.perf_counter() - t, 2)
-        for skill in st.skills:
-            if not force and model_complete(folders[skill], st, skill):
-                continue
-            t = time.perf_counter()
-            model = _load(folders["base"])
-            log = train(model, (skill,), st.expert, seed=st.expert_seed(skill), label=f"expert {skill}",
-                        progress=progress)
-            _save_model(model, folders[skill], {"key": _model_key(st, skill), "name": skill, "skills": [skill],
-                                                "seed": st.expert_seed(skill), "train": _stable(log)})
-            seconds[skill] = round(time.perf_counter() - t, 2)
+    seconds = _train_models(st, folders, force, progress)
 
     man = ZooManifest(
         size=st.size, root=str(root), skills=list(st.skills), settings=st.to_dict(), settings_key=st.key(),
