@@ -63,11 +63,15 @@ def main() -> None:
     stats = collect_activation_stats(m_base, batches, device=args.device)
     rows = {
         "forward pass (reference)": best(forward, args.repeat),
-        "activations (count, Σx², Σ|x|, max|x|)": best(lambda: collect_activation_stats(m_base, batches, device=args.device), args.repeat),
-        "grams (XᵀX, RegMean)": best(lambda: collect_activation_stats(m_base, batches, device=args.device, gram=True), args.repeat),
+        "activations (count, Σx², Σ|x|, max|x|)":
+            best(lambda: collect_activation_stats(m_base, batches, device=args.device), args.repeat),
+        "grams (XᵀX, RegMean)":
+            best(lambda: collect_activation_stats(m_base, batches, device=args.device, gram=True), args.repeat),
         "sensitivity (forward + backward)": best(lambda: sensitivity(m_exp, batches, device=args.device), args.repeat),
-        "alignment, one expert pair (2 forwards)": best(lambda: logit_kl(m_other, m_exp, batches, device=args.device), args.repeat),
-        "importance (weights × statistics, no pass)": best(lambda: importance(stats, base, device=args.device), args.repeat),
+        "alignment, one expert pair (2 forwards)":
+            best(lambda: logit_kl(m_other, m_exp, batches, device=args.device), args.repeat),
+        "importance (weights × statistics, no pass)":
+            best(lambda: importance(stats, base, device=args.device), args.repeat),
     }
     # sequential Wanda prunes the model it measures: a fresh copy per run
     seq = []
@@ -87,7 +91,8 @@ def main() -> None:
         print(f"| {k} | {v:.4f} | {v / ref:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"size": args.size, "tokens": tokens, "params": params, "seconds": rows}, indent=2))
+        out = {"size": args.size, "tokens": tokens, "params": params, "seconds": rows}
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from merge_dag.evaluation.tasks import gen_task_name
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--zoo", type=Path, default=Path(os.environ.get("MERGE_DAG_ZOO_DIR", ROOT / "data" / "models")) / "ci")
+    zoo_dir = Path(os.environ.get("MERGE_DAG_ZOO_DIR", ROOT / "data" / "models"))
+    ap.add_argument("--zoo", type=Path, default=zoo_dir / "ci")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts per skill")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
@@ -81,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         avg = sum(em[s] for s in skills) / k
         se = math.sqrt(sum(em[s] * (1 - em[s]) / max(1, r["n"]) for s in skills)) / k
         print(f"| {label} | " + " | ".join(f"{em[s]:.3f}" for s in skills) + f" | {avg:.3f} ± {se:.3f} |")
-    import torch, transformers, lm_eval  # noqa: E401
+    import lm_eval
+    import torch  # noqa: E401
+    import transformers
     versions = {"torch": torch.__version__, "transformers": transformers.__version__,
                 "lm_eval": getattr(lm_eval, "__version__", "?"), "python": platform.python_version(),
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}

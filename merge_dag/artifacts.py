@@ -72,12 +72,6 @@ class ArtifactStore:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def write_json(self, folder: Path, name: str, obj: Any) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        p = folder / name
-        p.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-        return p
-
 
 def read_json(path: Path) -> Optional[Any]:
     try:

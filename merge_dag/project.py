@@ -17,10 +17,6 @@ from .core.methods.registry import get_method
 from .core.paths import data_dir
 from .core.recipe import Recipe, parse_recipe, read_recipe_yaml
 
-TASK_VECTOR_METHODS = {"task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                       "breadcrumbs_ties", "della", "della_linear", "model_stock", "slerp"}
-
-
 def asset_name(text: str) -> str:
     """A Dagster-safe name: letters, digits and underscores."""
     out = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
@@ -219,7 +215,7 @@ def recipe_spec(root: Path, f: Path) -> RecipeSpec:
     base = _model_source(root, recipe, recipe.base_model) if recipe.base_model else None
     refs = [m.model for m in recipe.models or []] + [s.model for sl in recipe.slices or [] for s in sl.sources]
     experts = [_model_source(root, recipe, r) for r in dict.fromkeys(refs) if r != recipe.base_model]
-    uses_tv = method.name in TASK_VECTOR_METHODS and base is not None
+    uses_tv = method.uses_task_vectors and base is not None
     return RecipeSpec(name, f, recipe, base, experts, uses_tv, list(recipe.evals))
 
 

@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 
-from merge_dag.core import sparsify as sp
+from merge_dag.core import chunks
 from merge_dag.core.errors import RecipeError
 from merge_dag.core.methods import METHODS, TensorTask, get_method
 from merge_dag.core.sparsify import sparsify
 
-GTA = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-       "della_linear"]
+GTA = [name for name, m in METHODS.items() if m.takes_coefficients]   # the task-arithmetic family
 NEWER = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap",   # test_mergekit_parity.py
          "tsv_merge", "iso_c", "iso_cts"]                                           # test_spectral_methods.py
 
@@ -19,7 +18,7 @@ NEWER = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap", 
 @pytest.fixture(params=["one-chunk", "many-chunks"])
 def chunking(request, monkeypatch):
     if request.param == "many-chunks":
-        monkeypatch.setattr(sp, "CPU_CHUNK", 53)
+        monkeypatch.setattr(chunks, "CPU_CHUNK", 53)
     return request.param
 
 
@@ -48,7 +47,7 @@ def run(name, base, models, model_params=None, generator=None, **params):
     return out
 
 
-# ---- references (from methods.md / mergekit's definitions) ----------------------------------------
+# ---- references (from docs/methods.md / mergekit's definitions) ----------------------------------------
 def ref_topk_mask(d, density):
     n = d.numel()
     k = max(1, int(density * n))
@@ -147,6 +146,22 @@ MERGEKIT_DEFAULTS = {  # method: (normalize, rescale) defaults in mergekit's reg
     "dare_linear": (False, True), "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
     "della": (True, True), "della_linear": (False, True),
 }
+
+
+def test_method_abilities_and_the_lists_derived_from_them():
+    from merge_dag.core.methods import registry
+    from merge_dag.core.methods._task_arithmetic_family import TaskArithmeticFamily
+
+    family = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+              "della_linear"]
+    assert GTA == family == [n for n, m in METHODS.items() if issubclass(m, TaskArithmeticFamily)]
+    assert registry.COEFFICIENT_METHODS == tuple(family)
+    assert registry.SPARSIFYING == tuple(n for n in family if n != "task_arithmetic")
+    assert registry.TASK_VECTOR_METHODS == tuple(family + ["slerp", "model_stock"])
+    assert registry.names_where(lambda m: m.uses_task_vectors) == registry.TASK_VECTOR_METHODS
+    for name, m in METHODS.items():   # every method cites its source, except mergekit's own inventions
+        assert m.reference_url.startswith("https://") or name in ("passthrough", "nuslerp"), name
+        assert m.sparsifies == (getattr(m, "sparsification", None) is not None)
 
 
 def test_registry_and_class_attributes():
@@ -410,7 +425,7 @@ def test_passthrough():
 
 # ---- in place, one thread count or another, the same bits ---------------------------------------------
 def test_methods_work_in_place_and_do_not_depend_on_threads(monkeypatch):
-    monkeypatch.setattr(sp, "CPU_CHUNK", 61)
+    monkeypatch.setattr(chunks, "CPU_CHUNK", 61)
     base, xs = family(3, shape=(40, 25), seed=12, integers=True)
     old = torch.get_num_threads()
     results = []

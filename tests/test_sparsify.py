@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from merge_dag.core import chunks
 from merge_dag.core import sparsify as sp
 from merge_dag.core.sparsify import sparsify, top_cuts
 
@@ -13,7 +14,7 @@ from merge_dag.core.sparsify import sparsify, top_cuts
 def chunking(request, monkeypatch):
     """Run each test with the real chunk size and with tiny chunks (many chunks, several workers)."""
     if request.param == "many-chunks":
-        monkeypatch.setattr(sp, "CPU_CHUNK", 97)
+        monkeypatch.setattr(chunks, "CPU_CHUNK", 97)
     return request.param
 
 
@@ -213,7 +214,7 @@ def test_random_draws_are_independent_per_entry():
 
 
 def test_results_do_not_depend_on_thread_count(monkeypatch):
-    monkeypatch.setattr(sp, "CPU_CHUNK", 101)
+    monkeypatch.setattr(chunks, "CPU_CHUNK", 101)
     torch.manual_seed(6)
     x = torch.randint(-5, 6, (7000,)).float()
     old = torch.get_num_threads()

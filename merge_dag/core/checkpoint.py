@@ -369,12 +369,6 @@ def check_output_target(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, 
     return out
 
 
-def is_pickle_only(path: Path) -> bool:
-    return path.is_dir() and not any(path.glob("*.safetensors")) and any(
-        p.suffix in PICKLE_SUFFIXES for p in path.iterdir()
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------
@@ -387,12 +381,8 @@ def parse_size(text: str | int) -> int:
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
              "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-    for u, m in units.items():
-        if s.endswith(u):
-            num = s[: -len(u)]
-            break
-    else:
-        num, m = s, 1
+    unit = next((u for u in units if s.endswith(u)), None)
+    num, m = (s[: -len(unit)], units[unit]) if unit else (s, 1)
     try:
         value = float(num)
     except ValueError:
@@ -701,7 +691,7 @@ def clean_stale_temporaries(out_dir: Path) -> list[Path]:
         if new is not None:
             if old is not None and _exists(out_dir):
                 warnings.warn(f"{out_dir}: an interrupted write left {new.name} and {old.name}, and "
-                              f"{out_dir.name} exists again; all three are kept, resolve them by hand")
+                              f"{out_dir.name} exists again; all three are kept, resolve them by hand", stacklevel=2)
                 continue
             if old is None and _exists(out_dir):
                 old = parent / f".{out_dir.name}.old-{tag}"

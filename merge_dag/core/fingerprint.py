@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import DTYPE_NAMES, Checkpoint, TensorInfo
+from .lora import ADAPTER_CONFIG, LoraCheckpoint
 
 PREFIX = "sha256:"
 _CHUNK = 16 * 1024 * 1024
@@ -37,9 +38,14 @@ def cache_dir() -> Path:
     return p / "fingerprints"
 
 
-def _file_key(path: Path) -> tuple[Path, str]:
+def file_identity(path: Path) -> str:
+    """path | size | mtime | inode: what tells an unchanged file from a rewritten one."""
     st = path.stat()
-    ident = f"{path.absolute()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return f"{path.absolute()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+
+
+def _file_key(path: Path) -> tuple[Path, str]:
+    ident = file_identity(path)
     h = hashlib.sha256(ident.encode()).hexdigest()[:40]
     return cache_dir() / f"{h}.json", ident
 
@@ -103,8 +109,6 @@ def tensor_digests(ckpt: Checkpoint, known: Optional[dict[str, str]] = None) -> 
 def checkpoint_fingerprint(ckpt: Checkpoint | str | os.PathLike, known: Optional[dict[str, str]] = None) -> str:
     """A checkpoint's fingerprint; a LoRA-adapted model's (merge_dag.core.lora.LoraCheckpoint) is
     lora_fingerprint: base fingerprint + adapter config + adapter tensors (`known` is not used)."""
-    from .lora import LoraCheckpoint, lora_fingerprint
-
     if isinstance(ckpt, LoraCheckpoint):
         return lora_fingerprint(ckpt)
     if not isinstance(ckpt, Checkpoint):
@@ -116,6 +120,27 @@ def checkpoint_fingerprint(ckpt: Checkpoint | str | os.PathLike, known: Optional
         h.update(f"{name}\t{DTYPE_NAMES[info.dtype]}\t{list(info.shape)}\t{digests[name]}\n".encode())
     cfg = ckpt.folder / "config.json"
     h.update(b"config\t" + (hashlib.sha256(cfg.read_bytes()).hexdigest().encode() if cfg.exists() else b"-"))
+    return PREFIX + h.hexdigest()
+
+
+def adapter_fingerprint(ck: LoraCheckpoint) -> str:
+    """The adapter alone: sha256 over adapter_config.json's bytes and the adapter's tensors (name,
+    dtype, shape, bytes; digests cached per file like a checkpoint's). Its README is not part of it."""
+    h = hashlib.sha256(b"merge_dag/adapter/v1\n")
+    h.update(b"adapter_config\t" + hashlib.sha256((ck.adapter_dir / ADAPTER_CONFIG).read_bytes()).hexdigest().encode())
+    digests = tensor_digests(ck.weights)
+    for n in sorted(ck.weights.tensors):
+        info = ck.weights.tensors[n]
+        h.update(f"\n{n}\t{DTYPE_NAMES[info.dtype]}\t{list(info.shape)}\t{digests[n]}".encode())
+    return PREFIX + h.hexdigest()
+
+
+def lora_fingerprint(ck: LoraCheckpoint) -> str:
+    """The adapted model: sha256 over the base's fingerprint and the adapter's, so any change to the
+    base, the adapter's config or its weights changes it."""
+    h = hashlib.sha256(b"merge_dag/lora/v1\n")
+    h.update(b"base\t" + checkpoint_fingerprint(ck.base).encode() + b"\n")
+    h.update(b"adapter\t" + adapter_fingerprint(ck).encode())
     return PREFIX + h.hexdigest()
 
 

@@ -206,7 +206,6 @@ def state_dict_for_saving(model) -> dict:
 def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
                 force: bool = False) -> ImportResult:
     """Import ``gguf_path`` into the folder ``out_dir``; see the module docstring."""
-    import torch
 
     from .checkpoint import atomic_replace_dir, clean_stale_temporaries, parse_dtype
     from .fingerprint import checkpoint_fingerprint
@@ -215,15 +214,7 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     gguf = Path(gguf_path).absolute()
     out = Path(out_dir).absolute()
     meta = read_metadata(gguf)
-    arch = str(meta.get("general.architecture", ""))
-    if not arch:
-        raise GGUFImportError(f"{gguf}: no 'general.architecture' in the GGUF metadata")
-    supported = supported_architectures()
-    if supported and arch not in supported:
-        import transformers
-
-        raise GGUFImportError(f"{gguf}: architecture {arch!r} cannot be dequantized by transformers "
-                              f"{transformers.__version__} (supported: {', '.join(sorted(supported))})")
+    arch = _architecture(gguf, meta)
     try:
         torch_dtype = parse_dtype(dtype)
     except (ValueError, KeyError) as e:
@@ -237,21 +228,12 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
                             reused=True, model_fingerprint=checkpoint_fingerprint(out))
 
     model, tok = _load(gguf, torch_dtype)
-    from safetensors.torch import save_file
-
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        tensors = state_dict_for_saving(model)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        cfg = plain_config(model)
-        cfg.dtype = torch_dtype
-        cfg.save_pretrained(str(tmp))
-        gen = model.generation_config
-        gen.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        tensors = _write_model(tmp, model, tok, torch_dtype)
         card = {
             "kind": CARD_KIND,
             "format": IMPORT_FORMAT,
@@ -260,7 +242,8 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             "source": {"kind": "gguf", "path": str(gguf), "sha256": sha, "bytes": gguf.stat().st_size,
                        "architecture": arch, "name": meta.get("general.name"),
                        "file_type": meta.get("general.file_type")},
-            "inputs": [{"role": "imported_from", "model": gguf.name, "fingerprint": f"sha256:{sha}", "path": str(gguf)}],
+            "inputs": [{"role": "imported_from", "model": gguf.name, "fingerprint": f"sha256:{sha}",
+                        "path": str(gguf)}],
             "dtype": dtype,
             "tensor_count": len(tensors),
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -280,6 +263,35 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     return ImportResult(out_dir=str(out), sha256=sha, architecture=arch, tensor_count=card["tensor_count"],
                         parameters=card["parameters"], seconds=round(time.perf_counter() - t0, 2), reused=False,
                         model_fingerprint=fp)
+
+
+def _architecture(gguf: Path, meta: dict) -> str:
+    """The GGUF's architecture, if this transformers can dequantize it."""
+    arch = str(meta.get("general.architecture", ""))
+    if not arch:
+        raise GGUFImportError(f"{gguf}: no 'general.architecture' in the GGUF metadata")
+    supported = supported_architectures()
+    if supported and arch not in supported:
+        import transformers
+
+        raise GGUFImportError(f"{gguf}: architecture {arch!r} cannot be dequantized by transformers "
+                              f"{transformers.__version__} (supported: {', '.join(sorted(supported))})")
+    return arch
+
+
+def _write_model(folder: Path, model, tok, torch_dtype) -> dict:
+    """model.safetensors, config.json (a plain config in `torch_dtype`), generation config and
+    tokenizer into `folder`; returns the saved tensors."""
+    from safetensors.torch import save_file
+
+    tensors = state_dict_for_saving(model)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = plain_config(model)
+    cfg.dtype = torch_dtype
+    cfg.save_pretrained(str(folder))
+    model.generation_config.save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return tensors
 
 
 # --- lineage -------------------------------------------------------------------------------------

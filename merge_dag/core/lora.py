@@ -24,7 +24,6 @@ name a base tensor, and every factor's shape must fit it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -35,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import DTYPE_NAMES, Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo
 from .errors import AdapterError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,8 +119,9 @@ class LoraCheckpoint(Checkpoint):
         for (module, emb), ab in sorted(parts.items()):
             if set(ab) != {"A", "B"}:
                 missing = "B" if "A" in ab else "A"
-                raise AdapterError(f"{where}: module {module!r} has lora_{'embedding_' if emb else ''}"
-                                   f"{'A' if missing == 'B' else 'B'} but no lora_{'embedding_' if emb else ''}{missing}")
+                kind = f"lora_{'embedding_' if emb else ''}"
+                raise AdapterError(f"{where}: module {module!r} has {kind}{'A' if missing == 'B' else 'B'} "
+                                   f"but no {kind}{missing}")
             target = f"{module}.weight"
             if target not in self.base.tensors:
                 raise AdapterError(f"{where}: tensor {ab['A']!r} adapts module {module!r}, which base "
@@ -248,28 +248,3 @@ def open_model(path: str | os.PathLike, name: Optional[str] = None,
     if not Path(path).exists():
         raise AdapterError(f"adapter {name or str(path)!r}: path does not exist: {path}")
     return LoraCheckpoint(base_ck, path, name=name)
-
-
-def adapter_fingerprint(ck: LoraCheckpoint) -> str:
-    """The adapter alone: sha256 over adapter_config.json's bytes and the adapter's tensors (name,
-    dtype, shape, bytes; digests cached per file like a checkpoint's). Its README is not part of it."""
-    from .fingerprint import PREFIX, tensor_digests
-
-    h = hashlib.sha256(b"merge_dag/adapter/v1\n")
-    h.update(b"adapter_config\t" + hashlib.sha256((ck.adapter_dir / ADAPTER_CONFIG).read_bytes()).hexdigest().encode())
-    digests = tensor_digests(ck.weights)
-    for n in sorted(ck.weights.tensors):
-        info = ck.weights.tensors[n]
-        h.update(f"\n{n}\t{DTYPE_NAMES[info.dtype]}\t{list(info.shape)}\t{digests[n]}".encode())
-    return PREFIX + h.hexdigest()
-
-
-def lora_fingerprint(ck: LoraCheckpoint) -> str:
-    """The adapted model: sha256 over the base's fingerprint and the adapter's, so any change to the
-    base, the adapter's config or its weights changes it."""
-    from .fingerprint import PREFIX, checkpoint_fingerprint
-
-    h = hashlib.sha256(b"merge_dag/lora/v1\n")
-    h.update(b"base\t" + checkpoint_fingerprint(ck.base).encode() + b"\n")
-    h.update(b"adapter\t" + adapter_fingerprint(ck).encode())
-    return PREFIX + h.hexdigest()

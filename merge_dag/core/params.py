@@ -7,7 +7,7 @@ A parameter value is one of:
   norm, lm_head) take t = 0, as in mergekit;
 - a list of `{filter, value}` entries: the first entry whose filter is a substring of the tensor
   name (or is missing / "*") gives the value, which may itself be a scalar or a gradient.
-LEWIS densities and Sens-Merging coefficients (later issues) are maps of this same shape.
+LEWIS densities and Sens-Merging coefficients (merge_dag.guidance) are maps of this same shape.
 """
 
 from __future__ import annotations

@@ -48,23 +48,22 @@ from .checkpoint import (
     plan_shards,
     shard_file_names,
 )
-from .engine import (
-    MergePlan,
+from .errors import MergeDagError
+from .fingerprint import checkpoint_fingerprint, file_identity
+from .merge import (
     MergeResult,
-    _write_metadata,
-    check_target,
     input_digest_maps,
     input_fingerprints,
     input_pairs,
     merge_device,
     merge_steps,
-    output_errors,
     out_tensors,
+    output_errors,
     raise_if_identical,
     shard_metadata,
+    write_metadata,
 )
-from .errors import MergeDagError
-from .fingerprint import _file_key, checkpoint_fingerprint
+from .plan import MergePlan, check_target
 from .version import merge_code_version
 
 MANIFEST_FORMAT = "merge_dag/part/v1"
@@ -143,7 +142,7 @@ def _jsonable(obj: Any) -> Any:
 
 def _file_idents(ck: Checkpoint) -> list[str]:
     """path | size | mtime | inode of each file the checkpoint's tensors live in."""
-    return [_file_key(f)[1] for f in sorted({i.file for i in ck.tensors.values()})]
+    return [file_identity(f) for f in sorted({i.file for i in ck.tensors.values()})]
 
 
 def plan_key(plan: MergePlan, parts: int, shard_size: str | int = "2GB") -> str:
@@ -312,7 +311,7 @@ def finalize_parts(plan: MergePlan, staging_dir: str | Path, out_dir: str | Path
     with output_errors(out_dir), CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size),
                                                   metadata=shard_metadata(plan)) as writer:
         writer.adopt_shards(staging)
-        card = _write_metadata(plan, writer, fps, card_extra or {})
+        card = write_metadata(plan, writer, fps, card_extra or {})
         elapsed = sum(m["seconds"] for m in manifests) + time.perf_counter() - t0
         writer.commit()
     if cleanup:

@@ -44,8 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import params as pmap
 from .checkpoint import parse_dtype
-from .lora import is_adapter_folder
 from .errors import RecipeError
+from .lora import is_adapter_folder
 
 Scalar = Union[bool, int, float, str]
 ParamValue = Any  # checked by params.validate_shape (pydantic unions over lists of dicts give poor errors)
@@ -220,18 +220,6 @@ class Recipe(_Strict):
     def globs(self) -> list[str]:
         """The glob patterns the recipe file named (kept after expansion)."""
         return list(self._globs)
-
-    def model_refs(self) -> list[str]:
-        """Every model the recipe names, base first, each once."""
-        refs: list[str] = []
-        if self.base_model:
-            refs.append(self.base_model)
-        for m in self.models or []:
-            refs.append(m.model)
-        for s in self.slices or []:
-            for src in s.sources:
-                refs.append(src.model)
-        return list(dict.fromkeys(refs))
 
     def to_yaml_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True, exclude={"source_path", "root"},
@@ -415,46 +403,63 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: models: {method.name} takes at most {method.max_models} "
                               f"model(s) besides the base, got {n}")
 
-    def check_value(loc: str, name: str, value: Any, allow_per_model: bool, allow_global: bool) -> None:
-        spec = method.param(name)
-        if spec is None:
-            known = ", ".join(p.name for p in method.params) or "none"
-            raise RecipeError(f"{where}: {loc}.{name}: unknown parameter for {method.name} (known: {known})")
-        if spec.per_model and not allow_per_model:
-            pass  # a per-model parameter given at top level is a default for every model (mergekit)
-        if not spec.per_model and not allow_global:
-            raise RecipeError(f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
-                              "give it under the top-level `parameters`")
-        err = pmap.validate_shape(value)
-        if err:
-            raise RecipeError(f"{where}: {loc}.{name}: {err}")
-        for leaf in pmap.leaves(value):
-            if spec.kind is bool:
-                if not isinstance(leaf, bool):
-                    raise RecipeError(f"{where}: {loc}.{name}: must be true or false, got {leaf!r}")
-                continue
-            if isinstance(leaf, float) and not math.isfinite(leaf):
-                raise RecipeError(f"{where}: {loc}.{name}: must be a finite number, got {leaf!r}")
-            if spec.kind in (int, float):
-                if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
-                    raise RecipeError(f"{where}: {loc}.{name}: must be a number, got {leaf!r}")
-            if spec.check is not None:
-                msg = spec.check(leaf)
-                if msg:
-                    raise RecipeError(f"{where}: {loc}.{name}: {msg}")
+    _validate_parameters(recipe, method, experts)
+
+    if recipe.guidance is not None:
+        _validate_guidance(recipe, method, experts)
+
+    if recipe.tokenizer_source == "union":
+        raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")
+
+
+def _check_value(where: str, method, loc: str, name: str, value: Any, allow_global: bool) -> None:
+    """One parameter value as `method` takes it: known, placed where it may be (a per-model parameter is
+    welcome anywhere, at top level as the default for every model, as in mergekit; a global one only
+    where `allow_global`), well-shaped, of its kind and in range."""
+    spec = method.param(name)
+    if spec is None:
+        known = ", ".join(p.name for p in method.params) or "none"
+        raise RecipeError(f"{where}: {loc}.{name}: unknown parameter for {method.name} (known: {known})")
+    if not spec.per_model and not allow_global:
+        raise RecipeError(f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
+                          "give it under the top-level `parameters`")
+    err = pmap.validate_shape(value)
+    if err:
+        raise RecipeError(f"{where}: {loc}.{name}: {err}")
+    for leaf in pmap.leaves(value):
+        if spec.kind is bool:
+            if not isinstance(leaf, bool):
+                raise RecipeError(f"{where}: {loc}.{name}: must be true or false, got {leaf!r}")
+            continue
+        if isinstance(leaf, float) and not math.isfinite(leaf):
+            raise RecipeError(f"{where}: {loc}.{name}: must be a finite number, got {leaf!r}")
+        if spec.kind in (int, float):
+            if isinstance(leaf, bool) or not isinstance(leaf, (int, float)):
+                raise RecipeError(f"{where}: {loc}.{name}: must be a number, got {leaf!r}")
+        if spec.check is not None:
+            msg = spec.check(leaf)
+            if msg:
+                raise RecipeError(f"{where}: {loc}.{name}: {msg}")
+
+
+def _validate_parameters(recipe: Recipe, method, experts: list[InputModel]) -> None:
+    """Every parameter given anywhere in the recipe, then the required ones."""
+    where = recipe.where
+
+    def check(loc: str, name: str, value: Any, allow_global: bool) -> None:
+        _check_value(where, method, loc, name, value, allow_global)
 
     for name, value in recipe.parameters.items():
-        check_value("parameters", name, value, allow_per_model=True, allow_global=True)
+        check("parameters", name, value, allow_global=True)
     for i, m in enumerate(recipe.models or []):
         for name, value in m.parameters.items():
-            check_value(f"models[{i}].parameters", name, value, allow_per_model=True, allow_global=False)
+            check(f"models[{i}].parameters", name, value, allow_global=False)
     for si, s in enumerate(recipe.slices or []):
         for name, value in s.parameters.items():
-            check_value(f"slices[{si}].parameters", name, value, allow_per_model=True, allow_global=True)
+            check(f"slices[{si}].parameters", name, value, allow_global=True)
         for j, src in enumerate(s.sources):
             for name, value in src.parameters.items():
-                check_value(f"slices[{si}].sources[{j}].parameters", name, value,
-                            allow_per_model=True, allow_global=False)
+                check(f"slices[{si}].sources[{j}].parameters", name, value, allow_global=False)
 
     # required parameters: per-model ones must reach every expert (own or top-level default)
     for spec in method.params:
@@ -468,19 +473,10 @@ def validate_recipe(recipe: Recipe) -> None:
         elif spec.name not in recipe.parameters:
             raise RecipeError(f"{where}: parameters.{spec.name}: required by {method.name}")
 
-    if recipe.guidance is not None:
-        _validate_guidance(recipe, method, experts)
-
-    if recipe.tokenizer_source == "union":
-        raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")
-
-
-SPARSIFYING = ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties")
-COEFFICIENT_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
-                       "breadcrumbs", "breadcrumbs_ties")
-
 
 def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> None:
+    from .methods.registry import COEFFICIENT_METHODS, SPARSIFYING
+
     where, g = recipe.where, recipe.guidance
 
     def need_own_calibration(what: str, models: list[InputModel]) -> None:
@@ -502,7 +498,7 @@ def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> Non
             raise RecipeError(f"{where}: guidance.regmean: cannot be combined with sparsity, coefficients or aim")
         need_own_calibration("regmean", list(recipe.models or []))
     if g.sparsity is not None:
-        if method.name not in SPARSIFYING:
+        if not method.sparsifies:
             raise RecipeError(f"{where}: guidance.sparsity: {method.name} does not sparsify; LEWIS densities apply "
                               f"to {', '.join(SPARSIFYING)}")
         if g.sparsity.calibration:
@@ -510,7 +506,7 @@ def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> Non
         else:
             need_own_calibration("sparsity (no guidance.sparsity.calibration given)", experts)
     if g.coefficients is not None:
-        if method.name not in COEFFICIENT_METHODS:
+        if not method.takes_coefficients:
             raise RecipeError(f"{where}: guidance.coefficients: Sens-Merging coefficients apply to "
                               f"{', '.join(COEFFICIENT_METHODS)}, not {method.name}")
         need_own_calibration("coefficients", experts)

@@ -30,7 +30,7 @@ Speed: top-k is a selection, not a sort. It is a two-pass radix select on the fl
 (torch.bincount) finds the bucket that holds the k-th largest magnitude, and a histogram of the
 low 16 bits of that one bucket pins it exactly. Masking is torch.hardshrink (keeps |x| > lambda);
 when only some of the entries tied at the threshold are kept, the masking pass counts ties chunk
-by chunk and keeps the first ones. Everything runs in cache-sized chunks on the CPU (the whole
+by chunk and keeps the first ones. Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole
 tensor on an accelerator) with preallocated buffers, so no temporary is ever the size of the
 tensor, and with one intra-op thread: thousands of small parallel regions are what makes a
 2-core machine under load crawl. della needs every entry's rank: it sorts each row (rows are
@@ -40,15 +40,13 @@ short), chunk by chunk. Randomness comes only from the torch.Generator passed in
 from __future__ import annotations
 
 import math
-import os
 import struct
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
+
+from .chunks import chunk_generators, chunk_size, chunked_sum, run_segments, segments, spans, workers
 
 MAGNITUDE = "magnitude"
 RANDOM = "random"
@@ -59,104 +57,11 @@ ALIASES = {"topk": MAGNITUDE, "ties": MAGNITUDE, "dare": RANDOM, "bernoulli": RA
            "breadcrumbs": MAGNITUDE_OUTLIERS, "della": DELLA}
 
 L1_EPS = 1e-7             # mergekit's rescale guard
-CPU_CHUNK = 1 << 18       # elements per chunk on the CPU: 1 MiB of float32, stays in L2
-MAX_WORKERS = 4           # chunk-segment threads at most (and never more than torch's threads)
 _ABS = 0x7FFFFFFF         # clears the sign bit of a float32 seen as int32
 _HI_BINS = 1 << 15        # top 16 bits of a non-negative float32: 0 .. 32767
 _LO_BINS = (1 << 16) + 2  # low 16 bits inside one top bucket, plus "below" (0) and "above" (65537)
 _P_ONE = 1 << 31          # int32 random_() draws uniformly from [0, 2**31)
 _INF = float("inf")
-
-
-# ---- chunks, segments, workers ----------------------------------------------------------------
-def chunk_size(t: torch.Tensor) -> int:
-    """Elements per chunk: cache-sized on the CPU, the whole tensor on an accelerator."""
-    return CPU_CHUNK if t.device.type == "cpu" else max(1, t.numel())
-
-
-def spans(lo: int, hi: int, step: int) -> Iterator[tuple[int, int]]:
-    for s in range(lo, hi, step):
-        yield s, min(hi, s + step)
-
-
-_local = threading.local()
-_pool: Optional[ThreadPoolExecutor] = None
-_pool_lock = threading.Lock()
-
-
-def _forget_pool_after_fork() -> None:
-    # a forked child has none of the parent's pool threads: start a fresh pool on first use
-    global _pool, _pool_lock
-    _pool, _pool_lock = None, threading.Lock()
-    _local.__dict__.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool_after_fork)
-
-
-@contextmanager
-def workers(t: torch.Tensor) -> Iterator[int]:
-    """Chunk loops inside this block run on one intra-op thread each; yields how many segment
-    workers to use (torch's thread count when entered, at most MAX_WORKERS; 1 off the CPU).
-    Nested uses (same thread) share the outer setting."""
-    outer = getattr(_local, "workers", None)
-    if outer is not None:
-        yield outer
-        return
-    if t.device.type != "cpu":
-        yield 1
-        return
-    n = torch.get_num_threads()
-    if n > 1:
-        torch.set_num_threads(1)
-    _local.workers = max(1, min(MAX_WORKERS, n))
-    try:
-        yield _local.workers
-    finally:
-        _local.workers = None
-        if n > 1:
-            torch.set_num_threads(n)
-
-
-def segments(n: int, step: int, n_workers: int) -> list[tuple[int, int]]:
-    """[0, n) cut into at most n_workers contiguous runs of whole chunks."""
-    n_chunks = max(1, math.ceil(n / step))
-    w = max(1, min(n_workers, n_chunks))
-    per = math.ceil(n_chunks / w)
-    return [(i * per * step, min(n, (i + 1) * per * step)) for i in range(w) if i * per * step < n]
-
-
-def _in_worker(fn: Callable[..., Any], *args: Any) -> Any:
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)  # this pool thread's own OpenMP setting
-    return fn(*args)
-
-
-def run_segments(segs: Sequence[tuple[int, int]], fn: Callable[[int, int, int], Any]) -> list[Any]:
-    """fn(index, lo, hi) for each segment, concurrently (the first in the calling thread)."""
-    global _pool
-    if len(segs) <= 1:
-        return [fn(0, *segs[0])] if segs else []
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=MAX_WORKERS - 1, thread_name_prefix="merge-dag-chunks")
-    futures = [_pool.submit(_in_worker, fn, i, lo, hi) for i, (lo, hi) in enumerate(segs) if i > 0]
-    first = fn(0, *segs[0])
-    return [first] + [f.result() for f in futures]
-
-
-def chunk_generators(generator: Optional[torch.Generator], n_chunks: int,
-                     device: torch.device) -> list[Optional[torch.Generator]]:
-    """One generator per chunk, seeded in order from `generator` (the global RNG if None)."""
-    seeds = torch.randint(0, 2**62, (n_chunks,), generator=generator, dtype=torch.int64,
-                          device=generator.device if generator is not None else "cpu").tolist()
-    gens = []
-    for sd in seeds:
-        g = torch.Generator(device=device)
-        g.manual_seed(sd)
-        gens.append(g)
-    return gens
 
 
 def _f32(bits: int) -> float:
@@ -215,26 +120,10 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
             flat.sub_(base.reshape(-1))
         return cuts  # type: ignore[return-value]
 
-    dev = flat.device
-    bits = flat.view(torch.int32)
     step = min(chunk_size(flat), n)
-    bflat = base.reshape(-1) if base is not None else None
     with workers(flat) as w:
         segs = segments(n, step, w)
-
-        def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
-            buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
-            hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
-            for s, e in spans(lo, hi, step):
-                if bflat is not None:
-                    flat[s:e].sub_(bflat[s:e])
-                b = buf[: e - s]
-                torch.bitwise_and(bits[s:e], _ABS, out=b)
-                b.bitwise_right_shift_(16)
-                hist += torch.bincount(b, minlength=_HI_BINS)
-            return hist
-
-        hist_c = sum(run_segments(segs, pass1)).cpu()
+        hist_c = _hi_histogram(flat, base, step, segs)
         from_top = hist_c.flip(0).cumsum(0)           # from_top[i]: count in buckets >= 32767 - i
 
         where: dict[int, tuple[int, int]] = {}        # j -> (bucket, count strictly above it)
@@ -249,47 +138,79 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
                 where[j] = (bucket, above)
         if not where:
             return cuts  # type: ignore[return-value]
-
-        buckets = sorted({b for b, _ in where.values()})
-
-        def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
-            # the low 16 bits inside each needed bucket (bin 0 = below it, 65537 = above it)
-            buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
-            buf2 = torch.empty_like(buf)
-            low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
-            for s, e in spans(lo, hi, step):
-                b = buf[: e - s]
-                b2 = buf2[: e - s]
-                torch.bitwise_and(bits[s:e], _ABS, out=b)
-                for bucket in buckets:
-                    torch.sub(b, (bucket << 16) - 1, out=b2)
-                    b2.clamp_(0, _LO_BINS - 1)
-                    low[bucket] += torch.bincount(b2, minlength=_LO_BINS)
-            return {b: h.cpu() for b, h in low.items()}
-
-        per_seg = run_segments(segs, pass2)
+        per_seg = _lo_histograms(flat, step, segs, sorted({b for b, _ in where.values()}))
 
     for j, (bucket, above) in where.items():
-        k = ks[j]
-        h = sum(ps[bucket] for ps in per_seg)[1:_LO_BINS - 1]  # counts of low bits 0 .. 65535
-        top = h.flip(0).cumsum(0)
-        i = int(torch.searchsorted(top, k - above))
-        lo16 = (1 << 16) - 1 - i
-        t_bits = (bucket << 16) | lo16
-        greater = above + (int(top[i - 1]) if i > 0 else 0)
-        need = k - greater                            # 1 <= need <= ties
-        if t_bits == 0:                               # threshold 0: the tied entries are zeros
-            cuts[j] = TopCut(0.0)
-        elif need == int(h[lo16]):                    # every tied entry is kept
-            cuts[j] = TopCut(_f32(t_bits - 1))
-        else:
-            seg_need, left = [], need
-            for ps in per_seg:
-                take = min(left, int(ps[bucket][lo16 + 1]))
-                seg_need.append(take)
-                left -= take
-            cuts[j] = TopCut(_f32(t_bits), _f32(t_bits - 1), t_bits, need, tuple(segs), tuple(seg_need))
+        cuts[j] = _cut_in_bucket(ks[j], bucket, above, per_seg, segs)
     return cuts  # type: ignore[return-value]
+
+
+def _hi_histogram(flat: torch.Tensor, base: Optional[torch.Tensor], step: int,
+                  segs: list[tuple[int, int]]) -> torch.Tensor:
+    """Counts of the top 16 bits of |x| over the whole tensor (on the CPU); flat -= base is fused in."""
+    dev = flat.device
+    bits = flat.view(torch.int32)
+    bflat = base.reshape(-1) if base is not None else None
+
+    def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
+        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+        hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
+        for s, e in spans(lo, hi, step):
+            if bflat is not None:
+                flat[s:e].sub_(bflat[s:e])
+            b = buf[: e - s]
+            torch.bitwise_and(bits[s:e], _ABS, out=b)
+            b.bitwise_right_shift_(16)
+            hist += torch.bincount(b, minlength=_HI_BINS)
+        return hist
+
+    return sum(run_segments(segs, pass1)).cpu()
+
+
+def _lo_histograms(flat: torch.Tensor, step: int, segs: list[tuple[int, int]],
+                   buckets: list[int]) -> list[dict[int, torch.Tensor]]:
+    """Per segment, for each bucket: counts of the low 16 bits of the |x| inside it (bin 0 = below
+    the bucket, 65537 = above it), on the CPU."""
+    dev = flat.device
+    bits = flat.view(torch.int32)
+
+    def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
+        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+        buf2 = torch.empty_like(buf)
+        low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
+        for s, e in spans(lo, hi, step):
+            b = buf[: e - s]
+            b2 = buf2[: e - s]
+            torch.bitwise_and(bits[s:e], _ABS, out=b)
+            for bucket in buckets:
+                torch.sub(b, (bucket << 16) - 1, out=b2)
+                b2.clamp_(0, _LO_BINS - 1)
+                low[bucket] += torch.bincount(b2, minlength=_LO_BINS)
+        return {b: h.cpu() for b, h in low.items()}
+
+    return run_segments(segs, pass2)
+
+
+def _cut_in_bucket(k: int, bucket: int, above: int, per_seg: list[dict[int, torch.Tensor]],
+                   segs: list[tuple[int, int]]) -> TopCut:
+    """The cut keeping the k largest, whose threshold lies in `bucket` (`above` entries are larger)."""
+    h = sum(ps[bucket] for ps in per_seg)[1:_LO_BINS - 1]  # counts of low bits 0 .. 65535
+    top = h.flip(0).cumsum(0)
+    i = int(torch.searchsorted(top, k - above))
+    lo16 = (1 << 16) - 1 - i
+    t_bits = (bucket << 16) | lo16
+    greater = above + (int(top[i - 1]) if i > 0 else 0)
+    need = k - greater                            # 1 <= need <= ties
+    if t_bits == 0:                               # threshold 0: the tied entries are zeros
+        return TopCut(0.0)
+    if need == int(h[lo16]):                      # every tied entry is kept
+        return TopCut(_f32(t_bits - 1))
+    seg_need, left = [], need
+    for ps in per_seg:
+        take = min(left, int(ps[bucket][lo16 + 1]))
+        seg_need.append(take)
+        left -= take
+    return TopCut(_f32(t_bits), _f32(t_bits - 1), t_bits, need, tuple(segs), tuple(seg_need))
 
 
 class Shrinker:
@@ -438,25 +359,6 @@ def _della_rows(x: torch.Tensor, density: float, epsilon: float,
 
     with workers(x) as w:
         run_segments(segments(n_rows, per, w), work)
-
-
-def chunked_sum(flat: torch.Tensor, fn: Callable[[int, int, torch.Tensor], torch.Tensor]) -> float:
-    """sum over [0, n) of fn(s, e, out): each chunk's float32 values (written into the chunk-sized
-    buffer `out`) summed by torch, the chunk sums added in order in double (no big temporary)."""
-    n = flat.numel()
-    step = min(chunk_size(flat), max(1, n))
-
-    def work(_i: int, lo: int, hi: int) -> list[float]:
-        buf = torch.empty(min(step, hi - lo), dtype=flat.dtype, device=flat.device)
-        return [float(fn(s, e, buf[: e - s]).sum()) for s, e in spans(lo, hi, step)]
-
-    with workers(flat) as w:
-        parts = run_segments(segments(n, step, w), work)
-    total = 0.0
-    for part in parts:
-        for v in part:
-            total += v
-    return total
 
 
 def abs_sum(flat: torch.Tensor) -> float:

@@ -31,13 +31,40 @@ class TaskVectorResult:
 
 
 def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Checkpoint, out_dir: str | Path,
-                        device: str = "cpu", shard_size: str | int = "2GB", metadata: dict | None = None) -> TaskVectorResult:
+                        device: str = "cpu", shard_size: str | int = "2GB",
+                        metadata: dict | None = None) -> TaskVectorResult:
     t0 = time.perf_counter()
     base = base if isinstance(base, (Checkpoint, LoraCheckpoint)) else Checkpoint(base, name=str(base))
     expert = expert if isinstance(expert, (Checkpoint, LoraCheckpoint)) else Checkpoint(expert, name=str(expert))
     # a LoRA expert over this very base: its delta is the adapter's, computed exactly per tensor
     low_rank = isinstance(expert, LoraCheckpoint) and expert.base.path.resolve() == base.path.resolve() \
         and not isinstance(base, LoraCheckpoint)
+    _check_same_tensors(base, expert)
+    out_dir = Path(out_dir)
+    clean_stale_temporaries(out_dir)
+    plan = [OutTensor(n, i.shape, torch.float32 if i.dtype in FLOATS else i.dtype) for n, i in base.tensors.items()]
+    sq = 0.0
+    per_layer: dict[str, float] = {}
+    meta = {"kind": "task_vector", **{k: str(v) for k, v in (metadata or {}).items()}}
+    with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata=meta) as w:
+        for t in plan:
+            d = _tensor_delta(base, expert, t, device, low_rank)
+            if t.dtype == torch.float32:
+                n2 = float(torch.linalg.vector_norm(d)) ** 2
+                sq += n2
+                li = layer_index(t.name)
+                key = f"layer {li}" if li is not None else t.name
+                per_layer[key] = per_layer.get(key, 0.0) + n2
+            w.write(t.name, d)
+        cfg = base.folder / "config.json"
+        w.copy_files(base.folder, ["config.json"] if cfg.exists() else [])
+        nbytes = w.bytes_written
+        w.commit()
+    return TaskVectorResult(out_dir, len(plan), nbytes, sq ** 0.5, {k: v ** 0.5 for k, v in per_layer.items()},
+                            time.perf_counter() - t0)
+
+
+def _check_same_tensors(base: Checkpoint, expert: Checkpoint) -> None:
     for name, info in base.tensors.items():
         other = expert.tensors.get(name)
         if other is None:
@@ -48,52 +75,30 @@ def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Chec
     extra = [n for n in expert.tensors if n not in base.tensors]
     if extra:
         raise MergeInputError(f"model {expert.name!r}: tensor {extra[0]!r} is not in base {base.name!r}")
-    out_dir = Path(out_dir)
-    clean_stale_temporaries(out_dir)
-    plan = [OutTensor(n, i.shape, torch.float32 if i.dtype in FLOATS else i.dtype) for n, i in base.tensors.items()]
-    sq = 0.0
-    per_layer: dict[str, float] = {}
-    meta = {"kind": "task_vector", **{k: str(v) for k, v in (metadata or {}).items()}}
-    with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata=meta) as w:
-        for t in plan:
-            b = base.get(t.name, device=device)
-            if low_rank and t.dtype == torch.float32:
-                if not bool(torch.isfinite(b).all()):
-                    raise MergeInputError(f"model {base.name!r}: tensor {t.name!r} contains NaN or Inf values")
-                d = expert.delta(t.name, device=device, base=b)
-                d = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if d is None else d
-                if not bool(torch.isfinite(d).all()):
-                    raise MergeInputError(f"model {expert.name!r}: tensor {t.name!r} contains NaN or Inf values")
-                n2 = float(torch.linalg.vector_norm(d)) ** 2
-                sq += n2
-                li = layer_index(t.name)
-                key = f"layer {li}" if li is not None else t.name
-                per_layer[key] = per_layer.get(key, 0.0) + n2
-                w.write(t.name, d)
-                continue
-            e = expert.get(t.name, device=device)
-            if t.dtype == torch.float32:
-                for who, x in ((base, b), (expert, e)):
-                    if not bool(torch.isfinite(x).all()):
-                        raise MergeInputError(f"model {who.name!r}: tensor {t.name!r} contains NaN or Inf values")
-                d = e.to(torch.float32).sub_(b.to(torch.float32))
-                n2 = float(torch.linalg.vector_norm(d)) ** 2
-                sq += n2
-                li = layer_index(t.name)
-                key = f"layer {li}" if li is not None else t.name
-                per_layer[key] = per_layer.get(key, 0.0) + n2
-            else:
-                # an integer/bool tensor has no float difference: the merge copies the base's, which
-                # is right only when the expert holds the same (engine: copied only when identical)
-                if not torch.equal(b, e):
-                    raise MergeInputError(f"model {expert.name!r}: tensor {t.name!r} is "
-                                          f"{str(e.dtype).removeprefix('torch.')} and differs from base "
-                                          f"{base.name!r}; integer and bool tensors are never merged")
-                d = torch.zeros_like(b)
-            w.write(t.name, d)
-        cfg = base.folder / "config.json"
-        w.copy_files(base.folder, ["config.json"] if cfg.exists() else [])
-        nbytes = w.bytes_written
-        w.commit()
-    return TaskVectorResult(out_dir, len(plan), nbytes, sq ** 0.5, {k: v ** 0.5 for k, v in per_layer.items()},
-                            time.perf_counter() - t0)
+
+
+def _require_finite(ck: Checkpoint, name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise MergeInputError(f"model {ck.name!r}: tensor {name!r} contains NaN or Inf values")
+
+
+def _tensor_delta(base: Checkpoint, expert: Checkpoint, t: OutTensor, device: str, low_rank: bool) -> torch.Tensor:
+    """expert - base for one tensor: float32 for float tensors; zeros for an integer/bool tensor the two
+    hold identically (the merge copies the base's, right only when the expert holds the same)."""
+    b = base.get(t.name, device=device)
+    if low_rank and t.dtype == torch.float32:
+        _require_finite(base, t.name, b)
+        d = expert.delta(t.name, device=device, base=b)
+        d = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if d is None else d
+        _require_finite(expert, t.name, d)
+        return d
+    e = expert.get(t.name, device=device)
+    if t.dtype == torch.float32:
+        _require_finite(base, t.name, b)
+        _require_finite(expert, t.name, e)
+        return e.to(torch.float32).sub_(b.to(torch.float32))
+    if not torch.equal(b, e):   # engine: integer and bool tensors are copied only when identical
+        raise MergeInputError(f"model {expert.name!r}: tensor {t.name!r} is "
+                              f"{str(e.dtype).removeprefix('torch.')} and differs from base "
+                              f"{base.name!r}; integer and bool tensors are never merged")
+    return torch.zeros_like(b)

@@ -78,7 +78,7 @@ def record_model(res: MergeDagResource, m, run_id: Optional[str]) -> str:
                       nbytes=m.weight_bytes())
         return fp
     from ..core.fingerprint import checkpoint_fingerprint
-    from ..core.lora import adapter_fingerprint
+    from ..core.fingerprint import adapter_fingerprint
 
     ck = m.open()
     fp, bfp, afp = m.fingerprint(), checkpoint_fingerprint(ck.base), adapter_fingerprint(ck)

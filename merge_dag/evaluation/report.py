@@ -203,7 +203,7 @@ def format_results(table: ScoreTable, base: Optional[str] = None,
     shown = [(t, p, g) for t, p, g in pairs if f"merged/{p}" in models and f"merged/{g}" in models]
     if shown:
         lines += ["", "| guided − plain | " + " | ".join(cols) + " | avg ± SE |", "|---|" + "---:|" * (len(cols) + 1)]
-        for title, plain, guided in shown:
+        for _title, plain, guided in shown:
             a, b = f"merged/{guided}", f"merged/{plain}"
             per = [f"{table.value(a, t) - table.value(b, t):+.3f}"
                    if t in table.scores[a] and t in table.scores[b] else "—" for t in table.tasks]

@@ -53,7 +53,8 @@ def aim_checkpoint(base: str | os.PathLike | Checkpoint, merged: str | os.PathLi
         base.info(n)
         merged.info(n)
     plan = [OutTensor(n, i.shape, i.dtype) for n, i in merged.tensors.items()]
-    with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata={"guidance": "aim", "omega": str(omega)}) as w:
+    meta = {"guidance": "aim", "omega": str(omega)}
+    with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata=meta) as w:
         for t in plan:
             m = merged.get(t.name, device=device)
             if t.name in stats.count:

@@ -39,7 +39,8 @@ def load_texts(path: str | os.PathLike, max_rows: Optional[int] = None) -> list[
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{path}:{no}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise CalibrationError(f"{path}:{no}: expected a JSON object with a \"text\" field, got {type(row).__name__}")
+            raise CalibrationError(f"{path}:{no}: expected a JSON object with a \"text\" field, "
+                                   f"got {type(row).__name__}")
         if "text" not in row:
             raise CalibrationError(f"{path}:{no}: row has no \"text\" field (keys: {sorted(row)})")
         text = row["text"]

@@ -1,4 +1,4 @@
-"""LEWIS: layer-wise densities from activation-based importance (methods.md, "LEWIS").
+"""LEWIS: layer-wise densities from activation-based importance (docs/methods.md, "LEWIS").
 
 For one model (its own weights W and its own activation statistics on the calibration set):
     I(l, m) = || |W| * sqrt(s) ||_F,   s_j = sum_tokens x_j^2 / N   (sqrt(s) broadcast over W's input columns)

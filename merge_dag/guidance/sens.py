@@ -1,6 +1,6 @@
 """Sens-Merging: per-layer, per-expert coefficients from sensitivity and logit alignment.
 
-There is no official code; this is the reconstruction of methods.md with every open choice fixed:
+There is no official code; this is the reconstruction in docs/methods.md with every open choice fixed:
 
 Sensitivity (expert i on its own task's calibration batches b = 1..B, layer l):
     L_b      = mean next-token cross-entropy over the batch's real tokens (targets at padding ignored)
@@ -86,7 +86,7 @@ def sensitivity(model, batches: Iterable[Batch], device: str | torch.device = "c
 def alpha(sens: dict[int, float]) -> dict[int, float]:
     """alpha^l = S^l / ||S||_2 over the layers."""
     norm = math.sqrt(sum(v * v for v in sens.values()))
-    return {l: (v / norm if norm > 0 else 0.0) for l, v in sens.items()}
+    return {layer: (v / norm if norm > 0 else 0.0) for layer, v in sens.items()}
 
 
 def logit_kl(reference, model, batches: Iterable[Batch], device: str | torch.device = "cpu") -> float:
@@ -150,11 +150,11 @@ def coefficients(sens: dict[str, dict[int, float]], taus: dict[str, float],
                                 f"expert {names[0]!r} covers {layers}")
     al = {n: alpha(sens[n]) for n in names}
     out: dict[str, dict[int, float]] = {n: {} for n in names}
-    for l in layers:
-        z = torch.tensor([al[n][l] * taus[n] / temperature for n in names], dtype=torch.float64)
+    for layer in layers:
+        z = torch.tensor([al[n][layer] * taus[n] / temperature for n in names], dtype=torch.float64)
         sig = torch.softmax(z, dim=0)
         for n, s in zip(names, sig.tolist()):
-            out[n][l] = s
+            out[n][layer] = s
     return out
 
 

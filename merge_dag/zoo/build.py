@@ -84,7 +84,8 @@ SIZES: dict[str, ZooSettings] = {
     ),
     # a few seconds: for tests of the build machinery itself (determinism, layout), not quality
     "test": ZooSettings(
-        size="test", skills=ZOO_SKILLS, base_skills=BASE_SKILLS, shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
+        size="test", skills=ZOO_SKILLS, base_skills=BASE_SKILLS,
+        shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
         base=TrainSpec(steps=6, lr=3e-3, batch_size=16, warmup=2),
         expert=TrainSpec(steps=3, lr=1e-3, batch_size=16),
     ),
@@ -204,6 +205,36 @@ def _log(progress: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def _train_models(st: ZooSettings, folders: dict[str, Path], force: bool, progress: bool) -> dict[str, float]:
+    """Train the base (on the pretraining skills) and each expert (from the base, on its skill) that is
+    not complete yet (all with ``force``); returns the seconds each took."""
+    seconds: dict[str, float] = {}
+    with deterministic(st.threads):
+        if force or not model_complete(folders["base"], st, "base"):
+            t = time.perf_counter()
+            model = new_model(st.shape, st.seed)
+            n_params = sum(p.numel() for p in model.parameters())
+            short = " (short inputs only)" if st.base.long_fraction == 0 else ""
+            _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
+                           f"{', '.join(st.pretrain_skills)}{short}")
+            log = train(model, st.pretrain_skills, st.base, seed=st.seed + 1, label="base", progress=progress)
+            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base",
+                                                 "skills": list(st.pretrain_skills), "seed": st.seed,
+                                                 "train": _stable(log)})
+            seconds["base"] = round(time.perf_counter() - t, 2)
+        for skill in st.skills:
+            if not force and model_complete(folders[skill], st, skill):
+                continue
+            t = time.perf_counter()
+            model = _load(folders["base"])
+            log = train(model, (skill,), st.expert, seed=st.expert_seed(skill), label=f"expert {skill}",
+                        progress=progress)
+            _save_model(model, folders[skill], {"key": _model_key(st, skill), "name": skill, "skills": [skill],
+                                                "seed": st.expert_seed(skill), "train": _stable(log)})
+            seconds[skill] = round(time.perf_counter() - t, 2)
+    return seconds
+
+
 def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool = True, force: bool = False,
               *, data_dir: Optional[Path] = Path("data"), settings: Optional[ZooSettings] = None,
               overwrite_data: bool = True) -> ZooManifest:
@@ -212,7 +243,8 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
     Models already complete with the same settings are reused (``force`` rebuilds them all).
     ``data_dir`` receives ``eval/``, ``calibration/`` and ``tasks/`` (regenerated identically;
     None skips them); ``overwrite_data=False`` writes only the files that are missing, so a user's
-    edits survive (what `merge-dag demo` does; `merge-dag zoo` rewrites them). ``settings`` overrides the preset of ``size`` (tests use small ones).
+    edits survive (what `merge-dag demo` does; `merge-dag zoo` rewrites them). ``settings`` overrides the
+    preset of ``size`` (tests use small ones).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers.utils import logging as hf_logging
@@ -244,30 +276,9 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
         except ValueError:
             pass
 
-    _log(progress, f"zoo {st.size}: building into {root} (settings {st.key()}; {st.shape}; skills {', '.join(st.skills)})")
-    seconds: dict[str, float] = {}
-    with deterministic(st.threads):
-        if force or not model_complete(folders["base"], st, "base"):
-            t = time.perf_counter()
-            model = new_model(st.shape, st.seed)
-            n_params = sum(p.numel() for p in model.parameters())
-            short = " (short inputs only)" if st.base.long_fraction == 0 else ""
-            _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
-                           f"{', '.join(st.pretrain_skills)}{short}")
-            log = train(model, st.pretrain_skills, st.base, seed=st.seed + 1, label="base", progress=progress)
-            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base", "skills": list(st.pretrain_skills),
-                                                 "seed": st.seed, "train": _stable(log)})
-            seconds["base"] = round(time.perf_counter() - t, 2)
-        for skill in st.skills:
-            if not force and model_complete(folders[skill], st, skill):
-                continue
-            t = time.perf_counter()
-            model = _load(folders["base"])
-            log = train(model, (skill,), st.expert, seed=st.expert_seed(skill), label=f"expert {skill}",
-                        progress=progress)
-            _save_model(model, folders[skill], {"key": _model_key(st, skill), "name": skill, "skills": [skill],
-                                                "seed": st.expert_seed(skill), "train": _stable(log)})
-            seconds[skill] = round(time.perf_counter() - t, 2)
+    _log(progress, f"zoo {st.size}: building into {root} (settings {st.key()}; {st.shape}; "
+                   f"skills {', '.join(st.skills)})")
+    seconds = _train_models(st, folders, force, progress)
 
     man = ZooManifest(
         size=st.size, root=str(root), skills=list(st.skills), settings=st.to_dict(), settings_key=st.key(),

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models go to OUT/SIZE/{base,<skill>} (default data/models)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"),
                         help="where eval/, calibration/ and tasks/ are (re)written (default data)")
-    parser.add_argument("--force", action="store_true", help="rebuild even if a complete zoo with these settings exists")
+    parser.add_argument("--force", action="store_true",
+                        help="rebuild even if a complete zoo with these settings exists")
     parser.add_argument("--no-eval", action="store_true", help="build only; skip the quality table")
     parser.add_argument("--device", default="cpu", help="device for the evaluation: cpu (default), cuda, cuda:1")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents per skill")

@@ -70,7 +70,8 @@ class Criterion:
     @property
     def z(self) -> float:
         """The margin (value - threshold) in standard errors."""
-        return (self.value - self.threshold) / self.se if self.se > 0 else math.copysign(math.inf, self.value - self.threshold)
+        gap = self.value - self.threshold
+        return gap / self.se if self.se > 0 else math.copysign(math.inf, gap)
 
     @property
     def holds(self) -> bool:

@@ -91,9 +91,9 @@ def encode_batch(tok, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, to
     n = max(map(len, seqs))
     ids = torch.full((len(seqs), n), tok.pad_token_id, dtype=torch.long)
     lab = torch.full((len(seqs), n), -100, dtype=torch.long)
-    for i, (s, l) in enumerate(zip(seqs, labels)):
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
         ids[i, :len(s)] = torch.tensor(s)
-        lab[i, :len(l)] = torch.tensor(l)
+        lab[i, :len(lb)] = torch.tensor(lb)
     return ids, lab
 
 
@@ -112,7 +112,7 @@ def train(model, skills: tuple[str, ...], spec: TrainSpec, seed: int, label: str
     tok = build_tokenizer()
     stream: Iterator = training_stream(skills, seed, spec.long_fraction)
     decay, no_decay = [], []
-    for n, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if spec.optimizer == "adamw":

@@ -26,8 +26,9 @@ from typing import ClassVar, Optional
 
 import torch
 
+from ..chunks import each_chunk, workers
 from ..errors import RecipeError
-from ..sparsify import chunk_size, run_segments, segments, sparsify, spans, workers
+from ..sparsify import sparsify
 from .base import MergeMethod, Param, TensorTask, in_range
 
 
@@ -66,6 +67,12 @@ class TaskArithmeticFamily(MergeMethod):
     consensus: ClassVar[bool] = False                # TIES sign election
     requires_base = True
     min_models = 1
+    uses_task_vectors = True
+    takes_coefficients = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.sparsifies = cls.sparsification is not None
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         base = task.base
@@ -103,30 +110,25 @@ def combine_linear(base: torch.Tensor, deltas: list[torch.Tensor], weights: list
     if not base.is_contiguous():
         return base.copy_(combine_linear(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
     b, ds = _contiguous(base, deltas)
-    n = b.numel()
-    step = min(chunk_size(b), max(1, n))
 
-    def work(_i: int, lo: int, hi: int) -> None:
-        mix = torch.empty(min(step, hi - lo), dtype=torch.float32, device=b.device)
-        for s, e in spans(lo, hi, step):
-            bc, m = b[s:e], mix[: e - s]
-            for i, (d, w) in enumerate(zip(ds, weights)):
-                dc = d[s:e]
-                if not deltas_ready:
-                    dc.sub_(bc)
-                dc.mul_(w)
-                if i == 0:
-                    m.copy_(dc)
-                else:
-                    m.add_(dc)
-            if normalize:
-                m.div_(div)
-            if lam != 1:
-                m.mul_(lam)
-            bc.add_(m)
+    def mix(s: int, e: int, m: torch.Tensor) -> None:
+        bc = b[s:e]
+        for i, (d, w) in enumerate(zip(ds, weights)):
+            dc = d[s:e]
+            if not deltas_ready:
+                dc.sub_(bc)
+            dc.mul_(w)
+            if i == 0:
+                m.copy_(dc)
+            else:
+                m.add_(dc)
+        if normalize:
+            m.div_(div)
+        if lam != 1:
+            m.mul_(lam)
+        bc.add_(m)
 
-    with workers(b) as w:
-        run_segments(segments(n, step, w), work)
+    each_chunk(b, mix, scratch=1)
     return base
 
 
@@ -136,55 +138,49 @@ def combine_ties(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[f
     if not base.is_contiguous():
         return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
     b, ds = _contiguous(base, deltas)
-    n = b.numel()
-    dev = b.device
-    step = min(chunk_size(b), max(1, n))
-    one = torch.ones((), dtype=torch.float32, device=dev)
+    one = torch.ones((), dtype=torch.float32, device=b.device)
     # all weights >= 0: div is 0 exactly where nothing agrees (and mix is 0 there) and otherwise
     # at least the smallest positive weight, so clamping to that weight stands for "0 -> 1"
     pos_w = [w for w in weights if w > 0]
     clamp_to = min(pos_w) if pos_w and all(w >= 0 for w in weights) else None
 
-    def work(_i: int, lo: int, hi: int) -> None:
-        mix, sgn, div, ind = (torch.empty(min(step, hi - lo), dtype=torch.float32, device=dev) for _ in range(4))
-        for s, e in spans(lo, hi, step):
-            bc, m, sg, dv, t = b[s:e], mix[: e - s], sgn[: e - s], div[: e - s], ind[: e - s]
-            dcs = [d[s:e] for d in ds]
-            for dc, w in zip(dcs, weights):
-                if not deltas_ready:
-                    dc.sub_(bc)
-                dc.mul_(w)                               # weighted deltas, in place
-            # elected sign: +1 where the sum is >= 0 (copysign(1, -0.0) = -1 only if all terms are 0)
-            if len(dcs) == 1:
-                torch.copysign(one, dcs[0], out=sg)
-            else:
-                torch.add(dcs[0], dcs[1], out=m)
-                for dc in dcs[2:]:
-                    m.add_(dc)
-                torch.copysign(one, m, out=sg)
-            for i, (dc, w) in enumerate(zip(dcs, weights)):
-                dc.mul_(sg).clamp_(min=0)                # |w d| where it agrees, else 0
-                if normalize:
-                    torch.sign(dc, out=t)                # agreement indicator (zeros never agree)
-                    if i == 0:
-                        torch.mul(t, w, out=dv)
-                    else:
-                        dv.add_(t, alpha=w)
-                dc.mul_(sg)                              # back to w d where it agrees, else 0
-                if i == 0:
-                    m.copy_(dc)
-                else:
-                    m.add_(dc)
+    def mix(s: int, e: int, m: torch.Tensor, sg: torch.Tensor, dv: torch.Tensor, t: torch.Tensor) -> None:
+        bc = b[s:e]
+        dcs = [d[s:e] for d in ds]
+        for dc, w in zip(dcs, weights):
+            if not deltas_ready:
+                dc.sub_(bc)
+            dc.mul_(w)                               # weighted deltas, in place
+        # elected sign: +1 where the sum is >= 0 (copysign(1, -0.0) = -1 only if all terms are 0)
+        if len(dcs) == 1:
+            torch.copysign(one, dcs[0], out=sg)
+        else:
+            torch.add(dcs[0], dcs[1], out=m)
+            for dc in dcs[2:]:
+                m.add_(dc)
+            torch.copysign(one, m, out=sg)
+        for i, (dc, w) in enumerate(zip(dcs, weights)):
+            dc.mul_(sg).clamp_(min=0)                # |w d| where it agrees, else 0
             if normalize:
-                if clamp_to is not None:
-                    dv.clamp_(min=clamp_to)
+                torch.sign(dc, out=t)                # agreement indicator (zeros never agree)
+                if i == 0:
+                    torch.mul(t, w, out=dv)
                 else:
-                    dv.masked_fill_(dv == 0, 1.0)
-                m.div_(dv)
-            if lam != 1:
-                m.mul_(lam)
-            bc.add_(m)
+                    dv.add_(t, alpha=w)
+            dc.mul_(sg)                              # back to w d where it agrees, else 0
+            if i == 0:
+                m.copy_(dc)
+            else:
+                m.add_(dc)
+        if normalize:
+            if clamp_to is not None:
+                dv.clamp_(min=clamp_to)
+            else:
+                dv.masked_fill_(dv == 0, 1.0)
+            m.div_(dv)
+        if lam != 1:
+            m.mul_(lam)
+        bc.add_(m)
 
-    with workers(b) as w:
-        run_segments(segments(n, step, w), work)
+    each_chunk(b, mix, scratch=4)
     return base

@@ -47,6 +47,7 @@ def threshold(scores: torch.Tensor) -> torch.Tensor:
 
 class ArceeFusion(MergeMethod):
     name = "arcee_fusion"
+    reference_url = "https://arcee.ai"
     description = "Arcee Fusion: the other model's values where |change| x row KL divergence is an outlier"
     requires_base = True
     min_models = 1

@@ -11,7 +11,7 @@ more temporaries say how many in `work_copies`, which the engine's memory estima
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -67,7 +67,6 @@ class TensorTask:
     model_params: list[dict[str, Any]]       # per-model parameters resolved for this tensor
     params: dict[str, Any]                   # global parameters resolved for this tensor
     generator: Optional[torch.Generator] = None   # seeded per (seed, tensor name) for random methods
-    extras: dict[str, Any] = field(default_factory=dict)  # e.g. guidance maps (later issues)
 
 
 class MergeMethod:
@@ -81,6 +80,11 @@ class MergeMethod:
     randomized: ClassVar[bool] = False
     params: ClassVar[tuple[Param, ...]] = ()
     description: ClassVar[str] = ""
+    reference_url: ClassVar[str] = ""        # the paper or page the method follows ("" when it has none)
+    # abilities (the registry derives every list of method names from these)
+    uses_task_vectors: ClassVar[bool] = False   # with a base, reads each expert as base + its stored task vector
+    sparsifies: ClassVar[bool] = False          # drops task-vector entries by per-model `density` (LEWIS applies)
+    takes_coefficients: ClassVar[bool] = False  # scales each task vector by a per-model `weight` (Sens-Merging applies)
 
     def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -6,6 +6,7 @@ from ._task_arithmetic_family import TaskArithmeticFamily, ta_params
 
 class Breadcrumbs(TaskArithmeticFamily):
     name = "breadcrumbs"
+    reference_url = "https://arxiv.org/abs/2312.06795"
     description = "breadcrumbs sparsification (outliers and small entries removed), then task arithmetic"
     sparsification = MAGNITUDE_OUTLIERS
     params = ta_params(normalize=False, rescale=False, sparsifies=True, gamma=True)
@@ -13,6 +14,7 @@ class Breadcrumbs(TaskArithmeticFamily):
 
 class BreadcrumbsTies(TaskArithmeticFamily):
     name = "breadcrumbs_ties"
+    reference_url = "https://arxiv.org/abs/2312.06795"
     description = "breadcrumbs sparsification, then TIES sign consensus"
     sparsification = MAGNITUDE_OUTLIERS
     consensus = True

@@ -6,6 +6,7 @@ from ._task_arithmetic_family import TaskArithmeticFamily, ta_params
 
 class DareLinear(TaskArithmeticFamily):
     name = "dare_linear"
+    reference_url = "https://arxiv.org/abs/2311.03099"
     description = "DARE random drop + L1 rescale, then task arithmetic"
     sparsification = RANDOM
     randomized = True
@@ -14,6 +15,7 @@ class DareLinear(TaskArithmeticFamily):
 
 class DareTies(TaskArithmeticFamily):
     name = "dare_ties"
+    reference_url = "https://arxiv.org/abs/2311.03099"
     description = "DARE random drop + L1 rescale, then TIES sign consensus"
     sparsification = RANDOM
     consensus = True

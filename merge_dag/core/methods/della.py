@@ -6,6 +6,7 @@ from ._task_arithmetic_family import TaskArithmeticFamily, ta_params
 
 class Della(TaskArithmeticFamily):
     name = "della"
+    reference_url = "https://arxiv.org/abs/2406.11617"
     description = "DELLA MagPrune (per-row rank-based keep probability) + rescale, then TIES consensus"
     sparsification = DELLA
     consensus = True
@@ -15,6 +16,7 @@ class Della(TaskArithmeticFamily):
 
 class DellaLinear(TaskArithmeticFamily):
     name = "della_linear"
+    reference_url = "https://arxiv.org/abs/2406.11617"
     description = "DELLA MagPrune + rescale, then task arithmetic"
     sparsification = DELLA
     randomized = True

@@ -31,6 +31,7 @@ def isotropic(d: torch.Tensor) -> torch.Tensor:
 
 class IsoC(MergeMethod):
     name = "iso_c"
+    reference_url = "https://arxiv.org/abs/2502.04959"
     description = "Iso-C: the task-arithmetic sum with its singular values flattened to their mean (2502.04959)"
     requires_base = True
     min_models = 1

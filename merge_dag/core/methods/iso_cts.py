@@ -41,6 +41,7 @@ def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
 
 class IsoCTS(MergeMethod):
     name = "iso_cts"
+    reference_url = "https://arxiv.org/abs/2502.04959"
     description = ("Iso-CTS: common subspace of the sum plus each task's own directions, orthogonalized, "
                    "singular values flattened (2502.04959)")
     requires_base = True

@@ -31,6 +31,7 @@ def _whole(x: object) -> str | None:
 
 class Karcher(MergeMethod):
     name = "karcher"
+    reference_url = "https://en.wikipedia.org/wiki/Karcher_mean"
     description = "Karcher mean: the models' directions averaged on the unit sphere, times their mean norm"
     requires_base = False
     min_models = 1

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from ..chunks import each_chunk
 from ..errors import RecipeError
-from ..sparsify import chunk_size, run_segments, segments, spans, workers
 from .base import MergeMethod, Param, TensorTask
 
 
 class Linear(MergeMethod):
     name = "linear"
+    reference_url = "https://arxiv.org/abs/2203.05482"
     description = "weighted average of the models (no base)"
     requires_base = False
     min_models = 2
@@ -29,17 +30,13 @@ class Linear(MergeMethod):
                               "average is undefined (give other weights or normalize: false)")
         out = xs[0] if xs[0].is_contiguous() else xs[0].contiguous()
         flats = [out.view(-1)] + [x.reshape(-1) for x in xs[1:]]
-        n = out.numel()
-        step = max(1, min(chunk_size(out), n))
 
-        def work(_i: int, lo: int, hi: int) -> None:
-            for s, e in spans(lo, hi, step):
-                acc = flats[0][s:e].mul_(ws[0])
-                for f, w in zip(flats[1:], ws[1:]):
-                    acc.add_(f[s:e], alpha=w)    # one rounding per term, like mergekit's addcmul_
-                if normalize:
-                    acc.div_(total)
+        def mix(s: int, e: int) -> None:
+            acc = flats[0][s:e].mul_(ws[0])
+            for f, w in zip(flats[1:], ws[1:]):
+                acc.add_(f[s:e], alpha=w)    # one rounding per term, like mergekit's addcmul_
+            if normalize:
+                acc.div_(total)
 
-        with workers(out) as w:
-            run_segments(segments(n, step, w), work)
+        each_chunk(flats[0], mix)
         return out

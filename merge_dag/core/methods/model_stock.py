@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sparsify import chunk_size, run_segments, segments, spans, workers
+from ..chunks import each_chunk, workers
 from .base import MergeMethod, Param, TensorTask
 from .slerp import _dot
 
@@ -23,20 +23,14 @@ def _rowdots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if rows == 1:
         return torch.tensor([_dot(a, b)], dtype=torch.float32, device=a.device)
     out = torch.empty(rows, dtype=torch.float32, device=a.device)
-    per = max(1, chunk_size(a) // max(1, length))
-
-    def work(_i: int, lo: int, hi: int) -> None:
-        buf = torch.empty((min(per, hi - lo), length), dtype=a.dtype, device=a.device)
-        for s, e in spans(lo, hi, per):
-            torch.sum(torch.mul(a[s:e], b[s:e], out=buf[: e - s]), dim=-1, out=out[s:e])
-
-    with workers(a) as w:
-        run_segments(segments(rows, per, w), work)
+    each_chunk(a, lambda s, e, buf: torch.sum(torch.mul(a[s:e], b[s:e], out=buf), dim=-1, out=out[s:e]), scratch=1)
     return out
 
 
 class ModelStock(MergeMethod):
     name = "model_stock"
+    reference_url = "https://arxiv.org/abs/2403.19522"
+    uses_task_vectors = True    # the project builds task_vectors/<expert> for it
     description = "Model Stock: interpolate base -> experts' average by the angle between task vectors"
     requires_base = True
     min_models = 2
@@ -54,7 +48,7 @@ class ModelStock(MergeMethod):
         out = base if base.is_contiguous() else base.contiguous()
         length = shape[-1] if task.params["filter_wise"] and base.dim() >= 1 else base.numel()
         b = out.view(-1, length)
-        with workers(out) as n_workers:
+        with workers(out):
             ds = [(x if x.is_contiguous() else x.contiguous()).sub_(out).view(-1, length) for x in xs]
             norms = [_rowdots(d, d).sqrt_() for d in ds]
             cos = []
@@ -68,19 +62,18 @@ class ModelStock(MergeMethod):
             t = torch.where(singular, torch.zeros_like(c), (k * c) / torch.where(singular, torch.ones_like(den), den))
             scale = t / k                                   # theta_0 + t * (sum_i d_i) / K
             if b.shape[0] == 1:                             # one t for the tensor: flat chunks
-                rows, per, views = out.numel(), max(1, chunk_size(out)), [out.view(-1)] + [d.view(-1) for d in ds]
+                views = [out.view(-1)] + [d.view(-1) for d in ds]
                 factor = lambda s, e: float(scale[0])       # noqa: E731
             else:                                           # one t per row: chunks of rows
-                rows, per, views = b.shape[0], max(1, chunk_size(b) // length), [b] + ds
+                views = [b] + ds
                 col = scale.unsqueeze(-1)
                 factor = lambda s, e: col[s:e]              # noqa: E731
 
-            def work(_i: int, lo: int, hi: int) -> None:
-                for s, e in spans(lo, hi, per):
-                    acc = views[1][s:e]
-                    for d in views[2:]:
-                        acc.add_(d[s:e])
-                    views[0][s:e].add_(acc.mul_(factor(s, e)))
+            def add_mean_delta(s: int, e: int) -> None:
+                acc = views[1][s:e]
+                for d in views[2:]:
+                    acc.add_(d[s:e])
+                views[0][s:e].add_(acc.mul_(factor(s, e)))
 
-            run_segments(segments(rows, per, n_workers), work)
+            each_chunk(views[0], add_mean_delta)
         return out if out is base else base.copy_(out)

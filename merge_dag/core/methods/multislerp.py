@@ -27,6 +27,7 @@ from .base import MergeMethod, Param, TensorTask, non_negative
 
 class MultiSlerp(MergeMethod):
     name = "multislerp"
+    reference_url = "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"
     description = "Multi-SLERP: weighted mean of several models on the hypersphere (optionally of task vectors)"
     requires_base = False
     optional_base = True

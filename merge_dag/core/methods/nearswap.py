@@ -20,6 +20,7 @@ from .base import MergeMethod, Param, TensorTask, positive
 
 class NearSwap(MergeMethod):
     name = "nearswap"
+    reference_url = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
     description = "NearSwap: the other model's value where it lies within t of the base's, interpolated beyond"
     requires_base = True
     min_models = 1

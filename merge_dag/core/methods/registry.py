@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..errors import RecipeError
-from .base import MergeMethod
 from .arcee_fusion import ArceeFusion
+from .base import MergeMethod
 from .breadcrumbs import Breadcrumbs, BreadcrumbsTies
-from .della import Della, DellaLinear
 from .dare import DareLinear, DareTies
+from .della import Della, DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCTS
 from .karcher import Karcher
@@ -49,6 +51,16 @@ METHODS: dict[str, type[MergeMethod]] = {
         IsoCTS,
     )
 }
+
+
+def names_where(ability: Callable[[type[MergeMethod]], bool]) -> tuple[str, ...]:
+    """The registered methods with an ability, in registry order: names_where(lambda m: m.sparsifies)."""
+    return tuple(name for name, m in METHODS.items() if ability(m))
+
+
+TASK_VECTOR_METHODS = names_where(lambda m: m.uses_task_vectors)
+SPARSIFYING = names_where(lambda m: m.sparsifies)
+COEFFICIENT_METHODS = names_where(lambda m: m.takes_coefficients)
 
 
 def get_method(name: str) -> type[MergeMethod]:

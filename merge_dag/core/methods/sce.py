@@ -25,6 +25,7 @@ from .base import MergeMethod, Param, TensorTask, in_range
 
 class Sce(MergeMethod):
     name = "sce"
+    reference_url = "https://arxiv.org/abs/2408.07990"
     description = "SCE: keep the highest-variance entries, weight models by mean squared delta, TIES sign erase"
     requires_base = True
     min_models = 1

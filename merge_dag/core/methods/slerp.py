@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..sparsify import chunk_size, chunked_sum, run_segments, segments, spans, workers
+from ..chunks import chunked_sum, each_chunk
 from .base import MergeMethod, Param, TensorTask, in_range
 
 DOT_THRESHOLD = 0.9995
@@ -41,6 +41,8 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[fl
 
 class Slerp(MergeMethod):
     name = "slerp"
+    reference_url = "https://en.wikipedia.org/wiki/Slerp"
+    uses_task_vectors = True    # the project builds task_vectors/<expert> for it
     description = "spherical linear interpolation between the base (t=0) and one other model (t=1)"
     requires_base = True
     min_models = 1
@@ -58,13 +60,5 @@ class Slerp(MergeMethod):
         if not (v0.is_contiguous() and v1.is_contiguous()):
             return v0.mul_(c0).add_(v1.mul_(c1))
         a, b = v0.view(-1), v1.view(-1)
-        n = a.numel()
-        step = max(1, min(chunk_size(a), n))
-
-        def work(_i: int, lo: int, hi: int) -> None:
-            for s, e in spans(lo, hi, step):
-                a[s:e].mul_(c0).add_(b[s:e].mul_(c1))   # c0 v0 + c1 v1, two products then the sum
-
-        with workers(a) as w:
-            run_segments(segments(n, step, w), work)
+        each_chunk(a, lambda s, e: a[s:e].mul_(c0).add_(b[s:e].mul_(c1)))   # two products, then the sum
         return v0

@@ -6,6 +6,7 @@ from ._task_arithmetic_family import TaskArithmeticFamily, ta_params
 
 class Ties(TaskArithmeticFamily):
     name = "ties"
+    reference_url = "https://arxiv.org/abs/2306.01708"
     description = "TIES: magnitude top-k per task vector, sign consensus, normalized sum"
     sparsification = MAGNITUDE
     consensus = True

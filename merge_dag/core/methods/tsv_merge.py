@@ -28,6 +28,7 @@ from .base import MergeMethod, Param, TensorTask
 
 class TSVMerge(MergeMethod):
     name = "tsv_merge"
+    reference_url = "https://arxiv.org/abs/2412.00081"
     description = "TSV-M: top-1/T singular vectors per task matrix, orthogonalized (data-free, 2412.00081)"
     requires_base = True
     min_models = 1

@@ -169,6 +169,7 @@ def build_merge(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, car
 
 
 def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_extra: dict) -> dict:
+    from ...core.card import build_card
     from ...guidance.activations import ActivationStats
     from ...guidance.regmean import regmean_checkpoint
 
@@ -180,11 +181,9 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
                        device=merge_dag.device)
     ck = Checkpoint(out)
     dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
-    card = {"merge_dag_version": __version__, "code_version": merge_code_version(), "method": "regmean",
-            "recipe": prep.settings["recipe"], "recipe_file": str(prep.spec.file),
-            "inputs": [{"role": "model", "model": m.ref, "path": str(m.path), "fingerprint": fps[m.ref]} for m in models],
-            "out_dtype": dtype, "seed": prep.spec.recipe.seed, "tokenizer_source": models[0].ref,
-            "tensor_count": len(ck.tensors), **card_extra}
+    inputs = [{"role": "model", "model": m.ref, "path": str(m.path), "fingerprint": fps[m.ref]} for m in models]
+    card = build_card("regmean", prep.settings["recipe"], str(prep.spec.file), inputs, dtype, prep.spec.recipe.seed,
+                      models[0].ref, len(ck.tensors), card_extra)
     write_card(out, card)
     return {"tensor_count": len(ck.tensors), "bytes": sum(i.nbytes for i in ck.tensors.values()), "method": "regmean",
             "input_fingerprints": fps, "output_fingerprint": checkpoint_fingerprint(Checkpoint(out))}

@@ -236,14 +236,14 @@ def build_real_zoo(out: Path = Path("data/models"), progress: bool = True, force
             meta = {"key": _model_key(st, task), "name": task, "seed": st.expert_seed(task),
                     "base_sha256": imp.sha256, "train": {"losses": log["losses"]}}
 
-            def write_adapter(tmp: Path) -> None:
+            def write_adapter(tmp: Path, model=model, meta=meta) -> None:
                 model.save_pretrained(str(tmp), safe_serialization=True)
                 (tmp / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
             _atomic_folder(adapters[task], write_adapter)
             merged = model.merge_and_unload().to("cpu")
 
-            def write_merged(tmp: Path) -> None:
+            def write_merged(tmp: Path, merged=merged, meta=meta, task=task) -> None:
                 merged.generation_config.do_sample = False
                 merged.save_pretrained(str(tmp), safe_serialization=True)
                 tok.save_pretrained(str(tmp))
@@ -258,7 +258,8 @@ def build_real_zoo(out: Path = Path("data/models"), progress: bool = True, force
     if evaluate:
         quality = evaluate_zoo(folders, st, tok, quality, eval_rows, progress, device)
     man = RealManifest(root=str(root), tasks=list(st.tasks), settings=st.to_dict(), settings_key=st.key(),
-                       models={k: str(v) for k, v in folders.items()}, adapters={k: str(v) for k, v in adapters.items()},
+                       models={k: str(v) for k, v in folders.items()},
+                       adapters={k: str(v) for k, v in adapters.items()},
                        gguf={"path": str(gguf), "sha256": imp.sha256}, data_files=files,
                        build_seconds=round(time.perf_counter() - t0, 2), model_seconds=seconds, quality=quality,
                        versions=_versions())

@@ -1,0 +1,104 @@
+"""The record a merged model carries: merge_dag.json (machine-readable) and README.md (the model card).
+
+One builder for every merge: the engine's, RegMean's (written outside the engine) and AIM's (the
+engine's card plus its settings) all go through `build_card` and `card_files`, so the two files
+have one format.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import __version__
+from .fingerprint import checkpoint_fingerprint
+from .lora import LoraCheckpoint
+from .markdown import md_text
+from .version import merge_code_version
+
+
+def build_card(method: str, recipe: dict, recipe_file: str, inputs: list[dict], out_dtype: str, seed: int,
+               tokenizer_source: Optional[str], tensor_count: int, extra: Optional[dict[str, Any]] = None) -> dict:
+    """The card of a merged model (merge_dag.json); `inputs`: one `card_input` per input, in order."""
+    return {
+        "merge_dag_version": __version__,
+        "code_version": merge_code_version(),
+        "method": method,
+        "recipe": recipe,
+        "recipe_file": recipe_file,
+        "inputs": inputs,
+        "out_dtype": out_dtype,
+        "seed": seed,
+        "tokenizer_source": tokenizer_source,
+        "tensor_count": tensor_count,
+        **(extra or {}),
+    }
+
+
+def card_input(ck, role: str, fingerprint: str) -> dict:
+    """One input of the card: its role, name, resolved path and content fingerprint."""
+    out = {"role": role, "model": ck.name, "path": str(ck.path.resolve()), "fingerprint": fingerprint}
+    if isinstance(ck, LoraCheckpoint):  # base + adapter: both, with the base's own fingerprint
+        out.update(adapter=str(ck.adapter_dir.resolve()), base_path=str(ck.base.path.resolve()),
+                   base_fingerprint=checkpoint_fingerprint(ck.base))
+    return out
+
+
+def card_files(card: dict) -> dict[str, str]:
+    """File name -> text of the two files that carry `card`."""
+    return {"merge_dag.json": json.dumps(card, indent=2) + "\n", "README.md": model_card(card)}
+
+
+def write_card(folder: str | Path, card: dict) -> None:
+    """(Re)write merge_dag.json and the model card README.md of a finished folder not yet in place
+    (post-processing steps such as AIM, or merges written outside the engine such as RegMean)."""
+    for name, text in card_files(card).items():
+        (Path(folder) / name).write_text(text)
+
+
+def method_reference(method: str) -> str:
+    """The paper or page a registered merge method follows (its class's reference_url), else ""."""
+    from .methods.registry import METHODS
+
+    m = METHODS.get(method)
+    return m.reference_url if m is not None else ""
+
+
+def _fence(body: str) -> str:
+    """A backtick fence longer than any backtick run in `body`, so nothing inside can close it."""
+    longest = max((len(m) for m in re.findall(r"`+", body)), default=0)
+    return "`" * max(3, longest + 1)
+
+
+def model_card(card: dict) -> str:
+    """The README.md of a merged model. Every user string (names, paths, parameters) is escaped
+    (md_text) or sits in a code fence it cannot close."""
+    import yaml
+
+    base = next((i["model"] for i in card["inputs"] if i["role"] == "base"), None)
+    front = {"library_name": "transformers", "tags": ["merge", "merge_dag", str(card["method"])]}
+    if base:
+        front["base_model"] = [str(base)]
+    title = card.get("name") or card["recipe"].get("name") or "merged model"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {md_text(title)}", "",
+             f"Merged by merge_dag {md_text(card['merge_dag_version'])} (code version {md_text(card['code_version'])}) "
+             f"with the **{md_text(card['method'])}** method, written as {md_text(card['out_dtype'])}."]
+    reference = method_reference(str(card["method"]))
+    if reference:
+        lines += ["", f"Method reference: <{reference}>"]
+    if card.get("artifact_id"):
+        aid = md_text(card["artifact_id"])
+        lines += ["", f"Artifact id: <code>{aid}</code> (trace it with <code>merge-dag audit {aid}</code>)."]
+    lines += ["", "## Inputs", "", "| role | model | content fingerprint |", "|---|---|---|"]
+    for i in card["inputs"]:
+        lines.append(f"| {md_text(i['role'])} | <code>{md_text(i['model'])}</code> | "
+                     f"<code>{md_text(i['fingerprint'])}</code> |")
+    recipe_text = yaml.safe_dump(card["recipe"], sort_keys=False).strip()
+    fence = _fence(recipe_text)
+    lines += ["", "## Recipe (method and all parameters)", "", f"{fence}yaml", recipe_text, fence, "",
+              "Fingerprints are sha256 hash trees over tensor names, dtypes, shapes and bytes plus "
+              "config.json (see merge_dag/core/fingerprint.py). Machine-readable provenance: merge_dag.json.", ""]
+    return "\n".join(lines)
