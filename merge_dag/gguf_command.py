@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {res.tensor_count} tensors, {res.parameters / 1e6:.1f}M parameters; model fingerprint {res.model_fingerprint}")
     db = _db(args)
     if db is not None:
-        from .lineage.store import LineageStore
+        from .lineage.store import Batch, LineageStore
 
-        LineageStore(db).record_batch(lineage_ops(res.out_dir, model_fingerprint=res.model_fingerprint))
+        LineageStore(db).write(Batch.from_records(lineage_ops(res.out_dir, model_fingerprint=res.model_fingerprint)))
         print(f"  lineage: gguf source sha256:{res.sha256[:16]}... -> model/{Path(res.out_dir).name} recorded in {db}")
     return 0

@@ -23,7 +23,7 @@ from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.demo import failure_lines
 from merge_dag.core.markdown import md_text
 from merge_dag.dagster.resources import MergeDagResource, SettingsError
-from merge_dag.lineage.store import LineageStore
+from merge_dag.lineage.store import Batch, LineageStore
 from merge_dag.project import load_project
 
 from conftest import zoo_cache_dir
@@ -277,10 +277,10 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
             assert instance.get_run_by_id(dead_run.run_id).status == dg.DagsterRunStatus.STARTED  # stuck
             # the killed run had observed a source (lineage events, but no runs row yet)
             store = LineageStore(tmp_path / "data" / "lineage.duckdb")
-            store.record_batch([
-                ("record_artifact", dict(artifact_id="model-x", kind="model", name="x", key_hash="sha256:x", path="x",
-                                         bytes=1, code_version="-", params={}, run_id=dead_run.run_id, data_version="x")),
-                ("record_event", dict(artifact_id="model-x", run_id=dead_run.run_id, step="model/x", event="observed"))])
+            store.write(Batch()
+                        .artifact(artifact_id="model-x", kind="model", name="x", key_hash="sha256:x", path="x",
+                                  bytes=1, code_version="-", params={}, run_id=dead_run.run_id, data_version="x")
+                        .event(artifact_id="model-x", run_id=dead_run.run_id, step="model/x", event="observed"))
             _fail_dead_runs(tmp_path)  # what `merge-dag dev` does before it starts dagster (the demo: the same call)
             lines = capsys.readouterr().out.splitlines()
             assert len(lines) == 1 and dead_run.run_id[:8] in lines[0] and f"pid {killed.pid}" in lines[0], lines
