@@ -18,7 +18,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from merge_dag.dagster.automation import SCHEDULE_NAME, SENSOR_NAME
+from merge_dag.dagster.schedules import SCHEDULE_NAME
+from merge_dag.dagster.sensors import SENSOR_NAME
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.demo import failure_lines
 from merge_dag.core.markdown import md_text

@@ -16,7 +16,7 @@ from _models import load_all
 from conftest import zoo_cache_dir
 from merge_dag.core.engine import merge
 from merge_dag.core.recipe import load_recipe
-from merge_dag.dagster.automation import evaluate_models, is_complete_checkpoint
+from merge_dag.dagster.watch import evaluate_models, is_complete_checkpoint
 from merge_dag.dagster.steps import resolve_path
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource

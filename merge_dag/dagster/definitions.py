@@ -16,8 +16,9 @@ from .assets.leaderboard import leaderboard_asset
 from .assets.merges import merge_assets
 from .assets.sources import source_assets
 from .assets.task_vectors import task_vector_assets
-from .automation import build_lineage_sensors, build_schedule, build_sensor
 from .resources import MergeDagResource, resource_from_env
+from .schedules import build_schedule
+from .sensors import build_lineage_sensors, build_sensor
 
 ALL_JOB = "merge_all"
 
