@@ -1,0 +1,38 @@
+"""The import graph of merge_dag (tools/import_graph.py): no cycle between modules, not even one a
+lazy import hides, and the layers hold (the pure packages import no merge_dag.dagster; evaluation
+does not reach up into the zoo)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("import_graph", ROOT / "tools" / "import_graph.py")
+ig = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ig)
+
+# the pure core's own cycle is being split elsewhere (issue 17, item 4): tightened once that lands
+KNOWN = [["merge_dag.core.fingerprint", "merge_dag.core.lora"]]
+
+
+def test_the_graph_finds_module_level_and_lazy_imports():
+    g, full = ig.graph(), ig.graph(lazy=True)
+    assert "merge_dag.dagster.sensors" in g["merge_dag.dagster.definitions"]            # module level
+    assert "merge_dag.dagster.watch" in g["merge_dag.dagster.sensors"]
+    assert "merge_dag.lineage.store" not in g["merge_dag.dagster.resources"]            # lazy only
+    assert "merge_dag.lineage.store" in full["merge_dag.dagster.resources"]
+    assert ig.cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_import_cycle_and_no_layer_violation():
+    full = ig.graph(lazy=True)
+    assert ig.cycles(ig.graph()) == []
+    assert [c for c in ig.cycles(full) if c not in KNOWN] == []
+    assert ig.layer_violations(full) == []
+
+
+def test_evaluation_loads_without_the_zoo():
+    code = ("import sys, merge_dag.evaluation, merge_dag.evaluation.tasks; "
+            "assert not [m for m in sys.modules if m.startswith('merge_dag.zoo')], 'zoo imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
