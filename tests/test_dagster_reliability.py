@@ -27,7 +27,7 @@ from merge_dag.dagster.resources import MergeDagResource, SettingsError
 from merge_dag.lineage.store import Batch, LineageStore
 from merge_dag.project import load_project
 
-from conftest import zoo_cache_dir
+from conftest import make_project, zoo_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = "data/models/ci"
@@ -41,24 +41,6 @@ models:
   - model: {CI}/sort
 parameters: {{weight: 1.0, density: 0.5}}
 """
-
-
-def make_project(root: Path, recipes: dict[str, str | bytes], models=("base", "arev", "sort"), link_zoo=False) -> Path:
-    """A project at `root`: the ci models (copied, or data/models linked to the zoo cache), the data
-    files, and `recipes` (file name -> text or bytes) under data/recipes."""
-    if link_zoo:
-        (root / "data").mkdir(parents=True)
-        (root / "data" / "models").symlink_to(zoo_cache_dir(), target_is_directory=True)
-    else:
-        for name in models:
-            shutil.copytree(zoo_cache_dir() / "ci" / name, root / CI / name)
-    for folder in ("tasks", "eval", "calibration"):
-        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
-    (root / "data" / "recipes").mkdir(parents=True)
-    for fname, text in recipes.items():
-        f = root / "data" / "recipes" / fname
-        f.write_bytes(text) if isinstance(text, bytes) else f.write_text(text)
-    return root
 
 
 def resource(root: Path, **kw) -> MergeDagResource:
