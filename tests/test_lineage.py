@@ -231,14 +231,14 @@ def test_records_as_data_are_validated_before_anything_is_written(db):
     store = LineageStore(db)
     kw = artifact_kw("model", "m", FP["base"])
     with pytest.raises(ValueError, match="unknown record 'record_nonsense'"):
-        store.record_batch([("artifact", kw), ("record_nonsense", {})])
+        store.write(Batch.from_records([("artifact", kw), ("record_nonsense", {})]))
     with pytest.raises(ValueError, match="lineage edge: .*missing 3 required keyword-only arguments"):
-        store.record_batch([("artifact", kw), ("edge", {"parent_id": "p"})])
+        store.write(Batch.from_records([("artifact", kw), ("edge", {"parent_id": "p"})]))
     with pytest.raises(ValueError, match=r"each record is \(kind, kwargs\)"):
         Batch.from_records(["artifact"])
     assert store.artifacts() == [] and not db.exists()  # validated before anything was written
-    store.record_batch([("record_artifact", kw), ("event", dict(artifact_id=kw["artifact_id"], run_id=None,
-                                                                 step="model/m", event="observed"))])
+    store.write(Batch.from_records([("record_artifact", kw), ("event", dict(artifact_id=kw["artifact_id"], run_id=None,
+                                                                          step="model/m", event="observed"))]))
     assert [a["artifact_id"] for a in store.artifacts()] == [kw["artifact_id"]] and len(store.events()) == 1
     assert Batch.from_records([("artifact", kw)]).statements[0][0] == artifact("model", "m", FP["base"]).statements[0][0]
 

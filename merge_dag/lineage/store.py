@@ -49,10 +49,6 @@ class LineageStore(LineageDB):
         if batch.statements:
             self.transaction(batch.statements)
 
-    def record_batch(self, records) -> None:
-        """Records as plain data, [(kind, kwargs)], as the pure core returns them: see Batch.from_records."""
-        self.write(Batch.from_records(records))
-
     def record_run(self, *, run_id: str, started_at=None, finished_at=None, status: str, job: str | None = None) -> None:
         """One run's status on its own (a sensor, the demo, a stale run): Batch.run in a transaction."""
         self.write(Batch().run(run_id=run_id, started_at=started_at, finished_at=finished_at, status=status, job=job))
