@@ -256,7 +256,7 @@ def first_run_fingerprints(project: Path) -> dict[str, str]:
 def test_quiet_demo_run_prints_one_line_per_asset_and_the_results_table(project, first_run, monkeypatch, capfd):
     """`merge-dag demo` without --verbose: a progress line per asset (here all cache hits), no
     Dagster DEBUG stream, and the results table with averages, standard errors and the base first."""
-    from merge_dag.dagster.demo import materialize_all, print_results, quiet
+    from merge_dag.commands.demo import materialize_all, print_results, quiet
 
     monkeypatch.setenv("DAGSTER_HOME", str(project / "data" / "dagster_home"))
     monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))

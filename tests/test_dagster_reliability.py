@@ -21,7 +21,7 @@ import pytest
 from merge_dag.dagster.schedules import SCHEDULE_NAME
 from merge_dag.dagster.sensors import SENSOR_NAME
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
-from merge_dag.dagster.demo import failure_lines
+from merge_dag.commands.demo import failure_lines
 from merge_dag.core.markdown import md_text
 from merge_dag.dagster.resources import MergeDagResource, SettingsError
 from merge_dag.lineage.store import Batch, LineageStore
@@ -184,7 +184,7 @@ guidance:
 
 
 def test_demo_builds_independent_branches_and_lists_each_failure(tmp_path, ci_zoo, monkeypatch, capsys):
-    from merge_dag.dagster import demo
+    from merge_dag.commands import demo
 
     root = make_project(tmp_path, {"good.yaml": GOOD, "missing.yaml": MISSING, "guided.yaml": GUIDED}, link_zoo=True)
     (root / "data" / "calibration" / "broken.jsonl").write_text('{"text": "arev:ab=ba"}\n{"text": "arev:\n')
@@ -237,8 +237,8 @@ def _started_run(instance, proc: subprocess.Popen, known: set[str]):
 
 
 def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start(tmp_path, monkeypatch, capsys):
-    from merge_dag.dagster.dev import _fail_dead_runs
-    from merge_dag.dagster.home import ensure_dagster_home
+    from merge_dag.commands.dev import _fail_dead_runs
+    from merge_dag.commands.home import ensure_dagster_home
     from merge_dag.dagster.stale_runs import fail_dead_runs
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
@@ -283,7 +283,7 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
 # ---------------------------------------------------------------------------------------------
 
 def test_demo_prepare_keeps_edited_data_files_and_zoo_rewrites_them(tmp_path, ci_zoo):
-    from merge_dag.dagster.demo import prepare
+    from merge_dag.commands.demo import prepare
     from merge_dag.zoo.build import build_zoo
 
     root = make_project(tmp_path, {}, link_zoo=True)

@@ -213,8 +213,8 @@ def materialize_all(root: Path, verbose: bool = True):
 
     from dagster import DagsterInstance
 
-    from .definitions import ALL_JOB, build_definitions
-    from .stale_runs import fail_dead_runs, run_tags
+    from ..dagster.definitions import ALL_JOB, build_definitions
+    from ..dagster.stale_runs import fail_dead_runs, run_tags
 
     defs = build_definitions(root)
     job = defs.resolve_job_def(ALL_JOB)

@@ -94,7 +94,7 @@ def _fail_dead_runs(root: Path) -> None:
     from dagster import DagsterInstance
 
     from ..lineage.store import LineageStore
-    from .stale_runs import fail_dead_runs
+    from ..dagster.stale_runs import fail_dead_runs
 
     from ..core.paths import data_dir
 
