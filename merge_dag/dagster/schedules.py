@@ -1,21 +1,18 @@
 """The schedule: `nightly_rebuild` re-observes every source and rebuilds whatever is stale
 (MERGE_DAG_SCHEDULE, a cron expression; 03:00 by default)."""
 
-import os
-
 import dagster as dg
 
 from ..core.markdown import md_text
-from .resources import SettingsError
+from ..settings import DEFAULT_CRON, SettingsError, settings
 
 SCHEDULE_NAME = "nightly_rebuild"
-DEFAULT_CRON = "0 3 * * *"
 
 
 def build_schedule(job_name: str) -> dg.ScheduleDefinition:
     from dagster._utils.schedules import is_valid_cron_string
 
-    cron = os.environ.get("MERGE_DAG_SCHEDULE", "").strip() or DEFAULT_CRON
+    cron = settings().schedule
     if not is_valid_cron_string(cron):  # keep the code location loading: the schedule's ticks fail instead
         error = f"MERGE_DAG_SCHEDULE={cron!r} is not a cron expression (e.g. {DEFAULT_CRON!r})"
 

@@ -10,14 +10,15 @@ import dagster as dg
 
 from ..core.markdown import md_text
 from ..project import Project
-from .resources import SettingsError, env_number
+from ..settings import SettingsError, settings
 from .watch import affected_keys, evaluate_calibrations, evaluate_models, fixed_recipes_note, missing_after_new
 
 SENSOR_NAME = "checkpoint_sensor"
 
 
 def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float] = None) -> dg.SensorDefinition:
-    settle, bad_setting = (env_number("MERGE_DAG_SETTLE_SECONDS", 30.0, float) if settle_seconds is None
+    s = settings()
+    settle, bad_setting = ((s.settle_seconds, s.invalid.get("settle_seconds")) if settle_seconds is None
                            else (settle_seconds, None))
     broken = "".join(f" Recipe file {md_text(b.file.name)} did not load: {md_text(b.error)}."
                      for b in project.broken.values())
