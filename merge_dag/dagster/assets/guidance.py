@@ -20,7 +20,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from ...core.checkpoint import Checkpoint
 from ...core.fingerprint import file_fingerprint
 from ...core.params import layer_index
 from ...core.version import code_version
