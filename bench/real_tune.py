@@ -191,7 +191,7 @@ def sweep_folder(work: Path) -> None:
 
 def run_sweep(work: Path, recipes: dict[str, dict]) -> dict[str, dict[str, float]]:
     """Materialize `recipes` (name -> recipe) in the sweep project; name -> task -> validation score."""
-    from merge_dag.dagster.demo import materialize_all, quiet
+    from merge_dag.commands.demo import materialize_all, quiet
     from merge_dag.evaluation.report import ScoreTable
 
     rdir = work / "recipes"

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from merge_dag.core.engine import merge
     from merge_dag.core.recipe import parse_recipe
     from merge_dag.evaluation import evaluate
-    from merge_dag.evaluation.tasks import gen_task_name
+    from merge_dag.zoo.lmeval import gen_task_name
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     zoo_dir = Path(os.environ.get("MERGE_DAG_ZOO_DIR", ROOT / "data" / "models"))

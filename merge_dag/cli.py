@@ -52,10 +52,10 @@ def _run_merge(args: argparse.Namespace) -> int:
 # subcommands living in other modules: name -> module with add_arguments(parser) and run(args)
 EXTERNAL = {
     "zoo": ("merge_dag.zoo.command", "build the demo expert zoo (tokenizer, base, experts, data)"),
-    "demo": ("merge_dag.dagster.demo", "build the zoo if missing, materialize every recipe and eval, print the leaderboard"),
-    "compare": ("merge_dag.dagster.compare", "data-guided merges (LEWIS, Sens-Merging, AIM, RegMean) vs their plain "
+    "demo": ("merge_dag.commands.demo", "build the zoo if missing, materialize every recipe and eval, print the leaderboard"),
+    "compare": ("merge_dag.commands.compare", "data-guided merges (LEWIS, Sens-Merging, AIM, RegMean) vs their plain "
                                              "counterparts on the demo zoo, per skill"),
-    "dev": ("merge_dag.dagster.dev", "start the Dagster UI, daemon, sensor and schedule (dagster dev) for this project"),
+    "dev": ("merge_dag.commands.dev", "start the Dagster UI, daemon, sensor and schedule (dagster dev) for this project"),
     "import": ("merge_dag.gguf_command", "turn a GGUF file (llama.cpp) into a Hugging Face safetensors folder, "
                                         "recorded in lineage with the GGUF's sha256"),
     "audit": ("merge_dag.lineage.command", "print the provenance tree of a merged model (path, name or artifact id)"),

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
+
+from .settings import settings
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="re-import even if OUT_DIR already holds this GGUF's import")
     parser.add_argument("--db", type=Path, default=None,
                         help="lineage database to record the GGUF source in (default: $MERGE_DAG_DB, else "
-                             "data/lineage.duckdb when it exists)")
+                             "<data>/lineage.duckdb when it exists; data: $MERGE_DAG_DATA or data/)")
     parser.add_argument("--no-lineage", action="store_true", help="record nothing in a lineage database")
 
 
@@ -25,10 +26,10 @@ def _db(args: argparse.Namespace) -> Path | None:
         return None
     if args.db is not None:
         return args.db
-    if os.environ.get("MERGE_DAG_DB"):
-        return Path(os.environ["MERGE_DAG_DB"])
-    default = Path("data") / "lineage.duckdb"
-    return default if default.exists() else None
+    from .lineage.command import default_db
+
+    db = default_db()  # $MERGE_DAG_DB (used even if it does not exist yet), else <data>/lineage.duckdb if it exists
+    return db if settings().db is not None or db.exists() else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {res.tensor_count} tensors, {res.parameters / 1e6:.1f}M parameters; model fingerprint {res.model_fingerprint}")
     db = _db(args)
     if db is not None:
-        from .lineage.store import LineageStore
+        from .lineage.store import Batch, LineageStore
 
-        LineageStore(db).record_batch(lineage_ops(res.out_dir, model_fingerprint=res.model_fingerprint))
+        LineageStore(db).write(Batch.from_records(lineage_ops(res.out_dir, model_fingerprint=res.model_fingerprint)))
         print(f"  lineage: gguf source sha256:{res.sha256[:16]}... -> model/{Path(res.out_dir).name} recorded in {db}")
     return 0

@@ -16,6 +16,7 @@ from .core.errors import MergeDagError, RecipeError
 from .core.methods.registry import get_method
 from .core.paths import data_dir
 from .core.recipe import Recipe, parse_recipe, read_recipe_yaml
+from .settings import settings
 
 def asset_name(text: str) -> str:
     """A Dagster-safe name: letters, digits and underscores."""
@@ -238,7 +239,7 @@ def load_project(root: str | os.PathLike | None = None, data: str | os.PathLike 
     picked up by the sensor and the merge step (which expand the glob again at run time), and shows
     as its own assets at the next reload of the code location. A glob recipe that matches too few
     folders yet is broken (its error says which glob) until a reload after the first match exists."""
-    root = Path(root or os.environ.get("MERGE_DAG_ROOT") or Path.cwd()).absolute()
+    root = settings().project_root(root)
     project = Project(root=root, data=Path(data).absolute() if data is not None else None)
     files = sorted(project.recipes_dir.glob("*.yaml")) + sorted(project.recipes_dir.glob("*.yml"))
     parsed: list[tuple[Path, RecipeSpec | None, str]] = []

@@ -10,7 +10,9 @@ import dagster as dg
 import pytest
 
 from _models import make_family
-from merge_dag.dagster.automation import SCHEDULE_NAME, SENSOR_NAME, affected_keys, evaluate_models
+from merge_dag.dagster.schedules import SCHEDULE_NAME
+from merge_dag.dagster.sensors import SENSOR_NAME
+from merge_dag.dagster.watch import affected_keys, evaluate_models
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions, reconstructable_merge_all
 from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.lineage.store import LineageStore
@@ -59,12 +61,17 @@ def keys(ks):
     return {k.to_user_string() for k in ks}
 
 
+def affected(p, model: str) -> list[dg.AssetKey]:
+    """watch.affected_keys on the project's own asset graph (the sensor passes its repository's)."""
+    return affected_keys(p, model, build_definitions(project=p).resolve_asset_graph())
+
+
 def test_affected_keys_are_exactly_the_dependents(project):
     p = load_project(project)
-    assert keys(affected_keys(p, "a")) == {
+    assert keys(affected(p, "a")) == {
         "model/a", "task_vector/a", "recipe/mix", "merged/mix", "eval/merged/mix", "eval/model/a", "leaderboard"}
-    assert keys(affected_keys(p, "c")) == {"model/c", "task_vector/c", "recipe/other", "merged/other"}
-    assert "merged/other" in keys(affected_keys(p, "b")) and "merged/mix" in keys(affected_keys(p, "b"))
+    assert keys(affected(p, "c")) == {"model/c", "task_vector/c", "recipe/other", "merged/other"}
+    assert "merged/other" in keys(affected(p, "b")) and "merged/mix" in keys(affected(p, "b"))
 
 
 def test_half_copied_checkpoint_triggers_nothing_until_complete(project):
@@ -210,13 +217,13 @@ def test_glob_recipe_picks_up_a_new_expert(project, tmp_path):
     assert changed == []  # first seen now: it must settle
     changed, cursor = evaluate_models(p, cursor, now=111.0, settle_seconds=10)
     assert changed == ["g_2"]
-    assert keys(affected_keys(p, "g_2")) == {"recipe/globbed", "merged/globbed"}
+    assert keys(affected(p, "g_2")) == {"recipe/globbed", "merged/globbed"}
 
     with dg.instance_for_test() as instance:
         # the run the sensor requests, on the graph loaded before g-2 existed: the merge takes both
         # experts and builds the newcomer's task vector inside its step
         result = loaded.resolve_job_def(ALL_JOB).execute_in_process(
-            instance=instance, asset_selection=[dg.AssetKey(["task_vector", "g_1"])] + affected_keys(p, "g_2"))
+            instance=instance, asset_selection=[dg.AssetKey(["task_vector", "g_1"])] + affected(p, "g_2"))
         assert result.success
         mats = {tuple(e.event_specific_data.materialization.asset_key.path): e.event_specific_data.materialization
                 for e in result.get_asset_materialization_events()}
@@ -301,7 +308,7 @@ def test_affected_keys_include_the_guidance_statistics_of_a_changed_expert(proje
     shutil.copytree(ROOT / "data" / "calibration", project / "data" / "calibration")
     (project / "data" / "recipes" / "guided.yaml").write_text(GUIDED_RECIPE)
     p = load_project(project)
-    assert keys(affected_keys(p, "a")) == {
+    assert keys(affected(p, "a")) == {
         "model/a", "recipe/mix", "recipe/guided", "task_vector/a", "merged/mix", "eval/merged/mix", "eval/model/a",
         "leaderboard", "activations/a__arev", "importance/a__arev", "allocation/guided", "merged/guided"}
 

@@ -3,7 +3,6 @@ exactly the affected assets rebuilt after an expert or a recipe changes, audits,
 
 import json
 import os
-import shutil
 import textwrap
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import make_project
 from merge_dag.core.fingerprint import checkpoint_fingerprint
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions, reconstructable_merge_all
 from merge_dag.dagster.resources import MergeDagResource
@@ -47,16 +47,8 @@ evals: [zoo_arev, zoo_sort]
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    root = tmp_path_factory.mktemp("project")
-    src = ROOT / "data" / "models" / "ci"
-    for name in ("base", "arev", "ashift", "sort"):
-        shutil.copytree(src / name, root / "data" / "models" / "ci" / name)
-    for folder in ("tasks", "eval"):
-        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
-    (root / "data" / "recipes").mkdir(parents=True)
-    (root / "data" / "recipes" / "ta.yaml").write_text(TA)
-    (root / "data" / "recipes" / "ties.yaml").write_text(TIES)
-    return root
+    return make_project(tmp_path_factory.mktemp("project"), {"ta.yaml": TA, "ties.yaml": TIES},
+                        models=("base", "arev", "ashift", "sort"), data=("tasks", "eval"))
 
 
 def resource(root: Path) -> MergeDagResource:
@@ -87,12 +79,6 @@ ALL_BUILT = {
     "eval/model_ci_base", "eval/model_ci_arev", "eval/model_ci_ashift", "eval/model_ci_sort",
     "leaderboard/leaderboard",
 }
-
-
-@pytest.fixture(scope="module")
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +256,7 @@ def first_run_fingerprints(project: Path) -> dict[str, str]:
 def test_quiet_demo_run_prints_one_line_per_asset_and_the_results_table(project, first_run, monkeypatch, capfd):
     """`merge-dag demo` without --verbose: a progress line per asset (here all cache hits), no
     Dagster DEBUG stream, and the results table with averages, standard errors and the base first."""
-    from merge_dag.dagster.demo import materialize_all, print_results, quiet
+    from merge_dag.commands.demo import materialize_all, print_results, quiet
 
     monkeypatch.setenv("DAGSTER_HOME", str(project / "data" / "dagster_home"))
     monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))

@@ -3,8 +3,8 @@ or updated; everything else a user put there stays."""
 
 import yaml
 
-from merge_dag.dagster.dev import dagster_dev_command
-from merge_dag.dagster.home import DAGSTER_YAML, update_dagster_yaml
+from merge_dag.commands.dev import dagster_dev_command
+from merge_dag.commands.home import DAGSTER_YAML, update_dagster_yaml
 
 
 def test_fresh_file_turns_off_telemetry_and_the_modal(tmp_path):

@@ -18,15 +18,16 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from merge_dag.dagster.automation import SCHEDULE_NAME, SENSOR_NAME
+from merge_dag.dagster.schedules import SCHEDULE_NAME
+from merge_dag.dagster.sensors import SENSOR_NAME
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
-from merge_dag.dagster.demo import failure_lines
+from merge_dag.commands.demo import failure_lines
 from merge_dag.core.markdown import md_text
 from merge_dag.dagster.resources import MergeDagResource, SettingsError
-from merge_dag.lineage.store import LineageStore
+from merge_dag.lineage.store import Batch, LineageStore
 from merge_dag.project import load_project
 
-from conftest import zoo_cache_dir
+from conftest import make_project, zoo_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = "data/models/ci"
@@ -40,24 +41,6 @@ models:
   - model: {CI}/sort
 parameters: {{weight: 1.0, density: 0.5}}
 """
-
-
-def make_project(root: Path, recipes: dict[str, str | bytes], models=("base", "arev", "sort"), link_zoo=False) -> Path:
-    """A project at `root`: the ci models (copied, or data/models linked to the zoo cache), the data
-    files, and `recipes` (file name -> text or bytes) under data/recipes."""
-    if link_zoo:
-        (root / "data").mkdir(parents=True)
-        (root / "data" / "models").symlink_to(zoo_cache_dir(), target_is_directory=True)
-    else:
-        for name in models:
-            shutil.copytree(zoo_cache_dir() / "ci" / name, root / CI / name)
-    for folder in ("tasks", "eval", "calibration"):
-        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
-    (root / "data" / "recipes").mkdir(parents=True)
-    for fname, text in recipes.items():
-        f = root / "data" / "recipes" / fname
-        f.write_bytes(text) if isinstance(text, bytes) else f.write_text(text)
-    return root
 
 
 def resource(root: Path, **kw) -> MergeDagResource:
@@ -201,7 +184,7 @@ guidance:
 
 
 def test_demo_builds_independent_branches_and_lists_each_failure(tmp_path, ci_zoo, monkeypatch, capsys):
-    from merge_dag.dagster import demo
+    from merge_dag.commands import demo
 
     root = make_project(tmp_path, {"good.yaml": GOOD, "missing.yaml": MISSING, "guided.yaml": GUIDED}, link_zoo=True)
     (root / "data" / "calibration" / "broken.jsonl").write_text('{"text": "arev:ab=ba"}\n{"text": "arev:\n')
@@ -254,8 +237,8 @@ def _started_run(instance, proc: subprocess.Popen, known: set[str]):
 
 
 def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start(tmp_path, monkeypatch, capsys):
-    from merge_dag.dagster.dev import _fail_dead_runs
-    from merge_dag.dagster.home import ensure_dagster_home
+    from merge_dag.commands.dev import _fail_dead_runs
+    from merge_dag.commands.home import ensure_dagster_home
     from merge_dag.dagster.stale_runs import fail_dead_runs
 
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
@@ -277,10 +260,10 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
             assert instance.get_run_by_id(dead_run.run_id).status == dg.DagsterRunStatus.STARTED  # stuck
             # the killed run had observed a source (lineage events, but no runs row yet)
             store = LineageStore(tmp_path / "data" / "lineage.duckdb")
-            store.record_batch([
-                ("record_artifact", dict(artifact_id="model-x", kind="model", name="x", key_hash="sha256:x", path="x",
-                                         bytes=1, code_version="-", params={}, run_id=dead_run.run_id, data_version="x")),
-                ("record_event", dict(artifact_id="model-x", run_id=dead_run.run_id, step="model/x", event="observed"))])
+            store.write(Batch()
+                        .artifact(artifact_id="model-x", kind="model", name="x", key_hash="sha256:x", path="x",
+                                  bytes=1, code_version="-", params={}, run_id=dead_run.run_id, data_version="x")
+                        .event(artifact_id="model-x", run_id=dead_run.run_id, step="model/x", event="observed"))
             _fail_dead_runs(tmp_path)  # what `merge-dag dev` does before it starts dagster (the demo: the same call)
             lines = capsys.readouterr().out.splitlines()
             assert len(lines) == 1 and dead_run.run_id[:8] in lines[0] and f"pid {killed.pid}" in lines[0], lines
@@ -300,7 +283,7 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
 # ---------------------------------------------------------------------------------------------
 
 def test_demo_prepare_keeps_edited_data_files_and_zoo_rewrites_them(tmp_path, ci_zoo):
-    from merge_dag.dagster.demo import prepare
+    from merge_dag.commands.demo import prepare
     from merge_dag.zoo.build import build_zoo
 
     root = make_project(tmp_path, {}, link_zoo=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _models import base_state, load_all, make_family, perturb, tiny_config, write_model
+from _models import base_state, load_all, perturb, tiny_config, write_model
 from merge_dag.cli import main as cli
 from merge_dag.core.checkpoint import INDEX_NAME, Checkpoint
 from merge_dag.core.engine import merge, plan_merge
@@ -23,14 +23,7 @@ from merge_dag.core.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MERGE_DAG_CACHE", str(tmp_path / "fp-cache"))
-
-
-@pytest.fixture()
-def family(tmp_path):
-    return make_family(tmp_path / "models", n_experts=3, layers=3, shards=2)
+pytestmark = pytest.mark.usefixtures("fp_cache")
 
 
 def recipe_file(tmp_path, body: str, name="recipe.yaml") -> Path:

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from merge_dag.evaluation import EvalRecord, EvaluationError, evaluate, render_tasks
-from merge_dag.evaluation.tasks import (
-    gen_task_name, ll_task_name, local_task_names, read_task_yaml, task_files, zoo_task_names,
-)
+from merge_dag.evaluation.tasks import local_task_names, read_task_yaml
+from merge_dag.zoo.lmeval import gen_task_name, ll_task_name, task_files, zoo_task_names
 from merge_dag.zoo.skills import ZOO_SKILLS, eval_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,10 +7,10 @@ import math
 import shutil
 from pathlib import Path
 
-import dagster as dg
 import pytest
 import torch
 
+from conftest import make_project
 from merge_dag.core.checkpoint import Checkpoint
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource
@@ -96,22 +96,10 @@ AREV_DEPENDENTS = {
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    root = tmp_path_factory.mktemp("guided")
-    for name in ("base", "arev", "ashift", "sort"):
-        shutil.copytree(ROOT / CI / name, root / CI / name)
-    for folder in ("tasks", "eval", "calibration"):
-        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
-    (root / "data" / "recipes").mkdir(parents=True)
-    for name, text in RECIPES.items():
-        (root / "data" / "recipes" / f"{name}.yaml").write_text(text)
+    root = make_project(tmp_path_factory.mktemp("guided"), {f"{n}.yaml": t for n, t in RECIPES.items()},
+                        models=("base", "arev", "ashift", "sort"))
     PROJECT_ROOT[:] = [root]
     return root
-
-
-@pytest.fixture(scope="module")
-def instance():
-    with dg.instance_for_test() as inst:
-        yield inst
 
 
 def run_all(root: Path, instance):

@@ -18,11 +18,12 @@ import pytest
 
 from merge_dag.cli import main as cli_main
 from merge_dag.core.errors import MergeDagError
-from merge_dag.lineage import store as store_mod
+from merge_dag.lineage import engine as engine_mod
 from merge_dag.lineage.audit import audit, format_audit
+from merge_dag.lineage.batch import Batch
 from merge_dag.lineage.store import LineageLockTimeout, LineageStore
 
-LINEAGE_DIR = Path(store_mod.__file__).parent
+LINEAGE_DIR = Path(engine_mod.__file__).parent
 TABLES = {"meta", "artifacts", "edges", "events", "metrics", "runs"}
 
 FP = {name: "sha256:" + (c * 64) for name, c in (("base", "0"), ("add", "a"), ("rev", "b"), ("recipe", "c"), ("tasks", "d"))}
@@ -41,18 +42,26 @@ def aid(kind: str, key: str) -> str:
     return f"{kind}-{key[:16]}"
 
 
-def artifact(kind, name, key, path=None, params=None, code="-", run="run-1", nbytes=None):
-    return ("record_artifact", dict(artifact_id=aid(kind, key.removeprefix("sha256:")), kind=kind, name=name,
-                                    key_hash=key, path=None if path is None else str(path), bytes=nbytes,
-                                    code_version=code, params=params or {}, run_id=run, data_version=key))
+def artifact_kw(kind, name, key, path=None, params=None, code="-", run="run-1", nbytes=None) -> dict:
+    return dict(artifact_id=aid(kind, key.removeprefix("sha256:")), kind=kind, name=name, key_hash=key,
+                path=None if path is None else str(path), bytes=nbytes, code_version=code, params=params or {},
+                run_id=run, data_version=key)
 
 
-def edge(parent, child, role, fp):
-    return ("record_edge", dict(parent_id=parent, child_id=child, role=role, fingerprint=fp))
+def artifact(*args, **kwargs) -> Batch:
+    return Batch().artifact(**artifact_kw(*args, **kwargs))
 
 
-def event(artifact_id, step, ev="materialized", run="run-1"):
-    return ("record_event", dict(artifact_id=artifact_id, run_id=run, step=step, event=ev, seconds=0.5))
+def edge(parent, child, role, fp) -> Batch:
+    return Batch().edge(parent_id=parent, child_id=child, role=role, fingerprint=fp)
+
+
+def event(artifact_id, step, ev="materialized", run="run-1") -> Batch:
+    return Batch().event(artifact_id=artifact_id, run_id=run, step=step, event=ev, seconds=0.5)
+
+
+def batch(*parts: Batch) -> Batch:
+    return sum(parts, Batch())
 
 
 def build_graph(store: LineageStore, root: Path) -> dict[str, str]:
@@ -63,41 +72,41 @@ def build_graph(store: LineageStore, root: Path) -> dict[str, str]:
         folders[name] = root / "models" / "ci" / name
         folders[name].mkdir(parents=True)
         ids[name] = sid("model", FP[name])
-        store.record_batch([artifact("model", f"ci_{name}", FP[name], folders[name]), event(ids[name], f"model/ci_{name}", "observed")])
+        store.write(batch(artifact("model", f"ci_{name}", FP[name], folders[name]), event(ids[name], f"model/ci_{name}", "observed")))
     recipe_file = root / "recipes" / "ties.yaml"
     recipe_file.parent.mkdir(parents=True)
     recipe_file.write_text("merge_method: ties\n")
     ids["recipe"] = sid("recipe", FP["recipe"])
     ids["tasks"] = sid("tasks", FP["tasks"])
-    store.record_batch([artifact("recipe", "ties", FP["recipe"], recipe_file), artifact("tasks", "eval_tasks", FP["tasks"])])
+    store.write(batch(artifact("recipe", "ties", FP["recipe"], recipe_file), artifact("tasks", "eval_tasks", FP["tasks"])))
     for expert in ("add", "rev"):
         key = KEY[f"tv_{expert}"]
         ids[f"tv_{expert}"] = aid("task_vector", key)
         folder = root / "artifacts" / "task_vector" / f"ci_{expert}-{key[:16]}"
         folder.mkdir(parents=True)
-        store.record_batch([artifact("task_vector", f"ci_{expert}", key, folder, code="tv0123456789"),
+        store.write(batch(artifact("task_vector", f"ci_{expert}", key, folder, code="tv0123456789"),
                             edge(ids["base"], ids[f"tv_{expert}"], "base", FP["base"]),
                             edge(ids[expert], ids[f"tv_{expert}"], "expert", FP[expert]),
-                            event(ids[f"tv_{expert}"], f"task_vector/ci_{expert}")])
+                            event(ids[f"tv_{expert}"], f"task_vector/ci_{expert}")))
     merged = root / "artifacts" / "merged" / f"ties-{KEY['merged'][:16]}"
     merged.mkdir(parents=True)
     (merged / "model.safetensors").write_bytes(b"x" * 10)
     ids["merged"] = aid("merged", KEY["merged"])
-    store.record_batch([artifact("merged", "ties", KEY["merged"], merged, {"recipe": RECIPE}, "a1b2c3d4e5f6", nbytes=2_100_000),
+    store.write(batch(artifact("merged", "ties", KEY["merged"], merged, {"recipe": RECIPE}, "a1b2c3d4e5f6", nbytes=2_100_000),
                         edge(ids["recipe"], ids["merged"], "recipe", FP["recipe"]),
                         edge(ids["base"], ids["merged"], "base", FP["base"]),
                         edge(ids["tv_add"], ids["merged"], "expert", KEY["tv_add"]),
                         edge(ids["tv_rev"], ids["merged"], "expert", KEY["tv_rev"]),
-                        event(ids["merged"], "merged/ties")])
+                        event(ids["merged"], "merged/ties")))
     ids["eval"] = aid("eval", KEY["eval"])
-    store.record_batch([artifact("eval", "merged_ties", KEY["eval"], root / "artifacts" / "eval", code="ev1"),
+    store.write(batch(artifact("eval", "merged_ties", KEY["eval"], root / "artifacts" / "eval", code="ev1"),
                         edge(ids["merged"], ids["eval"], "model", KEY["merged"]),
                         edge(ids["tasks"], ids["eval"], "tasks", FP["tasks"]),
                         event(ids["eval"], "eval/merged_ties"),
-                        ("record_metric", dict(artifact_id=ids["eval"], task="add", metric="exact_match", value=0.61,
-                                               stderr=0.03, n=200, model="merged/ties")),
-                        ("record_metric", dict(artifact_id=ids["eval"], task="rev", metric="exact_match", value=0.25,
-                                               stderr=None, n=None, model="merged/ties"))])
+                      Batch().metric(artifact_id=ids["eval"], task="add", metric="exact_match", value=0.61,
+                                     stderr=0.03, n=200, model="merged/ties")
+                      .metric(artifact_id=ids["eval"], task="rev", metric="exact_match", value=0.25,
+                              stderr=None, n=None, model="merged/ties")))
     ids["merged_path"] = str(merged)
     return ids
 
@@ -132,8 +141,8 @@ def test_schema_is_created_once_idempotently_and_lives_in_schema_sql(db):
     assert not db.exists()
     store.ensure_schema()
     assert db.is_file() and tables(db) == TABLES
-    store.record_artifact(**artifact("model", "m", FP["base"])[1])
-    store_mod._schema_ready.clear()  # as a fresh process would: the schema runs again over existing data
+    store.write(artifact("model", "m", FP["base"]))
+    engine_mod._schema_ready.clear()  # as a fresh process would: the schema runs again over existing data
     LineageStore(db).ensure_schema()
     LineageStore(db).ensure_schema()
     assert tables(db) == TABLES
@@ -156,9 +165,9 @@ def test_lineage_package_imports_no_dagster():
 
 def test_a_deleted_database_file_comes_back_with_its_schema(db):
     store = LineageStore(db)
-    store.record_event(artifact_id="a", run_id="r", step="s", event="observed")
+    store.write(Batch().event(artifact_id="a", run_id="r", step="s", event="observed"))
     db.unlink()
-    store.record_event(artifact_id="a", run_id="r", step="s", event="observed")  # schema cache is stale
+    store.write(Batch().event(artifact_id="a", run_id="r", step="s", event="observed"))  # schema cache is stale
     assert len(store.events()) == 1
 
 
@@ -168,11 +177,11 @@ def test_a_deleted_database_file_comes_back_with_its_schema(db):
 
 def test_upserts_keep_first_sighting_and_events_accumulate(db, tmp_path):
     store = LineageStore(db)
-    _, kw = artifact("merged", "ties", KEY["merged"], tmp_path / "a", {"recipe": {"merge_method": "ties"}}, "c1", "run-1", 10)
-    store.record_artifact(**kw)
+    kw = artifact_kw("merged", "ties", KEY["merged"], tmp_path / "a", {"recipe": {"merge_method": "ties"}}, "c1", "run-1", 10)
+    store.write(Batch().artifact(**kw))
     first = store.artifact(kw["artifact_id"])
     time.sleep(0.01)
-    store.record_artifact(**dict(kw, path=None, bytes=20, run_id="run-2"))
+    store.write(Batch().artifact(**dict(kw, path=None, bytes=20, run_id="run-2")))
     again = store.artifact(kw["artifact_id"])
     assert again["created_at"] == first["created_at"] and again["last_seen_at"] > first["last_seen_at"]
     assert again["run_id"] == "run-1"             # the run that created it
@@ -181,16 +190,16 @@ def test_upserts_keep_first_sighting_and_events_accumulate(db, tmp_path):
     assert len(store.artifacts()) == 1
 
     for fp in (None, "sha256:f", "sha256:f"):
-        store.record_edge(parent_id="p", child_id=kw["artifact_id"], role="base", fingerprint=fp)
-    store.record_edge(parent_id="p", child_id=kw["artifact_id"], role="expert", fingerprint="sha256:e")
+        store.write(Batch().edge(parent_id="p", child_id=kw["artifact_id"], role="base", fingerprint=fp))
+    store.write(Batch().edge(parent_id="p", child_id=kw["artifact_id"], role="expert", fingerprint="sha256:e"))
     rows = store.query("SELECT role, fingerprint FROM edges ORDER BY role")
     assert rows == [{"role": "base", "fingerprint": "sha256:f"}, {"role": "expert", "fingerprint": "sha256:e"}]
 
     for ev in ("materialized", "cache_hit", "cache_hit"):
-        store.record_event(artifact_id=kw["artifact_id"], run_id="run-2", step="merged/ties", event=ev, seconds=1.5)
+        store.write(Batch().event(artifact_id=kw["artifact_id"], run_id="run-2", step="merged/ties", event=ev, seconds=1.5))
     assert [e["event"] for e in store.events(run_id="run-2")] == ["materialized", "cache_hit", "cache_hit"]
     with pytest.raises(ValueError, match="event must be one of"):
-        store.record_event(artifact_id="x", run_id=None, step="s", event="built")
+        store.write(Batch().event(artifact_id="x", run_id=None, step="s", event="built"))
 
     store.record_run(run_id="run-2", started_at=1_700_000_000.0, status="running", job="all")
     store.record_run(run_id="run-2", started_at=None, status="running")            # a step: keeps the start
@@ -202,29 +211,45 @@ def test_upserts_keep_first_sighting_and_events_accumulate(db, tmp_path):
     assert run["recomputed"] == 1 and run["cache_hits"] == 2
 
 
-def test_record_batch_is_one_transaction(db):
+def test_a_batch_is_one_transaction(db):
     store = LineageStore(db)
-    with pytest.raises(ValueError, match="unknown op"):
-        store.record_batch([artifact("model", "m", FP["base"]), ("record_nonsense", {})])
-    with pytest.raises(ValueError, match="record_edge"):
-        store.record_batch([artifact("model", "m", FP["base"]), ("record_edge", {"parent_id": "p"})])
-    assert store.artifacts() == []  # validated before anything was written
-    good = store_mod._op_record_artifact(**artifact("model", "m", FP["base"])[1])
+    store.write(batch())
+    assert not db.exists()  # an empty batch writes nothing, not even the schema
+    with pytest.raises(ValueError, match="lineage edge: parent_id, child_id and role are required"):
+        artifact("model", "m", FP["base"]).edge(parent_id="p", child_id="", role="base", fingerprint=None)
+    good = artifact("model", "m", FP["base"])
+    assert len(good) == 1 and len(good + event("x", "model/m")) == 2 and len(good) == 1  # + copies
     with pytest.raises(duckdb.Error):
-        store._write(good + [("INSERT INTO nowhere VALUES (1)", [])])
+        store.transaction(good.statements + [("INSERT INTO nowhere VALUES (1)", [])])
     assert store.artifacts() == []  # the failing statement rolled the whole batch back
-    store.record_batch([])
-    store.record_batch([artifact("model", "m", FP["base"]), event(sid("model", FP["base"]), "model/m", "observed")])
+    store.write(batch(artifact("model", "m", FP["base"]), event(sid("model", FP["base"]), "model/m", "observed")))
     assert len(store.artifacts()) == 1 and len(store.events()) == 1
+
+
+def test_records_as_data_are_validated_before_anything_is_written(db):
+    """The pure core returns lineage records as plain data (core.gguf_import.lineage_ops)."""
+    store = LineageStore(db)
+    kw = artifact_kw("model", "m", FP["base"])
+    with pytest.raises(ValueError, match="unknown record 'record_nonsense'"):
+        store.write(Batch.from_records([("artifact", kw), ("record_nonsense", {})]))
+    with pytest.raises(ValueError, match="lineage edge: .*missing 3 required keyword-only arguments"):
+        store.write(Batch.from_records([("artifact", kw), ("edge", {"parent_id": "p"})]))
+    with pytest.raises(ValueError, match=r"each record is \(kind, kwargs\)"):
+        Batch.from_records(["artifact"])
+    assert store.artifacts() == [] and not db.exists()  # validated before anything was written
+    store.write(Batch.from_records([("record_artifact", kw), ("event", dict(artifact_id=kw["artifact_id"], run_id=None,
+                                                                          step="model/m", event="observed"))]))
+    assert [a["artifact_id"] for a in store.artifacts()] == [kw["artifact_id"]] and len(store.events()) == 1
+    assert Batch.from_records([("artifact", kw)]).statements[0][0] == artifact("model", "m", FP["base"]).statements[0][0]
 
 
 def test_metrics_round_trip(db):
     store = LineageStore(db)
-    store.record_artifact(**artifact("eval", "merged_ties", KEY["eval"])[1])
+    store.write(artifact("eval", "merged_ties", KEY["eval"]))
     e = aid("eval", KEY["eval"])
-    store.record_metric(artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties")
-    store.record_metric(artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties")
-    store.record_metric(artifact_id=e, task="sort", metric="acc", value=1, stderr=None, n=None)
+    store.write(Batch().metric(artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties"))
+    store.write(Batch().metric(artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties"))
+    store.write(Batch().metric(artifact_id=e, task="sort", metric="acc", value=1, stderr=None, n=None))
     rows = store.metrics(e)
     assert [(r["task"], r["metric"], r["value"], r["stderr"], r["n"], r["model"], r["kind"]) for r in rows] == [
         ("add", "exact_match", 0.61, 0.03, 200, "merged/ties", "eval"), ("sort", "acc", 1.0, None, None, None, "eval")]
@@ -233,10 +258,10 @@ def test_metrics_round_trip(db):
 
 def test_run_summary_counts_per_kind(graph):
     store, ids = graph
-    store.record_batch([event(ids["merged"], "merged/ties", "cache_hit", "run-2"),
+    store.write(batch(event(ids["merged"], "merged/ties", "cache_hit", "run-2"),
                         event(ids["tv_add"], "task_vector/ci_add", "cache_hit", "run-2"),
                         event(ids["eval"], "eval/merged_ties", "materialized", "run-2"),
-                        ("record_run", dict(run_id="run-2", status="success"))])
+                        Batch().run(run_id="run-2", status="success")))
     s = store.run_summary("run-2")
     assert s["materialized"] == {"eval": 1} and s["cache_hit"] == {"merged": 1, "task_vector": 1}
     assert (s["recomputed"], s["cache_hits"], s["status"]) == (1, 2, "success")
@@ -274,10 +299,10 @@ def test_provenance_walks_two_levels_with_roles_and_fingerprints(graph):
 
 def test_provenance_is_cycle_safe_and_marks_missing_parents(db):
     store = LineageStore(db)
-    store.record_batch([artifact("merged", "a", "a" * 64), artifact("merged", "b", "b" * 64),
+    store.write(batch(artifact("merged", "a", "a" * 64), artifact("merged", "b", "b" * 64),
                         edge(aid("merged", "a" * 64), aid("merged", "b" * 64), "base", "a" * 64),
                         edge(aid("merged", "b" * 64), aid("merged", "a" * 64), "base", "b" * 64),
-                        edge("model-gone", aid("merged", "a" * 64), "expert", "sha256:9")])
+                        edge("model-gone", aid("merged", "a" * 64), "expert", "sha256:9")))
     tree = store.provenance(aid("merged", "a" * 64))
     b = tree["inputs"][0]["node"]
     assert b["name"] == "b" and b["inputs"][0]["node"]["cycle"] and b["inputs"][0]["node"]["name"] == "a"
@@ -310,10 +335,10 @@ def test_find_by_id_prefix_path_and_name(graph, tmp_path, monkeypatch):
     assert store.find("nothing-like-it") is None and store.find("") is None
     # by name: the most recently seen wins
     time.sleep(0.01)
-    store.record_artifact(**artifact("merged", "ties", "5" * 64, params={"recipe": {"merge_method": "ties"}})[1])
+    store.write(artifact("merged", "ties", "5" * 64, params={"recipe": {"merge_method": "ties"}}))
     assert store.find("ties")["artifact_id"] == aid("merged", "5" * 64)
-    store.record_event(artifact_id=ids["merged"], run_id="r", step="merged/ties", event="cache_hit")
-    store.record_artifact(**artifact("merged", "ties", KEY["merged"], merged, {"recipe": RECIPE})[1])  # cache hit
+    store.write(Batch().event(artifact_id=ids["merged"], run_id="r", step="merged/ties", event="cache_hit"))
+    store.write(artifact("merged", "ties", KEY["merged"], merged, {"recipe": RECIPE}))  # cache hit
     assert store.find("ties")["artifact_id"] == ids["merged"]
     assert store.names("merged") == ["ties"]
 
@@ -401,7 +426,7 @@ def test_audit_command(graph, capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("MERGE_DAG_DB")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir(exist_ok=True)
-    LineageStore("data/lineage.duckdb").record_batch([artifact("merged", "here", "7" * 64)])
+    LineageStore("data/lineage.duckdb").write(batch(artifact("merged", "here", "7" * 64)))
     assert cli_main(["audit", "here"]) == 0  # default: data/lineage.duckdb under the current directory
     assert capsys.readouterr().out.startswith("merged/here")
 
@@ -415,7 +440,7 @@ WRITERS, PER_WRITER = 4, 50
 
 def _writer(db: str, w: int, start, results) -> None:
     if w % 2:  # half the writers as on a system without flock: DuckDB's lock and back-off only
-        store_mod.fcntl = None
+        engine_mod.fcntl = None
     try:
         _write_many(db, w, start, results)
     except BaseException as e:  # reported to the test, which would otherwise wait for the result
@@ -429,13 +454,12 @@ def _write_many(db: str, w: int, start, results) -> None:
     t0 = time.monotonic()
     for i in range(PER_WRITER):
         a = f"task_vector-w{w}-{i:03d}"
-        store.record_batch([
-            ("record_artifact", dict(artifact_id=a, kind="task_vector", name=f"w{w}_{i}", key_hash=f"{w}:{i}",
-                                     path=None, bytes=i, code_version="c", params={"i": i}, run_id="run-mp")),
-            ("record_edge", dict(parent_id="model-base", child_id=a, role="base", fingerprint="sha256:0")),
-            ("record_event", dict(artifact_id=a, run_id="run-mp", step=f"task_vector/w{w}_{i}", event="materialized")),
-            ("record_run", dict(run_id="run-mp", started_at=None, status="running", job="all")),
-        ])
+        store.write(Batch()
+                    .artifact(artifact_id=a, kind="task_vector", name=f"w{w}_{i}", key_hash=f"{w}:{i}", path=None,
+                              bytes=i, code_version="c", params={"i": i}, run_id="run-mp")
+                    .edge(parent_id="model-base", child_id=a, role="base", fingerprint="sha256:0")
+                    .event(artifact_id=a, run_id="run-mp", step=f"task_vector/w{w}_{i}", event="materialized")
+                    .run(run_id="run-mp", started_at=None, status="running", job="all"))
         if i % 10 == 0:
             assert store.artifact(a)["params"] == {"i": i}  # reads interleave with the other writers
     results.put({"writer": w, "seconds": time.monotonic() - t0, **store.stats})
@@ -510,8 +534,8 @@ def test_reader_waits_for_a_writer_in_another_process_then_reads(tmp_path):
     try:
         assert locked.wait(60)
         with pytest.raises(LineageLockTimeout):
-            LineageStore(db, lock_timeout=0.2).record_event(artifact_id="model-held", run_id=None, step="s", event="observed")
-        LineageStore(db).record_event(artifact_id="model-held", run_id=None, step="s", event="observed")
+            LineageStore(db, lock_timeout=0.2).write(Batch().event(artifact_id="model-held", run_id=None, step="s", event="observed"))
+        LineageStore(db).write(Batch().event(artifact_id="model-held", run_id=None, step="s", event="observed"))
     finally:
         p.join(timeout=30)
     assert len(LineageStore(db).events()) == 1

@@ -23,9 +23,7 @@ from merge_dag.core.task_vector import compute_task_vector
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MERGE_DAG_CACHE", str(tmp_path / "fp-cache"))
+pytestmark = pytest.mark.usefixtures("fp_cache")
 
 
 def tiny_llama(tied: bool = False, seed: int = 0, hidden: int = 16):

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from _models import load_all
-from conftest import zoo_cache_dir
+from conftest import make_project
 from merge_dag.core.engine import merge
 from merge_dag.core.recipe import load_recipe
-from merge_dag.dagster.automation import evaluate_models, is_complete_checkpoint
+from merge_dag.dagster.watch import evaluate_models, is_complete_checkpoint
 from merge_dag.dagster.steps import resolve_path
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource
@@ -82,15 +82,10 @@ def _adapter(root: Path, name: str, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    root = tmp_path_factory.mktemp("lora_project")
-    shutil.copytree(zoo_cache_dir() / "ci" / "base", root / CI / "base")
-    for folder in ("tasks", "eval", "calibration"):
-        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
+    root = make_project(tmp_path_factory.mktemp("lora_project"), {f"{n}.yaml": t for n, t in RECIPES.items()},
+                        models=("base",))
     _adapter(root, "arev", 11)
     _adapter(root, "sort", 12)
-    (root / "data" / "recipes").mkdir(parents=True)
-    for name, text in RECIPES.items():
-        (root / "data" / "recipes" / f"{name}.yaml").write_text(text)
     return root
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from _models import make_family
+from conftest import make_project
 from merge_dag.core.checkpoint import INDEX_NAME, plan_shards
 from merge_dag.core.engine import execute, out_tensors, plan_merge
 from merge_dag.core.errors import MergeInputError
@@ -23,14 +23,7 @@ SHARD = 12000  # bytes: the tiny bf16 models below give 7 shards
 CARD = {"artifact_id": "merged-0123456789abcdef", "name": "split"}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MERGE_DAG_CACHE", str(tmp_path / "fp-cache"))
-
-
-@pytest.fixture()
-def family(tmp_path):
-    return make_family(tmp_path / "models", n_experts=3, layers=3, shards=2)
+pytestmark = pytest.mark.usefixtures("fp_cache")
 
 
 def recipe(fam, method: str, **extra):
@@ -191,16 +184,9 @@ parameters: {weight: 1.0, density: 0.5}
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    root = tmp_path_factory.mktemp("parts-project")
-    src = ROOT / "data" / "models" / "ci"
-    for name in ("base", "arev", "sort"):
-        shutil.copytree(src / name, root / "data" / "models" / "ci" / name)
-    for folder in ("tasks", "eval"):
-        shutil.copytree(ROOT / "data" / folder, root / "data" / folder)
-    (root / "data" / "recipes").mkdir(parents=True)
-    (root / "data" / "recipes" / "whole.yaml").write_text("name: whole\n" + TIES)
-    (root / "data" / "recipes" / "split.yaml").write_text("name: split\nparts: 3\n" + TIES)
-    return root
+    return make_project(tmp_path_factory.mktemp("parts-project"),
+                        {"whole.yaml": "name: whole\n" + TIES, "split.yaml": "name: split\nparts: 3\n" + TIES},
+                        data=("tasks", "eval"))
 
 
 def materialize(root: Path, instance: dg.DagsterInstance):

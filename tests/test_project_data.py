@@ -70,7 +70,7 @@ def test_another_data_folder_has_its_own_recipes_and_calibration(two_projects: P
 
 
 def test_run_state_follows_the_data_folder(two_projects: Path, monkeypatch):
-    from merge_dag.dagster.home import ensure_dagster_home
+    from merge_dag.commands.home import ensure_dagster_home
     from merge_dag.dagster.resources import resource_from_env
 
     for var in ("MERGE_DAG_DB", "MERGE_DAG_ARTIFACTS", "DAGSTER_HOME"):

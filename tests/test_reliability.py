@@ -28,9 +28,7 @@ from merge_dag.core.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MERGE_DAG_CACHE", str(tmp_path / "fp-cache"))
+pytestmark = pytest.mark.usefixtures("fp_cache")
 
 
 @pytest.fixture()

@@ -19,9 +19,7 @@ TEMPLATE = ("{% for m in messages %}<bos>{{ m['role'] }}:{{ m['content'] }}<eos>
             "{% if add_generation_prompt %}<bos>assistant:{% endif %}")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MERGE_DAG_CACHE", str(tmp_path / "fp-cache"))
+pytestmark = pytest.mark.usefixtures("fp_cache")
 
 
 def save_with_tokenizer(model, folder: Path, template: str, gen: dict) -> Path:

@@ -99,7 +99,7 @@ def prebuild(root: Path, monkeypatch) -> None:
     import dagster as dg
 
     from merge_dag.dagster.definitions import ALL_JOB, build_definitions
-    from merge_dag.dagster.home import ensure_dagster_home
+    from merge_dag.commands.home import ensure_dagster_home
 
     for k, v in env_for(root).items():
         monkeypatch.setenv(k, v)

@@ -217,7 +217,7 @@ def test_command_builds_data_and_lists_models(tmp_path, capsys):
         assert str(tmp_path / "models" / "test" / n) in out
     for rel, text in data_files().items():
         assert (tmp_path / "data" / rel).read_text() == text
-    from merge_dag.evaluation.tasks import task_files
+    from merge_dag.zoo.lmeval import task_files
 
     for name, text in task_files().items():
         assert (tmp_path / "data" / "tasks" / name).read_text() == text

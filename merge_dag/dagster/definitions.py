@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import dagster as dg
 
 from ..project import Project, load_project
+from ..settings import settings
 from .assets.checks import extra_checks
 from .assets.evals import eval_assets
 from .assets.guidance import guidance_assets
@@ -16,8 +16,9 @@ from .assets.leaderboard import leaderboard_asset
 from .assets.merges import merge_assets
 from .assets.sources import source_assets
 from .assets.task_vectors import task_vector_assets
-from .automation import build_lineage_sensors, build_schedule, build_sensor
 from .resources import MergeDagResource, resource_from_env
+from .schedules import build_schedule
+from .sensors import build_lineage_sensors, build_sensor
 
 ALL_JOB = "merge_all"
 
@@ -47,7 +48,7 @@ def build_definitions(root: Optional[str | Path] = None, project: Optional[Proje
 def merge_all_job(root: Optional[str] = None) -> dg.JobDefinition:
     """The merge_all job of the project at `root` (default $MERGE_DAG_ROOT, else the working
     directory): what the multiprocess executor re-imports in each step."""
-    return build_definitions(root or os.environ.get("MERGE_DAG_ROOT")).resolve_job_def(ALL_JOB)
+    return build_definitions(settings().project_root(root)).resolve_job_def(ALL_JOB)
 
 
 def reconstructable_merge_all(root: str | Path) -> dg.ReconstructableJob:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 import dagster as dg
 
 from ..artifacts import Artifact, artifact_id, artifact_key, read_json
+from ..lineage.batch import Batch
 from .resources import MergeDagResource
 
 META_FILE = "_artifact.json"
@@ -59,11 +60,10 @@ def source_id(kind: str, fingerprint: str) -> str:
 def record_source(res: MergeDagResource, *, kind: str, name: str, fingerprint: str, path: Path,
                   run_id: Optional[str], nbytes: Optional[int] = None) -> str:
     sid = source_id(kind, fingerprint)
-    res.lineage().record_batch([
-        ("record_artifact", dict(artifact_id=sid, kind=kind, name=name, key_hash=fingerprint, path=str(path),
-                                 bytes=nbytes, code_version="-", params={}, run_id=run_id, data_version=fingerprint)),
-        ("record_event", dict(artifact_id=sid, run_id=run_id, step=f"{kind}/{name}", event="observed")),
-    ])
+    res.lineage().write(Batch()
+                        .artifact(artifact_id=sid, kind=kind, name=name, key_hash=fingerprint, path=str(path),
+                                  bytes=nbytes, code_version="-", params={}, run_id=run_id, data_version=fingerprint)
+                        .event(artifact_id=sid, run_id=run_id, step=f"{kind}/{name}", event="observed"))
     return sid
 
 
@@ -87,18 +87,18 @@ def record_model(res: MergeDagResource, m, run_id: Optional[str]) -> str:
            if ck.adapter_config.get(k) not in (None, {}, [])}
     bid, aid, lid = source_id("model", bfp), source_id("adapter", afp), source_id("lora", fp)
     base_name = m.base_name or m.base.name
-    res.lineage().record_batch([
-        ("record_artifact", dict(artifact_id=bid, kind="model", name=base_name, key_hash=bfp, path=str(m.base),
-                                 bytes=sum(f.stat().st_size for f in m.base.glob("*.safetensors")), code_version="-", params={}, run_id=run_id, data_version=bfp)),
-        ("record_artifact", dict(artifact_id=aid, kind="adapter", name=m.name, key_hash=afp, path=str(m.path),
-                                 bytes=m.weight_bytes(), code_version="-", params=cfg, run_id=run_id, data_version=afp)),
-        ("record_artifact", dict(artifact_id=lid, kind="lora", name=m.name, key_hash=fp, path=str(m.path),
-                                 bytes=m.weight_bytes(), code_version="-", params={"lora": cfg}, run_id=run_id,
-                                 data_version=fp)),
-        ("record_edge", dict(parent_id=bid, child_id=lid, role="base", fingerprint=bfp)),
-        ("record_edge", dict(parent_id=aid, child_id=lid, role="adapter", fingerprint=afp)),
-        ("record_event", dict(artifact_id=lid, run_id=run_id, step=f"model/{m.name}", event="observed")),
-    ])
+    res.lineage().write(Batch()
+                        .artifact(artifact_id=bid, kind="model", name=base_name, key_hash=bfp, path=str(m.base),
+                                  bytes=sum(f.stat().st_size for f in m.base.glob("*.safetensors")), code_version="-",
+                                  params={}, run_id=run_id, data_version=bfp)
+                        .artifact(artifact_id=aid, kind="adapter", name=m.name, key_hash=afp, path=str(m.path),
+                                  bytes=m.weight_bytes(), code_version="-", params=cfg, run_id=run_id, data_version=afp)
+                        .artifact(artifact_id=lid, kind="lora", name=m.name, key_hash=fp, path=str(m.path),
+                                  bytes=m.weight_bytes(), code_version="-", params={"lora": cfg}, run_id=run_id,
+                                  data_version=fp)
+                        .edge(parent_id=bid, child_id=lid, role="base", fingerprint=bfp)
+                        .edge(parent_id=aid, child_id=lid, role="adapter", fingerprint=afp)
+                        .event(artifact_id=lid, run_id=run_id, step=f"model/{m.name}", event="observed"))
     return fp
 
 
@@ -176,19 +176,18 @@ def cached_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kin
         context.log.info(f"{kind}/{name}: built {art.id} in {time.perf_counter() - t0:.1f} s")
     seconds = time.perf_counter() - t0
     run_id = context.run.run_id
-    ops: list[tuple[str, dict]] = [
-        ("record_artifact", dict(artifact_id=art.id, kind=kind, name=name, key_hash=key, path=str(art.path),
-                                 bytes=art.size_bytes(), code_version=code_version, params=settings, run_id=run_id,
-                                 data_version=key)),
-        ("record_event", dict(artifact_id=art.id, run_id=run_id, step=f"{kind}/{name}", event=event, seconds=seconds)),
-        ("record_run", dict(run_id=run_id, started_at=None, status="running", job=context.job_name)),
-    ]
-    ops += [("record_edge", dict(parent_id=i.artifact_id, child_id=art.id, role=i.role, fingerprint=i.version))
-            for i in inputs]
+    batch = (Batch()
+             .artifact(artifact_id=art.id, kind=kind, name=name, key_hash=key, path=str(art.path),
+                       bytes=art.size_bytes(), code_version=code_version, params=settings, run_id=run_id,
+                       data_version=key)
+             .event(artifact_id=art.id, run_id=run_id, step=f"{kind}/{name}", event=event, seconds=seconds)
+             .run(run_id=run_id, started_at=None, status="running", job=context.job_name))
+    for i in inputs:
+        batch.edge(parent_id=i.artifact_id, child_id=art.id, role=i.role, fingerprint=i.version)
     for task, metric, value, stderr, n in info.get("metrics", []):
-        ops.append(("record_metric", dict(artifact_id=art.id, task=task, metric=metric, value=value, stderr=stderr,
-                                          n=n, model=info.get("model"))))
-    res.lineage().record_batch(ops)
+        batch.metric(artifact_id=art.id, task=task, metric=metric, value=value, stderr=stderr, n=n,
+                     model=info.get("model"))
+    res.lineage().write(batch)
     return Outcome(art, key, event, info, seconds)
 
 

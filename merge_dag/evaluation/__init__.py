@@ -1,9 +1,7 @@
-"""Evaluation with lm-eval (pure: no Dagster). See :func:`evaluate`."""
+"""Evaluation with lm-eval (pure: no Dagster). See :func:`evaluate`. Which tasks exist is the task
+folder's (the zoo's: merge_dag.zoo.lmeval)."""
 
 from .evaluate import EvalRecord, EvaluationError, evaluate, records_from_results, to_table
-from .tasks import gen_task_name, ll_task_name, render_tasks, write_task_files, zoo_task_names
+from .tasks import render_tasks
 
-__all__ = [
-    "EvalRecord", "EvaluationError", "evaluate", "records_from_results", "to_table",
-    "gen_task_name", "ll_task_name", "render_tasks", "write_task_files", "zoo_task_names",
-]
+__all__ = ["EvalRecord", "EvaluationError", "evaluate", "records_from_results", "to_table", "render_tasks"]

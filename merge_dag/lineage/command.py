@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-DEFAULT_DB = Path("data") / "lineage.duckdb"
+from ..settings import settings
 
 
 def default_db() -> Path:
-    """$MERGE_DAG_DB, else data/lineage.duckdb under the current directory."""
-    return Path(os.environ.get("MERGE_DAG_DB") or DEFAULT_DB)
+    """$MERGE_DAG_DB, else lineage.duckdb in the data folder ($MERGE_DAG_DATA, else data/) of the
+    current directory."""
+    s = settings()
+    return s.db_path(s.data_dir(Path.cwd()))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a merged folder (or any artifact's path), a name such as 'ties' or 'merged/ties', "
                              "an artifact id, or a unique prefix of one")
     parser.add_argument("--db", type=Path, default=None,
-                        help="lineage database (default: $MERGE_DAG_DB, else data/lineage.duckdb)")
+                        help="lineage database (default: $MERGE_DAG_DB, else <data>/lineage.duckdb: $MERGE_DAG_DATA "
+                             "or data/ under the current directory)")
     parser.add_argument("--json", action="store_true", help="print the provenance tree as JSON")
     parser.add_argument("--repair", action="store_true",
                         help="if the lineage database cannot be opened, move it aside to <file>.corrupt-<time> "

@@ -258,7 +258,7 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
 
     files: list[str] = []
     if data_dir is not None:
-        from ..evaluation.tasks import write_task_files
+        from .lmeval import write_task_files
 
         files = [str(p) for p in write_data_files(Path(data_dir), st.skills, st.data_seed, overwrite_data)]
         files += [str(p) for p in write_task_files(Path(data_dir) / "tasks", st.skills, overwrite_data)]

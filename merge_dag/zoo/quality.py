@@ -304,7 +304,7 @@ def ties(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], 
 
 def _scores(model, skills, tokenizer, device, limit, batch_size) -> tuple[dict, dict, int]:
     from ..evaluation import evaluate
-    from ..evaluation.tasks import gen_task_name, ll_task_name
+    from .lmeval import gen_task_name, ll_task_name
 
     tasks = [gen_task_name(s) for s in skills] + [ll_task_name(s) for s in skills]
     recs = evaluate(model, tasks, device=device, limit=limit, batch_size=batch_size, tokenizer=tokenizer)

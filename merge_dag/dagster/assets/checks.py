@@ -146,7 +146,7 @@ def score_metadata(t: ScoreTable, label: str, base_label: str) -> dict:
     rows = [f"| {md_text(x)} | {t.value(label, x):.3f} ± {t.se(label, x):.3f} | {t.value(base_label, x):.3f} | "
             f"{t.value(label, x) - t.value(base_label, x):+.3f} |" for x in common]
     d, se = t.diff(label, base_label)
-    table_md = "\n".join([f"| task | this merge | base | Δ |", "|---|---:|---:|---:|", *rows,
+    table_md = "\n".join(["| task | this merge | base | Δ |", "|---|---:|---:|---:|", *rows,
                            f"| **average** | {t.average(label, common):.3f} ± {t.se_average(label, common):.3f} | "
                            f"{t.average(base_label, common):.3f} | {d:+.3f} ± {se:.3f}{' ▼' if d < 0 else ''} |"])
     return {"scores": dg.MetadataValue.md(table_md), "average": round(t.average(label, common), 4),

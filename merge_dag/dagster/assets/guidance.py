@@ -1,6 +1,6 @@
-"""Data-guided merging as assets: calibration sets, statistics, LEWIS allocations, Sens coefficients.
+"""Data-guided merging as assets: statistics, LEWIS allocations, Sens coefficients (the calibration
+sets they read, calibration/<set>, are source assets: sources.py).
 
-    calibration/<set>                     observable source: sha256 of the jsonl file
     activations/<model>__<set>[__seqwandaNN]   per-linear input statistics (one forward pass)
     grams/<model>__<set>                  per-linear X^T X for RegMean (one forward pass)
     sensitivity/<expert>__<set>           per-layer first-order sensitivity (one forward + backward pass)
@@ -20,7 +20,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from ...core.checkpoint import Checkpoint
 from ...core.fingerprint import file_fingerprint
 from ...core.params import layer_index
 from ...core.version import code_version
@@ -28,7 +27,7 @@ from ...project import CalibrationSource, ImportanceSource, Project, RecipeSpec,
     register_guidance
 from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
-from ..steps import Input, record_source, run_step, upstream
+from ..steps import Input, run_step, upstream
 
 GROUP = "guidance"
 STATS_CODE = code_version("guidance/activations.py", "guidance/calibration.py", "guidance/model.py",
@@ -89,21 +88,8 @@ def _layer_of(name: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# sources and per-(model, calibration set) statistics
+# per-(model, calibration set) statistics (the calibration sets themselves: sources.py)
 # ---------------------------------------------------------------------------------------------
-
-def calibration_source_asset(cal: CalibrationSource) -> dg.AssetsDefinition:
-    @dg.observable_source_asset(key=["calibration", cal.name], group_name="sources",
-                                description=f"Calibration set {md_text(cal.ref)} ({md_text(cal.path)}), versioned by sha256.")
-    def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
-        fp = file_fingerprint(cal.path)
-        record_source(merge_dag, kind="calibration", name=cal.name, fingerprint=fp, path=cal.path,
-                      run_id=context.run.run_id, nbytes=cal.path.stat().st_size)
-        return dg.ObserveResult(data_version=dg.DataVersion(fp),
-                                metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(cal.path))})
-
-    return _observe
-
 
 def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
     """activations/<name> (kind "activations") or grams/<name> (kind "grams")."""
@@ -371,8 +357,7 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
 
 
 def guidance_assets(project: Project) -> list[dg.AssetsDefinition]:
-    out: list[dg.AssetsDefinition] = [calibration_source_asset(c) for c in project.calibrations.values()]
-    out += [stats_asset("activations", s) for s in project.activations.values()]
+    out: list[dg.AssetsDefinition] = [stats_asset("activations", s) for s in project.activations.values()]
     out += [stats_asset("grams", s) for s in project.grams.values()]
     out += [sensitivity_asset(s) for s in project.sensitivities.values()]
     out += [importance_asset(i) for i in project.importances.values()]

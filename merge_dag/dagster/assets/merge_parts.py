@@ -4,7 +4,7 @@
             ├─> part_2_of_N ──┼─> finalize
             └─> ...         ──┘
 
-`prepare` reads the recipe and its inputs at run time (merges.prepare_merge, as the one-step asset
+`prepare` reads the recipe and its inputs at run time (merge_prep.prepare_merge, as the one-step asset
 does) and computes the cache key. If the artifact exists, the part steps do nothing and `finalize`
 records the cache hit. Otherwise each part step merges a contiguous range of whole output shards
 (merge_dag.core.parts) into a staging folder under the artifacts folder, keyed by the cache key
@@ -39,8 +39,8 @@ from ...project import Project, RecipeSpec
 from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import run_step, step_key
-from .merges import (GROUP, PreparedMerge, merge_card_extra, merge_info, merge_plan, merged_deps, merged_metadata,
-                     prepare_merge)
+from .merge_prep import (GROUP, PreparedMerge, merge_card_extra, merge_info, merge_plan, merged_deps, merged_metadata,
+                         prepare_merge)
 
 KIND = "merged"
 SHARD_SIZE = "2GB"  # what the one-step asset writes (engine.execute's default)

@@ -1,11 +1,13 @@
-"""Source assets: model folders, recipe files and eval task sets, observed by content fingerprint.
+"""Source assets: model folders, recipe files, calibration sets and eval task sets, observed by
+content fingerprint.
 
 A model's data version is its checkpoint fingerprint (merge_dag.core.fingerprint: a sha256 hash
 tree over tensor names, dtypes, shapes and bytes plus config.json, cached per shard by path, size,
 mtime and inode, so re-observing an unchanged model costs a stat per shard). A recipe's is the sha256
 of its canonical YAML content (comments and key order do not count); eval tasks', the sha256 of
-data/tasks and data/eval. A model folder written by `merge-dag import` also records its GGUF file
-(kind gguf, sha256 of the file) as the model source's parent, from the folder's merge_dag.json.
+data/tasks and data/eval; a calibration set's, the sha256 of its jsonl file. A model folder written
+by `merge-dag import` also records its GGUF file (kind gguf, sha256 of the file) as the model
+source's parent, from the folder's merge_dag.json.
 """
 
 
@@ -17,7 +19,8 @@ import dagster as dg
 from ...core.fingerprint import file_fingerprint
 from ...core.gguf_import import lineage_ops
 from ...core.markdown import md_text
-from ...project import BrokenRecipe, ModelSource, Project, RecipeSpec, current_spec, load_project
+from ...lineage.batch import Batch
+from ...project import BrokenRecipe, CalibrationSource, ModelSource, Project, RecipeSpec, current_spec, load_project
 from ..resources import MergeDagResource
 from ..steps import record_model, record_source
 
@@ -50,7 +53,7 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
         else:
             imported = lineage_ops(m.path, name=m.name, run_id=context.run.run_id, model_fingerprint=fp, model=False)
             if imported:  # a `merge-dag import` folder: its GGUF is recorded as the model source's parent
-                merge_dag.lineage().record_batch(imported)
+                merge_dag.lineage().write(Batch.from_records(imported))
                 metadata["imported_from"] = imported[0][1]["key_hash"]
         return dg.ObserveResult(data_version=dg.DataVersion(fp), metadata=metadata)
 
@@ -105,10 +108,24 @@ def tasks_source_asset(project: Project) -> dg.AssetsDefinition:
     return _observe
 
 
+def calibration_source_asset(cal: CalibrationSource) -> dg.AssetsDefinition:
+    @dg.observable_source_asset(key=["calibration", cal.name], group_name=GROUP,
+                                description=f"Calibration set {md_text(cal.ref)} ({md_text(cal.path)}), versioned by sha256.")
+    def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
+        fp = file_fingerprint(cal.path)
+        record_source(merge_dag, kind="calibration", name=cal.name, fingerprint=fp, path=cal.path,
+                      run_id=context.run.run_id, nbytes=cal.path.stat().st_size)
+        return dg.ObserveResult(data_version=dg.DataVersion(fp),
+                                metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(cal.path))})
+
+    return _observe
+
+
 def source_assets(project: Project) -> list[dg.AssetsDefinition]:
     out = [model_source_asset(m) for m in project.models.values()]
     out += [recipe_source_asset(project, s) for s in project.recipes.values()]
     out += [broken_recipe_asset(project, b) for b in project.broken.values()]
+    out += [calibration_source_asset(c) for c in project.calibrations.values()]
     if any(s.evals for s in project.recipes.values()):
         out.append(tasks_source_asset(project))
     return out

@@ -48,9 +48,10 @@ def task_configs(task: str) -> dict[str, dict[str, Any]]:
 
 
 def task_files(tasks: tuple[str, ...] = REAL_TASKS) -> dict[str, str]:
-    from ...evaluation.tasks import HEADER, _dump
+    from ...evaluation.tasks import dump_task_yaml
+    from ..lmeval import HEADER
 
-    return {name: HEADER + _dump(cfg) for t in tasks for name, cfg in task_configs(t).items()}
+    return {name: HEADER + dump_task_yaml(cfg) for t in tasks for name, cfg in task_configs(t).items()}
 
 
 def write_task_files(tasks_dir: Path, tasks: tuple[str, ...] = REAL_TASKS) -> list[Path]:

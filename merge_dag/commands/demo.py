@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ..settings import settings
 from .home import ensure_dagster_home
 
 
@@ -43,7 +44,7 @@ def prepare(args: argparse.Namespace) -> Path:
         os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")
         # the base-vs-expert table comes from the run's own lm-eval assets: no separate evaluation here
         build_real_zoo(root / "data" / "models", progress=True, data_dir=root / "data", evaluate=False,
-                       device=args.device or os.environ.get("MERGE_DAG_DEVICE", "cpu"))
+                       device=args.device or settings().device)
         return root
     from ..zoo.build import build_zoo
 
@@ -66,10 +67,9 @@ def run(args: argparse.Namespace) -> int:
         print_results(root, leaderboard)
     print(f"\nrun {result.run_id[:8]}: {summary}")
     print(f"zoo {t_zoo:.1f} s, Dagster run {t_run:.1f} s, total {time.perf_counter() - t0:.1f} s")
-    from ..core.paths import data_dir
-
-    print(f"lineage: {os.environ.get('MERGE_DAG_DB') or data_dir(root) / 'lineage.duckdb'}  "
-          f"(try: merge-dag audit <recipe name>{' --db ' + str(data_dir(root) / 'lineage.duckdb') if args.size == 'real' else ''})")
+    s = settings()
+    db = s.db_path(s.data_dir(root))
+    print(f"lineage: {db}  (try: merge-dag audit <recipe name>{' --db ' + str(db) if args.size == 'real' else ''})")
     failed = failure_lines(result)
     if failed:
         print(f"\n{len(failed)} step(s) failed; what depends on them was skipped, everything else was built:")
@@ -213,8 +213,8 @@ def materialize_all(root: Path, verbose: bool = True):
 
     from dagster import DagsterInstance
 
-    from .definitions import ALL_JOB, build_definitions
-    from .stale_runs import fail_dead_runs, run_tags
+    from ..dagster.definitions import ALL_JOB, build_definitions
+    from ..dagster.stale_runs import fail_dead_runs, run_tags
 
     defs = build_definitions(root)
     job = defs.resolve_job_def(ALL_JOB)

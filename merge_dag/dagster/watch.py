@@ -1,4 +1,5 @@
-"""Automation: a sensor that re-merges when a checkpoint lands or changes, and a nightly schedule.
+"""What the checkpoint sensor (sensors.py) decides each tick, as plain functions the tests drive:
+which model folders and calibration files changed, and which assets to rebuild for them.
 
 When is a checkpoint complete? The sensor reads each watched model folder's signature (every
 file's name, size and mtime). A change starts a wait: the folder must keep the same signature for
@@ -27,23 +28,13 @@ recipe (LEWIS, Sens, RegMean) cannot merge a newcomer before that reload: its st
 the code location does not show yet, and the merge step says so.
 """
 
-import json
-import os
-import time
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 
 from ..core.checkpoint import Checkpoint
 from ..core.errors import CheckpointError, MergeDagError
 from ..project import ModelSource, Project, RecipeSpec, current_spec
-from ..core.markdown import md_text
-from .resources import SettingsError, env_number
-
-SENSOR_NAME = "checkpoint_sensor"
-SCHEDULE_NAME = "nightly_rebuild"
-DEFAULT_CRON = "0 3 * * *"
 
 
 def folder_signature(path: Path) -> list:
@@ -95,15 +86,11 @@ def recipes_using(project: Project, model: str) -> list[RecipeSpec]:
     return out
 
 
-def affected_keys(project: Project, model: str, asset_graph=None) -> list[dg.AssetKey]:
+def affected_keys(project: Project, model: str, asset_graph) -> list[dg.AssetKey]:
     """Every asset downstream of model `model` (task vectors, statistics, allocations, merges, evals,
     the leaderboard), with the model's own source and the sources of the recipes using it first so
     the run observes them. A new glob match has no asset of its own yet: its recipes' downstream.
-    `asset_graph`: the code location's (the sensor passes its repository's); built when not given."""
-    if asset_graph is None:
-        from .definitions import build_definitions
-
-        asset_graph = build_definitions(project=project).resolve_asset_graph()
+    `asset_graph`: the code location's (the sensor passes its repository's)."""
     known = asset_graph.get_all_asset_keys()
     roots = [k for k in [dg.AssetKey(["model", model])] if k in known]
     roots += [k for s in recipes_using(project, model) for k in [dg.AssetKey(["recipe", s.name])] if k in known]
@@ -197,7 +184,7 @@ def evaluate_calibrations(project: Project, cursor: dict, now: float, settle_sec
     return changed, state
 
 
-def _fixed_recipes(project: Project) -> str:
+def fixed_recipes_note(project: Project) -> str:
     """A note on the recipe files that did not load but do now (a glob's first match arrived, a typo
     was fixed): their assets appear at the next reload of the code location."""
     if not project.broken:
@@ -207,100 +194,3 @@ def _fixed_recipes(project: Project) -> str:
     still = {b.file for b in load_project(project.root, project.data).broken.values()}
     fixed = [b.file.name for b in project.broken.values() if b.file.exists() and b.file not in still]
     return f"; recipe file(s) {', '.join(fixed)} load now: reload the code location to build them" if fixed else ""
-
-
-def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float] = None) -> dg.SensorDefinition:
-    settle, bad_setting = (env_number("MERGE_DAG_SETTLE_SECONDS", 30.0, float) if settle_seconds is None
-                           else (settle_seconds, None))
-    broken = "".join(f" Recipe file {md_text(b.file.name)} did not load: {md_text(b.error)}."
-                     for b in project.broken.values())
-
-    @dg.sensor(name=SENSOR_NAME, job_name=job_name, minimum_interval_seconds=15,
-               default_status=dg.DefaultSensorStatus.RUNNING,
-               description=(f"Every tick fails until fixed: {md_text(bad_setting)}." if bad_setting else
-                            f"Rebuilds what depends on a model folder once a new or changed checkpoint has been "
-                            f"stable for {settle:g} s and opens as a complete safetensors checkpoint.") + broken)
-    def _sensor(context: dg.SensorEvaluationContext):
-        if bad_setting:  # a failed tick in the UI, naming the variable; the code location still loads
-            raise SettingsError(bad_setting)
-        cursor = json.loads(context.cursor) if context.cursor else {}
-        changed, state = evaluate_models(project, cursor, time.time(), settle)
-        graph = context.repository_def.asset_graph
-        requested = False
-        cal_changed, state = evaluate_calibrations(project, state, time.time(), settle)
-        for name in cal_changed:
-            fp = state[f"calibration:{name}"]["fp"]
-            root = dg.AssetKey(["calibration", name])
-            below = dg.AssetSelection.assets(root).downstream().resolve(graph) - {root}
-            yield dg.RunRequest(run_key=f"calibration:{name}:{fp}",
-                                asset_selection=[root] + sorted(below, key=lambda k: k.to_user_string()),
-                                tags={"merge_dag/trigger": f"calibration/{name}", "merge_dag/fingerprint": fp})
-            requested = True
-        for name in changed:
-            fp = state[name]["fp"]
-            yield dg.RunRequest(run_key=f"{name}:{fp}:{state[name]['since']}",
-                                asset_selection=affected_keys(project, name, graph),
-                                tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": fp})
-            requested = True
-        # a new model's own assets appear after a code-location reload: build those never built, once
-        for name, st in state.items():
-            if not name.startswith("calibration:") and st.get("new") and st.get("fp") and name not in changed and st.get("filled") != st["fp"]:
-                missing = missing_after_new(graph, context.instance, name)
-                if missing:  # once per fingerprint: a run in flight must not be re-requested as it progresses
-                    yield dg.RunRequest(run_key=f"{name}:{st['fp']}:missing", asset_selection=missing,
-                                        tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": st["fp"]})
-                    state[name] = {**st, "filled": st["fp"]}
-                    requested = True
-        context.update_cursor(json.dumps(state))
-        if not requested:
-            yield dg.SkipReason("no new or changed complete checkpoint or calibration set" + _fixed_recipes(project))
-
-    return _sensor
-
-
-def build_schedule(job_name: str) -> dg.ScheduleDefinition:
-    from dagster._utils.schedules import is_valid_cron_string
-
-    cron = os.environ.get("MERGE_DAG_SCHEDULE", "").strip() or DEFAULT_CRON
-    if not is_valid_cron_string(cron):  # keep the code location loading: the schedule's ticks fail instead
-        error = f"MERGE_DAG_SCHEDULE={cron!r} is not a cron expression (e.g. {DEFAULT_CRON!r})"
-
-        @dg.schedule(name=SCHEDULE_NAME, job_name=job_name, cron_schedule=DEFAULT_CRON,
-                     default_status=dg.DefaultScheduleStatus.RUNNING,
-                     description=f"Every tick fails until fixed: {md_text(error)}.")
-        def _refuse(context):
-            raise SettingsError(error)
-
-        return _refuse
-    return dg.ScheduleDefinition(
-        name=SCHEDULE_NAME, job_name=job_name, cron_schedule=cron,
-        default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Re-observe every source and rebuild whatever is stale ({md_text(cron)}); unchanged artifacts "
-                    "are cache hits, so a quiet night costs fingerprints only.")
-
-
-LINEAGE_SENSORS = {"lineage_run_succeeded": ("SUCCESS", "success"), "lineage_run_failed": ("FAILURE", "failure"),
-                   "lineage_run_canceled": ("CANCELED", "canceled")}
-
-
-def build_lineage_sensors() -> list:
-    """Run status sensors that write every run's end (success, failure, canceled) into the lineage
-    `runs` table, for runs the daemon launches (the sensor's, the schedule's, the UI's); steps only
-    ever record `running`. `merge-dag demo` records its own in-process runs."""
-    from datetime import datetime, timezone
-
-    from .resources import MergeDagResource
-
-    def make(name: str, dagster_status: str, status: str):
-        @dg.run_status_sensor(run_status=getattr(dg.DagsterRunStatus, dagster_status), name=name,
-                              default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=15,
-                              description=f"Records each run that ends in {dagster_status} as {status!r} in the "
-                                          "lineage runs table.")
-        def _record(context: dg.RunStatusSensorContext, merge_dag: MergeDagResource):
-            run = context.dagster_run
-            merge_dag.lineage().record_run(run_id=run.run_id, status=status, job=run.job_name,
-                                           finished_at=datetime.now(timezone.utc).replace(tzinfo=None))
-
-        return _record
-
-    return [make(name, d, s) for name, (d, s) in LINEAGE_SENSORS.items()]

@@ -94,11 +94,12 @@ def _fail_dead_runs(root: Path) -> None:
     from dagster import DagsterInstance
 
     from ..lineage.store import LineageStore
-    from .stale_runs import fail_dead_runs
+    from ..dagster.stale_runs import fail_dead_runs
 
-    from ..core.paths import data_dir
+    from ..settings import settings
 
-    db = Path(os.environ.get("MERGE_DAG_DB") or data_dir(root) / "lineage.duckdb")
+    s = settings()
+    db = s.db_path(s.data_dir(root))
     try:
         with DagsterInstance.get() as instance:
             for line in fail_dead_runs(instance, LineageStore(db) if db.exists() else None):
