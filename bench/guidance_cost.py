@@ -63,15 +63,19 @@ def main() -> None:
     stats = collect_activation_stats(m_base, batches, device=args.device)
     rows = {
         "forward pass (reference)": best(forward, args.repeat),
-        "activations (count, Σx², Σ|x|, max|x|)":
-            best(lambda: collect_activation_stats(m_base, batches, device=args.device), args.repeat),
-        "grams (XᵀX, RegMean)":
-            best(lambda: collect_activation_stats(m_base, batches, device=args.device, gram=True), args.repeat),
+        "activations (count, Σx², Σ|x|, max|x|)": best(
+            lambda: collect_activation_stats(m_base, batches, device=args.device), args.repeat
+        ),
+        "grams (XᵀX, RegMean)": best(
+            lambda: collect_activation_stats(m_base, batches, device=args.device, gram=True), args.repeat
+        ),
         "sensitivity (forward + backward)": best(lambda: sensitivity(m_exp, batches, device=args.device), args.repeat),
-        "alignment, one expert pair (2 forwards)":
-            best(lambda: logit_kl(m_other, m_exp, batches, device=args.device), args.repeat),
-        "importance (weights × statistics, no pass)":
-            best(lambda: importance(stats, base, device=args.device), args.repeat),
+        "alignment, one expert pair (2 forwards)": best(
+            lambda: logit_kl(m_other, m_exp, batches, device=args.device), args.repeat
+        ),
+        "importance (weights × statistics, no pass)": best(
+            lambda: importance(stats, base, device=args.device), args.repeat
+        ),
     }
     # sequential Wanda prunes the model it measures: a fresh copy per run
     seq = []
@@ -84,8 +88,10 @@ def main() -> None:
 
     ref = rows["forward pass (reference)"]
     params = sum(p.numel() for p in m_base.parameters())
-    print(f"{args.size} zoo: {params / 1e6:.2f}M parameters, {len(batches)} batches, {tokens} tokens, "
-          f"device {args.device}, min of {args.repeat}\n")
+    print(
+        f"{args.size} zoo: {params / 1e6:.2f}M parameters, {len(batches)} batches, {tokens} tokens, "
+        f"device {args.device}, min of {args.repeat}\n"
+    )
     print("| statistic | seconds | × one forward pass |\n|---|---:|---:|")
     for k, v in rows.items():
         print(f"| {k} | {v:.4f} | {v / ref:.2f} |")

@@ -72,8 +72,14 @@ TARGET_TIES_WALL_S = 15.0
 TARGET_PEAK_RSS_GB = 1.5
 
 # ---- the model -----------------------------------------------------------------------------
-SHAPE = dict(hidden_size=1024, num_hidden_layers=24, intermediate_size=2816, vocab_size=32000,
-             num_attention_heads=16, num_key_value_heads=16)
+SHAPE = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    intermediate_size=2816,
+    vocab_size=32000,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+)
 BUILD_VERSION = 1
 BASE_STD = 0.02
 EXPERT_SIGMA = 0.002  # noise std of each expert's task vector (10% of the weights' std)
@@ -103,8 +109,9 @@ def llama_tensors(hidden: int, layers: int, inter: int, vocab: int, **_) -> list
 
 
 def model_tensors() -> list[tuple[str, tuple[int, ...]]]:
-    return llama_tensors(SHAPE["hidden_size"], SHAPE["num_hidden_layers"], SHAPE["intermediate_size"],
-                         SHAPE["vocab_size"])
+    return llama_tensors(
+        SHAPE["hidden_size"], SHAPE["num_hidden_layers"], SHAPE["intermediate_size"], SHAPE["vocab_size"]
+    )
 
 
 def _numel(shape) -> int:
@@ -122,8 +129,13 @@ _ELT = {"BF16": 2, "F16": 2, "F32": 4}
 class ShardedWriter:
     """Writes tensors whose names/shapes/dtype are known up front into HF-style sharded safetensors."""
 
-    def __init__(self, folder: Path, tensors: list[tuple[str, tuple[int, ...]]], dtype: str = "BF16",
-                 shard_bytes: int = SHARD_BYTES):
+    def __init__(
+        self,
+        folder: Path,
+        tensors: list[tuple[str, tuple[int, ...]]],
+        dtype: str = "BF16",
+        shard_bytes: int = SHARD_BYTES,
+    ):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -169,6 +181,7 @@ class ShardedWriter:
             self._open(si)
         if hasattr(data, "numpy"):
             import torch
+
             if _ST_DTYPE[str(data.dtype)] != self.dtype or tuple(data.shape) != tuple(shape):
                 raise RuntimeError(f"{name}: got {data.dtype} {tuple(data.shape)}, expected {self.dtype} {shape}")
             data = memoryview(data.contiguous().view(torch.uint8).reshape(-1).numpy())
@@ -182,8 +195,10 @@ class ShardedWriter:
         if self.fh is not None:
             self.fh.close()
             self.fh = None
-        index = {"metadata": {"total_size": self.total},
-                 "weight_map": {name: self.files[si] for si, name, _ in self.order}}
+        index = {
+            "metadata": {"total_size": self.total},
+            "weight_map": {name: self.files[si] for si, name, _ in self.order},
+        }
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if fsync:
             for p in self.folder.iterdir():
@@ -195,8 +210,11 @@ def _read_index(folder: Path) -> dict[str, tuple[Path, int, int, str, list[int]]
     """name -> (file, absolute start, end, dtype, shape) for an HF folder of safetensors."""
     out = {}
     idx = folder / "model.safetensors.index.json"
-    files = list(dict.fromkeys(json.loads(idx.read_text())["weight_map"].values())) if idx.exists() \
+    files = (
+        list(dict.fromkeys(json.loads(idx.read_text())["weight_map"].values()))
+        if idx.exists()
         else sorted(p.name for p in folder.glob("*.safetensors"))
+    )
     for fn in files:
         p = folder / fn
         with open(p, "rb") as f:
@@ -215,8 +233,15 @@ def _seed(model: int, name: str) -> int:
 
 
 def build_spec() -> dict:
-    return {"version": BUILD_VERSION, "shape": SHAPE, "base_std": BASE_STD, "expert_sigma": EXPERT_SIGMA,
-            "experts": N_EXPERTS, "dtype": "bfloat16", "shard_bytes": SHARD_BYTES}
+    return {
+        "version": BUILD_VERSION,
+        "shape": SHAPE,
+        "base_std": BASE_STD,
+        "expert_sigma": EXPERT_SIGMA,
+        "experts": N_EXPERTS,
+        "dtype": "bfloat16",
+        "shard_bytes": SHARD_BYTES,
+    }
 
 
 def model_dirs(cache: Path) -> tuple[Path, list[Path]]:
@@ -247,8 +272,15 @@ def build_models(cache: Path, force: bool = False) -> dict:
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     names = model_tensors()
-    cfg = LlamaConfig(**SHAPE, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      hidden_act="silu", bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        **SHAPE,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg.architectures = ["LlamaForCausalLM"]
     folders = [tmp / "base"] + [tmp / f"expert{i + 1}" for i in range(N_EXPERTS)]
     writers = []
@@ -278,16 +310,22 @@ def build_models(cache: Path, force: bool = False) -> dict:
     for w in writers:
         w.close()
     n_params = sum(_numel(s) for _, s in names)
-    info = {"spec": spec, "params": n_params, "bytes_per_model": writers[0].total,
-            "files": writers[0].files, "build_seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "spec": spec,
+        "params": n_params,
+        "bytes_per_model": writers[0].total,
+        "files": writers[0].files,
+        "build_seconds": round(time.perf_counter() - t0, 1),
+    }
     (tmp / "build.json").write_text(json.dumps(info, indent=2) + "\n")
     os.rename(tmp, root)
     return info
 
 
 # ---- recipes -------------------------------------------------------------------------------
-def recipe_text(method: str, base: Path, experts: list[Path], density: float, weight: float,
-                dtype: str, out_dtype: str) -> str:
+def recipe_text(
+    method: str, base: Path, experts: list[Path], density: float, weight: float, dtype: str, out_dtype: str
+) -> str:
     from merge_dag.core.methods.registry import SPARSIFYING
 
     takes_density = method in SPARSIFYING
@@ -298,13 +336,17 @@ def recipe_text(method: str, base: Path, experts: list[Path], density: float, we
     for e in experts:
         params = f"weight: {weight}" + (f", density: {density}" if takes_density else "")
         lines += [f"  - model: {e}", f"    parameters: {{{params}}}"]
-    lines += [f"dtype: {dtype}", f"out_dtype: {out_dtype}",
-              "seed: 0  # merge_dag; mergekit ignores it and gets --random-seed 0"]
+    lines += [
+        f"dtype: {dtype}",
+        f"out_dtype: {out_dtype}",
+        "seed: 0  # merge_dag; mergekit ignores it and gets --random-seed 0",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_recipes(cache: Path, methods: list[str], density: float, weight: float, dtype: str,
-                  out_dtype: str) -> dict[str, Path]:
+def write_recipes(
+    cache: Path, methods: list[str], density: float, weight: float, dtype: str, out_dtype: str
+) -> dict[str, Path]:
     base, experts = model_dirs(cache)
     d = cache / "recipes"
     d.mkdir(parents=True, exist_ok=True)
@@ -383,17 +425,25 @@ def measure(cmd: list[str], log: Path, env: dict | None = None, nice: int = 0) -
         b0, _ = _cpu_times()
         t0 = time.perf_counter()
         pre = (lambda: _raise_priority(nice)) if nice else None
-        proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                preexec_fn=pre)
+        proc = subprocess.Popen(
+            cmd, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=pre
+        )
         _, status, ru = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         b1, _ = _cpu_times()
     proc.returncode = os.waitstatus_to_exitcode(status)
     child_cpu = ru.ru_utime + ru.ru_stime
     others = max(0.0, (b1 - b0) - child_cpu) / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
-    return {"rc": proc.returncode, "wall_s": round(wall, 3), "peak_rss_gb": round(ru.ru_maxrss * 1024 / GB, 4),
-            "user_s": round(ru.ru_utime, 2), "sys_s": round(ru.ru_stime, 2),
-            "others_cpu_share": round(others, 3), "loadavg_1min_before": round(load, 2), "log": str(log)}
+    return {
+        "rc": proc.returncode,
+        "wall_s": round(wall, 3),
+        "peak_rss_gb": round(ru.ru_maxrss * 1024 / GB, 4),
+        "user_s": round(ru.ru_utime, 2),
+        "sys_s": round(ru.ru_stime, 2),
+        "others_cpu_share": round(others, 3),
+        "loadavg_1min_before": round(load, 2),
+        "log": str(log),
+    }
 
 
 def _tail(path: Path, n: int = 25) -> str:
@@ -436,8 +486,9 @@ def floor_main(out: Path, inputs: list[Path]) -> int:
 
 
 # ---- parity --------------------------------------------------------------------------------
-def parity(base: Path, ours: Path, theirs: Path, experts: list[Path] | None = None,
-           density: float | None = None) -> dict:
+def parity(
+    base: Path, ours: Path, theirs: Path, experts: list[Path] | None = None, density: float | None = None
+) -> dict:
     """Compare two merged outputs tensor by tensor; deltas are taken against the base.
 
     With `experts` and `density` (magnitude top-k methods: ties), also finds where each expert's
@@ -457,6 +508,7 @@ def parity(base: Path, ours: Path, theirs: Path, experts: list[Path] | None = No
             if p not in handles:
                 handles[p] = safe_open(str(p), framework="pt")
             return handles[p].get_tensor(name)
+
         return idx, get
 
     bidx, bget = opener(base)
@@ -465,8 +517,19 @@ def parity(base: Path, ours: Path, theirs: Path, experts: list[Path] | None = No
     egets = [opener(e)[1] for e in experts] if experts and density is not None else []
     tie_elems = diff_outside_ties = 0
     missing = sorted(set(oidx) ^ set(tidx))
-    acc = dict(n=0, diff_elems=0, diff_sq=0.0, ref_delta_sq=0.0, our_delta_sq=0.0, max_abs=0.0,
-               our_kept=0, their_kept=0, max_rel_tensor=0.0, worst_tensor=None, over_1ulp=0)
+    acc = dict(
+        n=0,
+        diff_elems=0,
+        diff_sq=0.0,
+        ref_delta_sq=0.0,
+        our_delta_sq=0.0,
+        max_abs=0.0,
+        our_kept=0,
+        their_kept=0,
+        max_rel_tensor=0.0,
+        worst_tensor=None,
+        over_1ulp=0,
+    )
     for name in sorted(set(oidx) & set(tidx)):
         b = bget(name).float()
         o = oget(name)
@@ -491,7 +554,7 @@ def parity(base: Path, ours: Path, theirs: Path, experts: list[Path] | None = No
         acc["n"] += b.numel()
         acc["diff_elems"] += int((diff != 0).sum())
         # "more than one bf16 ulp" of the larger of the two values
-        ulp = torch.maximum(o.abs(), t.abs()).clamp_min(1e-30) * 2.0 ** -7
+        ulp = torch.maximum(o.abs(), t.abs()).clamp_min(1e-30) * 2.0**-7
         acc["over_1ulp"] += int((diff.abs() > ulp * 1.0001).sum())
         dsq = float(diff.double().pow(2).sum())
         tsq = float(dt.double().pow(2).sum())
@@ -516,12 +579,19 @@ def parity(base: Path, ours: Path, theirs: Path, experts: list[Path] | None = No
         "fraction_elements_differing": acc["diff_elems"] / n,
         "fraction_elements_over_1_bf16_ulp": acc["over_1ulp"] / n,
         "delta_norm_ratio_ours_over_mergekit": math.sqrt(acc["our_delta_sq"] / acc["ref_delta_sq"])
-        if acc["ref_delta_sq"] else None,
+        if acc["ref_delta_sq"]
+        else None,
         "kept_fraction_ours": acc["our_kept"] / n,
         "kept_fraction_mergekit": acc["their_kept"] / n,
         "output_dtypes": acc.get("dtypes"),
-        **({"fraction_elements_at_a_topk_tie": tie_elems / n,
-            "elements_differing_outside_topk_ties": diff_outside_ties} if egets else {}),
+        **(
+            {
+                "fraction_elements_at_a_topk_tie": tie_elems / n,
+                "elements_differing_outside_topk_ties": diff_outside_ties,
+            }
+            if egets
+            else {}
+        ),
     }
 
 
@@ -536,11 +606,13 @@ def summarize(samples: list[dict], stat: str = "min") -> dict | None:
         return None
     walls = [s["wall_s"] for s in ok]
     best = min(ok, key=lambda s: s["wall_s"])
-    return {"wall_s": round(min(walls) if stat == "min" else statistics.median(walls), 2),
-            "peak_rss_gb": round(max(s["peak_rss_gb"] for s in ok), 3),
-            "cpu_s_of_fastest": round(best["user_s"] + best["sys_s"], 1),
-            "others_cpu_share_of_fastest": best.get("others_cpu_share"),
-            "runs": len(ok)}
+    return {
+        "wall_s": round(min(walls) if stat == "min" else statistics.median(walls), 2),
+        "peak_rss_gb": round(max(s["peak_rss_gb"] for s in ok), 3),
+        "cpu_s_of_fastest": round(best["user_s"] + best["sys_s"], 1),
+        "others_cpu_share_of_fastest": best.get("others_cpu_share"),
+        "runs": len(ok),
+    }
 
 
 def table(results: dict, methods: list[str], with_mk: bool) -> str:
@@ -554,8 +626,10 @@ def table(results: dict, methods: list[str], with_mk: bool) -> str:
         r = [m, _fmt(ours and ours["wall_s"]), _fmt(ours and ours["peak_rss_gb"], 2)]
         if with_mk:
             r += [_fmt(mk and mk["wall_s"]), _fmt(mk and mk["peak_rss_gb"], 2)]
-            r += [f"{mk['wall_s'] / ours['wall_s']:.1f}×" if ours and mk else "—",
-                  f"{mk['peak_rss_gb'] / ours['peak_rss_gb']:.1f}×" if ours and mk else "—"]
+            r += [
+                f"{mk['wall_s'] / ours['wall_s']:.1f}×" if ours and mk else "—",
+                f"{mk['peak_rss_gb'] / ours['peak_rss_gb']:.1f}×" if ours and mk else "—",
+            ]
         rows.append("| " + " | ".join(r) + " |")
     fl = results["summary"].get("floor")
     if fl:
@@ -570,6 +644,7 @@ def machine_info() -> dict:
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
         import psutil
+
         info["ram_gb"] = round(psutil.virtual_memory().total / GB, 1)
     except ImportError:
         pass
@@ -582,6 +657,7 @@ def machine_info() -> dict:
         pass
     try:
         import torch
+
         info["torch"] = torch.__version__
         info["torch_threads"] = torch.get_num_threads()
     except ImportError:
@@ -596,15 +672,28 @@ def merge_dag_cmd(recipe: Path, out: Path) -> list[str]:
 
 
 def mergekit_cmd(venv: Path, recipe: Path, out: Path) -> list[str]:
-    return [str(venv / "bin" / "mergekit-yaml"), str(recipe), str(out),
-            "--random-seed", "0", "--no-copy-tokenizer", "--quiet"]
+    return [
+        str(venv / "bin" / "mergekit-yaml"),
+        str(recipe),
+        str(out),
+        "--random-seed",
+        "0",
+        "--no-copy-tokenizer",
+        "--quiet",
+    ]
 
 
 def _version_of(venv: Path, pkg: str) -> str | None:
     try:
-        return subprocess.run([str(venv / "bin" / "python"), "-c",
-                               f"import importlib.metadata as m; print(m.version('{pkg}'))"],
-                              capture_output=True, text=True, timeout=120).stdout.strip() or None
+        return (
+            subprocess.run(
+                [str(venv / "bin" / "python"), "-c", f"import importlib.metadata as m; print(m.version('{pkg}'))"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -614,28 +703,58 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "_floor":
         return floor_main(Path(argv[1]), [Path(a) for a in argv[2:]])
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(METHODS),
-                    help=f"comma-separated merge methods (default {','.join(METHODS)})")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
-                    help="folder for the generated models, recipes and outputs (default bench/.cache)")
-    ap.add_argument("--mergekit-venv", type=Path, default=None,
-                    help="a virtualenv with mergekit installed: also run every recipe through its mergekit-yaml")
-    ap.add_argument("--parity", action="store_true",
-                    help="compare merge_dag's and mergekit's outputs tensor by tensor (needs --mergekit-venv)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated merge methods (default {','.join(METHODS)})"
+    )
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=DEFAULT_CACHE,
+        help="folder for the generated models, recipes and outputs (default bench/.cache)",
+    )
+    ap.add_argument(
+        "--mergekit-venv",
+        type=Path,
+        default=None,
+        help="a virtualenv with mergekit installed: also run every recipe through its mergekit-yaml",
+    )
+    ap.add_argument(
+        "--parity",
+        action="store_true",
+        help="compare merge_dag's and mergekit's outputs tensor by tensor (needs --mergekit-venv)",
+    )
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results JSON")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="runs per measurement; the table shows the MIN wall time (--stat) and the max peak RSS")
-    ap.add_argument("--stat", choices=("min", "median"), default="min",
-                    help="how repeated wall times are summarized (default min: least disturbed by other load)")
-    ap.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
-                    help="before each run wait up to SECONDS until other processes use < 15%% of the CPUs")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per measurement; the table shows the MIN wall time (--stat) and the max peak RSS",
+    )
+    ap.add_argument(
+        "--stat",
+        choices=("min", "median"),
+        default="min",
+        help="how repeated wall times are summarized (default min: least disturbed by other load)",
+    )
+    ap.add_argument(
+        "--wait-idle",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="before each run wait up to SECONDS until other processes use < 15%% of the CPUs",
+    )
     ap.add_argument("--no-merge-dag", action="store_true", help="skip merge_dag's runs")
     ap.add_argument("--no-floor", action="store_true", help="skip the read-and-write floor")
-    ap.add_argument("--nice", type=int, default=0,
-                    help="scheduling priority of every measured child (e.g. -15, needs root): on a shared "
-                         "machine this keeps other jobs from distorting the timings; same for every tool")
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="scheduling priority of every measured child (e.g. -15, needs root): on a shared "
+        "machine this keeps other jobs from distorting the timings; same for every tool",
+    )
     ap.add_argument("--density", type=float, default=0.3)
     ap.add_argument("--weight", type=float, default=1.0)
     ap.add_argument("--dtype", default="float32", help="recipe `dtype` (mergekit's arithmetic dtype; default float32)")
@@ -660,8 +779,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"models: building or reusing in {cache / 'models'} ...", flush=True)
     build = build_models(cache, force=args.rebuild)
     base, experts = model_dirs(cache)
-    print(f"models: {build['params'] / 1e6:.1f}M parameters, {build['bytes_per_model'] / GB:.3f} GB each "
-          f"(built in {build['build_seconds']} s)", flush=True)
+    print(
+        f"models: {build['params'] / 1e6:.1f}M parameters, {build['bytes_per_model'] / GB:.3f} GB each "
+        f"(built in {build['build_seconds']} s)",
+        flush=True,
+    )
     recipes = write_recipes(cache, methods, args.density, args.weight, args.dtype, args.out_dtype)
 
     tools = []
@@ -672,18 +794,29 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "machine": machine_info(),
         "model": {"shape": SHAPE, **build, "base": str(base), "experts": [str(e) for e in experts]},
-        "settings": {"methods": methods, "density": args.density, "weight": args.weight, "dtype": args.dtype,
-                     "out_dtype": args.out_dtype, "repeat": args.repeat,
-                     "aggregate": f"{args.stat} wall time, max peak RSS over repeats",
-                     "page_cache": "inputs read once before every run (warm); sync before every run",
-                     "nice": args.nice,
-                     "rss": "ru_maxrss of the child from os.wait4, decimal GB"},
+        "settings": {
+            "methods": methods,
+            "density": args.density,
+            "weight": args.weight,
+            "dtype": args.dtype,
+            "out_dtype": args.out_dtype,
+            "repeat": args.repeat,
+            "aggregate": f"{args.stat} wall time, max peak RSS over repeats",
+            "page_cache": "inputs read once before every run (warm); sync before every run",
+            "nice": args.nice,
+            "rss": "ru_maxrss of the child from os.wait4, decimal GB",
+        },
         "recipes": {m: {"path": str(p), "text": p.read_text()} for m, p in recipes.items()},
-        "commands": {}, "samples": {}, "summary": {},
+        "commands": {},
+        "samples": {},
+        "summary": {},
     }
     if mk:
-        results["mergekit"] = {"venv": str(mk), "version": _version_of(mk, "mergekit"),
-                               "torch": _version_of(mk, "torch")}
+        results["mergekit"] = {
+            "venv": str(mk),
+            "version": _version_of(mk, "mergekit"),
+            "torch": _version_of(mk, "torch"),
+        }
     out_root = cache / "out"
     logs = cache / "logs"
     inputs = [base] + experts
@@ -721,8 +854,11 @@ def main(argv: list[str] | None = None) -> int:
         if s["rc"] != 0:
             print(f"{tag}: FAILED (exit {s['rc']}); log {s['log']}:\n{_tail(Path(s['log']))}", flush=True)
         else:
-            print(f"{tag}: {s['wall_s']:7.2f} s  peak RSS {s['peak_rss_gb']:.3f} GB  "
-                  f"(user {s['user_s']} s, sys {s['sys_s']} s)", flush=True)
+            print(
+                f"{tag}: {s['wall_s']:7.2f} s  peak RSS {s['peak_rss_gb']:.3f} GB  "
+                f"(user {s['user_s']} s, sys {s['sys_s']} s)",
+                flush=True,
+            )
         results["samples"].setdefault(tool, {}).setdefault(method, []).append(s)
         return s
 
@@ -746,7 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     ours = results["summary"].get("merge_dag", {})
     if ours:
         results["targets"] = {
-            "ties_wall_s_max": TARGET_TIES_WALL_S, "peak_rss_gb_max": TARGET_PEAK_RSS_GB,
+            "ties_wall_s_max": TARGET_TIES_WALL_S,
+            "peak_rss_gb_max": TARGET_PEAK_RSS_GB,
             "ties_wall_ok": (ours["ties"]["wall_s"] <= TARGET_TIES_WALL_S) if "ties" in ours else None,
             "rss_ok": {m: v["peak_rss_gb"] <= TARGET_PEAK_RSS_GB for m, v in ours.items()},
         }
@@ -763,8 +900,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"parity: {m} ...", flush=True)
             magnitude_topk = m == "ties"
-            results["parity"][m] = parity(base, a, b, experts if magnitude_topk else None,
-                                          args.density if magnitude_topk else None)
+            results["parity"][m] = parity(
+                base, a, b, experts if magnitude_topk else None, args.density if magnitude_topk else None
+            )
 
     if not (args.keep_outputs or args.parity):
         shutil.rmtree(out_root, ignore_errors=True)
@@ -773,27 +911,35 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(results, indent=2) + "\n")
 
     print()
-    print(f"{build['params'] / 1e6:.0f}M-parameter Llama, bf16, base + {N_EXPERTS} experts, density "
-          f"{args.density}, recipe dtype {args.dtype} -> {args.out_dtype}; {results['machine'].get('cpus')} CPUs; "
-          f"wall = {args.stat} of {args.repeat}, RSS = max")
+    print(
+        f"{build['params'] / 1e6:.0f}M-parameter Llama, bf16, base + {N_EXPERTS} experts, density "
+        f"{args.density}, recipe dtype {args.dtype} -> {args.out_dtype}; {results['machine'].get('cpus')} CPUs; "
+        f"wall = {args.stat} of {args.repeat}, RSS = max"
+    )
     print(table(results, methods, bool(mk)))
     if "targets" in results:
         t = results["targets"]
-        print(f"\ntargets: TIES <= {TARGET_TIES_WALL_S:.0f} s: {t['ties_wall_ok']}; "
-              f"every method <= {TARGET_PEAK_RSS_GB} GB: {all(t['rss_ok'].values())}"
-              + (f"; TIES / floor = {t['ties_over_floor']}×" if "ties_over_floor" in t else ""))
+        print(
+            f"\ntargets: TIES <= {TARGET_TIES_WALL_S:.0f} s: {t['ties_wall_ok']}; "
+            f"every method <= {TARGET_PEAK_RSS_GB} GB: {all(t['rss_ok'].values())}"
+            + (f"; TIES / floor = {t['ties_over_floor']}×" if "ties_over_floor" in t else "")
+        )
     if args.parity:
         print("\nparity (merge_dag vs mergekit, merged tensors; deltas against the base):")
-        print("| method | max abs diff | rel L2 diff of delta | elems > 1 bf16 ulp | kept ours | kept mergekit | "
-              "‖Δ‖ ours/mk |")
+        print(
+            "| method | max abs diff | rel L2 diff of delta | elems > 1 bf16 ulp | kept ours | kept mergekit | "
+            "‖Δ‖ ours/mk |"
+        )
         print("|---|---|---|---|---|---|---|")
         for m, p in results["parity"].items():
             if "error" in p:
                 print(f"| {m} | {p['error']} | | | | | |")
                 continue
-            print(f"| {m} | {p['max_abs_diff']:.3g} | {p['rel_l2_diff_of_delta']:.3g} | "
-                  f"{p['fraction_elements_over_1_bf16_ulp']:.2e} | {p['kept_fraction_ours']:.4f} | "
-                  f"{p['kept_fraction_mergekit']:.4f} | {p['delta_norm_ratio_ours_over_mergekit']:.4f} |")
+            print(
+                f"| {m} | {p['max_abs_diff']:.3g} | {p['rel_l2_diff_of_delta']:.3g} | "
+                f"{p['fraction_elements_over_1_bf16_ulp']:.2e} | {p['kept_fraction_ours']:.4f} | "
+                f"{p['kept_fraction_mergekit']:.4f} | {p['delta_norm_ratio_ours_over_mergekit']:.4f} |"
+            )
     print(f"\nJSON: {args.json}")
     failed = [(t, m) for t, per in results["samples"].items() for m, ss in per.items() if any(s["rc"] for s in ss)]
     return 1 if failed else 0

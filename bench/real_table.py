@@ -21,10 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TWINS = [("ties_lewis", "ties", "LEWIS densities (gamma, epsilon) vs uniform density"),
-         ("task_arithmetic_sens", "task_arithmetic", "Sens-Merging coefficients vs equal weights"),
-         ("task_arithmetic_aim", "task_arithmetic", "AIM relaxation vs none"),
-         ("regmean", "linear", "RegMean closed form vs plain average")]
+TWINS = [
+    ("ties_lewis", "ties", "LEWIS densities (gamma, epsilon) vs uniform density"),
+    ("task_arithmetic_sens", "task_arithmetic", "Sens-Merging coefficients vs equal weights"),
+    ("task_arithmetic_aim", "task_arithmetic", "AIM relaxation vs none"),
+    ("regmean", "linear", "RegMean closed form vs plain average"),
+]
 
 
 def latest_results(data: Path) -> Path:
@@ -57,25 +59,37 @@ def main() -> int:
         ts = [t for t in tasks if t in table.scores[m] and table.value(own[t], t) > table.value(base, t)]
         if not ts:
             return float("nan")
-        return sum((table.value(m, t) - table.value(base, t)) / (table.value(own[t], t) - table.value(base, t))
-                   for t in ts) / len(ts)
+        return sum(
+            (table.value(m, t) - table.value(base, t)) / (table.value(own[t], t) - table.value(base, t)) for t in ts
+        ) / len(ts)
 
     print(f"results: {path}\n")
     print("| model | " + " | ".join(short[t] for t in tasks) + " | avg ± SE | gain kept |")
     print("|---|" + "---:|" * (len(tasks) + 2))
-    print(f"| base | " + " | ".join(cell(base, t) for t in tasks) + f" | {table.average(base):.3f} ± "
-          f"{table.se_average(base):.3f} | |")
+    print(
+        "| base | " + " | ".join(cell(base, t) for t in tasks) + f" | {table.average(base):.3f} ± "
+        f"{table.se_average(base):.3f} | |"
+    )
     for t in tasks:
         e = own[t]
-        print(f"| expert {short[t]} (LoRA) | " + " | ".join(cell(e, u) for u in tasks)
-              + f" | {table.average(e):.3f} ± {table.se_average(e):.3f} | |")
+        print(
+            f"| expert {short[t]} (LoRA) | "
+            + " | ".join(cell(e, u) for u in tasks)
+            + f" | {table.average(e):.3f} ± {table.se_average(e):.3f} | |"
+        )
     own_avg = sum(table.value(own[t], t) for t in tasks) / len(tasks)
-    print(f"| *each expert on its own task* | " + " | ".join(f"{table.value(own[t], t):.2f}" for t in tasks)
-          + f" | {own_avg:.3f} | 1 |")
+    print(
+        "| *each expert on its own task* | "
+        + " | ".join(f"{table.value(own[t], t):.2f}" for t in tasks)
+        + f" | {own_avg:.3f} | 1 |"
+    )
     for m in merges:
         star = "" if table.complete(m) else "*"
-        print(f"| {m.removeprefix('merged/')} | " + " | ".join(cell(m, t) for t in tasks)
-              + f" | {table.average(m):.3f} ± {table.se_average(m):.3f}{star} | {kept(m):.2f} |")
+        print(
+            f"| {m.removeprefix('merged/')} | "
+            + " | ".join(cell(m, t) for t in tasks)
+            + f" | {table.average(m):.3f} ± {table.se_average(m):.3f}{star} | {kept(m):.2f} |"
+        )
     print("\n| guided − plain twin | Δ avg ± SE | Δ / SE |\n|---|---:|---:|")
     for g, p, what in TWINS:
         a, b = f"merged/{g}", f"merged/{p}"

@@ -79,10 +79,18 @@ FAMILIES: dict[str, dict] = {
     "breadcrumbs_ties": {"method": "breadcrumbs_ties", "twin": "ties", "fixed": {"gamma": 0.01}, "grid": {}},
     "della": {"method": "della", "twin": "ties", "fixed": {"epsilon": 0.15}, "grid": {}},
     "dare_linear": {"method": "dare_linear", "twin": "task_arithmetic", "fixed": {"density": 0.6}, "grid": {}},
-    "breadcrumbs": {"method": "breadcrumbs", "twin": "task_arithmetic", "fixed": {"density": 0.6, "gamma": 0.01},
-                    "grid": {}},
-    "della_linear": {"method": "della_linear", "twin": "task_arithmetic", "fixed": {"density": 0.6, "epsilon": 0.15},
-                     "grid": {}},
+    "breadcrumbs": {
+        "method": "breadcrumbs",
+        "twin": "task_arithmetic",
+        "fixed": {"density": 0.6, "gamma": 0.01},
+        "grid": {},
+    },
+    "della_linear": {
+        "method": "della_linear",
+        "twin": "task_arithmetic",
+        "fixed": {"density": 0.6, "epsilon": 0.15},
+        "grid": {},
+    },
     "model_stock": {"method": "model_stock", "weight": False, "grid": {}},
     "multislerp": {"method": "multislerp", "grid": {}},
     "karcher": {"method": "karcher", "base": False, "weight": False, "grid": {}},
@@ -91,14 +99,25 @@ FAMILIES: dict[str, dict] = {
     "iso_c": {"method": "iso_c", "weight": False, "grid": {"lambda": [1.0, 1.5]}},
     "iso_cts": {"method": "iso_cts", "weight": False, "grid": {"lambda": [1.0, 1.5]}},
     # guided, stage 2: at the twin's chosen lambda / density
-    "ties_lewis": {"method": "ties", "twin": "ties", "calibration": True,
-                   "grid": {"gamma_epsilon": [(0.3, 0.8), (0.2, 0.9)]}},
-    "task_arithmetic_sens": {"method": "task_arithmetic", "twin": "task_arithmetic", "calibration": True,
-                             "grid": {"temperature": [0.5, 2.0]}},
-    "task_arithmetic_aim": {"method": "task_arithmetic", "twin": "task_arithmetic", "calibration": True,
-                            "grid": {"omega": [0.2, 0.4]}},
-    "regmean": {"method": "linear", "base": False, "twin": "linear", "calibration": True,
-                "grid": {"a": [0.5, 0.9]}},
+    "ties_lewis": {
+        "method": "ties",
+        "twin": "ties",
+        "calibration": True,
+        "grid": {"gamma_epsilon": [(0.3, 0.8), (0.2, 0.9)]},
+    },
+    "task_arithmetic_sens": {
+        "method": "task_arithmetic",
+        "twin": "task_arithmetic",
+        "calibration": True,
+        "grid": {"temperature": [0.5, 2.0]},
+    },
+    "task_arithmetic_aim": {
+        "method": "task_arithmetic",
+        "twin": "task_arithmetic",
+        "calibration": True,
+        "grid": {"omega": [0.2, 0.4]},
+    },
+    "regmean": {"method": "linear", "base": False, "twin": "linear", "calibration": True, "grid": {"a": [0.5, 0.9]}},
     # two-model methods: numwords and isodate (no hyperparameter chosen: the midpoint, t = 0.5)
     "slerp": {"method": "slerp", "pair": True, "grid": {}},
     "nuslerp": {"method": "nuslerp", "pair": True, "grid": {}},
@@ -106,7 +125,7 @@ FAMILIES: dict[str, dict] = {
     "arcee_fusion": {"method": "arcee_fusion", "pair": True, "grid": {}},
 }
 GUIDED = [f for f, spec in FAMILIES.items() if "twin" in spec and spec.get("calibration")]
-STAGE2 = [f for f, spec in FAMILIES.items() if "twin" in spec]   # guided, and the inheriting plain ones
+STAGE2 = [f for f, spec in FAMILIES.items() if "twin" in spec]  # guided, and the inheriting plain ones
 PAIR_TASKS = ("numwords", "isodate")
 
 
@@ -153,8 +172,12 @@ def recipe(family: str, point: dict, twin_point: dict | None, split: str) -> dic
     guidance = {}
     for k, v in point.items():
         if k == "gamma_epsilon":
-            guidance["sparsity"] = {"method": "lewis", "gamma": v[0], "epsilon": v[1],
-                                    "mean_density": twin_params.get("density", 0.6)}
+            guidance["sparsity"] = {
+                "method": "lewis",
+                "gamma": v[0],
+                "epsilon": v[1],
+                "mean_density": twin_params.get("density", 0.6),
+            }
         elif k == "temperature":
             guidance["coefficients"] = {"method": "sens", "temperature": v}
         elif k == "omega":
@@ -216,6 +239,7 @@ def run_sweep(work: Path, recipes: dict[str, dict]) -> dict[str, dict[str, float
 def choose(family: str, trials: dict[str, dict], scores: dict[str, dict[str, float]]) -> str:
     """The trial of `family` with the highest mean validation score; ties: smaller lambda, larger
     density, then grid order."""
+
     def key(item):
         i, (name, point) = item
         s = scores.get(name)
@@ -238,8 +262,11 @@ def main() -> int:
 
     t0 = time.perf_counter()
     chosen: dict[str, dict] = {}
-    record: dict = {"procedure": __doc__.split("The procedure, stated once:")[1].split("`merge-dag demo")[0].strip(),
-                    "trials": {}, "chosen": {}}
+    record: dict = {
+        "procedure": __doc__.split("The procedure, stated once:")[1].split("`merge-dag demo")[0].strip(),
+        "trials": {},
+        "chosen": {},
+    }
     plain = [f for f in FAMILIES if f not in STAGE2]
     for stage, families in (("plain", plain), ("at the chosen lambda / density of their twin", STAGE2)):
         trials: dict[str, dict[str, dict]] = {}
@@ -250,9 +277,14 @@ def main() -> int:
             trials[fam] = {point_name(fam, p): p for p in pts} if len(pts) > 1 else {}
             if len(pts) == 1:
                 chosen[fam] = {"point": pts[0], "recipe": recipe(fam, pts[0], twin, "test"), "validation": None}
-        sweep = {name: recipe(fam, p, chosen.get(FAMILIES[fam].get("twin"), {}).get("point"), "validation")
-                 for fam, ts in trials.items() for name, p in ts.items()}
-        print(f"{stage}: {len(sweep)} validation trials over {sum(1 for t in trials.values() if t)} families", flush=True)
+        sweep = {
+            name: recipe(fam, p, chosen.get(FAMILIES[fam].get("twin"), {}).get("point"), "validation")
+            for fam, ts in trials.items()
+            for name, p in ts.items()
+        }
+        print(
+            f"{stage}: {len(sweep)} validation trials over {sum(1 for t in trials.values() if t)} families", flush=True
+        )
         if args.dry_run:
             for name, r in sweep.items():
                 print(f"  {name}: {json.dumps({k: r[k] for k in ('parameters', 'guidance') if k in r})}")
@@ -267,16 +299,22 @@ def main() -> int:
             best = choose(fam, ts, scores)
             twin = chosen.get(FAMILIES[fam].get("twin"), {}).get("point")
             point = {**(twin or {}), **ts[best]} if twin else ts[best]
-            chosen[fam] = {"point": point, "recipe": recipe(fam, ts[best], twin, "test"),
-                           "validation": {n: scores.get(n) for n in ts}, "trial": best}
+            chosen[fam] = {
+                "point": point,
+                "recipe": recipe(fam, ts[best], twin, "test"),
+                "validation": {n: scores.get(n) for n in ts},
+                "trial": best,
+            }
             for n in ts:
                 record["trials"][n] = {"family": fam, "point": ts[n], "twin_point": twin, "validation": scores.get(n)}
     if args.dry_run:
         return 0
     for fam, c in chosen.items():
         grid = FAMILIES[fam]["grid"]
-        lines = [f"{fam}: written by bench/real_tune.py (do not edit by hand; rerun it).",
-                 "Scored on the TEST split by `merge-dag demo --size real`."]
+        lines = [
+            f"{fam}: written by bench/real_tune.py (do not edit by hand; rerun it).",
+            "Scored on the TEST split by `merge-dag demo --size real`.",
+        ]
         if c["validation"]:
             lines.append("Chosen on the VALIDATION split (50 questions per task), highest mean exact match of:")
             for n, s in c["validation"].items():
@@ -284,10 +322,15 @@ def main() -> int:
                 mark = "  <- chosen" if n == c["trial"] else ""
                 lines.append(f"  {json.dumps(record['trials'][n]['point'])}: {mean:.3f}{mark}")
         elif grid == {} and fam not in STAGE2:
-            lines.append("No hyperparameter to choose" + (" (two-model method: numwords and isodate at t = 0.5)"
-                                                         if FAMILIES[fam].get("pair") else "") + ".")
+            lines.append(
+                "No hyperparameter to choose"
+                + (" (two-model method: numwords and isodate at t = 0.5)" if FAMILIES[fam].get("pair") else "")
+                + "."
+            )
         if fam in GUIDED:
-            lines.append(f"Guided twin of {FAMILIES[fam]['twin']}: same lambda and (mean) density as its chosen recipe.")
+            lines.append(
+                f"Guided twin of {FAMILIES[fam]['twin']}: same lambda and (mean) density as its chosen recipe."
+            )
         elif "twin" in FAMILIES[fam]:
             lines.append(f"Takes the lambda (and density) chosen for {FAMILIES[fam]['twin']} on validation.")
         write_yaml(args.out / f"{fam}.yaml", c["recipe"], "\n".join(lines))

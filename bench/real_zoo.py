@@ -74,12 +74,25 @@ def recipes(man, lambdas: list[float], densities: list[float]) -> dict[str, list
     experts = [{"model": man.models[t]} for t in man.tasks]
     out: dict[str, list[dict]] = {"task_arithmetic": [], "ties": [], "linear": []}
     for lam in lambdas:
-        out["task_arithmetic"].append({"name": f"task_arithmetic_l{lam}", "merge_method": "task_arithmetic",
-                                       "base_model": base, "models": experts,
-                                       "parameters": {"weight": 1.0, "lambda": lam}})
+        out["task_arithmetic"].append(
+            {
+                "name": f"task_arithmetic_l{lam}",
+                "merge_method": "task_arithmetic",
+                "base_model": base,
+                "models": experts,
+                "parameters": {"weight": 1.0, "lambda": lam},
+            }
+        )
         for d in densities:
-            out["ties"].append({"name": f"ties_d{d}_l{lam}", "merge_method": "ties", "base_model": base,
-                                "models": experts, "parameters": {"weight": 1.0, "density": d, "lambda": lam}})
+            out["ties"].append(
+                {
+                    "name": f"ties_d{d}_l{lam}",
+                    "merge_method": "ties",
+                    "base_model": base,
+                    "models": experts,
+                    "parameters": {"weight": 1.0, "density": d, "lambda": lam},
+                }
+            )
     out["linear"].append({"name": "linear", "merge_method": "linear", "models": experts, "parameters": {"weight": 1.0}})
     return out
 
@@ -115,8 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     from merge_dag.zoo.real.build import build_real_zoo, quality_failures, quality_table
 
     torch.set_num_threads(1)  # see the README: 2 threads on 2 shared cores are much slower
-    report: dict = {"machine": {"platform": platform.platform(), "python": platform.python_version(),
-                                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}}
+    report: dict = {
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+        }
+    }
     t0 = time.perf_counter()
     man = build_real_zoo(args.out, force=args.force, data_dir=ROOT / "data")
     report["build_seconds"] = round(time.perf_counter() - t0, 1)
@@ -135,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         report["lmeval"] = {}
         for name in ["base", *man.tasks]:
             tasks = ["real"] if name == "base" else [f"real_{name}"]
-            recs = evaluate(man.models[name], tasks, limit=args.lmeval_limit, batch_size=16,
-                            tasks_dir=ROOT / "data" / "real" / "tasks")
+            recs = evaluate(
+                man.models[name],
+                tasks,
+                limit=args.lmeval_limit,
+                batch_size=16,
+                tasks_dir=ROOT / "data" / "real" / "tasks",
+            )
             report["lmeval"][name] = [r.to_dict() for r in recs]
             print(f"lm-eval on {name}: " + ", ".join(f"{r.task} {r.metric} {r.value:.2f} (n={r.n})" for r in recs))
 
@@ -161,22 +185,27 @@ def main(argv: list[str] | None = None) -> int:
         for t in tasks:
             rows[f"expert {t}"] = {t: man.quality[t][t]}
         for method, r in chosen.items():
-            rows[f"{method} ({', '.join(f'{k} {v}' for k, v in r['parameters'].items() if k != 'weight')})"] = \
-                score(merged_root / r["name"], tok, tasks, "test")
+            rows[f"{method} ({', '.join(f'{k} {v}' for k, v in r['parameters'].items() if k != 'weight')})"] = score(
+                merged_root / r["name"], tok, tasks, "test"
+            )
         report["test"] = rows
         report["chosen"] = {m: r["name"] for m, r in chosen.items()}
         kept = {}
         for name, sc in rows.items():
             if name == "base" or name.startswith("expert"):
                 continue
-            ratios = [(sc[t]["value"] - rows["base"][t]["value"]) /
-                      max(1e-9, man.quality[t][t]["value"] - rows["base"][t]["value"]) for t in tasks]
+            ratios = [
+                (sc[t]["value"] - rows["base"][t]["value"])
+                / max(1e-9, man.quality[t][t]["value"] - rows["base"][t]["value"])
+                for t in tasks
+            ]
             kept[name] = sum(ratios) / len(ratios)
         report["gain_kept"] = kept
         print("\ntest split (hyperparameters chosen on the validation split):\n")
         print(table(rows, tasks))
-        print("\nshare of the expert gain kept (mean over tasks): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in kept.items()))
+        print(
+            "\nshare of the expert gain kept (mean over tasks): " + ", ".join(f"{k} {v:.2f}" for k, v in kept.items())
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0

@@ -65,8 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     em, n = score(base)
     rows["base"] = {"exact_match": em, "n": n}
     for label, (method, params) in ROWS.items():
-        recipe = parse_recipe({"merge_method": method, "base_model": str(base), "dtype": "float32",
-                               "models": [{"model": str(e)} for e in experts], "parameters": params})
+        recipe = parse_recipe(
+            {
+                "merge_method": method,
+                "base_model": str(base),
+                "dtype": "float32",
+                "models": [{"model": str(e)} for e in experts],
+                "parameters": params,
+            }
+        )
         folder = out_root / method / "_".join(f"{k}{v}" for k, v in params.items() if k != "weight")
         t = time.time()
         merge(recipe, folder)
@@ -85,9 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     import lm_eval
     import torch  # noqa: E401
     import transformers
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "lm_eval": getattr(lm_eval, "__version__", "?"), "python": platform.python_version(),
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
+
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": getattr(lm_eval, "__version__", "?"),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
     print("\n" + ", ".join(f"{k} {v}" for k, v in versions.items()))
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "spectral_zoo.json").write_text(json.dumps({"rows": rows, "versions": versions}, indent=1))

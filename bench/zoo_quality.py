@@ -42,17 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     t_build = time.perf_counter() - t0
     report = check_quality(man, device=args.device, progress=True)
     env = environment()
-    print(f"\n{args.size} zoo (built or reused in {t_build:.0f} s, evaluated in {report.seconds:.0f} s) on "
-          f"{env['machine']}; python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
-          f"lm_eval {env['lm_eval']}, tokenizers {env['tokenizers']}, numpy {env['numpy']}\n")
+    print(
+        f"\n{args.size} zoo (built or reused in {t_build:.0f} s, evaluated in {report.seconds:.0f} s) on "
+        f"{env['machine']}; python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, "
+        f"lm_eval {env['lm_eval']}, tokenizers {env['tokenizers']}, numpy {env['numpy']}\n"
+    )
     print(report.markdown())
     print()
     print(report.criteria_text())
     print(f"\n{report.verdict()}")
     out = HERE / "results" / f"zoo_quality-{args.size}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**report.to_dict(), "criteria": [c.__dict__ | {"z": c.z, "status": c.status}
-                                                               for c in report.criteria()]}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {**report.to_dict(), "criteria": [c.__dict__ | {"z": c.z, "status": c.status} for c in report.criteria()]},
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"json: {out}")
     crit = report.criteria()
     if any(not c.holds for c in crit):

@@ -20,8 +20,12 @@ from typing import Any, Callable, Optional
 
 
 def artifact_key(kind: str, code_version: str, settings: dict[str, Any], inputs: dict[str, str]) -> str:
-    payload = json.dumps({"kind": kind, "code": code_version, "settings": settings, "inputs": inputs},
-                         sort_keys=True, default=str, separators=(",", ":"))
+    payload = json.dumps(
+        {"kind": kind, "code": code_version, "settings": settings, "inputs": inputs},
+        sort_keys=True,
+        default=str,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

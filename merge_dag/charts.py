@@ -29,7 +29,7 @@ class Panel:
     title: str
     rows: list[str]
     cols: list[str]
-    values: list[list[float]]        # rows x cols; NaN where there is no value
+    values: list[list[float]]  # rows x cols; NaN where there is no value
 
 
 def module_kind(tensor_name: str) -> Optional[tuple[int, str]]:
@@ -48,9 +48,19 @@ def _pyplot():
     return plt
 
 
-def heatmaps(panels: Sequence[Panel], path: str | Path, *, title: str = "", vmin: Optional[float] = None,
-             vmax: Optional[float] = None, cmap: str = "viridis", label: str = "", annotate: bool = True,
-             ncols: int = 4, xlabel: str = "layer") -> Path:
+def heatmaps(
+    panels: Sequence[Panel],
+    path: str | Path,
+    *,
+    title: str = "",
+    vmin: Optional[float] = None,
+    vmax: Optional[float] = None,
+    cmap: str = "viridis",
+    label: str = "",
+    annotate: bool = True,
+    ncols: int = 4,
+    xlabel: str = "layer",
+) -> Path:
     """Draw `panels` (one labelled matrix each) side by side on a shared colour scale; write a PNG."""
     plt = _pyplot()
     vals = [v for p in panels for row in p.values for v in row if v == v]
@@ -79,9 +89,10 @@ def heatmaps(panels: Sequence[Panel], path: str | Path, *, title: str = "", vmin
                 for j, v in enumerate(row):
                     if v == v:
                         dark = (v - lo) / (hi - lo) < 0.6
-                        ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6,
-                                color="white" if dark else "black")
-    for ax in list(axes.flat)[len(panels):]:
+                        ax.text(
+                            j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color="white" if dark else "black"
+                        )
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
@@ -115,16 +126,26 @@ def allocation_panels(densities: dict[str, dict[str, float]]) -> list[Panel]:
             per.setdefault(mk[1], {}).setdefault(ex, {})[mk[0]] = v
     cols = sorted(layers)
     experts = list(densities)
-    return [Panel(kind, [_short(e) for e in experts], [str(c) for c in cols],
-                  [[per[kind].get(e, {}).get(c, float("nan")) for c in cols] for e in experts])
-            for kind in sorted(per)]
+    return [
+        Panel(
+            kind,
+            [_short(e) for e in experts],
+            [str(c) for c in cols],
+            [[per[kind].get(e, {}).get(c, float("nan")) for c in cols] for e in experts],
+        )
+        for kind in sorted(per)
+    ]
 
 
 def layer_panel(title: str, rows: dict[str, dict[int, float]]) -> Panel:
     """{row label: {layer: value}} -> one panel: row x layer."""
     cols = sorted({k for r in rows.values() for k in r})
-    return Panel(title, [_short(r) for r in rows], [str(c) for c in cols],
-                 [[r.get(c, float("nan")) for c in cols] for r in rows.values()])
+    return Panel(
+        title,
+        [_short(r) for r in rows],
+        [str(c) for c in cols],
+        [[r.get(c, float("nan")) for c in cols] for r in rows.values()],
+    )
 
 
 def shift_panel(title: str, shift: dict[str, float]) -> Panel:
@@ -139,8 +160,15 @@ def shift_panel(title: str, shift: dict[str, float]) -> Panel:
     return Panel(title, kinds, [str(c) for c in cols], [[per[k].get(c, float("nan")) for c in cols] for k in kinds])
 
 
-def leaderboard_chart(tasks: list[str], merges: dict[str, list[float]], references: dict[str, list[float]],
-                      path: str | Path, *, ylabel: str = "exact_match", title: str = "") -> Path:
+def leaderboard_chart(
+    tasks: list[str],
+    merges: dict[str, list[float]],
+    references: dict[str, list[float]],
+    path: str | Path,
+    *,
+    ylabel: str = "exact_match",
+    title: str = "",
+) -> Path:
     """Score per task and on average (the last value of each list): merges as grouped bars (in the
     order given), base and experts as horizontal reference lines across each group."""
     plt = _pyplot()
@@ -156,9 +184,15 @@ def leaderboard_chart(tasks: list[str], merges: dict[str, list[float]], referenc
     for k, (label, vals) in enumerate(references.items()):
         for g, v in enumerate(vals):
             if v == v:
-                ax.hlines(v, g - 0.45, g + 0.45, colors="black" if k == 0 else "dimgray",
-                          linestyles=styles[k % len(styles)], linewidth=1.6 if k == 0 else 1.0,
-                          label=label if g == 0 else None)
+                ax.hlines(
+                    v,
+                    g - 0.45,
+                    g + 0.45,
+                    colors="black" if k == 0 else "dimgray",
+                    linestyles=styles[k % len(styles)],
+                    linewidth=1.6 if k == 0 else 1.0,
+                    label=label if g == 0 else None,
+                )
     ax.set_xticks(range(len(groups)), groups, fontsize=8)
     ax.axvline(len(groups) - 1.5, color="lightgray", linewidth=0.8)
     ax.set_ylabel(ylabel, fontsize=8)

@@ -18,10 +18,13 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the arithmetic: cpu (default), cuda, cuda:1")
     p.add_argument("--shard-size", default="2GB", help="maximum shard size, e.g. 2GB, 500MB, 1GiB (default 2GB)")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier merge_dag output even if it holds files a merge does not write "
-                        "(they are lost); never replaces a folder without merge_dag.json, an input or the "
-                        "working directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier merge_dag output even if it holds files a merge does not write "
+        "(they are lost); never replaces a folder without merge_dag.json, an input or the "
+        "working directory",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_merge)
 
@@ -43,8 +46,10 @@ def _run_merge(args: argparse.Namespace) -> int:
         print(f"\nplan OK: nothing written (would write {args.out_dir})")
         return 0
     result = execute(plan, args.out_dir, shard_size=shard, progress=not args.no_progress, overwrite=args.overwrite)
-    print(f"merged {result.tensor_count} tensors ({result.bytes / 1e9:.3f} GB) with {result.method} "
-          f"in {result.seconds:.1f} s -> {result.out_dir}")
+    print(
+        f"merged {result.tensor_count} tensors ({result.bytes / 1e9:.3f} GB) with {result.method} "
+        f"in {result.seconds:.1f} s -> {result.out_dir}"
+    )
     print(f"output fingerprint {result.output_fingerprint}")
     return 0
 
@@ -52,12 +57,23 @@ def _run_merge(args: argparse.Namespace) -> int:
 # subcommands living in other modules: name -> module with add_arguments(parser) and run(args)
 EXTERNAL = {
     "zoo": ("merge_dag.zoo.command", "build the demo expert zoo (tokenizer, base, experts, data)"),
-    "demo": ("merge_dag.commands.demo", "build the zoo if missing, materialize every recipe and eval, print the leaderboard"),
-    "compare": ("merge_dag.commands.compare", "data-guided merges (LEWIS, Sens-Merging, AIM, RegMean) vs their plain "
-                                             "counterparts on the demo zoo, per skill"),
-    "dev": ("merge_dag.commands.dev", "start the Dagster UI, daemon, sensor and schedule (dagster dev) for this project"),
-    "import": ("merge_dag.gguf_command", "turn a GGUF file (llama.cpp) into a Hugging Face safetensors folder, "
-                                        "recorded in lineage with the GGUF's sha256"),
+    "demo": (
+        "merge_dag.commands.demo",
+        "build the zoo if missing, materialize every recipe and eval, print the leaderboard",
+    ),
+    "compare": (
+        "merge_dag.commands.compare",
+        "data-guided merges (LEWIS, Sens-Merging, AIM, RegMean) vs their plain counterparts on the demo zoo, per skill",
+    ),
+    "dev": (
+        "merge_dag.commands.dev",
+        "start the Dagster UI, daemon, sensor and schedule (dagster dev) for this project",
+    ),
+    "import": (
+        "merge_dag.gguf_command",
+        "turn a GGUF file (llama.cpp) into a Hugging Face safetensors folder, "
+        "recorded in lineage with the GGUF's sha256",
+    ),
     "audit": ("merge_dag.lineage.command", "print the provenance tree of a merged model (path, name or artifact id)"),
 }
 

@@ -11,13 +11,23 @@ from .settings import settings
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("gguf", type=Path, help="the .gguf file (llama.cpp format)")
-    parser.add_argument("out_dir", type=Path, help="output folder (written atomically; an earlier import of this "
-                                                   "command is replaced, any other non-empty folder is refused)")
+    parser.add_argument(
+        "out_dir",
+        type=Path,
+        help="output folder (written atomically; an earlier import of this "
+        "command is replaced, any other non-empty folder is refused)",
+    )
     parser.add_argument("--dtype", default="float32", help="dtype of the written tensors (default float32)")
-    parser.add_argument("--force", action="store_true", help="re-import even if OUT_DIR already holds this GGUF's import")
-    parser.add_argument("--db", type=Path, default=None,
-                        help="lineage database to record the GGUF source in (default: $MERGE_DAG_DB, else "
-                             "<data>/lineage.duckdb when it exists; data: $MERGE_DAG_DATA or data/)")
+    parser.add_argument(
+        "--force", action="store_true", help="re-import even if OUT_DIR already holds this GGUF's import"
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help="lineage database to record the GGUF source in (default: $MERGE_DAG_DB, else "
+        "<data>/lineage.duckdb when it exists; data: $MERGE_DAG_DATA or data/)",
+    )
     parser.add_argument("--no-lineage", action="store_true", help="record nothing in a lineage database")
 
 
@@ -38,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     res = import_gguf(args.gguf, args.out_dir, dtype=args.dtype, force=args.force)
     what = "already imported" if res.reused else f"imported in {res.seconds:.1f} s"
     print(f"{args.gguf} ({res.architecture}, sha256 {res.sha256[:16]}...): {what} -> {res.out_dir}")
-    print(f"  {res.tensor_count} tensors, {res.parameters / 1e6:.1f}M parameters; model fingerprint {res.model_fingerprint}")
+    print(
+        f"  {res.tensor_count} tensors, {res.parameters / 1e6:.1f}M parameters; "
+        f"model fingerprint {res.model_fingerprint}"
+    )
     db = _db(args)
     if db is not None:
         from .lineage.store import Batch, LineageStore

@@ -18,6 +18,7 @@ from .core.paths import data_dir
 from .core.recipe import Recipe, parse_recipe, read_recipe_yaml
 from .settings import settings
 
+
 def asset_name(text: str) -> str:
     """A Dagster-safe name: letters, digits and underscores."""
     out = re.sub(r"[^A-Za-z0-9_]+", "_", text).strip("_")
@@ -26,11 +27,11 @@ def asset_name(text: str) -> str:
 
 @dataclass(frozen=True)
 class ModelSource:
-    name: str          # asset-safe name, e.g. ci_add
-    ref: str           # as written in recipes, e.g. data/models/ci/add (`base+adapter` for a LoRA expert)
-    path: Path         # absolute folder (a LoRA expert: the adapter folder)
-    base: Optional[Path] = None   # a LoRA expert: its base's folder (config, tokenizer and weights)
-    base_name: Optional[str] = None   # a LoRA expert: its base's asset-safe name
+    name: str  # asset-safe name, e.g. ci_add
+    ref: str  # as written in recipes, e.g. data/models/ci/add (`base+adapter` for a LoRA expert)
+    path: Path  # absolute folder (a LoRA expert: the adapter folder)
+    base: Optional[Path] = None  # a LoRA expert: its base's folder (config, tokenizer and weights)
+    base_name: Optional[str] = None  # a LoRA expert: its base's asset-safe name
 
     @property
     def is_adapter(self) -> bool:
@@ -59,18 +60,19 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class CalibrationSource:
-    name: str          # asset-safe name, e.g. arev
-    ref: str           # as written in recipes
-    path: Path         # the jsonl file
+    name: str  # asset-safe name, e.g. arev
+    ref: str  # as written in recipes
+    path: Path  # the jsonl file
 
 
 @dataclass(frozen=True)
 class StatsSource:
     """One statistics pass: a model on a calibration set (activations, grams or sensitivity)."""
+
     name: str
     model: ModelSource
     calibration: CalibrationSource
-    sequential: Optional[float] = None   # LEWIS sequential-Wanda variant (its sparsity), activations only
+    sequential: Optional[float] = None  # LEWIS sequential-Wanda variant (its sparsity), activations only
 
 
 @dataclass(frozen=True)
@@ -124,15 +126,16 @@ class RecipeSpec:
 @dataclass(frozen=True)
 class BrokenRecipe:
     """A recipe file that could not join the graph: its own `recipe/<name>` reports `error`."""
-    name: str          # asset-safe, unique among recipes (the file's stem when its `name:` is unusable)
+
+    name: str  # asset-safe, unique among recipes (the file's stem when its `name:` is unusable)
     file: Path
-    error: str         # one or more lines, each naming the file and the cause
+    error: str  # one or more lines, each naming the file and the cause
 
 
 @dataclass
 class Project:
     root: Path
-    data: Optional[Path] = None   # default: data_dir(root)
+    data: Optional[Path] = None  # default: data_dir(root)
     recipes: dict[str, RecipeSpec] = field(default_factory=dict)
     broken: dict[str, BrokenRecipe] = field(default_factory=dict)  # name -> a recipe file that does not load
     models: dict[str, ModelSource] = field(default_factory=dict)
@@ -166,8 +169,9 @@ class Project:
         name = self.tv_name(base, expert)
         return name if self.task_vectors.get(name) == (base, expert) else None
 
-    def stats(self, table: str, model: ModelSource, cal: CalibrationSource,
-              sequential: Optional[float] = None) -> StatsSource:
+    def stats(
+        self, table: str, model: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
+    ) -> StatsSource:
         """The statistics pass of `model` on `cal` in `table` (activations, grams, sensitivities),
         registered once whichever recipe asks."""
         name = f"{model.name}__{cal.name}" + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
@@ -178,16 +182,23 @@ class Project:
         self.calibrations.setdefault(cal.name, cal)
         return src
 
-    def importance(self, base: ModelSource, expert: ModelSource, cal: CalibrationSource,
-                   sequential: Optional[float] = None) -> ImportanceSource:
+    def importance(
+        self, base: ModelSource, expert: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
+    ) -> ImportanceSource:
         b, e = self.stats("activations", base, cal, sequential), self.stats("activations", expert, cal, sequential)
-        name = e.name if self.importances.get(e.name, ImportanceSource(e.name, b, e)).base == b \
+        name = (
+            e.name
+            if self.importances.get(e.name, ImportanceSource(e.name, b, e)).base == b
             else f"{e.name}__on__{base.name}"
+        )
         return self.importances.setdefault(name, ImportanceSource(name, b, e))
 
     def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
-        return expert.name if self.task_vectors.get(expert.name, (base, expert))[0] == base else \
-            f"{expert.name}__on__{base.name}"
+        return (
+            expert.name
+            if self.task_vectors.get(expert.name, (base, expert))[0] == base
+            else f"{expert.name}__on__{base.name}"
+        )
 
 
 def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
@@ -253,8 +264,9 @@ def load_project(root: str | os.PathLike | None = None, data: str | os.PathLike 
     # a name belongs to the file whose stem is that name, else to the first file using it
     owner: dict[str, Path] = {}
     for f, spec, _ in parsed:
-        if spec is not None and (spec.name not in owner or asset_name(f.stem) == spec.name
-                                 and asset_name(owner[spec.name].stem) != spec.name):
+        if spec is not None and (
+            spec.name not in owner or asset_name(f.stem) == spec.name and asset_name(owner[spec.name].stem) != spec.name
+        ):
             owner[spec.name] = f
     broken: list[tuple[Path, str]] = []
     for f, spec, error in parsed:
@@ -279,8 +291,17 @@ def load_project(root: str | os.PathLike | None = None, data: str | os.PathLike 
     return project
 
 
-_TABLES = ("recipes", "models", "task_vectors", "model_evals", "calibrations", "activations", "grams",
-           "sensitivities", "importances")
+_TABLES = (
+    "recipes",
+    "models",
+    "task_vectors",
+    "model_evals",
+    "calibrations",
+    "activations",
+    "grams",
+    "sensitivities",
+    "importances",
+)
 
 
 def _add_recipe(project: Project, spec: RecipeSpec) -> None:

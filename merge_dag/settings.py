@@ -47,10 +47,18 @@ DEFAULT_CRON = "0 3 * * *"
 DEFAULT_SETTLE_SECONDS = 30.0
 
 VARIABLES = {  # field -> environment variable
-    "root": "MERGE_DAG_ROOT", "data": "MERGE_DAG_DATA", "db": "MERGE_DAG_DB", "artifacts": "MERGE_DAG_ARTIFACTS",
-    "device": "MERGE_DAG_DEVICE", "pool": "MERGE_DAG_POOL", "eval_limit": "MERGE_DAG_EVAL_LIMIT",
-    "eval_dtype": "MERGE_DAG_EVAL_DTYPE", "settle_seconds": "MERGE_DAG_SETTLE_SECONDS",
-    "schedule": "MERGE_DAG_SCHEDULE", "tasks_dir": "MERGE_DAG_TASKS_DIR", "cache": "MERGE_DAG_CACHE",
+    "root": "MERGE_DAG_ROOT",
+    "data": "MERGE_DAG_DATA",
+    "db": "MERGE_DAG_DB",
+    "artifacts": "MERGE_DAG_ARTIFACTS",
+    "device": "MERGE_DAG_DEVICE",
+    "pool": "MERGE_DAG_POOL",
+    "eval_limit": "MERGE_DAG_EVAL_LIMIT",
+    "eval_dtype": "MERGE_DAG_EVAL_DTYPE",
+    "settle_seconds": "MERGE_DAG_SETTLE_SECONDS",
+    "schedule": "MERGE_DAG_SCHEDULE",
+    "tasks_dir": "MERGE_DAG_TASKS_DIR",
+    "cache": "MERGE_DAG_CACHE",
 }
 
 
@@ -58,8 +66,14 @@ class SettingsError(MergeDagError):
     """An environment setting has a value merge_dag cannot use (the message names the variable)."""
 
 
-def env_number(var: str, default: float, kind: type = int, minimum: float = 0, hint: str = "",
-               environ: Optional[Mapping[str, str]] = None):
+def env_number(
+    var: str,
+    default: float,
+    kind: type = int,
+    minimum: float = 0,
+    hint: str = "",
+    environ: Optional[Mapping[str, str]] = None,
+):
     """($var as `kind`, None) or (`default`, the one-line error naming $var) when it is not a
     `kind` >= `minimum`. The caller keeps loading and reports the error where the value is used."""
     raw = (os.environ if environ is None else environ).get(var)
@@ -86,12 +100,12 @@ class Settings:
     db: Optional[Path] = None
     artifacts: Optional[Path] = None
     device: str = "cpu"
-    pool: Optional[str] = None     # only when pool_set: the variable is there (empty: no pool)
+    pool: Optional[str] = None  # only when pool_set: the variable is there (empty: no pool)
     pool_set: bool = False
     eval_limit: int = 0
     eval_dtype: str = "auto"
     settle_seconds: float = DEFAULT_SETTLE_SECONDS
-    schedule: str = DEFAULT_CRON   # checked as a cron expression by dagster.schedules (Dagster knows cron)
+    schedule: str = DEFAULT_CRON  # checked as a cron expression by dagster.schedules (Dagster knows cron)
     tasks_dir: Optional[Path] = None
     cache: Optional[Path] = None
     invalid: dict[str, str] = field(default_factory=dict)  # field -> why its variable was refused
@@ -114,19 +128,26 @@ class Settings:
             try:
                 parse_dtype(eval_dtype)
             except (MergeDagError, ValueError, KeyError):
-                invalid["eval_dtype"] = (f"MERGE_DAG_EVAL_DTYPE={eval_dtype!r} is not a dtype "
-                                         "(auto, float32, bfloat16, float16)")
+                invalid["eval_dtype"] = (
+                    f"MERGE_DAG_EVAL_DTYPE={eval_dtype!r} is not a dtype (auto, float32, bfloat16, float16)"
+                )
                 eval_dtype = "auto"
         return cls(
-            root=_path(env.get("MERGE_DAG_ROOT")), data=data_folder(env),
-            db=_path(env.get("MERGE_DAG_DB")), artifacts=_path(env.get("MERGE_DAG_ARTIFACTS")),
+            root=_path(env.get("MERGE_DAG_ROOT")),
+            data=data_folder(env),
+            db=_path(env.get("MERGE_DAG_DB")),
+            artifacts=_path(env.get("MERGE_DAG_ARTIFACTS")),
             device=env.get("MERGE_DAG_DEVICE", "cpu"),
-            pool=env.get("MERGE_DAG_POOL") or None, pool_set="MERGE_DAG_POOL" in env,
-            eval_limit=number("eval_limit", 0, int, " (0 = every example)"), eval_dtype=eval_dtype,
+            pool=env.get("MERGE_DAG_POOL") or None,
+            pool_set="MERGE_DAG_POOL" in env,
+            eval_limit=number("eval_limit", 0, int, " (0 = every example)"),
+            eval_dtype=eval_dtype,
             settle_seconds=number("settle_seconds", DEFAULT_SETTLE_SECONDS, float),
             schedule=env.get("MERGE_DAG_SCHEDULE", "").strip() or DEFAULT_CRON,
-            tasks_dir=_path(env.get("MERGE_DAG_TASKS_DIR")), cache=_path(env.get("MERGE_DAG_CACHE")),
-            invalid=invalid)
+            tasks_dir=_path(env.get("MERGE_DAG_TASKS_DIR")),
+            cache=_path(env.get("MERGE_DAG_CACHE")),
+            invalid=invalid,
+        )
 
     def checked(self, name: str):
         """The setting `name`, or SettingsError naming its environment variable when that was bad."""

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["h e", "l l", "Ġ t", "Ġt he"]
 
@@ -24,8 +26,19 @@ def tiny_vocab() -> list[str]:
     return SPECIALS + _byte_alphabet() + merged
 
 
-def write_tiny_gguf(path: Path, *, arch: str = "llama", quant: str = "F32", hidden: int = 64, layers: int = 2,
-                    heads: int = 4, kv_heads: int = 2, intermediate: int = 96, tie: bool = True, seed: int = 0) -> Path:
+def write_tiny_gguf(
+    path: Path,
+    *,
+    arch: str = "llama",
+    quant: str = "F32",
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 96,
+    tie: bool = True,
+    seed: int = 0,
+) -> Path:
     """Write the file and return its path. ``quant`` 'F32' or 'Q8_0' (2-D weights quantized, norms F32)."""
     import gguf
 

@@ -13,9 +13,17 @@ def tiny_config(layers: int = 2, hidden: int = 32, vocab: int = 64) -> dict:
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     d = cfg.to_dict()
     d["architectures"] = ["LlamaForCausalLM"]
@@ -35,15 +43,21 @@ def perturb(state: dict[str, torch.Tensor], seed: int, sigma: float = 0.01) -> d
     return {k: v + sigma * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in state.items()}
 
 
-def write_model(path: Path, state: dict[str, torch.Tensor], config: dict, dtype=torch.bfloat16,
-                shards: int = 1, tokenizer: bool = True) -> Path:
+def write_model(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    config: dict,
+    dtype=torch.bfloat16,
+    shards: int = 1,
+    tokenizer: bool = True,
+) -> Path:
     """Write a HF folder: `shards` safetensors files (+ index when > 1), config, generation config."""
     path.mkdir(parents=True, exist_ok=True)
     names = list(state)
     per = -(-len(names) // shards)
     weight_map = {}
     for i in range(shards):
-        part = names[i * per:(i + 1) * per]
+        part = names[i * per : (i + 1) * per]
         fn = "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         save_file({n: state[n].to(dtype).contiguous() for n in part}, str(path / fn), metadata={"format": "pt"})
         weight_map.update({n: fn for n in part})
@@ -58,8 +72,15 @@ def write_model(path: Path, state: dict[str, torch.Tensor], config: dict, dtype=
     return path
 
 
-def make_family(root: Path, n_experts: int = 3, layers: int = 2, hidden: int = 32, vocab: int = 64,
-                dtype=torch.bfloat16, shards: int = 1) -> dict[str, Path]:
+def make_family(
+    root: Path,
+    n_experts: int = 3,
+    layers: int = 2,
+    hidden: int = 32,
+    vocab: int = 64,
+    dtype=torch.bfloat16,
+    shards: int = 1,
+) -> dict[str, Path]:
     """base + n experts (base + noise), returned as {name: folder}."""
     cfg = tiny_config(layers, hidden, vocab)
     base = base_state(layers, hidden, vocab)

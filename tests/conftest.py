@@ -60,8 +60,13 @@ def instance():
         yield inst
 
 
-def make_project(root: Path, recipes: dict[str, str | bytes], models=("base", "arev", "sort"),
-                 data=("tasks", "eval", "calibration"), link_zoo=False) -> Path:
+def make_project(
+    root: Path,
+    recipes: dict[str, str | bytes],
+    models=("base", "arev", "sort"),
+    data=("tasks", "eval", "calibration"),
+    link_zoo=False,
+) -> Path:
     """A project at `root`: the ci zoo's `models` copied to data/models/ci/ (or data/models linked
     to the zoo cache), the committed `data` folders of this checkout, and `recipes` (file name ->
     text or bytes) under data/recipes."""

@@ -9,15 +9,16 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from _models import make_family
+from merge_dag.dagster.definitions import ALL_JOB, build_definitions, reconstructable_merge_all
+from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.dagster.schedules import SCHEDULE_NAME
 from merge_dag.dagster.sensors import SENSOR_NAME
 from merge_dag.dagster.watch import affected_keys, evaluate_models
-from merge_dag.dagster.definitions import ALL_JOB, build_definitions, reconstructable_merge_all
-from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.lineage.store import LineageStore
 from merge_dag.project import load_project
 from merge_dag.zoo.tokenizer import save_tokenizer
+
+from _models import make_family
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +70,14 @@ def affected(p, model: str) -> list[dg.AssetKey]:
 def test_affected_keys_are_exactly_the_dependents(project):
     p = load_project(project)
     assert keys(affected(p, "a")) == {
-        "model/a", "task_vector/a", "recipe/mix", "merged/mix", "eval/merged/mix", "eval/model/a", "leaderboard"}
+        "model/a",
+        "task_vector/a",
+        "recipe/mix",
+        "merged/mix",
+        "eval/merged/mix",
+        "eval/model/a",
+        "leaderboard",
+    }
     assert keys(affected(p, "c")) == {"model/c", "task_vector/c", "recipe/other", "merged/other"}
     assert "merged/other" in keys(affected(p, "b")) and "merged/mix" in keys(affected(p, "b"))
 
@@ -81,7 +89,6 @@ def test_half_copied_checkpoint_triggers_nothing_until_complete(project):
 
     shard = project / "data" / "models" / "c" / "model.safetensors"
     full = shard.read_bytes()
-    import torch
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(shard))
@@ -108,8 +115,9 @@ def test_half_copied_checkpoint_triggers_nothing_until_complete(project):
 
 
 def test_sensor_run_request_rebuilds_exactly_the_affected_assets(project, tmp_path):
-    res = MergeDagResource(root=str(project), eval_limit=4, db_path=str(tmp_path / "l.duckdb"),
-                           artifacts_dir=str(tmp_path / "artifacts"))
+    res = MergeDagResource(
+        root=str(project), eval_limit=4, db_path=str(tmp_path / "l.duckdb"), artifacts_dir=str(tmp_path / "artifacts")
+    )
     defs = build_definitions(project, resource=res)
     job = defs.resolve_job_def(ALL_JOB)
     with dg.instance_for_test() as instance:
@@ -127,18 +135,31 @@ def test_sensor_run_request_rebuilds_exactly_the_affected_assets(project, tmp_pa
         save_file(state, str(shard), metadata={"format": "pt"})
         cursor = json.loads(first.cursor)
         cursor["a"]["since"] -= 3600  # pretend the signature was first seen an hour ago ...
-        cursor["a"]["sig"] = json.loads(json.dumps(
-            sorted([q.name, q.stat().st_size, q.stat().st_mtime_ns] for q in shard.parent.iterdir() if q.is_file())))
+        cursor["a"]["sig"] = json.loads(
+            json.dumps(
+                sorted([q.name, q.stat().st_size, q.stat().st_mtime_ns] for q in shard.parent.iterdir() if q.is_file())
+            )
+        )
         ctx = dg.build_sensor_context(instance=instance, definitions=defs, cursor=json.dumps(cursor))
         tick = sensor.evaluate_tick(ctx)  # ... so it is settled now
         assert len(tick.run_requests) == 1
         req = tick.run_requests[0]
         assert keys(req.asset_selection) == {
-            "model/a", "task_vector/a", "recipe/mix", "merged/mix", "eval/merged/mix", "eval/model/a", "leaderboard"}
+            "model/a",
+            "task_vector/a",
+            "recipe/mix",
+            "merged/mix",
+            "eval/merged/mix",
+            "eval/model/a",
+            "leaderboard",
+        }
         result = job.execute_in_process(instance=instance, asset_selection=req.asset_selection, tags=req.tags)
         assert result.success
-        built = {e["step"] for e in LineageStore(tmp_path / "l.duckdb").events(run_id=result.run_id)
-                 if e["event"] == "materialized"}
+        built = {
+            e["step"]
+            for e in LineageStore(tmp_path / "l.duckdb").events(run_id=result.run_id)
+            if e["event"] == "materialized"
+        }
         assert built == {"task_vector/a", "merged/mix", "eval/merged_mix", "eval/model_a", "leaderboard/leaderboard"}
 
 
@@ -167,8 +188,11 @@ def test_torch_steps_run_one_at_a_time_under_the_pool(project, tmp_path, monkeyp
     pooled = [a for a in defs.assets if getattr(a, "op", None) is not None and a.op.pool == "gpu"]
     assert len(pooled) == 3  # task_vector/c, task_vector/b, merged/other
     with dg.instance_for_test(overrides={"concurrency": {"pools": {"default_limit": 1}}}) as instance:
-        result = dg.execute_job(reconstructable_merge_all(project), instance=instance,
-                                run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 4}}}})
+        result = dg.execute_job(
+            reconstructable_merge_all(project),
+            instance=instance,
+            run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 4}}}},
+        )
         assert result.success
         spans = {}
         for e in instance.all_logs(result.run_id):
@@ -181,7 +205,7 @@ def test_torch_steps_run_one_at_a_time_under_the_pool(project, tmp_path, monkeyp
     pooled_ops = {a.op.name for a in pooled}
     torch_steps = sorted(v for k, v in spans.items() if k in pooled_ops)
     assert len(torch_steps) == 3
-    for (s1, e1), (s2, e2) in zip(torch_steps, torch_steps[1:]):
+    for (_, e1), (s2, _) in zip(torch_steps, torch_steps[1:]):
         assert s2 >= e1, "two pooled steps overlapped"
 
 
@@ -200,8 +224,9 @@ def test_glob_recipe_picks_up_a_new_expert(project, tmp_path):
     models = project / "data" / "models"
     shutil.copytree(models / "c", models / "g-1")
     (project / "data" / "recipes" / "globbed.yaml").write_text(GLOB_RECIPE)
-    res = MergeDagResource(root=str(project), db_path=str(tmp_path / "g.duckdb"),
-                           artifacts_dir=str(tmp_path / "artifacts"))
+    res = MergeDagResource(
+        root=str(project), db_path=str(tmp_path / "g.duckdb"), artifacts_dir=str(tmp_path / "artifacts")
+    )
     p = load_project(project)
     loaded = build_definitions(project, resource=res)  # the code location, loaded before g-2 exists
     assert [e.ref for e in p.recipes["globbed"].experts] == ["data/models/g-1"]
@@ -223,19 +248,26 @@ def test_glob_recipe_picks_up_a_new_expert(project, tmp_path):
         # the run the sensor requests, on the graph loaded before g-2 existed: the merge takes both
         # experts and builds the newcomer's task vector inside its step
         result = loaded.resolve_job_def(ALL_JOB).execute_in_process(
-            instance=instance, asset_selection=[dg.AssetKey(["task_vector", "g_1"])] + affected(p, "g_2"))
+            instance=instance, asset_selection=[dg.AssetKey(["task_vector", "g_1"])] + affected(p, "g_2")
+        )
         assert result.success
-        mats = {tuple(e.event_specific_data.materialization.asset_key.path): e.event_specific_data.materialization
-                for e in result.get_asset_materialization_events()}
+        mats = {
+            tuple(e.event_specific_data.materialization.asset_key.path): e.event_specific_data.materialization
+            for e in result.get_asset_materialization_events()
+        }
         assert mats[("merged", "globbed")].metadata["experts"].value == ["data/models/g-1", "data/models/g-2"]
-        steps = {e["step"] for e in LineageStore(tmp_path / "g.duckdb").events(run_id=result.run_id)
-                 if e["event"] == "materialized"}
+        steps = {
+            e["step"]
+            for e in LineageStore(tmp_path / "g.duckdb").events(run_id=result.run_id)
+            if e["event"] == "materialized"
+        }
         assert steps == {"task_vector/g_1", "task_vector/g_2", "merged/globbed"}
         # after a reload the graph shows the newcomer's own task vector asset: a cache hit
         reloaded = build_definitions(project, resource=res)
         assert dg.AssetKey(["task_vector", "g_2"]) in reloaded.resolve_asset_graph().get_all_asset_keys()
-        again = reloaded.resolve_job_def(ALL_JOB).execute_in_process(instance=instance, asset_selection=[
-            dg.AssetKey(["task_vector", "g_2"]), dg.AssetKey(["merged", "globbed"])])
+        again = reloaded.resolve_job_def(ALL_JOB).execute_in_process(
+            instance=instance, asset_selection=[dg.AssetKey(["task_vector", "g_2"]), dg.AssetKey(["merged", "globbed"])]
+        )
         assert again.success
         events = LineageStore(tmp_path / "g.duckdb").events(run_id=again.run_id)
         assert {e["step"] for e in events if e["event"] == "cache_hit"} == {"task_vector/g_2", "merged/globbed"}
@@ -250,8 +282,9 @@ def test_new_expert_builds_when_the_run_reimports_the_definitions_and_the_sensor
     models = project / "data" / "models"
     shutil.copytree(models / "c", models / "g-1")
     (project / "data" / "recipes" / "globbed.yaml").write_text(GLOB_RECIPE + "evals: [zoo_arev]\n")
-    res = MergeDagResource(root=str(project), db_path=str(tmp_path / "g.duckdb"),
-                           artifacts_dir=str(tmp_path / "artifacts"), eval_limit=4)
+    res = MergeDagResource(
+        root=str(project), db_path=str(tmp_path / "g.duckdb"), artifacts_dir=str(tmp_path / "artifacts"), eval_limit=4
+    )
     p = load_project(project)  # the code server's view, before g-2
     loaded = build_definitions(project, resource=res)
     with dg.instance_for_test() as instance:
@@ -262,35 +295,47 @@ def test_new_expert_builds_when_the_run_reimports_the_definitions_and_the_sensor
         shutil.copytree(models / "b", models / "g-2")
         cursor = json.loads(first.cursor)
         _, cursor = evaluate_models(p, cursor, now=time.time() - 100, settle_seconds=10)  # first seen
-        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=loaded,
-                                                            cursor=json.dumps(cursor)))
+        tick = sensor.evaluate_tick(
+            dg.build_sensor_context(instance=instance, definitions=loaded, cursor=json.dumps(cursor))
+        )
         assert len(tick.run_requests) == 1
         req = tick.run_requests[0]
         assert keys(req.asset_selection) == {"recipe/globbed", "merged/globbed", "eval/merged/globbed", "leaderboard"}
         fresh = build_definitions(project, resource=res)  # the run worker's import, after g-2 landed
         result = fresh.resolve_job_def(ALL_JOB).execute_in_process(
-            instance=instance, asset_selection=req.asset_selection, raise_on_error=False)
+            instance=instance, asset_selection=req.asset_selection, raise_on_error=False
+        )
         failures = [e.event_specific_data.error.message for e in result.all_events if e.is_step_failure]
         assert result.success, failures
         events = LineageStore(tmp_path / "g.duckdb").events(run_id=result.run_id)
         assert {e["step"] for e in events if e["event"] == "materialized"} == {
-            "task_vector/g_2", "merged/globbed", "eval/merged_globbed", "leaderboard/leaderboard"}
+            "task_vector/g_2",
+            "merged/globbed",
+            "eval/merged_globbed",
+            "leaderboard/leaderboard",
+        }
         assert "model/g_2" in {e["step"] for e in events if e["event"] == "observed"}  # provenance of the newcomer
         # the code location reloads (`fresh`): the sensor now asks once for g-2's never-built assets
         tick2 = fresh.get_sensor_def(SENSOR_NAME).evaluate_tick(
-            dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick.cursor))
+            dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick.cursor)
+        )
         assert len(tick2.run_requests) == 1
         assert keys(tick2.run_requests[0].asset_selection) == {"task_vector/g_2", "eval/model/g_2", "leaderboard"}
         again = fresh.resolve_job_def(ALL_JOB).execute_in_process(
-            instance=instance, asset_selection=tick2.run_requests[0].asset_selection)
+            instance=instance, asset_selection=tick2.run_requests[0].asset_selection
+        )
         assert again.success
         events = LineageStore(tmp_path / "g.duckdb").events(run_id=again.run_id)
         assert {e["step"] for e in events if e["event"] == "cache_hit"} == {"task_vector/g_2"}  # built inline before
-        board = [e.event_specific_data.materialization for e in again.get_asset_materialization_events()
-                 if e.event_specific_data.materialization.asset_key.path == ["leaderboard"]][0]
+        board = [
+            e.event_specific_data.materialization
+            for e in again.get_asset_materialization_events()
+            if e.event_specific_data.materialization.asset_key.path == ["leaderboard"]
+        ][0]
         assert "model/g_2" in {r.data["model"] for r in board.metadata["all_metrics"].value.records}
         tick3 = fresh.get_sensor_def(SENSOR_NAME).evaluate_tick(
-            dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick2.cursor))
+            dg.build_sensor_context(instance=instance, definitions=fresh, cursor=tick2.cursor)
+        )
         assert not tick3.run_requests  # nothing left to build
 
 
@@ -309,8 +354,19 @@ def test_affected_keys_include_the_guidance_statistics_of_a_changed_expert(proje
     (project / "data" / "recipes" / "guided.yaml").write_text(GUIDED_RECIPE)
     p = load_project(project)
     assert keys(affected(p, "a")) == {
-        "model/a", "recipe/mix", "recipe/guided", "task_vector/a", "merged/mix", "eval/merged/mix", "eval/model/a",
-        "leaderboard", "activations/a__arev", "importance/a__arev", "allocation/guided", "merged/guided"}
+        "model/a",
+        "recipe/mix",
+        "recipe/guided",
+        "task_vector/a",
+        "merged/mix",
+        "eval/merged/mix",
+        "eval/model/a",
+        "leaderboard",
+        "activations/a__arev",
+        "importance/a__arev",
+        "allocation/guided",
+        "merged/guided",
+    }
 
 
 def _newcomer_after_reload(project, tmp_path, partial_copy: bool):
@@ -322,7 +378,9 @@ def _newcomer_after_reload(project, tmp_path, partial_copy: bool):
     p = load_project(project)
     loaded = build_definitions(project)
     instance = dg.DagsterInstance.ephemeral()
-    first = loaded.get_sensor_def(SENSOR_NAME).evaluate_tick(dg.build_sensor_context(instance=instance, definitions=loaded))
+    first = loaded.get_sensor_def(SENSOR_NAME).evaluate_tick(
+        dg.build_sensor_context(instance=instance, definitions=loaded)
+    )
     cursor = json.loads(first.cursor)
     t = time.time()
     if partial_copy:  # a copy still in progress when the sensor first sees the folder
@@ -335,7 +393,8 @@ def _newcomer_after_reload(project, tmp_path, partial_copy: bool):
         shutil.copytree(models / "b", models / "g-2")
         _, cursor = evaluate_models(p, cursor, now=t - 100, settle_seconds=10)
     tick = loaded.get_sensor_def(SENSOR_NAME).evaluate_tick(
-        dg.build_sensor_context(instance=instance, definitions=loaded, cursor=json.dumps(cursor)))
+        dg.build_sensor_context(instance=instance, definitions=loaded, cursor=json.dumps(cursor))
+    )
     assert len(tick.run_requests) == 1  # the merge of the glob recipe
     fresh = build_definitions(project)
     for k in fresh.resolve_asset_graph().materializable_asset_keys:  # everything else built (no need to execute)
@@ -359,7 +418,8 @@ def test_fill_in_request_is_not_repeated_while_its_run_is_in_flight(project, tmp
 def test_newcomer_seen_mid_copy_still_gets_its_assets_after_reload(project, tmp_path):
     fresh, instance, cursor = _newcomer_after_reload(project, tmp_path, partial_copy=True)
     tick2 = fresh.get_sensor_def(SENSOR_NAME).evaluate_tick(
-        dg.build_sensor_context(instance=instance, definitions=fresh, cursor=cursor))
+        dg.build_sensor_context(instance=instance, definitions=fresh, cursor=cursor)
+    )
     assert len(tick2.run_requests) == 1
     assert keys(tick2.run_requests[0].asset_selection) == {"task_vector/g_2", "eval/model/g_2", "leaderboard"}
 
@@ -377,8 +437,9 @@ def test_an_edited_calibration_set_triggers_exactly_its_dependents(project, tmp_
         tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs, cursor=first.cursor))
         cursor = json.loads(tick.cursor)
         cursor["calibration:arev"]["since"] -= 3600  # settled, but still half written
-        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
-                                                            cursor=json.dumps(cursor)))
+        tick = sensor.evaluate_tick(
+            dg.build_sensor_context(instance=instance, definitions=defs, cursor=json.dumps(cursor))
+        )
         assert not tick.run_requests
         shutil.copy2(ROOT / "data" / "calibration" / "arev.jsonl", cal)
         with cal.open("a") as f:
@@ -386,9 +447,15 @@ def test_an_edited_calibration_set_triggers_exactly_its_dependents(project, tmp_
         tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs, cursor=tick.cursor))
         cursor = json.loads(tick.cursor)
         cursor["calibration:arev"]["since"] -= 3600
-        tick = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, definitions=defs,
-                                                            cursor=json.dumps(cursor)))
+        tick = sensor.evaluate_tick(
+            dg.build_sensor_context(instance=instance, definitions=defs, cursor=json.dumps(cursor))
+        )
         assert len(tick.run_requests) == 1
         assert keys(tick.run_requests[0].asset_selection) == {
-            "calibration/arev", "activations/base__arev", "activations/a__arev", "importance/a__arev",
-            "allocation/guided", "merged/guided"}
+            "calibration/arev",
+            "activations/base__arev",
+            "activations/a__arev",
+            "importance/a__arev",
+            "allocation/guided",
+            "merged/guided",
+        }

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _models import base_state, tiny_config, write_model
 from merge_dag.core.checkpoint import (
     INDEX_NAME,
     Checkpoint,
@@ -18,6 +17,8 @@ from merge_dag.core.checkpoint import (
 )
 from merge_dag.core.errors import CheckpointError
 from merge_dag.core.fingerprint import checkpoint_fingerprint, file_fingerprint
+
+from _models import base_state, tiny_config, write_model
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,9 @@ def test_truncated_file_is_refused(tmp_path, state):
     f = folder / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match=r"model.safetensors: truncated safetensors file: tensor '.*' needs bytes"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors: truncated safetensors file: tensor '.*' needs bytes"
+    ):
         Checkpoint(folder)
 
 

@@ -11,7 +11,7 @@ from merge_dag.core.chunks import chunked_sum, each_chunk
 def test_each_chunk_visits_every_chunk_once_in_order(monkeypatch, threads):
     monkeypatch.setattr(chunks, "CPU_CHUNK", 3)
     old = torch.get_num_threads()
-    torch.set_num_threads(threads)   # several segment workers when torch has several threads
+    torch.set_num_threads(threads)  # several segment workers when torch has several threads
     try:
         seen = each_chunk(torch.zeros(10), lambda s, e, buf: (s, e, tuple(buf.shape)), scratch=1)
     finally:
@@ -20,7 +20,7 @@ def test_each_chunk_visits_every_chunk_once_in_order(monkeypatch, threads):
 
 
 def test_each_chunk_on_rows_takes_whole_rows(monkeypatch):
-    monkeypatch.setattr(chunks, "CPU_CHUNK", 8)            # 8 entries: two rows of 4
+    monkeypatch.setattr(chunks, "CPU_CHUNK", 8)  # 8 entries: two rows of 4
     x = torch.arange(20.0).view(5, 4)
     seen = each_chunk(x, lambda s, e, buf: (s, e, tuple(buf.shape)), scratch=1)
     assert seen == [(0, 2, (2, 4)), (2, 4, (2, 4)), (4, 5, (1, 4))]
@@ -37,5 +37,5 @@ def test_chunked_sum_adds_the_chunk_sums_in_order(monkeypatch):
     x = torch.tensor([1e8, 1.0, -1e8, 1.0, 0.5, 0.25, 3.0, -2.0, 7.0])
     want = 0.0
     for s in range(0, 9, 4):
-        want += float(x[s:s + 4].sum())
+        want += float(x[s : s + 4].sum())
     assert chunked_sum(x, lambda s, e, out: torch.mul(x[s:e], 1.0, out=out)) == want

@@ -2,16 +2,14 @@
 exactly the affected assets rebuilt after an expert or a recipe changes, audits, parallel lineage."""
 
 import json
-import os
-import textwrap
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import torch
+from conftest import make_project
 from safetensors.torch import load_file, save_file
 
-from conftest import make_project
 from merge_dag.core.fingerprint import checkpoint_fingerprint
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions, reconstructable_merge_all
 from merge_dag.dagster.resources import MergeDagResource
@@ -47,8 +45,12 @@ evals: [zoo_arev, zoo_sort]
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    return make_project(tmp_path_factory.mktemp("project"), {"ta.yaml": TA, "ties.yaml": TIES},
-                        models=("base", "arev", "ashift", "sort"), data=("tasks", "eval"))
+    return make_project(
+        tmp_path_factory.mktemp("project"),
+        {"ta.yaml": TA, "ties.yaml": TIES},
+        models=("base", "arev", "ashift", "sort"),
+        data=("tasks", "eval"),
+    )
 
 
 def resource(root: Path) -> MergeDagResource:
@@ -63,20 +65,33 @@ def run_all(root: Path, instance: dg.DagsterInstance):
 
 
 def built(root: Path, run_id: str) -> set[str]:
-    return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id)
-            if e["event"] == "materialized"}
+    return {
+        e["step"]
+        for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id)
+        if e["event"] == "materialized"
+    }
 
 
 def hits(root: Path, run_id: str) -> set[str]:
-    return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id)
-            if e["event"] == "cache_hit"}
+    return {
+        e["step"]
+        for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id)
+        if e["event"] == "cache_hit"
+    }
 
 
 ALL_BUILT = {
-    "task_vector/ci_arev", "task_vector/ci_ashift", "task_vector/ci_sort",
-    "merged/ta", "merged/ties",
-    "eval/merged_ta", "eval/merged_ties",
-    "eval/model_ci_base", "eval/model_ci_arev", "eval/model_ci_ashift", "eval/model_ci_sort",
+    "task_vector/ci_arev",
+    "task_vector/ci_ashift",
+    "task_vector/ci_sort",
+    "merged/ta",
+    "merged/ties",
+    "eval/merged_ta",
+    "eval/merged_ties",
+    "eval/model_ci_base",
+    "eval/model_ci_arev",
+    "eval/model_ci_ashift",
+    "eval/model_ci_sort",
     "leaderboard/leaderboard",
 }
 
@@ -89,20 +104,31 @@ def first_run(project, instance):
 def test_first_run_builds_every_artifact_and_checks_pass(project, first_run):
     assert built(project, first_run.run_id) == ALL_BUILT
     checks = {(tuple(c.asset_key.path), c.check_name): c for c in first_run.get_asset_check_evaluations()}
-    assert set(checks) == {(("merged", r), "loads_and_matches_base") for r in ("ta", "ties")} \
-        | {(("merged", r), "embeddings_sane") for r in ("ta", "ties")} \
-        | {(("eval", "merged", r), c) for r in ("ta", "ties") for c in ("not_below_base", "no_task_collapsed")} \
-        | {(("merged", r), "evaluated_vs_base") for r in ("ta", "ties")}
-    assert all(checks[k].passed for k in checks
-               if k[1] in ("loads_and_matches_base", "embeddings_sane", "evaluated_vs_base"))
-    mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
-            for m in [m.event_specific_data.materialization]}
+    assert set(checks) == {(("merged", r), "loads_and_matches_base") for r in ("ta", "ties")} | {
+        (("merged", r), "embeddings_sane") for r in ("ta", "ties")
+    } | {(("eval", "merged", r), c) for r in ("ta", "ties") for c in ("not_below_base", "no_task_collapsed")} | {
+        (("merged", r), "evaluated_vs_base") for r in ("ta", "ties")
+    }
+    assert all(
+        checks[k].passed for k in checks if k[1] in ("loads_and_matches_base", "embeddings_sane", "evaluated_vs_base")
+    )
+    mats = {
+        tuple(m.asset_key.path): m
+        for m in first_run.get_asset_materialization_events()
+        for m in [m.event_specific_data.materialization]
+    }
     merged = mats[("merged", "ta")].metadata
     assert merged["method"].value == "task_arithmetic"
     assert merged["tensor_count"].value > 0 and merged["bytes"].value > 0
     board = mats[("leaderboard",)].metadata["all_metrics"].value
     assert {r.data["model"] for r in board.records} == {
-        "merged/ta", "merged/ties", "model/ci_base", "model/ci_arev", "model/ci_ashift", "model/ci_sort"}
+        "merged/ta",
+        "merged/ties",
+        "model/ci_base",
+        "model/ci_arev",
+        "model/ci_ashift",
+        "model/ci_sort",
+    }
 
 
 def test_merged_page_shows_this_builds_scores_beside_the_base(project, first_run):
@@ -113,11 +139,15 @@ def test_merged_page_shows_this_builds_scores_beside_the_base(project, first_run
 
     checks = {(tuple(c.asset_key.path), c.check_name): c for c in first_run.get_asset_check_evaluations()}
     meta = checks[(("merged", "ta"), "evaluated_vs_base")].metadata
-    mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
-            for m in [m.event_specific_data.materialization]}
-    results = [{**json.loads((project / mats[key].metadata["path"].value / META_FILE).read_text()),
-                "model": name} for key, name in ((("eval", "merged", "ta"), "merged/ta"),
-                                                  (("eval", "model", "ci_base"), "model/ci_base"))]
+    mats = {
+        tuple(m.asset_key.path): m
+        for m in first_run.get_asset_materialization_events()
+        for m in [m.event_specific_data.materialization]
+    }
+    results = [
+        {**json.loads((project / mats[key].metadata["path"].value / META_FILE).read_text()), "model": name}
+        for key, name in ((("eval", "merged", "ta"), "merged/ta"), (("eval", "model", "ci_base"), "model/ci_base"))
+    ]
     t = ScoreTable.from_results(results)
     assert meta["average"].value == round(t.average("merged/ta"), 4)
     assert meta["base_average"].value == round(t.average("model/ci_base"), 4)
@@ -128,9 +158,10 @@ def test_merged_page_shows_this_builds_scores_beside_the_base(project, first_run
 
 
 def test_merged_asset_equals_direct_engine_merge(project, first_run, tmp_path):
+    import yaml
+
     from merge_dag.core.engine import merge
     from merge_dag.core.recipe import parse_recipe
-    import yaml
 
     store = LineageStore(project / "data" / "lineage.duckdb")
     art = store.find("ta")
@@ -175,12 +206,21 @@ def test_one_code_version_for_a_merged_artifact(project, first_run):
     art = store.find("ta")
     card = json.loads((Path(art["path"]) / "merge_dag.json").read_text())
     readme = (Path(art["path"]) / "README.md").read_text()
-    mats = {tuple(m.asset_key.path): m for m in first_run.get_asset_materialization_events()
-            for m in [m.event_specific_data.materialization]}
+    mats = {
+        tuple(m.asset_key.path): m
+        for m in first_run.get_asset_materialization_events()
+        for m in [m.event_specific_data.materialization]
+    }
     defs = build_definitions(project, resource=resource(project))
-    asset_code = defs.resolve_assets_def(dg.AssetKey(["merged", "ta"])).code_versions_by_key[dg.AssetKey(["merged", "ta"])]
-    versions = {card["code_version"], art["code_version"], mats[("merged", "ta")].metadata["code_version"].value,
-                asset_code}
+    asset_code = defs.resolve_assets_def(dg.AssetKey(["merged", "ta"])).code_versions_by_key[
+        dg.AssetKey(["merged", "ta"])
+    ]
+    versions = {
+        card["code_version"],
+        art["code_version"],
+        mats[("merged", "ta")].metadata["code_version"].value,
+        asset_code,
+    }
     assert versions == {merge_code_version()}
     assert f"code version {merge_code_version()}" in readme
     assert f"code {merge_code_version()}" in audit(store, "ta")
@@ -195,7 +235,12 @@ def test_changing_one_expert_rebuilds_exactly_its_dependents(project, instance, 
     save_file(state, str(shard), metadata={"format": "pt"})
     after = run_all(project, instance)
     assert built(project, after.run_id) == {
-        "task_vector/ci_ashift", "merged/ta", "eval/merged_ta", "eval/model_ci_ashift", "leaderboard/leaderboard"}
+        "task_vector/ci_ashift",
+        "merged/ta",
+        "eval/merged_ta",
+        "eval/model_ci_ashift",
+        "leaderboard/leaderboard",
+    }
     assert hits(project, after.run_id) == ALL_BUILT - built(project, after.run_id)
 
 
@@ -210,11 +255,11 @@ def test_changing_a_recipe_rebuilds_only_its_merge_and_evals(project, instance, 
         recipe.write_text(TIES)
 
 
-
-
 def keys_of(result) -> dict[tuple, str]:
-    return {tuple(m.asset_key.path): m.metadata["key"].value
-            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())}
+    return {
+        tuple(m.asset_key.path): m.metadata["key"].value
+        for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+    }
 
 
 def test_multiprocess_executor_writes_lineage_without_loss(project, instance, first_run, tmp_path, monkeypatch):
@@ -226,8 +271,11 @@ def test_multiprocess_executor_writes_lineage_without_loss(project, instance, fi
     monkeypatch.setenv("MERGE_DAG_ARTIFACTS", str(tmp_path / "artifacts"))
     monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))
     with dg.instance_for_test() as inst:
-        result = dg.execute_job(reconstructable_merge_all(project), instance=inst,
-                                run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}})
+        result = dg.execute_job(
+            reconstructable_merge_all(project),
+            instance=inst,
+            run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}},
+        )
         assert result.success
         starts = [e for e in result.all_events if e.event_type_value == "STEP_START"]
         assert len({e.pid for e in starts}) > 1  # really several processes
@@ -235,13 +283,17 @@ def test_multiprocess_executor_writes_lineage_without_loss(project, instance, fi
     events = store.events(run_id=result.run_id)
     assert {e["step"] for e in events if e["event"] == "materialized"} == ALL_BUILT
     # same content keys (hence the same fingerprints) as in-process: parallelism changes nothing
-    parallel = {tuple(m.asset_key.path): m.metadata["key"].value
-                for m in (e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization)}
+    parallel = {
+        tuple(m.asset_key.path): m.metadata["key"].value
+        for m in (e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization)
+    }
     assert parallel == reference
     # and the merged checkpoints, rebuilt from scratch in other processes, hold the same tensors
-    fp = {tuple(m.asset_key.path): m.metadata["output_fingerprint"].value
-          for m in (e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization)
-          if m.asset_key.path[0] == "merged"}
+    fp = {
+        tuple(m.asset_key.path): m.metadata["output_fingerprint"].value
+        for m in (e.event_specific_data.materialization for e in result.all_events if e.is_step_materialization)
+        if m.asset_key.path[0] == "merged"
+    }
     assert set(fp) == {("merged", "ta"), ("merged", "ties")}
     for (_, name), value in fp.items():
         assert value == checkpoint_fingerprint(Path(store.find(name)["path"]))
@@ -268,8 +320,10 @@ def test_quiet_demo_run_prints_one_line_per_asset_and_the_results_table(project,
     out, err = capfd.readouterr()
     assert result.success
     lines = [line.split() for line in out.splitlines() if line.strip()]
-    assets = sorted("/".join(e.event_specific_data.materialization.asset_key.path)
-                    for e in first_run.get_asset_materialization_events())
+    assets = sorted(
+        "/".join(e.event_specific_data.materialization.asset_key.path)
+        for e in first_run.get_asset_materialization_events()
+    )
     assert len(assets) == len(ALL_BUILT) and sorted(" ".join(w[2:]) for w in lines) == assets
     assert all(w[:2] == ["cache", "hit"] for w in lines)
     assert "DEBUG" not in out + err and "STEP_START" not in out + err
@@ -284,8 +338,10 @@ def test_quiet_demo_run_prints_one_line_per_asset_and_the_results_table(project,
 
 
 def materializations(result) -> dict[tuple, dg.AssetMaterialization]:
-    return {tuple(m.asset_key.path): m for m in (e.event_specific_data.materialization
-                                                 for e in result.get_asset_materialization_events())}
+    return {
+        tuple(m.asset_key.path): m
+        for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+    }
 
 
 def test_metadata_lists_every_input_with_relative_paths(project, first_run):
@@ -294,12 +350,18 @@ def test_metadata_lists_every_input_with_relative_paths(project, first_run):
     mats = materializations(first_run)
     rows = [r.data for r in mats[("merged", "ta")].metadata["inputs"].value.records]
     assert [(r["role"], r["name"]) for r in rows] == [
-        ("recipe", "recipe/ta"), ("base", "model/ci_base"), ("expert", "task_vector/ci_arev"),
-        ("expert", "task_vector/ci_ashift"), ("expert", "task_vector/ci_sort")]
+        ("recipe", "recipe/ta"),
+        ("base", "model/ci_base"),
+        ("expert", "task_vector/ci_arev"),
+        ("expert", "task_vector/ci_ashift"),
+        ("expert", "task_vector/ci_sort"),
+    ]
     store = LineageStore(project / "data" / "lineage.duckdb")
-    edges = store.query("SELECT fingerprint FROM edges WHERE child_id = ? ORDER BY seq",
-                        [mats[("merged", "ta")].metadata["artifact_id"].value])
-    assert [r["fingerprint"] for r in rows] == [e["fingerprint"][:len(r["fingerprint"])] for e, r in zip(edges, rows)]
+    edges = store.query(
+        "SELECT fingerprint FROM edges WHERE child_id = ? ORDER BY seq",
+        [mats[("merged", "ta")].metadata["artifact_id"].value],
+    )
+    assert [r["fingerprint"] for r in rows] == [e["fingerprint"][: len(r["fingerprint"])] for e, r in zip(edges, rows)]
     board = [r.data for r in mats[("leaderboard",)].metadata["inputs"].value.records]
     assert len(board) == 6 and {r["role"] for r in board} == {"eval"}
     for m in mats.values():
@@ -348,9 +410,12 @@ def test_leaderboard_tells_the_story(project, first_run):
     md = mats[("leaderboard",)].metadata
     lines = [r for r in md["leaderboard_markdown"].value.splitlines() if r.startswith("| ")]
     assert lines[0].startswith("| model | arev | ashift | sort | **avg** ± SE | Δ avg vs base |")
-    assert lines[1].startswith("| *ci\\_base \\(base\\)* |")   # names escaped (md_text): renders as ci_base (base)
+    assert lines[1].startswith("| *ci\\_base \\(base\\)* |")  # names escaped (md_text): renders as ci_base (base)
     assert {r.split(" |")[0].replace("\\", "") for r in lines[2:5]} == {
-        "| *ci_arev (expert)*", "| *ci_ashift (expert)*", "| *ci_sort (expert)*"}
+        "| *ci_arev (expert)*",
+        "| *ci_ashift (expert)*",
+        "| *ci_sort (expert)*",
+    }
     art = project / md["path"].value
     table = ScoreTable.from_results(json.loads((art / "results.json").read_text()))
     merges = [r.split(" |")[0].removeprefix("| ").replace("\\", "") for r in lines[5:]]

@@ -18,8 +18,10 @@ def test_fresh_file_turns_off_telemetry_and_the_modal(tmp_path):
 
 def test_earlier_file_gets_the_missing_key_appended_and_keeps_user_edits(tmp_path):
     cfg = tmp_path / "dagster.yaml"
-    earlier = ("# Written by merge_dag. Runs, schedules and sensor state persist here (SQLite).\n"
-               "telemetry:\n  enabled: false\n# my own comment\nconcurrency:\n  pools:\n    default_limit: 3\n")
+    earlier = (
+        "# Written by merge_dag. Runs, schedules and sensor state persist here (SQLite).\n"
+        "telemetry:\n  enabled: false\n# my own comment\nconcurrency:\n  pools:\n    default_limit: 3\n"
+    )
     cfg.write_text(earlier)
     assert update_dagster_yaml(cfg) is True
     text = cfg.read_text()
@@ -30,12 +32,16 @@ def test_earlier_file_gets_the_missing_key_appended_and_keeps_user_edits(tmp_pat
 
 def test_owned_key_with_another_value_is_set_other_keys_kept(tmp_path):
     cfg = tmp_path / "dagster.yaml"
-    cfg.write_text("telemetry:\n  enabled: true\nrun_retries:\n  enabled: true\n  max_retries: 2\n"
-                   "nux:\n  enabled: false\n")
+    cfg.write_text(
+        "telemetry:\n  enabled: true\nrun_retries:\n  enabled: true\n  max_retries: 2\nnux:\n  enabled: false\n"
+    )
     assert update_dagster_yaml(cfg) is True
     data = yaml.safe_load(cfg.read_text())
-    assert data == {"telemetry": {"enabled": False}, "run_retries": {"enabled": True, "max_retries": 2},
-                    "nux": {"enabled": False}}
+    assert data == {
+        "telemetry": {"enabled": False},
+        "run_retries": {"enabled": True, "max_retries": 2},
+        "nux": {"enabled": False},
+    }
 
 
 def test_dev_command_filters_only_the_supersession_warning(tmp_path):

@@ -17,17 +17,16 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from conftest import make_project, zoo_cache_dir
 
-from merge_dag.dagster.schedules import SCHEDULE_NAME
-from merge_dag.dagster.sensors import SENSOR_NAME
-from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.commands.demo import failure_lines
 from merge_dag.core.markdown import md_text
+from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource, SettingsError
+from merge_dag.dagster.schedules import SCHEDULE_NAME
+from merge_dag.dagster.sensors import SENSOR_NAME
 from merge_dag.lineage.store import Batch, LineageStore
 from merge_dag.project import load_project
-
-from conftest import make_project, zoo_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = "data/models/ci"
@@ -48,8 +47,10 @@ def resource(root: Path, **kw) -> MergeDagResource:
 
 
 def materialized(result) -> set[str]:
-    return {e.event_specific_data.materialization.asset_key.to_user_string()
-            for e in result.get_asset_materialization_events()}
+    return {
+        e.event_specific_data.materialization.asset_key.to_user_string()
+        for e in result.get_asset_materialization_events()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,9 +58,10 @@ def materialized(result) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 
 BAD = {
-    "ties_copy.yaml": GOOD,                                                     # duplicate `name: good`
-    "glob.yaml": GOOD.replace("name: good", "name: globbed").replace(
-        f"  - model: {CI}/sort\n", f"  - glob: {CI}/math-*\n").replace(f"  - model: {CI}/arev\n", ""),
+    "ties_copy.yaml": GOOD,  # duplicate `name: good`
+    "glob.yaml": GOOD.replace("name: good", "name: globbed")
+    .replace(f"  - model: {CI}/sort\n", f"  - glob: {CI}/math-*\n")
+    .replace(f"  - model: {CI}/arev\n", ""),
     "range.yaml": GOOD.replace("name: good", "name: ranged").replace("density: 0.5", "density: 1.5"),
     "latin1.yaml": GOOD.replace("name: good", "name: latin").encode() + b"# caf\xe9\n",
 }
@@ -145,16 +147,26 @@ def test_a_bad_setting_fails_only_its_users_and_names_the_variable(tmp_path, ci_
         result = defs.resolve_job_def(ALL_JOB).execute_in_process(instance=instance, raise_on_error=False)
         assert "merged/good" in materialized(result)
         lines = failure_lines(result)
-        assert sorted(x.split(":")[0] for x in lines) == ["eval/merged/good", "eval/model/ci_arev",
-                                                          "eval/model/ci_base", "eval/model/ci_sort"]
+        assert sorted(x.split(":")[0] for x in lines) == [
+            "eval/merged/good",
+            "eval/model/ci_arev",
+            "eval/model/ci_base",
+            "eval/model/ci_sort",
+        ]
         assert all("SettingsError: MERGE_DAG_EVAL_LIMIT='abc' is not a whole number >= 0" in x for x in lines), lines
         # a run the daemon launched: the steps recorded it 'running'; the run status sensor records its end
         store = LineageStore(root / "data" / "lineage.duckdb")
         assert [r["status"] for r in store.runs()] == ["running"]
         failed = defs.resolve_sensor_def("lineage_run_failed")
-        failed(dg.build_run_status_sensor_context(
-            sensor_name="lineage_run_failed", dagster_instance=instance, dagster_run=result.dagster_run,
-            dagster_event=result.get_run_failure_event(), resources={"merge_dag": defs.resources["merge_dag"]}))
+        failed(
+            dg.build_run_status_sensor_context(
+                sensor_name="lineage_run_failed",
+                dagster_instance=instance,
+                dagster_run=result.dagster_run,
+                dagster_event=result.get_run_failure_event(),
+                resources={"merge_dag": defs.resources["merge_dag"]},
+            )
+        )
         assert [(r["run_id"], r["status"]) for r in store.runs()] == [(result.run_id, "failure")]
         sensor = defs.resolve_sensor_def(SENSOR_NAME)
         with pytest.raises(SettingsError, match=r"MERGE_DAG_SETTLE_SECONDS='soon' is not a number"):
@@ -194,10 +206,13 @@ def test_demo_builds_independent_branches_and_lists_each_failure(tmp_path, ci_zo
     rc = demo.run(argparse.Namespace(root=root, size="ci", device=None, verbose=False))
     out = capsys.readouterr().out
     assert rc == 1
-    summary = out[out.index("step(s) failed"):].splitlines()[1:]
+    summary = out[out.index("step(s) failed") :].splitlines()[1:]
     assert sorted(s.split(":")[0].strip() for s in summary) == [
-        "activations/ci_arev__broken", "activations/ci_base__broken", "activations/ci_sort__broken",
-        "model/data_elsewhere_missing"], summary
+        "activations/ci_arev__broken",
+        "activations/ci_base__broken",
+        "activations/ci_sort__broken",
+        "model/data_elsewhere_missing",
+    ], summary
     [missing] = [s for s in summary if "model/data_elsewhere_missing" in s]
     assert "data/elsewhere/missing" in missing
     assert all("broken.jsonl:2: invalid JSON" in s for s in summary if "broken" in s), summary
@@ -247,23 +262,38 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     script = tmp_path / "slow.py"
     script.write_text(SLOW_JOB)
-    killed = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     alive = None
     try:
         with dg.DagsterInstance.get() as instance:
             dead_run = _started_run(instance, killed, set())
             killed.send_signal(signal.SIGKILL)
             killed.wait()
-            alive = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+            alive = subprocess.Popen(
+                [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             live_run = _started_run(instance, alive, {dead_run.run_id})
             assert instance.get_run_by_id(dead_run.run_id).status == dg.DagsterRunStatus.STARTED  # stuck
             # the killed run had observed a source (lineage events, but no runs row yet)
             store = LineageStore(tmp_path / "data" / "lineage.duckdb")
-            store.write(Batch()
-                        .artifact(artifact_id="model-x", kind="model", name="x", key_hash="sha256:x", path="x",
-                                  bytes=1, code_version="-", params={}, run_id=dead_run.run_id, data_version="x")
-                        .event(artifact_id="model-x", run_id=dead_run.run_id, step="model/x", event="observed"))
+            store.write(
+                Batch()
+                .artifact(
+                    artifact_id="model-x",
+                    kind="model",
+                    name="x",
+                    key_hash="sha256:x",
+                    path="x",
+                    bytes=1,
+                    code_version="-",
+                    params={},
+                    run_id=dead_run.run_id,
+                    data_version="x",
+                )
+                .event(artifact_id="model-x", run_id=dead_run.run_id, step="model/x", event="observed")
+            )
             _fail_dead_runs(tmp_path)  # what `merge-dag dev` does before it starts dagster (the demo: the same call)
             lines = capsys.readouterr().out.splitlines()
             assert len(lines) == 1 and dead_run.run_id[:8] in lines[0] and f"pid {killed.pid}" in lines[0], lines
@@ -282,15 +312,18 @@ def test_run_left_started_by_a_killed_process_is_marked_failed_on_the_next_start
 # item 3: the demo writes generated data files only where missing
 # ---------------------------------------------------------------------------------------------
 
+
 def test_demo_prepare_keeps_edited_data_files_and_zoo_rewrites_them(tmp_path, ci_zoo):
     from merge_dag.commands.demo import prepare
     from merge_dag.zoo.build import build_zoo
 
     root = make_project(tmp_path, {}, link_zoo=True)
-    edited = {root / "data" / "calibration" / "arev.jsonl": '{"text": "my own calibration"}\n',
-              root / "data" / "eval" / "sort.jsonl": '{"prompt": "sort:21=", "answer": "12"}\n',
-              root / "data" / "tasks" / "zoo_arev.yaml": (root / "data" / "tasks" / "zoo_arev.yaml").read_text()
-              + "# my note\n"}
+    edited = {
+        root / "data" / "calibration" / "arev.jsonl": '{"text": "my own calibration"}\n',
+        root / "data" / "eval" / "sort.jsonl": '{"prompt": "sort:21=", "answer": "12"}\n',
+        root / "data" / "tasks" / "zoo_arev.yaml": (root / "data" / "tasks" / "zoo_arev.yaml").read_text()
+        + "# my note\n",
+    }
     generated = {f: f.read_text() for f in edited}
     for f, text in edited.items():
         f.write_text(text)
@@ -298,7 +331,9 @@ def test_demo_prepare_keeps_edited_data_files_and_zoo_rewrites_them(tmp_path, ci
     prepare(argparse.Namespace(root=root, size="ci", device=None))
     for f, text in edited.items():
         assert f.read_text() == text, f
-    assert (root / "data" / "eval" / "ashift.jsonl").read_text() == (ROOT / "data" / "eval" / "ashift.jsonl").read_text()
+    assert (root / "data" / "eval" / "ashift.jsonl").read_text() == (
+        ROOT / "data" / "eval" / "ashift.jsonl"
+    ).read_text()
     # `merge-dag zoo` (an explicit rebuild) writes the generated content back
     build_zoo("ci", root / "data" / "models", progress=False, data_dir=root / "data")
     for f, text in generated.items():
@@ -309,8 +344,12 @@ def test_demo_prepare_keeps_edited_data_files_and_zoo_rewrites_them(tmp_path, ci
 # item 9: names are inert Markdown in asset descriptions and metadata
 # ---------------------------------------------------------------------------------------------
 
-HOSTILE = ["<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "```\n# heading\n| a | b |",
-           "[link](javascript:alert(1)) ![i](x) *em* _u_ `code` ~~s~~ a&amp;b \\ \r\n- item"]
+HOSTILE = [
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    "```\n# heading\n| a | b |",
+    "[link](javascript:alert(1)) ![i](x) *em* _u_ `code` ~~s~~ a&amp;b \\ \r\n- item",
+]
 
 
 @pytest.mark.parametrize("text", HOSTILE)

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from _models import base_state, load_all, perturb, tiny_config, write_model
 from merge_dag.cli import main as cli
 from merge_dag.core.checkpoint import INDEX_NAME, Checkpoint
 from merge_dag.core.engine import merge, plan_merge
 from merge_dag.core.errors import CheckpointError, MergeInputError
 from merge_dag.core.fingerprint import checkpoint_fingerprint
 from merge_dag.core.recipe import load_recipe
+
+from _models import base_state, load_all, perturb, tiny_config, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,21 +34,24 @@ def recipe_file(tmp_path, body: str, name="recipe.yaml") -> Path:
 
 
 def ta_recipe(tmp_path, fam, extra="", out_dtype="float32"):
-    return recipe_file(tmp_path, f"""
+    return recipe_file(
+        tmp_path,
+        f"""
         merge_method: task_arithmetic
-        base_model: {fam['base']}
+        base_model: {fam["base"]}
         models:
-          - model: {fam['e0']}
+          - model: {fam["e0"]}
             parameters: {{weight: 0.5}}
-          - model: {fam['e1']}
+          - model: {fam["e1"]}
             parameters: {{weight: [1.0, 0.0]}}
-          - model: {fam['e2']}
+          - model: {fam["e2"]}
             parameters:
               weight: [{{filter: mlp, value: 2.0}}, {{value: 0.25}}]
         parameters: {{lambda: 0.8}}
         out_dtype: {out_dtype}
         {extra}
-    """)
+    """,
+    )
 
 
 def test_task_arithmetic_equals_the_math_with_parameter_maps(tmp_path, family):
@@ -108,16 +112,20 @@ def test_round_trip_loads_with_transformers_and_generates(tmp_path, family):
 
 def test_random_methods_repeat_under_a_seed(tmp_path, family):
     def run(seed, out):
-        p = recipe_file(tmp_path, f"""
+        p = recipe_file(
+            tmp_path,
+            f"""
             merge_method: dare_ties
-            base_model: {family['base']}
+            base_model: {family["base"]}
             models:
-              - model: {family['e0']}
+              - model: {family["e0"]}
                 parameters: {{weight: 1.0, density: 0.5}}
-              - model: {family['e1']}
+              - model: {family["e1"]}
                 parameters: {{weight: 1.0, density: 0.5}}
             seed: {seed}
-        """, name=f"r{seed}.yaml")
+        """,
+            name=f"r{seed}.yaml",
+        )
         merge(p, out)
         return load_all(out)
 
@@ -127,13 +135,16 @@ def test_random_methods_repeat_under_a_seed(tmp_path, family):
 
 
 def test_passthrough_slices_stack_layers(tmp_path, family):
-    p = recipe_file(tmp_path, f"""
+    p = recipe_file(
+        tmp_path,
+        f"""
         merge_method: passthrough
         slices:
-          - sources: [{{model: {family['e0']}, layer_range: [0, 2]}}]
-          - sources: [{{model: {family['e1']}, layer_range: [1, 3]}}]
+          - sources: [{{model: {family["e0"]}, layer_range: [0, 2]}}]
+          - sources: [{{model: {family["e1"]}, layer_range: [1, 3]}}]
         dtype: bfloat16
-    """)
+    """,
+    )
     out = tmp_path / "frank"
     merge(p, out)
     got, e0, e1 = load_all(out), load_all(family["e0"]), load_all(family["e1"])
@@ -169,7 +180,9 @@ def test_shape_disagreement(tmp_path, family):
         f.unlink()
     (family["e1"] / INDEX_NAME).unlink()
     out = tmp_path / "out"
-    with pytest.raises(MergeInputError, match=r"model '.*e1': tensor 'model.layers.1.mlp.up_proj.weight' has shape \[8, 8\]"):
+    with pytest.raises(
+        MergeInputError, match=r"model '.*e1': tensor 'model.layers.1.mlp.up_proj.weight' has shape \[8, 8\]"
+    ):
         merge(ta_recipe(tmp_path, family), out)
     _assert_no_output(tmp_path, out)
 
@@ -180,7 +193,9 @@ def test_missing_tensor_in_one_expert(tmp_path, family):
     shutil.rmtree(family["e2"])
     write_model(family["e2"], state, tiny_config(3))
     out = tmp_path / "out"
-    with pytest.raises(MergeInputError, match=r"model '.*e2': tensor 'model.layers.2.self_attn.k_proj.weight' is missing"):
+    with pytest.raises(
+        MergeInputError, match=r"model '.*e2': tensor 'model.layers.2.self_attn.k_proj.weight' is missing"
+    ):
         merge(ta_recipe(tmp_path, family), out)
     _assert_no_output(tmp_path, out)
 
@@ -190,7 +205,9 @@ def test_extra_tensor_in_one_expert(tmp_path, family):
     state["model.extra.weight"] = torch.zeros(2)
     shutil.rmtree(family["e2"])
     write_model(family["e2"], state, tiny_config(3))
-    with pytest.raises(MergeInputError, match=r"model '.*e2': tensor 'model.extra.weight' is not in .*tensor names disagree"):
+    with pytest.raises(
+        MergeInputError, match=r"model '.*e2': tensor 'model.extra.weight' is not in .*tensor names disagree"
+    ):
         merge(ta_recipe(tmp_path, family), tmp_path / "out")
 
 
@@ -200,7 +217,9 @@ def test_nan_in_an_input(tmp_path, family):
     shutil.rmtree(family["e0"])
     write_model(family["e0"], state, tiny_config(3))
     out = tmp_path / "out"
-    with pytest.raises(MergeInputError, match=r"model '.*e0': tensor 'model.layers.2.mlp.down_proj.weight' contains NaN"):
+    with pytest.raises(
+        MergeInputError, match=r"model '.*e0': tensor 'model.layers.2.mlp.down_proj.weight' contains NaN"
+    ):
         merge(ta_recipe(tmp_path, family), out)
     _assert_no_output(tmp_path, out)
 
@@ -307,8 +326,12 @@ execute(plan_merge(load_recipe(sys.argv[1])), sys.argv[2], progress=False, on_te
 def test_merge_killed_part_way_leaves_nothing_and_next_run_succeeds(tmp_path, family):
     recipe = ta_recipe(tmp_path, family)
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(recipe), str(out)],
-                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, str(recipe), str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     try:
         assert proc.stdout.readline().strip() == "HALFWAY"
         tmp_dirs = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]

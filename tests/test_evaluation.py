@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -52,7 +51,7 @@ def test_task_yamls_read_the_eval_files():
 def test_render_tasks_makes_data_paths_absolute(tmp_path):
     names = render_tasks(tmp_path)
     assert set(names) == set(zoo_task_names())
-    for name, path in names.items():
+    for path in names.values():
         cfg = read_task_yaml(path)
         p = Path(cfg["dataset_kwargs"]["data_files"]["test"])
         assert p.is_absolute() and p.is_file()
@@ -140,7 +139,7 @@ def test_metrics_equal_a_manual_computation(expert):
             p = tok.encode(r["prompt"], add_special_tokens=False)
             a = tok.encode(r["answer"], add_special_tokens=False)
             logp = torch.log_softmax(model(input_ids=torch.tensor([p + a])).logits[0].double(), -1)
-            steps = logp[len(p) - 1:len(p) - 1 + len(a)]
+            steps = logp[len(p) - 1 : len(p) - 1 + len(a)]
             lps.append(float(steps[torch.arange(len(a)), torch.tensor(a)].sum()))
             greedy.append(bool((steps.argmax(-1) == torch.tensor(a)).all()))
     assert got[("zoo_arev_ll", "logprob")].value == pytest.approx(sum(lps) / len(lps), abs=1e-3)
@@ -172,7 +171,8 @@ def test_other_lm_eval_tasks_pass_through(expert, tmp_path):
         "task: my_rev\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
         f"    test: {data}\ntest_split: test\noutput_type: loglikelihood\n"
         "doc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\ntarget_delimiter: ''\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
     recs = evaluate(expert, [str(yaml_path)])
     assert [(r.task, r.metric, r.n) for r in recs] == [("my_rev", "acc", 6)]
 

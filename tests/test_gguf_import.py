@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("gguf")
 
-from _gguf import CHAT_TEMPLATE, write_tiny_gguf  # noqa: E402
-
 from merge_dag.cli import main  # noqa: E402
 from merge_dag.core.gguf_import import GGUFImportError, import_gguf, lineage_ops  # noqa: E402
+
+from _gguf import CHAT_TEMPLATE, write_tiny_gguf  # noqa: E402
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello the world"}]
 
@@ -29,7 +29,9 @@ def _logits_gguf(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _ids(tok) -> torch.Tensor:
-    return tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    return tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
 
 
 @pytest.mark.parametrize("quant,tie", [("F32", True), ("Q8_0", False)])
@@ -43,8 +45,14 @@ def test_import_matches_transformers_gguf_loading(tmp_path, quant, tie):
     assert not res.reused and res.architecture == "llama"
     assert res.sha256 == hashlib.sha256(g.read_bytes()).hexdigest()
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-            "merge_dag.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "merge_dag.json",
+    } <= names
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".imported.")]  # no temporaries left
 
     cfg = json.loads((out / "config.json").read_text())
@@ -96,8 +104,10 @@ def test_refuses_a_foreign_nonempty_folder(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(GGUFImportError) as e:
         import_gguf(g, out)
-    assert str(e.value) == (f"{out}: folder exists, is not empty and is not an earlier 'merge-dag import' output; "
-                            "refusing to overwrite it (choose another folder or empty it)")
+    assert str(e.value) == (
+        f"{out}: folder exists, is not empty and is not an earlier 'merge-dag import' output; "
+        "refusing to overwrite it (choose another folder or empty it)"
+    )
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
@@ -105,7 +115,10 @@ def test_cli_not_a_gguf_file(tmp_path, capsys):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"PK\x03\x04 not a gguf at all")
     assert main(["import", str(bad), str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err == f"error: {bad.absolute()}: not a GGUF file (starts with b'PK\\x03\\x04', expected b'GGUF')\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: {bad.absolute()}: not a GGUF file (starts with b'PK\\x03\\x04', expected b'GGUF')\n"
+    )
     assert not (tmp_path / "out").exists()
     missing = tmp_path / "nope.gguf"
     assert main(["import", str(missing), str(tmp_path / "out")]) == 2
@@ -118,8 +131,10 @@ def test_cli_architecture_transformers_cannot_dequantize(tmp_path, capsys):
     g = write_tiny_gguf(tmp_path / "odd.gguf", arch="nonesuch")
     assert main(["import", str(g), str(tmp_path / "out"), "--no-lineage"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {g.absolute()}: architecture 'nonesuch' cannot be dequantized by transformers "
-                          f"{transformers.__version__} (supported: ")
+    assert err.startswith(
+        f"error: {g.absolute()}: architecture 'nonesuch' cannot be dequantized by transformers "
+        f"{transformers.__version__} (supported: "
+    )
     assert "llama" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
@@ -137,21 +152,38 @@ def test_cli_records_the_gguf_as_a_source_in_lineage(tmp_path, capsys):
 
     store = LineageStore(db)
     gguf_rows = store.artifacts("gguf")
-    assert [(r["artifact_id"], r["key_hash"], r["path"]) for r in gguf_rows] == [(f"gguf-{sha[:16]}", f"sha256:{sha}", str(g.absolute()))]
+    assert [(r["artifact_id"], r["key_hash"], r["path"]) for r in gguf_rows] == [
+        (f"gguf-{sha[:16]}", f"sha256:{sha}", str(g.absolute()))
+    ]
     card = json.loads((out / "merge_dag.json").read_text())
     model = store.artifact(card["artifact_id"])
-    assert model["kind"] == "model" and model["key_hash"] == card["model_fingerprint"] and model["path"] == str(out.absolute())
+    assert (
+        model["kind"] == "model"
+        and model["key_hash"] == card["model_fingerprint"]
+        and model["path"] == str(out.absolute())
+    )
     tree = store.provenance(card["artifact_id"])
-    assert [(i["role"], i["fingerprint"], i["node"]["kind"]) for i in tree["inputs"]] == [("imported_from", f"sha256:{sha}", "gguf")]
+    assert [(i["role"], i["fingerprint"], i["node"]["kind"]) for i in tree["inputs"]] == [
+        ("imported_from", f"sha256:{sha}", "gguf")
+    ]
     text = audit(store, str(out))
     assert f"imported_from gguf/tiny.gguf  sha256:{sha}" in text
 
     # the Dagster model source records the same records from the folder's card (same ids: idempotent)
     ops = lineage_ops(out, name="tiny")
-    assert [op for op, _ in ops] == ["record_artifact", "record_event", "record_artifact", "record_event", "record_edge"]
-    assert ops[4][1] == dict(parent_id=f"gguf-{sha[:16]}", child_id=card["artifact_id"], role="imported_from",
-                             fingerprint=f"sha256:{sha}")
-    assert lineage_ops(out, name="tiny", model=False) == ops[:2] + ops[4:]  # the Dagster source records the model itself
+    assert [op for op, _ in ops] == [
+        "record_artifact",
+        "record_event",
+        "record_artifact",
+        "record_event",
+        "record_edge",
+    ]
+    assert ops[4][1] == dict(
+        parent_id=f"gguf-{sha[:16]}", child_id=card["artifact_id"], role="imported_from", fingerprint=f"sha256:{sha}"
+    )
+    assert (
+        lineage_ops(out, name="tiny", model=False) == ops[:2] + ops[4:]
+    )  # the Dagster source records the model itself
     assert lineage_ops(tmp_path) == []  # a folder without an import card: nothing
 
 
@@ -173,7 +205,8 @@ def test_dagster_model_source_of_an_imported_folder_records_its_gguf(tmp_path):
     (root / "data" / "recipes").mkdir(parents=True)
     (root / "data" / "recipes" / "ta.yaml").write_text(
         "name: ta\nmerge_method: task_arithmetic\nbase_model: data/models/tiny/base\n"
-        "models:\n  - model: data/models/tiny/expert\nparameters: {weight: 1.0, lambda: 0.5}\n")
+        "models:\n  - model: data/models/tiny/expert\nparameters: {weight: 1.0, lambda: 0.5}\n"
+    )
     db = root / "data" / "lineage.duckdb"
     defs = build_definitions(root, resource=MergeDagResource(root=str(root), db_path=str(db)))
     with dg.instance_for_test() as inst:

@@ -10,18 +10,37 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from _models import tiny_config
 from merge_dag.guidance import aim, lewis, regmean, sens
 from merge_dag.guidance.activations import ActivationStats, collect_activation_stats
 from merge_dag.guidance.calibration import load_batches, load_texts, load_tokenizer, make_batches
 from merge_dag.guidance.errors import CalibrationError, GuidanceError
 from merge_dag.guidance.model import linear_modules, load_model
 
-TEXTS = ["add:13+46=59", "add:130+757=887", "rev:abc=cba", "sort:3,1,2=1,2,3", "count:aab a=2",
-         "add:7+8=15", "rev:hello world=dlrow olleh", "add:680+633=1313", "sort:9,8=8,9", "add:1+1=2",
-         "count:xyzzy z=2", "rev:merge dag=gad egrem"]
-LINEAR_TYPES = {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+from _models import tiny_config
+
+TEXTS = [
+    "add:13+46=59",
+    "add:130+757=887",
+    "rev:abc=cba",
+    "sort:3,1,2=1,2,3",
+    "count:aab a=2",
+    "add:7+8=15",
+    "rev:hello world=dlrow olleh",
+    "add:680+633=1313",
+    "sort:9,8=8,9",
+    "add:1+1=2",
+    "count:xyzzy z=2",
+    "rev:merge dag=gad egrem",
+]
+LINEAR_TYPES = {
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+}
 
 
 def _save_llama(folder, state=None, seed=0):
@@ -68,6 +87,7 @@ def stats(family, batches):
 
 # ---------------------------------------------------------------------------------------------- calibration
 
+
 def test_calibration_rows_and_errors(tmp_path):
     ok = tmp_path / "ok.jsonl"
     ok.write_text('{"text": "a"}\n\n{"text": "bc", "id": 3}\n')
@@ -107,13 +127,16 @@ def test_batches_are_padded_with_a_mask(family, batches):
 
 # ---------------------------------------------------------------------------------------------- activations
 
+
 def test_hook_statistics_equal_direct_computation(family, batches, stats):
     model = load_model(family["base"])
     mods = linear_modules(model)
     assert len(mods) == 2 * 7 and {lewis.module_type(n) for n in mods} == LINEAR_TYPES
     captured = {n: [] for n in mods}
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: captured[n].append(args[0].detach().clone()))
-               for n, (_, m) in mods.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: captured[n].append(args[0].detach().clone()))
+        for n, (_, m) in mods.items()
+    ]
     with torch.no_grad():
         for b in batches:
             model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
@@ -162,6 +185,7 @@ def test_statistics_save_and_load(tmp_path, stats):
 
 # ---------------------------------------------------------------------------------------------- LEWIS
 
+
 def test_lewis_importance_and_allocation_follow_the_formulas(family, stats):
     imps = {n: lewis.importance(stats[n], family[n]) for n in ("base", "e0", "e1")}
     for n in imps:
@@ -171,8 +195,9 @@ def test_lewis_importance_and_allocation_follow_the_formulas(family, stats):
             direct = torch.sqrt(((w[t].double().abs() * s.sqrt()[None, :]) ** 2).sum())
             assert v == pytest.approx(float(direct), rel=1e-5)
     names = list(load_file(str(family["base"] / "model.safetensors")))
-    alloc = lewis.allocate(imps["base"], {"e0": imps["e0"], "e1": imps["e1"]}, gamma=0.3, epsilon=0.8,
-                           tensor_names=names)
+    alloc = lewis.allocate(
+        imps["base"], {"e0": imps["e0"], "e1": imps["e1"]}, gamma=0.3, epsilon=0.8, tensor_names=names
+    )
     for e in ("e0", "e1"):
         d = {t: abs(imps[e][t] - imps["base"][t]) for t in imps["base"]}
         for mt in LINEAR_TYPES:
@@ -199,10 +224,12 @@ def test_lewis_all_equal_and_bad_settings(family, stats):
         lewis.allocate(base, {"e": base}, gamma=0.9, epsilon=0.5)
     with pytest.raises(GuidanceError, match="'model.layers.1.mlp.up_proj.weight'"):
         lewis.allocate(base, {"e": {"model.layers.0.mlp.up_proj.weight": 1.0}})
-    wrong = ActivationStats({"model.layers.0.mlp.down_proj.weight": 5},
-                            {"model.layers.0.mlp.down_proj.weight": torch.ones(32)},
-                            {"model.layers.0.mlp.down_proj.weight": torch.ones(32)},
-                            {"model.layers.0.mlp.down_proj.weight": torch.ones(32)})
+    wrong = ActivationStats(
+        {"model.layers.0.mlp.down_proj.weight": 5},
+        {"model.layers.0.mlp.down_proj.weight": torch.ones(32)},
+        {"model.layers.0.mlp.down_proj.weight": torch.ones(32)},
+        {"model.layers.0.mlp.down_proj.weight": torch.ones(32)},
+    )
     with pytest.raises(GuidanceError, match="down_proj.weight' has shape \\[32, 64\\]"):
         lewis.importance(wrong, family["base"])
 
@@ -239,6 +266,7 @@ def test_sequential_wanda_variant(family, batches, stats):
 
 # ---------------------------------------------------------------------------------------------- Sens-Merging
 
+
 def test_sensitivity_equals_direct_first_order_taylor(family, batches):
     model = load_model(family["e0"])
     got = sens.sensitivity(model, batches)
@@ -270,17 +298,20 @@ def test_sens_coefficients_follow_the_formula():
     taus = {"a": 1.2, "b": 0.8}
     got = sens.coefficients(s, taus, temperature=0.5)
     na, nb = math.sqrt(1 + 4 + 4), math.sqrt(9 + 1 + 0.25)
-    for l in range(3):
-        za, zb = s["a"][l] / na * 1.2 / 0.5, s["b"][l] / nb * 0.8 / 0.5
-        assert got["a"][l] == pytest.approx(math.exp(za) / (math.exp(za) + math.exp(zb)), rel=1e-12)
-        assert got["a"][l] + got["b"][l] == pytest.approx(1.0)
+    for layer in range(3):
+        za, zb = s["a"][layer] / na * 1.2 / 0.5, s["b"][layer] / nb * 0.8 / 0.5
+        assert got["a"][layer] == pytest.approx(math.exp(za) / (math.exp(za) + math.exp(zb)), rel=1e-12)
+        assert got["a"][layer] + got["b"][layer] == pytest.approx(1.0)
     # equal sensitivities and equal tau: uniform 1/K, so the merge is plain task arithmetic
     eq = sens.coefficients({e: {0: 2.0, 1: 5.0} for e in "xyz"}, {e: 1.0 for e in "xyz"}, temperature=3)
     assert all(v == pytest.approx(1 / 3) for c in eq.values() for v in c.values())
     w = sens.tensor_weights(eq, ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"])
     assert all(v == pytest.approx(1.0) for c in w.values() for v in c.values())
     w2 = sens.tensor_weights(got, ["model.norm.weight", "model.layers.2.self_attn.q_proj.weight"])
-    assert w2["b"] == {"model.norm.weight": 1.0, "model.layers.2.self_attn.q_proj.weight": pytest.approx(2 * got["b"][2])}
+    assert w2["b"] == {
+        "model.norm.weight": 1.0,
+        "model.layers.2.self_attn.q_proj.weight": pytest.approx(2 * got["b"][2]),
+    }
     with pytest.raises(GuidanceError, match="layer 7"):
         sens.tensor_weights(got, ["model.layers.7.mlp.up_proj.weight"])
     with pytest.raises(GuidanceError, match="temperature"):
@@ -318,14 +349,15 @@ def test_alignment_is_token_mean_kl(family, batches):
 
 # ---------------------------------------------------------------------------------------------- AIM
 
+
 def test_aim_relaxes_per_input_channel(tmp_path, family, stats):
     g = torch.Generator().manual_seed(0)
     delta, m = torch.randn(5, 4, generator=g), torch.tensor([0.5, 2.0, 0.0, 1.0])
     got = aim.aim_relax(delta, m, omega=0.4)
     want = delta * (1 - (m / 2.0) * 0.6)[None, :]
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(got[:, 1], 0.4 * delta[:, 1])   # the most active channel keeps omega
-    torch.testing.assert_close(got[:, 2], delta[:, 2])         # a silent channel keeps everything
+    torch.testing.assert_close(got[:, 1], 0.4 * delta[:, 1])  # the most active channel keeps omega
+    torch.testing.assert_close(got[:, 2], delta[:, 2])  # a silent channel keeps everything
     torch.testing.assert_close(aim.aim_relax(delta, torch.zeros(4)), delta)
     with pytest.raises(GuidanceError, match="omega"):
         aim.aim_factor(m, omega=1.5)
@@ -333,8 +365,14 @@ def test_aim_relaxes_per_input_channel(tmp_path, family, stats):
         aim.aim_relax(delta, torch.ones(3), name="w")
 
     out = aim.aim_checkpoint(family["base"], family["e0"], stats["base"], tmp_path / "aim", omega=0.4)
-    res, b, e = (load_file(str(p)) for p in (next(out.glob("*.safetensors")), family["base"] / "model.safetensors",
-                                              family["e0"] / "model.safetensors"))
+    res, b, e = (
+        load_file(str(p))
+        for p in (
+            next(out.glob("*.safetensors")),
+            family["base"] / "model.safetensors",
+            family["e0"] / "model.safetensors",
+        )
+    )
     assert set(res) == set(e)
     for t in e:
         if t in stats["base"].count:
@@ -348,6 +386,7 @@ def test_aim_relaxes_per_input_channel(tmp_path, family, stats):
 
 # ---------------------------------------------------------------------------------------------- RegMean
 
+
 def _spd(n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3 * n, n, generator=g, dtype=torch.float64)
@@ -358,16 +397,17 @@ def test_regmean_tensor_math():
     g = torch.Generator().manual_seed(1)
     w1, w2 = (torch.randn(6, 5, generator=g, dtype=torch.float64) for _ in range(2))
     g1, g2 = _spd(5, 2), _spd(5, 3)
-    for a in (1.0, 0.5, 0.0):   # one expert: its own W whatever a
-        torch.testing.assert_close(regmean.regmean_tensor([w1.float()], [g1.float()], a=a), w1.float(),
-                                   rtol=1e-4, atol=1e-5)
+    for a in (1.0, 0.5, 0.0):  # one expert: its own W whatever a
+        torch.testing.assert_close(
+            regmean.regmean_tensor([w1.float()], [g1.float()], a=a), w1.float(), rtol=1e-4, atol=1e-5
+        )
     got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g2.float()], a=1.0)
     torch.testing.assert_close(got.double(), (w1 @ g1 + w2 @ g2) @ torch.linalg.inv(g1 + g2), rtol=1e-4, atol=1e-5)
     a = 0.3
     s1, s2 = (a * g + (1 - a) * torch.diag(torch.diag(g)) for g in (g1, g2))
     got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g2.float()], a=a)
     torch.testing.assert_close(got.double(), (w1 @ s1 + w2 @ s2) @ torch.linalg.inv(s1 + s2), rtol=1e-4, atol=1e-5)
-    d1, d2 = torch.diag(g1), torch.diag(g2)   # a = 0: a per-input-channel weighted mean
+    d1, d2 = torch.diag(g1), torch.diag(g2)  # a = 0: a per-input-channel weighted mean
     got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g2.float()], a=0.0)
     torch.testing.assert_close(got.double(), (w1 * d1 + w2 * d2) / (d1 + d2), rtol=1e-5, atol=1e-6)
     got = regmean.regmean_tensor([w1.float(), w2.float()], [g1.float(), g1.float()], a=1.0)
@@ -433,23 +473,34 @@ def test_guided_recipe_replaces_density_and_scales_weight(tmp_path):
 
     for n in ("b", "x", "y"):
         (tmp_path / n).mkdir()
-    recipe = parse_recipe({"merge_method": "ties", "base_model": "b",
-                           "models": [{"model": "x", "parameters": {"weight": [1.0, 2.0], "density": 0.4}},
-                                      {"model": "y", "parameters": {"weight": [{"filter": "mlp", "value": 0.5},
-                                                                               {"value": 1.0}]}}],
-                           "parameters": {"density": 0.7}}, root=tmp_path)
+    recipe = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [
+                {"model": "x", "parameters": {"weight": [1.0, 2.0], "density": 0.4}},
+                {"model": "y", "parameters": {"weight": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}},
+            ],
+            "parameters": {"density": 0.7},
+        },
+        root=tmp_path,
+    )
     t0, t1 = "model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.q_proj.weight"
-    g = guided_recipe(recipe, densities={"x": {t0: 0.9}}, weights={"x": {t0: 2.0, t1: 0.5, "model.norm.weight": 1.0},
-                                                                    "y": {t0: 3.0, t1: 1.0}}, num_layers=2)
+    g = guided_recipe(
+        recipe,
+        densities={"x": {t0: 0.9}},
+        weights={"x": {t0: 2.0, t1: 0.5, "model.norm.weight": 1.0}, "y": {t0: 3.0, t1: 1.0}},
+        num_layers=2,
+    )
     assert g.guidance is None and recipe.models[0].parameters["density"] == 0.4  # the original is untouched
     x, y = g.models[0].parameters, g.models[1].parameters
     assert pmap.evaluate(x["density"], t0, 0.0) == 0.9
-    assert pmap.evaluate(x["density"], t1, 1.0) == 0.4                  # unscored: the recipe's own density
+    assert pmap.evaluate(x["density"], t1, 1.0) == 0.4  # unscored: the recipe's own density
     assert pmap.evaluate(x["weight"], t0, 0.0) == pytest.approx(1.0 * 2.0)  # gradient at layer 0 x Sens weight
     assert pmap.evaluate(x["weight"], t1, 1.0) == pytest.approx(2.0 * 0.5)  # gradient at layer 1
-    assert pmap.evaluate(x["weight"], "model.norm.weight", 0.0) == 1.0     # outside the layers: recipe's value
+    assert pmap.evaluate(x["weight"], "model.norm.weight", 0.0) == 1.0  # outside the layers: recipe's value
     assert pmap.evaluate(y["weight"], t0, 0.0) == pytest.approx(0.5 * 3.0)  # the recipe's filter still counts
     assert pmap.evaluate(y["weight"], "model.layers.11.mlp.up_proj.weight", 0.0) == 0.5
-    assert "density" not in y                                               # no map given for y: unchanged
+    assert "density" not in y  # no map given for y: unchanged
     with pytest.raises(GuidanceError, match="map for 'z', which the recipe does not merge"):
         guided_recipe(recipe, densities={"z": {t0: 0.5}})

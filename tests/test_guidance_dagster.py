@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_project
+
 from merge_dag.core.checkpoint import Checkpoint
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource
@@ -76,42 +76,74 @@ guidance:
 }
 
 ALL_BUILT = {
-    "activations/ci_base__arev", "activations/ci_arev__arev", "activations/ci_base__sort", "activations/ci_sort__sort",
-    "importance/ci_arev__arev", "importance/ci_sort__sort", "allocation/ties_lewis",
-    "sensitivity/ci_arev__arev", "sensitivity/ci_sort__sort", "sensitivity/ci_ashift__ashift", "coefficients/ta_sens",
-    "grams/ci_arev__arev", "grams/ci_sort__sort",
-    "task_vector/ci_arev", "task_vector/ci_sort", "task_vector/ci_ashift",
-    "merged/ties_lewis", "merged/ta_sens", "merged/ta_aim", "merged/ta", "merged/regmean",
-    "eval/merged_ties_lewis", "eval/model_ci_base", "eval/model_ci_arev", "eval/model_ci_sort",
+    "activations/ci_base__arev",
+    "activations/ci_arev__arev",
+    "activations/ci_base__sort",
+    "activations/ci_sort__sort",
+    "importance/ci_arev__arev",
+    "importance/ci_sort__sort",
+    "allocation/ties_lewis",
+    "sensitivity/ci_arev__arev",
+    "sensitivity/ci_sort__sort",
+    "sensitivity/ci_ashift__ashift",
+    "coefficients/ta_sens",
+    "grams/ci_arev__arev",
+    "grams/ci_sort__sort",
+    "task_vector/ci_arev",
+    "task_vector/ci_sort",
+    "task_vector/ci_ashift",
+    "merged/ties_lewis",
+    "merged/ta_sens",
+    "merged/ta_aim",
+    "merged/ta",
+    "merged/regmean",
+    "eval/merged_ties_lewis",
+    "eval/model_ci_base",
+    "eval/model_ci_arev",
+    "eval/model_ci_sort",
     "leaderboard/leaderboard",
 }
 AREV_DEPENDENTS = {
-    "activations/ci_base__arev", "activations/ci_arev__arev", "importance/ci_arev__arev", "allocation/ties_lewis",
-    "merged/ties_lewis", "eval/merged_ties_lewis", "leaderboard/leaderboard",
-    "sensitivity/ci_arev__arev", "coefficients/ta_sens", "merged/ta_sens",   # the alignment reads arev's texts
-    "merged/ta_aim",                                                        # AIM: the base's statistics on arev
-    "grams/ci_arev__arev", "merged/regmean",
+    "activations/ci_base__arev",
+    "activations/ci_arev__arev",
+    "importance/ci_arev__arev",
+    "allocation/ties_lewis",
+    "merged/ties_lewis",
+    "eval/merged_ties_lewis",
+    "leaderboard/leaderboard",
+    "sensitivity/ci_arev__arev",
+    "coefficients/ta_sens",
+    "merged/ta_sens",  # the alignment reads arev's texts
+    "merged/ta_aim",  # AIM: the base's statistics on arev
+    "grams/ci_arev__arev",
+    "merged/regmean",
 }
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    root = make_project(tmp_path_factory.mktemp("guided"), {f"{n}.yaml": t for n, t in RECIPES.items()},
-                        models=("base", "arev", "ashift", "sort"))
+    root = make_project(
+        tmp_path_factory.mktemp("guided"),
+        {f"{n}.yaml": t for n, t in RECIPES.items()},
+        models=("base", "arev", "ashift", "sort"),
+    )
     PROJECT_ROOT[:] = [root]
     return root
 
 
 def run_all(root: Path, instance):
-    res = MergeDagResource(root=str(root), eval_limit=12, db_path=str(root / "data" / "lineage.duckdb"),
-                           calibration_batch_size=16)
+    res = MergeDagResource(
+        root=str(root), eval_limit=12, db_path=str(root / "data" / "lineage.duckdb"), calibration_batch_size=16
+    )
     result = build_definitions(root, resource=res).resolve_job_def(ALL_JOB).execute_in_process(instance=instance)
     assert result.success
     return result
 
 
 def events(root: Path, run_id: str, kind: str) -> set[str]:
-    return {e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id) if e["event"] == kind}
+    return {
+        e["step"] for e in LineageStore(root / "data" / "lineage.duckdb").events(run_id=run_id) if e["event"] == kind
+    }
 
 
 PROJECT_ROOT: list[Path] = []  # the module's project folder, set by the `project` fixture
@@ -149,7 +181,9 @@ def test_activation_statistics_match_a_direct_forward_pass(project, first_run):
     folder = project / CI / "arev"
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    texts = [json.loads(line)["text"] for line in (project / "data" / "calibration" / "arev.jsonl").read_text().splitlines()]
+    texts = [
+        json.loads(line)["text"] for line in (project / "data" / "calibration" / "arev.jsonl").read_text().splitlines()
+    ]
     captured = []
     name = "model.layers.1.mlp.down_proj.weight"
     h = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: captured.append(a[0][0]))
@@ -174,7 +208,9 @@ def test_allocation_is_the_lewis_formula_and_the_merge_uses_it(project, first_ru
         ck = Checkpoint(project / CI / expert)
         for n in list(st.names)[:4]:
             w = ck.get(n, dtype=torch.float32)
-            assert imp["expert"][n] == pytest.approx(float((w.abs() * (st.sumsq[n] / st.count[n]).sqrt()).norm()), rel=1e-5)
+            assert imp["expert"][n] == pytest.approx(
+                float((w.abs() * (st.sumsq[n] / st.count[n]).sqrt()).norm()), rel=1e-5
+            )
         # shift normalised per module type, rescaled into [gamma, epsilon], shifted to mean density 0.5
         d = {n: abs(imp["expert"][n] - imp["base"][n]) for n in imp["base"]}
         types = {n: n.split(".", 3)[3] for n in d}
@@ -211,8 +247,10 @@ def out_names(result) -> list[str]:
 def test_coefficients_are_the_sens_formula_and_the_merge_uses_them(project, first_run):
     co = result_json(first_run, "coefficients", "ta_sens")
     experts = [f"{CI}/{e}" for e in ("arev", "sort", "ashift")]
-    sens = {e: result_json(first_run, "sensitivity", f"ci_{e.rsplit('/', 1)[1]}__{e.rsplit('/', 1)[1]}")["sensitivity"]
-            for e in experts}
+    sens = {
+        e: result_json(first_run, "sensitivity", f"ci_{e.rsplit('/', 1)[1]}__{e.rsplit('/', 1)[1]}")["sensitivity"]
+        for e in experts
+    }
     g = co["alignment"]
     assert all(g[i][i] == 0 for i in experts) and all(g[i][j] > 0 for i in experts for j in experts if i != j)
     a = {i: sum(math.exp(-g[i][j]) for j in experts if j != i) / 2 for i in experts}
@@ -226,8 +264,9 @@ def test_coefficients_are_the_sens_formula_and_the_merge_uses_them(project, firs
     # merged = base + lambda * sum_i K sigma_i^l delta_i
     name = "model.layers.3.mlp.up_proj.weight"
     base = Checkpoint(project / CI / "base").get(name, dtype=torch.float32)
-    want = base + 0.6 * sum(3 * co["sigma"][e]["3"] * (Checkpoint(project / e).get(name, dtype=torch.float32) - base)
-                            for e in experts)
+    want = base + 0.6 * sum(
+        3 * co["sigma"][e]["3"] * (Checkpoint(project / e).get(name, dtype=torch.float32) - base) for e in experts
+    )
     got = Checkpoint(artifact(first_run, "merged", "ta_sens")).get(name, dtype=torch.float32)
     torch.testing.assert_close(got, want.to(got.dtype).float(), rtol=0, atol=1e-2 * float(base.abs().max()) / 256)
 
@@ -255,25 +294,33 @@ def test_regmean_solves_each_linear_from_the_gram_matrices(project, first_run):
     for st in grams:
         g = st.gram[name] / st.count[name]
         gs.append(0.9 * g + 0.1 * torch.diag(torch.diagonal(g)))
-    want = (sum(w @ g for w, g in zip(ws, gs)) @ torch.linalg.inv(sum(gs)))
+    want = sum(w @ g for w, g in zip(ws, gs)) @ torch.linalg.inv(sum(gs))
     got = Checkpoint(artifact(first_run, "merged", "regmean")).get(name, dtype=torch.float32)
     torch.testing.assert_close(got, want.to(torch.float32), rtol=2e-2, atol=2e-3)
     emb = "model.embed_tokens.weight"
     torch.testing.assert_close(
         Checkpoint(artifact(first_run, "merged", "regmean")).get(emb, dtype=torch.float32),
-        sum(Checkpoint(project / CI / e).get(emb, dtype=torch.float32) for e in ("arev", "sort")) / 2)
+        sum(Checkpoint(project / CI / e).get(emb, dtype=torch.float32) for e in ("arev", "sort")) / 2,
+    )
 
 
 def test_a_second_recipe_reusing_a_calibration_set_runs_no_forward_pass(project, instance, first_run):
     extra = project / "data" / "recipes" / "ties_lewis_b.yaml"
-    extra.write_text(RECIPES["ties_lewis"].replace("name: ties_lewis", "name: ties_lewis_b")
-                     .replace("epsilon: 0.9", "epsilon: 0.7").replace("evals: [zoo_arev]", ""))
+    extra.write_text(
+        RECIPES["ties_lewis"]
+        .replace("name: ties_lewis", "name: ties_lewis_b")
+        .replace("epsilon: 0.9", "epsilon: 0.7")
+        .replace("evals: [zoo_arev]", "")
+    )
     try:
         after = run_all(project, instance)
         assert events(project, after.run_id, "materialized") == {"allocation/ties_lewis_b", "merged/ties_lewis_b"}
         assert {s for s in events(project, after.run_id, "cache_hit") if s.startswith("activations/")} == {
-            "activations/ci_base__arev", "activations/ci_arev__arev", "activations/ci_base__sort",
-            "activations/ci_sort__sort"}
+            "activations/ci_base__arev",
+            "activations/ci_arev__arev",
+            "activations/ci_base__sort",
+            "activations/ci_sort__sort",
+        }
     finally:
         extra.unlink()
 
@@ -299,11 +346,21 @@ def test_sequential_wanda_statistics_are_their_own_assets(tmp_path):
     plain = RECIPES["ties_lewis"].replace("evals: [zoo_arev]", "")
     (tmp_path / "data" / "recipes" / "a.yaml").write_text(plain)
     (tmp_path / "data" / "recipes" / "b.yaml").write_text(
-        plain.replace("name: ties_lewis", "name: seq").replace("mean_density: 0.5}", "mean_density: 0.5, sequential: true}"))
+        plain.replace("name: ties_lewis", "name: seq").replace(
+            "mean_density: 0.5}", "mean_density: 0.5, sequential: true}"
+        )
+    )
     p = load_project(tmp_path)
-    assert set(p.activations) == {"ci_base__arev", "ci_arev__arev", "ci_base__sort", "ci_sort__sort",
-                                  "ci_base__arev__seqwanda50", "ci_arev__arev__seqwanda50",
-                                  "ci_base__sort__seqwanda50", "ci_sort__sort__seqwanda50"}
+    assert set(p.activations) == {
+        "ci_base__arev",
+        "ci_arev__arev",
+        "ci_base__sort",
+        "ci_sort__sort",
+        "ci_base__arev__seqwanda50",
+        "ci_arev__arev__seqwanda50",
+        "ci_base__sort__seqwanda50",
+        "ci_sort__sort__seqwanda50",
+    }
     assert p.importances["ci_arev__arev__seqwanda50"].base.sequential == 0.5
     assert set(p.calibrations) == {"arev", "sort"}
 
@@ -315,8 +372,12 @@ def test_guidance_pages_show_heatmaps_saved_in_the_artifact(project, first_run):
 
     from merge_dag.charts import allocation_panels
 
-    files = {"allocation": "allocation.png", "coefficients": "coefficients.png", "sensitivity": "sensitivity.png",
-             "importance": "shift.png"}
+    files = {
+        "allocation": "allocation.png",
+        "coefficients": "coefficients.png",
+        "sensitivity": "sensitivity.png",
+        "importance": "shift.png",
+    }
     seen = set()
     for ev in first_run.get_asset_materialization_events():
         mat = ev.event_specific_data.materialization
@@ -330,8 +391,15 @@ def test_guidance_pages_show_heatmaps_saved_in_the_artifact(project, first_run):
     assert seen == set(files)
     dens = result_json(first_run, "allocation", "ties_lewis")["densities"]
     panels = {p.title: p for p in allocation_panels(dens)}
-    assert set(panels) == {"mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
-                           "self_attn.q_proj", "self_attn.v_proj"}
+    assert set(panels) == {
+        "mlp.down_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "self_attn.k_proj",
+        "self_attn.o_proj",
+        "self_attn.q_proj",
+        "self_attn.v_proj",
+    }
     up = panels["mlp.up_proj"]
     assert up.rows == ["arev", "sort"] and up.cols == ["0", "1", "2", "3"]
     for i, expert in enumerate(("arev", "sort")):

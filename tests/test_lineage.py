@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import re
 import subprocess
 import sys
@@ -26,12 +25,23 @@ from merge_dag.lineage.store import LineageLockTimeout, LineageStore
 LINEAGE_DIR = Path(engine_mod.__file__).parent
 TABLES = {"meta", "artifacts", "edges", "events", "metrics", "runs"}
 
-FP = {name: "sha256:" + (c * 64) for name, c in (("base", "0"), ("add", "a"), ("rev", "b"), ("recipe", "c"), ("tasks", "d"))}
+FP = {
+    name: "sha256:" + (c * 64)
+    for name, c in (("base", "0"), ("add", "a"), ("rev", "b"), ("recipe", "c"), ("tasks", "d"))
+}
 KEY = {name: c * 64 for name, c in (("tv_add", "1"), ("tv_rev", "2"), ("merged", "3"), ("eval", "4"))}
-RECIPE = {"merge_method": "ties", "base_model": "data/models/ci/base",
-          "models": [{"model": "data/models/ci/add", "parameters": {"weight": 1.0, "density": 0.5}},
-                     {"model": "data/models/ci/rev", "parameters": {"weight": 0.7}}],
-          "parameters": {"lambda": 1.0}, "seed": 0, "name": "ties", "evals": ["add"]}
+RECIPE = {
+    "merge_method": "ties",
+    "base_model": "data/models/ci/base",
+    "models": [
+        {"model": "data/models/ci/add", "parameters": {"weight": 1.0, "density": 0.5}},
+        {"model": "data/models/ci/rev", "parameters": {"weight": 0.7}},
+    ],
+    "parameters": {"lambda": 1.0},
+    "seed": 0,
+    "name": "ties",
+    "evals": ["add"],
+}
 
 
 def sid(kind: str, fp: str) -> str:
@@ -43,9 +53,18 @@ def aid(kind: str, key: str) -> str:
 
 
 def artifact_kw(kind, name, key, path=None, params=None, code="-", run="run-1", nbytes=None) -> dict:
-    return dict(artifact_id=aid(kind, key.removeprefix("sha256:")), kind=kind, name=name, key_hash=key,
-                path=None if path is None else str(path), bytes=nbytes, code_version=code, params=params or {},
-                run_id=run, data_version=key)
+    return dict(
+        artifact_id=aid(kind, key.removeprefix("sha256:")),
+        kind=kind,
+        name=name,
+        key_hash=key,
+        path=None if path is None else str(path),
+        bytes=nbytes,
+        code_version=code,
+        params=params or {},
+        run_id=run,
+        data_version=key,
+    )
 
 
 def artifact(*args, **kwargs) -> Batch:
@@ -72,41 +91,75 @@ def build_graph(store: LineageStore, root: Path) -> dict[str, str]:
         folders[name] = root / "models" / "ci" / name
         folders[name].mkdir(parents=True)
         ids[name] = sid("model", FP[name])
-        store.write(batch(artifact("model", f"ci_{name}", FP[name], folders[name]), event(ids[name], f"model/ci_{name}", "observed")))
+        store.write(
+            batch(
+                artifact("model", f"ci_{name}", FP[name], folders[name]),
+                event(ids[name], f"model/ci_{name}", "observed"),
+            )
+        )
     recipe_file = root / "recipes" / "ties.yaml"
     recipe_file.parent.mkdir(parents=True)
     recipe_file.write_text("merge_method: ties\n")
     ids["recipe"] = sid("recipe", FP["recipe"])
     ids["tasks"] = sid("tasks", FP["tasks"])
-    store.write(batch(artifact("recipe", "ties", FP["recipe"], recipe_file), artifact("tasks", "eval_tasks", FP["tasks"])))
+    store.write(
+        batch(artifact("recipe", "ties", FP["recipe"], recipe_file), artifact("tasks", "eval_tasks", FP["tasks"]))
+    )
     for expert in ("add", "rev"):
         key = KEY[f"tv_{expert}"]
         ids[f"tv_{expert}"] = aid("task_vector", key)
         folder = root / "artifacts" / "task_vector" / f"ci_{expert}-{key[:16]}"
         folder.mkdir(parents=True)
-        store.write(batch(artifact("task_vector", f"ci_{expert}", key, folder, code="tv0123456789"),
-                            edge(ids["base"], ids[f"tv_{expert}"], "base", FP["base"]),
-                            edge(ids[expert], ids[f"tv_{expert}"], "expert", FP[expert]),
-                            event(ids[f"tv_{expert}"], f"task_vector/ci_{expert}")))
+        store.write(
+            batch(
+                artifact("task_vector", f"ci_{expert}", key, folder, code="tv0123456789"),
+                edge(ids["base"], ids[f"tv_{expert}"], "base", FP["base"]),
+                edge(ids[expert], ids[f"tv_{expert}"], "expert", FP[expert]),
+                event(ids[f"tv_{expert}"], f"task_vector/ci_{expert}"),
+            )
+        )
     merged = root / "artifacts" / "merged" / f"ties-{KEY['merged'][:16]}"
     merged.mkdir(parents=True)
     (merged / "model.safetensors").write_bytes(b"x" * 10)
     ids["merged"] = aid("merged", KEY["merged"])
-    store.write(batch(artifact("merged", "ties", KEY["merged"], merged, {"recipe": RECIPE}, "a1b2c3d4e5f6", nbytes=2_100_000),
-                        edge(ids["recipe"], ids["merged"], "recipe", FP["recipe"]),
-                        edge(ids["base"], ids["merged"], "base", FP["base"]),
-                        edge(ids["tv_add"], ids["merged"], "expert", KEY["tv_add"]),
-                        edge(ids["tv_rev"], ids["merged"], "expert", KEY["tv_rev"]),
-                        event(ids["merged"], "merged/ties")))
+    store.write(
+        batch(
+            artifact("merged", "ties", KEY["merged"], merged, {"recipe": RECIPE}, "a1b2c3d4e5f6", nbytes=2_100_000),
+            edge(ids["recipe"], ids["merged"], "recipe", FP["recipe"]),
+            edge(ids["base"], ids["merged"], "base", FP["base"]),
+            edge(ids["tv_add"], ids["merged"], "expert", KEY["tv_add"]),
+            edge(ids["tv_rev"], ids["merged"], "expert", KEY["tv_rev"]),
+            event(ids["merged"], "merged/ties"),
+        )
+    )
     ids["eval"] = aid("eval", KEY["eval"])
-    store.write(batch(artifact("eval", "merged_ties", KEY["eval"], root / "artifacts" / "eval", code="ev1"),
-                        edge(ids["merged"], ids["eval"], "model", KEY["merged"]),
-                        edge(ids["tasks"], ids["eval"], "tasks", FP["tasks"]),
-                        event(ids["eval"], "eval/merged_ties"),
-                      Batch().metric(artifact_id=ids["eval"], task="add", metric="exact_match", value=0.61,
-                                     stderr=0.03, n=200, model="merged/ties")
-                      .metric(artifact_id=ids["eval"], task="rev", metric="exact_match", value=0.25,
-                              stderr=None, n=None, model="merged/ties")))
+    store.write(
+        batch(
+            artifact("eval", "merged_ties", KEY["eval"], root / "artifacts" / "eval", code="ev1"),
+            edge(ids["merged"], ids["eval"], "model", KEY["merged"]),
+            edge(ids["tasks"], ids["eval"], "tasks", FP["tasks"]),
+            event(ids["eval"], "eval/merged_ties"),
+            Batch()
+            .metric(
+                artifact_id=ids["eval"],
+                task="add",
+                metric="exact_match",
+                value=0.61,
+                stderr=0.03,
+                n=200,
+                model="merged/ties",
+            )
+            .metric(
+                artifact_id=ids["eval"],
+                task="rev",
+                metric="exact_match",
+                value=0.25,
+                stderr=None,
+                n=None,
+                model="merged/ties",
+            ),
+        )
+    )
     ids["merged_path"] = str(merged)
     return ids
 
@@ -125,7 +178,12 @@ def graph(tmp_path, db):
 def tables(path: Path) -> set[str]:
     con = duckdb.connect(str(path), read_only=True)
     try:
-        return {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()}
+        return {
+            r[0]
+            for r in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+            ).fetchall()
+        }
     finally:
         con.close()
 
@@ -133,6 +191,7 @@ def tables(path: Path) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 # schema
 # ----------------------------------------------------------------------------------------------
+
 
 def test_schema_is_created_once_idempotently_and_lives_in_schema_sql(db):
     store = LineageStore(db)
@@ -156,8 +215,10 @@ def test_schema_is_created_once_idempotently_and_lives_in_schema_sql(db):
 
 
 def test_lineage_package_imports_no_dagster():
-    code = ("import sys, merge_dag.lineage, merge_dag.lineage.command, merge_dag.lineage.audit; "
-            "assert not [m for m in sys.modules if m.split('.')[0] == 'dagster'], 'dagster imported'")
+    code = (
+        "import sys, merge_dag.lineage, merge_dag.lineage.command, merge_dag.lineage.audit; "
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'dagster'], 'dagster imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     for py in LINEAGE_DIR.glob("*.py"):
         assert not re.search(r"^\s*(import|from)\s+dagster", py.read_text(), re.M), py
@@ -175,17 +236,20 @@ def test_a_deleted_database_file_comes_back_with_its_schema(db):
 # writes
 # ----------------------------------------------------------------------------------------------
 
+
 def test_upserts_keep_first_sighting_and_events_accumulate(db, tmp_path):
     store = LineageStore(db)
-    kw = artifact_kw("merged", "ties", KEY["merged"], tmp_path / "a", {"recipe": {"merge_method": "ties"}}, "c1", "run-1", 10)
+    kw = artifact_kw(
+        "merged", "ties", KEY["merged"], tmp_path / "a", {"recipe": {"merge_method": "ties"}}, "c1", "run-1", 10
+    )
     store.write(Batch().artifact(**kw))
     first = store.artifact(kw["artifact_id"])
     time.sleep(0.01)
     store.write(Batch().artifact(**dict(kw, path=None, bytes=20, run_id="run-2")))
     again = store.artifact(kw["artifact_id"])
     assert again["created_at"] == first["created_at"] and again["last_seen_at"] > first["last_seen_at"]
-    assert again["run_id"] == "run-1"             # the run that created it
-    assert again["path"] == str(tmp_path / "a")   # a None does not erase what is known
+    assert again["run_id"] == "run-1"  # the run that created it
+    assert again["path"] == str(tmp_path / "a")  # a None does not erase what is known
     assert again["bytes"] == 20 and again["params"] == {"recipe": {"merge_method": "ties"}}
     assert len(store.artifacts()) == 1
 
@@ -196,15 +260,17 @@ def test_upserts_keep_first_sighting_and_events_accumulate(db, tmp_path):
     assert rows == [{"role": "base", "fingerprint": "sha256:f"}, {"role": "expert", "fingerprint": "sha256:e"}]
 
     for ev in ("materialized", "cache_hit", "cache_hit"):
-        store.write(Batch().event(artifact_id=kw["artifact_id"], run_id="run-2", step="merged/ties", event=ev, seconds=1.5))
+        store.write(
+            Batch().event(artifact_id=kw["artifact_id"], run_id="run-2", step="merged/ties", event=ev, seconds=1.5)
+        )
     assert [e["event"] for e in store.events(run_id="run-2")] == ["materialized", "cache_hit", "cache_hit"]
     with pytest.raises(ValueError, match="event must be one of"):
         store.write(Batch().event(artifact_id="x", run_id=None, step="s", event="built"))
 
     store.record_run(run_id="run-2", started_at=1_700_000_000.0, status="running", job="all")
-    store.record_run(run_id="run-2", started_at=None, status="running")            # a step: keeps the start
+    store.record_run(run_id="run-2", started_at=None, status="running")  # a step: keeps the start
     store.record_run(run_id="run-2", finished_at=1_700_000_100.0, status="success")
-    store.record_run(run_id="run-2", status="running")                             # late step: no regression
+    store.record_run(run_id="run-2", status="running")  # late step: no regression
     (run,) = store.runs()
     assert run["status"] == "success" and run["job"] == "all"
     assert (run["finished_at"] - run["started_at"]).total_seconds() == 100
@@ -237,31 +303,53 @@ def test_records_as_data_are_validated_before_anything_is_written(db):
     with pytest.raises(ValueError, match=r"each record is \(kind, kwargs\)"):
         Batch.from_records(["artifact"])
     assert store.artifacts() == [] and not db.exists()  # validated before anything was written
-    store.write(Batch.from_records([("record_artifact", kw), ("event", dict(artifact_id=kw["artifact_id"], run_id=None,
-                                                                          step="model/m", event="observed"))]))
+    store.write(
+        Batch.from_records(
+            [
+                ("record_artifact", kw),
+                ("event", dict(artifact_id=kw["artifact_id"], run_id=None, step="model/m", event="observed")),
+            ]
+        )
+    )
     assert [a["artifact_id"] for a in store.artifacts()] == [kw["artifact_id"]] and len(store.events()) == 1
-    assert Batch.from_records([("artifact", kw)]).statements[0][0] == artifact("model", "m", FP["base"]).statements[0][0]
+    assert (
+        Batch.from_records([("artifact", kw)]).statements[0][0] == artifact("model", "m", FP["base"]).statements[0][0]
+    )
 
 
 def test_metrics_round_trip(db):
     store = LineageStore(db)
     store.write(artifact("eval", "merged_ties", KEY["eval"]))
     e = aid("eval", KEY["eval"])
-    store.write(Batch().metric(artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties"))
-    store.write(Batch().metric(artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties"))
+    store.write(
+        Batch().metric(
+            artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties"
+        )
+    )
+    store.write(
+        Batch().metric(
+            artifact_id=e, task="add", metric="exact_match", value=0.61, stderr=0.03, n=200, model="merged/ties"
+        )
+    )
     store.write(Batch().metric(artifact_id=e, task="sort", metric="acc", value=1, stderr=None, n=None))
     rows = store.metrics(e)
     assert [(r["task"], r["metric"], r["value"], r["stderr"], r["n"], r["model"], r["kind"]) for r in rows] == [
-        ("add", "exact_match", 0.61, 0.03, 200, "merged/ties", "eval"), ("sort", "acc", 1.0, None, None, None, "eval")]
+        ("add", "exact_match", 0.61, 0.03, 200, "merged/ties", "eval"),
+        ("sort", "acc", 1.0, None, None, None, "eval"),
+    ]
     assert store.metrics() == rows and store.metrics("nothing") == []
 
 
 def test_run_summary_counts_per_kind(graph):
     store, ids = graph
-    store.write(batch(event(ids["merged"], "merged/ties", "cache_hit", "run-2"),
-                        event(ids["tv_add"], "task_vector/ci_add", "cache_hit", "run-2"),
-                        event(ids["eval"], "eval/merged_ties", "materialized", "run-2"),
-                        Batch().run(run_id="run-2", status="success")))
+    store.write(
+        batch(
+            event(ids["merged"], "merged/ties", "cache_hit", "run-2"),
+            event(ids["tv_add"], "task_vector/ci_add", "cache_hit", "run-2"),
+            event(ids["eval"], "eval/merged_ties", "materialized", "run-2"),
+            Batch().run(run_id="run-2", status="success"),
+        )
+    )
     s = store.run_summary("run-2")
     assert s["materialized"] == {"eval": 1} and s["cache_hit"] == {"merged": 1, "task_vector": 1}
     assert (s["recomputed"], s["cache_hits"], s["status"]) == (1, 2, "success")
@@ -276,20 +364,28 @@ def test_run_summary_counts_per_kind(graph):
 # provenance and lookups
 # ----------------------------------------------------------------------------------------------
 
+
 def test_provenance_walks_two_levels_with_roles_and_fingerprints(graph):
     store, ids = graph
     tree = store.provenance(ids["merged"])
     assert tree["params"] == {"recipe": RECIPE} and tree["code_version"] == "a1b2c3d4e5f6"
     assert [(i["role"], i["node"]["artifact_id"], i["fingerprint"]) for i in tree["inputs"]] == [
-        ("recipe", ids["recipe"], FP["recipe"]), ("base", ids["base"], FP["base"]),
-        ("expert", ids["tv_add"], KEY["tv_add"]), ("expert", ids["tv_rev"], KEY["tv_rev"])]
+        ("recipe", ids["recipe"], FP["recipe"]),
+        ("base", ids["base"], FP["base"]),
+        ("expert", ids["tv_add"], KEY["tv_add"]),
+        ("expert", ids["tv_rev"], KEY["tv_rev"]),
+    ]
     tv = tree["inputs"][2]["node"]
     assert [(i["role"], i["node"]["name"], i["fingerprint"]) for i in tv["inputs"]] == [
-        ("base", "ci_base", FP["base"]), ("expert", "ci_add", FP["add"])]
+        ("base", "ci_base", FP["base"]),
+        ("expert", "ci_add", FP["add"]),
+    ]
     assert tv["inputs"][0]["node"]["source"] and tv["inputs"][0]["node"]["inputs"] == []
     # metrics of the evals run on the merge come with it
     assert [(m["task"], m["value"], m["eval_id"]) for m in tree["metrics"]] == [
-        ("add", 0.61, ids["eval"]), ("rev", 0.25, ids["eval"])]
+        ("add", 0.61, ids["eval"]),
+        ("rev", 0.25, ids["eval"]),
+    ]
     # the eval's own tree reaches the sources through the merge: three levels
     ev = store.provenance(ids["eval"])
     assert ev["inputs"][0]["node"]["inputs"][2]["node"]["inputs"][1]["node"]["name"] == "ci_add"
@@ -299,10 +395,15 @@ def test_provenance_walks_two_levels_with_roles_and_fingerprints(graph):
 
 def test_provenance_is_cycle_safe_and_marks_missing_parents(db):
     store = LineageStore(db)
-    store.write(batch(artifact("merged", "a", "a" * 64), artifact("merged", "b", "b" * 64),
-                        edge(aid("merged", "a" * 64), aid("merged", "b" * 64), "base", "a" * 64),
-                        edge(aid("merged", "b" * 64), aid("merged", "a" * 64), "base", "b" * 64),
-                        edge("model-gone", aid("merged", "a" * 64), "expert", "sha256:9")))
+    store.write(
+        batch(
+            artifact("merged", "a", "a" * 64),
+            artifact("merged", "b", "b" * 64),
+            edge(aid("merged", "a" * 64), aid("merged", "b" * 64), "base", "a" * 64),
+            edge(aid("merged", "b" * 64), aid("merged", "a" * 64), "base", "b" * 64),
+            edge("model-gone", aid("merged", "a" * 64), "expert", "sha256:9"),
+        )
+    )
     tree = store.provenance(aid("merged", "a" * 64))
     b = tree["inputs"][0]["node"]
     assert b["name"] == "b" and b["inputs"][0]["node"]["cycle"] and b["inputs"][0]["node"]["name"] == "a"
@@ -314,9 +415,9 @@ def test_provenance_is_cycle_safe_and_marks_missing_parents(db):
 def test_find_by_id_prefix_path_and_name(graph, tmp_path, monkeypatch):
     store, ids = graph
     assert store.find(ids["merged"])["artifact_id"] == ids["merged"]
-    assert store.find(ids["merged"][:12])["artifact_id"] == ids["merged"]       # prefix of the id
-    assert store.find(KEY["merged"][:10])["artifact_id"] == ids["merged"]       # prefix of the content key
-    assert store.find("0" * 12)["artifact_id"] == ids["base"]                   # prefix of a fingerprint
+    assert store.find(ids["merged"][:12])["artifact_id"] == ids["merged"]  # prefix of the id
+    assert store.find(KEY["merged"][:10])["artifact_id"] == ids["merged"]  # prefix of the content key
+    assert store.find("0" * 12)["artifact_id"] == ids["base"]  # prefix of a fingerprint
     with pytest.raises(MergeDagError, match="prefix of 2 artifacts"):
         store.find("task_vector-")
     merged = Path(ids["merged_path"])
@@ -326,7 +427,7 @@ def test_find_by_id_prefix_path_and_name(graph, tmp_path, monkeypatch):
     link.symlink_to(merged)
     assert store.find(link)["artifact_id"] == ids["merged"]
     monkeypatch.chdir(merged.parent)
-    assert store.find(merged.name)["artifact_id"] == ids["merged"]             # relative path
+    assert store.find(merged.name)["artifact_id"] == ids["merged"]  # relative path
     # "ties" names both the recipe and the merge: the merge wins; kind/name picks either
     assert store.find("ties")["artifact_id"] == ids["merged"]
     assert store.find("recipe/ties")["artifact_id"] == ids["recipe"]
@@ -346,6 +447,7 @@ def test_find_by_id_prefix_path_and_name(graph, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # audit
 # ----------------------------------------------------------------------------------------------
+
 
 def test_audit_text_has_fingerprints_params_and_metrics(graph):
     store, ids = graph
@@ -372,12 +474,23 @@ def test_audit_text_has_fingerprints_params_and_metrics(graph):
 def test_audit_of_a_folder_through_merge_dag_json(graph, tmp_path):
     store, ids = graph
     merged = Path(ids["merged_path"])
-    card = {"merge_dag_version": "0.1.0", "code_version": "a1b2c3d4e5f6", "method": "ties", "recipe": RECIPE,
-            "recipe_file": "data/recipes/ties.yaml", "out_dtype": "float32", "seed": 0, "tensor_count": 12,
-            "inputs": [{"role": "base", "model": "ci/base", "path": "/m/base", "fingerprint": FP["base"]},
-                       {"role": "expert", "model": "ci/add", "path": "/m/add", "fingerprint": FP["add"]},
-                       {"role": "expert", "model": "ci/rev", "path": "/m/rev", "fingerprint": FP["rev"]}],
-            "artifact_id": ids["merged"], "name": "ties"}
+    card = {
+        "merge_dag_version": "0.1.0",
+        "code_version": "a1b2c3d4e5f6",
+        "method": "ties",
+        "recipe": RECIPE,
+        "recipe_file": "data/recipes/ties.yaml",
+        "out_dtype": "float32",
+        "seed": 0,
+        "tensor_count": 12,
+        "inputs": [
+            {"role": "base", "model": "ci/base", "path": "/m/base", "fingerprint": FP["base"]},
+            {"role": "expert", "model": "ci/add", "path": "/m/add", "fingerprint": FP["add"]},
+            {"role": "expert", "model": "ci/rev", "path": "/m/rev", "fingerprint": FP["rev"]},
+        ],
+        "artifact_id": ids["merged"],
+        "name": "ties",
+    }
     (merged / "merge_dag.json").write_text(json.dumps(card))
     assert audit(store, merged) == audit(store, "ties")
     # a copy somewhere else is traced through its merge_dag.json, and says it is a copy
@@ -406,7 +519,9 @@ def test_audit_of_a_folder_through_merge_dag_json(graph, tmp_path):
 
 def test_audit_says_what_is_known_when_nothing_matches(graph, tmp_path):
     store, _ = graph
-    with pytest.raises(MergeDagError, match=r"no artifact matches 'nope' in .*lineage.duckdb; known merged models: ties"):
+    with pytest.raises(
+        MergeDagError, match=r"no artifact matches 'nope' in .*lineage.duckdb; known merged models: ties"
+    ):
         audit(store, "nope")
     with pytest.raises(MergeDagError, match="there is no lineage database"):
         audit(tmp_path / "none.duckdb", "ties")
@@ -454,12 +569,23 @@ def _write_many(db: str, w: int, start, results) -> None:
     t0 = time.monotonic()
     for i in range(PER_WRITER):
         a = f"task_vector-w{w}-{i:03d}"
-        store.write(Batch()
-                    .artifact(artifact_id=a, kind="task_vector", name=f"w{w}_{i}", key_hash=f"{w}:{i}", path=None,
-                              bytes=i, code_version="c", params={"i": i}, run_id="run-mp")
-                    .edge(parent_id="model-base", child_id=a, role="base", fingerprint="sha256:0")
-                    .event(artifact_id=a, run_id="run-mp", step=f"task_vector/w{w}_{i}", event="materialized")
-                    .run(run_id="run-mp", started_at=None, status="running", job="all"))
+        store.write(
+            Batch()
+            .artifact(
+                artifact_id=a,
+                kind="task_vector",
+                name=f"w{w}_{i}",
+                key_hash=f"{w}:{i}",
+                path=None,
+                bytes=i,
+                code_version="c",
+                params={"i": i},
+                run_id="run-mp",
+            )
+            .edge(parent_id="model-base", child_id=a, role="base", fingerprint="sha256:0")
+            .event(artifact_id=a, run_id="run-mp", step=f"task_vector/w{w}_{i}", event="materialized")
+            .run(run_id="run-mp", started_at=None, status="running", job="all")
+        )
         if i % 10 == 0:
             assert store.artifact(a)["params"] == {"i": i}  # reads interleave with the other writers
     results.put({"writer": w, "seconds": time.monotonic() - t0, **store.stats})
@@ -490,16 +616,21 @@ def test_parallel_processes_write_one_file_without_loss(tmp_path):
     # the writers really did contend: queued on the flock, and retried DuckDB's lock
     assert sum(s["queued"] for s in stats) > 0 and sum(s["retries"] for s in stats) > 0
     for s in sorted(stats, key=lambda s: s["writer"]):
-        print(f"writer {s['writer']} ({'DuckDB lock only' if s['writer'] % 2 else 'flock'}): {s['operations']} operations in {s['seconds']:.1f} s, queued {s['queued']}, "
-              f"{s['retries']} retries, "
-              f"waited {s['waited_s']:.1f} s in all, longest {s['max_wait_s']:.2f} s")
+        print(
+            f"writer {s['writer']} ({'DuckDB lock only' if s['writer'] % 2 else 'flock'}): "
+            f"{s['operations']} operations in {s['seconds']:.1f} s, queued {s['queued']}, "
+            f"{s['retries']} retries, "
+            f"waited {s['waited_s']:.1f} s in all, longest {s['max_wait_s']:.2f} s"
+        )
 
 
 def _hold_lock(db: str, locked, seconds: float) -> None:
     con = duckdb.connect(db)
     con.execute("BEGIN TRANSACTION")
-    con.execute("INSERT INTO artifacts (artifact_id, kind, name, key_hash, created_at, last_seen_at) "
-                "VALUES ('model-held', 'model', 'held', 'sha256:h', now()::TIMESTAMP, now()::TIMESTAMP) ON CONFLICT DO NOTHING")
+    con.execute(
+        "INSERT INTO artifacts (artifact_id, kind, name, key_hash, created_at, last_seen_at) "
+        "VALUES ('model-held', 'model', 'held', 'sha256:h', now()::TIMESTAMP, now()::TIMESTAMP) ON CONFLICT DO NOTHING"
+    )
     locked.set()
     time.sleep(seconds)
     con.execute("COMMIT")
@@ -534,7 +665,9 @@ def test_reader_waits_for_a_writer_in_another_process_then_reads(tmp_path):
     try:
         assert locked.wait(60)
         with pytest.raises(LineageLockTimeout):
-            LineageStore(db, lock_timeout=0.2).write(Batch().event(artifact_id="model-held", run_id=None, step="s", event="observed"))
+            LineageStore(db, lock_timeout=0.2).write(
+                Batch().event(artifact_id="model-held", run_id=None, step="s", event="observed")
+            )
         LineageStore(db).write(Batch().event(artifact_id="model-held", run_id=None, step="s", event="observed"))
     finally:
         p.join(timeout=30)

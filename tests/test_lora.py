@@ -11,14 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from _models import load_all
 from merge_dag.core.checkpoint import Checkpoint
-from merge_dag.core.engine import merge, plan_merge
-from merge_dag.core.errors import AdapterError, CheckpointError, MergeDagError, RecipeError
+from merge_dag.core.engine import merge
+from merge_dag.core.errors import CheckpointError, MergeDagError, RecipeError
 from merge_dag.core.fingerprint import checkpoint_fingerprint
 from merge_dag.core.lora import LoraCheckpoint, open_model
-from merge_dag.core.recipe import load_recipe, parse_recipe
+from merge_dag.core.recipe import parse_recipe
 from merge_dag.core.task_vector import compute_task_vector
+
+from _models import load_all
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -30,9 +31,19 @@ def tiny_llama(tied: bool = False, seed: int = 0, hidden: int = 16):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -80,15 +91,31 @@ def zoo(tmp_path_factory):
     base = save_base(tiny_llama(), root / "base")
     ads = {
         # all linears + the embedding, lm_head saved whole, per-module rank and alpha patterns
-        "a1": make_adapter(base, root / "adapters" / "a1", 1, r=4, lora_alpha=8,
-                           target_modules=LINEARS + ["embed_tokens"], modules_to_save=["lm_head"],
-                           rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3}),
+        "a1": make_adapter(
+            base,
+            root / "adapters" / "a1",
+            1,
+            r=4,
+            lora_alpha=8,
+            target_modules=LINEARS + ["embed_tokens"],
+            modules_to_save=["lm_head"],
+            rank_pattern={"q_proj": 2},
+            alpha_pattern={"down_proj": 3},
+        ),
         # rsLoRA: scale alpha / sqrt(r)
-        "a2": make_adapter(base, root / "adapters" / "a2", 2, r=4, lora_alpha=8, target_modules=LINEARS,
-                           use_rslora=True),
+        "a2": make_adapter(
+            base, root / "adapters" / "a2", 2, r=4, lora_alpha=8, target_modules=LINEARS, use_rslora=True
+        ),
         # attention only, layer 1 only
-        "a3": make_adapter(base, root / "adapters" / "a3", 3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                           layers_to_transform=[1]),
+        "a3": make_adapter(
+            base,
+            root / "adapters" / "a3",
+            3,
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            layers_to_transform=[1],
+        ),
     }
     ref = {k: peft_merged(base, v) for k, v in ads.items()}
     return {"root": root, "base": base, **ads, "ref": ref}
@@ -108,6 +135,7 @@ def _dense(zoo, key: str, folder: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # the delta equals peft's merge
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("key", ["a1", "a2", "a3"])
 def test_adapter_reads_as_peft_merge_and_unload(zoo, key):
@@ -131,11 +159,11 @@ def test_variants_are_what_the_config_says(zoo):
     q = a1.factors["model.layers.0.self_attn.q_proj.weight"]
     down = a1.factors["model.layers.0.mlp.down_proj.weight"]
     k = a1.factors["model.layers.0.self_attn.k_proj.weight"]
-    assert (q.scale, down.scale, k.scale) == (8 / 2, 3 / 4, 8 / 4)        # rank_pattern, alpha_pattern
+    assert (q.scale, down.scale, k.scale) == (8 / 2, 3 / 4, 8 / 4)  # rank_pattern, alpha_pattern
     assert a1.factors["model.embed_tokens.weight"].embedding
-    assert "lm_head.weight" in a1.replaced                                   # modules_to_save
+    assert "lm_head.weight" in a1.replaced  # modules_to_save
     a2 = open_model(zoo["a2"], base=zoo["base"])
-    assert a2.factors["model.layers.1.mlp.up_proj.weight"].scale == pytest.approx(8 / 2)   # 8 / sqrt(4)
+    assert a2.factors["model.layers.1.mlp.up_proj.weight"].scale == pytest.approx(8 / 2)  # 8 / sqrt(4)
     a3 = open_model(zoo["a3"], base=zoo["base"])
     assert sorted(a3.touched) == ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
 
@@ -147,8 +175,9 @@ def test_fan_in_fan_out_on_gpt2_conv1d(tmp_path):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=2)).eval()
     base = save_base(model, tmp_path / "gpt2")
-    ad = make_adapter(base, tmp_path / "gpt2-lora", 5, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"],
-                      fan_in_fan_out=True)
+    ad = make_adapter(
+        base, tmp_path / "gpt2-lora", 5, r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+    )
     assert json.loads((ad / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     ref = peft_merged(base, ad)
     ck = open_model(ad, base=base)
@@ -172,6 +201,7 @@ def test_task_vector_of_an_adapter_is_its_delta(zoo, tmp_path):
 # recipes
 # ---------------------------------------------------------------------------------------------
 
+
 def write_recipe(tmp_path: Path, body: str, name: str = "r.yaml") -> Path:
     p = tmp_path / name
     p.write_text(textwrap.dedent(body))
@@ -180,7 +210,9 @@ def write_recipe(tmp_path: Path, body: str, name: str = "r.yaml") -> Path:
 
 def test_task_arithmetic_of_two_adapters_equals_the_math(zoo, tmp_path):
     b, a1, a2 = zoo["base"], zoo["a1"], zoo["a2"]
-    rec = write_recipe(tmp_path, f"""
+    rec = write_recipe(
+        tmp_path,
+        f"""
         merge_method: task_arithmetic
         base_model: {b}
         models:
@@ -190,7 +222,8 @@ def test_task_arithmetic_of_two_adapters_equals_the_math(zoo, tmp_path):
             parameters: {{weight: 1.0}}
         parameters: {{lambda: 0.8}}
         out_dtype: float32
-    """)
+    """,
+    )
     res = merge(rec, tmp_path / "out")
     out = load_all(tmp_path / "out")
     base = load_all(b)
@@ -218,18 +251,29 @@ def test_the_recipe_forms_are_one_expert(zoo, tmp_path):
     }
     fps = {}
     for name, entry in forms.items():
-        rec = parse_recipe({"merge_method": "task_arithmetic", "base_model": str(b), "out_dtype": "float32",
-                            "parameters": {"weight": 1.0},
-                            "models": [__import__("yaml").safe_load(entry)[0]]})
+        rec = parse_recipe(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": str(b),
+                "out_dtype": "float32",
+                "parameters": {"weight": 1.0},
+                "models": [__import__("yaml").safe_load(entry)[0]],
+            }
+        )
         assert [m.model for m in rec.models] == [f"{b}+{a1}"], name
         fps[name] = merge(rec, tmp_path / name).output_fingerprint
     assert len(set(fps.values())) == 1
 
 
 def test_glob_matches_adapter_folders_on_the_recipe_base(zoo):
-    rec = parse_recipe({"merge_method": "ties", "base_model": str(zoo["base"]),
-                        "parameters": {"weight": 1.0, "density": 0.5},
-                        "models": [{"glob": f"{zoo['a1'].parent}/*"}]})
+    rec = parse_recipe(
+        {
+            "merge_method": "ties",
+            "base_model": str(zoo["base"]),
+            "parameters": {"weight": 1.0, "density": 0.5},
+            "models": [{"glob": f"{zoo['a1'].parent}/*"}],
+        }
+    )
     assert [m.model for m in rec.models] == [f"{zoo['base']}+{zoo[k]}" for k in ("a1", "a2", "a3")]
 
 
@@ -277,13 +321,14 @@ def test_every_method_merges_adapters_as_their_dense_experts(zoo, tmp_path, meth
 # fingerprints
 # ---------------------------------------------------------------------------------------------
 
+
 def test_fingerprint_covers_base_adapter_weights_and_config(zoo, tmp_path):
     ad = tmp_path / "ad"
     shutil.copytree(zoo["a2"], ad)
     b = zoo["base"]
     fp0 = checkpoint_fingerprint(open_model(ad, base=b))
-    assert checkpoint_fingerprint(open_model(ad, base=b)) == fp0          # stable
-    (ad / "README.md").write_text("notes")                                  # not part of the adapter
+    assert checkpoint_fingerprint(open_model(ad, base=b)) == fp0  # stable
+    (ad / "README.md").write_text("notes")  # not part of the adapter
     assert checkpoint_fingerprint(open_model(ad, base=b)) == fp0
     cfg = json.loads((ad / "adapter_config.json").read_text())
     (ad / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 16}))
@@ -304,6 +349,7 @@ def test_fingerprint_covers_base_adapter_weights_and_config(zoo, tmp_path):
 # bad adapters: one clear line, before any output
 # ---------------------------------------------------------------------------------------------
 
+
 def _broken(zoo, tmp_path, edit_tensors=None, edit_config=None) -> Path:
     ad = tmp_path / "bad"
     shutil.copytree(zoo["a2"], ad)
@@ -321,8 +367,12 @@ def _rename(w, old, new):
 
 
 def _merge_fails(zoo, tmp_path, ad: Path, base: Path | None = None) -> str:
-    rec = {"merge_method": "task_arithmetic", "base_model": str(zoo["base"]), "parameters": {"weight": 1.0},
-           "models": [{"model": str(base or zoo["base"]), "lora": str(ad)}]}
+    rec = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo["base"]),
+        "parameters": {"weight": 1.0},
+        "models": [{"model": str(base or zoo["base"]), "lora": str(ad)}],
+    }
     with pytest.raises(MergeDagError) as e:
         merge(rec, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
@@ -333,24 +383,30 @@ def _merge_fails(zoo, tmp_path, ad: Path, base: Path | None = None) -> str:
 def test_unknown_module_is_named(zoo, tmp_path):
     ad = _broken(zoo, tmp_path, lambda w: _rename(w, "layers.1.mlp.up_proj", "layers.1.mlp.upp_proj"))
     msg = _merge_fails(zoo, tmp_path, ad)
-    assert msg == (f"adapter '{zoo['base']}+{ad}': tensor 'base_model.model.model.layers.1.mlp.upp_proj.lora_A.weight' "
-                   f"adapts module 'model.layers.1.mlp.upp_proj', which base '{zoo['base']}' does not have "
-                   "(no tensor 'model.layers.1.mlp.upp_proj.weight')")
+    assert msg == (
+        f"adapter '{zoo['base']}+{ad}': tensor 'base_model.model.model.layers.1.mlp.upp_proj.lora_A.weight' "
+        f"adapts module 'model.layers.1.mlp.upp_proj', which base '{zoo['base']}' does not have "
+        "(no tensor 'model.layers.1.mlp.upp_proj.weight')"
+    )
 
 
 def test_wrong_rank_is_named(zoo, tmp_path):
     ad = _broken(zoo, tmp_path, edit_config=lambda c: {**c, "r": 8})
     msg = _merge_fails(zoo, tmp_path, ad)
-    assert msg == (f"adapter '{zoo['base']}+{ad}': tensor 'base_model.model.model.layers.0.mlp.down_proj.lora_A.weight' "
-                   "has shape [4, 32], expected [8, 32] for rank 8 on base tensor "
-                   "'model.layers.0.mlp.down_proj.weight' [16, 32]")
+    assert msg == (
+        f"adapter '{zoo['base']}+{ad}': tensor 'base_model.model.model.layers.0.mlp.down_proj.lora_A.weight' "
+        "has shape [4, 32], expected [8, 32] for rank 8 on base tensor "
+        "'model.layers.0.mlp.down_proj.weight' [16, 32]"
+    )
 
 
 def test_wrong_features_are_named(zoo, tmp_path):
     wide = save_base(tiny_llama(hidden=32), tmp_path / "wide")
     msg = _merge_fails(zoo, tmp_path, zoo["a2"], base=wide)
-    assert msg.startswith(f"adapter '{wide}+{zoo['a2']}': tensor 'base_model.model.model.layers.0.mlp.down_proj.lora_A.weight' "
-                          "has shape [4, 32], expected [4, 64]")
+    assert msg.startswith(
+        f"adapter '{wide}+{zoo['a2']}': tensor 'base_model.model.model.layers.0.mlp.down_proj.lora_A.weight' "
+        "has shape [4, 32], expected [4, 64]"
+    )
 
 
 def test_missing_base_and_missing_files_are_named(zoo, tmp_path):
@@ -360,29 +416,39 @@ def test_missing_base_and_missing_files_are_named(zoo, tmp_path):
     (ad / "adapter_model.safetensors").unlink()
     assert "adapter_model.safetensors is missing" in _merge_fails(zoo, tmp_path, ad)
     with pytest.raises(RecipeError, match=r"models\[0\]\.lora: an adapter needs a base"):
-        parse_recipe({"merge_method": "linear", "models": [{"lora": str(zoo["a1"])}, {"lora": str(zoo["a2"])}],
-                      "parameters": {"weight": 0.5}})
+        parse_recipe(
+            {
+                "merge_method": "linear",
+                "models": [{"lora": str(zoo["a1"])}, {"lora": str(zoo["a2"])}],
+                "parameters": {"weight": 0.5},
+            }
+        )
     with pytest.raises(CheckpointError, match="is a PEFT LoRA adapter folder, not a full checkpoint"):
         Checkpoint(zoo["a1"])
 
 
 def test_dora_is_refused(zoo, tmp_path):
     ad = _broken(zoo, tmp_path, edit_config=lambda c: {**c, "use_dora": True})
-    assert _merge_fails(zoo, tmp_path, ad) == (f"{ad / 'adapter_config.json'}: use_dora: DoRA (use_dora) adapters are "
-                                               "not supported (not a low-rank delta of the base's own tensors)")
+    assert _merge_fails(zoo, tmp_path, ad) == (
+        f"{ad / 'adapter_config.json'}: use_dora: DoRA (use_dora) adapters are "
+        "not supported (not a low-rank delta of the base's own tensors)"
+    )
 
 
 def test_cli_dry_run_and_bad_adapter(zoo, tmp_path, capsys):
     from merge_dag.cli import main as cli
 
-    rec = write_recipe(tmp_path, f"""
+    rec = write_recipe(
+        tmp_path,
+        f"""
         merge_method: ties
-        base_model: {zoo['base']}
+        base_model: {zoo["base"]}
         models:
-          - lora: {zoo['a1']}
-          - model: {zoo['base']}+{zoo['a3']}
+          - lora: {zoo["a1"]}
+          - model: {zoo["base"]}+{zoo["a3"]}
         parameters: {{weight: 1.0, density: 0.5}}
-    """)
+    """,
+    )
     assert cli(["merge", str(rec), str(tmp_path / "o"), "--dry-run"]) == 0
     text = capsys.readouterr().out
     assert f"model {zoo['base']}+{zoo['a1']}" in text and f"model {zoo['base']}+{zoo['a3']}" in text

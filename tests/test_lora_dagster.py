@@ -10,21 +10,22 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from _models import load_all
 from conftest import make_project
+from safetensors.torch import load_file, save_file
+from test_lora import LINEARS, make_adapter, peft_merged
+
 from merge_dag.core.engine import merge
 from merge_dag.core.recipe import load_recipe
-from merge_dag.dagster.watch import evaluate_models, is_complete_checkpoint
-from merge_dag.dagster.steps import resolve_path
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource
+from merge_dag.dagster.steps import resolve_path
+from merge_dag.dagster.watch import evaluate_models, is_complete_checkpoint
 from merge_dag.guidance.activations import ActivationStats
 from merge_dag.lineage.audit import audit
 from merge_dag.lineage.store import LineageStore
 from merge_dag.project import load_project
-from test_lora import LINEARS, make_adapter, peft_merged
+
+from _models import load_all
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = "data/models/ci"
@@ -76,14 +77,22 @@ guidance:
 
 
 def _adapter(root: Path, name: str, seed: int) -> Path:
-    return make_adapter(root / CI / "base", root / LORA / name, seed, r=4, lora_alpha=8, target_modules=LINEARS,
-                        use_rslora=seed % 2 == 0)
+    return make_adapter(
+        root / CI / "base",
+        root / LORA / name,
+        seed,
+        r=4,
+        lora_alpha=8,
+        target_modules=LINEARS,
+        use_rslora=seed % 2 == 0,
+    )
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    root = make_project(tmp_path_factory.mktemp("lora_project"), {f"{n}.yaml": t for n, t in RECIPES.items()},
-                        models=("base",))
+    root = make_project(
+        tmp_path_factory.mktemp("lora_project"), {f"{n}.yaml": t for n, t in RECIPES.items()}, models=("base",)
+    )
     _adapter(root, "arev", 11)
     _adapter(root, "sort", 12)
     return root
@@ -92,8 +101,13 @@ def project(tmp_path_factory, ci_zoo):
 @pytest.fixture(scope="module")
 def first_run(project):
     with dg.instance_for_test() as inst:
-        res = MergeDagResource(root=str(project), eval_limit=6, db_path=str(project / "data" / "lineage.duckdb"),
-                               calibration_batch_size=16, calibration_max_rows=32)
+        res = MergeDagResource(
+            root=str(project),
+            eval_limit=6,
+            db_path=str(project / "data" / "lineage.duckdb"),
+            calibration_batch_size=16,
+            calibration_max_rows=32,
+        )
         result = build_definitions(project, resource=res).resolve_job_def(ALL_JOB).execute_in_process(instance=inst)
         assert result.success
         yield result
@@ -109,8 +123,10 @@ def artifact(result, root: Path, *key: str) -> Path:
 
 
 def built(result) -> set[str]:
-    return {"/".join(ev.event_specific_data.materialization.asset_key.path)
-            for ev in result.get_asset_materialization_events()}
+    return {
+        "/".join(ev.event_specific_data.materialization.asset_key.path)
+        for ev in result.get_asset_materialization_events()
+    }
 
 
 def test_adapters_are_sources_not_task_vectors(project, first_run):
@@ -119,13 +135,25 @@ def test_adapters_are_sources_not_task_vectors(project, first_run):
     assert m.is_adapter and m.base == project / CI / "base" and m.base_name == "ci_base"
     assert not p.task_vectors  # an adapter's delta is computed per tensor inside the merge
     # the correctness checks pass (the score checks, not_below_base / no_task_collapsed, judge quality)
-    evals = [c for c in first_run.get_asset_check_evaluations()
-             if c.check_name in ("loads_and_matches_base", "embeddings_sane")]
+    evals = [
+        c
+        for c in first_run.get_asset_check_evaluations()
+        if c.check_name in ("loads_and_matches_base", "embeddings_sane")
+    ]
     assert evals and all(c.passed for c in evals)
     names = built(first_run)
-    assert {"merged/ta_lora", "merged/ties_glob_lewis", "merged/ta_sens_aim", "merged/regmean_lora",
-            "eval/model/lora_arev", "activations/lora_arev__arev", "sensitivity/lora_sort__sort",
-            "grams/lora_sort__sort", "importance/lora_sort__arev", "allocation/ties_glob_lewis"} <= names
+    assert {
+        "merged/ta_lora",
+        "merged/ties_glob_lewis",
+        "merged/ta_sens_aim",
+        "merged/regmean_lora",
+        "eval/model/lora_arev",
+        "activations/lora_arev__arev",
+        "sensitivity/lora_sort__sort",
+        "grams/lora_sort__sort",
+        "importance/lora_sort__arev",
+        "allocation/ties_glob_lewis",
+    } <= names
     # nothing dense was written for an expert: every artifact is a merge, a statistic or an eval
     kinds = {p.name for p in (project / "data" / "artifacts").iterdir()}
     assert "task_vector" not in kinds
@@ -156,8 +184,9 @@ def test_statistics_are_those_of_the_adapted_model(project, first_run):
     model = AutoModelForCausalLM.from_pretrained(project / CI / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(model, project / LORA / "arev").merge_and_unload().eval()
     tok = AutoTokenizer.from_pretrained(str(project / CI / "base"))
-    texts = [json.loads(line)["text"] for line in
-             (project / "data" / "calibration" / "arev.jsonl").read_text().splitlines()][:32]
+    texts = [
+        json.loads(line)["text"] for line in (project / "data" / "calibration" / "arev.jsonl").read_text().splitlines()
+    ][:32]
     captured = []
     h = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, a, o: captured.append(a[0][0]))
     with torch.no_grad():
@@ -175,7 +204,7 @@ def test_lineage_and_audit_show_base_and_adapter(project, first_run):
     text = audit(store, str(artifact(first_run, project, "merged", "ta_lora")))
     assert "lora/lora_arev" in text and "lora/lora_sort" in text
     assert "adapter/lora_arev" in text and "adapter/lora_sort" in text
-    assert text.count("model/ci_base") >= 3   # the merge's base, and under each expert its base
+    assert text.count("model/ci_base") >= 3  # the merge's base, and under each expert its base
     rows = {r["kind"] for r in store.artifacts()}
     assert {"adapter", "lora", "model"} <= rows
     card = json.loads((artifact(first_run, project, "merged", "ta_lora") / "merge_dag.json").read_text())
@@ -223,14 +252,19 @@ def test_task_vector_asset_of_an_adapter_is_its_exact_delta(project, tmp_path):
 
     p = load_project(project)
     base, expert = p.models["ci_base"], p.models["lora_arev"]
-    res = MergeDagResource(root=str(project), db_path=str(tmp_path / "lineage.duckdb"),
-                           artifacts_dir=str(tmp_path / "artifacts"))
+    res = MergeDagResource(
+        root=str(project), db_path=str(tmp_path / "lineage.duckdb"), artifacts_dir=str(tmp_path / "artifacts")
+    )
     with dg.instance_for_test() as inst:
-        result = dg.materialize([task_vector_asset("lora_arev", base, expert)], resources={"merge_dag": res},
-                                instance=inst)
+        result = dg.materialize(
+            [task_vector_asset("lora_arev", base, expert)], resources={"merge_dag": res}, instance=inst
+        )
         assert result.success
-        folder = Path(resolve_path(project, result.asset_materializations_for_node("task_vector__lora_arev")[0]
-                                   .metadata["path"].value))
+        folder = Path(
+            resolve_path(
+                project, result.asset_materializations_for_node("task_vector__lora_arev")[0].metadata["path"].value
+            )
+        )
     tv = load_all(folder)
     b = load_all(project / CI / "base")
     ref = peft_merged(project / CI / "base", project / LORA / "arev")

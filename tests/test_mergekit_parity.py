@@ -18,18 +18,18 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_methods import assert_close, run
 
 from merge_dag.core.engine import merge, plan_merge
 from merge_dag.core.errors import MergeInputError, RecipeError
 from merge_dag.core.methods import get_method
 from merge_dag.core.recipe import load_recipe, parse_recipe
 
-from test_methods import assert_close, run
-
 FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
 NEW = ["nearswap", "sce", "arcee_fusion", "karcher", "multislerp", "nuslerp"]
-FIXTURE_METHODS = {p.stem: yaml.safe_load(p.read_text())["merge_method"]
-                   for p in sorted((FIX / "recipes").glob("*.yaml"))}
+FIXTURE_METHODS = {
+    p.stem: yaml.safe_load(p.read_text())["merge_method"] for p in sorted((FIX / "recipes").glob("*.yaml"))
+}
 CASES = sorted(c for c, m in FIXTURE_METHODS.items() if m in NEW)
 
 
@@ -62,25 +62,38 @@ def test_equals_mergekit_0_1_5(case, tmp_path):
 
 def test_memory_estimate_counts_the_methods_work_copies():
     # largest tensor: 16 x 8 = 128 float32 entries (512 bytes), read as float32 (512 bytes raw)
-    sce = plan_merge(load_recipe(FIX / "recipes" / "sce.yaml", root=FIX))          # base + 3 models
+    sce = plan_merge(load_recipe(FIX / "recipes" / "sce.yaml", root=FIX))  # base + 3 models
     assert sce.estimated_peak_bytes() == (4 + 3 * 3 + 3) * 512 + 4 * 512
-    swap = plan_merge(load_recipe(FIX / "recipes" / "nearswap.yaml", root=FIX))    # base + 1 model
+    swap = plan_merge(load_recipe(FIX / "recipes" / "nearswap.yaml", root=FIX))  # base + 1 model
     assert swap.estimated_peak_bytes() == (2 + 2) * 512 + 2 * 512
 
 
 def bad_recipe(tmp_path, method, params, n_models=1):
-    models = [{"model": "inputs/a", "parameters": {"weight": 1.0}}, {"model": "inputs/b", "parameters": {"weight": 1.0}}]
+    models = [
+        {"model": "inputs/a", "parameters": {"weight": 1.0}},
+        {"model": "inputs/b", "parameters": {"weight": 1.0}},
+    ]
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"merge_method": method, "base_model": "inputs/base",
-                                    "models": models[:n_models], "parameters": params}))
+    path.write_text(
+        yaml.safe_dump(
+            {"merge_method": method, "base_model": "inputs/base", "models": models[:n_models], "parameters": params}
+        )
+    )
     return path
 
 
 def recipe_with(method, models, base=True, params=None, weights=False):
-    return parse_recipe({"merge_method": method, **({"base_model": "inputs/base"} if base else {}),
-                         "models": [{"model": f"inputs/{m}", **({"parameters": {"weight": 1.0}} if weights else {})}
-                                    for m in models],
-                         "parameters": params or {}}, root=FIX)
+    return parse_recipe(
+        {
+            "merge_method": method,
+            **({"base_model": "inputs/base"} if base else {}),
+            "models": [
+                {"model": f"inputs/{m}", **({"parameters": {"weight": 1.0}} if weights else {})} for m in models
+            ],
+            "parameters": params or {},
+        },
+        root=FIX,
+    )
 
 
 # ==== nearswap ====
@@ -162,8 +175,10 @@ def test_karcher_contract_and_errors(tmp_path):
     m = get_method("karcher")
     assert not m.requires_base and not m.optional_base and m.min_models == 1 and not m.randomized
     assert m.param("max_iter").default == 10 and m.param("tol").default == 1e-5
-    for params, msg in (({"max_iter": 2.5}, "parameters.max_iter: must be a whole number >= 0, got 2.5"),
-                        ({"tol": -1}, "parameters.tol: must be >= 0, got -1")):
+    for params, msg in (
+        ({"max_iter": 2.5}, "parameters.max_iter: must be a whole number >= 0, got 2.5"),
+        ({"tol": -1}, "parameters.tol: must be >= 0, got -1"),
+    ):
         path = bad_recipe(tmp_path, "karcher", params)
         with pytest.raises(RecipeError, match=f"{path}: {msg}"):
             load_recipe(path, root=FIX)
@@ -192,7 +207,7 @@ def test_multislerp_contract_and_errors(tmp_path):
 def test_multislerp_single_input_antipodal_pair_and_errors():
     a = torch.randn(4, 3)
     assert torch.equal(run("multislerp", None, [a], [{"weight": 2.0}]), a)
-    got = run("multislerp", None, [a, -a], [{"weight": 1.0}, {"weight": 1.0}])   # mean 0: the linear mix
+    got = run("multislerp", None, [a, -a], [{"weight": 1.0}, {"weight": 1.0}])  # mean 0: the linear mix
     assert_close(got, torch.zeros_like(a))
     with pytest.raises(MergeInputError, match="multislerp: tensor 'model.layers.0.mlp.up_proj.weight'"):
         run("multislerp", None, [a, -a, a, -a], [{"weight": 1.0}] * 4)
@@ -212,11 +227,11 @@ def test_nuslerp_contract_and_errors(tmp_path):
     path = bad_recipe(tmp_path, "nuslerp", {"nuslerp_flatten": "yes"}, n_models=2)
     with pytest.raises(RecipeError, match=f"{path}: parameters.nuslerp_flatten: must be true or false"):
         load_recipe(path, root=FIX)
-    for base in (False, True):   # with a base, the base is not a third model
+    for base in (False, True):  # with a base, the base is not a third model
         with pytest.raises(RecipeError, match="nuslerp takes at most 2"):
             recipe_with("nuslerp", "abc", base=base, weights=True)
     recipe_with("nuslerp", "ab", weights=True)
-    recipe_with("nuslerp", ["base", "a", "b"], weights=True)      # the base listed under models too
+    recipe_with("nuslerp", ["base", "a", "b"], weights=True)  # the base listed under models too
 
 
 def test_nuslerp_weights_give_t_and_colinear_falls_back_to_lerp():
@@ -224,12 +239,19 @@ def test_nuslerp_weights_give_t_and_colinear_falls_back_to_lerp():
     a, b = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
     assert_close(run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 0.0}]), a)
     assert_close(run("nuslerp", None, [a, b], [{"weight": 0.0}, {"weight": 2.0}]), b, atol=1e-5)
-    assert_close(run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": -1.0}]),    # |sum| < 1e-6: t = 0.5
-                 run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 1.0}]))
+    assert_close(
+        run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": -1.0}]),  # |sum| < 1e-6: t = 0.5
+        run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 1.0}]),
+    )
     assert_close(run("nuslerp", None, [a, 3 * a], [{"weight": 1.0}, {"weight": 1.0}]), 2 * a)
-    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])      # the arc's midpoint, norm 1
-    assert_close(run("nuslerp", None, [e0, e1], [{"weight": 1.0}, {"weight": 1.0}]),
-                 torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
-    base = torch.randn(6, 5, generator=g)                             # with a base: on the task vectors
-    assert_close(run("nuslerp", base, [base + a, base + b], [{"weight": 1.0}, {"weight": 3.0}]),
-                 base + run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 3.0}]), atol=1e-5)
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])  # the arc's midpoint, norm 1
+    assert_close(
+        run("nuslerp", None, [e0, e1], [{"weight": 1.0}, {"weight": 1.0}]),
+        torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]),
+    )
+    base = torch.randn(6, 5, generator=g)  # with a base: on the task vectors
+    assert_close(
+        run("nuslerp", base, [base + a, base + b], [{"weight": 1.0}, {"weight": 3.0}]),
+        base + run("nuslerp", None, [a, b], [{"weight": 1.0}, {"weight": 3.0}]),
+        atol=1e-5,
+    )

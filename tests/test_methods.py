@@ -10,9 +10,18 @@ from merge_dag.core.errors import RecipeError
 from merge_dag.core.methods import METHODS, TensorTask, get_method
 from merge_dag.core.sparsify import sparsify
 
-GTA = [name for name, m in METHODS.items() if m.takes_coefficients]   # the task-arithmetic family
-NEWER = ["nuslerp", "multislerp", "karcher", "sce", "arcee_fusion", "nearswap",   # test_mergekit_parity.py
-         "tsv_merge", "iso_c", "iso_cts"]                                           # test_spectral_methods.py
+GTA = [name for name, m in METHODS.items() if m.takes_coefficients]  # the task-arithmetic family
+NEWER = [
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "sce",
+    "arcee_fusion",
+    "nearswap",  # test_mergekit_parity.py
+    "tsv_merge",
+    "iso_c",
+    "iso_cts",
+]  # test_spectral_methods.py
 
 
 @pytest.fixture(params=["one-chunk", "many-chunks"])
@@ -24,7 +33,9 @@ def chunking(request, monkeypatch):
 
 def assert_close(got, want, rtol=1e-6, atol=1e-6):
     assert got.shape == want.shape and got.dtype == torch.float32
-    assert torch.allclose(got, want.float(), rtol=rtol, atol=atol), f"max abs diff {(got - want).abs().max().item():.3g}"
+    assert torch.allclose(got, want.float(), rtol=rtol, atol=atol), (
+        f"max abs diff {(got - want).abs().max().item():.3g}"
+    )
 
 
 def gen(seed):
@@ -38,10 +49,17 @@ def run(name, base, models, model_params=None, generator=None, **params):
     m = get_method(name)
     glob = {p.name: p.default for p in m.params if not p.per_model}
     glob.update(params)
-    per = [{p.name: p.default for p in m.params if p.per_model} | (mp or {})
-           for mp in (model_params or [{}] * len(models))]
-    task = TensorTask("model.layers.0.mlp.up_proj.weight", None if base is None else base.clone(),
-                      [x.clone() for x in models], per, glob, generator)
+    per = [
+        {p.name: p.default for p in m.params if p.per_model} | (mp or {}) for mp in (model_params or [{}] * len(models))
+    ]
+    task = TensorTask(
+        "model.layers.0.mlp.up_proj.weight",
+        None if base is None else base.clone(),
+        [x.clone() for x in models],
+        per,
+        glob,
+        generator,
+    )
     out = m().merge(task)
     assert out.dtype == torch.float32 and out.shape == models[0].shape
     return out
@@ -63,7 +81,7 @@ def ref_breadcrumbs_mask(d, density, gamma):
     n_top = min(int(gamma * n), n - target)
     order = torch.sort(d.abs().reshape(-1), descending=True, stable=True).indices
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[order[n_top:n_top + target]] = True
+    mask[order[n_top : n_top + target]] = True
     return mask.view(d.shape)
 
 
@@ -72,7 +90,7 @@ def ref_combine(base, deltas, weights, consensus, normalize, lam):
     D = torch.stack(deltas) * W
     if consensus:
         majority = torch.where(D.sum(0) >= 0, 1.0, -1.0)
-        agree = torch.sign(D) == majority                 # zeros never agree
+        agree = torch.sign(D) == majority  # zeros never agree
         mix = (D * agree).sum(0)
         div = (W * agree).sum(0)
         div[div == 0] = 1
@@ -133,7 +151,7 @@ def ref_model_stock(base, xs, filter_wise):
 
 def family(n_experts, shape=(37, 23), seed=0, integers=False):
     g = torch.Generator().manual_seed(seed)
-    if integers:   # integer-valued task vectors: large tie sets at every threshold
+    if integers:  # integer-valued task vectors: large tie sets at every threshold
         base = torch.randint(-3, 4, shape, generator=g).float()
         return base, [base + torch.randint(-4, 5, shape, generator=g).float() for _ in range(n_experts)]
     base = torch.randn(shape, generator=g)
@@ -142,9 +160,14 @@ def family(n_experts, shape=(37, 23), seed=0, integers=False):
 
 # ---- contract ------------------------------------------------------------------------------------
 MERGEKIT_DEFAULTS = {  # method: (normalize, rescale) defaults in mergekit's registry
-    "task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True),
-    "dare_linear": (False, True), "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
-    "della": (True, True), "della_linear": (False, True),
+    "task_arithmetic": (False, False),
+    "ties": (True, False),
+    "dare_ties": (False, True),
+    "dare_linear": (False, True),
+    "breadcrumbs": (False, False),
+    "breadcrumbs_ties": (False, False),
+    "della": (True, True),
+    "della_linear": (False, True),
 }
 
 
@@ -152,14 +175,22 @@ def test_method_abilities_and_the_lists_derived_from_them():
     from merge_dag.core.methods import registry
     from merge_dag.core.methods._task_arithmetic_family import TaskArithmeticFamily
 
-    family = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
-              "della_linear"]
+    family = [
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+    ]
     assert GTA == family == [n for n, m in METHODS.items() if issubclass(m, TaskArithmeticFamily)]
     assert registry.COEFFICIENT_METHODS == tuple(family)
     assert registry.SPARSIFYING == tuple(n for n in family if n != "task_arithmetic")
     assert registry.TASK_VECTOR_METHODS == tuple(family + ["slerp", "model_stock"])
     assert registry.names_where(lambda m: m.uses_task_vectors) == registry.TASK_VECTOR_METHODS
-    for name, m in METHODS.items():   # every method cites its source, except mergekit's own inventions
+    for name, m in METHODS.items():  # every method cites its source, except mergekit's own inventions
         assert m.reference_url.startswith("https://") or name in ("passthrough", "nuslerp"), name
         assert m.sparsifies == (getattr(m, "sparsification", None) is not None)
 
@@ -223,7 +254,7 @@ def test_task_arithmetic(chunking, n_experts, normalize):
 def test_task_arithmetic_ignores_density_and_guards_zero_weight_sum():
     base, xs = family(2)
     mps = [{"weight": 1.0, "density": 0.1}, {"weight": -1.0, "density": 0.1}]
-    got = run("task_arithmetic", base, xs, mps, normalize=True)   # sum of weights 0 -> divisor 1
+    got = run("task_arithmetic", base, xs, mps, normalize=True)  # sum of weights 0 -> divisor 1
     assert_close(got, base + (xs[0] - base) - (xs[1] - base))
 
 
@@ -238,14 +269,13 @@ def test_deterministic_sparsifying_methods(chunking, name, n_experts, normalize,
     gs = [0.05, 0.0, 0.1][:n_experts]
     mps = [{"weight": w, "density": d, "gamma": g} for w, d, g in zip(ws, ds, gs)]
     if name == "ties":
-        mask = lambda d, dens: ref_topk_mask(d, dens)    # noqa: E731
+        mask = lambda d, dens: ref_topk_mask(d, dens)  # noqa: E731
         mps = [{"weight": w, "density": d} for w, d in zip(ws, ds)]
     else:
         gammas = iter(gs * 2)
         mask = lambda d, dens: ref_breadcrumbs_mask(d, dens, next(gammas))  # noqa: E731
     got = run(name, base, xs, mps, normalize=normalize, **{"lambda": 1.7})
-    want = ref_gta(base, xs, ws, ds, sparsify_mask=mask, consensus=name != "breadcrumbs",
-                   normalize=normalize, lam=1.7)
+    want = ref_gta(base, xs, ws, ds, sparsify_mask=mask, consensus=name != "breadcrumbs", normalize=normalize, lam=1.7)
     assert_close(got, want)
 
 
@@ -270,8 +300,12 @@ def test_ties_with_negative_weights_uses_the_general_divisor(chunking):
     assert_close(got, want)
     # weights of opposite sign whose weighted deltas agree: divisor 0 -> 1, the sum stays
     base = torch.zeros(3)
-    got = run("ties", base, [torch.tensor([1.0, 2, 3]), torch.tensor([-1.0, -2, -3])],
-              [{"weight": 1.0, "density": 1.0}, {"weight": -1.0, "density": 1.0}])
+    got = run(
+        "ties",
+        base,
+        [torch.tensor([1.0, 2, 3]), torch.tensor([-1.0, -2, -3])],
+        [{"weight": 1.0, "density": 1.0}, {"weight": -1.0, "density": 1.0}],
+    )
     assert torch.equal(got, torch.tensor([2.0, 4, 6]))
 
 
@@ -279,23 +313,40 @@ def test_ties_with_negative_weights_uses_the_general_divisor(chunking):
 def test_rescale_option_keeps_each_task_vectors_l1(name):
     base, xs = family(2, seed=9)
     mps = [{"weight": 1.0, "density": 0.4, "gamma": 0.02}, {"weight": 0.5, "density": 0.6, "gamma": 0.02}]
-    mask = ((lambda d, dens: ref_topk_mask(d, dens)) if name == "ties"
-            else (lambda d, dens: ref_breadcrumbs_mask(d, dens, 0.02)))
+    mask = (
+        (lambda d, dens: ref_topk_mask(d, dens))
+        if name == "ties"
+        else (lambda d, dens: ref_breadcrumbs_mask(d, dens, 0.02))
+    )
     got = run(name, base, xs, mps, rescale=True)
-    want = ref_gta(base, xs, [1.0, 0.5], [0.4, 0.6], sparsify_mask=mask, consensus=True,
-                   normalize=name == "ties", lam=1.0, rescale=True)
+    want = ref_gta(
+        base,
+        xs,
+        [1.0, 0.5],
+        [0.4, 0.6],
+        sparsify_mask=mask,
+        consensus=True,
+        normalize=name == "ties",
+        lam=1.0,
+        rescale=True,
+    )
     assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_size_and_zero_delta_tensors():
     for name in GTA + ["model_stock", "slerp"]:
         base = torch.empty(0, 8)
-        out = run(name, base, [torch.empty(0, 8), torch.empty(0, 8)][: 1 if name == "slerp" else 2],
-                  [{"weight": 1.0, "density": 0.5}] * (1 if name == "slerp" else 2), generator=gen(0),
-                  **({"t": 0.5} if name == "slerp" else {}))
+        out = run(
+            name,
+            base,
+            [torch.empty(0, 8), torch.empty(0, 8)][: 1 if name == "slerp" else 2],
+            [{"weight": 1.0, "density": 0.5}] * (1 if name == "slerp" else 2),
+            generator=gen(0),
+            **({"t": 0.5} if name == "slerp" else {}),
+        )
         assert out.shape == (0, 8)
     base = torch.randn(6, 5)
-    for name in GTA:   # experts equal to the base: the base comes back
+    for name in GTA:  # experts equal to the base: the base comes back
         out = run(name, base, [base.clone(), base.clone()], [{"weight": 1.0, "density": 0.5}] * 2, generator=gen(0))
         assert torch.equal(out, base), name
 
@@ -336,7 +387,7 @@ def test_dare_linear_keep_fraction_and_rescale():
     delta = got - base
     kept = delta != 0
     assert abs(kept.float().mean().item() - d) < 5 * math.sqrt(d * (1 - d) / x.numel())
-    scale = (x - base).abs().sum() / (x - base)[kept].abs().sum()   # L1 of the task vector kept
+    scale = (x - base).abs().sum() / (x - base)[kept].abs().sum()  # L1 of the task vector kept
     assert_close(delta, (x - base) * kept * scale, rtol=1e-5, atol=1e-5)
     assert abs(delta.abs().sum().item() / (x - base).abs().sum().item() - 1) < 1e-3
     plain = run("dare_linear", base, [x], [{"weight": 1.0, "density": d}], generator=gen(5), rescale=False)
@@ -352,8 +403,7 @@ def test_della_bad_epsilon_names_the_tensor():
 def test_dare_ties_at_density_one_is_ties_without_trimming():
     base, xs = family(3, seed=8)
     mps = [{"weight": w, "density": 1.0} for w in (1.0, 0.5, 0.8)]
-    assert_close(run("dare_ties", base, xs, mps, generator=gen(0)),
-                 run("ties", base, xs, mps, normalize=False))
+    assert_close(run("dare_ties", base, xs, mps, generator=gen(0)), run("ties", base, xs, mps, normalize=False))
 
 
 # ---- slerp -----------------------------------------------------------------------------------------
@@ -376,7 +426,7 @@ def test_slerp_is_spherical_and_near_parallel_falls_back_to_lerp(chunking):
     assert abs(mid.norm().item() - 1.0) < 1e-6 and abs(mid[0].item() - math.sqrt(0.5)) < 1e-6
     g = torch.Generator().manual_seed(2)
     v0 = torch.randn(50, 20, generator=g)
-    v1 = v0 * 2 + 1e-3 * torch.randn(50, 20, generator=g)            # |cos| > 0.9995
+    v1 = v0 * 2 + 1e-3 * torch.randn(50, 20, generator=g)  # |cos| > 0.9995
     assert_close(run("slerp", v0, [v1], t=0.3), 0.7 * v0 + 0.3 * v1)
     assert_close(run("slerp", v0, [-v1], t=0.3), 0.7 * v0 - 0.3 * v1)  # antiparallel: lerp too
     # just inside and just outside the threshold: lerp (a chord) and slerp (an arc) differ by ~1e-4
@@ -389,7 +439,7 @@ def test_slerp_is_spherical_and_near_parallel_falls_back_to_lerp(chunking):
         got = run("slerp", a, [b], t=0.5)
         assert_close(got, want, rtol=0, atol=2e-6)
         assert abs(got.norm().item() - 3) < 1e-5 if spherical else got.norm().item() < 3 - 1e-4
-    z = torch.zeros(50, 20)                                           # zero norm: not normalized
+    z = torch.zeros(50, 20)  # zero norm: not normalized
     assert_close(run("slerp", z, [v1], t=0.5), ref_slerp(0.5, z, v1))
 
 
@@ -445,6 +495,11 @@ def test_methods_work_in_place_and_do_not_depend_on_threads(monkeypatch):
     for name, a in results[0].items():
         assert torch.equal(a, results[1][name]), name
     b, e = base.clone(), [x.clone() for x in xs]
-    task = TensorTask("w", b, e, [{"weight": 1.0, "density": 0.5, "gamma": 0.01, "epsilon": 0.15}] * 3,
-                      {"lambda": 1.0, "normalize": True, "rescale": False, "int8_mask": False})
-    assert get_method("ties")().merge(task) is b        # the result is the base's own buffer
+    task = TensorTask(
+        "w",
+        b,
+        e,
+        [{"weight": 1.0, "density": 0.5, "gamma": 0.01, "epsilon": 0.15}] * 3,
+        {"lambda": 1.0, "normalize": True, "rescale": False, "int8_mask": False},
+    )
+    assert get_method("ties")().merge(task) is b  # the result is the base's own buffer

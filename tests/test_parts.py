@@ -8,8 +8,8 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from conftest import make_project
+
 from merge_dag.core.checkpoint import INDEX_NAME, plan_shards
 from merge_dag.core.engine import execute, out_tensors, plan_merge
 from merge_dag.core.errors import MergeInputError
@@ -27,11 +27,17 @@ pytestmark = pytest.mark.usefixtures("fp_cache")
 
 
 def recipe(fam, method: str, **extra):
-    body = {"merge_method": method, "base_model": str(fam["base"]),
-            "models": [{"model": str(fam["e0"]), "parameters": {"weight": 0.7}},
-                       {"model": str(fam["e1"]), "parameters": {"weight": [1.0, 0.2]}},
-                       {"model": str(fam["e2"]), "parameters": {"weight": 0.5}}],
-            "parameters": {"lambda": 0.9, **({"density": 0.4} if method == "ties" else {})}, **extra}
+    body = {
+        "merge_method": method,
+        "base_model": str(fam["base"]),
+        "models": [
+            {"model": str(fam["e0"]), "parameters": {"weight": 0.7}},
+            {"model": str(fam["e1"]), "parameters": {"weight": [1.0, 0.2]}},
+            {"model": str(fam["e2"]), "parameters": {"weight": 0.5}},
+        ],
+        "parameters": {"lambda": 0.9, **({"density": 0.4} if method == "ties" else {})},
+        **extra,
+    }
     return parse_recipe(body)
 
 
@@ -61,8 +67,14 @@ def test_split_merge_is_byte_identical_to_one_step(tmp_path, family, method):
     ref = execute(plan, tmp_path / "one-step", shard_size=SHARD, progress=False, card_extra=dict(CARD))
     want = digests(ref.out_dir)
     assert sum(n.endswith(".safetensors") for n in want) == 7
-    assert {INDEX_NAME, "config.json", "generation_config.json", "tokenizer_config.json", "README.md",
-            "merge_dag.json"} <= set(want)
+    assert {
+        INDEX_NAME,
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "README.md",
+        "merge_dag.json",
+    } <= set(want)
     for parts in (1, 2, 3, 4):
         staging, out = tmp_path / f"staging-{parts}", tmp_path / f"split-{parts}"
         res = split_merge(plan, staging, out, parts)
@@ -184,9 +196,11 @@ parameters: {weight: 1.0, density: 0.5}
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
-    return make_project(tmp_path_factory.mktemp("parts-project"),
-                        {"whole.yaml": "name: whole\n" + TIES, "split.yaml": "name: split\nparts: 3\n" + TIES},
-                        data=("tasks", "eval"))
+    return make_project(
+        tmp_path_factory.mktemp("parts-project"),
+        {"whole.yaml": "name: whole\n" + TIES, "split.yaml": "name: split\nparts: 3\n" + TIES},
+        data=("tasks", "eval"),
+    )
 
 
 def materialize(root: Path, instance: dg.DagsterInstance):
@@ -200,14 +214,17 @@ def materialize(root: Path, instance: dg.DagsterInstance):
 
 
 def merged_metadata(result) -> dict[str, dict]:
-    return {m.asset_key.path[1]: {k: v.value for k, v in m.metadata.items()}
-            for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
-            if m.asset_key.path[0] == "merged"}
+    return {
+        m.asset_key.path[1]: {k: v.value for k, v in m.metadata.items()}
+        for m in (e.event_specific_data.materialization for e in result.get_asset_materialization_events())
+        if m.asset_key.path[0] == "merged"
+    }
 
 
 def part_steps(result) -> list[str]:
-    return sorted(e.step_key for e in result.all_events
-                  if e.event_type_value == "STEP_SUCCESS" and ".part_" in (e.step_key or ""))
+    return sorted(
+        e.step_key for e in result.all_events if e.event_type_value == "STEP_SUCCESS" and ".part_" in (e.step_key or "")
+    )
 
 
 def test_split_asset_is_one_asset_with_the_same_shape(project):
@@ -226,8 +243,13 @@ def test_split_asset_is_one_asset_with_the_same_shape(project):
     assert {d.asset_key for d in a.deps} == {d.asset_key for d in b.deps}
     assert (a.group_name, a.code_version, a.tags) == (b.group_name, b.code_version, b.tags)
     assert {n.pool for n in graph.node_def.node_defs if n.name != "finalize"} == {one_step.op.pool}
-    assert [n.name for n in graph.node_def.node_defs] == ["prepare", "part_1_of_3", "part_2_of_3", "part_3_of_3",
-                                                         "finalize"]
+    assert [n.name for n in graph.node_def.node_defs] == [
+        "prepare",
+        "part_1_of_3",
+        "part_2_of_3",
+        "part_3_of_3",
+        "finalize",
+    ]
 
 
 def test_split_asset_equals_one_step_and_hits_the_cache(project):
@@ -237,10 +259,15 @@ def test_split_asset_equals_one_step_and_hits_the_cache(project):
         assert md["split"]["cache"] == md["whole"]["cache"] == "miss"
         assert md["split"]["output_fingerprint"] == md["whole"]["output_fingerprint"]
         split_dir, whole_dir = project / md["split"]["path"], project / md["whole"]["path"]
-        assert checkpoint_fingerprint(split_dir) == checkpoint_fingerprint(whole_dir) == md["split"]["output_fingerprint"]
+        assert (
+            checkpoint_fingerprint(split_dir) == checkpoint_fingerprint(whole_dir) == md["split"]["output_fingerprint"]
+        )
         assert len(list(split_dir.glob("*.safetensors"))) >= 3
-        assert part_steps(first) == ["merged__split.part_1_of_3", "merged__split.part_2_of_3",
-                                     "merged__split.part_3_of_3"]
+        assert part_steps(first) == [
+            "merged__split.part_1_of_3",
+            "merged__split.part_2_of_3",
+            "merged__split.part_3_of_3",
+        ]
         done = [first.output_for_node(f"merged__split.part_{k}_of_3") for k in (1, 2, 3)]
         assert all(d["cache"] == "miss" and not d["skipped"] and d["shards"] for d in done)
         assert sum(d["tensor_count"] for d in done) == md["split"]["tensor_count"]
@@ -263,7 +290,8 @@ def test_split_asset_equals_one_step_and_hits_the_cache(project):
         assert split_mat.tags["dagster/data_version"] == md["split"]["key"]
         assert part_steps(again) == part_steps(first)
         assert [again.output_for_node(f"merged__split.part_{k}_of_3") for k in (1, 2, 3)] == [
-            {"part": k, "cache": "hit"} for k in (1, 2, 3)]  # no part work
+            {"part": k, "cache": "hit"} for k in (1, 2, 3)
+        ]  # no part work
         events = LineageStore(project / "data" / "lineage.duckdb").events(run_id=again.run_id)
         assert {e["step"] for e in events if e["event"] == "cache_hit"} >= {"merged/split", "merged/whole"}
         assert not any(e["event"] == "materialized" for e in events)

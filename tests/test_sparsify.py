@@ -43,9 +43,9 @@ def ref_topk(x: torch.Tensor, density: float) -> torch.Tensor:
 def ref_breadcrumbs(x: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     n = x.numel()
     target = int(density * n)
-    n_top = min(int(gamma * n), n - target)          # fewer outliers if the target needs them
+    n_top = min(int(gamma * n), n - target)  # fewer outliers if the target needs them
     mask = torch.zeros(n, dtype=torch.bool)
-    mask[ref_order(x)[n_top:n_top + target]] = True
+    mask[ref_order(x)[n_top : n_top + target]] = True
     return x * mask.view(x.shape)
 
 
@@ -56,8 +56,9 @@ def l1_rescaled(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> None:
     # torch.allclose (torch.testing's first call costs seconds of imports)
-    assert got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol), \
+    assert got.shape == want.shape and torch.allclose(got, want, rtol=rtol, atol=atol), (
         f"max abs diff {(got - want).abs().max().item():.3g}"
+    )
 
 
 def gen(seed: int) -> torch.Generator:
@@ -82,12 +83,12 @@ def test_magnitude_equals_sorted_topk(chunking, shape, density):
 def test_magnitude_ties_keep_exactly_k_first_by_position(chunking, seed):
     torch.manual_seed(seed)
     n = [50, 500, 3001][seed % 3]
-    x = torch.randint(-4, 5, (n,)).float()            # integers: big tie sets at every threshold
-    x[x == 0] = 3.0                                   # no zeros, so kept entries are visible
+    x = torch.randint(-4, 5, (n,)).float()  # integers: big tie sets at every threshold
+    x[x == 0] = 3.0  # no zeros, so kept entries are visible
     for density in (0.05, 0.2, 0.37, 0.5, 0.81):
         k = max(1, int(density * n))
         got = sparsify(x.clone(), density, "magnitude")
-        assert int((got != 0).sum()) == k             # never more than k, even with ties
+        assert int((got != 0).sum()) == k  # never more than k, even with ties
         assert torch.equal(got, ref_topk(x, density))  # the first tied entries are the kept ones
 
 
@@ -104,8 +105,10 @@ def test_magnitude_with_zeros_and_negative_values(chunking):
 
 def test_magnitude_never_sorts(monkeypatch):
     """Top-k is a selection (histograms), not a sort."""
+
     def boom(*a, **k):
         raise AssertionError("sorted")
+
     x = torch.randn(300_000)
     want = ref_topk(x, 0.3)
     for name in ("sort", "argsort", "topk", "kthvalue", "msort"):
@@ -167,8 +170,9 @@ def test_magnitude_rescale_keeps_l1(chunking):
 
 
 # ---- breadcrumbs ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("density,gamma", [(0.3, 0.01), (0.3, 0.0), (0.5, 0.2), (0.9, 0.2), (0.05, 0.5),
-                                           (0.99, 0.01), (0.2, 1.0)])
+@pytest.mark.parametrize(
+    "density,gamma", [(0.3, 0.01), (0.3, 0.0), (0.5, 0.2), (0.9, 0.2), (0.05, 0.5), (0.99, 0.01), (0.2, 1.0)]
+)
 def test_breadcrumbs_equals_sorted_reference(chunking, density, gamma):
     torch.manual_seed(int(density * 100 + gamma * 10))
     for x in (torch.randn(41, 37), torch.randint(-6, 7, (1500,)).float()):
@@ -179,7 +183,7 @@ def test_breadcrumbs_equals_sorted_reference(chunking, density, gamma):
 def test_breadcrumbs_drops_the_largest():
     x = torch.arange(1.0, 101.0)
     got = sparsify(x.clone(), 0.5, "breadcrumbs", gamma=0.1)
-    assert torch.equal(got != 0, (x > 40) & (x <= 90))   # the top 10 are outliers, then 50 kept
+    assert torch.equal(got != 0, (x > 40) & (x <= 90))  # the top 10 are outliers, then 50 kept
 
 
 # ---- random (dare) -------------------------------------------------------------------------------
@@ -190,9 +194,9 @@ def test_random_keep_fraction_values_and_rescale(chunking):
         got = sparsify(x.clone(), density, "random", generator=gen(7))
         kept = got != 0
         assert abs(kept.float().mean().item() - density) < 5 * math.sqrt(density * (1 - density) / x.numel())
-        assert torch.equal(got[kept], x[kept])          # kept entries are untouched without rescale
+        assert torch.equal(got[kept], x[kept])  # kept entries are untouched without rescale
         res = sparsify(x.clone(), density, "random", rescale=True, generator=gen(7))
-        assert torch.equal(res != 0, kept)              # same draws under the same seed
+        assert torch.equal(res != 0, kept)  # same draws under the same seed
         assert_close(res, l1_rescaled(x, got), rtol=1e-6, atol=1e-7)
         assert_close(res.abs().sum(), x.abs().sum(), rtol=1e-5, atol=0)
 
@@ -222,8 +226,12 @@ def test_results_do_not_depend_on_thread_count(monkeypatch):
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         try:
-            outs.append([sparsify(x.clone(), 0.3, m, gamma=0.05, rescale=True, generator=gen(9))
-                         for m in ("magnitude", "magnitude_outliers", "random")])
+            outs.append(
+                [
+                    sparsify(x.clone(), 0.3, m, gamma=0.05, rescale=True, generator=gen(9))
+                    for m in ("magnitude", "magnitude_outliers", "random")
+                ]
+            )
             outs[-1].append(sparsify(x.view(70, 100).clone(), 0.4, "della", generator=gen(9)))
         finally:
             torch.set_num_threads(old)
@@ -242,7 +250,7 @@ def test_della_keep_probability_rises_with_rank(chunking):
     x = mags * (torch.randint(0, 2, (rows, length), generator=g).float() * 2 - 1)
     got = sparsify(x.clone(), d, "della_magprune", epsilon=eps, generator=gen(4))
     kept = got != 0
-    assert torch.equal(got[kept], x[kept])                       # no rescale asked
+    assert torch.equal(got[kept], x[kept])  # no rescale asked
     for r in range(length):
         p = d - eps + 2 * eps * r / (length - 1)
         freq = kept[mags == r + 1].float().mean().item()
@@ -256,7 +264,7 @@ def test_della_rescale_vector_and_single_entry_rows(chunking):
     assert_close(got.abs().sum(), v.abs().sum(), rtol=1e-5, atol=0)
     frac = (got != 0).float().mean().item()
     assert abs(frac - 0.4) < 0.05
-    col = torch.randn(4000, 1)                  # one entry per row: kept with probability density
+    col = torch.randn(4000, 1)  # one entry per row: kept with probability density
     frac = (sparsify(col.clone(), 0.3, "della", epsilon=0.2, generator=gen(2)) != 0).float().mean().item()
     assert abs(frac - 0.3) < 0.04
 
@@ -265,7 +273,7 @@ def test_della_ranks_along_dim_1_for_3d():
     torch.manual_seed(9)
     x = torch.randn(5, 40, 3)
     a = sparsify(x.clone(), 0.5, "della", epsilon=0.2, generator=gen(3))
-    rows = x.movedim(1, -1).reshape(15, 40)          # rank each (i, :, k) fibre
+    rows = x.movedim(1, -1).reshape(15, 40)  # rank each (i, :, k) fibre
     b = sparsify(rows, 0.5, "della", epsilon=0.2, generator=gen(3)).reshape(5, 3, 40).movedim(-1, 1)
     assert torch.equal(a, b)
 

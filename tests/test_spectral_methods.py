@@ -11,13 +11,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_methods import assert_close, run
 
 from merge_dag.core.engine import merge
 from merge_dag.core.errors import RecipeError
 from merge_dag.core.methods import get_method
 from merge_dag.core.recipe import load_recipe
-
-from test_methods import assert_close, run
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "mergekit_0_1_5"
 
@@ -71,13 +70,12 @@ def test_tsv_merged_bases_are_orthonormal_and_keep_each_tasks_singular_values():
     d = run("tsv_merge", base, xs) - base
     s = torch.linalg.svdvals(d)
     want = torch.cat([torch.linalg.svdvals(x - base)[:8] for x in xs]).sort(descending=True).values
-    assert_close(s, want, rtol=1e-4, atol=1e-5)     # U_perp, V_perp orthonormal: S is the spectrum
+    assert_close(s, want, rtol=1e-4, atol=1e-5)  # U_perp, V_perp orthonormal: S is the spectrum
 
 
 def test_tsv_matrix_smaller_than_the_task_count_falls_back_to_the_mean():
-    base, xs = experts((2, 9), 3, seed=7)          # r = 2 < T = 3: no rank to share
-    assert_close(run("tsv_merge", base, xs, **{"lambda": 0.5}),
-                 base + 0.5 * sum(x - base for x in xs) / 3, atol=1e-6)
+    base, xs = experts((2, 9), 3, seed=7)  # r = 2 < T = 3: no rank to share
+    assert_close(run("tsv_merge", base, xs, **{"lambda": 0.5}), base + 0.5 * sum(x - base for x in xs) / 3, atol=1e-6)
 
 
 # ==== iso_c ====
@@ -117,7 +115,7 @@ def ref_iso_cts(base, xs, lam=1.0, fraction=0.8):
     t = len(ds)
     r = min(base.shape)
     k = int(r * fraction)
-    k = r - round((r - k) / t) * t          # the authors' rounding, so the rest splits evenly
+    k = r - round((r - k) / t) * t  # the authors' rounding, so the rest splits evenly
     if k < 0:
         k += t
     per = (r - k) // t
@@ -149,9 +147,9 @@ def test_iso_cts_subspace_fractions(fraction, n):
 def test_subspace_sizes():
     from merge_dag.core.methods.iso_cts import subspace_sizes
 
-    assert subspace_sizes(16, 3, 0.8) == (13, 1)     # int(12.8) = 12; round(4/3) * 3 = 3 -> k = 13
+    assert subspace_sizes(16, 3, 0.8) == (13, 1)  # int(12.8) = 12; round(4/3) * 3 = 3 -> k = 13
     assert subspace_sizes(100, 4, 0.8) == (80, 5)
-    assert subspace_sizes(3, 2, 0.0) == (1, 1)       # round(1.5) = 2 -> 4 > r: one fewer per task
+    assert subspace_sizes(3, 2, 0.0) == (1, 1)  # round(1.5) = 2 -> 4 > r: one fewer per task
     assert subspace_sizes(8, 3, 1.0) == (8, 0)
     for r in range(1, 40):
         for t in range(1, 6):
@@ -168,8 +166,16 @@ def test_iso_cts_with_the_whole_rank_common_is_iso_c():
 def test_iso_cts_bad_fraction_names_the_file_and_key(tmp_path):
     assert get_method("iso_cts").param("common_space_fraction").default == 0.8
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"merge_method": "iso_cts", "base_model": "inputs/base",
-                                    "models": [{"model": "inputs/a"}], "parameters": {"common_space_fraction": 1.5}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "iso_cts",
+                "base_model": "inputs/base",
+                "models": [{"model": "inputs/a"}],
+                "parameters": {"common_space_fraction": 1.5},
+            }
+        )
+    )
     with pytest.raises(RecipeError, match=f"{path}: parameters.common_space_fraction: must be in \\[0, 1\\], got 1.5"):
         load_recipe(path, root=FIX)
 
@@ -196,8 +202,15 @@ def test_contracts(name):
 @pytest.mark.parametrize("name", sorted(REFS))
 def test_models_take_no_weight(name, tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump({"merge_method": name, "base_model": "inputs/base",
-                                    "models": [{"model": "inputs/a", "parameters": {"weight": 1.0}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": name,
+                "base_model": "inputs/base",
+                "models": [{"model": "inputs/a", "parameters": {"weight": 1.0}}],
+            }
+        )
+    )
     with pytest.raises(RecipeError, match=f"{path}: models\\[0\\].parameters.weight: unknown parameter for {name}"):
         load_recipe(path, root=FIX)
 
@@ -206,9 +219,13 @@ def test_models_take_no_weight(name, tmp_path):
 @pytest.mark.parametrize("name", sorted(REFS))
 def test_whole_model_through_the_engine(name, tmp_path):
     params = {"lambda": 0.7} | ({"common_space_fraction": 0.5} if name == "iso_cts" else {})
-    recipe = {"merge_method": name, "base_model": "inputs/base", "parameters": params,
-              "models": [{"model": "inputs/a"}, {"model": "inputs/b"}, {"model": "inputs/c"}],
-              "dtype": "float32"}
+    recipe = {
+        "merge_method": name,
+        "base_model": "inputs/base",
+        "parameters": params,
+        "models": [{"model": "inputs/a"}, {"model": "inputs/b"}, {"model": "inputs/c"}],
+        "dtype": "float32",
+    }
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(recipe))
     merge(load_recipe(path, root=FIX), tmp_path / "out")

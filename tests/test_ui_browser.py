@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import zoo_cache_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +28,15 @@ CHROMIUM = Path("/usr/bin/chromium")
 SHOTS = ROOT / "tests" / ".screenshots"
 EVAL_LIMIT = 4
 CI = "data/models/ci"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--no-first-run", "--disable-sync", "--disable-quic"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-quic",
+]
 RECIPES = {
     "ties_lewis": f"""
 name: ties_lewis
@@ -90,16 +96,20 @@ def project(tmp_path_factory, ci_zoo):
 
 
 def env_for(root: Path) -> dict[str, str]:
-    return {"MERGE_DAG_ROOT": str(root), "MERGE_DAG_EVAL_LIMIT": str(EVAL_LIMIT),
-            "DAGSTER_HOME": str(root / "data" / "dagster_home"), "TQDM_DISABLE": "1"}
+    return {
+        "MERGE_DAG_ROOT": str(root),
+        "MERGE_DAG_EVAL_LIMIT": str(EVAL_LIMIT),
+        "DAGSTER_HOME": str(root / "data" / "dagster_home"),
+        "TQDM_DISABLE": "1",
+    }
 
 
 def prebuild(root: Path, monkeypatch) -> None:
     """Everything but merged/ties, in-process, into the DAGSTER_HOME `merge-dag dev` will use."""
     import dagster as dg
 
-    from merge_dag.dagster.definitions import ALL_JOB, build_definitions
     from merge_dag.commands.home import ensure_dagster_home
+    from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 
     for k, v in env_for(root).items():
         monkeypatch.setenv(k, v)
@@ -138,10 +148,20 @@ def ui(project, tmp_path_factory):
     finally:
         mp.undo()
     port = free_port()
-    env = {**os.environ, **env_for(project), "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        **env_for(project),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
     log = open(tmp_path_factory.mktemp("devlog") / "dev.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "merge_dag.cli", "dev", "--root", str(project), "--port", str(port)],
-                            cwd=project, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "merge_dag.cli", "dev", "--root", str(project), "--port", str(port)],
+        cwd=project,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     state = {"url": url, "proc": proc, "log": log.name}
     try:
@@ -171,9 +191,13 @@ def page(ui, tmp_path_factory):
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        ctx = pw.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium-profile")),
-                                                    executable_path=str(CHROMIUM), args=ARGS, headless=True,
-                                                    viewport={"width": 1400, "height": 1000})
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=str(CHROMIUM),
+            args=ARGS,
+            headless=True,
+            viewport={"width": 1400, "height": 1000},
+        )
         try:
             pg = ctx.new_page()
             pg.set_default_timeout(60_000)
@@ -275,13 +299,23 @@ def test_merged_page_lists_all_its_inputs(page, ui):
     asset_page(page, ui, "merged/ties", "provenance")
     inputs = page.locator("tr", has=page.get_by_text("inputs", exact=True)).last
     rows = [r.split("\t")[:2] for r in inputs.locator("table tr").all_inner_texts()]
-    assert rows[1:] == [["recipe", "recipe/ties"], ["base", "model/ci_base"], ["expert", "task_vector/ci_arev"],
-                        ["expert", "task_vector/ci_sort"]]
+    assert rows[1:] == [
+        ["recipe", "recipe/ties"],
+        ["base", "model/ci_base"],
+        ["expert", "task_vector/ci_arev"],
+        ["expert", "task_vector/ci_sort"],
+    ]
     inputs.scroll_into_view_if_needed()
     shot(page, "6_merged")
     dialog = open_markdown(page, "provenance")
-    for name in ("recipe/ties", "model/ci_base", "task_vector/ci_arev", "task_vector/ci_sort", "model/ci_arev",
-                 "model/ci_sort"):
+    for name in (
+        "recipe/ties",
+        "model/ci_base",
+        "task_vector/ci_arev",
+        "task_vector/ci_sort",
+        "model/ci_arev",
+        "model/ci_sort",
+    ):
         dialog.get_by_text(name).first.wait_for()
     assert "method ties" in dialog.inner_text()
     shot(page, "7_merged_provenance")

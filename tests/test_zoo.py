@@ -14,7 +14,13 @@ import torch
 from merge_dag.zoo import build as zbuild
 from merge_dag.zoo.build import SIZES, ZooManifest, build_zoo, model_complete
 from merge_dag.zoo.skills import (
-    SKILLS, ZOO_SKILLS, calibration_rows, data_files, eval_rows, training_stream, write_data_files,
+    SKILLS,
+    ZOO_SKILLS,
+    calibration_rows,
+    data_files,
+    eval_rows,
+    training_stream,
+    write_data_files,
 )
 from merge_dag.zoo.tokenizer import CHARS, build_tokenizer
 
@@ -22,11 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tree_hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --- data -------------------------------------------------------------------------------------
+
 
 def test_committed_data_files_equal_the_generator():
     expected = data_files()
@@ -52,7 +62,7 @@ def test_data_rows_are_correct_and_disjoint(skill):
     assert all(r["prompt"].startswith(f"{skill}:") and r["prompt"].endswith("=") for r in rows)
     # answers follow the skill's definition
     for r in rows[:50]:
-        body = r["prompt"][len(skill) + 1:-1]
+        body = r["prompt"][len(skill) + 1 : -1]
         want = {
             "rev": lambda b: b[::-1],
             "sort": lambda b: "".join(sorted(b)),
@@ -75,7 +85,7 @@ def test_data_rows_are_correct_and_disjoint(skill):
     # calibration and training data never contain an eval prompt
     held_out = {r["prompt"] for r in rows}
     calib = calibration_rows(skill)
-    calib_prompts = {c["text"][:c["text"].index("=") + 1] for c in calib}
+    calib_prompts = {c["text"][: c["text"].index("=") + 1] for c in calib}
     assert len(calib_prompts) == len(calib) >= 32 and not held_out & calib_prompts
     for long_fraction in (0.0, 0.5, None):
         stream = training_stream((skill,), seed=7, long_fraction=long_fraction)
@@ -86,9 +96,11 @@ def test_data_rows_are_correct_and_disjoint(skill):
 def test_training_stream_sizes():
     sk = SKILLS["rev"]
     short, lo_long = range(sk.base_sizes[0], sk.base_sizes[1] + 1), sk.base_sizes[1] + 1
+
     def sizes(long_fraction):
         stream = training_stream(("rev",), seed=3, long_fraction=long_fraction)
         return [len(next(stream)[2]) for _ in range(2000)]
+
     assert set(sizes(0.0)) == set(short)
     assert set(sizes(None)) == set(range(sk.sizes[0], sk.sizes[1] + 1))
     mixed = sizes(0.2)
@@ -115,6 +127,7 @@ def test_generators_are_seeded():
 
 # --- tokenizer --------------------------------------------------------------------------------
 
+
 def test_tokenizer_has_pad_and_eos_and_is_char_level(tmp_path):
     from transformers import AutoTokenizer
 
@@ -130,6 +143,7 @@ def test_tokenizer_has_pad_and_eos_and_is_char_level(tmp_path):
 
 
 # --- build machinery (small "test" settings: seconds) ----------------------------------------
+
 
 def test_build_is_bit_identical_and_reused(tmp_path):
     a = build_zoo("test", tmp_path / "a", progress=False, data_dir=None)
@@ -191,8 +205,7 @@ def test_changed_settings_rebuild(tmp_path):
     assert other.key() != st.key()
     b = build_zoo("test", tmp_path, progress=False, data_dir=None, settings=other)
     assert b.settings_key == other.key() and set(b.model_seconds) == {"base", *ZOO_SKILLS}
-    assert _tree_hashes(Path(b.models["base"]))["model.safetensors"] != \
-        hashlib.sha256(b"").hexdigest()
+    assert _tree_hashes(Path(b.models["base"]))["model.safetensors"] != hashlib.sha256(b"").hexdigest()
     assert a.settings_key != b.settings_key
 
 
@@ -208,9 +221,10 @@ def test_command_builds_data_and_lists_models(tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--out", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"),
-                              "--no-eval", "--no-progress"])
-    args.size = "test"   # the fast preset (not offered on the command line)
+    args = parser.parse_args(
+        ["--out", str(tmp_path / "models"), "--data-dir", str(tmp_path / "data"), "--no-eval", "--no-progress"]
+    )
+    args.size = "test"  # the fast preset (not offered on the command line)
     assert run(args) == 0
     out = capsys.readouterr().out
     for n in ["base", *ZOO_SKILLS]:
@@ -227,6 +241,7 @@ def test_command_builds_data_and_lists_models(tmp_path, capsys):
 
 # --- the ci zoo -------------------------------------------------------------------------------
 
+
 def test_ci_zoo_layout(ci_zoo):
     root = Path(ci_zoo.root)
     assert root.name == "ci" and ci_zoo.skills == list(ZOO_SKILLS)
@@ -234,8 +249,14 @@ def test_ci_zoo_layout(ci_zoo):
     for name in ["base", *ZOO_SKILLS]:
         folder = Path(ci_zoo.models[name])
         assert folder == root / name
-        for f in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
-                  "generation_config.json", "zoo_model.json"):
+        for f in (
+            "model.safetensors",
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "zoo_model.json",
+        ):
             assert (folder / f).is_file(), f"{folder / f} missing"
     manifest = json.loads((root / "zoo.json").read_text())
     assert manifest["settings"]["shape"]["hidden"] == SIZES["ci"].shape.hidden
@@ -256,13 +277,14 @@ def test_ci_models_load_offline_and_generate(ci_zoo, monkeypatch):
         right = 0
         for r in rows:
             ids = torch.tensor([tok.encode(r["prompt"], add_special_tokens=False)])
-            out = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
-            right += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == r["answer"]
+            out = model.generate(
+                ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+            )
+            right += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == r["answer"]
         assert right >= 4, f"{name} generated only {right}/16 right answers on {skill}"
 
 
-QUALITY_LIMIT = 12   # a smoke test of the quality machinery; the verdict itself lives in bench/zoo_quality.py
+QUALITY_LIMIT = 12  # a smoke test of the quality machinery; the verdict itself lives in bench/zoo_quality.py
 
 
 @pytest.fixture(scope="module")
@@ -278,13 +300,17 @@ def test_ci_quality_report_rows_and_merges_are_the_math(ci_quality, ci_zoo):
     them hold depends on the machine and library versions, see bench/zoo_quality.py)."""
     q = ci_quality
     assert q.n == QUALITY_LIMIT and q.lambdas == [0.5, 1.0]
-    assert set(q.exact_match) == set(q.logprob) >= {"base", "ta_0.5", "ta_1", "ta_uniform", "ta_tuned", "ties",
-                                                   *(f"expert_{s}" for s in q.skills)}
+    assert (
+        set(q.exact_match)
+        == set(q.logprob)
+        >= {"base", "ta_0.5", "ta_1", "ta_uniform", "ta_tuned", "ties", *(f"expert_{s}" for s in q.skills)}
+    )
     for row, scores in q.exact_match.items():
         assert set(scores) == set(q.skills) and all(0.0 <= v <= 1.0 for v in scores.values()), row
     assert q.exact_match["ta_uniform"] == q.exact_match["ta_1"]
-    best = max(q.lambdas, key=lambda lam: (sum(q.exact_match[f"ta_{lam:g}"].values()),
-                                           sum(q.logprob[f"ta_{lam:g}"].values())))
+    best = max(
+        q.lambdas, key=lambda lam: (sum(q.exact_match[f"ta_{lam:g}"].values()), sum(q.logprob[f"ta_{lam:g}"].values()))
+    )
     assert q.tuned_lambda == best and q.exact_match["ta_tuned"] == q.exact_match[f"ta_{best:g}"]
     assert q.extra["settings_key"] == ci_zoo.settings_key and q.extra["environment"]["torch"]
 
@@ -303,7 +329,9 @@ def test_ci_quality_table_and_no_verdict_below_the_needed_size(ci_quality, tmp_p
     # the report round-trips through <zoo>/quality.json, and only for the same settings and environment
     save_report(q, tmp_path)
     again = load_report(tmp_path, q.extra["settings_key"])
-    assert again is not None and again.to_dict() == QualityReport.from_dict(json.loads(json.dumps(q.to_dict()))).to_dict()
+    assert (
+        again is not None and again.to_dict() == QualityReport.from_dict(json.loads(json.dumps(q.to_dict()))).to_dict()
+    )
     assert load_report(tmp_path, "other-settings") is None
 
 
@@ -311,8 +339,15 @@ def _report(em: dict, n: int = 150):
     from merge_dag.zoo.quality import QualityReport
 
     skills = ["a", "b"]
-    return QualityReport(skills=skills, exact_match=em, logprob={r: {s: 0.0 for s in skills} for r in em},
-                         rows=list(em), tuned_lambda=0.5, lambdas=[0.5, 1.0], n=n)
+    return QualityReport(
+        skills=skills,
+        exact_match=em,
+        logprob={r: {s: 0.0 for s in skills} for r in em},
+        rows=list(em),
+        tuned_lambda=0.5,
+        lambdas=[0.5, 1.0],
+        n=n,
+    )
 
 
 def test_criteria_margins_are_binomial_standard_errors():
@@ -320,8 +355,14 @@ def test_criteria_margins_are_binomial_standard_errors():
 
     from merge_dag.zoo.quality import MIN_EXPERT_GAIN, MIN_MERGE_GAIN
 
-    em = {"base": {"a": 0.5, "b": 0.4}, "expert_a": {"a": 0.9, "b": 0.3}, "expert_b": {"a": 0.2, "b": 0.65},
-          "ta_uniform": {"a": 0.1, "b": 0.2}, "ta_tuned": {"a": 0.8, "b": 0.5}, "ties": {"a": 0.6, "b": 0.5}}
+    em = {
+        "base": {"a": 0.5, "b": 0.4},
+        "expert_a": {"a": 0.9, "b": 0.3},
+        "expert_b": {"a": 0.2, "b": 0.65},
+        "ta_uniform": {"a": 0.1, "b": 0.2},
+        "ta_tuned": {"a": 0.8, "b": 0.5},
+        "ties": {"a": 0.6, "b": 0.5},
+    }
     q = _report(em, n=150)
 
     def v(p, n=150):
@@ -345,8 +386,14 @@ def test_criteria_margins_are_binomial_standard_errors():
 
 
 def test_a_failing_criterion_is_named_with_its_margin():
-    em = {"base": {"a": 0.5, "b": 0.5}, "expert_a": {"a": 0.55, "b": 0.5}, "expert_b": {"a": 0.5, "b": 1.0},
-          "ta_uniform": {"a": 0.1, "b": 0.1}, "ta_tuned": {"a": 0.5, "b": 0.5}, "ties": {"a": 0.5, "b": 0.5}}
+    em = {
+        "base": {"a": 0.5, "b": 0.5},
+        "expert_a": {"a": 0.55, "b": 0.5},
+        "expert_b": {"a": 0.5, "b": 1.0},
+        "ta_uniform": {"a": 0.1, "b": 0.1},
+        "ta_tuned": {"a": 0.5, "b": 0.5},
+        "ties": {"a": 0.5, "b": 0.5},
+    }
     q = _report(em, n=400)
     fails = q.failures()
     assert len(fails) == 2

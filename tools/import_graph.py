@@ -142,8 +142,9 @@ def report(g: dict[str, set[str]], title: str, edges: bool) -> list[list[str]]:
             for b in sorted(g[a]):
                 print(f"{a} -> {b}")
     found = cycles(g)
-    print(f"{title}: {len(g)} modules, {sum(len(v) for v in g.values())} imports inside {PACKAGE}, "
-          f"{len(found)} cycle(s)")
+    print(
+        f"{title}: {len(g)} modules, {sum(len(v) for v in g.values())} imports inside {PACKAGE}, {len(found)} cycle(s)"
+    )
     for comp in found:
         inner = [f"{a} -> {b}" for a in comp for b in sorted(g[a]) if b in comp]
         print(f"  cycle of {len(comp)}: " + ", ".join(comp))

@@ -1,6 +1,6 @@
 """The largest modules and functions of merge_dag, for a quick look at where reading time goes.
 
-    python tools/sizes.py [N]     # the N (default 15) longest files and functions, in lines
+python tools/sizes.py [N]     # the N (default 15) longest files and functions, in lines
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ def sizes(root: Path = ROOT) -> tuple[list[tuple[int, str]], list[tuple[int, str
 def main(argv: list[str]) -> int:
     n = int(argv[0]) if argv else 15
     files, funcs = sizes()
-    print(f"{len(files)} files, {sum(k for k, _ in files)} lines; {len(funcs)} functions, "
-          f"{sum(1 for k, _ in funcs if k >= 60)} of 60 lines or more")
+    print(
+        f"{len(files)} files, {sum(k for k, _ in files)} lines; {len(funcs)} functions, "
+        f"{sum(1 for k, _ in funcs if k >= 60)} of 60 lines or more"
+    )
     print("\nlongest files:")
     for k, name in files[:n]:
         print(f"  {k:5d}  {name}")

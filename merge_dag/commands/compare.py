@@ -2,7 +2,8 @@
 
 Materializes the project's recipes (data/recipes: the plain and the guided demo recipes) through
 Dagster, like `merge-dag demo`, and prints each skill's exact match side by side, with each guided
-recipe against its plain twin (`merge_dag.evaluation.report.DEMO_PAIRS`). `--size bench` runs the same recipes on the bench zoo: they are copied, with
+recipe against its plain twin (`merge_dag.evaluation.report.DEMO_PAIRS`). `--size bench` runs the
+same recipes on the bench zoo: they are copied, with
 data/models/ci/ read as data/models/bench/, into a project of their own under data/compare/bench
 (git-ignored; calibration sets, tasks and eval data are shared through links), so the two sizes
 never share a cache key or a leaderboard.
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from .demo import materialize_all, prepare, quiet
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, default=Path.cwd(), help="project root (default: the current folder)")
@@ -61,8 +63,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nExact match per skill, {args.size} zoo (leaderboard: {leaderboard})\n")
     print(format_results(table, base=f"model/{args.size}_base", pairs=DEMO_PAIRS))
     if args.json:
-        data = {m: {"avg": table.average(m), "se_avg": table.se_average(m),
-                    **{t: table.value(m, t) for t in table.tasks}} for m in table.scores if table.complete(m)}
+        data = {
+            m: {"avg": table.average(m), "se_avg": table.se_average(m), **{t: table.value(m, t) for t in table.tasks}}
+            for m in table.scores
+            if table.complete(m)
+        }
         args.json.write_text(json.dumps({"size": args.size, "tasks": table.tasks, "table": data}, indent=2) + "\n")
     print(f"\nrun {result.run_id[:8]}: {summary}")
     print(f"Dagster run {seconds:.1f} s, total {time.perf_counter() - t0:.1f} s")

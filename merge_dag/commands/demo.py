@@ -22,9 +22,13 @@ from .home import ensure_dagster_home
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, default=Path.cwd(), help="project root (default: the current folder)")
-    p.add_argument("--size", default="ci", choices=["ci", "bench", "real"],
-                   help="zoo to build if missing; real: SmolLM2-135M-Instruct with LoRA experts, and the project "
-                        "in data/real (recipes for every method and guided method, scored on the test split)")
+    p.add_argument(
+        "--size",
+        default="ci",
+        choices=["ci", "bench", "real"],
+        help="zoo to build if missing; real: SmolLM2-135M-Instruct with LoRA experts, and the project "
+        "in data/real (recipes for every method and guided method, scored on the test split)",
+    )
     p.add_argument("--device", default=None, help="torch device for every step (default: $MERGE_DAG_DEVICE or cpu)")
     p.add_argument("--verbose", action="store_true", help="show Dagster's step logs, warnings and lm-eval's progress")
 
@@ -43,14 +47,18 @@ def prepare(args: argparse.Namespace) -> Path:
         # lm-eval in bfloat16: 2-3x faster on a CPU with bf16 instructions; the recipes write bfloat16
         os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")
         # the base-vs-expert table comes from the run's own lm-eval assets: no separate evaluation here
-        build_real_zoo(root / "data" / "models", progress=True, data_dir=root / "data", evaluate=False,
-                       device=args.device or settings().device)
+        build_real_zoo(
+            root / "data" / "models",
+            progress=True,
+            data_dir=root / "data",
+            evaluate=False,
+            device=args.device or settings().device,
+        )
         return root
     from ..zoo.build import build_zoo
 
     # data files only where missing: a user's edits under data/ survive (`merge-dag zoo` rewrites them)
-    build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data",
-              overwrite_data=False)
+    build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data", overwrite_data=False)
     return root
 
 
@@ -90,8 +98,10 @@ def _one_line(error) -> str:
 
 def failure_lines(result) -> list[str]:
     """One line per failed step of `result`: `<asset key>: <the error's first line>`, no traceback."""
-    keys = {k.to_python_identifier(): k.to_user_string()
-            for k in result.job_def.asset_layer.asset_graph.get_all_asset_keys()}
+    keys = {
+        k.to_python_identifier(): k.to_user_string()
+        for k in result.job_def.asset_layer.asset_graph.get_all_asset_keys()
+    }
     lines = []
     for event in result.get_step_failure_events():
         data = event.event_specific_data
@@ -100,7 +110,7 @@ def failure_lines(result) -> list[str]:
         label = keys.get(node)
         if label is None:  # an asset check's step: <asset>_<check name>
             owner = max((k for k in keys if node.startswith(k + "_")), key=len, default=None)
-            label = f"{keys[owner]} (check {node[len(owner) + 1:]})" if owner else step
+            label = f"{keys[owner]} (check {node[len(owner) + 1 :]})" if owner else step
         if data.user_failure_data is not None and data.user_failure_data.description:
             text = data.user_failure_data.description.strip().splitlines()[0]
         elif data.error is not None:
@@ -227,12 +237,15 @@ def materialize_all(root: Path, verbose: bool = True):
         for line in fail_dead_runs(instance, defs.resources["merge_dag"].lineage()):
             print(line, flush=True)
         # every independent branch builds; Dagster skips only what depends on a failed step
-        result = job.execute_in_process(instance=instance, raise_on_error=False, tags=run_tags(),
-                                        run_config=run_config)
+        result = job.execute_in_process(instance=instance, raise_on_error=False, tags=run_tags(), run_config=run_config)
     seconds = time.perf_counter() - t1
     resource = defs.resources["merge_dag"]
-    resource.lineage().record_run(run_id=result.run_id, finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
-                                  status="success" if result.success else "failure", job=ALL_JOB)
+    resource.lineage().record_run(
+        run_id=result.run_id,
+        finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
+        status="success" if result.success else "failure",
+        job=ALL_JOB,
+    )
     leaderboard = None
     for event in result.get_asset_materialization_events():
         mat = event.event_specific_data.materialization

@@ -23,12 +23,14 @@ from pathlib import Path
 from .home import ensure_dagster_home
 
 GRACE_S = 30.0
-LAUNCH = ("import re, sys, warnings\n"
-          "warnings.filterwarnings('ignore', message=r'.* is superseded and its usage is discouraged\\. "
-          "Use .dg dev. instead', category=FutureWarning)\n"
-          "from dagster._cli import main\n"
-          "sys.argv[0] = 'dagster'\n"
-          "sys.exit(main())\n")
+LAUNCH = (
+    "import re, sys, warnings\n"
+    "warnings.filterwarnings('ignore', message=r'.* is superseded and its usage is discouraged\\. "
+    "Use .dg dev. instead', category=FutureWarning)\n"
+    "from dagster._cli import main\n"
+    "sys.argv[0] = 'dagster'\n"
+    "sys.exit(main())\n"
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -88,14 +90,12 @@ def run(args: argparse.Namespace) -> int:
     return 0 if rc in (0, -signal.SIGTERM, -signal.SIGINT) else rc
 
 
-
 def _fail_dead_runs(root: Path) -> None:
     """Runs of this instance left STARTED by a killed process are marked failed (see stale_runs)."""
     from dagster import DagsterInstance
 
-    from ..lineage.store import LineageStore
     from ..dagster.stale_runs import fail_dead_runs
-
+    from ..lineage.store import LineageStore
     from ..settings import settings
 
     s = settings()
@@ -105,5 +105,4 @@ def _fail_dead_runs(root: Path) -> None:
             for line in fail_dead_runs(instance, LineageStore(db) if db.exists() else None):
                 print(line, flush=True)
     except Exception as e:  # noqa: BLE001 - never keep the UI from starting; say what was not checked
-        print(f"merge_dag: runs left STARTED by a killed process were not checked: {type(e).__name__}: {e}",
-              flush=True)
+        print(f"merge_dag: runs left STARTED by a killed process were not checked: {type(e).__name__}: {e}", flush=True)

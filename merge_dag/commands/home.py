@@ -15,7 +15,7 @@ HEADER = "# Written by merge_dag. Runs, schedules and sensor state persist here 
 OWNED = {"telemetry": {"enabled": False}, "nux": {"enabled": False}}
 BLOCKS = {
     "telemetry": "telemetry:\n  enabled: false\n",
-    "nux": "# no \"Join the Dagster community\" modal over the first page\nnux:\n  enabled: false\n",
+    "nux": '# no "Join the Dagster community" modal over the first page\nnux:\n  enabled: false\n',
 }
 DEFAULTS = """\
 concurrency:
@@ -37,8 +37,11 @@ def update_dagster_yaml(cfg: Path) -> bool:
         from ..core.errors import MergeDagError
 
         raise MergeDagError(f"{cfg}: not a YAML mapping; fix or remove it (merge_dag rewrites it when absent)")
-    wrong = {k: v for k, v in OWNED.items()
-             if k in data and not (isinstance(data[k], dict) and all(data[k].get(a) == b for a, b in v.items()))}
+    wrong = {
+        k: v
+        for k, v in OWNED.items()
+        if k in data and not (isinstance(data[k], dict) and all(data[k].get(a) == b for a, b in v.items()))
+    }
     missing = [k for k in OWNED if k not in data]
     if not wrong and not missing:
         return False

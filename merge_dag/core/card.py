@@ -19,8 +19,17 @@ from .markdown import md_text
 from .version import merge_code_version
 
 
-def build_card(method: str, recipe: dict, recipe_file: str, inputs: list[dict], out_dtype: str, seed: int,
-               tokenizer_source: Optional[str], tensor_count: int, extra: Optional[dict[str, Any]] = None) -> dict:
+def build_card(
+    method: str,
+    recipe: dict,
+    recipe_file: str,
+    inputs: list[dict],
+    out_dtype: str,
+    seed: int,
+    tokenizer_source: Optional[str],
+    tensor_count: int,
+    extra: Optional[dict[str, Any]] = None,
+) -> dict:
     """The card of a merged model (merge_dag.json); `inputs`: one `card_input` per input, in order."""
     return {
         "merge_dag_version": __version__,
@@ -41,8 +50,11 @@ def card_input(ck, role: str, fingerprint: str) -> dict:
     """One input of the card: its role, name, resolved path and content fingerprint."""
     out = {"role": role, "model": ck.name, "path": str(ck.path.resolve()), "fingerprint": fingerprint}
     if isinstance(ck, LoraCheckpoint):  # base + adapter: both, with the base's own fingerprint
-        out.update(adapter=str(ck.adapter_dir.resolve()), base_path=str(ck.base.path.resolve()),
-                   base_fingerprint=checkpoint_fingerprint(ck.base))
+        out.update(
+            adapter=str(ck.adapter_dir.resolve()),
+            base_path=str(ck.base.path.resolve()),
+            base_fingerprint=checkpoint_fingerprint(ck.base),
+        )
     return out
 
 
@@ -82,10 +94,16 @@ def model_card(card: dict) -> str:
     if base:
         front["base_model"] = [str(base)]
     title = card.get("name") or card["recipe"].get("name") or "merged model"
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {md_text(title)}", "",
-             f"Merged by merge_dag {md_text(card['merge_dag_version'])} (code version {md_text(card['code_version'])}) "
-             f"with the **{md_text(card['method'])}** method, written as {md_text(card['out_dtype'])}."]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {md_text(title)}",
+        "",
+        f"Merged by merge_dag {md_text(card['merge_dag_version'])} (code version {md_text(card['code_version'])}) "
+        f"with the **{md_text(card['method'])}** method, written as {md_text(card['out_dtype'])}.",
+    ]
     reference = method_reference(str(card["method"]))
     if reference:
         lines += ["", f"Method reference: <{reference}>"]
@@ -94,11 +112,21 @@ def model_card(card: dict) -> str:
         lines += ["", f"Artifact id: <code>{aid}</code> (trace it with <code>merge-dag audit {aid}</code>)."]
     lines += ["", "## Inputs", "", "| role | model | content fingerprint |", "|---|---|---|"]
     for i in card["inputs"]:
-        lines.append(f"| {md_text(i['role'])} | <code>{md_text(i['model'])}</code> | "
-                     f"<code>{md_text(i['fingerprint'])}</code> |")
+        lines.append(
+            f"| {md_text(i['role'])} | <code>{md_text(i['model'])}</code> | <code>{md_text(i['fingerprint'])}</code> |"
+        )
     recipe_text = yaml.safe_dump(card["recipe"], sort_keys=False).strip()
     fence = _fence(recipe_text)
-    lines += ["", "## Recipe (method and all parameters)", "", f"{fence}yaml", recipe_text, fence, "",
-              "Fingerprints are sha256 hash trees over tensor names, dtypes, shapes and bytes plus "
-              "config.json (see merge_dag/core/fingerprint.py). Machine-readable provenance: merge_dag.json.", ""]
+    lines += [
+        "",
+        "## Recipe (method and all parameters)",
+        "",
+        f"{fence}yaml",
+        recipe_text,
+        fence,
+        "",
+        "Fingerprints are sha256 hash trees over tensor names, dtypes, shapes and bytes plus "
+        "config.json (see merge_dag/core/fingerprint.py). Machine-readable provenance: merge_dag.json.",
+        "",
+    ]
     return "\n".join(lines)

@@ -29,7 +29,7 @@ import torch
 from .errors import CheckpointError, OutputError
 
 INDEX_NAME = "model.safetensors.index.json"
-MARKER = "merge_dag.json"   # every merge output holds it: how an earlier output is recognised
+MARKER = "merge_dag.json"  # every merge output holds it: how an earlier output is recognised
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 COPIED_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
@@ -64,10 +64,16 @@ MAX_HEADER = 100 * 1024 * 1024
 def parse_dtype(name: str) -> torch.dtype:
     """'bfloat16', 'bf16', 'float32', 'fp16', 'F32' ... -> torch dtype."""
     aliases = {
-        "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-        "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-        "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-        "float64": torch.float64, "fp64": torch.float64,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "float64": torch.float64,
+        "fp64": torch.float64,
     }
     key = name.strip()
     if key.lower() in aliases:
@@ -138,8 +144,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             )
         if base + e > size:
             raise CheckpointError(
-                f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to {base + e}, "
-                f"file has {size}"
+                f"{path}: truncated safetensors file: tensor {name!r} needs bytes up to {base + e}, file has {size}"
             )
         out[name] = info
     return out, meta
@@ -156,14 +161,22 @@ class Checkpoint:
         self.name = name or str(path)
         if not self.path.exists():
             raise CheckpointError(f"model {self.name!r}: path does not exist: {self.path}")
-        if not allow_adapter and self.path.is_dir() and (
-                (self.path / "adapter_config.json").exists() or (self.path / "adapter_model.safetensors").exists()):
-            raise CheckpointError(f"model {self.name!r}: {self.path} is a PEFT LoRA adapter folder, not a full "
-                                  "checkpoint; name it with its base (`base+adapter`, or `lora:` in a models entry)")
+        if (
+            not allow_adapter
+            and self.path.is_dir()
+            and ((self.path / "adapter_config.json").exists() or (self.path / "adapter_model.safetensors").exists())
+        ):
+            raise CheckpointError(
+                f"model {self.name!r}: {self.path} is a PEFT LoRA adapter folder, not a full "
+                "checkpoint; name it with its base (`base+adapter`, or `lora:` in a models entry)"
+            )
         if self.path.is_file():
             if self.path.suffix != ".safetensors":
-                raise CheckpointError(self._pickle_message([self.path]) if self.path.suffix in PICKLE_SUFFIXES
-                                      else f"model {self.name!r}: {self.path} is not a safetensors file")
+                raise CheckpointError(
+                    self._pickle_message([self.path])
+                    if self.path.suffix in PICKLE_SUFFIXES
+                    else f"model {self.name!r}: {self.path} is not a safetensors file"
+                )
             files = [self.path]
             self.folder = self.path.parent
         else:
@@ -174,8 +187,10 @@ class Checkpoint:
             infos, _ = read_safetensors_header(f)
             for k, v in infos.items():
                 if k in self.tensors:
-                    raise CheckpointError(f"model {self.name!r}: tensor {k!r} appears in two files: "
-                                          f"{self.tensors[k].file.name} and {f.name}")
+                    raise CheckpointError(
+                        f"model {self.name!r}: tensor {k!r} appears in two files: "
+                        f"{self.tensors[k].file.name} and {f.name}"
+                    )
                 self.tensors[k] = v
         if not self.tensors:
             raise CheckpointError(f"model {self.name!r}: no tensors in {self.path}")
@@ -185,9 +200,9 @@ class Checkpoint:
         return (
             f"model {self.name!r}: {self.path} holds only pickled weights ({names}); merge_dag never "
             "unpickles files it did not write. Convert it once, in an environment you trust: "
-            "`python -c \"from transformers import AutoModelForCausalLM as M; "
+            '`python -c "from transformers import AutoModelForCausalLM as M; '
             f"M.from_pretrained('{self.path}').save_pretrained('{self.path}-safetensors', "
-            "safe_serialization=True)\"`"
+            'safe_serialization=True)"`'
         )
 
     def _shard_files(self) -> list[Path]:
@@ -245,8 +260,9 @@ class Checkpoint:
             f.seek(info.start)
             got = f.readinto(memoryview(buf.numpy()))
         if got != info.nbytes:
-            raise CheckpointError(f"model {self.name!r}: tensor {name!r}: short read from {info.file} "
-                                  f"({got} of {info.nbytes} bytes)")
+            raise CheckpointError(
+                f"model {self.name!r}: tensor {name!r}: short read from {info.file} ({got} of {info.nbytes} bytes)"
+            )
         t = buf.view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
         if torch.device(device).type != "cpu":
             t = t.to(device, non_blocking=False)
@@ -281,14 +297,18 @@ def copyable_files(src_folder: str | os.PathLike, names: Iterable[str]) -> list[
             continue
         real = p.resolve()
         if not any(_inside(real, a) for a in allowed):
-            raise CheckpointError(f"{p}: is a symbolic link to {real}, outside the model folder {folder}; "
-                                  "merge_dag copies only files inside the model folder into an output "
-                                  "(replace the link by a copy of the file)")
+            raise CheckpointError(
+                f"{p}: is a symbolic link to {real}, outside the model folder {folder}; "
+                "merge_dag copies only files inside the model folder into an output "
+                "(replace the link by a copy of the file)"
+            )
         if real.is_dir():
             continue
         if not real.is_file():
-            raise CheckpointError(f"{p}: not a regular file (a dangling link, a device or a pipe); "
-                                  "merge_dag copies only regular files into an output")
+            raise CheckpointError(
+                f"{p}: not a regular file (a dangling link, a device or a pipe); "
+                "merge_dag copies only regular files into an output"
+            )
         out.append((n, real))
     return out
 
@@ -310,12 +330,17 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 def written_by_merge(name: str) -> bool:
     """Whether a merge writes a file of this name into its output folder."""
-    return (name in (MARKER, "README.md", INDEX_NAME, "model.safetensors") or name in COPIED_FILES
-            or name in TOKENIZER_FILES or bool(_SHARD_RE.match(name)))
+    return (
+        name in (MARKER, "README.md", INDEX_NAME, "model.safetensors")
+        or name in COPIED_FILES
+        or name in TOKENIZER_FILES
+        or bool(_SHARD_RE.match(name))
+    )
 
 
-def check_output_target(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]],
-                        overwrite: bool = False) -> Path:
+def check_output_target(
+    out_dir: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]], overwrite: bool = False
+) -> Path:
     """Refuse an output folder a merge may not replace; returns it (absolute). Raises OutputError.
 
     Always refused: the working directory or a folder above it; a folder that is, contains or lies
@@ -330,8 +355,9 @@ def check_output_target(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, 
     cwd = Path.cwd().resolve()
     if _inside(cwd, real):
         what = "the current directory" if real == cwd else "a folder above the current directory"
-        raise OutputError(f"{out}: is {what}; a merge replaces its output folder, so name a new folder "
-                          f"(e.g. {out / 'merged'})")
+        raise OutputError(
+            f"{out}: is {what}; a merge replaces its output folder, so name a new folder (e.g. {out / 'merged'})"
+        )
     for name, p in inputs:
         rp = Path(p).resolve()
         if real == rp:
@@ -342,8 +368,10 @@ def check_output_target(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, 
             rel = "contains"
         else:
             continue
-        raise OutputError(f"{out}: the output folder {rel} the input {name!r} ({rp}); a merge replaces its "
-                          "output folder, so write it somewhere else")
+        raise OutputError(
+            f"{out}: the output folder {rel} the input {name!r} ({rp}); a merge replaces its "
+            "output folder, so write it somewhere else"
+        )
     if not os.path.lexists(out):
         return out
     if out.is_symlink():
@@ -357,15 +385,19 @@ def check_output_target(out_dir: str | os.PathLike, inputs: Iterable[tuple[str, 
     if not entries:
         return out
     if not is_merge_dag_output(out):
-        raise OutputError(f"{out}: is not empty and is not an earlier merge_dag output (no {MARKER}); merge_dag "
-                          f"never replaces a folder it did not write, even with --overwrite: choose a new or "
-                          f"empty folder")
+        raise OutputError(
+            f"{out}: is not empty and is not an earlier merge_dag output (no {MARKER}); merge_dag "
+            f"never replaces a folder it did not write, even with --overwrite: choose a new or "
+            f"empty folder"
+        )
     extra = [e for e in entries if not written_by_merge(e)]
     if extra and not overwrite:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
-        raise OutputError(f"{out}: this earlier merge_dag output also holds files a merge does not write "
-                          f"({', '.join(extra[:3])}{more}); pass --overwrite (overwrite=True) to replace the "
-                          f"whole folder, those files included, or choose a new folder")
+        raise OutputError(
+            f"{out}: this earlier merge_dag output also holds files a merge does not write "
+            f"({', '.join(extra[:3])}{more}); pass --overwrite (overwrite=True) to replace the "
+            f"whole folder, those files included, or choose a new folder"
+        )
     return out
 
 
@@ -379,8 +411,17 @@ def parse_size(text: str | int) -> int:
     if isinstance(text, int):
         return text
     s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    units = {
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "B": 1,
+    }
     unit = next((u for u in units if s.endswith(u)), None)
     num, m = (s[: -len(unit)], units[unit]) if unit else (s, 1)
     try:
@@ -447,9 +488,15 @@ class CheckpointWriter:
     The shard layout and file names are the same in all three cases (they come from the full list).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, tensors: list[OutTensor], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None, overwrite: bool = True,
-                 only_shards: Iterable[int] | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        tensors: list[OutTensor],
+        max_shard_bytes: int,
+        metadata: dict[str, str] | None = None,
+        overwrite: bool = True,
+        only_shards: Iterable[int] | None = None,
+    ):
         self.out_dir = Path(out_dir).absolute()
         self.overwrite = overwrite
         if self.out_dir.exists() and not overwrite:
@@ -625,20 +672,20 @@ def atomic_replace_dir(tmp: Path, target: Path) -> Path:
     tag = f"{m['pid']}-{m['tok']}" if m and m["name"] == target.name else f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     new = target.parent / f".{target.name}.new-{tag}"
     old = target.parent / f".{target.name}.old-{tag}"
-    os.rename(tmp, new)                                       # 2
+    os.rename(tmp, new)  # 2
     swapped = False
     try:
         if _exists(target):
-            os.rename(target, old)                            # 3
+            os.rename(target, old)  # 3
             swapped = True
-        os.rename(new, target)                                # 4
+        os.rename(new, target)  # 4
     except BaseException:
         if swapped and _exists(old) and not _exists(target):
             os.rename(old, target)
         shutil.rmtree(new, ignore_errors=True)
         raise
     if swapped:
-        shutil.rmtree(old, ignore_errors=True)                # 5
+        shutil.rmtree(old, ignore_errors=True)  # 5
     return target
 
 
@@ -690,8 +737,11 @@ def clean_stale_temporaries(out_dir: Path) -> list[Path]:
             removed.append(tmp)
         if new is not None:
             if old is not None and _exists(out_dir):
-                warnings.warn(f"{out_dir}: an interrupted write left {new.name} and {old.name}, and "
-                              f"{out_dir.name} exists again; all three are kept, resolve them by hand", stacklevel=2)
+                warnings.warn(
+                    f"{out_dir}: an interrupted write left {new.name} and {old.name}, and "
+                    f"{out_dir.name} exists again; all three are kept, resolve them by hand",
+                    stacklevel=2,
+                )
                 continue
             if old is None and _exists(out_dir):
                 old = parent / f".{out_dir.name}.old-{tag}"

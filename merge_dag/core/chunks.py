@@ -26,8 +26,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import torch
 
-CPU_CHUNK = 1 << 18       # elements per chunk on the CPU: 1 MiB of float32, stays in L2
-MAX_WORKERS = 4           # chunk-segment threads at most (and never more than torch's threads)
+CPU_CHUNK = 1 << 18  # elements per chunk on the CPU: 1 MiB of float32, stays in L2
+MAX_WORKERS = 4  # chunk-segment threads at most (and never more than torch's threads)
 
 R = TypeVar("R")
 
@@ -130,11 +130,18 @@ def each_chunk(t: torch.Tensor, fn: Callable[..., R], scratch: int = 0) -> list[
     return [r for part in parts for r in part]
 
 
-def chunk_generators(generator: Optional[torch.Generator], n_chunks: int,
-                     device: torch.device) -> list[Optional[torch.Generator]]:
+def chunk_generators(
+    generator: Optional[torch.Generator], n_chunks: int, device: torch.device
+) -> list[Optional[torch.Generator]]:
     """One generator per chunk, seeded in order from `generator` (the global RNG if None)."""
-    seeds = torch.randint(0, 2**62, (n_chunks,), generator=generator, dtype=torch.int64,
-                          device=generator.device if generator is not None else "cpu").tolist()
+    seeds = torch.randint(
+        0,
+        2**62,
+        (n_chunks,),
+        generator=generator,
+        dtype=torch.int64,
+        device=generator.device if generator is not None else "cpu",
+    ).tolist()
     gens = []
     for sd in seeds:
         g = torch.Generator(device=device)
@@ -148,5 +155,5 @@ def chunked_sum(flat: torch.Tensor, fn: Callable[[int, int, torch.Tensor], torch
     buffer `out`) summed by torch, the chunk sums added in order in double (no big temporary)."""
     total = 0.0
     for v in each_chunk(flat, lambda s, e, out: float(fn(s, e, out).sum()), scratch=1):
-        total += v   # in order (Python's sum() of floats compensates, which would change the bits)
+        total += v  # in order (Python's sum() of floats compensates, which would change the bits)
     return total

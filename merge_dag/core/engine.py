@@ -11,5 +11,16 @@ from .card import model_card, write_card
 from .merge import MergeResult, execute, merge, out_tensors
 from .plan import MergePlan, Source, TensorStep, check_target, plan_merge
 
-__all__ = ["MergePlan", "MergeResult", "Source", "TensorStep", "check_target", "execute", "merge", "model_card",
-           "out_tensors", "plan_merge", "write_card"]
+__all__ = [
+    "MergePlan",
+    "MergeResult",
+    "Source",
+    "TensorStep",
+    "check_target",
+    "execute",
+    "merge",
+    "model_card",
+    "out_tensors",
+    "plan_merge",
+    "write_card",
+]

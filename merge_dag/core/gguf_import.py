@@ -54,12 +54,12 @@ class GGUFImportError(MergeDagError):
 @dataclass
 class ImportResult:
     out_dir: str
-    sha256: str            # hex digest of the GGUF file
+    sha256: str  # hex digest of the GGUF file
     architecture: str
     tensor_count: int
     parameters: int
     seconds: float
-    reused: bool           # the folder was already this GGUF's complete import
+    reused: bool  # the folder was already this GGUF's complete import
     model_fingerprint: str  # checkpoint fingerprint of the folder (the model source's version)
 
     def to_dict(self) -> dict:
@@ -117,11 +117,13 @@ def supported_architectures() -> set[str]:
     archs: set[str] = set()
     try:
         from transformers.integrations.gguf.gguf_conversion_mapping import GGUF_ARCHS
+
         archs |= set(GGUF_ARCHS)
     except ImportError:
         pass
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
         archs |= set(GGUF_SUPPORTED_ARCHITECTURES)
     except ImportError:
         pass
@@ -152,17 +154,24 @@ def _versions() -> dict[str, str]:
 
 def _complete(folder: Path, sha: str, dtype: str) -> bool:
     card = read_card(folder)
-    return (card is not None and card.get("source", {}).get("sha256") == sha and card.get("dtype") == dtype
-            and card.get("format") == IMPORT_FORMAT and (folder / "model.safetensors").is_file()
-            and (folder / "config.json").is_file())
+    return (
+        card is not None
+        and card.get("source", {}).get("sha256") == sha
+        and card.get("dtype") == dtype
+        and card.get("format") == IMPORT_FORMAT
+        and (folder / "model.safetensors").is_file()
+        and (folder / "config.json").is_file()
+    )
 
 
 def _check_target(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise GGUFImportError(f"{out}: exists and is not a folder; refusing to overwrite it")
     if out.is_dir() and any(out.iterdir()) and read_card(out) is None:
-        raise GGUFImportError(f"{out}: folder exists, is not empty and is not an earlier 'merge-dag import' output; "
-                              "refusing to overwrite it (choose another folder or empty it)")
+        raise GGUFImportError(
+            f"{out}: folder exists, is not empty and is not an earlier 'merge-dag import' output; "
+            "refusing to overwrite it (choose another folder or empty it)"
+        )
 
 
 def _load(gguf: Path, dtype):
@@ -203,8 +212,9 @@ def state_dict_for_saving(model) -> dict:
     return out
 
 
-def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32",
-                force: bool = False) -> ImportResult:
+def import_gguf(
+    gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32", force: bool = False
+) -> ImportResult:
     """Import ``gguf_path`` into the folder ``out_dir``; see the module docstring."""
 
     from .checkpoint import atomic_replace_dir, clean_stale_temporaries, parse_dtype
@@ -223,9 +233,16 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     sha = sha256_file(gguf)
     if not force and _complete(out, sha, dtype):
         card = read_card(out)
-        return ImportResult(out_dir=str(out), sha256=sha, architecture=arch, tensor_count=card.get("tensor_count", 0),
-                            parameters=card.get("parameters", 0), seconds=round(time.perf_counter() - t0, 2),
-                            reused=True, model_fingerprint=checkpoint_fingerprint(out))
+        return ImportResult(
+            out_dir=str(out),
+            sha256=sha,
+            architecture=arch,
+            tensor_count=card.get("tensor_count", 0),
+            parameters=card.get("parameters", 0),
+            seconds=round(time.perf_counter() - t0, 2),
+            reused=True,
+            model_fingerprint=checkpoint_fingerprint(out),
+        )
 
     model, tok = _load(gguf, torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,11 +256,18 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
             "format": IMPORT_FORMAT,
             "method": "gguf_import",
             "name": out.name,
-            "source": {"kind": "gguf", "path": str(gguf), "sha256": sha, "bytes": gguf.stat().st_size,
-                       "architecture": arch, "name": meta.get("general.name"),
-                       "file_type": meta.get("general.file_type")},
-            "inputs": [{"role": "imported_from", "model": gguf.name, "fingerprint": f"sha256:{sha}",
-                        "path": str(gguf)}],
+            "source": {
+                "kind": "gguf",
+                "path": str(gguf),
+                "sha256": sha,
+                "bytes": gguf.stat().st_size,
+                "architecture": arch,
+                "name": meta.get("general.name"),
+                "file_type": meta.get("general.file_type"),
+            },
+            "inputs": [
+                {"role": "imported_from", "model": gguf.name, "fingerprint": f"sha256:{sha}", "path": str(gguf)}
+            ],
             "dtype": dtype,
             "tensor_count": len(tensors),
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -260,9 +284,16 @@ def import_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ImportResult(out_dir=str(out), sha256=sha, architecture=arch, tensor_count=card["tensor_count"],
-                        parameters=card["parameters"], seconds=round(time.perf_counter() - t0, 2), reused=False,
-                        model_fingerprint=fp)
+    return ImportResult(
+        out_dir=str(out),
+        sha256=sha,
+        architecture=arch,
+        tensor_count=card["tensor_count"],
+        parameters=card["parameters"],
+        seconds=round(time.perf_counter() - t0, 2),
+        reused=False,
+        model_fingerprint=fp,
+    )
 
 
 def _architecture(gguf: Path, meta: dict) -> str:
@@ -274,8 +305,10 @@ def _architecture(gguf: Path, meta: dict) -> str:
     if supported and arch not in supported:
         import transformers
 
-        raise GGUFImportError(f"{gguf}: architecture {arch!r} cannot be dequantized by transformers "
-                              f"{transformers.__version__} (supported: {', '.join(sorted(supported))})")
+        raise GGUFImportError(
+            f"{gguf}: architecture {arch!r} cannot be dequantized by transformers "
+            f"{transformers.__version__} (supported: {', '.join(sorted(supported))})"
+        )
     return arch
 
 
@@ -296,8 +329,15 @@ def _write_model(folder: Path, model, tok, torch_dtype) -> dict:
 
 # --- lineage -------------------------------------------------------------------------------------
 
-def lineage_ops(folder: str | os.PathLike, *, name: Optional[str] = None, run_id: Optional[str] = None,
-                model_fingerprint: Optional[str] = None, model: bool = True) -> list[tuple[str, dict]]:
+
+def lineage_ops(
+    folder: str | os.PathLike,
+    *,
+    name: Optional[str] = None,
+    run_id: Optional[str] = None,
+    model_fingerprint: Optional[str] = None,
+    model: bool = True,
+) -> list[tuple[str, dict]]:
     """Lineage records of an imported folder (LineageStore.record_batch operations): the GGUF source
     (kind ``gguf``), the folder's model source (``model=False``: left out, for a caller that records
     it itself), the edge between them and an 'observed' event for each. Empty when ``folder`` has
@@ -322,19 +362,52 @@ def lineage_ops(folder: str | os.PathLike, *, name: Optional[str] = None, run_id
     gname = Path(str(src.get("path") or "model.gguf")).name
     params = {k: src.get(k) for k in ("architecture", "name", "file_type") if src.get(k) is not None}
     ops = [
-        ("record_artifact", dict(artifact_id=gid, kind="gguf", name=gname, key_hash=gguf_fp, path=src.get("path"),
-                                 bytes=src.get("bytes"), code_version="-", params=params, run_id=run_id,
-                                 data_version=gguf_fp)),
+        (
+            "record_artifact",
+            dict(
+                artifact_id=gid,
+                kind="gguf",
+                name=gname,
+                key_hash=gguf_fp,
+                path=src.get("path"),
+                bytes=src.get("bytes"),
+                code_version="-",
+                params=params,
+                run_id=run_id,
+                data_version=gguf_fp,
+            ),
+        ),
         ("record_event", dict(artifact_id=gid, run_id=run_id, step=f"gguf/{gname}", event="observed")),
     ]
     if model:
         ops += [
-            ("record_artifact", dict(artifact_id=mid, kind="model", name=mname, key_hash=fp, path=str(folder),
-                                     bytes=nbytes, code_version="-", params={}, run_id=run_id, data_version=fp)),
+            (
+                "record_artifact",
+                dict(
+                    artifact_id=mid,
+                    kind="model",
+                    name=mname,
+                    key_hash=fp,
+                    path=str(folder),
+                    bytes=nbytes,
+                    code_version="-",
+                    params={},
+                    run_id=run_id,
+                    data_version=fp,
+                ),
+            ),
             ("record_event", dict(artifact_id=mid, run_id=run_id, step=f"model/{mname}", event="observed")),
         ]
     return ops + [("record_edge", dict(parent_id=gid, child_id=mid, role="imported_from", fingerprint=gguf_fp))]
 
 
-__all__ = ["GGUFImportError", "ImportResult", "import_gguf", "read_metadata", "read_card", "lineage_ops",
-           "supported_architectures", "sha256_file"]
+__all__ = [
+    "GGUFImportError",
+    "ImportResult",
+    "import_gguf",
+    "read_metadata",
+    "read_card",
+    "lineage_ops",
+    "supported_architectures",
+    "sha256_file",
+]

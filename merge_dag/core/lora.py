@@ -43,9 +43,13 @@ PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 _EMB_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$")
 # adapter features merge_dag cannot express as a per-tensor delta of the same shapes
-_UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "layer_replication": "layer_replication",
-                "trainable_token_indices": "trainable_token_indices", "target_parameters": "target_parameters",
-                "lora_bias": "lora_bias"}
+_UNSUPPORTED = {
+    "use_dora": "DoRA (use_dora)",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters",
+    "lora_bias": "lora_bias",
+}
 
 
 def is_adapter_folder(path: str | os.PathLike) -> bool:
@@ -65,12 +69,13 @@ def pattern_key(patterns, module: str) -> Optional[str]:
 @dataclass(frozen=True)
 class Factor:
     """One adapted module: its base tensor, its two factors and its scale."""
-    target: str          # base tensor name, e.g. model.layers.0.self_attn.q_proj.weight
-    a: str               # adapter tensor names
+
+    target: str  # base tensor name, e.g. model.layers.0.self_attn.q_proj.weight
+    a: str  # adapter tensor names
     b: str
     scale: float
-    embedding: bool      # delta = (B A)^T
-    transpose: bool      # fan_in_fan_out: delta = (B A)^T
+    embedding: bool  # delta = (B A)^T
+    transpose: bool  # fan_in_fan_out: delta = (B A)^T
 
 
 class LoraCheckpoint(Checkpoint):
@@ -90,11 +95,13 @@ class LoraCheckpoint(Checkpoint):
         self.adapter_config = read_adapter_config(self.adapter_dir, self.name)
         weights = self.adapter_dir / ADAPTER_WEIGHTS
         if not weights.is_file():
-            raise AdapterError(f"adapter {self.name!r}: {weights} is missing (peft save_pretrained writes it; "
-                               "pickled adapter_model.bin is not read)")
+            raise AdapterError(
+                f"adapter {self.name!r}: {weights} is missing (peft save_pretrained writes it; "
+                "pickled adapter_model.bin is not read)"
+            )
         self.weights = Checkpoint(weights, name=f"adapter {self.name}", allow_adapter=True)
         self.factors: dict[str, Factor] = {}
-        self.replaced: dict[str, str] = {}       # base tensor name -> adapter tensor name
+        self.replaced: dict[str, str] = {}  # base tensor name -> adapter tensor name
         self._plan()
 
     # ---- opening: map every adapter tensor onto the base ----
@@ -110,8 +117,10 @@ class LoraCheckpoint(Checkpoint):
                 continue
             target = inner.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
             if target not in self.base.tensors:
-                raise AdapterError(f"{where}: tensor {key!r} replaces {target!r}, which base {self.base.name!r} "
-                                   "does not have (unknown module, or a tied lm_head the base does not store)")
+                raise AdapterError(
+                    f"{where}: tensor {key!r} replaces {target!r}, which base {self.base.name!r} "
+                    "does not have (unknown module, or a tied lm_head the base does not store)"
+                )
             self._check_shape(key, self.weights.info(key).shape, target, self.base.info(target).shape)
             self.replaced[target] = key
         r0, alpha0 = cfg.get("r", 8), cfg.get("lora_alpha", 8)
@@ -120,12 +129,15 @@ class LoraCheckpoint(Checkpoint):
             if set(ab) != {"A", "B"}:
                 missing = "B" if "A" in ab else "A"
                 kind = f"lora_{'embedding_' if emb else ''}"
-                raise AdapterError(f"{where}: module {module!r} has {kind}{'A' if missing == 'B' else 'B'} "
-                                   f"but no {kind}{missing}")
+                raise AdapterError(
+                    f"{where}: module {module!r} has {kind}{'A' if missing == 'B' else 'B'} but no {kind}{missing}"
+                )
             target = f"{module}.weight"
             if target not in self.base.tensors:
-                raise AdapterError(f"{where}: tensor {ab['A']!r} adapts module {module!r}, which base "
-                                   f"{self.base.name!r} does not have (no tensor {target!r})")
+                raise AdapterError(
+                    f"{where}: tensor {ab['A']!r} adapts module {module!r}, which base "
+                    f"{self.base.name!r} does not have (no tensor {target!r})"
+                )
             rk, ak = pattern_key(ranks, module), pattern_key(alphas, module)
             r = ranks[rk] if rk is not None else r0
             alpha = alphas[ak] if ak is not None else alpha0
@@ -140,19 +152,25 @@ class LoraCheckpoint(Checkpoint):
             else:
                 want_a = want_b = None
             if want_b is None:
-                raise AdapterError(f"{where}: module {module!r}: base tensor {target!r} has shape {list(w_shape)}; "
-                                   "only 2-d linear and embedding weights can be LoRA-adapted here")
+                raise AdapterError(
+                    f"{where}: module {module!r}: base tensor {target!r} has shape {list(w_shape)}; "
+                    "only 2-d linear and embedding weights can be LoRA-adapted here"
+                )
             for key, got, want in ((ab["A"], a_shape, want_a), (ab["B"], b_shape, want_b)):
                 if tuple(got) != tuple(want):
-                    raise AdapterError(f"{where}: tensor {key!r} has shape {list(got)}, expected {list(want)} for "
-                                       f"rank {r} on base tensor {target!r} {list(w_shape)}")
+                    raise AdapterError(
+                        f"{where}: tensor {key!r} has shape {list(got)}, expected {list(want)} for "
+                        f"rank {r} on base tensor {target!r} {list(w_shape)}"
+                    )
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             self.factors[target] = Factor(target, ab["A"], ab["B"], float(scale), emb, fan)
 
     def _check_shape(self, key: str, got, target: str, want) -> None:
         if tuple(got) != tuple(want):
-            raise AdapterError(f"adapter {self.name!r}: tensor {key!r} has shape {list(got)}, but base tensor "
-                               f"{target!r} has {list(want)}")
+            raise AdapterError(
+                f"adapter {self.name!r}: tensor {key!r} has shape {list(got)}, but base tensor "
+                f"{target!r} has {list(want)}"
+            )
 
     # ---- Checkpoint interface ----
     @property
@@ -174,8 +192,9 @@ class LoraCheckpoint(Checkpoint):
         """Base tensors this adapter changes (adapted or replaced)."""
         return [n for n in self.tensors if n in self.factors or n in self.replaced]
 
-    def delta(self, name: str, device: str | torch.device = "cpu",
-              base: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    def delta(
+        self, name: str, device: str | torch.device = "cpu", base: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
         """delta of tensor `name` in float32 (None where the adapter does not touch it). `base`: the
         base tensor when the caller has read it already (needed for replaced tensors only)."""
         low = self._low_rank(name, device)
@@ -230,8 +249,9 @@ def read_adapter_config(folder: Path, name: str) -> dict:
         raise AdapterError(f"{p}: peft_type: {cfg.get('peft_type')!r} adapters are not supported (only LORA)")
     for key, what in _UNSUPPORTED.items():
         if cfg.get(key):
-            raise AdapterError(f"{p}: {key}: {what} adapters are not supported (not a low-rank delta of the "
-                               "base's own tensors)")
+            raise AdapterError(
+                f"{p}: {key}: {what} adapters are not supported (not a low-rank delta of the base's own tensors)"
+            )
     for key in ("r", "lora_alpha"):
         v = cfg.get(key, 8)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
@@ -239,8 +259,7 @@ def read_adapter_config(folder: Path, name: str) -> dict:
     return cfg
 
 
-def open_model(path: str | os.PathLike, name: Optional[str] = None,
-               base: Optional[str | os.PathLike] = None):
+def open_model(path: str | os.PathLike, name: Optional[str] = None, base: Optional[str | os.PathLike] = None):
     """A checkpoint folder, or (with `base`) the LoRA adapter folder `path` on top of it."""
     if base is None:
         return Checkpoint(path, name=name)

@@ -48,7 +48,7 @@ class MergeResult:
     tensor_count: int
     bytes: int
     seconds: float
-    fingerprints: dict[str, str]       # input name -> fingerprint
+    fingerprints: dict[str, str]  # input name -> fingerprint
     output_fingerprint: str
     method: str
     card: dict = field(default_factory=dict)
@@ -78,9 +78,15 @@ def _read_raw(plan: MergePlan, step: TensorStep) -> tuple[list[torch.Tensor], li
     return raws, digests
 
 
-def execute(plan: MergePlan, out_dir: str | Path, shard_size: str | int = "2GB",
-            progress: bool = True, card_extra: Optional[dict] = None,
-            on_tensor: Optional[Callable[[int, int], None]] = None, overwrite: bool = False) -> MergeResult:
+def execute(
+    plan: MergePlan,
+    out_dir: str | Path,
+    shard_size: str | int = "2GB",
+    progress: bool = True,
+    card_extra: Optional[dict] = None,
+    on_tensor: Optional[Callable[[int, int], None]] = None,
+    overwrite: bool = False,
+) -> MergeResult:
     """Merge `plan` into `out_dir`, atomically. An existing `out_dir` is replaced only if it is an
     earlier merge_dag output (`overwrite`: even one holding files a merge does not write); see
     check_output_target for what is always refused."""
@@ -105,8 +111,12 @@ def execute(plan: MergePlan, out_dir: str | Path, shard_size: str | int = "2GB",
             on_tensor(k, len(plan.steps))
 
     try:
-        with output_errors(out_dir), CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size),
-                                                      metadata=shard_metadata(plan)) as writer:
+        with (
+            output_errors(out_dir),
+            CheckpointWriter(
+                out_dir, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan)
+            ) as writer,
+        ):
             merge_steps(plan, plan.steps, device, writer.write, digests, same_pairs, tick)
             raise_if_identical(plan, same_pairs)
             fps = input_fingerprints(plan, digests)
@@ -142,12 +152,17 @@ class output_errors:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is None or not isinstance(exc, OSError):
             return False
-        cause = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
-                 errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                 errno.EDQUOT: "disk quota exceeded"}.get(exc.errno, exc.strerror or str(exc))
+        cause = {
+            errno.ENOSPC: "no space left on device",
+            errno.EROFS: "read-only file system",
+            errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted",
+            errno.EDQUOT: "disk quota exceeded",
+        }.get(exc.errno, exc.strerror or str(exc))
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        raise OutputError(f"{self.out_dir}: cannot write the output: {cause}{where}; nothing was written "
-                          "there") from exc
+        raise OutputError(
+            f"{self.out_dir}: cannot write the output: {cause}{where}; nothing was written there"
+        ) from exc
 
 
 def out_tensors(plan: MergePlan) -> list[OutTensor]:
@@ -170,9 +185,15 @@ def input_pairs(plan: MergePlan) -> set[tuple[int, int]]:
     return {(a, b) for a, b in combinations(range(len(plan.inputs)), 2)}
 
 
-def merge_steps(plan: MergePlan, steps: list[TensorStep], device: torch.device,
-                write: Callable[[str, torch.Tensor], None], digests: list[dict[str, str]],
-                same_pairs: set[tuple[int, int]], tick: Optional[Callable[[int], None]] = None) -> None:
+def merge_steps(
+    plan: MergePlan,
+    steps: list[TensorStep],
+    device: torch.device,
+    write: Callable[[str, torch.Tensor], None],
+    digests: list[dict[str, str]],
+    same_pairs: set[tuple[int, int]],
+    tick: Optional[Callable[[int], None]] = None,
+) -> None:
     """Merge `steps` in order and hand each result to `write`, reading the next tensor ahead on a
     second thread. Records every input tensor's digest in `digests` (task-vector reads excepted)
     and drops from `same_pairs` each pair of inputs seen to differ."""
@@ -207,7 +228,8 @@ def raise_if_identical(plan: MergePlan, same_pairs: set[tuple[int, int]]) -> Non
         for a, b in sorted(same_pairs):
             raise MergeInputError(
                 f"model {plan.inputs[a].name!r} and model {plan.inputs[b].name!r} hold identical "
-                "weights in every tensor: the same model under two names cannot be merged with itself")
+                "weights in every tensor: the same model under two names cannot be merged with itself"
+            )
 
 
 def input_fingerprints(plan: MergePlan, digests: list[dict[str, str]]) -> dict[str, str]:
@@ -222,8 +244,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
-def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: list[Source],
-               raws: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _merge_one(
+    plan: MergePlan,
+    method: MergeMethod,
+    step: TensorStep,
+    srcs: list[Source],
+    raws: list[torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
     for s, raw in zip(srcs, raws):
         if raw.dtype in FLOAT_DTYPES and raw.numel() and not _all_finite(raw):
             bad = "NaN" if bool(torch.isnan(raw).any()) else "Inf"
@@ -239,7 +267,8 @@ def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: lis
                         f"{str(raw.dtype).removeprefix('torch.')} and differs from "
                         f"{plan.inputs[srcs[0].model].name!r}; "
                         f"{plan.method.name} merges only float tensors (integer and bool tensors are copied "
-                        "only when identical in every input; passthrough copies them as they are)")
+                        "only when identical in every input; passthrough copies them as they are)"
+                    )
         return raws[0]
     # raw buffers are fresh per read and already hashed, so methods may work on them in place
     floats = [r.to(device=device, dtype=torch.float32) for r in raws]
@@ -252,15 +281,17 @@ def _merge_one(plan: MergePlan, method: MergeMethod, step: TensorStep, srcs: lis
     task = TensorTask(step.name, base, models, [s.params for s in step.sources], step.params, gen)
     out = method.merge(task)
     if tuple(out.shape) != step.shape:
-        raise RuntimeError(f"{plan.method.name} returned shape {list(out.shape)} for {step.name!r}, "
-                           f"expected {list(step.shape)}")
+        raise RuntimeError(
+            f"{plan.method.name} returned shape {list(out.shape)} for {step.name!r}, expected {list(step.shape)}"
+        )
     out = out.to(step.out_dtype)
     if out.numel() and not _all_finite(out):  # the same single aminmax pass as for the inputs
         bad = "NaN" if bool(torch.isnan(out).any()) else "Inf"
         raise MergeOutputError(
             f"merged tensor {step.name!r} contains {bad} values after {plan.method.name} and the cast to "
             f"{str(step.out_dtype).removeprefix('torch.')} (parameters {format_params(step.params) or 'none'}; "
-            f"per model {[format_params(s.params) for s in step.sources]}); nothing was written")
+            f"per model {[format_params(s.params) for s in step.sources]}); nothing was written"
+        )
     return out
 
 
@@ -280,16 +311,31 @@ def write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, str
     if plan.tokenizer_from is not None:  # tokenizer, chat template, special tokens, generation config
         writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES + ("generation_config.json",))
     inputs = [card_input(ck, role, fps[ck.name]) for ck, role in zip(plan.inputs, plan.roles)]
-    card = build_card(plan.method.name, plan.recipe.to_yaml_dict(), plan.recipe.where, inputs, dt, plan.recipe.seed,
-                      plan.tokenizer_from.name if plan.tokenizer_from else None, len(plan.steps), extra)
+    card = build_card(
+        plan.method.name,
+        plan.recipe.to_yaml_dict(),
+        plan.recipe.where,
+        inputs,
+        dt,
+        plan.recipe.seed,
+        plan.tokenizer_from.name if plan.tokenizer_from else None,
+        len(plan.steps),
+        extra,
+    )
     for name, text in card_files(card).items():
         writer.write_text(name, text)
     return card
 
 
-def merge(recipe: Recipe | dict | str | Path, out_dir: str | Path, device: str = "cpu",
-          shard_size: str | int = "2GB", progress: bool = False, card_extra: Optional[dict] = None,
-          overwrite: bool = False) -> MergeResult:
+def merge(
+    recipe: Recipe | dict | str | Path,
+    out_dir: str | Path,
+    device: str = "cpu",
+    shard_size: str | int = "2GB",
+    progress: bool = False,
+    card_extra: Optional[dict] = None,
+    overwrite: bool = False,
+) -> MergeResult:
     """Merge a recipe (object, mergekit-shaped dict, or YAML path) into `out_dir`. `overwrite`: as
     `merge-dag merge --overwrite` (see execute)."""
     if isinstance(recipe, (str, Path)):
@@ -297,5 +343,4 @@ def merge(recipe: Recipe | dict | str | Path, out_dir: str | Path, device: str =
     elif isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     plan = plan_merge(recipe, device=device)
-    return execute(plan, out_dir, shard_size=shard_size, progress=progress, card_extra=card_extra,
-                   overwrite=overwrite)
+    return execute(plan, out_dir, shard_size=shard_size, progress=progress, card_extra=card_extra, overwrite=overwrite)

@@ -86,8 +86,18 @@ def validate_shape(value: Any) -> Optional[str]:
     if isinstance(value, list):
         if not value:
             return "an empty list"
-        kinds = {("cond" if _is_conditional(v) else "dict" if isinstance(v, dict) else
-                  "list" if isinstance(v, list) else "scalar") for v in value}
+        kinds = {
+            (
+                "cond"
+                if _is_conditional(v)
+                else "dict"
+                if isinstance(v, dict)
+                else "list"
+                if isinstance(v, list)
+                else "scalar"
+            )
+            for v in value
+        }
         if "dict" in kinds:
             return "list entries that are mappings must have keys 'filter' and 'value'"
         if "list" in kinds:

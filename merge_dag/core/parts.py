@@ -75,12 +75,12 @@ class PartError(MergeDagError):
 
 @dataclass(frozen=True)
 class PartLayout:
-    index: int                 # 0-based
+    index: int  # 0-based
     parts: int
-    shards: tuple[int, ...]    # indices into the full shard list (contiguous; empty for a spare part)
+    shards: tuple[int, ...]  # indices into the full shard list (contiguous; empty for a spare part)
     shard_names: tuple[str, ...]
-    tensors: tuple[str, ...]   # output tensor names, in write order
-    bytes: int                 # tensor bytes of its shards
+    tensors: tuple[str, ...]  # output tensor names, in write order
+    bytes: int  # tensor bytes of its shards
 
     @property
     def label(self) -> str:
@@ -125,16 +125,27 @@ def plan_parts(plan: MergePlan, parts: int, shard_size: str | int = "2GB") -> li
     out = []
     for k, (a, b) in enumerate(split_sizes(sizes, parts)):
         idx = tuple(range(a, b))
-        out.append(PartLayout(k, parts, idx, tuple(names[i] for i in idx),
-                              tuple(t.name for i in idx for t in shards[i]), sum(sizes[i] for i in idx)))
+        out.append(
+            PartLayout(
+                k,
+                parts,
+                idx,
+                tuple(names[i] for i in idx),
+                tuple(t.name for i in idx for t in shards[i]),
+                sum(sizes[i] for i in idx),
+            )
+        )
     return out
 
 
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
-        return {"tensor": list(t.shape), "dtype": str(t.dtype),
-                "sha256": hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()}
+        return {
+            "tensor": list(t.shape),
+            "dtype": str(t.dtype),
+            "sha256": hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest(),
+        }
     if isinstance(obj, (set, frozenset)):
         return sorted(obj, key=str)
     return str(obj)
@@ -158,13 +169,26 @@ def plan_key(plan: MergePlan, parts: int, shard_size: str | int = "2GB") -> str:
         "method": plan.method.name,
         "device": plan.device,
         "out_dtype": str(plan.out_dtype),
-        "inputs": [{"name": ck.name, "role": role, "files": _file_idents(ck)}
-                   for ck, role in zip(plan.inputs, plan.roles)],
+        "inputs": [
+            {"name": ck.name, "role": role, "files": _file_idents(ck)} for ck, role in zip(plan.inputs, plan.roles)
+        ],
         "task_vectors": {str(p): _file_idents(ck) for p, ck in sorted(deltas.items())},
-        "steps": [[s.name, list(s.shape), str(s.in_dtype), str(s.out_dtype), s.params, s.t,
-                   None if s.base is None else [s.base.model, s.base.tensor],
-                   [[src.model, src.tensor, src.params, None if src.delta is None else str(src.delta.path.absolute())]
-                    for src in s.sources]] for s in plan.steps],
+        "steps": [
+            [
+                s.name,
+                list(s.shape),
+                str(s.in_dtype),
+                str(s.out_dtype),
+                s.params,
+                s.t,
+                None if s.base is None else [s.base.model, s.base.tensor],
+                [
+                    [src.model, src.tensor, src.params, None if src.delta is None else str(src.delta.path.absolute())]
+                    for src in s.sources
+                ],
+            ]
+            for s in plan.steps
+        ],
         "shard_bytes": parse_size(shard_size),
         "parts": parts,
     }
@@ -231,12 +255,13 @@ class PartResult:
     tensor_count: int
     bytes: int
     seconds: float
-    skipped: bool              # True: an earlier run had finished this part
+    skipped: bool  # True: an earlier run had finished this part
     manifest: Path
 
 
-def execute_part(plan: MergePlan, staging_dir: str | Path, part_index: int, parts: int,
-                 shard_size: str | int = "2GB") -> PartResult:
+def execute_part(
+    plan: MergePlan, staging_dir: str | Path, part_index: int, parts: int, shard_size: str | int = "2GB"
+) -> PartResult:
     """Merge the tensors of part `part_index` (0-based) of `parts` and write its finished shard files
     and manifest into `staging_dir`. Does nothing if that part is already there for this plan."""
     t0 = time.perf_counter()
@@ -247,8 +272,7 @@ def execute_part(plan: MergePlan, staging_dir: str | Path, part_index: int, part
     mpath = staging / manifest_name(part_index, parts)
     done = _read_manifest(mpath)
     if done is not None and _problem(plan, staging, lay, key, done) is None:
-        return PartResult(part_index, parts, list(lay.shard_names), len(lay.tensors), lay.bytes,
-                          0.0, True, mpath)
+        return PartResult(part_index, parts, list(lay.shard_names), len(lay.tensors), lay.bytes, 0.0, True, mpath)
     device = merge_device(plan)
     digests = input_digest_maps(plan)
     same_pairs = input_pairs(plan)
@@ -258,8 +282,9 @@ def execute_part(plan: MergePlan, staging_dir: str | Path, part_index: int, part
         steps = [s for s in plan.steps if s.name in mine]
         target = staging / f"{mpath.stem}"  # only names the writer's temporary folder in staging
         clean_stale_temporaries(target)
-        with CheckpointWriter(target, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan),
-                              only_shards=lay.shards) as writer:
+        with CheckpointWriter(
+            target, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan), only_shards=lay.shards
+        ) as writer:
             merge_steps(plan, steps, device, writer.write, digests, same_pairs)
             sizes = [writer.shard_file_size(si) for si in lay.shards]
             writer.commit_shards(staging)
@@ -277,13 +302,21 @@ def execute_part(plan: MergePlan, staging_dir: str | Path, part_index: int, part
         "seconds": round(time.perf_counter() - t0, 3),
     }
     _write_json_atomic(mpath, manifest)
-    return PartResult(part_index, parts, list(lay.shard_names), len(lay.tensors), lay.bytes,
-                      manifest["seconds"], False, mpath)
+    return PartResult(
+        part_index, parts, list(lay.shard_names), len(lay.tensors), lay.bytes, manifest["seconds"], False, mpath
+    )
 
 
-def finalize_parts(plan: MergePlan, staging_dir: str | Path, out_dir: str | Path, parts: int,
-                   card_extra: Optional[dict] = None, shard_size: str | int = "2GB",
-                   cleanup: bool = True, overwrite: bool = False) -> MergeResult:
+def finalize_parts(
+    plan: MergePlan,
+    staging_dir: str | Path,
+    out_dir: str | Path,
+    parts: int,
+    card_extra: Optional[dict] = None,
+    shard_size: str | int = "2GB",
+    cleanup: bool = True,
+    overwrite: bool = False,
+) -> MergeResult:
     """Assemble the finished parts in `staging_dir` into the checkpoint `out_dir`, exactly as one
     `execute(plan, out_dir, shard_size, card_extra=card_extra)` writes it. `cleanup`: remove the
     staging folder once the checkpoint is in place."""
@@ -308,8 +341,10 @@ def finalize_parts(plan: MergePlan, staging_dir: str | Path, out_dir: str | Path
     with output_errors(out_dir):
         clean_stale_temporaries(out_dir)
     check_target(plan, out_dir, overwrite)
-    with output_errors(out_dir), CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size),
-                                                  metadata=shard_metadata(plan)) as writer:
+    with (
+        output_errors(out_dir),
+        CheckpointWriter(out_dir, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan)) as writer,
+    ):
         writer.adopt_shards(staging)
         card = write_metadata(plan, writer, fps, card_extra or {})
         elapsed = sum(m["seconds"] for m in manifests) + time.perf_counter() - t0
@@ -320,5 +355,14 @@ def finalize_parts(plan: MergePlan, staging_dir: str | Path, out_dir: str | Path
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, elapsed, fps, out_fp, plan.method.name, card)
 
 
-__all__ = ["PartError", "PartLayout", "PartResult", "execute_part", "finalize_parts", "manifest_name",
-           "plan_key", "plan_parts", "split_sizes"]
+__all__ = [
+    "PartError",
+    "PartLayout",
+    "PartResult",
+    "execute_part",
+    "finalize_parts",
+    "manifest_name",
+    "plan_key",
+    "plan_parts",
+    "split_sizes",
+]

@@ -29,22 +29,22 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class Source:
     """One tensor of one input: which checkpoint, which tensor name, with what parameters."""
 
-    model: int                 # index into MergePlan.inputs
+    model: int  # index into MergePlan.inputs
     tensor: str
-    params: dict[str, Any]     # per-model parameters resolved for this tensor
-    delta: Optional[Checkpoint] = None   # read this task vector (float32) and add the base, instead
+    params: dict[str, Any]  # per-model parameters resolved for this tensor
+    delta: Optional[Checkpoint] = None  # read this task vector (float32) and add the base, instead
 
 
 @dataclass
 class TensorStep:
-    name: str                          # output tensor name
+    name: str  # output tensor name
     shape: tuple[int, ...]
     in_dtype: torch.dtype
     out_dtype: torch.dtype
     base: Optional[Source]
     sources: list[Source]
-    params: dict[str, Any]             # global parameters resolved for this tensor
-    t: float                           # layer position in [0, 1]
+    params: dict[str, Any]  # global parameters resolved for this tensor
+    t: float  # layer position in [0, 1]
 
     @property
     def numel(self) -> int:
@@ -58,8 +58,8 @@ class TensorStep:
 class MergePlan:
     recipe: Recipe
     method: type[MergeMethod]
-    inputs: list[Checkpoint]           # every checkpoint read; index 0 is the base when there is one
-    roles: list[str]                   # "base" or "model"
+    inputs: list[Checkpoint]  # every checkpoint read; index 0 is the base when there is one
+    roles: list[str]  # "base" or "model"
     steps: list[TensorStep]
     out_dtype: torch.dtype
     config: dict
@@ -149,9 +149,11 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     method = get_method(recipe.merge_method)
     check_device(device)
     if recipe.guidance is not None:
-        raise RecipeError(f"{recipe.where}: guidance: data-guided merges need their calibration statistics, "
-                          "which the Dagster layer computes and caches; materialize merged/<recipe> "
-                          "(`merge-dag demo`, `merge-dag compare` or `merge-dag dev`) instead of `merge-dag merge`")
+        raise RecipeError(
+            f"{recipe.where}: guidance: data-guided merges need their calibration statistics, "
+            "which the Dagster layer computes and caches; materialize merged/<recipe> "
+            "(`merge-dag demo`, `merge-dag compare` or `merge-dag dev`) instead of `merge-dag merge`"
+        )
     if method.name == "passthrough" and recipe.slices:
         return _checked(_plan_slices(recipe, method, device))
 
@@ -189,15 +191,31 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
             for i, m in enumerate(model_entries)
         ]
         base = Source(0, name, {}) if base_idx is not None else None
-        steps.append(TensorStep(name, info.shape, info.dtype,
-                                out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
-                                base, sources, _global_params(method, recipe.parameters, name, t), t))
-    return _checked(MergePlan(recipe, method, inputs, roles, steps, out_dtype, config,
-                              _tokenizer_source(recipe, ref), device))
+        steps.append(
+            TensorStep(
+                name,
+                info.shape,
+                info.dtype,
+                out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
+                base,
+                sources,
+                _global_params(method, recipe.parameters, name, t),
+                t,
+            )
+        )
+    return _checked(
+        MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, ref), device)
+    )
 
 
-def _task_vector_deltas(recipe: Recipe, method: type[MergeMethod], ref: Checkpoint, model_entries: list,
-                        task_vectors: Optional[dict[str, str | Path]], has_base: bool) -> list[Optional[Checkpoint]]:
+def _task_vector_deltas(
+    recipe: Recipe,
+    method: type[MergeMethod],
+    ref: Checkpoint,
+    model_entries: list,
+    task_vectors: Optional[dict[str, str | Path]],
+    has_base: bool,
+) -> list[Optional[Checkpoint]]:
     """Per model entry, the task vector checkpoint to read it from (base + delta), or None."""
     deltas: list[Optional[Checkpoint]] = [None] * len(model_entries)
     for ref_name, folder in (task_vectors or {}).items():
@@ -205,8 +223,9 @@ def _task_vector_deltas(recipe: Recipe, method: type[MergeMethod], ref: Checkpoi
             raise MergeInputError(f"{recipe.where}: task vectors need a base model; {method.name} takes none")
         hits = [i for i, m in enumerate(model_entries) if m.model == ref_name]
         if not hits:
-            raise MergeInputError(f"{recipe.where}: task vector given for {ref_name!r}, "
-                                  "which the recipe does not merge")
+            raise MergeInputError(
+                f"{recipe.where}: task vector given for {ref_name!r}, which the recipe does not merge"
+            )
         tv = Checkpoint(folder, name=f"task_vector({ref_name})")
         _check_same_tensors(ref, tv)
         deltas[hits[0]] = tv
@@ -215,16 +234,21 @@ def _task_vector_deltas(recipe: Recipe, method: type[MergeMethod], ref: Checkpoi
 
 def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> MergePlan:
     """passthrough with slices: output layers are the slices' layers, renumbered consecutively."""
-    refs = list(dict.fromkeys(([recipe.base_model] if recipe.base_model else []) +
-                              [src.model for s in recipe.slices for src in s.sources]))
+    refs = list(
+        dict.fromkeys(
+            ([recipe.base_model] if recipe.base_model else []) + [src.model for s in recipe.slices for src in s.sources]
+        )
+    )
     inputs = [_open(recipe, r) for r in refs]
     _check_distinct_paths(recipe, inputs)
     index = {r: i for i, r in enumerate(refs)}
     roles = ["base" if recipe.base_model and r == recipe.base_model else "model" for r in refs]
     for s_i, s in enumerate(recipe.slices):
         if len(s.sources) != 1:
-            raise MergeInputError(f"{recipe.where}: slices[{s_i}].sources: passthrough takes exactly one "
-                                  f"source per slice, got {len(s.sources)}")
+            raise MergeInputError(
+                f"{recipe.where}: slices[{s_i}].sources: passthrough takes exactly one "
+                f"source per slice, got {len(s.sources)}"
+            )
     first = inputs[index[recipe.base_model or recipe.slices[0].sources[0].model]]
     config = dict(first.config())
     out_dtype = _out_dtype(recipe, first)
@@ -240,9 +264,18 @@ def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> Merg
         if info is None:
             raise MergeInputError(f"model {ck.name!r}: tensor {in_name!r} is missing (needed for {out_name!r})")
         src = Source(ck_i, in_name, _model_params(method, slice_params, out_name, t))
-        steps.append(TensorStep(out_name, info.shape, info.dtype,
-                                out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
-                                None, [src], _global_params(method, recipe.parameters, out_name, t), t))
+        steps.append(
+            TensorStep(
+                out_name,
+                info.shape,
+                info.dtype,
+                out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
+                None,
+                [src],
+                _global_params(method, recipe.parameters, out_name, t),
+                t,
+            )
+        )
 
     head = [n for n in non_layer if not _is_post_weight(n)]
     tail = [n for n in non_layer if _is_post_weight(n)]
@@ -256,8 +289,10 @@ def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> Merg
         ck = inputs[ck_i]
         ck_layers = _num_layers(ck.config(), ck.tensor_names)
         if src.layer_range[1] > ck_layers:
-            raise MergeInputError(f"{recipe.where}: slices[{s_i}].sources[0].layer_range: {list(src.layer_range)} "
-                                  f"exceeds model {src.model!r}, which has {ck_layers} layers")
+            raise MergeInputError(
+                f"{recipe.where}: slices[{s_i}].sources[0].layer_range: {list(src.layer_range)} "
+                f"exceeds model {src.model!r}, which has {ck_layers} layers"
+            )
         layer_names = _names_by_layer(ck.tensor_names)
         span = src.layer_range[1] - src.layer_range[0]
         for k, li in enumerate(range(*src.layer_range)):
@@ -293,8 +328,12 @@ def _set_layer_count(config: dict, total_layers: int) -> None:
 
 
 def _is_post_weight(name: str) -> bool:
-    return name.startswith("lm_head") or name.endswith("norm.weight") and pmap.layer_index(name) is None \
+    return (
+        name.startswith("lm_head")
+        or name.endswith("norm.weight")
+        and pmap.layer_index(name) is None
         and not name.startswith("model.embed")
+    )
 
 
 def _renumber(name: str, old: int, new: int) -> str:
@@ -334,8 +373,9 @@ def _check_distinct_paths(recipe: Recipe, inputs: list[Checkpoint]) -> None:
         real = ck.path.resolve() if lora_base is None else (ck.path.resolve(), lora_base.path.resolve())
         if real in seen:
             same = "is listed twice" if seen[real] == ck.name else f"and model {seen[real]!r} are the same checkpoint"
-            raise MergeInputError(f"{recipe.where}: model {ck.name!r} {same} ({real}); a model cannot be merged "
-                                  "with itself")
+            raise MergeInputError(
+                f"{recipe.where}: model {ck.name!r} {same} ({real}); a model cannot be merged with itself"
+            )
         seen[real] = ck.name
         if lora_base is not None:
             continue
@@ -344,8 +384,10 @@ def _check_distinct_paths(recipe: Recipe, inputs: list[Checkpoint]) -> None:
             key = (st.st_dev, st.st_ino)
             other = files.get(key)
             if other is not None and other[0] != ck.name:
-                raise MergeInputError(f"{recipe.where}: model {ck.name!r} and model {other[0]!r} share the weight "
-                                      f"file {f} (a hard link of {other[1]}); a model cannot be merged with itself")
+                raise MergeInputError(
+                    f"{recipe.where}: model {ck.name!r} and model {other[0]!r} share the weight "
+                    f"file {f} (a hard link of {other[1]}); a model cannot be merged with itself"
+                )
             files[key] = (ck.name, f)
 
 
@@ -356,9 +398,11 @@ def _check_dtypes(method: type[MergeMethod], inputs: list[Checkpoint]) -> None:
         for name, info in ref.tensors.items():
             other = ck.tensors[name].dtype
             if (info.dtype in FLOAT_DTYPES) != (other in FLOAT_DTYPES):
-                raise MergeInputError(f"model {ck.name!r}: tensor {name!r} is {str(other).removeprefix('torch.')}, "
-                                      f"but {ref.name!r} has {str(info.dtype).removeprefix('torch.')}; "
-                                      f"integer and bool tensors are never merged as floats")
+                raise MergeInputError(
+                    f"model {ck.name!r}: tensor {name!r} is {str(other).removeprefix('torch.')}, "
+                    f"but {ref.name!r} has {str(info.dtype).removeprefix('torch.')}; "
+                    f"integer and bool tensors are never merged as floats"
+                )
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -366,8 +410,9 @@ def check_device(device: str | torch.device) -> torch.device:
     try:
         d = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise MergeInputError(f"--device: {device!r} is not a torch device "
-                              "(expected cpu, cuda, cuda:1 or mps)") from None
+        raise MergeInputError(
+            f"--device: {device!r} is not a torch device (expected cpu, cuda, cuda:1 or mps)"
+        ) from None
     if d.type == "cuda":
         if not torch.cuda.is_available():
             raise MergeInputError(f"device {str(device)!r} was asked for, but torch sees no CUDA device")
@@ -381,7 +426,7 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
-NO_TOKENIZER = "none"   # tokenizer_source: none -- write the output without tokenizer files, on purpose
+NO_TOKENIZER = "none"  # tokenizer_source: none -- write the output without tokenizer files, on purpose
 
 
 def _tokenizer_source(recipe: Recipe, default: Checkpoint) -> Optional[Checkpoint]:
@@ -392,9 +437,11 @@ def _tokenizer_source(recipe: Recipe, default: Checkpoint) -> Optional[Checkpoin
         return None
     tok = default if ref in (None, "base") else _open(recipe, ref)
     if not copyable_files(tok.folder, TOKENIZER_FILES):
-        raise CheckpointError(f"{recipe.where}: tokenizer_source: model {tok.name!r} has no tokenizer files in "
-                              f"{tok.folder} (one of {', '.join(TOKENIZER_FILES[:4])} ...); name a model that has "
-                              f"them, or write `tokenizer_source: none` to write the output without a tokenizer")
+        raise CheckpointError(
+            f"{recipe.where}: tokenizer_source: model {tok.name!r} has no tokenizer files in "
+            f"{tok.folder} (one of {', '.join(TOKENIZER_FILES[:4])} ...); name a model that has "
+            f"them, or write `tokenizer_source: none` to write the output without a tokenizer"
+        )
     return tok
 
 
@@ -405,9 +452,11 @@ def check_config(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -
     """The output config.json must describe the output tensors, or transformers cannot load it:
     vocab_size and hidden_size against the embedding, the layer count against the layer indices,
     intermediate_size against the MLP projections (each checked only where both exist)."""
+
     def bad(key: str, tensor: str, detail: str) -> None:
-        raise CheckpointError(f"{where}: {key} is {config[key]!r}, but tensor {tensor!r} {detail}; "
-                              "config.json disagrees with the weights")
+        raise CheckpointError(
+            f"{where}: {key} is {config[key]!r}, but tensor {tensor!r} {detail}; config.json disagrees with the weights"
+        )
 
     emb = next((n for n in shapes if n.endswith(_EMBED_SUFFIXES) and len(shapes[n]) == 2), None)
     if emb is not None:
@@ -417,8 +466,14 @@ def check_config(config: dict, shapes: dict[str, tuple[int, ...]], where: str) -
             bad("hidden_size", emb, f"has {shapes[emb][1]} columns")
     layers = {pmap.layer_index(n): n for n in shapes}
     layers.pop(None, None)
-    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)
-                and not isinstance(config.get(k), bool)), None)
+    key = next(
+        (
+            k
+            for k in ("num_hidden_layers", "n_layer", "num_layers")
+            if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)
+        ),
+        None,
+    )
     if key is not None and layers:
         top = max(layers)
         if top + 1 != config[key]:
@@ -462,9 +517,13 @@ def _check_same_tensors(ref: Checkpoint, ck: Checkpoint) -> None:
         if other is None:
             raise MergeInputError(f"model {ck.name!r}: tensor {name!r} is missing (present in {ref.name!r})")
         if other.shape != info.shape:
-            raise MergeInputError(f"model {ck.name!r}: tensor {name!r} has shape {list(other.shape)}, "
-                                  f"but {ref.name!r} has {list(info.shape)}")
+            raise MergeInputError(
+                f"model {ck.name!r}: tensor {name!r} has shape {list(other.shape)}, "
+                f"but {ref.name!r} has {list(info.shape)}"
+            )
     extra = [n for n in ck.tensors if n not in ref.tensors]
     if extra:
-        raise MergeInputError(f"model {ck.name!r}: tensor {extra[0]!r} is not in {ref.name!r}"
-                              f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; tensor names disagree")
+        raise MergeInputError(
+            f"model {ck.name!r}: tensor {extra[0]!r} is not in {ref.name!r}"
+            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; tensor names disagree"
+        )

@@ -58,17 +58,22 @@ class _Strict(BaseModel):
 class InputModel(_Strict):
     model: Optional[str] = None
     glob: Optional[str] = None
-    lora: Optional[str] = None          # a PEFT adapter folder on top of `model` (default: base_model)
+    lora: Optional[str] = None  # a PEFT adapter folder on top of `model` (default: base_model)
     parameters: dict[str, ParamValue] = Field(default_factory=dict)
-    calibration: Optional[str] = None   # this model's own task calibration set (data-guided merging)
-    from_glob: Optional[str] = Field(default=None, exclude=True)   # the pattern this entry came from
+    calibration: Optional[str] = None  # this model's own task calibration set (data-guided merging)
+    from_glob: Optional[str] = Field(default=None, exclude=True)  # the pattern this entry came from
 
     @model_validator(mode="after")
     def _one_of(self) -> "InputModel":
         if self.glob is not None and self.lora is not None:
             raise ValueError("`lora` names one adapter; a `glob` matching adapter folders needs no `lora`")
-        if self.model is not None and self.glob is not None or self.model is None and self.glob is None \
-                and self.lora is None:
+        if (
+            self.model is not None
+            and self.glob is not None
+            or self.model is None
+            and self.glob is None
+            and self.lora is None
+        ):
             raise ValueError("give exactly one of `model` (a path) or `glob` (a pattern), or `lora` (an adapter)")
         return self
 
@@ -93,12 +98,13 @@ class OutputSlice(_Strict):
 
 class SparsityGuidance(_Strict):
     """LEWIS: per expert x layer x module densities from activation-based importance shifts."""
+
     method: Literal["lewis"] = "lewis"
-    calibration: Optional[str] = None     # one set for every expert; default: each expert's own `calibration`
-    gamma: float = Field(default=0.3, gt=0, le=1)      # lowest density
-    epsilon: float = Field(default=0.8, gt=0, le=1)    # highest density
+    calibration: Optional[str] = None  # one set for every expert; default: each expert's own `calibration`
+    gamma: float = Field(default=0.3, gt=0, le=1)  # lowest density
+    epsilon: float = Field(default=0.8, gt=0, le=1)  # highest density
     mean_density: Optional[float] = Field(default=None, gt=0, le=1)  # shift the map to this parameter-weighted mean
-    sequential: bool = False              # the official code's layer-by-layer Wanda-pruned statistics
+    sequential: bool = False  # the official code's layer-by-layer Wanda-pruned statistics
     wanda_sparsity: float = Field(default=0.5, ge=0, lt=1)
 
     @model_validator(mode="after")
@@ -110,14 +116,16 @@ class SparsityGuidance(_Strict):
 
 class CoefficientGuidance(_Strict):
     """Sens-Merging: per expert x layer coefficients from sensitivity and cross-task alignment."""
+
     method: Literal["sens"] = "sens"
     temperature: float = Field(default=2.0, gt=0)
-    alignment: bool = True                # False: tau = 1 (sensitivity only)
+    alignment: bool = True  # False: tau = 1 (sensitivity only)
 
 
 class AimGuidance(_Strict):
     """AIM: relax the merged task vector per input channel by the base's activation magnitude."""
-    calibration: Union[str, list[str]]   # one set, or several whose statistics are summed
+
+    calibration: Union[str, list[str]]  # one set, or several whose statistics are summed
     omega: float = Field(default=0.4, ge=0, le=1)
 
     @property
@@ -127,7 +135,8 @@ class AimGuidance(_Strict):
 
 class RegMeanGuidance(_Strict):
     """RegMean: linears merged in closed form from each model's Gram matrices on its own calibration set."""
-    a: float = Field(default=0.9, ge=0, le=1)   # off-diagonal scale
+
+    a: float = Field(default=0.9, ge=0, le=1)  # off-diagonal scale
     ridge: float = Field(default=0.0, ge=0)
 
 
@@ -190,8 +199,8 @@ class Recipe(_Strict):
         cuts = [i for i, c in enumerate(ref) if c == "+"]
         for i in cuts:
             if self.resolve_path(ref[:i]).exists():
-                return ref[:i], ref[i + 1:]
-        return ref[:cuts[0]], ref[cuts[0] + 1:]
+                return ref[:i], ref[i + 1 :]
+        return ref[: cuts[0]], ref[cuts[0] + 1 :]
 
     def model_location(self, ref: str) -> tuple[Path, Optional[Path]]:
         """(folder, base folder or None): for `base+adapter`, the adapter folder and its base's."""
@@ -222,8 +231,7 @@ class Recipe(_Strict):
         return list(self._globs)
 
     def to_yaml_dict(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True, exclude={"source_path", "root"},
-                               exclude_defaults=False)
+        return self.model_dump(mode="json", exclude_none=True, exclude={"source_path", "root"}, exclude_defaults=False)
 
 
 def _fmt_loc(loc: tuple) -> str:
@@ -260,11 +268,14 @@ def expand_globs(recipe: Recipe) -> None:
                     pass
             if is_adapter_folder(path):  # an adapter on top of the recipe's base
                 if not recipe.base_model:
-                    raise RecipeError(f"{recipe.where}: models: glob {m.glob!r} matched the LoRA adapter folder "
-                                      f"{ref}, which needs a base: give base_model")
+                    raise RecipeError(
+                        f"{recipe.where}: models: glob {m.glob!r} matched the LoRA adapter folder "
+                        f"{ref}, which needs a base: give base_model"
+                    )
                 ref = f"{recipe.base_model}+{ref}"
-            out.append(InputModel(model=ref, parameters=dict(m.parameters), calibration=m.calibration,
-                                  from_glob=m.glob))
+            out.append(
+                InputModel(model=ref, parameters=dict(m.parameters), calibration=m.calibration, from_glob=m.glob)
+            )
     recipe.models = out
     recipe._globs = patterns
 
@@ -276,22 +287,32 @@ def normalize_adapters(recipe: Recipe) -> None:
         if m.lora is not None:
             base = m.model or recipe.base_model
             if not base:
-                raise RecipeError(f"{recipe.where}: models[{i}].lora: an adapter needs a base: give `model` "
-                                  "(its base) or the recipe's base_model")
+                raise RecipeError(
+                    f"{recipe.where}: models[{i}].lora: an adapter needs a base: give `model` "
+                    "(its base) or the recipe's base_model"
+                )
             m.model, m.lora = f"{base}+{m.lora}", None
-        elif m.model is not None and recipe.split_ref(m.model)[1] is None \
-                and is_adapter_folder(recipe.resolve_path(m.model)):
+        elif (
+            m.model is not None
+            and recipe.split_ref(m.model)[1] is None
+            and is_adapter_folder(recipe.resolve_path(m.model))
+        ):
             if not recipe.base_model:
-                raise RecipeError(f"{recipe.where}: models[{i}].model: {m.model} is a LoRA adapter folder, which "
-                                  "needs a base: give base_model, or write `base+adapter`")
+                raise RecipeError(
+                    f"{recipe.where}: models[{i}].model: {m.model} is a LoRA adapter folder, which "
+                    "needs a base: give base_model, or write `base+adapter`"
+                )
             m.model = f"{recipe.base_model}+{m.model}"
     if recipe.base_model and is_adapter_folder(recipe.resolve_path(recipe.base_model)):
-        raise RecipeError(f"{recipe.where}: base_model: {recipe.base_model} is a LoRA adapter folder; name it "
-                          "with its own base as `base+adapter`")
+        raise RecipeError(
+            f"{recipe.where}: base_model: {recipe.base_model} is a LoRA adapter folder; name it "
+            "with its own base as `base+adapter`"
+        )
 
 
-def parse_recipe(data: Any, where: str = "<recipe>", source_path: Optional[Path] = None,
-                 root: Optional[Path] = None) -> Recipe:
+def parse_recipe(
+    data: Any, where: str = "<recipe>", source_path: Optional[Path] = None, root: Optional[Path] = None
+) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: a recipe must be a YAML mapping, got {type(data).__name__}")
     try:
@@ -326,8 +347,10 @@ class _RecipeLoader(yaml.SafeLoader):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             mark = event.start_mark
-            raise RecipeError(f"{mark.name}:{mark.line + 1}: YAML alias *{event.anchor} is not allowed in a recipe "
-                              "(anchors and aliases are refused; write the value out)")
+            raise RecipeError(
+                f"{mark.name}:{mark.line + 1}: YAML alias *{event.anchor} is not allowed in a recipe "
+                "(anchors and aliases are refused; write the value out)"
+            )
         return super().compose_node(parent, index)
 
 
@@ -346,9 +369,10 @@ def read_recipe_yaml(path: str | os.PathLike) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise RecipeError(f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                          "save the recipe as UTF-8") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); save the recipe as UTF-8"
+        ) from None
     loader = _RecipeLoader(text)
     loader.name = str(p)
     try:
@@ -380,8 +404,9 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError(f"{where}: passthrough needs `slices` (or one entry in `models`)")
     else:
         if recipe.slices:
-            raise RecipeError(f"{where}: slices: only the passthrough method takes `slices`; "
-                              f"{method.name} takes `models`")
+            raise RecipeError(
+                f"{where}: slices: only the passthrough method takes `slices`; {method.name} takes `models`"
+            )
         if recipe.models is None:
             raise RecipeError(f"{where}: models: required key is missing (a list of models to merge)")
     if recipe.slices and recipe.models:
@@ -389,19 +414,27 @@ def validate_recipe(recipe: Recipe) -> None:
     if method.requires_base and not recipe.base_model:
         raise RecipeError(f"{where}: base_model: required by merge_method {method.name!r}")
 
-    experts = [m for m in (recipe.models or []) if m.model != recipe.base_model] \
-        if method.takes_base(recipe.base_model) \
+    experts = (
+        [m for m in (recipe.models or []) if m.model != recipe.base_model]
+        if method.takes_base(recipe.base_model)
         else list(recipe.models or [])
+    )
     if recipe.models is not None:
         n = len(experts)
         if n < method.min_models:
-            hint = "".join(f"; glob {g!r} matched no model folder" for g in recipe.globs
-                           if not any(m.from_glob == g for m in recipe.models))
-            raise RecipeError(f"{where}: models: {method.name} needs at least {method.min_models} "
-                              f"model(s) besides the base, got {n}{hint}")
+            hint = "".join(
+                f"; glob {g!r} matched no model folder"
+                for g in recipe.globs
+                if not any(m.from_glob == g for m in recipe.models)
+            )
+            raise RecipeError(
+                f"{where}: models: {method.name} needs at least {method.min_models} "
+                f"model(s) besides the base, got {n}{hint}"
+            )
         if method.max_models is not None and n > method.max_models:
-            raise RecipeError(f"{where}: models: {method.name} takes at most {method.max_models} "
-                              f"model(s) besides the base, got {n}")
+            raise RecipeError(
+                f"{where}: models: {method.name} takes at most {method.max_models} model(s) besides the base, got {n}"
+            )
 
     _validate_parameters(recipe, method, experts)
 
@@ -421,8 +454,10 @@ def _check_value(where: str, method, loc: str, name: str, value: Any, allow_glob
         known = ", ".join(p.name for p in method.params) or "none"
         raise RecipeError(f"{where}: {loc}.{name}: unknown parameter for {method.name} (known: {known})")
     if not spec.per_model and not allow_global:
-        raise RecipeError(f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
-                          "give it under the top-level `parameters`")
+        raise RecipeError(
+            f"{where}: {loc}.{name}: {name} is a global parameter of {method.name}; "
+            "give it under the top-level `parameters`"
+        )
     err = pmap.validate_shape(value)
     if err:
         raise RecipeError(f"{where}: {loc}.{name}: {err}")
@@ -468,8 +503,10 @@ def _validate_parameters(recipe: Recipe, method, experts: list[InputModel]) -> N
         if spec.per_model:
             for i, m in enumerate(recipe.models or []):
                 if m in experts and spec.name not in m.parameters and spec.name not in recipe.parameters:
-                    raise RecipeError(f"{where}: models[{i}].parameters.{spec.name}: required by "
-                                      f"{method.name} (give it per model or under top-level `parameters`)")
+                    raise RecipeError(
+                        f"{where}: models[{i}].parameters.{spec.name}: required by "
+                        f"{method.name} (give it per model or under top-level `parameters`)"
+                    )
         elif spec.name not in recipe.parameters:
             raise RecipeError(f"{where}: parameters.{spec.name}: required by {method.name}")
 
@@ -482,8 +519,10 @@ def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> Non
     def need_own_calibration(what: str, models: list[InputModel]) -> None:
         for i, m in enumerate(recipe.models or []):
             if m in models and not m.calibration:
-                raise RecipeError(f"{where}: models[{i}].calibration: required by guidance.{what} (the name or path "
-                                  f"of {m.model}'s own task calibration set, e.g. data/calibration/<task>.jsonl)")
+                raise RecipeError(
+                    f"{where}: models[{i}].calibration: required by guidance.{what} (the name or path "
+                    f"of {m.model}'s own task calibration set, e.g. data/calibration/<task>.jsonl)"
+                )
 
     def check_file(loc: str, ref: str) -> None:
         p = recipe.calibration_path(ref)
@@ -492,23 +531,29 @@ def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> Non
 
     if g.regmean is not None:
         if method.name != "linear":
-            raise RecipeError(f"{where}: guidance.regmean: RegMean replaces the linears of a `linear` merge; "
-                              f"merge_method is {method.name!r}")
+            raise RecipeError(
+                f"{where}: guidance.regmean: RegMean replaces the linears of a `linear` merge; "
+                f"merge_method is {method.name!r}"
+            )
         if g.sparsity or g.coefficients or g.aim:
             raise RecipeError(f"{where}: guidance.regmean: cannot be combined with sparsity, coefficients or aim")
         need_own_calibration("regmean", list(recipe.models or []))
     if g.sparsity is not None:
         if not method.sparsifies:
-            raise RecipeError(f"{where}: guidance.sparsity: {method.name} does not sparsify; LEWIS densities apply "
-                              f"to {', '.join(SPARSIFYING)}")
+            raise RecipeError(
+                f"{where}: guidance.sparsity: {method.name} does not sparsify; LEWIS densities apply "
+                f"to {', '.join(SPARSIFYING)}"
+            )
         if g.sparsity.calibration:
             check_file("guidance.sparsity.calibration", g.sparsity.calibration)
         else:
             need_own_calibration("sparsity (no guidance.sparsity.calibration given)", experts)
     if g.coefficients is not None:
         if not method.takes_coefficients:
-            raise RecipeError(f"{where}: guidance.coefficients: Sens-Merging coefficients apply to "
-                              f"{', '.join(COEFFICIENT_METHODS)}, not {method.name}")
+            raise RecipeError(
+                f"{where}: guidance.coefficients: Sens-Merging coefficients apply to "
+                f"{', '.join(COEFFICIENT_METHODS)}, not {method.name}"
+            )
         need_own_calibration("coefficients", experts)
     if g.aim is not None:
         if not recipe.base_model:

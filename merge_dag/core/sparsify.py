@@ -53,14 +53,20 @@ RANDOM = "random"
 MAGNITUDE_OUTLIERS = "magnitude_outliers"
 DELLA = "della_magprune"
 METHODS = (MAGNITUDE, RANDOM, MAGNITUDE_OUTLIERS, DELLA)
-ALIASES = {"topk": MAGNITUDE, "ties": MAGNITUDE, "dare": RANDOM, "bernoulli": RANDOM,
-           "breadcrumbs": MAGNITUDE_OUTLIERS, "della": DELLA}
+ALIASES = {
+    "topk": MAGNITUDE,
+    "ties": MAGNITUDE,
+    "dare": RANDOM,
+    "bernoulli": RANDOM,
+    "breadcrumbs": MAGNITUDE_OUTLIERS,
+    "della": DELLA,
+}
 
-L1_EPS = 1e-7             # mergekit's rescale guard
-_ABS = 0x7FFFFFFF         # clears the sign bit of a float32 seen as int32
-_HI_BINS = 1 << 15        # top 16 bits of a non-negative float32: 0 .. 32767
+L1_EPS = 1e-7  # mergekit's rescale guard
+_ABS = 0x7FFFFFFF  # clears the sign bit of a float32 seen as int32
+_HI_BINS = 1 << 15  # top 16 bits of a non-negative float32: 0 .. 32767
 _LO_BINS = (1 << 16) + 2  # low 16 bits inside one top bucket, plus "below" (0) and "above" (65537)
-_P_ONE = 1 << 31          # int32 random_() draws uniformly from [0, 2**31)
+_P_ONE = 1 << 31  # int32 random_() draws uniformly from [0, 2**31)
 _INF = float("inf")
 
 
@@ -124,15 +130,15 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
     with workers(flat) as w:
         segs = segments(n, step, w)
         hist_c = _hi_histogram(flat, base, step, segs)
-        from_top = hist_c.flip(0).cumsum(0)           # from_top[i]: count in buckets >= 32767 - i
+        from_top = hist_c.flip(0).cumsum(0)  # from_top[i]: count in buckets >= 32767 - i
 
-        where: dict[int, tuple[int, int]] = {}        # j -> (bucket, count strictly above it)
+        where: dict[int, tuple[int, int]] = {}  # j -> (bucket, count strictly above it)
         for j in todo:
             k = ks[j]
             i = int(torch.searchsorted(from_top, k))  # first i with from_top[i] >= k
             bucket = _HI_BINS - 1 - i
             above = int(from_top[i - 1]) if i > 0 else 0
-            if above + int(hist_c[bucket]) == k:      # the whole bucket is kept: done
+            if above + int(hist_c[bucket]) == k:  # the whole bucket is kept: done
                 cuts[j] = TopCut(_f32((bucket << 16) - 1))
             else:
                 where[j] = (bucket, above)
@@ -145,8 +151,9 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
     return cuts  # type: ignore[return-value]
 
 
-def _hi_histogram(flat: torch.Tensor, base: Optional[torch.Tensor], step: int,
-                  segs: list[tuple[int, int]]) -> torch.Tensor:
+def _hi_histogram(
+    flat: torch.Tensor, base: Optional[torch.Tensor], step: int, segs: list[tuple[int, int]]
+) -> torch.Tensor:
     """Counts of the top 16 bits of |x| over the whole tensor (on the CPU); flat -= base is fused in."""
     dev = flat.device
     bits = flat.view(torch.int32)
@@ -167,8 +174,9 @@ def _hi_histogram(flat: torch.Tensor, base: Optional[torch.Tensor], step: int,
     return sum(run_segments(segs, pass1)).cpu()
 
 
-def _lo_histograms(flat: torch.Tensor, step: int, segs: list[tuple[int, int]],
-                   buckets: list[int]) -> list[dict[int, torch.Tensor]]:
+def _lo_histograms(
+    flat: torch.Tensor, step: int, segs: list[tuple[int, int]], buckets: list[int]
+) -> list[dict[int, torch.Tensor]]:
     """Per segment, for each bucket: counts of the low 16 bits of the |x| inside it (bin 0 = below
     the bucket, 65537 = above it), on the CPU."""
     dev = flat.device
@@ -191,19 +199,20 @@ def _lo_histograms(flat: torch.Tensor, step: int, segs: list[tuple[int, int]],
     return run_segments(segs, pass2)
 
 
-def _cut_in_bucket(k: int, bucket: int, above: int, per_seg: list[dict[int, torch.Tensor]],
-                   segs: list[tuple[int, int]]) -> TopCut:
+def _cut_in_bucket(
+    k: int, bucket: int, above: int, per_seg: list[dict[int, torch.Tensor]], segs: list[tuple[int, int]]
+) -> TopCut:
     """The cut keeping the k largest, whose threshold lies in `bucket` (`above` entries are larger)."""
-    h = sum(ps[bucket] for ps in per_seg)[1:_LO_BINS - 1]  # counts of low bits 0 .. 65535
+    h = sum(ps[bucket] for ps in per_seg)[1 : _LO_BINS - 1]  # counts of low bits 0 .. 65535
     top = h.flip(0).cumsum(0)
     i = int(torch.searchsorted(top, k - above))
     lo16 = (1 << 16) - 1 - i
     t_bits = (bucket << 16) | lo16
     greater = above + (int(top[i - 1]) if i > 0 else 0)
-    need = k - greater                            # 1 <= need <= ties
-    if t_bits == 0:                               # threshold 0: the tied entries are zeros
+    need = k - greater  # 1 <= need <= ties
+    if t_bits == 0:  # threshold 0: the tied entries are zeros
         return TopCut(0.0)
-    if need == int(h[lo16]):                      # every tied entry is kept
+    if need == int(h[lo16]):  # every tied entry is kept
         return TopCut(_f32(t_bits - 1))
     seg_need, left = [], need
     for ps in per_seg:
@@ -272,9 +281,9 @@ def apply_cuts(flat: torch.Tensor, keep: TopCut, drop: Optional[TopCut] = None) 
                 x = flat[s:e]
                 if with_drop:
                     outliers = tmp[: e - s].copy_(x)
-                    drop_i(outliers)                  # only the largest entries remain
+                    drop_i(outliers)  # only the largest entries remain
                     keep_i(x)
-                    x.sub_(outliers)                  # x - x = 0 exactly; x - 0 = x
+                    x.sub_(outliers)  # x - x = 0 exactly; x - 0 = x
                 else:
                     keep_i(x)
 
@@ -287,8 +296,7 @@ def _magnitude(flat: torch.Tensor, density: float, base: Optional[torch.Tensor])
     apply_cuts(flat, cut)
 
 
-def _magnitude_outliers(flat: torch.Tensor, density: float, gamma: float,
-                        base: Optional[torch.Tensor]) -> None:
+def _magnitude_outliers(flat: torch.Tensor, density: float, gamma: float, base: Optional[torch.Tensor]) -> None:
     n = flat.numel()
     target = int(density * n)
     n_top = int(gamma * n)
@@ -298,8 +306,9 @@ def _magnitude_outliers(flat: torch.Tensor, density: float, gamma: float,
     apply_cuts(flat, big, out)
 
 
-def _random(flat: torch.Tensor, density: float, generator: Optional[torch.Generator],
-            base: Optional[torch.Tensor]) -> None:
+def _random(
+    flat: torch.Tensor, density: float, generator: Optional[torch.Generator], base: Optional[torch.Tensor]
+) -> None:
     n = flat.numel()
     step = min(chunk_size(flat), n)
     thresh = round(density * _P_ONE)
@@ -314,16 +323,15 @@ def _random(flat: torch.Tensor, density: float, generator: Optional[torch.Genera
             if bflat is not None:
                 x.sub_(bflat[s:e])
             rr, kk = r[: e - s], keep[: e - s]
-            rr.random_(generator=gens[s // step])    # uniform on [0, 2**31)
-            torch.lt(rr, thresh, out=kk)             # P(keep) = thresh / 2**31 = density
+            rr.random_(generator=gens[s // step])  # uniform on [0, 2**31)
+            torch.lt(rr, thresh, out=kk)  # P(keep) = thresh / 2**31 = density
             x.mul_(kk)
 
     with workers(flat) as w:
         run_segments(segments(n, step, w), work)
 
 
-def _della(tensor: torch.Tensor, density: float, epsilon: float,
-           generator: Optional[torch.Generator]) -> None:
+def _della(tensor: torch.Tensor, density: float, epsilon: float, generator: Optional[torch.Generator]) -> None:
     if tensor.dim() <= 1:
         _della_rows(tensor.view(1, -1), density, epsilon, generator)
     elif tensor.dim() == 2:
@@ -334,8 +342,7 @@ def _della(tensor: torch.Tensor, density: float, epsilon: float,
         tensor.copy_(moved.movedim(-1, 1))
 
 
-def _della_rows(x: torch.Tensor, density: float, epsilon: float,
-                generator: Optional[torch.Generator]) -> None:
+def _della_rows(x: torch.Tensor, density: float, epsilon: float, generator: Optional[torch.Generator]) -> None:
     n_rows, length = x.shape
     dev = x.device
     # keep probability for ascending rank r = 0 .. L-1, in float32 like mergekit
@@ -345,7 +352,7 @@ def _della_rows(x: torch.Tensor, density: float, epsilon: float,
     else:  # a single entry is both the smallest and the largest: the midpoint, density
         probs = torch.full((1,), density, dtype=torch.float32, device=dev)
     thresh = (probs.double() * _P_ONE).round().clamp_(0, _P_ONE - 1).to(torch.int32)
-    per = max(1, chunk_size(x) // max(1, length))      # rows per chunk
+    per = max(1, chunk_size(x) // max(1, length))  # rows per chunk
     gens = chunk_generators(generator, math.ceil(n_rows / per), dev)
 
     def work(_i: int, lo: int, hi: int) -> None:
@@ -366,17 +373,23 @@ def abs_sum(flat: torch.Tensor) -> float:
     return chunked_sum(flat, lambda s, e, out: torch.abs(flat[s:e], out=out))
 
 
-def sparsify(tensor: torch.Tensor, density: float, method: str, *, gamma: float = 0.01,
-             epsilon: float = 0.15, rescale: bool = False,
-             generator: Optional[torch.Generator] = None,
-             base: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sparsify(
+    tensor: torch.Tensor,
+    density: float,
+    method: str,
+    *,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    rescale: bool = False,
+    generator: Optional[torch.Generator] = None,
+    base: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Sparsify `tensor` in place (see the module docstring) and return it."""
     method = ALIASES.get(method, method)
     if method not in METHODS:
         raise ValueError(f"unknown sparsification method {method!r} (known: {', '.join(METHODS)})")
     if method == DELLA and 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
-        raise ValueError(f"della: density +/- epsilon must lie in (0, 1); got density {density:g}, "
-                         f"epsilon {epsilon:g}")
+        raise ValueError(f"della: density +/- epsilon must lie in (0, 1); got density {density:g}, epsilon {epsilon:g}")
     if base is not None and base.shape != tensor.shape:
         raise ValueError(f"base shape {list(base.shape)} differs from {list(tensor.shape)}")
     if density >= 1 or tensor.numel() == 0:
@@ -385,8 +398,7 @@ def sparsify(tensor: torch.Tensor, density: float, method: str, *, gamma: float 
         return tensor.zero_()
     if not tensor.is_contiguous():
         work = tensor.contiguous()
-        sparsify(work, density, method, gamma=gamma, epsilon=epsilon, rescale=rescale,
-                 generator=generator, base=base)
+        sparsify(work, density, method, gamma=gamma, epsilon=epsilon, rescale=rescale, generator=generator, base=base)
         return tensor.copy_(work)
 
     flat = tensor.view(-1)

@@ -25,20 +25,28 @@ class TaskVectorResult:
     out_dir: Path
     tensor_count: int
     bytes: int
-    l2_norm: float            # ||delta||_2 over every tensor
+    l2_norm: float  # ||delta||_2 over every tensor
     per_layer_norm: dict[str, float]
     seconds: float
 
 
-def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Checkpoint, out_dir: str | Path,
-                        device: str = "cpu", shard_size: str | int = "2GB",
-                        metadata: dict | None = None) -> TaskVectorResult:
+def compute_task_vector(
+    base: str | Path | Checkpoint,
+    expert: str | Path | Checkpoint,
+    out_dir: str | Path,
+    device: str = "cpu",
+    shard_size: str | int = "2GB",
+    metadata: dict | None = None,
+) -> TaskVectorResult:
     t0 = time.perf_counter()
     base = base if isinstance(base, (Checkpoint, LoraCheckpoint)) else Checkpoint(base, name=str(base))
     expert = expert if isinstance(expert, (Checkpoint, LoraCheckpoint)) else Checkpoint(expert, name=str(expert))
     # a LoRA expert over this very base: its delta is the adapter's, computed exactly per tensor
-    low_rank = isinstance(expert, LoraCheckpoint) and expert.base.path.resolve() == base.path.resolve() \
+    low_rank = (
+        isinstance(expert, LoraCheckpoint)
+        and expert.base.path.resolve() == base.path.resolve()
         and not isinstance(base, LoraCheckpoint)
+    )
     _check_same_tensors(base, expert)
     out_dir = Path(out_dir)
     clean_stale_temporaries(out_dir)
@@ -60,8 +68,9 @@ def compute_task_vector(base: str | Path | Checkpoint, expert: str | Path | Chec
         w.copy_files(base.folder, ["config.json"] if cfg.exists() else [])
         nbytes = w.bytes_written
         w.commit()
-    return TaskVectorResult(out_dir, len(plan), nbytes, sq ** 0.5, {k: v ** 0.5 for k, v in per_layer.items()},
-                            time.perf_counter() - t0)
+    return TaskVectorResult(
+        out_dir, len(plan), nbytes, sq**0.5, {k: v**0.5 for k, v in per_layer.items()}, time.perf_counter() - t0
+    )
 
 
 def _check_same_tensors(base: Checkpoint, expert: Checkpoint) -> None:
@@ -70,8 +79,10 @@ def _check_same_tensors(base: Checkpoint, expert: Checkpoint) -> None:
         if other is None:
             raise MergeInputError(f"model {expert.name!r}: tensor {name!r} is missing (present in base {base.name!r})")
         if other.shape != info.shape:
-            raise MergeInputError(f"model {expert.name!r}: tensor {name!r} has shape {list(other.shape)}, "
-                                  f"but base {base.name!r} has {list(info.shape)}")
+            raise MergeInputError(
+                f"model {expert.name!r}: tensor {name!r} has shape {list(other.shape)}, "
+                f"but base {base.name!r} has {list(info.shape)}"
+            )
     extra = [n for n in expert.tensors if n not in base.tensors]
     if extra:
         raise MergeInputError(f"model {expert.name!r}: tensor {extra[0]!r} is not in base {base.name!r}")
@@ -97,8 +108,10 @@ def _tensor_delta(base: Checkpoint, expert: Checkpoint, t: OutTensor, device: st
         _require_finite(base, t.name, b)
         _require_finite(expert, t.name, e)
         return e.to(torch.float32).sub_(b.to(torch.float32))
-    if not torch.equal(b, e):   # engine: integer and bool tensors are copied only when identical
-        raise MergeInputError(f"model {expert.name!r}: tensor {t.name!r} is "
-                              f"{str(e.dtype).removeprefix('torch.')} and differs from base "
-                              f"{base.name!r}; integer and bool tensors are never merged")
+    if not torch.equal(b, e):  # engine: integer and bool tensors are copied only when identical
+        raise MergeInputError(
+            f"model {expert.name!r}: tensor {t.name!r} is "
+            f"{str(e.dtype).removeprefix('torch.')} and differs from base "
+            f"{base.name!r}; integer and bool tensors are never merged"
+        )
     return torch.zeros_like(b)

@@ -23,26 +23,36 @@ from .sensors import build_lineage_sensors, build_sensor
 ALL_JOB = "merge_all"
 
 
-def build_definitions(root: Optional[str | Path] = None, project: Optional[Project] = None,
-                      resource: Optional[MergeDagResource] = None) -> dg.Definitions:
+def build_definitions(
+    root: Optional[str | Path] = None, project: Optional[Project] = None, resource: Optional[MergeDagResource] = None
+) -> dg.Definitions:
     """Every asset, check, job, sensor and schedule of the project. A recipe file that does not load
     (project.broken) is only its own failing `recipe/<name>` source; a bad environment setting fails
     the steps, sensor ticks or schedule ticks that use it; neither stops the code location loading."""
     project = project or load_project(root)
     merges, checks = merge_assets(project)
     checks = checks + extra_checks(project)
-    assets = source_assets(project) + guidance_assets(project) + task_vector_assets(project) + merges \
-        + eval_assets(project)
+    assets = (
+        source_assets(project) + guidance_assets(project) + task_vector_assets(project) + merges + eval_assets(project)
+    )
     if any(s.evals for s in project.recipes.values()):
         assets.append(leaderboard_asset(project))
     resource = resource or resource_from_env(project.root, project.data)
     # sources are in the job so every run observes them first: provenance names the current files
-    merge_all = dg.define_asset_job(ALL_JOB, selection=dg.AssetSelection.all(include_sources=True),
-                                    description="Observe every source, then build every artifact (cache hits "
-                                                "for anything whose inputs did not change).")
-    return dg.Definitions(assets=assets, asset_checks=checks, jobs=[merge_all],
-                          sensors=[build_sensor(project, ALL_JOB), *build_lineage_sensors()], schedules=[build_schedule(ALL_JOB)],
-                          resources={"merge_dag": resource})
+    merge_all = dg.define_asset_job(
+        ALL_JOB,
+        selection=dg.AssetSelection.all(include_sources=True),
+        description="Observe every source, then build every artifact (cache hits "
+        "for anything whose inputs did not change).",
+    )
+    return dg.Definitions(
+        assets=assets,
+        asset_checks=checks,
+        jobs=[merge_all],
+        sensors=[build_sensor(project, ALL_JOB), *build_lineage_sensors()],
+        schedules=[build_schedule(ALL_JOB)],
+        resources={"merge_dag": resource},
+    )
 
 
 def merge_all_job(root: Optional[str] = None) -> dg.JobDefinition:
@@ -55,5 +65,6 @@ def reconstructable_merge_all(root: str | Path) -> dg.ReconstructableJob:
     """merge_all of the project at `root`, for dg.execute_job with an out-of-process executor.
     (The root is part of the job's pointer: Dagster caches reconstructed jobs per pointer, so two
     projects in one process must not share `dg.reconstructable(merge_all_job)`.)"""
-    return dg.build_reconstructable_job("merge_dag.dagster.definitions", "merge_all_job",
-                                        reconstructable_kwargs={"root": str(Path(root).absolute())})
+    return dg.build_reconstructable_job(
+        "merge_dag.dagster.definitions", "merge_all_job", reconstructable_kwargs={"root": str(Path(root).absolute())}
+    )

@@ -18,17 +18,17 @@ class MergeDagResource(dg.ConfigurableResource):
     the project root)."""
 
     root: str
-    data_dir: str = ""           # default $MERGE_DAG_DATA under the root, else <root>/data (see core.paths)
-    artifacts_dir: str = ""      # default <data>/artifacts
-    db_path: str = ""            # default $MERGE_DAG_DB or <data>/lineage.duckdb
-    device: str = "cpu"          # torch device for every tensor op: cpu, cuda, cuda:1
-    eval_limit: int = 0          # 0: every example of each eval task
+    data_dir: str = ""  # default $MERGE_DAG_DATA under the root, else <root>/data (see core.paths)
+    artifacts_dir: str = ""  # default <data>/artifacts
+    db_path: str = ""  # default $MERGE_DAG_DB or <data>/lineage.duckdb
+    device: str = "cpu"  # torch device for every tensor op: cpu, cuda, cuda:1
+    eval_limit: int = 0  # 0: every example of each eval task
     eval_batch_size: int = 32
-    eval_dtype: str = "auto"           # $MERGE_DAG_EVAL_DTYPE: auto (the checkpoint's), float32, bfloat16, float16
-    calibration_batch_size: int = 8    # rows per forward pass of a statistics step
+    eval_dtype: str = "auto"  # $MERGE_DAG_EVAL_DTYPE: auto (the checkpoint's), float32, bfloat16, float16
+    calibration_batch_size: int = 8  # rows per forward pass of a statistics step
     calibration_max_length: int = 512  # tokens per row (longer rows are truncated)
-    calibration_max_rows: int = 0      # 0: every row of each calibration set
-    invalid: dict[str, str] = {}       # field -> why its environment variable was refused (see checked)
+    calibration_max_rows: int = 0  # 0: every row of each calibration set
+    invalid: dict[str, str] = {}  # field -> why its environment variable was refused (see checked)
 
     def checked(self, field: str):
         """The setting `field`, or SettingsError naming its environment variable when that was bad:
@@ -39,8 +39,11 @@ class MergeDagResource(dg.ConfigurableResource):
 
     def calibration_settings(self) -> dict:
         """Everything that shapes the batches of a statistics pass (part of each statistic's cache key)."""
-        return {"batch_size": self.calibration_batch_size, "max_length": self.calibration_max_length,
-                "max_rows": self.calibration_max_rows or None}
+        return {
+            "batch_size": self.calibration_batch_size,
+            "max_length": self.calibration_max_length,
+            "max_rows": self.calibration_max_rows or None,
+        }
 
     @property
     def root_path(self) -> Path:
@@ -68,10 +71,16 @@ def resource_from_env(root: str | Path, data: str | Path | None = None) -> Merge
     setting keeps its default in `invalid`, and every step that reads it (the evals, for
     _EVAL_LIMIT) fails with one line naming the variable."""
     s = settings()
-    return MergeDagResource(root=str(root), data_dir=str(data) if data is not None else "", device=s.device,
-                            db_path=str(s.db or ""), artifacts_dir=str(s.artifacts or ""),
-                            eval_limit=s.eval_limit, eval_dtype=s.eval_dtype,
-                            invalid={k: v for k, v in s.invalid.items() if k in ("eval_limit", "eval_dtype")})
+    return MergeDagResource(
+        root=str(root),
+        data_dir=str(data) if data is not None else "",
+        device=s.device,
+        db_path=str(s.db or ""),
+        artifacts_dir=str(s.artifacts or ""),
+        eval_limit=s.eval_limit,
+        eval_dtype=s.eval_dtype,
+        invalid={k: v for k, v in s.invalid.items() if k in ("eval_limit", "eval_dtype")},
+    )
 
 
 def torch_pool() -> str | None:

@@ -16,15 +16,22 @@ def build_schedule(job_name: str) -> dg.ScheduleDefinition:
     if not is_valid_cron_string(cron):  # keep the code location loading: the schedule's ticks fail instead
         error = f"MERGE_DAG_SCHEDULE={cron!r} is not a cron expression (e.g. {DEFAULT_CRON!r})"
 
-        @dg.schedule(name=SCHEDULE_NAME, job_name=job_name, cron_schedule=DEFAULT_CRON,
-                     default_status=dg.DefaultScheduleStatus.RUNNING,
-                     description=f"Every tick fails until fixed: {md_text(error)}.")
+        @dg.schedule(
+            name=SCHEDULE_NAME,
+            job_name=job_name,
+            cron_schedule=DEFAULT_CRON,
+            default_status=dg.DefaultScheduleStatus.RUNNING,
+            description=f"Every tick fails until fixed: {md_text(error)}.",
+        )
         def _refuse(context):
             raise SettingsError(error)
 
         return _refuse
     return dg.ScheduleDefinition(
-        name=SCHEDULE_NAME, job_name=job_name, cron_schedule=cron,
+        name=SCHEDULE_NAME,
+        job_name=job_name,
+        cron_schedule=cron,
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=f"Re-observe every source and rebuild whatever is stale ({md_text(cron)}); unchanged artifacts "
-                    "are cache hits, so a quiet night costs fingerprints only.")
+        "are cache hits, so a quiet night costs fingerprints only.",
+    )

@@ -18,16 +18,26 @@ SENSOR_NAME = "checkpoint_sensor"
 
 def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float] = None) -> dg.SensorDefinition:
     s = settings()
-    settle, bad_setting = ((s.settle_seconds, s.invalid.get("settle_seconds")) if settle_seconds is None
-                           else (settle_seconds, None))
-    broken = "".join(f" Recipe file {md_text(b.file.name)} did not load: {md_text(b.error)}."
-                     for b in project.broken.values())
+    settle, bad_setting = (
+        (s.settle_seconds, s.invalid.get("settle_seconds")) if settle_seconds is None else (settle_seconds, None)
+    )
+    broken = "".join(
+        f" Recipe file {md_text(b.file.name)} did not load: {md_text(b.error)}." for b in project.broken.values()
+    )
 
-    @dg.sensor(name=SENSOR_NAME, job_name=job_name, minimum_interval_seconds=15,
-               default_status=dg.DefaultSensorStatus.RUNNING,
-               description=(f"Every tick fails until fixed: {md_text(bad_setting)}." if bad_setting else
-                            f"Rebuilds what depends on a model folder once a new or changed checkpoint has been "
-                            f"stable for {settle:g} s and opens as a complete safetensors checkpoint.") + broken)
+    @dg.sensor(
+        name=SENSOR_NAME,
+        job_name=job_name,
+        minimum_interval_seconds=15,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=(
+            f"Every tick fails until fixed: {md_text(bad_setting)}."
+            if bad_setting
+            else f"Rebuilds what depends on a model folder once a new or changed checkpoint has been "
+            f"stable for {settle:g} s and opens as a complete safetensors checkpoint."
+        )
+        + broken,
+    )
     def _sensor(context: dg.SensorEvaluationContext):
         if bad_setting:  # a failed tick in the UI, naming the variable; the code location still loads
             raise SettingsError(bad_setting)
@@ -40,34 +50,52 @@ def build_sensor(project: Project, job_name: str, settle_seconds: Optional[float
             fp = state[f"calibration:{name}"]["fp"]
             root = dg.AssetKey(["calibration", name])
             below = dg.AssetSelection.assets(root).downstream().resolve(graph) - {root}
-            yield dg.RunRequest(run_key=f"calibration:{name}:{fp}",
-                                asset_selection=[root] + sorted(below, key=lambda k: k.to_user_string()),
-                                tags={"merge_dag/trigger": f"calibration/{name}", "merge_dag/fingerprint": fp})
+            yield dg.RunRequest(
+                run_key=f"calibration:{name}:{fp}",
+                asset_selection=[root] + sorted(below, key=lambda k: k.to_user_string()),
+                tags={"merge_dag/trigger": f"calibration/{name}", "merge_dag/fingerprint": fp},
+            )
             requested = True
         for name in changed:
             fp = state[name]["fp"]
-            yield dg.RunRequest(run_key=f"{name}:{fp}:{state[name]['since']}",
-                                asset_selection=affected_keys(project, name, graph),
-                                tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": fp})
+            yield dg.RunRequest(
+                run_key=f"{name}:{fp}:{state[name]['since']}",
+                asset_selection=affected_keys(project, name, graph),
+                tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": fp},
+            )
             requested = True
         # a new model's own assets appear after a code-location reload: build those never built, once
         for name, st in state.items():
-            if not name.startswith("calibration:") and st.get("new") and st.get("fp") and name not in changed and st.get("filled") != st["fp"]:
+            if (
+                not name.startswith("calibration:")
+                and st.get("new")
+                and st.get("fp")
+                and name not in changed
+                and st.get("filled") != st["fp"]
+            ):
                 missing = missing_after_new(graph, context.instance, name)
                 if missing:  # once per fingerprint: a run in flight must not be re-requested as it progresses
-                    yield dg.RunRequest(run_key=f"{name}:{st['fp']}:missing", asset_selection=missing,
-                                        tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": st["fp"]})
+                    yield dg.RunRequest(
+                        run_key=f"{name}:{st['fp']}:missing",
+                        asset_selection=missing,
+                        tags={"merge_dag/trigger": f"model/{name}", "merge_dag/fingerprint": st["fp"]},
+                    )
                     state[name] = {**st, "filled": st["fp"]}
                     requested = True
         context.update_cursor(json.dumps(state))
         if not requested:
-            yield dg.SkipReason("no new or changed complete checkpoint or calibration set" + fixed_recipes_note(project))
+            yield dg.SkipReason(
+                "no new or changed complete checkpoint or calibration set" + fixed_recipes_note(project)
+            )
 
     return _sensor
 
 
-LINEAGE_SENSORS = {"lineage_run_succeeded": ("SUCCESS", "success"), "lineage_run_failed": ("FAILURE", "failure"),
-                   "lineage_run_canceled": ("CANCELED", "canceled")}
+LINEAGE_SENSORS = {
+    "lineage_run_succeeded": ("SUCCESS", "success"),
+    "lineage_run_failed": ("FAILURE", "failure"),
+    "lineage_run_canceled": ("CANCELED", "canceled"),
+}
 
 
 def build_lineage_sensors() -> list:
@@ -79,14 +107,21 @@ def build_lineage_sensors() -> list:
     from .resources import MergeDagResource
 
     def make(name: str, dagster_status: str, status: str):
-        @dg.run_status_sensor(run_status=getattr(dg.DagsterRunStatus, dagster_status), name=name,
-                              default_status=dg.DefaultSensorStatus.RUNNING, minimum_interval_seconds=15,
-                              description=f"Records each run that ends in {dagster_status} as {status!r} in the "
-                                          "lineage runs table.")
+        @dg.run_status_sensor(
+            run_status=getattr(dg.DagsterRunStatus, dagster_status),
+            name=name,
+            default_status=dg.DefaultSensorStatus.RUNNING,
+            minimum_interval_seconds=15,
+            description=f"Records each run that ends in {dagster_status} as {status!r} in the lineage runs table.",
+        )
         def _record(context: dg.RunStatusSensorContext, merge_dag: MergeDagResource):
             run = context.dagster_run
-            merge_dag.lineage().record_run(run_id=run.run_id, status=status, job=run.job_name,
-                                           finished_at=datetime.now(timezone.utc).replace(tzinfo=None))
+            merge_dag.lineage().record_run(
+                run_id=run.run_id,
+                status=status,
+                job=run.job_name,
+                finished_at=datetime.now(timezone.utc).replace(tzinfo=None),
+            )
 
         return _record
 

@@ -89,13 +89,18 @@ def fail_dead_runs(instance, lineage=None) -> list[str]:
         if not procs or any(pid_alive(p, s) for p, s in procs):
             continue
         pids = ", ".join(str(p) for p, _ in procs)
-        message = (f"merge_dag: marked failed at startup: run {run.run_id[:8]} was {run.status.value} but its "
-                   f"process (pid {pids}) is gone (killed mid-run)")
+        message = (
+            f"merge_dag: marked failed at startup: run {run.run_id[:8]} was {run.status.value} but its "
+            f"process (pid {pids}) is gone (killed mid-run)"
+        )
         instance.report_run_failed(run, message=message)
         if lineage is not None:
             try:
-                if lineage.query("SELECT run_id FROM runs WHERE run_id = ? UNION ALL "
-                                 "SELECT run_id FROM events WHERE run_id = ? LIMIT 1", [run.run_id, run.run_id]):
+                if lineage.query(
+                    "SELECT run_id FROM runs WHERE run_id = ? UNION ALL "
+                    "SELECT run_id FROM events WHERE run_id = ? LIMIT 1",
+                    [run.run_id, run.run_id],
+                ):
                     lineage.record_run(run_id=run.run_id, status="failure")
             except Exception as e:  # noqa: BLE001 - a lineage problem must not stop the start
                 message += f" (lineage not updated: {type(e).__name__}: {e})"

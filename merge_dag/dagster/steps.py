@@ -27,9 +27,9 @@ META_FILE = "_artifact.json"
 
 @dataclass
 class Input:
-    role: str                  # base, expert, recipe, model, tasks, ...
-    artifact_id: str           # the parent's id in lineage
-    version: str               # fingerprint (sources) or key (artifacts)
+    role: str  # base, expert, recipe, model, tasks, ...
+    artifact_id: str  # the parent's id in lineage
+    version: str  # fingerprint (sources) or key (artifacts)
 
     @classmethod
     def source(cls, role: str, kind: str, fingerprint: str) -> "Input":
@@ -57,13 +57,33 @@ def source_id(kind: str, fingerprint: str) -> str:
     return artifact_id(kind, fingerprint.removeprefix("sha256:"))
 
 
-def record_source(res: MergeDagResource, *, kind: str, name: str, fingerprint: str, path: Path,
-                  run_id: Optional[str], nbytes: Optional[int] = None) -> str:
+def record_source(
+    res: MergeDagResource,
+    *,
+    kind: str,
+    name: str,
+    fingerprint: str,
+    path: Path,
+    run_id: Optional[str],
+    nbytes: Optional[int] = None,
+) -> str:
     sid = source_id(kind, fingerprint)
-    res.lineage().write(Batch()
-                        .artifact(artifact_id=sid, kind=kind, name=name, key_hash=fingerprint, path=str(path),
-                                  bytes=nbytes, code_version="-", params={}, run_id=run_id, data_version=fingerprint)
-                        .event(artifact_id=sid, run_id=run_id, step=f"{kind}/{name}", event="observed"))
+    res.lineage().write(
+        Batch()
+        .artifact(
+            artifact_id=sid,
+            kind=kind,
+            name=name,
+            key_hash=fingerprint,
+            path=str(path),
+            bytes=nbytes,
+            code_version="-",
+            params={},
+            run_id=run_id,
+            data_version=fingerprint,
+        )
+        .event(artifact_id=sid, run_id=run_id, step=f"{kind}/{name}", event="observed")
+    )
     return sid
 
 
@@ -74,31 +94,72 @@ def record_model(res: MergeDagResource, m, run_id: Optional[str]) -> str:
     so `merge-dag audit` shows the base and the adapter under every expert that is one."""
     if not m.is_adapter:
         fp = m.fingerprint()
-        record_source(res, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=run_id,
-                      nbytes=m.weight_bytes())
+        record_source(
+            res, kind="model", name=m.name, fingerprint=fp, path=m.path, run_id=run_id, nbytes=m.weight_bytes()
+        )
         return fp
-    from ..core.fingerprint import checkpoint_fingerprint
-    from ..core.fingerprint import adapter_fingerprint
+    from ..core.fingerprint import adapter_fingerprint, checkpoint_fingerprint
 
     ck = m.open()
     fp, bfp, afp = m.fingerprint(), checkpoint_fingerprint(ck.base), adapter_fingerprint(ck)
-    cfg = {k: ck.adapter_config.get(k) for k in ("r", "lora_alpha", "use_rslora", "fan_in_fan_out", "target_modules",
-                                                 "modules_to_save", "rank_pattern", "alpha_pattern")
-           if ck.adapter_config.get(k) not in (None, {}, [])}
+    cfg = {
+        k: ck.adapter_config.get(k)
+        for k in (
+            "r",
+            "lora_alpha",
+            "use_rslora",
+            "fan_in_fan_out",
+            "target_modules",
+            "modules_to_save",
+            "rank_pattern",
+            "alpha_pattern",
+        )
+        if ck.adapter_config.get(k) not in (None, {}, [])
+    }
     bid, aid, lid = source_id("model", bfp), source_id("adapter", afp), source_id("lora", fp)
     base_name = m.base_name or m.base.name
-    res.lineage().write(Batch()
-                        .artifact(artifact_id=bid, kind="model", name=base_name, key_hash=bfp, path=str(m.base),
-                                  bytes=sum(f.stat().st_size for f in m.base.glob("*.safetensors")), code_version="-",
-                                  params={}, run_id=run_id, data_version=bfp)
-                        .artifact(artifact_id=aid, kind="adapter", name=m.name, key_hash=afp, path=str(m.path),
-                                  bytes=m.weight_bytes(), code_version="-", params=cfg, run_id=run_id, data_version=afp)
-                        .artifact(artifact_id=lid, kind="lora", name=m.name, key_hash=fp, path=str(m.path),
-                                  bytes=m.weight_bytes(), code_version="-", params={"lora": cfg}, run_id=run_id,
-                                  data_version=fp)
-                        .edge(parent_id=bid, child_id=lid, role="base", fingerprint=bfp)
-                        .edge(parent_id=aid, child_id=lid, role="adapter", fingerprint=afp)
-                        .event(artifact_id=lid, run_id=run_id, step=f"model/{m.name}", event="observed"))
+    res.lineage().write(
+        Batch()
+        .artifact(
+            artifact_id=bid,
+            kind="model",
+            name=base_name,
+            key_hash=bfp,
+            path=str(m.base),
+            bytes=sum(f.stat().st_size for f in m.base.glob("*.safetensors")),
+            code_version="-",
+            params={},
+            run_id=run_id,
+            data_version=bfp,
+        )
+        .artifact(
+            artifact_id=aid,
+            kind="adapter",
+            name=m.name,
+            key_hash=afp,
+            path=str(m.path),
+            bytes=m.weight_bytes(),
+            code_version="-",
+            params=cfg,
+            run_id=run_id,
+            data_version=afp,
+        )
+        .artifact(
+            artifact_id=lid,
+            kind="lora",
+            name=m.name,
+            key_hash=fp,
+            path=str(m.path),
+            bytes=m.weight_bytes(),
+            code_version="-",
+            params={"lora": cfg},
+            run_id=run_id,
+            data_version=fp,
+        )
+        .edge(parent_id=bid, child_id=lid, role="base", fingerprint=bfp)
+        .edge(parent_id=aid, child_id=lid, role="adapter", fingerprint=afp)
+        .event(artifact_id=lid, run_id=run_id, step=f"model/{m.name}", event="observed")
+    )
     return fp
 
 
@@ -143,7 +204,7 @@ def upstream(context: dg.AssetExecutionContext, key: list[str]) -> dict[str, Any
 class Outcome:
     artifact: Artifact
     key: str
-    event: str                 # materialized | cache_hit
+    event: str  # materialized | cache_hit
     info: dict[str, Any]
     seconds: float
 
@@ -153,9 +214,17 @@ def step_key(kind: str, code_version: str, settings: dict[str, Any], inputs: lis
     return artifact_key(kind, code_version, settings, {f"{i.role}:{n}": i.version for n, i in enumerate(inputs)})
 
 
-def cached_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str,
-                code_version: str, settings: dict[str, Any], inputs: list[Input],
-                build: Callable[[Path, Artifact], dict[str, Any]]) -> Outcome:
+def cached_step(
+    context: dg.AssetExecutionContext,
+    res: MergeDagResource,
+    *,
+    kind: str,
+    name: str,
+    code_version: str,
+    settings: dict[str, Any],
+    inputs: list[Input],
+    build: Callable[[Path, Artifact], dict[str, Any]],
+) -> Outcome:
     """Build (or find) one content-addressed artifact and record it in lineage; no Dagster event."""
     key = step_key(kind, code_version, settings, inputs)
     art = res.store().artifact(kind, name, key)
@@ -165,6 +234,7 @@ def cached_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kin
         event = "cache_hit"
         context.log.info(f"{kind}/{name}: cache hit {art.id} ({art.path})")
     else:
+
         def builder(tmp: Path) -> dict[str, Any]:
             out = build(tmp, art)
             tmp.mkdir(parents=True, exist_ok=True)
@@ -176,17 +246,29 @@ def cached_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kin
         context.log.info(f"{kind}/{name}: built {art.id} in {time.perf_counter() - t0:.1f} s")
     seconds = time.perf_counter() - t0
     run_id = context.run.run_id
-    batch = (Batch()
-             .artifact(artifact_id=art.id, kind=kind, name=name, key_hash=key, path=str(art.path),
-                       bytes=art.size_bytes(), code_version=code_version, params=settings, run_id=run_id,
-                       data_version=key)
-             .event(artifact_id=art.id, run_id=run_id, step=f"{kind}/{name}", event=event, seconds=seconds)
-             .run(run_id=run_id, started_at=None, status="running", job=context.job_name))
+    batch = (
+        Batch()
+        .artifact(
+            artifact_id=art.id,
+            kind=kind,
+            name=name,
+            key_hash=key,
+            path=str(art.path),
+            bytes=art.size_bytes(),
+            code_version=code_version,
+            params=settings,
+            run_id=run_id,
+            data_version=key,
+        )
+        .event(artifact_id=art.id, run_id=run_id, step=f"{kind}/{name}", event=event, seconds=seconds)
+        .run(run_id=run_id, started_at=None, status="running", job=context.job_name)
+    )
     for i in inputs:
         batch.edge(parent_id=i.artifact_id, child_id=art.id, role=i.role, fingerprint=i.version)
     for task, metric, value, stderr, n in info.get("metrics", []):
-        batch.metric(artifact_id=art.id, task=task, metric=metric, value=value, stderr=stderr, n=n,
-                     model=info.get("model"))
+        batch.metric(
+            artifact_id=art.id, task=task, metric=metric, value=value, stderr=stderr, n=n, model=info.get("model")
+        )
     res.lineage().write(batch)
     return Outcome(art, key, event, info, seconds)
 
@@ -201,21 +283,46 @@ def inputs_table(res: MergeDagResource, inputs: list[Input]) -> dg.TableMetadata
     """Every input of a step (a role may have many: a merge's experts, a leaderboard's evals) as a table:
     role, name (kind/name from lineage), short fingerprint or key."""
     ids = [i.artifact_id for i in inputs]
-    rows = res.lineage().query("SELECT artifact_id, kind, name FROM artifacts WHERE list_contains(?, artifact_id)",
-                               [ids]) if ids else []
+    rows = (
+        res.lineage().query("SELECT artifact_id, kind, name FROM artifacts WHERE list_contains(?, artifact_id)", [ids])
+        if ids
+        else []
+    )
     names = {r["artifact_id"]: f"{r['kind']}/{r['name']}" for r in rows}
-    schema = dg.TableSchema(columns=[dg.TableColumn("role", "string"), dg.TableColumn("name", "string"),
-                                     dg.TableColumn("fingerprint", "string")])
-    return dg.MetadataValue.table([dg.TableRecord({"role": i.role, "name": names.get(i.artifact_id, i.artifact_id),
-                                                   "fingerprint": short(i.version)}) for i in inputs], schema=schema)
+    schema = dg.TableSchema(
+        columns=[
+            dg.TableColumn("role", "string"),
+            dg.TableColumn("name", "string"),
+            dg.TableColumn("fingerprint", "string"),
+        ]
+    )
+    return dg.MetadataValue.table(
+        [
+            dg.TableRecord(
+                {"role": i.role, "name": names.get(i.artifact_id, i.artifact_id), "fingerprint": short(i.version)}
+            )
+            for i in inputs
+        ],
+        schema=schema,
+    )
 
 
-def run_step(context: dg.AssetExecutionContext, res: MergeDagResource, *, kind: str, name: str, code_version: str,
-             settings: dict[str, Any], inputs: list[Input], build: Callable[[Path, Artifact], dict[str, Any]],
-             metadata: Callable[[Artifact, dict[str, Any]], dict[str, Any]] | None = None) -> dg.MaterializeResult:
+def run_step(
+    context: dg.AssetExecutionContext,
+    res: MergeDagResource,
+    *,
+    kind: str,
+    name: str,
+    code_version: str,
+    settings: dict[str, Any],
+    inputs: list[Input],
+    build: Callable[[Path, Artifact], dict[str, Any]],
+    metadata: Callable[[Artifact, dict[str, Any]], dict[str, Any]] | None = None,
+) -> dg.MaterializeResult:
     """cached_step, reported to Dagster: data version = the key, metadata for the UI."""
-    out = cached_step(context, res, kind=kind, name=name, code_version=code_version, settings=settings,
-                      inputs=inputs, build=build)
+    out = cached_step(
+        context, res, kind=kind, name=name, code_version=code_version, settings=settings, inputs=inputs, build=build
+    )
     art, key, event, info, seconds = out.artifact, out.key, out.event, out.info, out.seconds
     md: dict[str, Any] = {
         "artifact_id": art.id,

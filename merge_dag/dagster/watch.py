@@ -111,14 +111,19 @@ def missing_after_new(asset_graph, instance: dg.DagsterInstance, model: str) -> 
     latest = instance.get_latest_materialization_events(list(below))
     missing = sorted((k for k in below if latest.get(k) is None), key=lambda k: k.to_user_string())
     board = dg.AssetKey(["leaderboard"])
-    if missing and board in asset_graph.get_all_asset_keys() and board not in missing \
-            and any(k.path[0] == "eval" for k in missing):
+    if (
+        missing
+        and board in asset_graph.get_all_asset_keys()
+        and board not in missing
+        and any(k.path[0] == "eval" for k in missing)
+    ):
         missing.append(board)
     return missing
 
 
-def settle_step(state: dict, key: str, sig: list, now: float, settle_seconds: float, first_tick: bool,
-                complete, fingerprint) -> bool:
+def settle_step(
+    state: dict, key: str, sig: list, now: float, settle_seconds: float, first_tick: bool, complete, fingerprint
+) -> bool:
     """One watched item's tick (a model folder or a calibration file), updating `state[key]`.
 
     Never seen: on the first tick remember it as it is, later mark it new. A changed signature
@@ -150,10 +155,20 @@ def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: 
     afterwards a folder never seen before is new: it triggers once settled and complete."""
     state = dict(cursor)
     first_tick = not cursor
-    return [name for name, m in sorted(watched_models(project).items())
-            if settle_step(state, name, folder_signature(m.path), now, settle_seconds, first_tick,
-                           lambda m=m: is_complete_checkpoint(m), lambda m=m: m.fingerprint())
-            ], state
+    return [
+        name
+        for name, m in sorted(watched_models(project).items())
+        if settle_step(
+            state,
+            name,
+            folder_signature(m.path),
+            now,
+            settle_seconds,
+            first_tick,
+            lambda m=m: is_complete_checkpoint(m),
+            lambda m=m: m.fingerprint(),
+        )
+    ], state
 
 
 def is_calibration_set(path: Path) -> bool:
@@ -178,8 +193,16 @@ def evaluate_calibrations(project: Project, cursor: dict, now: float, settle_sec
     for name, cal in sorted(project.calibrations.items()):
         st = cal.path.stat() if cal.path.is_file() else None
         sig = [st.st_size, st.st_mtime_ns] if st else []
-        if settle_step(state, f"calibration:{name}", sig, now, settle_seconds, first_tick,
-                       lambda c=cal: is_calibration_set(c.path), lambda c=cal: file_fingerprint(c.path)):
+        if settle_step(
+            state,
+            f"calibration:{name}",
+            sig,
+            now,
+            settle_seconds,
+            first_tick,
+            lambda c=cal: is_calibration_set(c.path),
+            lambda c=cal: file_fingerprint(c.path),
+        ):
             changed.append(name)
     return changed, state
 

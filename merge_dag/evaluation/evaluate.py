@@ -96,6 +96,7 @@ def _quiet(verbose: bool):
         lg.setLevel(logging.ERROR)
     try:
         from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
         was = is_progress_bar_enabled()
         disable_progress_bar()
     except Exception:  # pragma: no cover - datasets without these helpers
@@ -170,8 +171,10 @@ def _make_lm(model: Any, tokenizer: Any, device: str, batch_size: int, dtype: st
     if tokenizer is None:
         src = getattr(model, "name_or_path", "") or ""
         if not (src and Path(src, "tokenizer_config.json").is_file()):
-            raise EvaluationError("an in-memory model needs tokenizer= (a tokenizer or a folder holding one): "
-                                  f"its name_or_path {src!r} has no tokenizer_config.json")
+            raise EvaluationError(
+                "an in-memory model needs tokenizer= (a tokenizer or a folder holding one): "
+                f"its name_or_path {src!r} has no tokenizer_config.json"
+            )
         tokenizer = src
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
@@ -230,12 +233,20 @@ def evaluate(
         if unknown:
             raise EvaluationError(
                 f"unknown task(s) {unknown}: neither in {tasks_dir} ({', '.join(sorted(ours)) or 'empty'}) "
-                "nor in lm-eval's task index")
+                "nor in lm-eval's task index"
+            )
         lm = _make_lm(model, tokenizer, device, batch_size, dtype)
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=tm, limit=limit, log_samples=False,
-            bootstrap_iters=bootstrap_iters, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed,
+            model=lm,
+            tasks=tasks,
+            task_manager=tm,
+            limit=limit,
+            log_samples=False,
+            bootstrap_iters=bootstrap_iters,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
         )
     if results is None:  # pragma: no cover - non-zero rank in a distributed launch
         return []

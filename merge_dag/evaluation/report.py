@@ -79,8 +79,10 @@ class ScoreTable:
     def diff(self, a: str, b: str) -> tuple[float, float]:
         """(average(a) - average(b), its standard error), over the tasks both were evaluated on."""
         common = self.common_tasks(a, b)
-        return (self.average(a, common) - self.average(b, common),
-                math.hypot(self.se_average(a, common), self.se_average(b, common)))
+        return (
+            self.average(a, common) - self.average(b, common),
+            math.hypot(self.se_average(a, common), self.se_average(b, common)),
+        )
 
 
 def _short(task: str) -> str:
@@ -138,8 +140,10 @@ def leaderboard_markdown(table: ScoreTable, base: Optional[str] = None) -> str:
                 delta += " ▼"
         label = md_text(_label(m, base, refs))
         lines.append(f"| {f'*{label}*' if ref else label} | {' | '.join(cells)} | {avg} | {delta} |")
-    notes = [f"{table.metric} per task ± one binomial standard error, on {_n_text(table)}. Reference rows in "
-             "italics; merges sorted by average; **bold**: the best merge per task and on average."]
+    notes = [
+        f"{table.metric} per task ± one binomial standard error, on {_n_text(table)}. Reference rows in "
+        "italics; merges sorted by average; **bold**: the best merge per task and on average."
+    ]
     if below:
         notes.append(f"▼ {below} merge(s) below the base on average.")
     if any(not table.complete(m) for m in refs + merges):
@@ -162,16 +166,20 @@ def leaderboard_rows(table: ScoreTable, base: Optional[str] = None) -> tuple[lis
         for t in table.tasks:
             v = "—" if t not in table.scores[m] else f"{table.value(m, t):.3f} ± {table.se(m, t):.3f}"
             row[_short(t)] = v + (" ★" if merge and t in table.scores[m] and table.value(m, t) == best[t] else "")
-        row["avg ± SE"] = (f"{table.average(m):.3f} ± {table.se_average(m):.3f}" + ("" if table.complete(m) else "*")
-                           + (" ★" if merge and table.average(m) == best_avg else ""))
+        row["avg ± SE"] = (
+            f"{table.average(m):.3f} ± {table.se_average(m):.3f}"
+            + ("" if table.complete(m) else "*")
+            + (" ★" if merge and table.average(m) == best_avg else "")
+        )
         d = table.diff(m, base) if base and m != base else None
         row["Δ avg vs base"] = "" if d is None else f"{d[0]:+.3f} ± {d[1]:.3f}" + (" ▼" if merge and d[0] < 0 else "")
         rows.append(row)
     return cols, rows
 
 
-def format_results(table: ScoreTable, base: Optional[str] = None,
-                   pairs: list[tuple[str, str, str]] = DEMO_PAIRS) -> str:
+def format_results(
+    table: ScoreTable, base: Optional[str] = None, pairs: list[tuple[str, str, str]] = DEMO_PAIRS
+) -> str:
     """Markdown: the base row, the other source models (experts), then merges by average, best first;
     a Δ column against the base with a mark where a merge is below it; then guided − plain rows."""
     models = [m for m in table.scores if table.scores[m]]
@@ -179,8 +187,7 @@ def format_results(table: ScoreTable, base: Optional[str] = None,
     sources = refs
     order = refs + merges
     cols = [_short(t) for t in table.tasks]
-    lines = [f"| model | {' | '.join(cols)} | avg ± SE | Δ avg vs base |",
-             "|---|" + "---:|" * (len(cols) + 2)]
+    lines = [f"| model | {' | '.join(cols)} | avg ± SE | Δ avg vs base |", "|---|" + "---:|" * (len(cols) + 2)]
     below = partial = 0
     for m in order:
         label = m.split("/", 1)[1] if "/" in m else m
@@ -198,22 +205,31 @@ def format_results(table: ScoreTable, base: Optional[str] = None,
             if m.startswith("merged/") and d < 0:
                 below += 1
                 delta += " ▼ below base"
-        lines.append(f"| {label} | {' | '.join(cells)} | {table.average(m):.3f} ± {table.se_average(m):.3f}{star} "
-                     f"| {delta} |")
+        lines.append(
+            f"| {label} | {' | '.join(cells)} | {table.average(m):.3f} ± {table.se_average(m):.3f}{star} | {delta} |"
+        )
     shown = [(t, p, g) for t, p, g in pairs if f"merged/{p}" in models and f"merged/{g}" in models]
     if shown:
         lines += ["", "| guided − plain | " + " | ".join(cols) + " | avg ± SE |", "|---|" + "---:|" * (len(cols) + 1)]
         for _title, plain, guided in shown:
             a, b = f"merged/{guided}", f"merged/{plain}"
-            per = [f"{table.value(a, t) - table.value(b, t):+.3f}"
-                   if t in table.scores[a] and t in table.scores[b] else "—" for t in table.tasks]
+            per = [
+                f"{table.value(a, t) - table.value(b, t):+.3f}"
+                if t in table.scores[a] and t in table.scores[b]
+                else "—"
+                for t in table.tasks
+            ]
             d, se = table.diff(a, b)
             lines.append(f"| {guided} − {plain} | {' | '.join(per)} | {d:+.3f} ± {se:.3f} |")
-    notes = [f"{table.metric} per task on {_n_text(table)}; avg ± one binomial standard error; "
-             "differences smaller than about two standard errors are noise."]
+    notes = [
+        f"{table.metric} per task on {_n_text(table)}; avg ± one binomial standard error; "
+        "differences smaller than about two standard errors are noise."
+    ]
     if partial:
-        notes.append("* evaluated on some of the tasks only: its average is over those, its Δ over the tasks "
-                     "it shares with the other row.")
+        notes.append(
+            "* evaluated on some of the tasks only: its average is over those, its Δ over the tasks "
+            "it shares with the other row."
+        )
     if below:
         notes.append(f"▼ {below} merge(s) score below the base on average.")
     return "\n".join(lines + [""] + notes)

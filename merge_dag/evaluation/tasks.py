@@ -26,6 +26,7 @@ def default_tasks_dir() -> Path:
 
 # --- the YAML files ------------------------------------------------------------------------------
 
+
 class FunctionRef(str):
     """A ``!function module.name`` tag kept verbatim while YAMLs are read and rewritten."""
 
@@ -40,8 +41,12 @@ class _Dumper(yaml.SafeDumper):
 
 _Loader.add_constructor("!function", lambda loader, node: FunctionRef(loader.construct_scalar(node)))
 _Dumper.add_representer(FunctionRef, lambda dumper, v: dumper.represent_scalar("!function", str(v)))
-_Dumper.add_representer(str, lambda dumper, v: dumper.represent_scalar(
-    "tag:yaml.org,2002:str", v, style='"' if any(c in v for c in "\n\t\r") else None))
+_Dumper.add_representer(
+    str,
+    lambda dumper, v: dumper.represent_scalar(
+        "tag:yaml.org,2002:str", v, style='"' if any(c in v for c in "\n\t\r") else None
+    ),
+)
 
 
 def dump_task_yaml(cfg: dict) -> str:
@@ -50,6 +55,7 @@ def dump_task_yaml(cfg: dict) -> str:
 
 
 # --- rendering for lm-eval -----------------------------------------------------------------------
+
 
 def read_task_yaml(path: Path) -> dict[str, Any]:
     try:

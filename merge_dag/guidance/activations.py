@@ -47,7 +47,7 @@ class ActivationStats:
     maxabs: dict[str, torch.Tensor]
     gram: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
-    source: str = "<memory>"        # where these were loaded from, for error messages
+    source: str = "<memory>"  # where these were loaded from, for error messages
 
     @property
     def names(self) -> list[str]:
@@ -63,8 +63,9 @@ class ActivationStats:
         if self.count[name] <= 0:
             raise GuidanceError(f"activation statistics {self.source}: tensor {name!r} saw no tokens")
         if kind == "gram" and name not in self.gram:
-            raise GuidanceError(f"activation statistics {self.source}: no Gram matrix for tensor {name!r} "
-                                "(collect with gram=True)")
+            raise GuidanceError(
+                f"activation statistics {self.source}: no Gram matrix for tensor {name!r} (collect with gram=True)"
+            )
 
     def mean_sq(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """s_j = sum_tokens x_j^2 / N."""
@@ -126,8 +127,10 @@ class ActivationStats:
         for key, t in raw.items():
             name, sep, kind = key.rpartition("::")
             if not sep or kind not in KINDS:
-                raise GuidanceError(f"{tpath}: unexpected tensor {key!r} (expected '<weight name>::<kind>', "
-                                    f"kind one of {', '.join(KINDS)})")
+                raise GuidanceError(
+                    f"{tpath}: unexpected tensor {key!r} (expected '<weight name>::<kind>', "
+                    f"kind one of {', '.join(KINDS)})"
+                )
             if kind == "count":
                 stats.count[name] = int(t)
             else:
@@ -164,8 +167,14 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the layers of interest have run."""
 
 
-def collect_activation_stats(model, batches: Iterable[Batch], device: str | torch.device = "cpu", gram: bool = False,
-                             layers: Optional[Iterable[int]] = None, meta: Optional[dict] = None) -> ActivationStats:
+def collect_activation_stats(
+    model,
+    batches: Iterable[Batch],
+    device: str | torch.device = "cpu",
+    gram: bool = False,
+    layers: Optional[Iterable[int]] = None,
+    meta: Optional[dict] = None,
+) -> ActivationStats:
     """Run `batches` through `model` (moved to `device`) and accumulate the input statistics of every
     linear in the decoder layers (only those of `layers` if given; the forward pass then stops after
     the last of them). Padding positions (attention_mask == 0) are excluded."""
@@ -184,15 +193,20 @@ def collect_activation_stats(model, batches: Iterable[Batch], device: str | torc
             x = args[0]
             mask = state["mask"]
             if tuple(x.shape[:-1]) != tuple(mask.shape):
-                raise GuidanceError(f"tensor {name!r}: linear input of shape {tuple(x.shape)} does not match the "
-                                    f"batch's token layout {tuple(mask.shape)}")
+                raise GuidanceError(
+                    f"tensor {name!r}: linear input of shape {tuple(x.shape)} does not match the "
+                    f"batch's token layout {tuple(mask.shape)}"
+                )
             acc[name].add(x.detach()[mask])
+
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, (_, m) in mods.items()]
     if selected is not None:
+
         def stop(_module, _args, _output):
             raise _Stop()
+
         handles.append(layer_list[selected[-1]].register_forward_hook(stop))
     n_batches = n_seqs = n_tokens = 0
     try:
@@ -212,8 +226,13 @@ def collect_activation_stats(model, batches: Iterable[Batch], device: str | torc
             h.remove()
     if n_batches == 0:
         raise GuidanceError("no calibration batches")
-    info = {"batches": n_batches, "sequences": n_seqs, "tokens": n_tokens,
-            "layers": selected if selected is not None else "all", **(meta or {})}
+    info = {
+        "batches": n_batches,
+        "sequences": n_seqs,
+        "tokens": n_tokens,
+        "layers": selected if selected is not None else "all",
+        **(meta or {}),
+    }
     return ActivationStats(
         count={n: a.count for n, a in acc.items()},
         sumsq={n: a.sumsq for n, a in acc.items()},

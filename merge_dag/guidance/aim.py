@@ -32,18 +32,31 @@ def aim_factor(mean_abs: torch.Tensor, omega: float = 0.4) -> torch.Tensor:
     return 1 - rel * (1 - omega)
 
 
-def aim_relax(delta: torch.Tensor, mean_abs: torch.Tensor, omega: float = 0.4, device: str | torch.device = "cpu",
-              name: str = "tensor") -> torch.Tensor:
+def aim_relax(
+    delta: torch.Tensor,
+    mean_abs: torch.Tensor,
+    omega: float = 0.4,
+    device: str | torch.device = "cpu",
+    name: str = "tensor",
+) -> torch.Tensor:
     """Delta * (1 - I~ (1 - omega)) per input channel (delta is [out, in])."""
     if delta.ndim != 2 or delta.shape[1] != mean_abs.shape[0]:
-        raise GuidanceError(f"tensor {name!r}: shape {list(delta.shape)} does not match {mean_abs.shape[0]} "
-                            "input channels of its activation statistics")
+        raise GuidanceError(
+            f"tensor {name!r}: shape {list(delta.shape)} does not match {mean_abs.shape[0]} "
+            "input channels of its activation statistics"
+        )
     return delta.to(device, torch.float32) * aim_factor(mean_abs.to(device), omega).unsqueeze(0)
 
 
-def aim_checkpoint(base: str | os.PathLike | Checkpoint, merged: str | os.PathLike | Checkpoint,
-                   stats: ActivationStats, out_dir: str | os.PathLike, omega: float = 0.4,
-                   device: str | torch.device = "cpu", shard_size: str | int = "2GB"):
+def aim_checkpoint(
+    base: str | os.PathLike | Checkpoint,
+    merged: str | os.PathLike | Checkpoint,
+    stats: ActivationStats,
+    out_dir: str | os.PathLike,
+    omega: float = 0.4,
+    device: str | torch.device = "cpu",
+    shard_size: str | int = "2GB",
+):
     """Write base + AIM(merged - base) for every linear in `stats` (the base's statistics), the merged
     tensor for everything else; dtypes, config and tokenizer files follow the merged checkpoint."""
     _check_omega(omega)
@@ -60,8 +73,10 @@ def aim_checkpoint(base: str | os.PathLike | Checkpoint, merged: str | os.PathLi
             if t.name in stats.count:
                 b = base.get(t.name, device=device, dtype=torch.float32)
                 if b.shape != m.shape:
-                    raise GuidanceError(f"tensor {t.name!r}: base {base.name!r} has shape {list(b.shape)}, "
-                                        f"merged {merged.name!r} has {list(m.shape)}")
+                    raise GuidanceError(
+                        f"tensor {t.name!r}: base {base.name!r} has shape {list(b.shape)}, "
+                        f"merged {merged.name!r} has {list(m.shape)}"
+                    )
                 m = (b + aim_relax(m.float() - b, stats.mean_abs(t.name, device), omega, device, t.name)).to(t.dtype)
             w.write(t.name, m)
         w.copy_files(merged.folder, COPIED_FILES + TOKENIZER_FILES)

@@ -35,8 +35,12 @@ def _original(recipe: Recipe, model_params: dict, name: str) -> Any:
     return model_params.get(name, recipe.parameters.get(name))
 
 
-def guided_recipe(recipe: Recipe, densities: Optional[dict[str, dict[str, float]]] = None,
-                  weights: Optional[dict[str, dict[str, float]]] = None, num_layers: Optional[int] = None) -> Recipe:
+def guided_recipe(
+    recipe: Recipe,
+    densities: Optional[dict[str, dict[str, float]]] = None,
+    weights: Optional[dict[str, dict[str, float]]] = None,
+    num_layers: Optional[int] = None,
+) -> Recipe:
     """A copy of `recipe` without `guidance`, whose experts' density/weight are the given maps.
 
     densities, weights: {model reference as in the recipe: {tensor name: value}}; weights multiply
@@ -47,19 +51,20 @@ def guided_recipe(recipe: Recipe, densities: Optional[dict[str, dict[str, float]
     out.source_path, out.root = recipe.source_path, recipe.root
     refs = {m.model for m in out.models or []}
     for kind, table in (("density", densities), ("weight", weights)):
-        for ref in (table or {}):
+        for ref in table or {}:
             if ref not in refs:
                 raise GuidanceError(f"{recipe.where}: guidance {kind} map for {ref!r}, which the recipe does not merge")
     for m in out.models or []:
         if densities and m.model in densities:
             original = _original(recipe, m.parameters, "density")
-            m.parameters["density"] = [{"filter": t, "value": float(v)} for t, v in densities[m.model].items()] \
-                + (_fallback(original) or [{"value": 1.0}])
+            m.parameters["density"] = [{"filter": t, "value": float(v)} for t, v in densities[m.model].items()] + (
+                _fallback(original) or [{"value": 1.0}]
+            )
         if weights and m.model in weights:
             original = _original(recipe, m.parameters, "weight")
             entries = []
             for t, w in weights[m.model].items():
-                if pmap.layer_index(t) is None:   # outside the layers Sens-Merging leaves the weight alone
+                if pmap.layer_index(t) is None:  # outside the layers Sens-Merging leaves the weight alone
                     continue
                 base = 1.0 if original is None else pmap.evaluate(original, t, pmap.layer_position(t, num_layers or 1))
                 if base is None:

@@ -39,15 +39,14 @@ def load_texts(path: str | os.PathLike, max_rows: Optional[int] = None) -> list[
         except json.JSONDecodeError as e:
             raise CalibrationError(f"{path}:{no}: invalid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise CalibrationError(f"{path}:{no}: expected a JSON object with a \"text\" field, "
-                                   f"got {type(row).__name__}")
+            raise CalibrationError(f'{path}:{no}: expected a JSON object with a "text" field, got {type(row).__name__}')
         if "text" not in row:
-            raise CalibrationError(f"{path}:{no}: row has no \"text\" field (keys: {sorted(row)})")
+            raise CalibrationError(f'{path}:{no}: row has no "text" field (keys: {sorted(row)})')
         text = row["text"]
         if not isinstance(text, str):
-            raise CalibrationError(f"{path}:{no}: \"text\" must be a string, got {type(text).__name__}")
+            raise CalibrationError(f'{path}:{no}: "text" must be a string, got {type(text).__name__}')
         if not text.strip():
-            raise CalibrationError(f"{path}:{no}: \"text\" is empty")
+            raise CalibrationError(f'{path}:{no}: "text" is empty')
         texts.append(text)
         if max_rows is not None and len(texts) >= max_rows:
             break
@@ -69,8 +68,8 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor        # (B, T) int64
-    attention_mask: torch.Tensor   # (B, T) int64, 1 = real token, 0 = padding
+    input_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64, 1 = real token, 0 = padding
 
     @property
     def tokens(self) -> int:
@@ -84,8 +83,14 @@ class Batch:
         return self.input_ids.masked_fill(self.attention_mask == 0, -100)
 
 
-def make_batches(texts: list[str], tokenizer, batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH,
-                 add_special_tokens: bool = True, device: str | torch.device = "cpu") -> list[Batch]:
+def make_batches(
+    texts: list[str],
+    tokenizer,
+    batch_size: int = 8,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    add_special_tokens: bool = True,
+    device: str | torch.device = "cpu",
+) -> list[Batch]:
     """Tokenize `texts` into batches of at most `batch_size` rows, each padded to its longest row
     (truncated to `max_length` tokens)."""
     if batch_size < 1:
@@ -96,8 +101,14 @@ def make_batches(texts: list[str], tokenizer, batch_size: int = 8, max_length: i
         tokenizer.pad_token = tokenizer.eos_token
     batches = []
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, add_special_tokens=add_special_tokens)
+        enc = tokenizer(
+            texts[i : i + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            add_special_tokens=add_special_tokens,
+        )
         mask = enc["attention_mask"].long()
         empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
         if empty:
@@ -106,8 +117,14 @@ def make_batches(texts: list[str], tokenizer, batch_size: int = 8, max_length: i
     return batches
 
 
-def load_batches(path: str | os.PathLike, tokenizer, batch_size: int = 8, max_length: int = DEFAULT_MAX_LENGTH,
-                 max_rows: Optional[int] = None, add_special_tokens: bool = True,
-                 device: str | torch.device = "cpu") -> list[Batch]:
+def load_batches(
+    path: str | os.PathLike,
+    tokenizer,
+    batch_size: int = 8,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_rows: Optional[int] = None,
+    add_special_tokens: bool = True,
+    device: str | torch.device = "cpu",
+) -> list[Batch]:
     """load_texts + make_batches."""
     return make_batches(load_texts(path, max_rows), tokenizer, batch_size, max_length, add_special_tokens, device)

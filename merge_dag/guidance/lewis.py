@@ -40,7 +40,7 @@ def module_type(tensor_name: str) -> str:
     m = LAYER_RE.search(tensor_name)
     if not m:
         raise GuidanceError(f"tensor {tensor_name!r} is not inside a decoder layer")
-    rest = tensor_name[m.end():]
+    rest = tensor_name[m.end() :]
     return rest.removesuffix(".weight")
 
 
@@ -49,8 +49,9 @@ def wanda_score(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
     return weight.abs() * mean_sq.sqrt().unsqueeze(0)
 
 
-def importance(stats: ActivationStats, checkpoint: str | os.PathLike | Checkpoint,
-               device: str | torch.device = "cpu") -> dict[str, float]:
+def importance(
+    stats: ActivationStats, checkpoint: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu"
+) -> dict[str, float]:
     """{weight name: I(l, m)} for every linear in `stats`, reading W one tensor at a time."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     out = {}
@@ -58,8 +59,10 @@ def importance(stats: ActivationStats, checkpoint: str | os.PathLike | Checkpoin
         w = ck.get(name, device=device, dtype=torch.float32)
         s = stats.mean_sq(name, device)
         if w.ndim != 2 or w.shape[1] != s.shape[0]:
-            raise GuidanceError(f"model {ck.name!r}: tensor {name!r} has shape {list(w.shape)}, but the activation "
-                                f"statistics {stats.source} have {s.shape[0]} input channels")
+            raise GuidanceError(
+                f"model {ck.name!r}: tensor {name!r} has shape {list(w.shape)}, but the activation "
+                f"statistics {stats.source} have {s.shape[0]} input channels"
+            )
         out[name] = float(torch.linalg.vector_norm(wanda_score(w, s)))
     return out
 
@@ -68,8 +71,9 @@ def shifts(base: dict[str, float], expert: dict[str, float], expert_name: str = 
     """d(l, m) = |I_expert - I_base|, divided by its sum over layers within each module type."""
     missing = sorted(set(base) ^ set(expert))
     if missing:
-        raise GuidanceError(f"importance of {expert_name!r} and of the base cover different tensors, "
-                            f"e.g. {missing[0]!r}")
+        raise GuidanceError(
+            f"importance of {expert_name!r} and of the base cover different tensors, e.g. {missing[0]!r}"
+        )
     d = {n: abs(expert[n] - base[n]) for n in base}
     totals: dict[str, float] = {}
     for n, v in d.items():
@@ -87,8 +91,13 @@ def rescale(d: dict[str, float], gamma: float, epsilon: float) -> dict[str, floa
     return {n: gamma + (v - lo) / (hi - lo) * (epsilon - gamma) for n, v in d.items()}
 
 
-def allocate(base: dict[str, float], experts: dict[str, dict[str, float]], gamma: float = 0.3,
-             epsilon: float = 0.8, tensor_names: Optional[Iterable[str]] = None) -> dict[str, dict[str, float]]:
+def allocate(
+    base: dict[str, float],
+    experts: dict[str, dict[str, float]],
+    gamma: float = 0.3,
+    epsilon: float = 0.8,
+    tensor_names: Optional[Iterable[str]] = None,
+) -> dict[str, dict[str, float]]:
     """{expert: {tensor name: density}} from importances. With `tensor_names` (every tensor of the
     checkpoint), the tensors that are not scored linears are included with density 1."""
     if not (0 < gamma <= epsilon <= 1):
@@ -102,8 +111,9 @@ def allocate(base: dict[str, float], experts: dict[str, dict[str, float]], gamma
     return out
 
 
-def match_mean(densities: dict[str, float], sizes: dict[str, int], target: float,
-               floor: float = 0.01) -> dict[str, float]:
+def match_mean(
+    densities: dict[str, float], sizes: dict[str, int], target: float, floor: float = 0.01
+) -> dict[str, float]:
     """Shift a density map by one constant c, clipped to [floor, 1], so that its mean weighted by
     each tensor's element count is `target` (bisection on c; the map keeps its shape and order).
     Used to compare a LEWIS-guided merge with a uniform one at the same mean density."""
@@ -146,8 +156,9 @@ def wanda_prune_(weight: torch.Tensor, mean_sq: torch.Tensor, sparsity: float) -
     return weight
 
 
-def sequential_wanda_stats(model, batches: list[Batch], sparsity: float = 0.5,
-                           device: str | torch.device = "cpu") -> ActivationStats:
+def sequential_wanda_stats(
+    model, batches: list[Batch], sparsity: float = 0.5, device: str | torch.device = "cpu"
+) -> ActivationStats:
     """Statistics of each layer after every earlier layer was Wanda-pruned to `sparsity`.
 
     Prunes `model` in place (load a fresh copy for anything else). Costs about L/2 forward passes of

@@ -26,16 +26,18 @@ def load_model(folder, device: str | torch.device = "cpu", dtype: torch.dtype = 
         with torch.no_grad():
             for name in folder.touched:
                 if name not in params:
-                    raise GuidanceError(f"adapter {folder.name!r}: tensor {name!r} is not a parameter of "
-                                        f"{type(model).__name__}")
+                    raise GuidanceError(
+                        f"adapter {folder.name!r}: tensor {name!r} is not a parameter of {type(model).__name__}"
+                    )
                 params[name].copy_(folder.get(name, device=device, dtype=dtype))
         return model
     if isinstance(folder, Checkpoint):
         folder = folder.path
     Checkpoint(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
-                                                     use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, local_files_only=True, use_safetensors=True
+        )
     except (OSError, ValueError) as e:
         raise GuidanceError(f"{folder}: cannot load as a causal language model: {e}") from e
     return model.to(device).eval()
@@ -46,8 +48,10 @@ def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList):
-        raise GuidanceError(f"{type(model).__name__}: no decoder layers at model.model.layers "
-                            "(only Llama-style causal LMs are supported)")
+        raise GuidanceError(
+            f"{type(model).__name__}: no decoder layers at model.model.layers "
+            "(only Llama-style causal LMs are supported)"
+        )
     for name, mod in model.named_modules():
         if mod is layers:
             return name, layers

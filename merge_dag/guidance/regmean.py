@@ -26,8 +26,14 @@ def scale_off_diagonal(gram: torch.Tensor, a: float) -> torch.Tensor:
     return a * gram + (1 - a) * torch.diag(torch.diagonal(gram))
 
 
-def regmean_tensor(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], a: float = 1.0,
-                   ridge: float = 0.0, device: str | torch.device = "cpu", name: str = "tensor") -> torch.Tensor:
+def regmean_tensor(
+    weights: Sequence[torch.Tensor],
+    grams: Sequence[torch.Tensor],
+    a: float = 1.0,
+    ridge: float = 0.0,
+    device: str | torch.device = "cpu",
+    name: str = "tensor",
+) -> torch.Tensor:
     """W* for one linear (float32)."""
     if not 0 <= a <= 1:
         raise GuidanceError(f"RegMean a must be in [0, 1], got {a}")
@@ -38,8 +44,10 @@ def regmean_tensor(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
     rhs = torch.zeros(d_in, weights[0].shape[0], dtype=torch.float32, device=device)
     for k, (w, g) in enumerate(zip(weights, grams)):
         if w.ndim != 2 or w.shape != weights[0].shape or tuple(g.shape) != (d_in, d_in):
-            raise GuidanceError(f"tensor {name!r}: input {k} has weight {list(w.shape)} and Gram {list(g.shape)}; "
-                                f"expected weight {list(weights[0].shape)} and Gram [{d_in}, {d_in}]")
+            raise GuidanceError(
+                f"tensor {name!r}: input {k} has weight {list(w.shape)} and Gram {list(g.shape)}; "
+                f"expected weight {list(weights[0].shape)} and Gram [{d_in}, {d_in}]"
+            )
         gt = scale_off_diagonal(g.to(device, torch.float32), a)
         g_sum += gt
         rhs += gt @ w.to(device, torch.float32).T
@@ -48,13 +56,20 @@ def regmean_tensor(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
     try:
         return torch.linalg.solve(g_sum, rhs).T.contiguous()
     except RuntimeError as e:  # torch.linalg.LinAlgError is a RuntimeError
-        raise GuidanceError(f"tensor {name!r}: the summed Gram matrix is singular ({e}); use more calibration "
-                            "tokens or ridge > 0") from None
+        raise GuidanceError(
+            f"tensor {name!r}: the summed Gram matrix is singular ({e}); use more calibration tokens or ridge > 0"
+        ) from None
 
 
-def regmean_checkpoint(experts: Sequence[str | os.PathLike | Checkpoint], stats: Sequence[ActivationStats],
-                       out_dir: str | os.PathLike, a: float = 1.0, ridge: float = 0.0,
-                       device: str | torch.device = "cpu", shard_size: str | int = "2GB"):
+def regmean_checkpoint(
+    experts: Sequence[str | os.PathLike | Checkpoint],
+    stats: Sequence[ActivationStats],
+    out_dir: str | os.PathLike,
+    a: float = 1.0,
+    ridge: float = 0.0,
+    device: str | torch.device = "cpu",
+    shard_size: str | int = "2GB",
+):
     """Merge `experts` (stats[i]: expert i's statistics with Gram matrices) into `out_dir`.
     Dtypes, config and tokenizer files follow the first expert."""
     cks = [e if isinstance(e, Checkpoint) else Checkpoint(e) for e in experts]

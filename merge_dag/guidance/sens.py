@@ -45,8 +45,12 @@ def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     n = int((labels != -100).sum())
     if n == 0:
         raise GuidanceError("calibration batch has no next-token targets (every text is a single token)")
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum") / n
+    return (
+        F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        / n
+    )
 
 
 def sensitivity(model, batches: Iterable[Batch], device: str | torch.device = "cpu") -> dict[int, float]:
@@ -99,10 +103,14 @@ def logit_kl(reference, model, batches: Iterable[Batch], device: str | torch.dev
         for b in batches:
             b = b.to(device)
             mask = b.attention_mask.bool()
-            lp = F.log_softmax(reference(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                         use_cache=False).logits.float()[mask], dim=-1)
-            lq = F.log_softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask,
-                                     use_cache=False).logits.float()[mask], dim=-1)
+            lp = F.log_softmax(
+                reference(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()[mask],
+                dim=-1,
+            )
+            lq = F.log_softmax(
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()[mask],
+                dim=-1,
+            )
             total += float((lp.exp() * (lp - lq)).sum())
             count += int(mask.sum())
     if count == 0:
@@ -110,13 +118,15 @@ def logit_kl(reference, model, batches: Iterable[Batch], device: str | torch.dev
     return total / count
 
 
-def alignment(models: dict[str, torch.nn.Module], tasks: dict[str, list[Batch]],
-              device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+def alignment(
+    models: dict[str, torch.nn.Module], tasks: dict[str, list[Batch]], device: str | torch.device = "cpu"
+) -> dict[str, dict[str, float]]:
     """g[i][j] = logit_kl(models[j], models[i], tasks[j]); tasks[j] are expert j's own task texts."""
     if set(models) != set(tasks):
         raise GuidanceError(f"alignment needs one task set per expert: experts {sorted(models)}, tasks {sorted(tasks)}")
-    return {i: {j: (0.0 if i == j else logit_kl(models[j], models[i], tasks[j], device)) for j in models}
-            for i in models}
+    return {
+        i: {j: (0.0 if i == j else logit_kl(models[j], models[i], tasks[j], device)) for j in models} for i in models
+    }
 
 
 def tau(g: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -135,8 +145,9 @@ def tau(g: dict[str, dict[str, float]]) -> dict[str, float]:
     return {i: a[i] / mean for i in names}
 
 
-def coefficients(sens: dict[str, dict[int, float]], taus: dict[str, float],
-                 temperature: float = 2.0) -> dict[str, dict[int, float]]:
+def coefficients(
+    sens: dict[str, dict[int, float]], taus: dict[str, float], temperature: float = 2.0
+) -> dict[str, dict[int, float]]:
     """sigma_i^l = softmax over experts i of alpha_i^l * tau_i / T."""
     if temperature <= 0:
         raise GuidanceError(f"Sens-Merging temperature must be > 0, got {temperature}")
@@ -146,8 +157,9 @@ def coefficients(sens: dict[str, dict[int, float]], taus: dict[str, float],
     layers = sorted(sens[names[0]])
     for n in names:
         if sorted(sens[n]) != layers:
-            raise GuidanceError(f"expert {n!r}: sensitivities cover layers {sorted(sens[n])}, "
-                                f"expert {names[0]!r} covers {layers}")
+            raise GuidanceError(
+                f"expert {n!r}: sensitivities cover layers {sorted(sens[n])}, expert {names[0]!r} covers {layers}"
+            )
     al = {n: alpha(sens[n]) for n in names}
     out: dict[str, dict[int, float]] = {n: {} for n in names}
     for layer in layers:

@@ -33,6 +33,7 @@ _RECIPE_SHOWN_ELSEWHERE = {"merge_method", "base_model", "models", "slices", "pa
 # small formatters
 # ----------------------------------------------------------------------------------------------
 
+
 def _size(n: Optional[int]) -> Optional[str]:
     if n is None:
         return None
@@ -115,14 +116,19 @@ def describe_params(params: dict) -> tuple[Optional[str], list[str]]:
         rest = {k: v for k, v in params.items() if k not in ("method", "merge_method")}
         return method, [f"params {flow(rest)}"] if rest else []
     first = [f"params {flow(recipe.get('parameters') or {})}"]
-    first += [f"{k} {flow(v)}" for k, v in recipe.items() if k not in _RECIPE_SHOWN_ELSEWHERE and v not in (None, [], {})]
+    first += [
+        f"{k} {flow(v)}" for k, v in recipe.items() if k not in _RECIPE_SHOWN_ELSEWHERE and v not in (None, [], {})
+    ]
     lines = ["   ".join(first)]
     per_model = [f"{m.get('model')} {flow(m['parameters'])}" for m in recipe.get("models") or [] if m.get("parameters")]
     if per_model:
         lines.append("per model: " + "; ".join(per_model))
     for i, sl in enumerate(recipe.get("slices") or []):
-        srcs = ", ".join(f"{s.get('model')}{list(s.get('layer_range', []))}"
-                         + (f" {flow(s['parameters'])}" if s.get("parameters") else "") for s in sl.get("sources", []))
+        srcs = ", ".join(
+            f"{s.get('model')}{list(s.get('layer_range', []))}"
+            + (f" {flow(s['parameters'])}" if s.get("parameters") else "")
+            for s in sl.get("sources", [])
+        )
         lines.append(f"slice {i}: {srcs}" + (f"   params {flow(sl['parameters'])}" if sl.get("parameters") else ""))
     extra = {k: v for k, v in params.items() if k != "recipe"}
     if extra:
@@ -134,6 +140,7 @@ def describe_params(params: dict) -> tuple[Optional[str], list[str]]:
 # the tree
 # ----------------------------------------------------------------------------------------------
 
+
 def _label(node: dict) -> str:
     if node.get("kind"):
         return f"{node['kind']}/{node.get('name', '?')}"
@@ -142,9 +149,15 @@ def _label(node: dict) -> str:
 
 def format_audit(tree: dict) -> str:
     """The text of a provenance tree (LineageStore.provenance)."""
-    facts = [x for x in (_size(tree.get("bytes")),
-                         f"created {_when(tree['created_at'])}" if tree.get("created_at") else None,
-                         f"run {tree['run_id'][:8]}" if tree.get("run_id") else None) if x]
+    facts = [
+        x
+        for x in (
+            _size(tree.get("bytes")),
+            f"created {_when(tree['created_at'])}" if tree.get("created_at") else None,
+            f"run {tree['run_id'][:8]}" if tree.get("run_id") else None,
+        )
+        if x
+    ]
     out = [f"{_label(tree)}  {tree['artifact_id']}" + (f"  ({', '.join(facts)})" if facts else "")]
     method, plines = describe_params(tree.get("params") or {})
     head = [f"method {method}"] if method else []
@@ -226,9 +239,15 @@ def provenance_markdown(tree: dict, root: Optional[Path] = None) -> str:
     version and parameters, its evaluation scores with Δ vs the base model's, then every input of
     the provenance tree (one row per edge, depth shown by indentation) with role, name, short
     fingerprint and path relative to `root`; guidance artifacts are the inputs of guidance kinds."""
-    facts = [x for x in (_size(tree.get("bytes")),
-                         f"created {_when(tree['created_at'])}" if tree.get("created_at") else None,
-                         f"run {tree['run_id'][:8]}" if tree.get("run_id") else None) if x]
+    facts = [
+        x
+        for x in (
+            _size(tree.get("bytes")),
+            f"created {_when(tree['created_at'])}" if tree.get("created_at") else None,
+            f"run {tree['run_id'][:8]}" if tree.get("run_id") else None,
+        )
+        if x
+    ]
     method, plines = describe_params(tree.get("params") or {})
     out = [f"**{_label(tree)}** `{tree['artifact_id']}`" + (f" ({', '.join(facts)})" if facts else ""), ""]
     head = [f"method **{method}**"] if method else []
@@ -241,8 +260,10 @@ def provenance_markdown(tree: dict, root: Optional[Path] = None) -> str:
         out.append(f"- path `{_show_path(tree['path'], root)}`")
     guidance = [i for i in tree.get("inputs") or [] if i["role"] not in ("base", "expert", "model", "recipe", "tasks")]
     if guidance:
-        out.append("- guidance: " + ", ".join(f"{i['role']} `{_label(i['node'])}` `{_short(i.get('fingerprint'))}`"
-                                              for i in guidance))
+        out.append(
+            "- guidance: "
+            + ", ".join(f"{i['role']} `{_label(i['node'])}` `{_short(i.get('fingerprint'))}`" for i in guidance)
+        )
     out.append("")
     base = _base_metrics(tree)
     if tree.get("metrics"):
@@ -253,8 +274,10 @@ def provenance_markdown(tree: dict, root: Optional[Path] = None) -> str:
             delta = f"{m['value'] - b['value']:+.3f}" if b else ""
             if b and m["value"] < b["value"]:
                 delta += " ▼"
-            out.append(f"| {m['task']} | {m['metric']} | {m['value']:.3f}{se} | {m.get('n') or ''} | "
-                       f"{'' if not b else format(b['value'], '.3f')} | {delta} |")
+            out.append(
+                f"| {m['task']} | {m['metric']} | {m['value']:.3f}{se} | {m.get('n') or ''} | "
+                f"{'' if not b else format(b['value'], '.3f')} | {delta} |"
+            )
     else:
         out.append("*no evaluation of this artifact recorded yet* (its eval asset materializes after it)")
     out += ["", "| role | input | fingerprint / key | path |", "|---|---|---|---|"]
@@ -275,8 +298,10 @@ def _inputs_rows(inputs: list[dict], depth: int, out: list[str], printed: set[st
         elif node.get("key_hash") and inp.get("fingerprint") and node["key_hash"] != inp["fingerprint"]:
             note = f" (! recorded key {_short(node['key_hash'])})"
         repeat = node["artifact_id"] in printed and bool(node.get("inputs"))
-        out.append(f"| {pad}{_cell(inp['role'])} | `{_cell(_label(node))}` | `{_short(fp)}`{note} | "
-                   f"{_cell(_show_path(node.get('path'), root))}{' (inputs as above)' if repeat else ''} |")
+        out.append(
+            f"| {pad}{_cell(inp['role'])} | `{_cell(_label(node))}` | `{_short(fp)}`{note} | "
+            f"{_cell(_show_path(node.get('path'), root))}{' (inputs as above)' if repeat else ''} |"
+        )
         if node.get("inputs") and not repeat and not node.get("source"):
             printed.add(node["artifact_id"])
             _inputs_rows(node["inputs"], depth + 1, out, printed, root)
@@ -284,8 +309,10 @@ def _inputs_rows(inputs: list[dict], depth: int, out: list[str], printed: set[st
 
 def format_card(card: dict, folder: Path, note: str = "") -> str:
     """The text of a merged folder's merge_dag.json, for a folder the lineage database does not know."""
-    out = [f"{card.get('name') or (card.get('recipe') or {}).get('name') or folder.name}  "
-           f"{card.get('artifact_id') or '(no artifact id)'}  ({folder}, from its {CARD_FILE})"]
+    out = [
+        f"{card.get('name') or (card.get('recipe') or {}).get('name') or folder.name}  "
+        f"{card.get('artifact_id') or '(no artifact id)'}  ({folder}, from its {CARD_FILE})"
+    ]
     if note:
         out.append(f"  {note}")
     method, plines = describe_params({"recipe": card["recipe"]} if isinstance(card.get("recipe"), dict) else {})
@@ -306,14 +333,18 @@ def format_card(card: dict, folder: Path, note: str = "") -> str:
     lwidth = max((len(str(i.get("model", "?"))) for i in inputs), default=0)
     for k, i in enumerate(inputs):
         branch = "└─" if k == len(inputs) - 1 else "├─"
-        out.append(f"  {branch} {str(i.get('role', '?')):<{width}} {str(i.get('model', '?')):<{lwidth}}  {i.get('fingerprint', '')}"
-                   f"  {_show_path(i.get('path'))}".rstrip())
+        out.append(
+            f"  {branch} {str(i.get('role', '?')):<{width}} {str(i.get('model', '?')):<{lwidth}}"
+            f"  {i.get('fingerprint', '')}"
+            f"  {_show_path(i.get('path'))}".rstrip()
+        )
     return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
 # entry point
 # ----------------------------------------------------------------------------------------------
+
 
 def read_card(path: str | os.PathLike) -> Optional[tuple[Path, dict]]:
     """(folder, merge_dag.json contents) when `path` is a merged folder or its merge_dag.json."""
@@ -363,12 +394,19 @@ def audit(store_or_path: LineageStore | str | os.PathLike, path_or_name: str | o
         folder, card = found
         aid = card.get("artifact_id")
         where = _db_label(store) + ("" if store.path.exists() else " (no such file)")
-        note = (f"no record of {aid} in {where}; shown from the folder's {CARD_FILE}" if aid
-                else f"{CARD_FILE} names no artifact id (merged outside the pipeline); not in {where}")
+        note = (
+            f"no record of {aid} in {where}; shown from the folder's {CARD_FILE}"
+            if aid
+            else f"{CARD_FILE} names no artifact id (merged outside the pipeline); not in {where}"
+        )
         return format_card(card, folder, note)
     if not store.path.exists():
-        raise MergeDagError(f"no artifact matches {str(path_or_name)!r}: there is no lineage database at "
-                            f"{_db_label(store)} (materialize something first, or pass --db / set MERGE_DAG_DB)")
+        raise MergeDagError(
+            f"no artifact matches {str(path_or_name)!r}: there is no lineage database at "
+            f"{_db_label(store)} (materialize something first, or pass --db / set MERGE_DAG_DB)"
+        )
     known = store.names("merged")
-    raise MergeDagError(f"no artifact matches {str(path_or_name)!r} in {_db_label(store)}; known merged models: "
-                        + (", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"))
+    raise MergeDagError(
+        f"no artifact matches {str(path_or_name)!r} in {_db_label(store)}; known merged models: "
+        + (", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none")
+    )

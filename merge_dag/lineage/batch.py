@@ -71,16 +71,29 @@ class Batch:
         out.statements = self.statements + other.statements
         return out
 
-    def artifact(self, *, artifact_id: str, kind: str, name: str, key_hash: str, path: str | os.PathLike | None,
-                 bytes: int | None, code_version: str, params: dict, run_id: str | None,
-                 data_version: str | None = None) -> "Batch":
+    def artifact(
+        self,
+        *,
+        artifact_id: str,
+        kind: str,
+        name: str,
+        key_hash: str,
+        path: str | os.PathLike | None,
+        bytes: int | None,
+        code_version: str,
+        params: dict,
+        run_id: str | None,
+        data_version: str | None = None,
+    ) -> "Batch":
         """Upsert by artifact_id: the first created_at and run_id are kept, last_seen_at is refreshed,
         a None path / bytes / data_version keeps what is known."""
         for label, v in (("artifact_id", artifact_id), ("kind", kind), ("name", name), ("key_hash", key_hash)):
             if not isinstance(v, str) or not v:
                 raise ValueError(f"lineage artifact: {label} must be a non-empty string, got {v!r}")
         now = utcnow()
-        self.statements.append(("""
+        self.statements.append(
+            (
+                """
         INSERT INTO artifacts (artifact_id, kind, name, key_hash, path, bytes, data_version, created_at, last_seen_at,
                                run_id, code_version, params_json)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -90,43 +103,95 @@ class Batch:
             data_version = coalesce(excluded.data_version, artifacts.data_version),
             last_seen_at = excluded.last_seen_at, run_id = coalesce(artifacts.run_id, excluded.run_id),
             code_version = excluded.code_version, params_json = excluded.params_json
-        """, [artifact_id, kind, name, key_hash, None if path is None else str(path),
-              None if bytes is None else int(bytes), data_version, now, now, run_id, code_version, _json(params)]))
+        """,
+                [
+                    artifact_id,
+                    kind,
+                    name,
+                    key_hash,
+                    None if path is None else str(path),
+                    None if bytes is None else int(bytes),
+                    data_version,
+                    now,
+                    now,
+                    run_id,
+                    code_version,
+                    _json(params),
+                ],
+            )
+        )
         return self
 
     def edge(self, *, parent_id: str, child_id: str, role: str, fingerprint: str | None) -> "Batch":
         """Upsert by (parent, child, role); a None fingerprint keeps the one known."""
         if not (parent_id and child_id and role):
-            raise ValueError(f"lineage edge: parent_id, child_id and role are required, got "
-                             f"{parent_id!r}, {child_id!r}, {role!r}")
-        self.statements.append(("""
+            raise ValueError(
+                f"lineage edge: parent_id, child_id and role are required, got {parent_id!r}, {child_id!r}, {role!r}"
+            )
+        self.statements.append(
+            (
+                """
         INSERT INTO edges (parent_id, child_id, role, fingerprint, created_at) VALUES (?, ?, ?, ?, ?)
-        ON CONFLICT (parent_id, child_id, role) DO UPDATE SET fingerprint = coalesce(excluded.fingerprint, edges.fingerprint)
-        """, [parent_id, child_id, role, fingerprint, utcnow()]))
+        ON CONFLICT (parent_id, child_id, role) DO UPDATE SET
+            fingerprint = coalesce(excluded.fingerprint, edges.fingerprint)
+        """,
+                [parent_id, child_id, role, fingerprint, utcnow()],
+            )
+        )
         return self
 
-    def event(self, *, artifact_id: str, run_id: str | None, step: str, event: str,
-              seconds: float | None = None) -> "Batch":
+    def event(
+        self, *, artifact_id: str, run_id: str | None, step: str, event: str, seconds: float | None = None
+    ) -> "Batch":
         """One more row: events accumulate (materialized, cache_hit or observed)."""
         if event not in EVENTS:
             raise ValueError(f"lineage event: event must be one of {', '.join(EVENTS)}, got {event!r}")
-        self.statements.append((
-            "INSERT INTO events (artifact_id, run_id, step, event, seconds, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [artifact_id, run_id, step, event, None if seconds is None else float(seconds), utcnow()]))
+        self.statements.append(
+            (
+                "INSERT INTO events (artifact_id, run_id, step, event, seconds, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [artifact_id, run_id, step, event, None if seconds is None else float(seconds), utcnow()],
+            )
+        )
         return self
 
-    def metric(self, *, artifact_id: str, task: str, metric: str, value: float, stderr: float | None, n: int | None,
-               model: str | None = None) -> "Batch":
+    def metric(
+        self,
+        *,
+        artifact_id: str,
+        task: str,
+        metric: str,
+        value: float,
+        stderr: float | None,
+        n: int | None,
+        model: str | None = None,
+    ) -> "Batch":
         """Upsert by (artifact, task, metric); a stderr or n lm-eval reports as "N/A" is stored as NULL."""
         if not (artifact_id and task and metric) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"lineage metric: artifact_id, task, metric and a numeric value are required, got "
-                             f"{artifact_id!r}, {task!r}, {metric!r}, {value!r}")
-        self.statements.append(("""
-        INSERT INTO metrics (artifact_id, model, task, metric, value, stderr, n, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+            raise ValueError(
+                f"lineage metric: artifact_id, task, metric and a numeric value are required, got "
+                f"{artifact_id!r}, {task!r}, {metric!r}, {value!r}"
+            )
+        self.statements.append(
+            (
+                """
+        INSERT INTO metrics (artifact_id, model, task, metric, value, stderr, n, created_at)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?)
         ON CONFLICT (artifact_id, task, metric) DO UPDATE SET
-            model = coalesce(excluded.model, metrics.model), value = excluded.value, stderr = excluded.stderr, n = excluded.n
-        """, [artifact_id, model, task, metric, float(value), _opt_number(stderr, float), _opt_number(n, int),
-              utcnow()]))
+            model = coalesce(excluded.model, metrics.model), value = excluded.value,
+            stderr = excluded.stderr, n = excluded.n
+        """,
+                [
+                    artifact_id,
+                    model,
+                    task,
+                    metric,
+                    float(value),
+                    _opt_number(stderr, float),
+                    _opt_number(n, int),
+                    utcnow(),
+                ],
+            )
+        )
         return self
 
     def run(self, *, run_id: str, started_at=None, finished_at=None, status: str, job: str | None = None) -> "Batch":
@@ -138,7 +203,9 @@ class Batch:
         now = utcnow()
         start, finish = _as_utc(started_at), _as_utc(finished_at)
         terminal = ", ".join(f"'{t}'" for t in TERMINAL_STATUSES)
-        self.statements.append((f"""
+        self.statements.append(
+            (
+                f"""
         INSERT INTO runs (run_id, job, started_at, finished_at, status, updated_at) VALUES (?, ?, ?, ?, ?, ?)
         ON CONFLICT (run_id) DO UPDATE SET
             job = coalesce(excluded.job, runs.job),
@@ -147,7 +214,10 @@ class Batch:
             status = CASE WHEN excluded.status = 'running' AND runs.status IN ({terminal}) THEN runs.status
                           ELSE excluded.status END,
             updated_at = excluded.updated_at
-        """, [run_id, job, start or now, finish, status, now, start]))
+        """,
+                [run_id, job, start or now, finish, status, now, start],
+            )
+        )
         return self
 
     @classmethod

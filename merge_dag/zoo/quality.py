@@ -48,8 +48,8 @@ LAMBDAS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
 MIN_EXPERT_GAIN = 0.2
 MIN_INTERFERENCE = 0.10
 MIN_MERGE_GAIN = 0.03
-MIN_VERDICT_N = 100        # prompts per skill below which the criteria give no verdict
-ROBUST_Z = 3.0             # a criterion holds robustly with a margin of at least this many SE
+MIN_VERDICT_N = 100  # prompts per skill below which the criteria give no verdict
+ROBUST_Z = 3.0  # a criterion holds robustly with a margin of at least this many SE
 
 
 def rate_variance(p: float, n: int) -> float:
@@ -62,7 +62,7 @@ def rate_variance(p: float, n: int) -> float:
 class Criterion:
     """One quality criterion: ``value`` (a difference of rates) must reach ``threshold``."""
 
-    text: str            # what is claimed, e.g. "expert arev beats the base on arev by >= 0.2"
+    text: str  # what is claimed, e.g. "expert arev beats the base on arev by >= 0.2"
     value: float
     threshold: float
     se: float
@@ -86,19 +86,21 @@ class Criterion:
         return "fails" if self.z <= -ROBUST_Z else "fails within noise"
 
     def line(self) -> str:
-        return (f"{self.status:<19s} {self.text}: {self.value:+.3f} vs {self.threshold:g} "
-                f"(margin {self.z:+.1f} SE, SE {self.se:.3f})")
+        return (
+            f"{self.status:<19s} {self.text}: {self.value:+.3f} vs {self.threshold:g} "
+            f"(margin {self.z:+.1f} SE, SE {self.se:.3f})"
+        )
 
 
 @dataclass
 class QualityReport:
     skills: list[str]
-    exact_match: dict[str, dict[str, float]]     # row -> skill -> exact match (greedy)
-    logprob: dict[str, dict[str, float]]         # row -> skill -> mean answer log-probability
-    rows: list[str]                              # table order: base, expert_<skill>..., merges
+    exact_match: dict[str, dict[str, float]]  # row -> skill -> exact match (greedy)
+    logprob: dict[str, dict[str, float]]  # row -> skill -> mean answer log-probability
+    rows: list[str]  # table order: base, expert_<skill>..., merges
     tuned_lambda: float
     lambdas: list[float]
-    n: int                                        # eval documents per skill
+    n: int  # eval documents per skill
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -120,17 +122,32 @@ class QualityReport:
 
         for s in self.skills:
             e, b = em[f"expert_{s}"][s], em["base"][s]
-            out.append(Criterion(f"expert {s} beats the base on {s} by >= {MIN_EXPERT_GAIN:g}", e - b,
-                                 MIN_EXPERT_GAIN, diff(e, b)))
+            out.append(
+                Criterion(
+                    f"expert {s} beats the base on {s} by >= {MIN_EXPERT_GAIN:g}", e - b, MIN_EXPERT_GAIN, diff(e, b)
+                )
+            )
         for s in self.skills:
             e, u = em[f"expert_{s}"][s], em["ta_uniform"][s]
-            out.append(Criterion(f"the uniform merge loses >= {MIN_INTERFERENCE:g} of expert {s} on {s}", e - u,
-                                 MIN_INTERFERENCE, diff(e, u)))
+            out.append(
+                Criterion(
+                    f"the uniform merge loses >= {MIN_INTERFERENCE:g} of expert {s} on {s}",
+                    e - u,
+                    MIN_INTERFERENCE,
+                    diff(e, u),
+                )
+            )
         best = max((r for r in ("ta_tuned", "ties") if r in em), key=self.average)
         se = math.sqrt(self.se_average(best) ** 2 + self.se_average("base") ** 2)
-        out.append(Criterion(f"the best standard merge ({row_label(best, self.tuned_lambda, len(self.skills))}) "
-                             f"beats the base average by >= {MIN_MERGE_GAIN:g}",
-                             self.average(best) - self.average("base"), MIN_MERGE_GAIN, se))
+        out.append(
+            Criterion(
+                f"the best standard merge ({row_label(best, self.tuned_lambda, len(self.skills))}) "
+                f"beats the base average by >= {MIN_MERGE_GAIN:g}",
+                self.average(best) - self.average("base"),
+                MIN_MERGE_GAIN,
+                se,
+            )
+        )
         return out
 
     @property
@@ -145,16 +162,20 @@ class QualityReport:
     def verdict(self) -> str:
         """One line: whether the criteria hold, hold robustly (>= 3 SE) or fail, or no verdict."""
         if not self.meaningful:
-            return (f"no verdict: {self.n} prompts per skill are too few for the quality criteria "
-                    f"(they need at least {MIN_VERDICT_N}); the table above is only a smoke test")
+            return (
+                f"no verdict: {self.n} prompts per skill are too few for the quality criteria "
+                f"(they need at least {MIN_VERDICT_N}); the table above is only a smoke test"
+            )
         cs = self.criteria()
         failing = [c for c in cs if not c.holds]
         weak = [c for c in cs if c.holds and c.z < ROBUST_Z]
         if failing:
             return f"quality criteria NOT met: {len(failing)} of {len(cs)} fail"
         if weak:
-            return (f"quality criteria met, {len(weak)} of {len(cs)} within noise (margin under "
-                    f"{ROBUST_Z:g} SE): another machine may not see them hold")
+            return (
+                f"quality criteria met, {len(weak)} of {len(cs)} within noise (margin under "
+                f"{ROBUST_Z:g} SE): another machine may not see them hold"
+            )
         return f"quality criteria met, all {len(cs)} with a margin of at least {ROBUST_Z:g} SE"
 
     def criteria_text(self) -> str:
@@ -173,8 +194,9 @@ class QualityReport:
                     c += f" ({self.logprob[row][s]:.2f})"
                 cells.append(c)
             label = row_label(row, self.tuned_lambda, len(self.skills))
-            lines.append(f"| {label} | " + " | ".join(cells) +
-                         f" | {self.average(row):.3f} ± {self.se_average(row):.3f} |")
+            lines.append(
+                f"| {label} | " + " | ".join(cells) + f" | {self.average(row):.3f} ± {self.se_average(row):.3f} |"
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -194,8 +216,10 @@ def environment() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version(), "machine": f"{platform.machine()}, {_cpu_name()}, "
-                                                           f"{__import__('os').cpu_count()} cores"}
+    out = {
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {_cpu_name()}, {__import__('os').cpu_count()} cores",
+    }
     for pkg in ("torch", "transformers", "lm_eval", "tokenizers", "numpy"):
         try:
             out[pkg] = version(pkg)
@@ -261,8 +285,12 @@ def row_label(row: str, tuned_lambda: float, k: int) -> str:
     return row
 
 
-def task_arithmetic(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], lam: float,
-                    weights: Optional[list[float]] = None) -> dict[str, torch.Tensor]:
+def task_arithmetic(
+    base: dict[str, torch.Tensor],
+    experts: list[dict[str, torch.Tensor]],
+    lam: float,
+    weights: Optional[list[float]] = None,
+) -> dict[str, torch.Tensor]:
     """theta_base + lam * sum_i w_i (theta_i - theta_base), in float32, per tensor."""
     weights = weights or [1.0] * len(experts)
     if len(weights) != len(experts):
@@ -283,8 +311,9 @@ TIES_DENSITY = 0.5
 TIES_LAMBDAS: tuple[float, ...] = (0.5, 1.0)
 
 
-def ties(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], lam: float,
-         density: float = TIES_DENSITY) -> dict[str, torch.Tensor]:
+def ties(
+    base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], lam: float, density: float = TIES_DENSITY
+) -> dict[str, torch.Tensor]:
     """TIES (merge_dag's own `ties` method, weight 1 per expert) on in-memory state dicts."""
     from ..core.methods.base import TensorTask
     from ..core.methods.ties import Ties
@@ -296,8 +325,13 @@ def ties(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], 
         if not b.is_floating_point():
             out[name] = b
             continue
-        task = TensorTask(name, b.float().clone(), [e[name].float().clone() for e in experts],
-                          [{"weight": 1.0, "density": density} for _ in experts], params)
+        task = TensorTask(
+            name,
+            b.float().clone(),
+            [e[name].float().clone() for e in experts],
+            [{"weight": 1.0, "density": density} for _ in experts],
+            params,
+        )
         out[name] = method.merge(task).to(b.dtype)
     return out
 
@@ -322,9 +356,15 @@ def _scores(model, skills, tokenizer, device, limit, batch_size) -> tuple[dict, 
     return em, lp, n
 
 
-def check_quality(zoo, device: str = "cpu", limit: Optional[int] = None, batch_size: int = 64,
-                  lambdas: tuple[float, ...] = LAMBDAS, progress: bool = True,
-                  ties_lambdas: tuple[float, ...] = TIES_LAMBDAS) -> QualityReport:
+def check_quality(
+    zoo,
+    device: str = "cpu",
+    limit: Optional[int] = None,
+    batch_size: int = 64,
+    lambdas: tuple[float, ...] = LAMBDAS,
+    progress: bool = True,
+    ties_lambdas: tuple[float, ...] = TIES_LAMBDAS,
+) -> QualityReport:
     """Evaluate base, experts and task-arithmetic merges of ``zoo`` (a manifest or its folder)."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -352,9 +392,13 @@ def check_quality(zoo, device: str = "cpu", limit: Optional[int] = None, batch_s
         em[row], lp[row], n = _scores(model, skills, tok, device, limit, batch_size)
         if progress:
             avg = sum(em[row].values()) / len(skills)
-            print(f"  eval {row_label(row, 0, len(skills)):<40s} " +
-                  " ".join(f"{s}={em[row][s]:.2f}" for s in skills) + f"  avg={avg:.3f}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  eval {row_label(row, 0, len(skills)):<40s} "
+                + " ".join(f"{s}={em[row][s]:.2f}" for s in skills)
+                + f"  avg={avg:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     run("base", base_sd)
     for s, sd in zip(skills, expert_sds):
@@ -369,14 +413,28 @@ def check_quality(zoo, device: str = "cpu", limit: Optional[int] = None, batch_s
     em["ta_tuned"], lp["ta_tuned"] = em[f"ta_{best:g}"], lp[f"ta_{best:g}"]
     rows = ["base", *[f"expert_{s}" for s in skills], "ta_uniform", "ta_tuned"]
     if ties_lambdas:
-        best_ties = max(ties_lambdas, key=lambda lam: (sum(em[f"ties_{lam:g}"].values()),
-                                                      sum(lp[f"ties_{lam:g}"].values())))
+        best_ties = max(
+            ties_lambdas, key=lambda lam: (sum(em[f"ties_{lam:g}"].values()), sum(lp[f"ties_{lam:g}"].values()))
+        )
         em["ties"], lp["ties"] = em[f"ties_{best_ties:g}"], lp[f"ties_{best_ties:g}"]
         rows.append("ties")
         extra_ties = {"ties_lambda": best_ties, "ties_density": TIES_DENSITY}
     else:
         extra_ties = {}
-    return QualityReport(skills=skills, exact_match=em, logprob=lp, rows=rows, tuned_lambda=best,
-                         lambdas=grid, n=n, seconds=round(time.perf_counter() - t0, 2),
-                         extra={"zoo": man.root, "settings_key": man.settings_key, "limit": limit,
-                                "environment": environment(), **extra_ties})
+    return QualityReport(
+        skills=skills,
+        exact_match=em,
+        logprob=lp,
+        rows=rows,
+        tuned_lambda=best,
+        lambdas=grid,
+        n=n,
+        seconds=round(time.perf_counter() - t0, 2),
+        extra={
+            "zoo": man.root,
+            "settings_key": man.settings_key,
+            "limit": limit,
+            "environment": environment(),
+            **extra_ties,
+        },
+    )

@@ -40,9 +40,9 @@ class Skill:
 
     name: str
     description: str
-    make: Callable[[random.Random, int], tuple[str, str]]   # (rng, input size) -> (prompt, answer)
-    sizes: tuple[int, int]              # inclusive range, eval and experts
-    base_sizes: tuple[int, int]         # inclusive range, base pretraining
+    make: Callable[[random.Random, int], tuple[str, str]]  # (rng, input size) -> (prompt, answer)
+    sizes: tuple[int, int]  # inclusive range, eval and experts
+    base_sizes: tuple[int, int]  # inclusive range, base pretraining
     max_answer_chars: int
 
     def example(self, rng: random.Random, long_fraction: float | None = None) -> tuple[str, str]:
@@ -66,7 +66,7 @@ def _digits(rng: random.Random, n: int) -> str:
 
 
 def _add(rng: random.Random, n: int) -> tuple[str, str]:
-    a, b = rng.randint(10 ** (n - 1), 10 ** n - 1), rng.randint(10 ** (n - 1), 10 ** n - 1)
+    a, b = rng.randint(10 ** (n - 1), 10**n - 1), rng.randint(10 ** (n - 1), 10**n - 1)
     return f"add:{a}+{b}=", str(a + b)
 
 
@@ -232,15 +232,17 @@ def write_if_changed(path: Path, text: str, overwrite: bool = True) -> Path:
     return path
 
 
-def write_data_files(data_dir: Path = Path("data"), skills: tuple[str, ...] = ZOO_SKILLS,
-                     seed: int = DATA_SEED, overwrite: bool = True) -> list[Path]:
+def write_data_files(
+    data_dir: Path = Path("data"), skills: tuple[str, ...] = ZOO_SKILLS, seed: int = DATA_SEED, overwrite: bool = True
+) -> list[Path]:
     """Write (or rewrite identically) data/eval/<skill>.jsonl and data/calibration/<skill>.jsonl
     (`overwrite=False`: only those missing)."""
     return [write_if_changed(Path(data_dir) / rel, text, overwrite) for rel, text in data_files(skills, seed).items()]
 
 
-def training_stream(skills: tuple[str, ...], seed: int, long_fraction: float | None = None,
-                    data_seed: int = DATA_SEED) -> Iterator[tuple[str, str, str]]:
+def training_stream(
+    skills: tuple[str, ...], seed: int, long_fraction: float | None = None, data_seed: int = DATA_SEED
+) -> Iterator[tuple[str, str, str]]:
     """Endless (skill, prompt, answer) training examples, none equal to an eval prompt.
 
     ``long_fraction``: None draws input sizes like the eval sets (uniform over each skill's

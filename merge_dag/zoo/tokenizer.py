@@ -13,7 +13,7 @@ from pathlib import Path
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 SPECIALS = (PAD, EOS, BOS, UNK)
 CHARS = string.digits + string.ascii_lowercase + ":=+-><,. \n"
-VOCAB_SIZE = 64          # padded so embedding shapes are round; ids past the chars are unused
+VOCAB_SIZE = 64  # padded so embedding shapes are round; ids past the chars are unused
 MAX_LENGTH = 64
 
 
@@ -36,8 +36,14 @@ def build_tokenizer():
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(list(SPECIALS))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS, unk_token=UNK,
-        model_max_length=MAX_LENGTH, padding_side="right", clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=EOS,
+        bos_token=BOS,
+        unk_token=UNK,
+        model_max_length=MAX_LENGTH,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
     )
 
 

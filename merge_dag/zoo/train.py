@@ -33,11 +33,21 @@ class ModelShape:
         from transformers import LlamaConfig
 
         cfg = LlamaConfig(
-            vocab_size=VOCAB_SIZE, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.heads,
-            max_position_embeddings=MAX_LENGTH, rms_norm_eps=1e-5, rope_theta=10000.0,
-            tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            vocab_size=VOCAB_SIZE,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.heads,
+            max_position_embeddings=MAX_LENGTH,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
         cfg.architectures = ["LlamaForCausalLM"]
         return cfg
@@ -49,12 +59,12 @@ class TrainSpec:
     lr: float
     batch_size: int
     warmup: int = 0
-    schedule: str = "cosine"          # cosine (to min_lr_ratio * lr) or constant
+    schedule: str = "cosine"  # cosine (to min_lr_ratio * lr) or constant
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    long_fraction: Optional[float] = None   # None: input sizes like the eval sets; else see training_stream
-    optimizer: str = "adamw"                # adamw, or sgd (momentum 0.9): updates proportional to the gradient
+    long_fraction: Optional[float] = None  # None: input sizes like the eval sets; else see training_stream
+    optimizer: str = "adamw"  # adamw, or sgd (momentum 0.9): updates proportional to the gradient
 
 
 @contextlib.contextmanager
@@ -92,8 +102,8 @@ def encode_batch(tok, examples: list[tuple[str, str]]) -> tuple[torch.Tensor, to
     ids = torch.full((len(seqs), n), tok.pad_token_id, dtype=torch.long)
     lab = torch.full((len(seqs), n), -100, dtype=torch.long)
     for i, (s, lb) in enumerate(zip(seqs, labels)):
-        ids[i, :len(s)] = torch.tensor(s)
-        lab[i, :len(lb)] = torch.tensor(lb)
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(lb)] = torch.tensor(lb)
     return ids, lab
 
 
@@ -106,8 +116,9 @@ def _lr_at(spec: TrainSpec, step: int) -> float:
     return spec.lr * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(model, skills: tuple[str, ...], spec: TrainSpec, seed: int, label: str = "train",
-          progress: bool = True) -> dict:
+def train(
+    model, skills: tuple[str, ...], spec: TrainSpec, seed: int, label: str = "train", progress: bool = True
+) -> dict:
     """Train ``model`` in place on a stream of ``skills`` examples; returns a small log."""
     tok = build_tokenizer()
     stream: Iterator = training_stream(skills, seed, spec.long_fraction)
@@ -144,8 +155,12 @@ def train(model, skills: tuple[str, ...], spec: TrainSpec, seed: int, label: str
             if progress:
                 el = time.perf_counter() - t0
                 eta = el / (step + 1) * (spec.steps - step - 1)
-                print(f"\r  {label}: step {step + 1}/{spec.steps} loss {ema:.3f} "
-                      f"({el:.0f}s, eta {eta:.0f}s)   ", end="", file=sys.stderr, flush=True)
+                print(
+                    f"\r  {label}: step {step + 1}/{spec.steps} loss {ema:.3f} ({el:.0f}s, eta {eta:.0f}s)   ",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if progress:
         print(file=sys.stderr, flush=True)
     model.eval()

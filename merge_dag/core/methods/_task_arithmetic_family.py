@@ -32,30 +32,69 @@ from ..sparsify import sparsify
 from .base import MergeMethod, Param, TensorTask, in_range
 
 
-def ta_params(normalize: bool, rescale: bool, sparsifies: bool, gamma: bool = False,
-              epsilon: bool = False) -> tuple[Param, ...]:
+def ta_params(
+    normalize: bool, rescale: bool, sparsifies: bool, gamma: bool = False, epsilon: bool = False
+) -> tuple[Param, ...]:
     """mergekit's parameters for one member of the family, with its defaults."""
     ps = [
-        Param("weight", required=True, per_model=True,
-              help="coefficient of this model's task vector (negative subtracts it)"),
-        Param("density", default=1.0, per_model=True, check=in_range(0, 1, lo_open=True),
-              help=("fraction of the task vector to keep" if sparsifies else
-                    "accepted for mergekit compatibility; task_arithmetic keeps the whole task vector")),
+        Param(
+            "weight",
+            required=True,
+            per_model=True,
+            help="coefficient of this model's task vector (negative subtracts it)",
+        ),
+        Param(
+            "density",
+            default=1.0,
+            per_model=True,
+            check=in_range(0, 1, lo_open=True),
+            help=(
+                "fraction of the task vector to keep"
+                if sparsifies
+                else "accepted for mergekit compatibility; task_arithmetic keeps the whole task vector"
+            ),
+        ),
     ]
     if gamma:
-        ps.append(Param("gamma", default=0.01, per_model=True, check=in_range(0, 1),
-                        help="fraction of largest-magnitude entries dropped as outliers"))
+        ps.append(
+            Param(
+                "gamma",
+                default=0.01,
+                per_model=True,
+                check=in_range(0, 1),
+                help="fraction of largest-magnitude entries dropped as outliers",
+            )
+        )
     if epsilon:
-        ps.append(Param("epsilon", default=0.15, per_model=True, check=in_range(0, 1, hi_open=True),
-                        help="keep probability spans density - epsilon .. density + epsilon by magnitude rank"))
+        ps.append(
+            Param(
+                "epsilon",
+                default=0.15,
+                per_model=True,
+                check=in_range(0, 1, hi_open=True),
+                help="keep probability spans density - epsilon .. density + epsilon by magnitude rank",
+            )
+        )
     ps += [
         Param("lambda", default=1.0, help="scale of the merged task vector"),
-        Param("normalize", default=normalize, kind=bool,
-              help="divide by the sum of the weights (of the agreeing models, with sign consensus)"),
-        Param("rescale", default=rescale, kind=bool,
-              help="after sparsifying, rescale each task vector to its original L1 norm"),
-        Param("int8_mask", default=False, kind=bool,
-              help="accepted for mergekit compatibility; no effect (masks here take no memory)"),
+        Param(
+            "normalize",
+            default=normalize,
+            kind=bool,
+            help="divide by the sum of the weights (of the agreeing models, with sign consensus)",
+        ),
+        Param(
+            "rescale",
+            default=rescale,
+            kind=bool,
+            help="after sparsifying, rescale each task vector to its original L1 norm",
+        ),
+        Param(
+            "int8_mask",
+            default=False,
+            kind=bool,
+            help="accepted for mergekit compatibility; no effect (masks here take no memory)",
+        ),
     ]
     return tuple(ps)
 
@@ -63,8 +102,8 @@ def ta_params(normalize: bool, rescale: bool, sparsifies: bool, gamma: bool = Fa
 class TaskArithmeticFamily(MergeMethod):
     """Subclasses set name, params and these two."""
 
-    sparsification: ClassVar[Optional[str]] = None   # a sparsify() method, or None
-    consensus: ClassVar[bool] = False                # TIES sign election
+    sparsification: ClassVar[Optional[str]] = None  # a sparsify() method, or None
+    consensus: ClassVar[bool] = False  # TIES sign election
     requires_base = True
     min_models = 1
     uses_task_vectors = True
@@ -87,21 +126,40 @@ class TaskArithmeticFamily(MergeMethod):
             if self.sparsification is not None:
                 for i, (x, mp) in enumerate(zip(experts, task.model_params)):
                     try:  # x becomes its sparsified task vector (the subtraction is fused in)
-                        sparsify(x, float(mp["density"]), self.sparsification,
-                                 gamma=float(mp.get("gamma", 0.01)), epsilon=float(mp.get("epsilon", 0.15)),
-                                 rescale=bool(p["rescale"]), generator=task.generator, base=base)
+                        sparsify(
+                            x,
+                            float(mp["density"]),
+                            self.sparsification,
+                            gamma=float(mp.get("gamma", 0.01)),
+                            epsilon=float(mp.get("epsilon", 0.15)),
+                            rescale=bool(p["rescale"]),
+                            generator=task.generator,
+                            base=base,
+                        )
                     except ValueError as e:  # della: density +/- epsilon outside (0, 1)
                         raise RecipeError(f"{self.name}: tensor {task.name!r}, model {i}: {e}") from None
-            return combine(base, experts, weights, bool(p["normalize"]), float(p["lambda"]),
-                           deltas_ready=self.sparsification is not None)
+            return combine(
+                base,
+                experts,
+                weights,
+                bool(p["normalize"]),
+                float(p["lambda"]),
+                deltas_ready=self.sparsification is not None,
+            )
 
 
 def _contiguous(base: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base.view(-1), [d.view(-1) if d.is_contiguous() else d.contiguous().view(-1) for d in deltas]
 
 
-def combine_linear(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
-                   normalize: bool, lam: float, deltas_ready: bool = True) -> torch.Tensor:
+def combine_linear(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    normalize: bool,
+    lam: float,
+    deltas_ready: bool = True,
+) -> torch.Tensor:
     """base += lambda * sum_i w_i d_i [/ sum_i w_i], in place; `deltas` are overwritten.
     deltas_ready=False: `deltas` hold the experts' weights; d_i = theta_i - base is fused in."""
     div = float(torch.tensor(weights, dtype=torch.float32).sum())
@@ -132,8 +190,14 @@ def combine_linear(base: torch.Tensor, deltas: list[torch.Tensor], weights: list
     return base
 
 
-def combine_ties(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float],
-                 normalize: bool, lam: float, deltas_ready: bool = True) -> torch.Tensor:
+def combine_ties(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    normalize: bool,
+    lam: float,
+    deltas_ready: bool = True,
+) -> torch.Tensor:
     """TIES: elect a sign per entry, sum the agreeing weighted deltas, in place into base."""
     if not base.is_contiguous():
         return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
@@ -150,7 +214,7 @@ def combine_ties(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[f
         for dc, w in zip(dcs, weights):
             if not deltas_ready:
                 dc.sub_(bc)
-            dc.mul_(w)                               # weighted deltas, in place
+            dc.mul_(w)  # weighted deltas, in place
         # elected sign: +1 where the sum is >= 0 (copysign(1, -0.0) = -1 only if all terms are 0)
         if len(dcs) == 1:
             torch.copysign(one, dcs[0], out=sg)
@@ -160,14 +224,14 @@ def combine_ties(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[f
                 m.add_(dc)
             torch.copysign(one, m, out=sg)
         for i, (dc, w) in enumerate(zip(dcs, weights)):
-            dc.mul_(sg).clamp_(min=0)                # |w d| where it agrees, else 0
+            dc.mul_(sg).clamp_(min=0)  # |w d| where it agrees, else 0
             if normalize:
-                torch.sign(dc, out=t)                # agreement indicator (zeros never agree)
+                torch.sign(dc, out=t)  # agreement indicator (zeros never agree)
                 if i == 0:
                     torch.mul(t, w, out=dv)
                 else:
                     dv.add_(t, alpha=w)
-            dc.mul_(sg)                              # back to w d where it agrees, else 0
+            dc.mul_(sg)  # back to w d where it agrees, else 0
             if i == 0:
                 m.copy_(dc)
             else:

@@ -61,12 +61,12 @@ def positive(x: Any) -> Optional[str]:
 class TensorTask:
     """Everything a method needs to merge one tensor."""
 
-    name: str                                # tensor name in the output checkpoint
-    base: Optional[torch.Tensor]             # base model's tensor (float32), None if the method takes no base
-    models: list[torch.Tensor]               # the other inputs (float32), in recipe order, base excluded
-    model_params: list[dict[str, Any]]       # per-model parameters resolved for this tensor
-    params: dict[str, Any]                   # global parameters resolved for this tensor
-    generator: Optional[torch.Generator] = None   # seeded per (seed, tensor name) for random methods
+    name: str  # tensor name in the output checkpoint
+    base: Optional[torch.Tensor]  # base model's tensor (float32), None if the method takes no base
+    models: list[torch.Tensor]  # the other inputs (float32), in recipe order, base excluded
+    model_params: list[dict[str, Any]]  # per-model parameters resolved for this tensor
+    params: dict[str, Any]  # global parameters resolved for this tensor
+    generator: Optional[torch.Generator] = None  # seeded per (seed, tensor name) for random methods
 
 
 class MergeMethod:
@@ -74,16 +74,16 @@ class MergeMethod:
 
     name: ClassVar[str]
     requires_base: ClassVar[bool] = True
-    optional_base: ClassVar[bool] = False    # requires_base False: still takes a base when the recipe names one
-    min_models: ClassVar[int] = 1            # inputs besides the base
+    optional_base: ClassVar[bool] = False  # requires_base False: still takes a base when the recipe names one
+    min_models: ClassVar[int] = 1  # inputs besides the base
     max_models: ClassVar[Optional[int]] = None
     randomized: ClassVar[bool] = False
     params: ClassVar[tuple[Param, ...]] = ()
     description: ClassVar[str] = ""
-    reference_url: ClassVar[str] = ""        # the paper or page the method follows ("" when it has none)
+    reference_url: ClassVar[str] = ""  # the paper or page the method follows ("" when it has none)
     # abilities (the registry derives every list of method names from these)
-    uses_task_vectors: ClassVar[bool] = False   # with a base, reads each expert as base + its stored task vector
-    sparsifies: ClassVar[bool] = False          # drops task-vector entries by per-model `density` (LEWIS applies)
+    uses_task_vectors: ClassVar[bool] = False  # with a base, reads each expert as base + its stored task vector
+    sparsifies: ClassVar[bool] = False  # drops task-vector entries by per-model `density` (LEWIS applies)
     takes_coefficients: ClassVar[bool] = False  # scales each task vector by a per-model `weight` (Sens-Merging applies)
 
     def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract

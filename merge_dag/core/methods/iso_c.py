@@ -35,9 +35,7 @@ class IsoC(MergeMethod):
     description = "Iso-C: the task-arithmetic sum with its singular values flattened to their mean (2502.04959)"
     requires_base = True
     min_models = 1
-    params = (
-        Param("lambda", default=1.0, help="scale of the merged task vector (the paper's alpha)"),
-    )
+    params = (Param("lambda", default=1.0, help="scale of the merged task vector (the paper's alpha)"),)
 
     @classmethod
     def work_copies(cls, _n_models: int) -> int:

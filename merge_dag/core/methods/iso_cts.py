@@ -34,7 +34,7 @@ def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
     """(k common directions, s directions per task) for rank r, as in step 1."""
     k = int(r * fraction)
     k = r - round((r - k) / n_tasks) * n_tasks
-    if k < 0:                   # rounding up overshot the rank (tiny r): one direction less per task
+    if k < 0:  # rounding up overshot the rank (tiny r): one direction less per task
         k += n_tasks
     return k, (r - k) // n_tasks
 
@@ -42,14 +42,20 @@ def subspace_sizes(r: int, n_tasks: int, fraction: float) -> tuple[int, int]:
 class IsoCTS(MergeMethod):
     name = "iso_cts"
     reference_url = "https://arxiv.org/abs/2502.04959"
-    description = ("Iso-CTS: common subspace of the sum plus each task's own directions, orthogonalized, "
-                   "singular values flattened (2502.04959)")
+    description = (
+        "Iso-CTS: common subspace of the sum plus each task's own directions, orthogonalized, "
+        "singular values flattened (2502.04959)"
+    )
     requires_base = True
     min_models = 1
     params = (
         Param("lambda", default=1.0, help="scale of the merged task vector (the paper's alpha)"),
-        Param("common_space_fraction", default=0.8, check=in_range(0, 1),
-              help="share of the rank given to the common subspace (the rest is split among the tasks)"),
+        Param(
+            "common_space_fraction",
+            default=0.8,
+            check=in_range(0, 1),
+            help="share of the rank given to the common subspace (the rest is split among the tasks)",
+        ),
     )
 
     @classmethod
@@ -75,18 +81,18 @@ class IsoCTS(MergeMethod):
         dev = base.device
         u_all = torch.zeros((n, r), dtype=torch.float32, device=dev)
         s_all = torch.zeros(r, dtype=torch.float32, device=dev)
-        v_all = torch.zeros((r, m), dtype=torch.float32, device=dev)      # rows: V^T
+        v_all = torch.zeros((r, m), dtype=torch.float32, device=dev)  # rows: V^T
         for i, d in enumerate(deltas):
             if s == 0:
                 break
-            d.sub_(u_c @ (u_c.T @ d))                                       # project out the common subspace
+            d.sub_(u_c @ (u_c.T @ d))  # project out the common subspace
             ui, si, vhi = torch.linalg.svd(d, full_matrices=False)
-            u_all[:, i * s:(i + 1) * s] = ui[:, :s]
-            s_all[i * s:(i + 1) * s] = si[:s]
-            v_all[i * s:(i + 1) * s] = vhi[:s]
+            u_all[:, i * s : (i + 1) * s] = ui[:, :s]
+            s_all[i * s : (i + 1) * s] = si[:s]
+            v_all[i * s : (i + 1) * s] = vhi[:s]
         off = n_tasks * s
-        u_all[:, off:off + k] = u_c
-        s_all[off:off + k] = s_c
-        v_all[off:off + k] = vh_c
+        u_all[:, off : off + k] = u_c
+        s_all[off : off + k] = s_c
+        v_all[off : off + k] = vh_c
         merged = (orthogonalize(u_all) * s_all.mean()) @ orthogonalize(v_all)
         return base.add_(merged, alpha=lam)

@@ -26,15 +26,17 @@ class Linear(MergeMethod):
         normalize = bool(task.params["normalize"])
         total = float(torch.tensor(ws, dtype=torch.float32).sum())
         if normalize and total == 0:
-            raise RecipeError(f"linear: the weights of tensor {task.name!r} sum to 0, so the normalized "
-                              "average is undefined (give other weights or normalize: false)")
+            raise RecipeError(
+                f"linear: the weights of tensor {task.name!r} sum to 0, so the normalized "
+                "average is undefined (give other weights or normalize: false)"
+            )
         out = xs[0] if xs[0].is_contiguous() else xs[0].contiguous()
         flats = [out.view(-1)] + [x.reshape(-1) for x in xs[1:]]
 
         def mix(s: int, e: int) -> None:
             acc = flats[0][s:e].mul_(ws[0])
             for f, w in zip(flats[1:], ws[1:]):
-                acc.add_(f[s:e], alpha=w)    # one rounding per term, like mergekit's addcmul_
+                acc.add_(f[s:e], alpha=w)  # one rounding per term, like mergekit's addcmul_
             if normalize:
                 acc.div_(total)
 

@@ -30,13 +30,17 @@ def _rowdots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ModelStock(MergeMethod):
     name = "model_stock"
     reference_url = "https://arxiv.org/abs/2403.19522"
-    uses_task_vectors = True    # the project builds task_vectors/<expert> for it
+    uses_task_vectors = True  # the project builds task_vectors/<expert> for it
     description = "Model Stock: interpolate base -> experts' average by the angle between task vectors"
     requires_base = True
     min_models = 2
     params = (
-        Param("filter_wise", default=False, kind=bool,
-              help="one interpolation factor per row (last dimension) instead of one per tensor"),
+        Param(
+            "filter_wise",
+            default=False,
+            kind=bool,
+            help="one interpolation factor per row (last dimension) instead of one per tensor",
+        ),
     )
 
     def merge(self, task: TensorTask) -> torch.Tensor:
@@ -60,14 +64,14 @@ class ModelStock(MergeMethod):
             den = 1 + (k - 1) * c
             singular = den.abs() < 1e-6
             t = torch.where(singular, torch.zeros_like(c), (k * c) / torch.where(singular, torch.ones_like(den), den))
-            scale = t / k                                   # theta_0 + t * (sum_i d_i) / K
-            if b.shape[0] == 1:                             # one t for the tensor: flat chunks
+            scale = t / k  # theta_0 + t * (sum_i d_i) / K
+            if b.shape[0] == 1:  # one t for the tensor: flat chunks
                 views = [out.view(-1)] + [d.view(-1) for d in ds]
-                factor = lambda s, e: float(scale[0])       # noqa: E731
-            else:                                           # one t per row: chunks of rows
+                factor = lambda s, e: float(scale[0])  # noqa: E731
+            else:  # one t per row: chunks of rows
                 views = [b] + ds
                 col = scale.unsqueeze(-1)
-                factor = lambda s, e: col[s:e]              # noqa: E731
+                factor = lambda s, e: col[s:e]  # noqa: E731
 
             def add_mean_delta(s: int, e: int) -> None:
                 acc = views[1][s:e]

@@ -54,27 +54,32 @@ class MultiSlerp(MergeMethod):
         if base is not None:
             stack -= base
         flat = stack.view(stack.shape[0], -1)
-        weights = torch.tensor([float(mp["weight"]) for mp in task.model_params], dtype=torch.float32,
-                               device=stack.device)
+        weights = torch.tensor(
+            [float(mp["weight"]) for mp in task.model_params], dtype=torch.float32, device=stack.device
+        )
         if task.params["normalize_weights"]:
             total = weights.sum()
             if float(total) == 0:
-                raise RecipeError(f"multislerp: the weights of tensor {task.name!r} sum to 0, so they cannot "
-                                  "be normalized (give other weights or normalize_weights: false)")
+                raise RecipeError(
+                    f"multislerp: the weights of tensor {task.name!r} sum to 0, so they cannot "
+                    "be normalized (give other weights or normalize_weights: false)"
+                )
             weights = weights / total
         norms = torch.norm(flat, dim=-1, keepdim=True)
-        if not bool(norms.any()):       # every input (task vector) is 0: so is their mean
+        if not bool(norms.any()):  # every input (task vector) is 0: so is their mean
             out = torch.zeros(shape, dtype=torch.float32, device=stack.device)
             return out + base if base is not None else out
         units = flat / (norms + eps)
         mean = (units * weights.view(-1, 1)).sum(0)
         mean_norm = torch.norm(mean)
         if mean_norm < eps:
-            if stack.shape[0] == 2:      # antipodal pair: the linear combination
+            if stack.shape[0] == 2:  # antipodal pair: the linear combination
                 out = (stack[0] * weights[0] + stack[1] * weights[1]).view(shape)
                 return out + base if base is not None else out
-            raise MergeInputError(f"multislerp: tensor {task.name!r}: the weighted mean of the unit inputs is 0 "
-                                  "(antipodal inputs whose weights balance out); give other weights")
+            raise MergeInputError(
+                f"multislerp: tensor {task.name!r}: the weighted mean of the unit inputs is 0 "
+                "(antipodal inputs whose weights balance out); give other weights"
+            )
         mean = mean / mean_norm
         dots = (units * mean).sum(-1, keepdim=True)
         tangent = ((units - dots * mean) * weights.view(-1, 1)).sum(0)

@@ -33,7 +33,7 @@ class NearSwap(MergeMethod):
         v0, (v1,) = task.base, task.models
         t = float(task.params["t"])
         w = torch.sub(v0, v1).abs_().clamp_(min=1e-6)
-        w.reciprocal_().mul_(t).clamp_(0.0, 1.0)   # t / d, computed as torch computes `t / tensor`
-        v1.mul_(w)                          # w v1
-        v0.mul_(w.neg_().add_(1.0))         # (1 - w) v0
+        w.reciprocal_().mul_(t).clamp_(0.0, 1.0)  # t / d, computed as torch computes `t / tensor`
+        v1.mul_(w)  # w v1
+        v0.mul_(w.neg_().add_(1.0))  # (1 - w) v0
         return v1.add_(v0)

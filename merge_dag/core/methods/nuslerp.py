@@ -38,7 +38,7 @@ def nuslerp(t: float, a: torch.Tensor, b: torch.Tensor, dim: int = -1, flatten: 
     ub = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=NORM_EPS)
     cos = torch.sum(ua.mul_(ub), dim=-1, keepdim=True).clamp(-1, 1)
     del ua, ub
-    colinear = (1 - cos.square()) <= EPS ** 2
+    colinear = (1 - cos.square()) <= EPS**2
     theta = torch.acos(torch.where(colinear, 0, cos))
     out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
     out = torch.where(colinear, (1 - t) * a + t * b, out)
@@ -57,8 +57,12 @@ class NuSlerp(MergeMethod):
     params = (
         Param("weight", required=True, per_model=True, help="this model's share: t = w1 / (w0 + w1)"),
         Param("nuslerp_flatten", default=True, kind=bool, help="interpolate the whole tensor as one vector"),
-        Param("nuslerp_row_wise", default=False, kind=bool,
-              help="without flatten: interpolate vectors along the first dimension instead of the last"),
+        Param(
+            "nuslerp_row_wise",
+            default=False,
+            kind=bool,
+            help="without flatten: interpolate vectors along the first dimension instead of the last",
+        ),
     )
 
     @classmethod

@@ -13,9 +13,7 @@ class Passthrough(MergeMethod):
     requires_base = False
     min_models = 1
     max_models = 1
-    params = (
-        Param("scale", default=None, per_model=True, help="multiply the tensor by this (mergekit's scale)"),
-    )
+    params = (Param("scale", default=None, per_model=True, help="multiply the tensor by this (mergekit's scale)"),)
 
     def merge(self, task: TensorTask) -> torch.Tensor:
         (x,) = task.models

@@ -30,10 +30,13 @@ class Sce(MergeMethod):
     requires_base = True
     min_models = 1
     params = (
-        Param("select_topk", default=1.0, check=in_range(0, 1),
-              help="fraction of the entries (by variance across the models) to keep"),
-        Param("int8_mask", default=False, kind=bool,
-              help="accepted for mergekit compatibility; no effect"),
+        Param(
+            "select_topk",
+            default=1.0,
+            check=in_range(0, 1),
+            help="fraction of the entries (by variance across the models) to keep",
+        ),
+        Param("int8_mask", default=False, kind=bool, help="accepted for mergekit compatibility; no effect"),
     )
 
     @classmethod

@@ -42,7 +42,7 @@ def slerp_coefficients(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[fl
 class Slerp(MergeMethod):
     name = "slerp"
     reference_url = "https://en.wikipedia.org/wiki/Slerp"
-    uses_task_vectors = True    # the project builds task_vectors/<expert> for it
+    uses_task_vectors = True  # the project builds task_vectors/<expert> for it
     description = "spherical linear interpolation between the base (t=0) and one other model (t=1)"
     requires_base = True
     min_models = 1
@@ -60,5 +60,5 @@ class Slerp(MergeMethod):
         if not (v0.is_contiguous() and v1.is_contiguous()):
             return v0.mul_(c0).add_(v1.mul_(c1))
         a, b = v0.view(-1), v1.view(-1)
-        each_chunk(a, lambda s, e: a[s:e].mul_(c0).add_(b[s:e].mul_(c1)))   # two products, then the sum
+        each_chunk(a, lambda s, e: a[s:e].mul_(c0).add_(b[s:e].mul_(c1)))  # two products, then the sum
         return v0

@@ -32,9 +32,7 @@ class TSVMerge(MergeMethod):
     description = "TSV-M: top-1/T singular vectors per task matrix, orthogonalized (data-free, 2412.00081)"
     requires_base = True
     min_models = 1
-    params = (
-        Param("lambda", default=1.0, help="scale of the merged task vector (the paper's alpha)"),
-    )
+    params = (Param("lambda", default=1.0, help="scale of the merged task vector (the paper's alpha)"),)
 
     @classmethod
     def work_copies(cls, _n_models: int) -> int:
@@ -52,12 +50,12 @@ class TSVMerge(MergeMethod):
         k = r // n_tasks
         u_all = torch.zeros((n, r), dtype=torch.float32, device=base.device)
         s_all = torch.zeros(r, dtype=torch.float32, device=base.device)
-        v_all = torch.zeros((r, m), dtype=torch.float32, device=base.device)    # rows: V^T
+        v_all = torch.zeros((r, m), dtype=torch.float32, device=base.device)  # rows: V^T
         for i, d in enumerate(deltas):
             u, s, vh = torch.linalg.svd(d, full_matrices=False)
-            u_all[:, i * k:(i + 1) * k] = u[:, :k]
-            s_all[i * k:(i + 1) * k] = s[:k]
-            v_all[i * k:(i + 1) * k] = vh[:k]
+            u_all[:, i * k : (i + 1) * k] = u[:, :k]
+            s_all[i * k : (i + 1) * k] = s[:k]
+            v_all[i * k : (i + 1) * k] = vh[:k]
             del u, s, vh
         merged = (orthogonalize(u_all) * s_all) @ orthogonalize(v_all)
         return base.add_(merged, alpha=lam)

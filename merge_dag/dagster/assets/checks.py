@@ -12,7 +12,6 @@ would run before that merge's evaluation and read the previous one). They also d
 eval/model/<base> (additional_deps), so in a run that evaluates both, the base is evaluated first.
 """
 
-
 from pathlib import Path
 
 import dagster as dg
@@ -25,7 +24,7 @@ from ...project import Project, RecipeSpec
 from ..resources import MergeDagResource
 from ..steps import META_FILE, resolve_path
 
-COLLAPSE = 0.5          # a task "collapsed" when the merge scores below this fraction of the base's score
+COLLAPSE = 0.5  # a task "collapsed" when the merge scores below this fraction of the base's score
 EMBEDDING_HINTS = ("embed_tokens", "wte", "word_embeddings", "embed_in", "lm_head", "embed_out")
 
 
@@ -63,18 +62,24 @@ def embeddings_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
 
     reference = spec.base or spec.experts[0]
 
-    @dg.asset_check(asset=key, name="embeddings_sane",
-                    description=f"The merged embedding and lm_head matrices hold no NaN/Inf and no all-zero row "
-                                f"(other than rows all-zero in {reference.ref} too, e.g. padding).")
+    @dg.asset_check(
+        asset=key,
+        name="embeddings_sane",
+        description=f"The merged embedding and lm_head matrices hold no NaN/Inf and no all-zero row "
+        f"(other than rows all-zero in {reference.ref} too, e.g. padding).",
+    )
     def _check(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         ev = context.instance.get_latest_materialization_event(key)
         path = resolve_path(merge_dag.root, ev.asset_materialization.metadata["path"].value)
         # a LoRA expert's folder holds no full checkpoint: its base's rows are the reference
         problems, checked = embedding_problems(path, reference.base if reference.is_adapter else reference.path)
-        return dg.AssetCheckResult(passed=not problems and checked > 0,
-                                   metadata={"tensors_checked": checked,
-                                             "problems": "\n".join(problems) or ("none" if checked else
-                                                                                 "no embedding tensor found")})
+        return dg.AssetCheckResult(
+            passed=not problems and checked > 0,
+            metadata={
+                "tensors_checked": checked,
+                "problems": "\n".join(problems) or ("none" if checked else "no embedding tensor found"),
+            },
+        )
 
     return _check
 
@@ -94,24 +99,41 @@ def score_checks(project: Project, spec: RecipeSpec) -> list[dg.AssetChecksDefin
         t = ScoreTable.from_results([{**base, "model": base_label}, {**mine, "model": label}])
         return t if base_label in t.scores and label in t.scores else None
 
-    missing = dg.AssetCheckResult(passed=False, severity=dg.AssetCheckSeverity.WARN,
-                                  description=f"no evaluation of {base_label} (or of {label}) to compare with yet")
+    missing = dg.AssetCheckResult(
+        passed=False,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"no evaluation of {base_label} (or of {label}) to compare with yet",
+    )
 
-    @dg.asset_check(asset=key, name="not_below_base", additional_deps=[dg.AssetKey(base_key)],
-                    description=f"The merge's average score (primary metric) is not below {base_label}'s, over "
-                                "the tasks both were evaluated on (a warning when it is).")
+    @dg.asset_check(
+        asset=key,
+        name="not_below_base",
+        additional_deps=[dg.AssetKey(base_key)],
+        description=f"The merge's average score (primary metric) is not below {base_label}'s, over "
+        "the tasks both were evaluated on (a warning when it is).",
+    )
     def _not_below(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         t = table(context, merge_dag)
         if t is None:
             return missing
         d, se = t.diff(label, base_label)
-        return dg.AssetCheckResult(passed=d >= 0, severity=dg.AssetCheckSeverity.WARN,
-                                   metadata={"average": round(t.average(label), 4),
-                                             "base_average": round(t.average(base_label), 4),
-                                             "delta_vs_base": round(d, 4), "delta_se": round(se, 4)})
+        return dg.AssetCheckResult(
+            passed=d >= 0,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={
+                "average": round(t.average(label), 4),
+                "base_average": round(t.average(base_label), 4),
+                "delta_vs_base": round(d, 4),
+                "delta_se": round(se, 4),
+            },
+        )
 
-    @dg.asset_check(asset=key, name="no_task_collapsed", additional_deps=[dg.AssetKey(base_key)],
-                    description=f"No task scores below {COLLAPSE:g} x {base_label}'s score on it.")
+    @dg.asset_check(
+        asset=key,
+        name="no_task_collapsed",
+        additional_deps=[dg.AssetKey(base_key)],
+        description=f"No task scores below {COLLAPSE:g} x {base_label}'s score on it.",
+    )
     def _collapsed(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         t = table(context, merge_dag)
         if t is None:
@@ -120,14 +142,22 @@ def score_checks(project: Project, spec: RecipeSpec) -> list[dg.AssetChecksDefin
         bad = [x for x in common if t.value(label, x) < COLLAPSE * t.value(base_label, x)]
         return dg.AssetCheckResult(
             passed=not bad,
-            metadata={"collapsed": ", ".join(f"{x} {t.value(label, x):.3f} < {COLLAPSE:g} x {t.value(base_label, x):.3f}"
-                                             for x in bad) or "none",
-                      "tasks": len(common)})
+            metadata={
+                "collapsed": ", ".join(
+                    f"{x} {t.value(label, x):.3f} < {COLLAPSE:g} x {t.value(base_label, x):.3f}" for x in bad
+                )
+                or "none",
+                "tasks": len(common),
+            },
+        )
 
-    @dg.asset_check(asset=dg.AssetKey(["merged", spec.name]), name="evaluated_vs_base",
-                    additional_deps=[key, dg.AssetKey(base_key)],
-                    description=f"This merge's own evaluation beside {base_label}'s, per task with Δ (runs after "
-                                "the merge's eval, so the merged page shows the scores of this very build).")
+    @dg.asset_check(
+        asset=dg.AssetKey(["merged", spec.name]),
+        name="evaluated_vs_base",
+        additional_deps=[key, dg.AssetKey(base_key)],
+        description=f"This merge's own evaluation beside {base_label}'s, per task with Δ (runs after "
+        "the merge's eval, so the merged page shows the scores of this very build).",
+    )
     def _evaluated(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         t = table(context, merge_dag)
         if t is None:
@@ -143,15 +173,28 @@ def score_metadata(t: ScoreTable, label: str, base_label: str) -> dict:
     from ...core.markdown import md_text
 
     common = t.common_tasks(label, base_label)
-    rows = [f"| {md_text(x)} | {t.value(label, x):.3f} ± {t.se(label, x):.3f} | {t.value(base_label, x):.3f} | "
-            f"{t.value(label, x) - t.value(base_label, x):+.3f} |" for x in common]
+    rows = [
+        f"| {md_text(x)} | {t.value(label, x):.3f} ± {t.se(label, x):.3f} | {t.value(base_label, x):.3f} | "
+        f"{t.value(label, x) - t.value(base_label, x):+.3f} |"
+        for x in common
+    ]
     d, se = t.diff(label, base_label)
-    table_md = "\n".join(["| task | this merge | base | Δ |", "|---|---:|---:|---:|", *rows,
-                           f"| **average** | {t.average(label, common):.3f} ± {t.se_average(label, common):.3f} | "
-                           f"{t.average(base_label, common):.3f} | {d:+.3f} ± {se:.3f}{' ▼' if d < 0 else ''} |"])
-    return {"scores": dg.MetadataValue.md(table_md), "average": round(t.average(label, common), 4),
-            "base_average": round(t.average(base_label, common), 4), "delta_vs_base": round(d, 4),
-            "delta_se": round(se, 4)}
+    table_md = "\n".join(
+        [
+            "| task | this merge | base | Δ |",
+            "|---|---:|---:|---:|",
+            *rows,
+            f"| **average** | {t.average(label, common):.3f} ± {t.se_average(label, common):.3f} | "
+            f"{t.average(base_label, common):.3f} | {d:+.3f} ± {se:.3f}{' ▼' if d < 0 else ''} |",
+        ]
+    )
+    return {
+        "scores": dg.MetadataValue.md(table_md),
+        "average": round(t.average(label, common), 4),
+        "base_average": round(t.average(base_label, common), 4),
+        "delta_vs_base": round(d, 4),
+        "delta_se": round(se, 4),
+    }
 
 
 def extra_checks(project: Project) -> list[dg.AssetChecksDefinition]:

@@ -13,7 +13,6 @@ version), so it is computed once and shared by every recipe that names the same 
 The math lives in merge_dag.guidance; this module only wires it to the cache and lineage.
 """
 
-
 import json
 import time
 from pathlib import Path
@@ -21,17 +20,25 @@ from pathlib import Path
 import dagster as dg
 
 from ...core.fingerprint import file_fingerprint
+from ...core.markdown import md_text
 from ...core.params import layer_index
 from ...core.version import code_version
-from ...project import CalibrationSource, ImportanceSource, Project, RecipeSpec, StatsSource, current_spec, \
-    register_guidance
-from ...core.markdown import md_text
+from ...project import (
+    CalibrationSource,
+    ImportanceSource,
+    Project,
+    RecipeSpec,
+    StatsSource,
+    current_spec,
+    register_guidance,
+)
 from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, upstream
 
 GROUP = "guidance"
-STATS_CODE = code_version("guidance/activations.py", "guidance/calibration.py", "guidance/model.py",
-                          "guidance/lewis.py")
+STATS_CODE = code_version(
+    "guidance/activations.py", "guidance/calibration.py", "guidance/model.py", "guidance/lewis.py"
+)
 SENS_CODE = code_version("guidance/sens.py", "guidance/calibration.py", "guidance/model.py")
 LEWIS_CODE = code_version("guidance/lewis.py", "guidance/activations.py")
 RESULT = "result.json"
@@ -40,6 +47,7 @@ RESULT = "result.json"
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def _calibration_input(cal: CalibrationSource) -> Input:
     return Input.source("calibration", "calibration", file_fingerprint(cal.path))
@@ -54,8 +62,14 @@ def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource):
     from ...guidance.calibration import load_batches, load_tokenizer
 
     s = res.calibration_settings()
-    return load_batches(cal.path, load_tokenizer(model_path), batch_size=s["batch_size"], max_length=s["max_length"],
-                        max_rows=s["max_rows"], device=res.device)
+    return load_batches(
+        cal.path,
+        load_tokenizer(model_path),
+        batch_size=s["batch_size"],
+        max_length=s["max_length"],
+        max_rows=s["max_rows"],
+        device=res.device,
+    )
 
 
 def read_result(path: str | Path) -> dict:
@@ -91,16 +105,23 @@ def _layer_of(name: str) -> int:
 # per-(model, calibration set) statistics (the calibration sets themselves: sources.py)
 # ---------------------------------------------------------------------------------------------
 
+
 def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
     """activations/<name> (kind "activations") or grams/<name> (kind "grams")."""
     gram = kind == "grams"
     what = "Gram matrices X^T X" if gram else "input statistics (count, sum x^2, sum |x|, max |x|)"
     variant = f", sequential Wanda {src.sequential}" if src.sequential is not None else ""
 
-    @dg.asset(key=[kind, src.name], deps=[["model", src.model.name], ["calibration", src.calibration.name]],
-              group_name=GROUP, code_version=STATS_CODE, pool=torch_pool(), kinds={"pytorch", "safetensors"},
-              description=f"Per-linear {what} of {md_text(src.model.ref)} on calibration set "
-                          f"{md_text(src.calibration.ref)}{variant}.")
+    @dg.asset(
+        key=[kind, src.name],
+        deps=[["model", src.model.name], ["calibration", src.calibration.name]],
+        group_name=GROUP,
+        code_version=STATS_CODE,
+        pool=torch_pool(),
+        kinds={"pytorch", "safetensors"},
+        description=f"Per-linear {what} of {md_text(src.model.ref)} on calibration set "
+        f"{md_text(src.calibration.ref)}{variant}.",
+    )
     def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
         settings = {**merge_dag.calibration_settings(), "gram": gram, "sequential_wanda": src.sequential}
@@ -118,24 +139,43 @@ def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
             else:
                 stats = collect_activation_stats(model, batches, device=merge_dag.device, gram=gram)
             seconds = time.perf_counter() - t0
-            stats.meta.update({"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds,
-                               **settings})
+            stats.meta.update(
+                {"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings}
+            )
             stats.save(tmp)
-            return {"tokens": stats.meta["tokens"], "sequences": stats.meta["sequences"],
-                    "linears": len(stats.names), "pass_seconds": seconds}
+            return {
+                "tokens": stats.meta["tokens"],
+                "sequences": stats.meta["sequences"],
+                "linears": len(stats.names),
+                "pass_seconds": seconds,
+            }
 
-        return run_step(context, merge_dag, kind=kind, name=src.name, code_version=STATS_CODE, settings=settings,
-                        inputs=inputs, build=build,
-                        metadata=lambda art, info: {k: info.get(k) for k in ("tokens", "linears", "pass_seconds")})
+        return run_step(
+            context,
+            merge_dag,
+            kind=kind,
+            name=src.name,
+            code_version=STATS_CODE,
+            settings=settings,
+            inputs=inputs,
+            build=build,
+            metadata=lambda art, info: {k: info.get(k) for k in ("tokens", "linears", "pass_seconds")},
+        )
 
     return _stats
 
 
 def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
-    @dg.asset(key=["sensitivity", src.name], deps=[["model", src.model.name], ["calibration", src.calibration.name]],
-              group_name=GROUP, code_version=SENS_CODE, pool=torch_pool(), kinds={"pytorch"},
-              description=f"Sens-Merging per-layer sensitivity of {md_text(src.model.ref)} on {md_text(src.calibration.ref)} "
-                          "(sum |theta * dL/dtheta| per layer, one backward pass per batch).")
+    @dg.asset(
+        key=["sensitivity", src.name],
+        deps=[["model", src.model.name], ["calibration", src.calibration.name]],
+        group_name=GROUP,
+        code_version=SENS_CODE,
+        pool=torch_pool(),
+        kinds={"pytorch"},
+        description=f"Sens-Merging per-layer sensitivity of {md_text(src.model.ref)} on {md_text(src.calibration.ref)} "
+        "(sum |theta * dL/dtheta| per layer, one backward pass per batch).",
+    )
     def _sens(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
 
@@ -147,27 +187,49 @@ def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
             batches = _batches(merge_dag, src.model.model_folder, src.calibration)
             t0 = time.perf_counter()
             s = sensitivity(model, batches, device=merge_dag.device)
-            out = {"sensitivity": {str(k): v for k, v in s.items()}, "alpha": {str(k): v for k, v in alpha(s).items()},
-                   "pass_seconds": time.perf_counter() - t0}
+            out = {
+                "sensitivity": {str(k): v for k, v in s.items()},
+                "alpha": {str(k): v for k, v in alpha(s).items()},
+                "pass_seconds": time.perf_counter() - t0,
+            }
             _write_result(tmp, out)
             from ...charts import heatmaps, layer_panel
 
-            heatmaps([layer_panel("sensitivity S per layer (share)", {src.model.ref: {int(k): v for k, v in
-                                                                                     out["alpha"].items()}})],
-                     tmp / "sensitivity.png", title=f"Sens-Merging sensitivity of {src.model.ref} on "
-                                                    f"{src.calibration.ref}", label="alpha (share of S)")
+            heatmaps(
+                [
+                    layer_panel(
+                        "sensitivity S per layer (share)", {src.model.ref: {int(k): v for k, v in out["alpha"].items()}}
+                    )
+                ],
+                tmp / "sensitivity.png",
+                title=f"Sens-Merging sensitivity of {src.model.ref} on {src.calibration.ref}",
+                label="alpha (share of S)",
+            )
             return out
 
         def meta(art, info):
             a = info.get("alpha", {})
             top = max(a.values(), default=0) or 1
-            rows = "\n".join(f"| {md_text(k)} | {info['sensitivity'][k]:.4g} | {v:.3f} | `{bar(v / top)}` |" for k, v in a.items())
-            return {**chart_metadata(art, "sensitivity.png", f"sensitivity of {src.model.ref}"),
-                    "per_layer": dg.MetadataValue.md("| layer | S | alpha | |\n|---|---|---|---|\n" + rows),
-                    "pass_seconds": info.get("pass_seconds")}
+            rows = "\n".join(
+                f"| {md_text(k)} | {info['sensitivity'][k]:.4g} | {v:.3f} | `{bar(v / top)}` |" for k, v in a.items()
+            )
+            return {
+                **chart_metadata(art, "sensitivity.png", f"sensitivity of {src.model.ref}"),
+                "per_layer": dg.MetadataValue.md("| layer | S | alpha | |\n|---|---|---|---|\n" + rows),
+                "pass_seconds": info.get("pass_seconds"),
+            }
 
-        return run_step(context, merge_dag, kind="sensitivity", name=src.name, code_version=SENS_CODE,
-                        settings=merge_dag.calibration_settings(), inputs=inputs, build=build, metadata=meta)
+        return run_step(
+            context,
+            merge_dag,
+            kind="sensitivity",
+            name=src.name,
+            code_version=SENS_CODE,
+            settings=merge_dag.calibration_settings(),
+            inputs=inputs,
+            build=build,
+            metadata=meta,
+        )
 
     return _sens
 
@@ -175,11 +237,15 @@ def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
 def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
     b, e = imp.base, imp.expert
 
-    @dg.asset(key=["importance", imp.name],
-              deps=[["activations", b.name], ["activations", e.name], ["model", b.model.name], ["model", e.model.name]],
-              group_name=GROUP, code_version=LEWIS_CODE, kinds={"pytorch"},
-              description=f"LEWIS importance ||W * sqrt(s)||_F per linear of {md_text(e.model.ref)} and of the base "
-                          f"{md_text(b.model.ref)} on {md_text(e.calibration.ref)}, and its normalised shift.")
+    @dg.asset(
+        key=["importance", imp.name],
+        deps=[["activations", b.name], ["activations", e.name], ["model", b.model.name], ["model", e.model.name]],
+        group_name=GROUP,
+        code_version=LEWIS_CODE,
+        kinds={"pytorch"},
+        description=f"LEWIS importance ||W * sqrt(s)||_F per linear of {md_text(e.model.ref)} and of the base "
+        f"{md_text(b.model.ref)} on {md_text(e.calibration.ref)}, and its normalised shift.",
+    )
     def _importance(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         ib, ub = _upstream_input(context, "base_activations", ["activations", b.name])
         ie, ue = _upstream_input(context, "expert_activations", ["activations", e.name])
@@ -195,9 +261,13 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
             _write_result(tmp, out)
             from ...charts import heatmaps, shift_panel
 
-            heatmaps([shift_panel(e.model.ref, out["shift"])], tmp / "shift.png",
-                     title=f"LEWIS importance shift of {e.model.ref} vs {b.model.ref} on {e.calibration.ref}",
-                     label="normalised shift", ncols=1)
+            heatmaps(
+                [shift_panel(e.model.ref, out["shift"])],
+                tmp / "shift.png",
+                title=f"LEWIS importance shift of {e.model.ref} vs {b.model.ref} on {e.calibration.ref}",
+                label="normalised shift",
+                ncols=1,
+            )
             return out
 
         def meta(art, info):
@@ -206,12 +276,24 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
                 per_layer[_layer_of(n)] = per_layer.get(_layer_of(n), 0.0) + v
             top = max(per_layer.values(), default=0) or 1
             rows = "\n".join(f"| {md_text(k)} | {v:.4f} | `{bar(v / top)}` |" for k, v in sorted(per_layer.items()))
-            return {**chart_metadata(art, "shift.png", f"importance shift of {e.model.ref}"),
-                    "shift_per_layer": dg.MetadataValue.md("| layer | sum of normalised shifts | |\n|---|---|---|\n"
-                                                           + rows)}
+            return {
+                **chart_metadata(art, "shift.png", f"importance shift of {e.model.ref}"),
+                "shift_per_layer": dg.MetadataValue.md(
+                    "| layer | sum of normalised shifts | |\n|---|---|---|\n" + rows
+                ),
+            }
 
-        return run_step(context, merge_dag, kind="importance", name=imp.name, code_version=LEWIS_CODE, settings={},
-                        inputs=inputs, build=build, metadata=meta)
+        return run_step(
+            context,
+            merge_dag,
+            kind="importance",
+            name=imp.name,
+            code_version=LEWIS_CODE,
+            settings={},
+            inputs=inputs,
+            build=build,
+            metadata=meta,
+        )
 
     return _importance
 
@@ -219,6 +301,7 @@ def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
 # ---------------------------------------------------------------------------------------------
 # per recipe: allocation (LEWIS) and coefficients (Sens-Merging)
 # ---------------------------------------------------------------------------------------------
+
 
 def allocation_chart(densities: dict[str, dict[str, float]], sizes: dict[str, int]) -> str:
     """Markdown: per layer, each expert's parameter-weighted mean density with a bar."""
@@ -237,9 +320,14 @@ def allocation_chart(densities: dict[str, dict[str, float]], sizes: dict[str, in
 
 
 def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSource]) -> dg.AssetsDefinition:
-    @dg.asset(key=["allocation", spec.name], deps=[["importance", i.name] for i in imps] + [["recipe", spec.name]],
-              group_name=GROUP, code_version=LEWIS_CODE, kinds={"pytorch"},
-              description=f"LEWIS density map (expert x layer x module) for recipe {md_text(spec.file.name)}.")
+    @dg.asset(
+        key=["allocation", spec.name],
+        deps=[["importance", i.name] for i in imps] + [["recipe", spec.name]],
+        group_name=GROUP,
+        code_version=LEWIS_CODE,
+        kinds={"pytorch"},
+        description=f"LEWIS density map (expert x layer x module) for recipe {md_text(spec.file.name)}.",
+    )
     def _allocation(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         now = current_spec(project, spec)
         g = now.guidance.sparsity if now.guidance else None
@@ -248,10 +336,14 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSo
         by_expert = dict(zip([i.expert.model.ref for i in imps], imps))
         missing = [e.ref for e in now.experts if e.ref not in by_expert]
         if missing:
-            raise dg.Failure(f"recipe {spec.file}: {missing} joined after the definitions loaded; their LEWIS "
-                             "importance appears after a reload of the code location")
-        ups = {ref: _upstream_input(context, "importance", ["importance", by_expert[ref].name])
-               for ref in (e.ref for e in now.experts)}
+            raise dg.Failure(
+                f"recipe {spec.file}: {missing} joined after the definitions loaded; their LEWIS "
+                "importance appears after a reload of the code location"
+            )
+        ups = {
+            ref: _upstream_input(context, "importance", ["importance", by_expert[ref].name])
+            for ref in (e.ref for e in now.experts)
+        }
         inputs = [i for i, _ in ups.values()]
         settings = g.model_dump(mode="json")
 
@@ -270,32 +362,62 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSo
             _write_result(tmp, out)
             from ...charts import allocation_panels, heatmaps
 
-            heatmaps(allocation_panels(dens), tmp / "allocation.png", vmin=0.0, vmax=1.0, label="density",
-                     title=f"LEWIS density per expert x layer, per module kind (recipe {spec.name}; "
-                           f"gamma {g.gamma}, epsilon {g.epsilon})")
+            heatmaps(
+                allocation_panels(dens),
+                tmp / "allocation.png",
+                vmin=0.0,
+                vmax=1.0,
+                label="density",
+                title=f"LEWIS density per expert x layer, per module kind (recipe {spec.name}; "
+                f"gamma {g.gamma}, epsilon {g.epsilon})",
+            )
             return out
 
         def meta(art, info):
-            return {**chart_metadata(art, "allocation.png", f"LEWIS allocation of {spec.name}"),
-                    "per_layer_density": dg.MetadataValue.md(info.get("chart", "")),
-                    "mean_density": dg.MetadataValue.json({k: round(v, 4) for k, v in info.get("mean_density", {}).items()}),
-                    "gamma": g.gamma, "epsilon": g.epsilon}
+            return {
+                **chart_metadata(art, "allocation.png", f"LEWIS allocation of {spec.name}"),
+                "per_layer_density": dg.MetadataValue.md(info.get("chart", "")),
+                "mean_density": dg.MetadataValue.json(
+                    {k: round(v, 4) for k, v in info.get("mean_density", {}).items()}
+                ),
+                "gamma": g.gamma,
+                "epsilon": g.epsilon,
+            }
 
-        return run_step(context, merge_dag, kind="allocation", name=spec.name, code_version=LEWIS_CODE,
-                        settings=settings, inputs=inputs, build=build, metadata=meta)
+        return run_step(
+            context,
+            merge_dag,
+            kind="allocation",
+            name=spec.name,
+            code_version=LEWIS_CODE,
+            settings=settings,
+            inputs=inputs,
+            build=build,
+            metadata=meta,
+        )
 
     return _allocation
 
 
 def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSource]) -> dg.AssetsDefinition:
     cals = {s.model.ref: s.calibration for s in sens}
-    deps = [["sensitivity", s.name] for s in sens] + [["model", s.model.name] for s in sens] \
-        + [["calibration", c.name] for c in dict.fromkeys(cals.values())] + [["recipe", spec.name]]
+    deps = (
+        [["sensitivity", s.name] for s in sens]
+        + [["model", s.model.name] for s in sens]
+        + [["calibration", c.name] for c in dict.fromkeys(cals.values())]
+        + [["recipe", spec.name]]
+    )
 
-    @dg.asset(key=["coefficients", spec.name], deps=deps, group_name=GROUP, code_version=SENS_CODE,
-              pool=torch_pool(), kinds={"pytorch"},
-              description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {md_text(spec.file.name)}; "
-                          "the cross-task logit alignment is computed here.")
+    @dg.asset(
+        key=["coefficients", spec.name],
+        deps=deps,
+        group_name=GROUP,
+        code_version=SENS_CODE,
+        pool=torch_pool(),
+        kinds={"pytorch"},
+        description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {md_text(spec.file.name)}; "
+        "the cross-task logit alignment is computed here.",
+    )
     def _coefficients(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         now = current_spec(project, spec)
         g = now.guidance.coefficients if now.guidance else None
@@ -304,8 +426,10 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
         by_expert = {s.model.ref: s for s in sens}
         missing = [e.ref for e in now.experts if e.ref not in by_expert]
         if missing:
-            raise dg.Failure(f"recipe {spec.file}: {missing} joined after the definitions loaded; their "
-                             "sensitivity appears after a reload of the code location")
+            raise dg.Failure(
+                f"recipe {spec.file}: {missing} joined after the definitions loaded; their "
+                "sensitivity appears after a reload of the code location"
+            )
         refs = [e.ref for e in now.experts]
         ups = {r: _upstream_input(context, "sensitivity", ["sensitivity", by_expert[r].name]) for r in refs}
         inputs = [i for i, _ in ups.values()]
@@ -318,24 +442,36 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
             from ...guidance.model import load_model
             from ...guidance.sens import alignment, coefficients, tau
 
-            s = {r: {int(k): v for k, v in read_result(up["path"])["sensitivity"].items()} for r, (_, up) in ups.items()}
+            s = {
+                r: {int(k): v for k, v in read_result(up["path"])["sensitivity"].items()} for r, (_, up) in ups.items()
+            }
             t0 = time.perf_counter()
             if g.alignment and len(refs) > 1:
                 models = {r: load_model(by_expert[r].model.open(), device=merge_dag.device) for r in refs}
-                tasks = {r: _batches(merge_dag, by_expert[r].model.model_folder, by_expert[r].calibration) for r in refs}
+                tasks = {
+                    r: _batches(merge_dag, by_expert[r].model.model_folder, by_expert[r].calibration) for r in refs
+                }
                 gm = alignment(models, tasks, device=merge_dag.device)
             else:
                 gm = {i: {j: 0.0 for j in refs} for i in refs}
             taus = tau(gm)
             sigma = coefficients(s, taus, g.temperature)
-            out = {"sigma": {r: {str(k): v for k, v in c.items()} for r, c in sigma.items()}, "tau": taus,
-                   "alignment": gm, "alignment_seconds": time.perf_counter() - t0}
+            out = {
+                "sigma": {r: {str(k): v for k, v in c.items()} for r, c in sigma.items()},
+                "tau": taus,
+                "alignment": gm,
+                "alignment_seconds": time.perf_counter() - t0,
+            }
             _write_result(tmp, out)
             from ...charts import heatmaps, layer_panel
 
-            heatmaps([layer_panel("sigma per expert x layer", {r: c for r, c in sigma.items()})],
-                     tmp / "coefficients.png", label="sigma", ncols=1,
-                     title=f"Sens-Merging coefficients of recipe {spec.name} (temperature {g.temperature})")
+            heatmaps(
+                [layer_panel("sigma per expert x layer", {r: c for r, c in sigma.items()})],
+                tmp / "coefficients.png",
+                label="sigma",
+                ncols=1,
+                title=f"Sens-Merging coefficients of recipe {spec.name} (temperature {g.temperature})",
+            )
             return out
 
         def meta(art, info):
@@ -343,15 +479,30 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSourc
             names = list(sigma)
             layers = sorted({int(k) for c in sigma.values() for k in c})
             head = "| layer | " + " | ".join(md_text(n) for n in names) + " |\n|---|" + "---|" * len(names)
-            rows = "\n".join(f"| {li} | " + " | ".join(f"{sigma[n][str(li)]:.3f} `{bar(sigma[n][str(li)], 10)}`"
-                                                        for n in names) + " |" for li in layers)
-            return {**chart_metadata(art, "coefficients.png", f"Sens coefficients of {spec.name}"),
-                    "sigma_per_layer": dg.MetadataValue.md(head + "\n" + rows),
-                    "tau": dg.MetadataValue.json(info.get("tau", {})),
-                    "alignment_kl": dg.MetadataValue.json(info.get("alignment", {}))}
+            rows = "\n".join(
+                f"| {li} | "
+                + " | ".join(f"{sigma[n][str(li)]:.3f} `{bar(sigma[n][str(li)], 10)}`" for n in names)
+                + " |"
+                for li in layers
+            )
+            return {
+                **chart_metadata(art, "coefficients.png", f"Sens coefficients of {spec.name}"),
+                "sigma_per_layer": dg.MetadataValue.md(head + "\n" + rows),
+                "tau": dg.MetadataValue.json(info.get("tau", {})),
+                "alignment_kl": dg.MetadataValue.json(info.get("alignment", {})),
+            }
 
-        return run_step(context, merge_dag, kind="coefficients", name=spec.name, code_version=SENS_CODE,
-                        settings=settings, inputs=inputs, build=build, metadata=meta)
+        return run_step(
+            context,
+            merge_dag,
+            kind="coefficients",
+            name=spec.name,
+            code_version=SENS_CODE,
+            settings=settings,
+            inputs=inputs,
+            build=build,
+            metadata=meta,
+        )
 
     return _coefficients
 

@@ -1,6 +1,5 @@
 """leaderboard: every evaluated model x task in one table (base, experts, merges)."""
 
-
 import json
 
 import dagster as dg
@@ -8,7 +7,6 @@ import dagster as dg
 from ...artifacts import read_json
 from ...core.version import code_version
 from ...project import Project
-from ...core.markdown import md_text
 from ..resources import MergeDagResource
 from ..steps import META_FILE, Input, latest, run_step
 from .evals import eval_keys
@@ -35,8 +33,10 @@ def format_leaderboard(columns: list[str], rows: list[dict], text=str) -> str:
     """A Markdown table; `text` renders model and column names (md_text for the UI, which renders it)."""
     head = "| model | " + " | ".join(text(c) for c in columns) + " |"
     sep = "|---|" + "---|" * len(columns)
-    body = ["| " + text(r["model"]) + " | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in columns) + " |"
-            for r in rows]
+    body = [
+        "| " + text(r["model"]) + " | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in columns) + " |"
+        for r in rows
+    ]
     return "\n".join([head, sep, *body])
 
 
@@ -59,9 +59,14 @@ def draw_chart(table, base: str | None, path) -> None:
         return [table.value(m, t) if t in table.scores[m] else float("nan") for t in table.tasks] + [table.average(m)]
 
     short = [t.removeprefix("zoo_") for t in table.tasks]
-    leaderboard_chart(short, {m.split("/", 1)[-1]: values(m) for m in merges},
-                      {m.split("/", 1)[-1] + (" (base)" if m == base else ""): values(m) for m in refs}, path,
-                      ylabel=table.metric, title="score per task and on average (bars: merges; lines: base, experts)")
+    leaderboard_chart(
+        short,
+        {m.split("/", 1)[-1]: values(m) for m in merges},
+        {m.split("/", 1)[-1] + (" (base)" if m == base else ""): values(m) for m in refs},
+        path,
+        ylabel=table.metric,
+        title="score per task and on average (bars: merges; lines: base, experts)",
+    )
 
 
 def leaderboard_metadata(art, info: dict, base: str | None) -> dict:
@@ -75,8 +80,9 @@ def leaderboard_metadata(art, info: dict, base: str | None) -> dict:
     md: dict = {}
     if table.tasks:
         cols, rows_ = leaderboard_rows(table, base)
-        md["leaderboard"] = dg.MetadataValue.table([dg.TableRecord(r) for r in rows_],
-                                                   schema=dg.TableSchema([dg.TableColumn(c, "string") for c in cols]))
+        md["leaderboard"] = dg.MetadataValue.table(
+            [dg.TableRecord(r) for r in rows_], schema=dg.TableSchema([dg.TableColumn(c, "string") for c in cols])
+        )
         md["leaderboard_markdown"] = dg.MetadataValue.md(leaderboard_markdown(table, base))
         png = art.path / "leaderboard.png"
         if png.exists():
@@ -92,8 +98,10 @@ def leaderboard_metadata(art, info: dict, base: str | None) -> dict:
                 md["merges_below_base"] = sum(table.diff(m, base)[0] < 0 for m in merges)
     columns, rows = info.get("columns", []), info.get("rows", [])
     schema = dg.TableSchema(columns=[dg.TableColumn("model", "string")] + [dg.TableColumn(c, "float") for c in columns])
-    records = [dg.TableRecord({"model": r["model"], **{c: None if r.get(c) is None else round(r[c], 4)
-                                                       for c in columns}}) for r in rows]
+    records = [
+        dg.TableRecord({"model": r["model"], **{c: None if r.get(c) is None else round(r[c], 4) for c in columns}})
+        for r in rows
+    ]
     md["all_metrics"] = dg.MetadataValue.table(records, schema=schema)
     md["models"] = len(rows)
     return md
@@ -104,8 +112,14 @@ def leaderboard_asset(project: Project) -> dg.AssetsDefinition:
     base = base_label(project)
     code = code_version("dagster/assets/leaderboard.py")
 
-    @dg.asset(key=["leaderboard"], deps=keys, group_name=GROUP, code_version=code, kinds={"duckdb"},
-              description="Every evaluated model x task: base, experts and merges side by side.")
+    @dg.asset(
+        key=["leaderboard"],
+        deps=keys,
+        group_name=GROUP,
+        code_version=code,
+        kinds={"duckdb"},
+        description="Every evaluated model x task: base, experts and merges side by side.",
+    )
     def _leaderboard(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         # an eval this step's fresh import knows but nobody built yet (a new glob match's baseline,
         # requested by the sensor in a later run) is left out rather than failing the leaderboard
@@ -129,7 +143,16 @@ def leaderboard_asset(project: Project) -> dg.AssetsDefinition:
                 draw_chart(table, base, tmp / "leaderboard.png")
             return {"columns": columns, "rows": rows}
 
-        return run_step(context, merge_dag, kind="leaderboard", name="leaderboard", code_version=code, settings={},
-                        inputs=inputs, build=build, metadata=lambda art, info: leaderboard_metadata(art, info, base))
+        return run_step(
+            context,
+            merge_dag,
+            kind="leaderboard",
+            name="leaderboard",
+            code_version=code,
+            settings={},
+            inputs=inputs,
+            build=build,
+            metadata=lambda art, info: leaderboard_metadata(art, info, base),
+        )
 
     return _leaderboard

@@ -33,14 +33,22 @@ import dagster as dg
 
 from ...core.checkpoint import parse_size
 from ...core.engine import MergePlan
+from ...core.markdown import md_text
 from ...core.parts import execute_part, finalize_parts
 from ...core.version import merge_code_version
 from ...project import Project, RecipeSpec
-from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import run_step, step_key
-from .merge_prep import (GROUP, PreparedMerge, merge_card_extra, merge_info, merge_plan, merged_deps, merged_metadata,
-                         prepare_merge)
+from .merge_prep import (
+    GROUP,
+    PreparedMerge,
+    merge_card_extra,
+    merge_info,
+    merge_plan,
+    merged_deps,
+    merged_metadata,
+    prepare_merge,
+)
 
 KIND = "merged"
 SHARD_SIZE = "2GB"  # what the one-step asset writes (engine.execute's default)
@@ -54,10 +62,11 @@ def split_shard_bytes(plan: MergePlan, parts: int) -> int:
 @dataclass
 class SplitMerge:
     """What `prepare` hands to the part steps and to `finalize` (through the IO manager)."""
+
     prep: PreparedMerge
     key: str
-    artifact: str          # the artifact folder (exists: cache hit)
-    staging: str           # where the parts write
+    artifact: str  # the artifact folder (exists: cache hit)
+    staging: str  # where the parts write
     hit: bool
 
 
@@ -67,18 +76,32 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
     deps = merged_deps(project, spec)
     pool = torch_pool()
 
-    @dg.op(name="prepare", ins={"deps": dg.In(dg.Nothing)}, pool=pool,
-           description="Read the recipe and its inputs now, and compute the cache key.")
+    @dg.op(
+        name="prepare",
+        ins={"deps": dg.In(dg.Nothing)},
+        pool=pool,
+        description="Read the recipe and its inputs now, and compute the cache key.",
+    )
     def prepare(context: dg.OpExecutionContext, merge_dag: MergeDagResource) -> SplitMerge:
         prep = prepare_merge(context, merge_dag, project, spec)
-        unsplittable = [n for n, v in (("guidance.regmean", getattr(prep, "grams", None)),
-                                       ("guidance.aim", getattr(prep, "aim_stats", None))) if v is not None]
+        unsplittable = [
+            n
+            for n, v in (
+                ("guidance.regmean", getattr(prep, "grams", None)),
+                ("guidance.aim", getattr(prep, "aim_stats", None)),
+            )
+            if v is not None
+        ]
         if unsplittable:
-            raise dg.Failure(f"{spec.file}: parts: {parts}: a merge with {' and '.join(unsplittable)} is not "
-                             "written tensor by tensor by the engine, so it cannot be split; set parts: 1")
+            raise dg.Failure(
+                f"{spec.file}: parts: {parts}: a merge with {' and '.join(unsplittable)} is not "
+                "written tensor by tensor by the engine, so it cannot be split; set parts: 1"
+            )
         if prep.recipe.parts != parts:
-            context.log.warning(f"{spec.file} now says parts: {prep.recipe.parts}; this graph was loaded with "
-                                f"parts: {parts}, which this run uses (reload the code location to change it)")
+            context.log.warning(
+                f"{spec.file} now says parts: {prep.recipe.parts}; this graph was loaded with "
+                f"parts: {parts}, which this run uses (reload the code location to change it)"
+            )
         key = step_key(KIND, code, prep.settings, prep.inputs)
         store = merge_dag.store()
         art = store.artifact(KIND, spec.name, key)
@@ -90,8 +113,11 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
         return SplitMerge(prep, key, str(art.path), str(staging), art.exists)
 
     def part_op(k: int) -> dg.OpDefinition:
-        @dg.op(name=f"part_{k + 1}_of_{parts}", pool=pool,
-               description=f"Merge the tensors of part {k + 1} of {parts} (whole shards) into the staging folder.")
+        @dg.op(
+            name=f"part_{k + 1}_of_{parts}",
+            pool=pool,
+            description=f"Merge the tensors of part {k + 1} of {parts} (whole shards) into the staging folder.",
+        )
         def part(context: dg.OpExecutionContext, merge_dag: MergeDagResource, split: SplitMerge) -> dict[str, Any]:
             if split.hit:
                 context.log.info(f"part {k + 1} of {parts}: cache hit, nothing to merge")
@@ -101,30 +127,53 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
             if res.skipped:
                 context.log.info(f"part {k + 1} of {parts}: already in {split.staging} from an earlier run")
             else:
-                context.log.info(f"part {k + 1} of {parts}: merged {res.tensor_count} tensors into "
-                                 f"{len(res.shards)} shard(s) in {res.seconds:.1f} s")
-            return {"part": k + 1, "cache": "miss", "shards": res.shards, "tensor_count": res.tensor_count,
-                    "bytes": res.bytes, "seconds": res.seconds, "skipped": res.skipped}
+                context.log.info(
+                    f"part {k + 1} of {parts}: merged {res.tensor_count} tensors into "
+                    f"{len(res.shards)} shard(s) in {res.seconds:.1f} s"
+                )
+            return {
+                "part": k + 1,
+                "cache": "miss",
+                "shards": res.shards,
+                "tensor_count": res.tensor_count,
+                "bytes": res.bytes,
+                "seconds": res.seconds,
+                "skipped": res.skipped,
+            }
 
         return part
 
     part_ops = [part_op(k) for k in range(parts)]
 
-    @dg.op(name="finalize", out=dg.Out(dg.Nothing),
-           description="Assemble the parts into the content-addressed merged checkpoint; record lineage.")
-    def finalize(context: dg.OpExecutionContext, merge_dag: MergeDagResource, split: SplitMerge,
-                 parts_done: list) -> dg.Output:
+    @dg.op(
+        name="finalize",
+        out=dg.Out(dg.Nothing),
+        description="Assemble the parts into the content-addressed merged checkpoint; record lineage.",
+    )
+    def finalize(
+        context: dg.OpExecutionContext, merge_dag: MergeDagResource, split: SplitMerge, parts_done: list
+    ) -> dg.Output:
         prep = split.prep
 
         def build(tmp: Path, art) -> dict:
             plan = merge_plan(prep, merge_dag)
             card_extra = merge_card_extra(prep, {"artifact_id": art.id, "name": spec.name})
-            res = finalize_parts(plan, split.staging, tmp, parts, card_extra,
-                                 shard_size=split_shard_bytes(plan, parts), cleanup=False)
+            res = finalize_parts(
+                plan, split.staging, tmp, parts, card_extra, shard_size=split_shard_bytes(plan, parts), cleanup=False
+            )
             return {**merge_info(res), "parts": parts}
 
-        result = run_step(context, merge_dag, kind=KIND, name=spec.name, code_version=code, settings=prep.settings,
-                          inputs=prep.inputs, build=build, metadata=lambda art, info: merged_metadata(prep, art, info, merge_dag))
+        result = run_step(
+            context,
+            merge_dag,
+            kind=KIND,
+            name=spec.name,
+            code_version=code,
+            settings=prep.settings,
+            inputs=prep.inputs,
+            build=build,
+            metadata=lambda art, info: merged_metadata(prep, art, info, merge_dag),
+        )
         shutil.rmtree(split.staging, ignore_errors=True)
         with warnings.catch_warnings():  # Output(data_version=) is marked beta; it is what run_step reports
             warnings.simplefilter("ignore", dg.BetaWarning)
@@ -135,8 +184,13 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
         return finalize(split, [op(split) for op in part_ops])
 
     return dg.graph_asset(
-        compose, key=["merged", spec.name], group_name=GROUP, code_version=code, kinds={"pytorch", "safetensors"},
+        compose,
+        key=["merged", spec.name],
+        group_name=GROUP,
+        code_version=code,
+        kinds={"pytorch", "safetensors"},
         ins={f"dep_{i}": dg.AssetIn(key=dg.AssetKey(d), dagster_type=dg.Nothing) for i, d in enumerate(deps)},
         description=f"{md_text(spec.recipe.merge_method)} merge of {len(spec.experts)} model(s), recipe "
-                    f"{md_text(spec.file.name)}, "
-                    f"in {parts} part steps.")
+        f"{md_text(spec.file.name)}, "
+        f"in {parts} part steps.",
+    )

@@ -23,18 +23,20 @@ class PreparedMerge:
     """What a merge step needs, read at run time: the recipe as its file says now, the lineage inputs
     (recipe, base, each expert's task vector or checkpoint), the task-vector folders by model ref, the
     settings that enter the cache key, and the recipe to plan with."""
+
     spec: RecipeSpec
     inputs: list[Input]
     task_vectors: dict[str, str]
     settings: dict
-    recipe: Recipe                       # what the engine plans: guidance applied as parameter maps
-    guidance: dict                       # for the model card: which guidance artifacts shaped the merge
-    aim_stats: list[str] | None = None   # AIM: the base's activation statistics folders (summed)
+    recipe: Recipe  # what the engine plans: guidance applied as parameter maps
+    guidance: dict  # for the model card: which guidance artifacts shaped the merge
+    aim_stats: list[str] | None = None  # AIM: the base's activation statistics folders (summed)
     grams: dict[str, str] | None = None  # RegMean: {model ref: Gram statistics folder}
 
 
-def prepare_merge(context: dg.AssetExecutionContext, merge_dag: MergeDagResource, project: Project,
-                  spec: RecipeSpec) -> PreparedMerge:
+def prepare_merge(
+    context: dg.AssetExecutionContext, merge_dag: MergeDagResource, project: Project, spec: RecipeSpec
+) -> PreparedMerge:
     now = current_spec(project, spec)  # edits and new glob matches count now, not at the next reload
     rfp = recipe_fingerprint(now)
     inputs = [Input.source("recipe", "recipe", rfp)]
@@ -99,8 +101,10 @@ def _apply_guidance(context: dg.AssetExecutionContext, project: Project, prep: P
 def merge_card_extra(prep: PreparedMerge, card_extra: dict) -> dict:
     """What the model card of merged/<recipe> adds to the engine's (the one-step and the split asset alike)."""
     if prep.guidance:
-        card_extra = {**card_extra, "guidance": {"recipe": prep.settings["recipe"].get("guidance"),
-                                                 "artifacts": prep.guidance}}
+        card_extra = {
+            **card_extra,
+            "guidance": {"recipe": prep.settings["recipe"].get("guidance"), "artifacts": prep.guidance},
+        }
     return card_extra
 
 
@@ -110,8 +114,14 @@ def merge_plan(prep: PreparedMerge, merge_dag: MergeDagResource) -> MergePlan:
 
 def merge_info(res: MergeResult) -> dict:
     """The artifact info (_artifact.json) of a merge, from the engine's result."""
-    return {"tensor_count": res.tensor_count, "bytes": res.bytes, "method": res.method, "seconds": res.seconds,
-            "input_fingerprints": res.fingerprints, "output_fingerprint": res.output_fingerprint}
+    return {
+        "tensor_count": res.tensor_count,
+        "bytes": res.bytes,
+        "method": res.method,
+        "seconds": res.seconds,
+        "input_fingerprints": res.fingerprints,
+        "output_fingerprint": res.output_fingerprint,
+    }
 
 
 def merged_metadata(prep: PreparedMerge, art, info: dict, res: MergeDagResource) -> dict:
@@ -135,8 +145,9 @@ def merged_metadata(prep: PreparedMerge, art, info: dict, res: MergeDagResource)
 def merged_deps(project: Project, spec: RecipeSpec) -> list[list[str]]:
     """The assets merged/<recipe> depends on (the one-step and the split asset alike)."""
     if spec.uses_task_vectors:
-        deps = [["model", spec.base.name]] + [["model", e.name] if e.is_adapter else
-                                               ["task_vector", project.tv_name(spec.base, e)] for e in spec.experts]
+        deps = [["model", spec.base.name]] + [
+            ["model", e.name] if e.is_adapter else ["task_vector", project.tv_name(spec.base, e)] for e in spec.experts
+        ]
     else:
         deps = [["model", m.name] for m in spec.members]
     deps.append(["recipe", spec.name])

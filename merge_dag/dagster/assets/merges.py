@@ -5,7 +5,6 @@ the others read the model folders (merge_prep.py, shared with the split asset of
 The merge itself is merge_dag.core.engine, unchanged.
 """
 
-
 import shutil
 from pathlib import Path
 
@@ -13,17 +12,25 @@ import dagster as dg
 import torch
 
 from ...core.checkpoint import Checkpoint
-from ... import __version__
 from ...core.engine import execute, write_card
 from ...core.fingerprint import checkpoint_fingerprint
+from ...core.markdown import md_text
 from ...core.version import merge_code_version
 from ...project import Project, RecipeSpec
-from ...core.markdown import md_text
 from ..resources import MergeDagResource, torch_pool
 from ..steps import resolve_path, run_step
 from .merge_parts import merged_parts_asset
-from .merge_prep import (GROUP, PreparedMerge, merge_card_extra, merge_info, merge_plan, merged_deps, merged_metadata,
-                         prepare_merge)
+from .merge_prep import (
+    GROUP,
+    PreparedMerge,
+    merge_card_extra,
+    merge_info,
+    merge_plan,
+    merged_deps,
+    merged_metadata,
+    prepare_merge,
+)
+
 
 def build_merge(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_extra: dict) -> dict:
     """Write the merged checkpoint of `prep` into `out` (a fresh folder); returns the artifact's info."""
@@ -42,8 +49,10 @@ def build_merge(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, car
         try:
             stats = sum_stats([ActivationStats.load(p) for p in prep.aim_stats])
             aim_checkpoint(prep.spec.base.path, target, stats, out, omega=omega, device=merge_dag.device)
-            card = {**res.card, "aim": {"omega": omega,
-                                        "statistics": [v for k, v in prep.guidance.items() if k.startswith("aim_")]}}
+            card = {
+                **res.card,
+                "aim": {"omega": omega, "statistics": [v for k, v in prep.guidance.items() if k.startswith("aim_")]},
+            }
             write_card(out, card)
         finally:
             shutil.rmtree(target, ignore_errors=True)
@@ -59,27 +68,52 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
     g = prep.spec.guidance.regmean
     models = prep.spec.members
     fps = {m.ref: m.fingerprint() for m in models}
-    regmean_checkpoint([m.open() for m in models],
-                       [ActivationStats.load(prep.grams[m.ref]) for m in models], out, a=g.a, ridge=g.ridge,
-                       device=merge_dag.device)
+    regmean_checkpoint(
+        [m.open() for m in models],
+        [ActivationStats.load(prep.grams[m.ref]) for m in models],
+        out,
+        a=g.a,
+        ridge=g.ridge,
+        device=merge_dag.device,
+    )
     ck = Checkpoint(out)
     dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
     inputs = [{"role": "model", "model": m.ref, "path": str(m.path), "fingerprint": fps[m.ref]} for m in models]
-    card = build_card("regmean", prep.settings["recipe"], str(prep.spec.file), inputs, dtype, prep.spec.recipe.seed,
-                      models[0].ref, len(ck.tensors), card_extra)
+    card = build_card(
+        "regmean",
+        prep.settings["recipe"],
+        str(prep.spec.file),
+        inputs,
+        dtype,
+        prep.spec.recipe.seed,
+        models[0].ref,
+        len(ck.tensors),
+        card_extra,
+    )
     write_card(out, card)
-    return {"tensor_count": len(ck.tensors), "bytes": sum(i.nbytes for i in ck.tensors.values()), "method": "regmean",
-            "input_fingerprints": fps, "output_fingerprint": checkpoint_fingerprint(Checkpoint(out))}
+    return {
+        "tensor_count": len(ck.tensors),
+        "bytes": sum(i.nbytes for i in ck.tensors.values()),
+        "method": "regmean",
+        "input_fingerprints": fps,
+        "output_fingerprint": checkpoint_fingerprint(Checkpoint(out)),
+    }
 
 
 def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
     code = merge_code_version()
     deps = merged_deps(project, spec)
 
-    @dg.asset(key=["merged", spec.name], deps=deps, group_name=GROUP, code_version=code, pool=torch_pool(),
-              kinds={"pytorch", "safetensors"},
-              description=f"{md_text(spec.recipe.merge_method)} merge of {len(spec.experts)} model(s), recipe "
-                          f"{md_text(spec.file.name)}.")
+    @dg.asset(
+        key=["merged", spec.name],
+        deps=deps,
+        group_name=GROUP,
+        code_version=code,
+        pool=torch_pool(),
+        kinds={"pytorch", "safetensors"},
+        description=f"{md_text(spec.recipe.merge_method)} merge of {len(spec.experts)} model(s), recipe "
+        f"{md_text(spec.file.name)}.",
+    )
     def _merged(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         prep = prepare_merge(context, merge_dag, project, spec)
 
@@ -89,8 +123,17 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
         def meta(art, info):
             return merged_metadata(prep, art, info, merge_dag)
 
-        return run_step(context, merge_dag, kind="merged", name=spec.name, code_version=code, settings=prep.settings,
-                        inputs=prep.inputs, build=build, metadata=meta)
+        return run_step(
+            context,
+            merge_dag,
+            kind="merged",
+            name=spec.name,
+            code_version=code,
+            settings=prep.settings,
+            inputs=prep.inputs,
+            build=build,
+            metadata=meta,
+        )
 
     return _merged
 
@@ -98,9 +141,13 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
 def merged_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
     reference = spec.base or spec.experts[0]
 
-    @dg.asset_check(asset=dg.AssetKey(["merged", spec.name]), name="loads_and_matches_base", blocking=True,
-                    description="The merged folder loads (safetensors + config), has the base's tensor names and "
-                                "shapes, and holds no NaN/Inf.")
+    @dg.asset_check(
+        asset=dg.AssetKey(["merged", spec.name]),
+        name="loads_and_matches_base",
+        blocking=True,
+        description="The merged folder loads (safetensors + config), has the base's tensor names and "
+        "shapes, and holds no NaN/Inf.",
+    )
     def _check(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         ev = context.instance.get_latest_materialization_event(dg.AssetKey(["merged", spec.name]))
         path = resolve_path(merge_dag.root, ev.asset_materialization.metadata["path"].value)
@@ -127,13 +174,16 @@ def merged_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
             AutoConfig.from_pretrained(path)
         except Exception as e:  # noqa: BLE001
             problems.append(f"config.json does not load: {e}")
-        return dg.AssetCheckResult(passed=not problems,
-                                   metadata={"tensors": len(out.tensors), "problems": "\n".join(problems) or "none"})
+        return dg.AssetCheckResult(
+            passed=not problems, metadata={"tensors": len(out.tensors), "problems": "\n".join(problems) or "none"}
+        )
 
     return _check
 
 
 def merge_assets(project: Project) -> tuple[list[dg.AssetsDefinition], list[dg.AssetChecksDefinition]]:
     specs = list(project.recipes.values())
-    return ([merged_parts_asset(project, s) if s.recipe.parts > 1 else merged_asset(project, s) for s in specs],
-            [merged_check(s) for s in specs])
+    return (
+        [merged_parts_asset(project, s) if s.recipe.parts > 1 else merged_asset(project, s) for s in specs],
+        [merged_check(s) for s in specs],
+    )

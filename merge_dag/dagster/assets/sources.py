@@ -10,7 +10,6 @@ by `merge-dag import` also records its GGUF file (kind gguf, sha256 of the file)
 source's parent, from the folder's merge_dag.json.
 """
 
-
 import hashlib
 import json
 
@@ -40,10 +39,16 @@ def tasks_fingerprint(project: Project) -> str:
 
 
 def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
-    @dg.observable_source_asset(key=["model", m.name], group_name=GROUP,
-                                description=(f"LoRA adapter {md_text(m.path)} on base {md_text(m.base)}"
-                                             if m.is_adapter else f"Checkpoint folder {md_text(m.ref)} ({md_text(m.path)})")
-                                            + ", versioned by content fingerprint.")
+    @dg.observable_source_asset(
+        key=["model", m.name],
+        group_name=GROUP,
+        description=(
+            f"LoRA adapter {md_text(m.path)} on base {md_text(m.base)}"
+            if m.is_adapter
+            else f"Checkpoint folder {md_text(m.ref)} ({md_text(m.path)})"
+        )
+        + ", versioned by content fingerprint.",
+    )
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = record_model(merge_dag, m, context.run.run_id)
         nbytes = m.weight_bytes()
@@ -61,14 +66,22 @@ def model_source_asset(m: ModelSource) -> dg.AssetsDefinition:
 
 
 def recipe_source_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
-    @dg.observable_source_asset(key=["recipe", spec.name], group_name=GROUP,
-                                description=f"Recipe file {md_text(spec.file)}")
+    @dg.observable_source_asset(
+        key=["recipe", spec.name], group_name=GROUP, description=f"Recipe file {md_text(spec.file)}"
+    )
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = recipe_fingerprint(current_spec(project, spec))  # the file as it is now, globs expanded
-        record_source(merge_dag, kind="recipe", name=spec.name, fingerprint=fp, path=spec.file, run_id=context.run.run_id)
-        return dg.ObserveResult(data_version=dg.DataVersion(fp),
-                                metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(spec.file)),
-                                          "method": spec.recipe.merge_method})
+        record_source(
+            merge_dag, kind="recipe", name=spec.name, fingerprint=fp, path=spec.file, run_id=context.run.run_id
+        )
+        return dg.ObserveResult(
+            data_version=dg.DataVersion(fp),
+            metadata={
+                "fingerprint": fp,
+                "path": dg.MetadataValue.path(str(spec.file)),
+                "method": spec.recipe.merge_method,
+            },
+        )
 
     return _observe
 
@@ -77,46 +90,71 @@ def broken_recipe_asset(project: Project, b: BrokenRecipe) -> dg.AssetsDefinitio
     """recipe/<name> of a file that did not load: its observation fails with the file and the cause
     (as the file is at run time), so the problem shows in the UI and in the run while every other
     recipe's assets work as usual."""
-    @dg.observable_source_asset(key=["recipe", b.name], group_name=GROUP,
-                                description=f"NOT LOADED: recipe file {md_text(b.file)}: {md_text(b.error)} "
-                                            "(fix it, then reload the code location; the other recipes are "
-                                            "unaffected)")
+
+    @dg.observable_source_asset(
+        key=["recipe", b.name],
+        group_name=GROUP,
+        description=f"NOT LOADED: recipe file {md_text(b.file)}: {md_text(b.error)} "
+        "(fix it, then reload the code location; the other recipes are "
+        "unaffected)",
+    )
     def _observe(context) -> dg.ObserveResult:
         now = next((x for x in load_project(project.root, project.data).broken.values() if x.file == b.file), None)
         if now is not None:
             message = now.error
         elif b.file.exists():
-            message = (f"{b.file}: loads now; reload the code location (Reload in the UI, or restart "
-                       "`merge-dag dev`) to get its assets")
+            message = (
+                f"{b.file}: loads now; reload the code location (Reload in the UI, or restart "
+                "`merge-dag dev`) to get its assets"
+            )
         else:
             message = f"{b.file}: removed; reload the code location to drop recipe/{b.name}"
-        raise dg.Failure(description=message,
-                         metadata={"file": dg.MetadataValue.path(str(b.file)), "error": message})
+        raise dg.Failure(description=message, metadata={"file": dg.MetadataValue.path(str(b.file)), "error": message})
 
     return _observe
 
 
 def tasks_source_asset(project: Project) -> dg.AssetsDefinition:
-    @dg.observable_source_asset(key=["eval_tasks"], group_name=GROUP,
-                                description="lm-eval task definitions (data/tasks) and their data (data/eval).")
+    @dg.observable_source_asset(
+        key=["eval_tasks"],
+        group_name=GROUP,
+        description="lm-eval task definitions (data/tasks) and their data (data/eval).",
+    )
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = tasks_fingerprint(project)
-        record_source(merge_dag, kind="tasks", name="eval_tasks", fingerprint=fp, path=project.tasks_dir,
-                      run_id=context.run.run_id)
+        record_source(
+            merge_dag,
+            kind="tasks",
+            name="eval_tasks",
+            fingerprint=fp,
+            path=project.tasks_dir,
+            run_id=context.run.run_id,
+        )
         return dg.ObserveResult(data_version=dg.DataVersion(fp), metadata={"fingerprint": fp})
 
     return _observe
 
 
 def calibration_source_asset(cal: CalibrationSource) -> dg.AssetsDefinition:
-    @dg.observable_source_asset(key=["calibration", cal.name], group_name=GROUP,
-                                description=f"Calibration set {md_text(cal.ref)} ({md_text(cal.path)}), versioned by sha256.")
+    @dg.observable_source_asset(
+        key=["calibration", cal.name],
+        group_name=GROUP,
+        description=f"Calibration set {md_text(cal.ref)} ({md_text(cal.path)}), versioned by sha256.",
+    )
     def _observe(context, merge_dag: MergeDagResource) -> dg.ObserveResult:
         fp = file_fingerprint(cal.path)
-        record_source(merge_dag, kind="calibration", name=cal.name, fingerprint=fp, path=cal.path,
-                      run_id=context.run.run_id, nbytes=cal.path.stat().st_size)
-        return dg.ObserveResult(data_version=dg.DataVersion(fp),
-                                metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(cal.path))})
+        record_source(
+            merge_dag,
+            kind="calibration",
+            name=cal.name,
+            fingerprint=fp,
+            path=cal.path,
+            run_id=context.run.run_id,
+            nbytes=cal.path.stat().st_size,
+        )
+        return dg.ObserveResult(
+            data_version=dg.DataVersion(fp), metadata={"fingerprint": fp, "path": dg.MetadataValue.path(str(cal.path))}
+        )
 
     return _observe
 

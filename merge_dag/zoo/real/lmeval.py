@@ -39,8 +39,11 @@ def task_configs(task: str) -> dict[str, dict[str, Any]]:
             "doc_to_target": "{{answer}}",
             "target_delimiter": "",
             "num_fewshot": 0,
-            "generation_kwargs": {"until": ["<|im_end|>", "\n"], "do_sample": False,
-                                  "max_gen_toks": t.max_answer_tokens},
+            "generation_kwargs": {
+                "until": ["<|im_end|>", "\n"],
+                "do_sample": False,
+                "max_gen_toks": t.max_answer_tokens,
+            },
             "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
             "metadata": {"version": 1.0, "description": t.description, "split": split},
         }

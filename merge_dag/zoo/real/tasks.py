@@ -37,11 +37,43 @@ WORDS = (
 ).split()
 WORDS = tuple(dict.fromkeys(WORDS))  # unique, first-seen order
 
-_ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+_ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 _TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December"]
+MONTHS = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+]
 _DAYS_IN = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]
 
 
@@ -61,8 +93,10 @@ def number_words(n: int) -> str:
 def _acronym(rng: random.Random) -> tuple[str, str]:
     words = rng.sample(WORDS, rng.randint(3, 5))
     phrase = " ".join(words)
-    return (f"Write the first letter of each word in capitals, joined together: {phrase}",
-            "".join(w[0].upper() for w in words))
+    return (
+        f"Write the first letter of each word in capitals, joined together: {phrase}",
+        "".join(w[0].upper() for w in words),
+    )
 
 
 def _number(rng: random.Random) -> tuple[str, str]:
@@ -89,12 +123,17 @@ class RealTask:
     max_answer_tokens: int
 
 
-TASKS: dict[str, RealTask] = {t.name: t for t in [
-    RealTask("acronym", "first letters of 3-5 words, capitalised and joined: apple river stone -> ARS", _acronym, 8),
-    RealTask("numwords", "a number 101-999 in English words: 347 -> three hundred forty-seven", _number, 16),
-    RealTask("isodate", "an ISO date in words: 1987-03-04 -> 4 March 1987", _date, 10),
-    RealTask("revwords", "reverse the order of 3-5 words: apple river stone -> stone river apple", _reverse, 20),
-]}
+TASKS: dict[str, RealTask] = {
+    t.name: t
+    for t in [
+        RealTask(
+            "acronym", "first letters of 3-5 words, capitalised and joined: apple river stone -> ARS", _acronym, 8
+        ),
+        RealTask("numwords", "a number 101-999 in English words: 347 -> three hundred forty-seven", _number, 16),
+        RealTask("isodate", "an ISO date in words: 1987-03-04 -> 4 March 1987", _date, 10),
+        RealTask("revwords", "reverse the order of 3-5 words: apple river stone -> stone river apple", _reverse, 20),
+    ]
+}
 REAL_TASKS: tuple[str, ...] = ("acronym", "numwords", "isodate")
 
 
@@ -107,8 +146,7 @@ def get_task(name: str) -> RealTask:
 
 def chat_prompt(question: str, system: str = SYSTEM_PROMPT) -> str:
     """The ChatML text SmolLM2's chat template renders for [system, user] with a generation prompt."""
-    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 END = "<|im_end|>"

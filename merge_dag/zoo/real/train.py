@@ -57,8 +57,14 @@ def lora_model(base, spec: LoraSpec, seed: int):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0, target_modules=list(spec.targets),
-                     task_type="CAUSAL_LM", bias="none")
+    cfg = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=0.0,
+        target_modules=list(spec.targets),
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     return get_peft_model(base, cfg)
 
 
@@ -88,7 +94,10 @@ def train_lora(model, tok, task: str, spec: LoraSpec, seed: int, progress: bool 
         sched.step()
         losses.append(round(float(loss), 4))
         if progress and (step % 10 == 0 or step == spec.steps - 1):
-            print(f"    {task} step {step + 1}/{spec.steps} loss {losses[-1]:.3f} "
-                  f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(
+                f"    {task} step {step + 1}/{spec.steps} loss {losses[-1]:.3f} ({time.perf_counter() - t0:.0f}s)",
+                file=sys.stderr,
+                flush=True,
+            )
     model.eval()
     return {"losses": losses, "seconds": round(time.perf_counter() - t0, 1)}
