@@ -14,7 +14,7 @@ from typing import Optional
 
 from .core.errors import MergeDagError, RecipeError
 from .core.methods.registry import get_method
-from .core.paths import data_dir
+from .core.paths import data_dir, models_dir
 from .core.recipe import Recipe, parse_recipe, read_recipe_yaml
 from .settings import settings
 
@@ -66,7 +66,7 @@ class CalibrationSource:
 
 
 @dataclass(frozen=True)
-class StatsSource:
+class StatsSpec:
     """One statistics pass: a model on a calibration set (activations, grams or sensitivity)."""
 
     name: str
@@ -76,10 +76,10 @@ class StatsSource:
 
 
 @dataclass(frozen=True)
-class ImportanceSource:
+class ImportanceSpec:
     name: str
-    base: StatsSource
-    expert: StatsSource
+    base: StatsSpec
+    expert: StatsSpec
 
 
 @dataclass
@@ -143,10 +143,10 @@ class Project:
     model_evals: dict[str, list[str]] = field(default_factory=dict)  # model name -> tasks (baselines)
     # data-guided merging: every statistic any recipe needs, each once (shared by every recipe using it)
     calibrations: dict[str, CalibrationSource] = field(default_factory=dict)
-    activations: dict[str, StatsSource] = field(default_factory=dict)
-    grams: dict[str, StatsSource] = field(default_factory=dict)
-    sensitivities: dict[str, StatsSource] = field(default_factory=dict)
-    importances: dict[str, ImportanceSource] = field(default_factory=dict)
+    activations: dict[str, StatsSpec] = field(default_factory=dict)
+    grams: dict[str, StatsSpec] = field(default_factory=dict)
+    sensitivities: dict[str, StatsSpec] = field(default_factory=dict)
+    importances: dict[str, ImportanceSpec] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.data is None:
@@ -171,11 +171,11 @@ class Project:
 
     def stats(
         self, table: str, model: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
-    ) -> StatsSource:
+    ) -> StatsSpec:
         """The statistics pass of `model` on `cal` in `table` (activations, grams, sensitivities),
         registered once whichever recipe asks."""
         name = f"{model.name}__{cal.name}" + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
-        src = StatsSource(name, model, cal, sequential)
+        src = StatsSpec(name, model, cal, sequential)
         known = getattr(self, table).setdefault(name, src)
         if known != src:
             raise RecipeError(f"{table} {name!r} would stand for both {known} and {src}")
@@ -184,14 +184,14 @@ class Project:
 
     def importance(
         self, base: ModelSource, expert: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
-    ) -> ImportanceSource:
+    ) -> ImportanceSpec:
         b, e = self.stats("activations", base, cal, sequential), self.stats("activations", expert, cal, sequential)
         name = (
             e.name
-            if self.importances.get(e.name, ImportanceSource(e.name, b, e)).base == b
+            if self.importances.get(e.name, ImportanceSpec(e.name, b, e)).base == b
             else f"{e.name}__on__{base.name}"
         )
-        return self.importances.setdefault(name, ImportanceSource(name, b, e))
+        return self.importances.setdefault(name, ImportanceSpec(name, b, e))
 
     def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
         return (
@@ -207,7 +207,7 @@ def _model_source(root: Path, recipe: Recipe, ref: str) -> ModelSource:
 
 
 def _source_name(root: Path, path: Path) -> str:
-    models_root = root / "data" / "models"
+    models_root = models_dir(root)
     try:
         rel = path.relative_to(models_root)
     except ValueError:

@@ -83,3 +83,14 @@ def make_project(
         f = root / "data" / "recipes" / fname
         f.write_bytes(text) if isinstance(text, bytes) else f.write_text(text)
     return root
+
+
+@pytest.fixture(params=["one-chunk", "many-chunks"])
+def chunking(request, monkeypatch):
+    """Run each test with the real chunk size and with tiny chunks (many chunks, several workers):
+    core.chunks.CPU_CHUNK becomes the test module's MANY_CHUNKS (53 unless it says)."""
+    from merge_dag.core import chunks
+
+    if request.param == "many-chunks":
+        monkeypatch.setattr(chunks, "CPU_CHUNK", getattr(request.module, "MANY_CHUNKS", 53))
+    return request.param

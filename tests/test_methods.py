@@ -24,11 +24,7 @@ NEWER = [
 ]  # test_spectral_methods.py
 
 
-@pytest.fixture(params=["one-chunk", "many-chunks"])
-def chunking(request, monkeypatch):
-    if request.param == "many-chunks":
-        monkeypatch.setattr(chunks, "CPU_CHUNK", 53)
-    return request.param
+MANY_CHUNKS = 53  # the chunk size of conftest's `chunking` fixture in its "many-chunks" run
 
 
 def assert_close(got, want, rtol=1e-6, atol=1e-6):

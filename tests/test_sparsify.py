@@ -9,13 +9,7 @@ from merge_dag.core import chunks
 from merge_dag.core import sparsify as sp
 from merge_dag.core.sparsify import sparsify, top_cuts
 
-
-@pytest.fixture(params=["one-chunk", "many-chunks"])
-def chunking(request, monkeypatch):
-    """Run each test with the real chunk size and with tiny chunks (many chunks, several workers)."""
-    if request.param == "many-chunks":
-        monkeypatch.setattr(chunks, "CPU_CHUNK", 97)
-    return request.param
+MANY_CHUNKS = 97  # the chunk size of conftest's `chunking` fixture in its "many-chunks" run
 
 
 @pytest.fixture()

@@ -16,6 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ..core.paths import models_dir
 from ..settings import settings
 from .home import ensure_dagster_home
 
@@ -48,7 +49,7 @@ def prepare(args: argparse.Namespace) -> Path:
         os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")
         # the base-vs-expert table comes from the run's own lm-eval assets: no separate evaluation here
         build_real_zoo(
-            root / "data" / "models",
+            models_dir(root),
             progress=True,
             data_dir=root / "data",
             evaluate=False,
@@ -58,7 +59,7 @@ def prepare(args: argparse.Namespace) -> Path:
     from ..zoo.build import build_zoo
 
     # data files only where missing: a user's edits under data/ survive (`merge-dag zoo` rewrites them)
-    build_zoo(size=args.size, out=root / "data" / "models", progress=True, data_dir=root / "data", overwrite_data=False)
+    build_zoo(size=args.size, out=models_dir(root), progress=True, data_dir=root / "data", overwrite_data=False)
     return root
 
 
@@ -142,7 +143,7 @@ def print_zoo_verdict(root: Path, size: str) -> None:
         from ..zoo.real.build import RealManifest, RealZooError, quality_table
 
         try:
-            man = RealManifest.load(root / "data" / "models" / "real")
+            man = RealManifest.load(models_dir(root) / "real")
         except RealZooError:
             return
         if man.quality:
@@ -152,7 +153,7 @@ def print_zoo_verdict(root: Path, size: str) -> None:
     from ..zoo.build import ZooManifest
     from ..zoo.quality import check_quality, load_report, save_report
 
-    zoo_root = root / "data" / "models" / size
+    zoo_root = models_dir(root) / size
     try:
         man = ZooManifest.load(zoo_root / "zoo.json")
     except ValueError:

@@ -9,12 +9,12 @@ This module keeps the names callers have always imported from it.
 
 from .card import model_card, write_card
 from .merge import MergeResult, execute, merge, out_tensors
-from .plan import MergePlan, Source, TensorStep, check_target, plan_merge
+from .plan import MergePlan, TensorInput, TensorStep, check_target, plan_merge
 
 __all__ = [
     "MergePlan",
     "MergeResult",
-    "Source",
+    "TensorInput",
     "TensorStep",
     "check_target",
     "execute",

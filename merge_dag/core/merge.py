@@ -38,7 +38,16 @@ from .checkpoint import (
 from .errors import MergeInputError, MergeOutputError, OutputError
 from .fingerprint import checkpoint_fingerprint
 from .methods.base import MergeMethod, TensorTask
-from .plan import FLOAT_DTYPES, MergePlan, Source, TensorStep, check_device, check_target, format_params, plan_merge
+from .plan import (
+    FLOAT_DTYPES,
+    MergePlan,
+    TensorInput,
+    TensorStep,
+    check_device,
+    check_target,
+    format_params,
+    plan_merge,
+)
 from .recipe import Recipe, load_recipe, parse_recipe
 
 
@@ -248,7 +257,7 @@ def _merge_one(
     plan: MergePlan,
     method: MergeMethod,
     step: TensorStep,
-    srcs: list[Source],
+    srcs: list[TensorInput],
     raws: list[torch.Tensor],
     device: torch.device,
 ) -> torch.Tensor:

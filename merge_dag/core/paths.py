@@ -21,3 +21,9 @@ def data_dir(root: str | os.PathLike, folder: Optional[str] = None) -> Path:
     resolved against the root), so two projects in one checkout (``data`` and ``data/real``, the real
     zoo's) share ``data/models``. `folder` overrides the configured one (Settings passes its own)."""
     return (Path(root) / (folder or data_folder())).absolute()
+
+
+def models_dir(root: str | os.PathLike) -> Path:
+    """Where the zoos' model folders live: ``<root>/data/models``, whatever the data folder (the ci,
+    bench and real zoos are shared by every project of the checkout)."""
+    return Path(root) / "data" / "models"

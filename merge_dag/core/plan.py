@@ -26,7 +26,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass
-class Source:
+class TensorInput:
     """One tensor of one input: which checkpoint, which tensor name, with what parameters."""
 
     model: int  # index into MergePlan.inputs
@@ -41,8 +41,8 @@ class TensorStep:
     shape: tuple[int, ...]
     in_dtype: torch.dtype
     out_dtype: torch.dtype
-    base: Optional[Source]
-    sources: list[Source]
+    base: Optional[TensorInput]
+    sources: list[TensorInput]
     params: dict[str, Any]  # global parameters resolved for this tensor
     t: float  # layer position in [0, 1]
 
@@ -187,10 +187,10 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
         info = ref.info(name)
         t = pmap.layer_position(name, n_layers)
         sources = [
-            Source(offset + i, name, _model_params(method, [m.parameters, recipe.parameters], name, t), deltas[i])
+            TensorInput(offset + i, name, _model_params(method, [m.parameters, recipe.parameters], name, t), deltas[i])
             for i, m in enumerate(model_entries)
         ]
-        base = Source(0, name, {}) if base_idx is not None else None
+        base = TensorInput(0, name, {}) if base_idx is not None else None
         steps.append(
             TensorStep(
                 name,
@@ -263,7 +263,7 @@ def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> Merg
         info = ck.tensors.get(in_name)
         if info is None:
             raise MergeInputError(f"model {ck.name!r}: tensor {in_name!r} is missing (needed for {out_name!r})")
-        src = Source(ck_i, in_name, _model_params(method, slice_params, out_name, t))
+        src = TensorInput(ck_i, in_name, _model_params(method, slice_params, out_name, t))
         steps.append(
             TensorStep(
                 out_name,

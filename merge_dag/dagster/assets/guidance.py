@@ -25,10 +25,10 @@ from ...core.params import layer_index
 from ...core.version import code_version
 from ...project import (
     CalibrationSource,
-    ImportanceSource,
+    ImportanceSpec,
     Project,
     RecipeSpec,
-    StatsSource,
+    StatsSpec,
     current_spec,
     register_guidance,
 )
@@ -106,7 +106,7 @@ def _layer_of(name: str) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
+def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
     """activations/<name> (kind "activations") or grams/<name> (kind "grams")."""
     gram = kind == "grams"
     what = "Gram matrices X^T X" if gram else "input statistics (count, sum x^2, sum |x|, max |x|)"
@@ -165,7 +165,7 @@ def stats_asset(kind: str, src: StatsSource) -> dg.AssetsDefinition:
     return _stats
 
 
-def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
+def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
     @dg.asset(
         key=["sensitivity", src.name],
         deps=[["model", src.model.name], ["calibration", src.calibration.name]],
@@ -234,7 +234,7 @@ def sensitivity_asset(src: StatsSource) -> dg.AssetsDefinition:
     return _sens
 
 
-def importance_asset(imp: ImportanceSource) -> dg.AssetsDefinition:
+def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
     b, e = imp.base, imp.expert
 
     @dg.asset(
@@ -319,7 +319,7 @@ def allocation_chart(densities: dict[str, dict[str, float]], sizes: dict[str, in
     return head + "\n" + "\n".join(rows)
 
 
-def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSource]) -> dg.AssetsDefinition:
+def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSpec]) -> dg.AssetsDefinition:
     @dg.asset(
         key=["allocation", spec.name],
         deps=[["importance", i.name] for i in imps] + [["recipe", spec.name]],
@@ -399,7 +399,7 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSo
     return _allocation
 
 
-def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSource]) -> dg.AssetsDefinition:
+def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]) -> dg.AssetsDefinition:
     cals = {s.model.ref: s.calibration for s in sens}
     deps = (
         [["sensitivity", s.name] for s in sens]
