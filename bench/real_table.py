@@ -9,6 +9,9 @@ mean over the merge's tasks of (merge - base) / (own expert - base), the share o
 gain the merge keeps (the issue's aim: >= 0.70 for the best merge). Then each guided recipe against
 its plain twin (same lambda and mean density): the difference of averages ± SE and in SE units.
 The two-model methods (numwords + isodate) are scored on those two tasks only.
+Last, the guided methods' per-layer maps, in numbers: LEWIS's density per layer (mean over the
+layer's tensors) and Sens-Merging's layer sensitivity sigma per layer, as min / max over the 30
+layers and their ratio, per expert, with Sens-Merging's cross-task scale tau.
 """
 
 from __future__ import annotations
@@ -34,6 +37,47 @@ def latest_results(data: Path) -> Path:
     if not files:
         raise SystemExit(f"error: no leaderboard under {data / 'artifacts'}: run `merge-dag demo --size real` first")
     return files[-1]
+
+
+def _latest(data: Path, kind: str) -> Path | None:
+    files = sorted((data / "artifacts" / kind).glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+    return files[-1] if files else None
+
+
+def _layer(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+
+
+def _spread(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo:.3f} – {hi:.3f} (×{hi / lo:.2f})" if lo > 0 else f"{lo:.3f} – {hi:.3f}"
+
+
+def print_maps(data: Path) -> None:
+    """Per expert: LEWIS's per-layer densities and Sens-Merging's per-layer sigma, min – max over layers."""
+    alloc, coef = _latest(data, "allocation"), _latest(data, "coefficients")
+    if not (alloc or coef):
+        return
+    rows = {}
+    if alloc:
+        for model, dens in json.loads(alloc.read_text())["densities"].items():
+            by_layer: dict[int, list[float]] = {}
+            for name, d in dens.items():
+                if _layer(name) is not None:
+                    by_layer.setdefault(_layer(name), []).append(d)
+            rows.setdefault(model, {})["lewis"] = _spread([sum(v) / len(v) for v in by_layer.values()])
+    if coef:
+        c = json.loads(coef.read_text())
+        for model, sig in c.get("sigma", {}).items():
+            rows.setdefault(model, {})["sigma"] = _spread(list(sig.values()))
+            rows[model]["tau"] = f"{c['tau'][model]:.2f}" if model in c.get("tau", {}) else ""
+    print(f"\nper-layer maps ({alloc.parent.name if alloc else '-'}, {coef.parent.name if coef else '-'}):\n")
+    print("| expert | LEWIS density per layer: min – max | Sens sigma per layer: min – max | Sens tau |")
+    print("|---|---|---|---:|")
+    for model, r in rows.items():
+        name = model.rsplit("/", 1)[-1]
+        print(f"| {name} | {r.get('lewis', '')} | {r.get('sigma', '')} | {r.get('tau', '')} |")
 
 
 def main() -> int:
@@ -96,6 +140,7 @@ def main() -> int:
         if a in table.scores and b in table.scores:
             d, se = table.diff(a, b)
             print(f"| {g} − {p} ({what}) | {d:+.3f} ± {se:.3f} | {d / se if se else float('nan'):+.1f} |")
+    print_maps(args.data)
     return 0
 
 
