@@ -93,7 +93,12 @@ def main() -> int:
     short = {t: t.removeprefix("real_") for t in tasks}
     sources = [m for m in table.scores if not m.startswith("merged/")]
     base = next(m for m in sources if m.endswith("_base"))
-    own = {t: next(m for m in sources if m.endswith("_" + short[t])) for t in tasks}
+    # the LoRA adapter expert of each task (the full merged folder of the same expert, which the
+    # two-model recipes use, scores the same on its task but is evaluated on fewer tasks)
+    own = {
+        t: sorted((m for m in sources if m.endswith("_" + short[t])), key=lambda m: "adapters" not in m)[0]
+        for t in tasks
+    }
     merges = sorted((m for m in table.scores if m.startswith("merged/")), key=table.average, reverse=True)
 
     def cell(m, t):
