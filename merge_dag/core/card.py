@@ -115,6 +115,15 @@ def model_card(card: dict) -> str:
         lines.append(
             f"| {md_text(i['role'])} | <code>{md_text(i['model'])}</code> | <code>{md_text(i['fingerprint'])}</code> |"
         )
+    if card.get("skipped_tensors"):
+        lines += ["", "## Tensors left out (`missing_tensors: skip`)", ""]
+        lines += [f"- <code>{md_text(n)}</code>" for n in card["skipped_tensors"]]
+    if card.get("base_stand_ins"):
+        lines += ["", "## Tensors read from the base for models that lack them (`missing_tensors: base`)", ""]
+        lines += [
+            f"- <code>{md_text(n)}</code>: {', '.join(f'<code>{md_text(m)}</code>' for m in models)}"
+            for n, models in card["base_stand_ins"].items()
+        ]
     recipe_text = yaml.safe_dump(card["recipe"], sort_keys=False).strip()
     fence = _fence(recipe_text)
     lines += [

@@ -320,6 +320,11 @@ def write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, str
     if plan.tokenizer_from is not None:  # tokenizer, chat template, special tokens, generation config
         writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES + ("generation_config.json",))
     inputs = [card_input(ck, role, fps[ck.name]) for ck, role in zip(plan.inputs, plan.roles)]
+    extra = dict(extra)
+    if plan.skipped:  # missing_tensors: skip -- what was left out, on the record
+        extra["skipped_tensors"] = list(plan.skipped)
+    if plan.stand_ins:  # missing_tensors: base -- where the base stood in for a model
+        extra["base_stand_ins"] = dict(plan.stand_ins)
     card = build_card(
         plan.method.name,
         plan.recipe.to_yaml_dict(),

@@ -9,7 +9,7 @@ merge_dag.core.merge executes a plan; merge_dag.core.card writes its card.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,7 +17,7 @@ import torch
 
 from . import params as pmap
 from .checkpoint import COPIED_FILES, TOKENIZER_FILES, Checkpoint, check_output_target, copyable_files, parse_dtype
-from .errors import CheckpointError, MergeInputError, RecipeError
+from .errors import CheckpointError, MergeInputError, MissingTensorError, RecipeError
 from .methods.base import MergeMethod
 from .methods.registry import get_method
 from .recipe import Recipe
@@ -65,6 +65,8 @@ class MergePlan:
     config: dict
     tokenizer_from: Optional[Checkpoint]
     device: str
+    skipped: list[str] = field(default_factory=list)  # tensors left out (`missing_tensors: skip`)
+    stand_ins: dict[str, list[str]] = field(default_factory=dict)  # tensor -> models read as the base there
 
     @property
     def out_bytes(self) -> int:
@@ -172,9 +174,7 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     _check_distinct_paths(recipe, inputs)
 
     ref = inputs[0]
-    names = ref.tensor_names
-    for ck in inputs[1:]:
-        _check_same_tensors(ref, ck)
+    names, holders, skipped = _tensor_names(recipe, inputs, base_idx)
     _check_dtypes(method, inputs)
 
     config = ref.config()
@@ -183,14 +183,23 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     offset = 0 if base_idx is None else 1
     deltas = _task_vector_deltas(recipe, method, ref, model_entries, task_vectors, base_idx is not None)
     steps = []
+    stand_ins: dict[str, list[str]] = {}
     for name in names:
         info = ref.info(name)
         t = pmap.layer_position(name, n_layers)
+        have = holders[name]
         sources = [
-            TensorInput(offset + i, name, _model_params(method, [m.parameters, recipe.parameters], name, t), deltas[i])
+            TensorInput(
+                offset + i if offset + i in have else 0,  # missing_tensors: base -- the base stands in
+                name,
+                _model_params(method, [m.parameters, recipe.parameters], name, t),
+                deltas[i] if offset + i in have else None,
+            )
             for i, m in enumerate(model_entries)
         ]
         base = TensorInput(0, name, {}) if base_idx is not None else None
+        if len(have) < len(inputs):
+            stand_ins[name] = [inputs[k].name for k in range(len(inputs)) if k not in have]
         steps.append(
             TensorStep(
                 name,
@@ -203,9 +212,77 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
                 t,
             )
         )
-    return _checked(
-        MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, ref), device)
-    )
+    plan = MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, ref), device)
+    plan.skipped, plan.stand_ins = skipped, stand_ins
+    return _checked(plan)
+
+
+MISSING_TENSOR_POLICIES = ("error", "base", "skip")
+
+
+def _tensor_names(
+    recipe: Recipe, inputs: list[Checkpoint], base_idx: Optional[int]
+) -> tuple[list[str], dict[str, set[int]], list[str]]:
+    """The output tensor names, which inputs hold each, and the names left out.
+
+    The plan is the union of the inputs' safetensors indexes (headers), in the first input's order
+    then each later input's extras: no per-architecture list, so any architecture merges and no
+    tensor is dropped unseen. Where the inputs disagree on the tensor set, `missing_tensors` decides
+    (default `error`: one MissingTensorError naming the tensor, the models that have it and those
+    that lack it); `base`: an expert lacking a tensor is read there as the base (its task vector is
+    zero there), a tensor the base lacks is still an error; `skip`: tensors not in every input are
+    left out of the output (listed in the card). Shapes must agree wherever a tensor exists."""
+    policy = recipe.missing_tensors or "error"
+    union: dict[str, set[int]] = {}
+    for k, ck in enumerate(inputs):
+        for n in ck.tensor_names:
+            union.setdefault(n, set()).add(k)
+    ref_shape: dict[str, tuple[Checkpoint, tuple[int, ...]]] = {}
+    for n, have in union.items():
+        for k in sorted(have):
+            shape = inputs[k].tensors[n].shape
+            if n not in ref_shape:
+                ref_shape[n] = (inputs[k], shape)
+            elif shape != ref_shape[n][1]:
+                first = ref_shape[n][0]
+                raise MergeInputError(
+                    f"model {inputs[k].name!r}: tensor {n!r} has shape {list(shape)}, "
+                    f"but {first.name!r} has {list(ref_shape[n][1])}"
+                )
+    partial = {n: have for n, have in union.items() if len(have) < len(inputs)}
+    if not partial:
+        return list(union), union, []
+
+    def names(ks) -> str:
+        return ", ".join(repr(inputs[k].name) for k in sorted(ks))
+
+    def refuse(n: str, hint: str) -> None:
+        have = partial[n]
+        more = f" (and {len(partial) - 1} more tensor(s))" if len(partial) > 1 else ""
+        lack = set(range(len(inputs))) - have
+        raise MissingTensorError(
+            f"{recipe.where}: tensor {n!r} is in {names(have)} but missing from {names(lack)}{more}; {hint}"
+        )
+
+    if policy == "error":
+        refuse(
+            next(iter(partial)),
+            "set `missing_tensors: base` (a missing expert tensor reads as the base's) or `skip` "
+            "(leave such tensors out of the output)",
+        )
+    if policy == "skip":
+        return [n for n in union if n not in partial], union, list(partial)
+    # policy == "base"
+    if base_idx is None:
+        raise RecipeError(
+            f"{recipe.where}: missing_tensors: `base` reads a missing tensor from the base model, but "
+            f"{recipe.merge_method} reads no base_model here; use `error` or `skip`"
+        )
+    no_base = [n for n, have in partial.items() if base_idx not in have]
+    if no_base:
+        partial = {n: partial[n] for n in no_base}
+        refuse(no_base[0], "the base lacks it, so `missing_tensors: base` cannot fill it in (use `skip`)")
+    return list(union), union, []
 
 
 def _task_vector_deltas(
@@ -396,6 +473,8 @@ def _check_dtypes(method: type[MergeMethod], inputs: list[Checkpoint]) -> None:
     ref = inputs[0]
     for ck in inputs[1:]:
         for name, info in ref.tensors.items():
+            if name not in ck.tensors:
+                continue
             other = ck.tensors[name].dtype
             if (info.dtype in FLOAT_DTYPES) != (other in FLOAT_DTYPES):
                 raise MergeInputError(
