@@ -21,6 +21,7 @@ from .errors import CheckpointError, MergeInputError, MissingTensorError, Recipe
 from .methods.base import MergeMethod
 from .methods.registry import get_method
 from .recipe import Recipe
+from .vocab import VocabMap, plan_vocab
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -45,6 +46,7 @@ class TensorStep:
     sources: list[TensorInput]
     params: dict[str, Any]  # global parameters resolved for this tensor
     t: float  # layer position in [0, 1]
+    vocab: Optional[VocabMap] = None  # rows indexed by token: map each input's rows onto the output vocabulary
 
     @property
     def numel(self) -> int:
@@ -67,6 +69,7 @@ class MergePlan:
     device: str
     skipped: list[str] = field(default_factory=list)  # tensors left out (`missing_tensors: skip`)
     stand_ins: dict[str, list[str]] = field(default_factory=dict)  # tensor -> models read as the base there
+    vocab: Optional[VocabMap] = None  # the inputs' vocabularies differ, or tokenizer_source: union
 
     @property
     def out_bytes(self) -> int:
@@ -174,10 +177,16 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     _check_distinct_paths(recipe, inputs)
 
     ref = inputs[0]
-    names, holders, skipped = _tensor_names(recipe, inputs, base_idx)
+    vocab = plan_vocab(
+        recipe.where, inputs, base_idx, _tokenizer_input(recipe, inputs), _is_union(recipe.tokenizer_source)
+    )
+    names, holders, skipped = _tensor_names(recipe, inputs, base_idx, vocab.tensors if vocab else set())
     _check_dtypes(method, inputs)
 
     config = ref.config()
+    if vocab is not None and config:
+        config = dict(config)
+        config["vocab_size"] = vocab.size
     n_layers = _num_layers(config, names)
     out_dtype = _out_dtype(recipe, ref)
     offset = 0 if base_idx is None else 1
@@ -200,28 +209,50 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
         base = TensorInput(0, name, {}) if base_idx is not None else None
         if len(have) < len(inputs):
             stand_ins[name] = [inputs[k].name for k in range(len(inputs)) if k not in have]
+        by_token = vocab if vocab is not None and name in vocab.tensors else None
         steps.append(
             TensorStep(
                 name,
-                info.shape,
+                (vocab.size, *info.shape[1:]) if by_token else info.shape,
                 info.dtype,
                 out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
                 base,
                 sources,
                 _global_params(method, recipe.parameters, name, t),
                 t,
+                by_token,
             )
         )
     plan = MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, ref), device)
-    plan.skipped, plan.stand_ins = skipped, stand_ins
+    plan.skipped, plan.stand_ins, plan.vocab = skipped, stand_ins, vocab
     return _checked(plan)
+
+
+UNION = "union"
+
+
+def _is_union(ref: Optional[str]) -> bool:
+    return ref is not None and ref.strip().lower() == UNION
+
+
+def _tokenizer_input(recipe: Recipe, inputs: list[Checkpoint]) -> Optional[int]:
+    """The index in `inputs` of the model `tokenizer_source` names (None: the default, or union/none;
+    also None when it names a model that is not merged: its vocabulary cannot map rows it has not)."""
+    ref = recipe.tokenizer_source
+    if ref is None or ref == "base" or _is_union(ref) or ref.strip().lower() == NO_TOKENIZER:
+        return None
+    path = recipe.model_location(ref)[0].resolve()
+    for k, ck in enumerate(inputs):
+        if ck.path.resolve() == path:
+            return k
+    return None
 
 
 MISSING_TENSOR_POLICIES = ("error", "base", "skip")
 
 
 def _tensor_names(
-    recipe: Recipe, inputs: list[Checkpoint], base_idx: Optional[int]
+    recipe: Recipe, inputs: list[Checkpoint], base_idx: Optional[int], by_token: set[str] = frozenset()
 ) -> tuple[list[str], dict[str, set[int]], list[str]]:
     """The output tensor names, which inputs hold each, and the names left out.
 
@@ -231,7 +262,8 @@ def _tensor_names(
     (default `error`: one MissingTensorError naming the tensor, the models that have it and those
     that lack it); `base`: an expert lacking a tensor is read there as the base (its task vector is
     zero there), a tensor the base lacks is still an error; `skip`: tensors not in every input are
-    left out of the output (listed in the card). Shapes must agree wherever a tensor exists."""
+    left out of the output (listed in the card). Shapes must agree wherever a tensor exists (for the
+    tensors indexed by token, `by_token`, all but the first dimension: the vocabulary map aligns rows)."""
     policy = recipe.missing_tensors or "error"
     union: dict[str, set[int]] = {}
     for k, ck in enumerate(inputs):
@@ -243,7 +275,7 @@ def _tensor_names(
             shape = inputs[k].tensors[n].shape
             if n not in ref_shape:
                 ref_shape[n] = (inputs[k], shape)
-            elif shape != ref_shape[n][1]:
+            elif shape != ref_shape[n][1] and not (n in by_token and shape[1:] == ref_shape[n][1][1:]):
                 first = ref_shape[n][0]
                 raise MergeInputError(
                     f"model {inputs[k].name!r}: tensor {n!r} has shape {list(shape)}, "
@@ -514,7 +546,7 @@ def _tokenizer_source(recipe: Recipe, default: Checkpoint) -> Optional[Checkpoin
     ref = recipe.tokenizer_source
     if ref is not None and ref.strip().lower() == NO_TOKENIZER:
         return None
-    tok = default if ref in (None, "base") else _open(recipe, ref)
+    tok = default if ref in (None, "base") or _is_union(ref) else _open(recipe, ref)
     if not copyable_files(tok.folder, TOKENIZER_FILES):
         raise CheckpointError(
             f"{recipe.where}: tokenizer_source: model {tok.name!r} has no tokenizer files in "
