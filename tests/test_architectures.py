@@ -24,6 +24,7 @@ from merge_dag.core.checkpoint import Checkpoint
 from merge_dag.core.engine import merge
 from merge_dag.core.errors import MissingTensorError, RecipeError
 from merge_dag.core.markdown import md_text
+from merge_dag.core.plan import plan_merge
 from merge_dag.core.recipe import parse_recipe
 
 pytestmark = pytest.mark.usefixtures("fp_cache")
@@ -233,6 +234,8 @@ def test_missing_tensors_skip_leaves_them_out_on_the_record(families, tmp_path):
     got = tensors(tmp_path / "out")
     assert NORM not in got and len(got) == len(tensors(fam["base"])) - 1
     assert res.card["skipped_tensors"] == [NORM]
+    plan = plan_merge(parse_recipe(recipe("ties", fam, missing_tensors="skip")))
+    assert "skipped:    1 tensor(s) some inputs lack (missing_tensors: skip)" in plan.describe()
     assert md_text(NORM) in (tmp_path / "out" / "README.md").read_text()
 
 

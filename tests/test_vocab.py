@@ -199,3 +199,39 @@ def test_differing_vocabularies_need_every_inputs_tokenizer(zoo, tmp_path):
     with pytest.raises(MergeInputError, match=r"model '.*/e': its tokenizer \(in .*\) does not load"):
         merge(recipe, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_dry_run_plan_names_the_vocabulary(zoo):
+    from merge_dag.core.plan import plan_merge
+    from merge_dag.core.recipe import parse_recipe
+
+    plan = plan_merge(parse_recipe(ta(zoo, ["chat", "tool"], tokenizer_source="union")))
+    mapped = "model.embed_tokens.weight" if zoo["tied"] else "lm_head.weight, model.embed_tokens.weight"
+    assert f"vocabulary: 35 tokens (union added 3); rows mapped by token in {mapped}" in plan.describe()
+    assert plan.config["vocab_size"] == 35
+    same = plan_merge(parse_recipe(ta(zoo, ["padded"]) | {"tokenizer_source": str(zoo["padded"])}))
+    assert same.vocab is not None and same.vocab.size == 40  # the source's rows, its padding included
+
+
+def test_equal_rows_but_ids_meaning_other_tokens_are_mapped(zoo, tmp_path):
+    """chat and tool both have 34 rows, but id 32 is <|im_start|> in one and <|im_end|> in the other."""
+    out = tmp_path / "out"
+    merge(ta(zoo, ["tool"]) | {"base_model": str(zoo["chat"])}, out)  # the base (chat) vocabulary
+    assert check_agrees(out, zoo["tied"]) == 34
+    vc, vt = ids(zoo["chat"]), ids(zoo["tool"])
+    C, T, M = rows(zoo["chat"]), rows(zoo["tool"]), rows(out)
+    end = vc["<|im_end|>"]
+    torch.testing.assert_close(M[end], C[end] + 0.9 * 0.7 * (T[vt["<|im_end|>"]] - C[end]), rtol=0, atol=1e-6)
+    start = vc["<|im_start|>"]  # tool lacks it: it contributes the base's row, a zero task vector
+    torch.testing.assert_close(M[start], C[start], rtol=0, atol=1e-6)
+
+
+def test_identical_tokenizers_load_nothing(zoo, tmp_path, monkeypatch):
+    import merge_dag.core.vocab as vocab
+
+    e = make_model(tmp_path / "e", zoo["tied"], 5)  # the base's tokenizer, 32 rows
+    monkeypatch.setattr(vocab, "load_tokenizer", lambda *a: pytest.fail("a tokenizer was loaded"))
+    recipe = ta(zoo, ["chat"])
+    recipe["models"] = [{"model": str(e), "parameters": {"weight": 1.0}}]
+    res = merge(recipe, tmp_path / "out")
+    assert "vocabulary" not in res.card

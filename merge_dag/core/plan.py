@@ -102,6 +102,7 @@ class MergePlan:
             f"output:     {len(self.steps)} tensors, {self.out_bytes / gb:.3f} GB as "
             f"{str(self.out_dtype).removeprefix('torch.')}",
             f"largest:    {self.largest_tensor:,} elements",
+            *self._notes(),
             f"est. peak memory for tensors: {self.estimated_peak_bytes() / gb:.3f} GB",
             "",
             "tensors (name, shape, parameters):",
@@ -116,6 +117,19 @@ class MergePlan:
         if max_rows is not None and len(self.steps) > max_rows:
             lines.append(f"  ... {len(self.steps) - max_rows} more")
         return "\n".join(lines)
+
+    def _notes(self) -> list[str]:
+        """describe()'s lines on vocabularies and tensors some inputs lack (none when neither applies)."""
+        out = []
+        if self.vocab is not None:
+            mapped = ", ".join(sorted(self.vocab.tensors))
+            added = f" (union added {len(self.vocab.added)})" if self.vocab.added else ""
+            out.append(f"vocabulary: {self.vocab.size} tokens{added}; rows mapped by token in {mapped}")
+        if self.skipped:
+            out.append(f"skipped:    {len(self.skipped)} tensor(s) some inputs lack (missing_tensors: skip)")
+        if self.stand_ins:
+            out.append(f"from base:  {len(self.stand_ins)} tensor(s) some models lack (missing_tensors: base)")
+        return out
 
 
 def format_params(p: dict[str, Any]) -> str:

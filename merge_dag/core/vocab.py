@@ -2,10 +2,12 @@
 
 An embedding (input embedding or lm_head) row belongs to a token, not to an id: an expert that added
 tokens (a chat template's `<|im_start|>`) or padded its vocabulary to a round size has rows the base
-has not, at ids that may mean something else there. When the inputs' vocabulary tensors differ in
-size, or the recipe says `tokenizer_source: union`, the plan maps every input's rows onto the output
-vocabulary by token string before the method runs (`VocabMap`):
+has not, at ids that may mean something else there. The plan maps every input's rows onto the
+output vocabulary by token string before the method runs (`VocabMap`):
 
+- the map is made when the inputs' vocabulary tensors differ in rows, or their tokenizers give some
+  id to different tokens (tokenizer files that differ in bytes are loaded and compared), or the
+  recipe says `union`; otherwise rows merge by id and no tokenizer is loaded;
 - the output vocabulary is the tokenizer of `tokenizer_source` (`base`, default; a model), or, for
   `union`, the base's tokenizer (the first model's without a base) with every token of the other
   models it lacks appended in input order (a token added to a model stays special if it was);
@@ -136,7 +138,7 @@ def plan_vocab(
 
     source: input index whose tokenizer is the output's (tokenizer_source), ignored for union."""
     rows = [vocab_rows(ck) for ck in inputs]
-    if not union and len({r for r in rows}) <= 1:
+    if not union and len(set(rows)) <= 1 and not _tokenizers_differ(inputs):
         return None
     if any(r is None for r in rows):
         k = rows.index(None)
@@ -146,6 +148,11 @@ def plan_vocab(
         )
     toks = [load_tokenizer(ck.folder, ck.name) for ck in inputs]
     vocabs = [_token_ids(t) for t in toks]
+    if not union and len(set(rows)) <= 1:
+        # same rows, different tokenizer files: map only if some id means another token somewhere
+        within = [{s: i for s, i in v.items() if i < r} for v, r in zip(vocabs, rows)]
+        if all(w == within[0] for w in within[1:]):
+            return None
     lead = base_idx if base_idx is not None else 0
     out_tok = None
     added: list[str] = []
@@ -182,13 +189,10 @@ def plan_vocab(
                 )
         size = len(out_vocab)
     else:
+        # the source's rows are the output's (its padding rows stay); ids past them have no row
         src = lead if source is None else source
-        out_vocab = vocabs[src]
-        size = max(out_vocab.values()) + 1 if out_vocab else 0
-        if size > rows[src]:
-            size = rows[src]  # a tokenizer claiming ids past the source's rows: those ids have no row
-        out_vocab = {s: i for s, i in out_vocab.items() if i < size}
-        size = max(size, rows[src])  # the source's padding rows stay (they are its vocabulary's size)
+        size = rows[src]
+        out_vocab = {s: i for s, i in vocabs[src].items() if i < size}
     by_id: dict[int, str] = {i: s for s, i in out_vocab.items()}
     index: dict[int, torch.Tensor] = {}
     for k in range(len(inputs)):
@@ -208,6 +212,27 @@ def plan_vocab(
         j = int((~held).nonzero()[0])
         raise MergeInputError(f"{where}: output token {by_id.get(j)!r} (id {j}) has a row in no input")
     return VocabMap(size, index, base_idx, vocab_tensors(inputs, rows), out_tok if union else None, added)
+
+
+TOKEN_FILES = ("tokenizer.json", "added_tokens.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizers_differ(inputs: list) -> bool:
+    """Whether the inputs' vocabulary files differ in bytes (only inputs that all hold tokenizer.json
+    are compared; without it there is nothing to map by, and rows merge by id as before)."""
+    import hashlib
+
+    digests = set()
+    for ck in inputs:
+        folder = Path(ck.folder)
+        if not (folder / "tokenizer.json").is_file():
+            return False
+        h = hashlib.sha256()
+        for name in TOKEN_FILES:
+            p = folder / name
+            h.update(name.encode() + b"\0" + (p.read_bytes() if p.is_file() else b"") + b"\0")
+        digests.add(h.hexdigest())
+    return len(digests) > 1
 
 
 def _specials(tok) -> set[str]:
