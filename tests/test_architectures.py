@@ -246,3 +246,21 @@ def test_missing_tensors_base_needs_a_base(families, tmp_path):
         merge(recipe("linear", fam, missing_tensors="base"), tmp_path / "out")
     with pytest.raises(RecipeError, match="missing_tensors"):
         parse_recipe(recipe("linear", fam, missing_tensors="drop"))
+
+
+def test_cached_task_vectors_give_the_same_merge_when_a_tensor_is_missing(families, tmp_path):
+    from merge_dag.core.merge import execute
+    from merge_dag.core.task_vector import compute_task_vector
+
+    fam = dict(families["llama"])
+    fam["e2"] = _drop(fam["e2"], NORM, tmp_path / "e2-short")
+    r = compute_task_vector(fam["base"], fam["e2"], tmp_path / "tv2")
+    assert r.left_out == [NORM]
+    compute_task_vector(fam["base"], fam["e1"], tmp_path / "tv1")
+    tvs = {str(fam["e1"]): tmp_path / "tv1", str(fam["e2"]): tmp_path / "tv2"}
+    rec = recipe("task_arithmetic", fam, missing_tensors="base")
+    direct = merge(rec, tmp_path / "direct")
+    via = execute(plan_merge(parse_recipe(rec), task_vectors=tvs), tmp_path / "via", progress=False)
+    assert via.output_fingerprint == direct.output_fingerprint
+    with pytest.raises(MissingTensorError, match=NORM):  # without missing_tensors: still refused
+        plan_merge(parse_recipe(recipe("task_arithmetic", fam)), task_vectors=tvs)

@@ -235,3 +235,23 @@ def test_identical_tokenizers_load_nothing(zoo, tmp_path, monkeypatch):
     recipe["models"] = [{"model": str(e), "parameters": {"weight": 1.0}}]
     res = merge(recipe, tmp_path / "out")
     assert "vocabulary" not in res.card
+
+
+def test_cached_task_vectors_give_the_same_merge(zoo, tmp_path):
+    """The Dagster layer reads experts as base + cached task vector: a task vector covers the tensors
+    the expert shares with the base (embedding rows over another vocabulary are left out), and the
+    merge reads the expert itself for the rest, so the output is the same bytes."""
+    from merge_dag.core.merge import execute
+    from merge_dag.core.plan import plan_merge
+    from merge_dag.core.recipe import parse_recipe
+    from merge_dag.core.task_vector import compute_task_vector
+
+    tvs = {}
+    for m in ("chat", "tool"):
+        r = compute_task_vector(zoo["base"], zoo[m], tmp_path / f"tv-{m}")
+        assert sorted(r.left_out) == ([] if zoo["tied"] else ["lm_head.weight"]) + ["model.embed_tokens.weight"]
+        tvs[str(zoo[m])] = tmp_path / f"tv-{m}"
+    recipe = ta(zoo, ["chat", "tool"], tokenizer_source="union")
+    direct = merge(recipe, tmp_path / "direct")
+    via = execute(plan_merge(parse_recipe(recipe), task_vectors=tvs), tmp_path / "via", progress=False)
+    assert via.output_fingerprint == direct.output_fingerprint

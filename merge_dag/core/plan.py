@@ -211,19 +211,19 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
         info = ref.info(name)
         t = pmap.layer_position(name, n_layers)
         have = holders[name]
+        by_token = vocab if vocab is not None and name in vocab.tensors else None
         sources = [
             TensorInput(
                 offset + i if offset + i in have else 0,  # missing_tensors: base -- the base stands in
                 name,
                 _model_params(method, [m.parameters, recipe.parameters], name, t),
-                deltas[i] if offset + i in have else None,
+                _delta_for(deltas[i], name, info.shape) if offset + i in have and by_token is None else None,
             )
             for i, m in enumerate(model_entries)
         ]
         base = TensorInput(0, name, {}) if base_idx is not None else None
         if len(have) < len(inputs):
             stand_ins[name] = [inputs[k].name for k in range(len(inputs)) if k not in have]
-        by_token = vocab if vocab is not None and name in vocab.tensors else None
         steps.append(
             TensorStep(
                 name,
@@ -349,10 +349,18 @@ def _task_vector_deltas(
             raise MergeInputError(
                 f"{recipe.where}: task vector given for {ref_name!r}, which the recipe does not merge"
             )
-        tv = Checkpoint(folder, name=f"task_vector({ref_name})")
-        _check_same_tensors(ref, tv)
-        deltas[hits[0]] = tv
+        deltas[hits[0]] = Checkpoint(folder, name=f"task_vector({ref_name})")
     return deltas
+
+
+def _delta_for(tv: Optional[Checkpoint], name: str, shape: tuple[int, ...]) -> Optional[Checkpoint]:
+    """The task vector to read tensor `name` of an expert from (base + delta), or None to read the
+    expert itself: where the task vector lacks the tensor or holds it at another shape (a task vector
+    covers only what the expert and the base share; core.task_vector.common_layout)."""
+    if tv is None:
+        return None
+    info = tv.tensors.get(name)
+    return tv if info is not None and info.shape == shape else None
 
 
 def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> MergePlan:
@@ -625,7 +633,8 @@ def _checked(plan: MergePlan) -> MergePlan:
 def plan_input_paths(plan: MergePlan) -> list[tuple[str, Path]]:
     """(name, path) of everything a merge reads: inputs, task vectors, the tokenizer source."""
     out = [(ck.name, ck.path) for ck in plan.inputs]
-    out += [(s.delta.name, s.delta.path) for st in plan.steps[:1] for s in st.sources if s.delta is not None]
+    deltas = {s.delta.path: s.delta.name for st in plan.steps for s in st.sources if s.delta is not None}
+    out += [(name, path) for path, name in deltas.items()]
     if plan.tokenizer_from is not None:
         out.append((plan.tokenizer_from.name, plan.tokenizer_from.folder))
     return out
@@ -634,21 +643,3 @@ def plan_input_paths(plan: MergePlan) -> list[tuple[str, Path]]:
 def check_target(plan: MergePlan, out_dir: str | Path, overwrite: bool = False) -> Path:
     """check_output_target for this plan's inputs (what `--dry-run` and `execute` both run)."""
     return check_output_target(out_dir, plan_input_paths(plan), overwrite=overwrite)
-
-
-def _check_same_tensors(ref: Checkpoint, ck: Checkpoint) -> None:
-    for name, info in ref.tensors.items():
-        other = ck.tensors.get(name)
-        if other is None:
-            raise MergeInputError(f"model {ck.name!r}: tensor {name!r} is missing (present in {ref.name!r})")
-        if other.shape != info.shape:
-            raise MergeInputError(
-                f"model {ck.name!r}: tensor {name!r} has shape {list(other.shape)}, "
-                f"but {ref.name!r} has {list(info.shape)}"
-            )
-    extra = [n for n in ck.tensors if n not in ref.tensors]
-    if extra:
-        raise MergeInputError(
-            f"model {ck.name!r}: tensor {extra[0]!r} is not in {ref.name!r}"
-            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; tensor names disagree"
-        )
