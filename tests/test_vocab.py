@@ -136,6 +136,9 @@ def test_union_maps_rows_by_token_with_the_documented_defaults(zoo, tmp_path):
     assert all(vo[w] == vb[w] for w in WORDS)
     assert [vo["<|im_start|>"], vo["<|im_end|>"], vo["<tool>"]] == [32, 33, 34]
     assert res.card["vocabulary"]["union_added_tokens"] == ["<|im_start|>", "<|im_end|>", "<tool>"]
+    readme = (out / "README.md").read_text()
+    assert "## Vocabulary\n\n35 tokens; embedding rows mapped by token in <code>" in readme
+    assert "added 3 token(s): <code>&lt;\\|im\\_start\\|&gt;</code>" in readme
     names = ["model.embed_tokens.weight"] + ([] if zoo["tied"] else ["lm_head.weight"])
     for name in names:
         B, C, T, M = (rows(f, name) for f in (zoo["base"], zoo["chat"], zoo["tool"], out))

@@ -201,6 +201,18 @@ def model_card(card: dict) -> str:
         lines.append(
             f"| {md_text(i['role'])} | <code>{md_text(i['model'])}</code> | <code>{md_text(i['fingerprint'])}</code> |"
         )
+    voc = card.get("vocabulary")
+    if voc:
+        added = voc.get("union_added_tokens") or []
+        lines += [
+            "",
+            "## Vocabulary",
+            "",
+            f"{md_text(voc.get('size'))} tokens; embedding rows mapped by token in "
+            + ", ".join(f"<code>{md_text(n)}</code>" for n in voc.get("tensors", []))
+            + (f"; `tokenizer_source: union` added {len(added)} token(s): " if added else "")
+            + ", ".join(f"<code>{md_text(t)}</code>" for t in added),
+        ]
     if card.get("skipped_tensors"):
         lines += ["", "## Tensors left out (`missing_tensors: skip`)", ""]
         lines += [f"- <code>{md_text(n)}</code>" for n in card["skipped_tensors"]]

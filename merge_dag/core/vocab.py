@@ -60,18 +60,19 @@ class VocabMap:
 
     def remap(self, tensors: list[torch.Tensor], models: list[int]) -> list[torch.Tensor]:
         """`tensors[k]` (float32, rows in input models[k]'s vocabulary) as rows of the output
-        vocabulary: own rows where that input has the token, the default row elsewhere."""
+        vocabulary: own rows where that input has the token, the default row elsewhere. Holds the
+        inputs, one default matrix and the outputs: (2 x inputs + 1) copies of the vocabulary tensor."""
         dev = tensors[0].device
         rest = tuple(tensors[0].shape[1:])
         idx = {m: self.index[m].to(dev) for m in dict.fromkeys(models)}
         first = {m: models.index(m) for m in idx}
-        total = torch.zeros((self.size, *rest), dtype=torch.float32, device=dev)
+        fill = torch.zeros((self.size, *rest), dtype=torch.float32, device=dev)  # sum, then mean
         count = torch.zeros(self.size, dtype=torch.float32, device=dev)
         for m, k in first.items():
             have = idx[m] >= 0
-            total[have] += tensors[k][idx[m][have]]
+            fill[have] += tensors[k][idx[m][have]]
             count[have] += 1
-        fill = total / count.clamp(min=1).view(-1, *([1] * len(rest)))
+        fill /= count.clamp(min=1).view(-1, *([1] * len(rest)))
         if self.base is not None and self.base in idx:
             have = idx[self.base] >= 0
             fill[have] = tensors[first[self.base]][idx[self.base][have]]
