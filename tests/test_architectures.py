@@ -1,14 +1,15 @@
 """Any architecture, nothing dropped (issue 14, item 5).
 
-Tiny random models of seven transformers architectures (Llama, Qwen2, Qwen3, Mistral, Gemma2, Phi3,
-Mixtral) are built here with save_pretrained(safe_serialization=True): a base and two experts (base +
-small random deltas, fixed seeds), float32. Each is merged with one method of every family (linear,
-task_arithmetic, ties, slerp, model_stock, tsv_merge) through merge_dag.core.engine.merge, and the
-output reloads with transformers' AutoModelForCausalLM with exactly the base's tensor names; the
-task_arithmetic output equals base + lambda * sum_i w_i (e_i - base) tensor by tensor, the linear one
-sum_i w_i m_i / sum_i w_i, and tied embeddings stay tied (no lm_head.weight written, the reloaded
-model's lm_head is its embedding). Inputs whose tensor sets disagree are refused with one
-MissingTensorError naming the tensor and the models, unless `missing_tensors` says how to merge them.
+Tiny random models of eight transformers architectures (Llama, Qwen2, Qwen3, Mistral, Gemma2, Phi3,
+and the MoEs Mixtral and Qwen2-MoE) are built here with save_pretrained(safe_serialization=True): a
+base and two experts (base + small random deltas, fixed seeds), float32. Each is merged with one
+method of every family (linear, task_arithmetic, ties, slerp, model_stock, tsv_merge) through
+merge_dag.core.engine.merge, and the output reloads with transformers' AutoModelForCausalLM with
+exactly the base's tensor names; the task_arithmetic output equals
+base + lambda * sum_i w_i (e_i - base) tensor by tensor, the linear one sum_i w_i m_i / sum_i w_i,
+and tied embeddings stay tied (no lm_head.weight written, the reloaded model's lm_head is its
+embedding). Inputs whose tensor sets disagree are refused with one MissingTensorError naming the
+tensor and the models, unless `missing_tensors` says how to merge them.
 """
 
 from __future__ import annotations
@@ -54,10 +55,13 @@ def _config(arch: str):
         "gemma2": lambda: tf.Gemma2Config(**COMMON, head_dim=8),  # tied by default
         "phi3": lambda: tf.Phi3Config(**COMMON),  # fused qkv_proj and gate_up_proj
         "mixtral": lambda: tf.MixtralConfig(**COMMON, num_local_experts=2, num_experts_per_tok=1),
+        "qwen2_moe": lambda: tf.Qwen2MoeConfig(  # routed experts + a gated shared expert
+            **COMMON, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=8, shared_expert_intermediate_size=16
+        ),
     }[arch]()
 
 
-ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "mixtral")
+ARCHS = ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "mixtral", "qwen2_moe")
 
 
 def build_family(arch: str, root: Path, n_experts: int = 2) -> dict[str, Path]:
