@@ -258,3 +258,14 @@ def test_cached_task_vectors_give_the_same_merge(zoo, tmp_path):
     direct = merge(recipe, tmp_path / "direct")
     via = execute(plan_merge(parse_recipe(recipe), task_vectors=tvs), tmp_path / "via", progress=False)
     assert via.output_fingerprint == direct.output_fingerprint
+
+
+def test_tokenizer_source_outside_the_merge_with_differing_vocabularies_is_refused(zoo, tmp_path):
+    recipe = ta(zoo, ["chat"], tokenizer_source=str(zoo["tool"]))
+    with pytest.raises(MergeInputError, match=r"tokenizer_source: '.*tool' is not one of the merged models"):
+        merge(recipe, tmp_path / "out")
+    # a merged model's vocabulary is the output's: chat's 34 tokens, tokenizer files copied from chat
+    out = tmp_path / "chat-vocab"
+    merge(ta(zoo, ["chat"], tokenizer_source=str(zoo["chat"])), out)
+    assert check_agrees(out, zoo["tied"]) == 34
+    assert (out / "tokenizer.json").read_bytes() == (zoo["chat"] / "tokenizer.json").read_bytes()

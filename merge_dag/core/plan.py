@@ -191,9 +191,14 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     _check_distinct_paths(recipe, inputs)
 
     ref = inputs[0]
-    vocab = plan_vocab(
-        recipe.where, inputs, base_idx, _tokenizer_input(recipe, inputs), _is_union(recipe.tokenizer_source)
-    )
+    tok_input = _tokenizer_input(recipe, inputs)
+    vocab = plan_vocab(recipe.where, inputs, base_idx, tok_input, _is_union(recipe.tokenizer_source))
+    if vocab is not None and tok_input is None and _names_a_model(recipe.tokenizer_source):
+        raise MergeInputError(
+            f"{recipe.where}: tokenizer_source: {recipe.tokenizer_source!r} is not one of the merged models, "
+            "but their vocabularies differ, so the output's rows follow a merged model's vocabulary; name "
+            "`base`, a merged model, or `union`"
+        )
     names, holders, skipped = _tensor_names(recipe, inputs, base_idx, vocab.tensors if vocab else set())
     _check_dtypes(method, inputs)
 
@@ -249,11 +254,15 @@ def _is_union(ref: Optional[str]) -> bool:
     return ref is not None and ref.strip().lower() == UNION
 
 
+def _names_a_model(ref: Optional[str]) -> bool:
+    return ref is not None and ref != "base" and not _is_union(ref) and ref.strip().lower() != NO_TOKENIZER
+
+
 def _tokenizer_input(recipe: Recipe, inputs: list[Checkpoint]) -> Optional[int]:
     """The index in `inputs` of the model `tokenizer_source` names (None: the default, or union/none;
     also None when it names a model that is not merged: its vocabulary cannot map rows it has not)."""
     ref = recipe.tokenizer_source
-    if ref is None or ref == "base" or _is_union(ref) or ref.strip().lower() == NO_TOKENIZER:
+    if not _names_a_model(ref):
         return None
     path = recipe.model_location(ref)[0].resolve()
     for k, ck in enumerate(inputs):
