@@ -75,6 +75,10 @@ EXTERNAL = {
         "recorded in lineage with the GGUF's sha256",
     ),
     "audit": ("merge_dag.lineage.command", "print the provenance tree of a merged model (path, name or artifact id)"),
+    "card": (
+        "merge_dag.lineage.card_command",
+        "rewrite a merged model's card (README.md front matter) with its lm-eval results from lineage (model-index)",
+    ),
 }
 
 

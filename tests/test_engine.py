@@ -15,7 +15,7 @@ import torch
 from merge_dag.cli import main as cli
 from merge_dag.core.checkpoint import INDEX_NAME, Checkpoint
 from merge_dag.core.engine import merge, plan_merge
-from merge_dag.core.errors import CheckpointError, MergeInputError
+from merge_dag.core.errors import CheckpointError, MergeInputError, MissingTensorError
 from merge_dag.core.fingerprint import checkpoint_fingerprint
 from merge_dag.core.recipe import load_recipe
 
@@ -194,7 +194,9 @@ def test_missing_tensor_in_one_expert(tmp_path, family):
     write_model(family["e2"], state, tiny_config(3))
     out = tmp_path / "out"
     with pytest.raises(
-        MergeInputError, match=r"model '.*e2': tensor 'model.layers.2.self_attn.k_proj.weight' is missing"
+        MissingTensorError,
+        match=r"tensor 'model.layers.2.self_attn.k_proj.weight' is in .*'.*e1' but missing from '.*e2'; "
+        r"set `missing_tensors: base`",
     ):
         merge(ta_recipe(tmp_path, family), out)
     _assert_no_output(tmp_path, out)
@@ -206,7 +208,7 @@ def test_extra_tensor_in_one_expert(tmp_path, family):
     shutil.rmtree(family["e2"])
     write_model(family["e2"], state, tiny_config(3))
     with pytest.raises(
-        MergeInputError, match=r"model '.*e2': tensor 'model.extra.weight' is not in .*tensor names disagree"
+        MissingTensorError, match=r"tensor 'model.extra.weight' is in '.*e2' but missing from '.*base', "
     ):
         merge(ta_recipe(tmp_path, family), tmp_path / "out")
 

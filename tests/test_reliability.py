@@ -479,7 +479,16 @@ def test_model_card_escapes_names(tmp_path, family):
     """,
     )
     merge(p, tmp_path / "out")
-    card = (tmp_path / "out" / "README.md").read_text()
+    readme = (tmp_path / "out" / "README.md").read_text()
+    # the YAML front matter is data (the Hub parses it, never renders it as Markdown): the strings
+    # there are YAML-quoted, and the document ends where it should
+    import yaml
+
+    assert readme.startswith("---\n")
+    front, card = readme[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "transformers" and meta["merge_dag"]["recipe"]["name"].startswith("<script>")
+    assert str(evil) in meta["base_model"]
     fence_lines = [line for line in card.splitlines() if line.startswith("```")]
     assert len(fence_lines) == 2 and fence_lines[0].rstrip("yaml") == fence_lines[1]  # one block, closed
     assert len(fence_lines[1]) > 3  # longer than the backtick run inside the recipe
@@ -490,11 +499,6 @@ def test_model_card_escapes_names(tmp_path, family):
     assert "&lt;script&gt;" in rendered and "&lt;img src=x onerror=alert\\(1\\)&gt;" in rendered
     assert not [line for line in rendered.splitlines() if "injected" in line and not line.startswith("# &lt;script")]
     assert "<script>alert(1)</script>" in code  # the recipe as written, inside a block it cannot close
-    # the front matter stays one YAML document
-    front = card.split("---")[1]
-    import yaml
-
-    assert yaml.safe_load(front)["library_name"] == "transformers"
 
 
 def test_md_text_neutralises_code_and_newlines():

@@ -84,16 +84,102 @@ def _fence(body: str) -> str:
     return "`" * max(3, longest + 1)
 
 
+_HUB_CACHE = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+
+
+def hub_id(inp: dict) -> str:
+    """The name a card's `base_model` gives one input: `org/name` for a folder in the Hugging Face
+    cache layout (`.../models--org--name/snapshots/<rev>`), else the name the recipe gives it (a
+    LoRA expert `base+adapter`: its adapter's). Name inputs by their hub id in the recipe, as with
+    mergekit, for the hub to link them."""
+    path = str(inp.get("adapter") or inp.get("path") or "")
+    m = _HUB_CACHE.search(path)
+    if m:
+        return f"{m[1]}/{m[2]}"
+    name = str(inp["model"])
+    return name.split("+", 1)[1] if inp.get("adapter") and "+" in name else name
+
+
+def front_matter(card: dict) -> dict:
+    """The Hugging Face metadata of a merged model's card (the YAML front matter of its README.md):
+
+    - `base_model`: every input (the base first), as `hub_id` names it; `base_model_relation: merge`;
+    - `tags`: merge, mergekit-compatible (the recipe is mergekit's YAML), merge_dag, the method;
+    - `merge_dag`: version, method, the recipe, and each input's role, name and content fingerprint
+      (`sha256:` hash tree over tensor names, dtypes, shapes, bytes and config.json);
+    - `model-index`: the lm-eval results, when the card carries them (`eval_results`, added by
+      `merge-dag card` from lineage; see `with_eval_results`)."""
+    inputs = sorted(card["inputs"], key=lambda i: i["role"] != "base")  # stable: the base first
+    front: dict[str, Any] = {
+        "library_name": "transformers",
+        "base_model": list(dict.fromkeys(hub_id(i) for i in inputs)),
+        "base_model_relation": "merge",
+        "tags": list(dict.fromkeys(["merge", "mergekit-compatible", "merge_dag", str(card["method"])])),
+        "merge_dag": {
+            "version": str(card["merge_dag_version"]),
+            "method": str(card["method"]),
+            "recipe": card["recipe"],
+            "inputs": [
+                {"role": str(i["role"]), "model": str(i["model"]), "fingerprint": str(i["fingerprint"])}
+                for i in card["inputs"]
+            ],
+        },
+    }
+    if card.get("artifact_id"):
+        front["merge_dag"]["artifact_id"] = str(card["artifact_id"])
+    if card.get("eval_results"):
+        front["model-index"] = model_index(card_title(card), card["eval_results"])
+    return front
+
+
+def card_title(card: dict) -> str:
+    return str(card.get("name") or card["recipe"].get("name") or "merged model")
+
+
+EVAL_SOURCE = "lm-evaluation-harness, run by merge_dag (lineage)"
+
+
+def model_index(name: str, results: list[dict]) -> list[dict]:
+    """Hugging Face `model-index` from lm-eval results [{task, metric, value, stderr?, n?}]: one
+    result per task (dataset type and name: the lm-eval task), one metric entry per metric."""
+    by_task: dict[str, list[dict]] = {}
+    for r in results:
+        by_task.setdefault(str(r["task"]), []).append(r)
+    out = []
+    for task, rows in by_task.items():
+        out.append(
+            {
+                "task": {"type": "text-generation", "name": "Text Generation"},
+                "dataset": {"name": task, "type": task},
+                "metrics": [
+                    {"type": str(r["metric"]), "value": float(r["value"]), "name": str(r["metric"]), "verified": False}
+                    for r in rows
+                ],
+                "source": {"name": EVAL_SOURCE},
+            }
+        )
+    return [{"name": name, "results": out}]
+
+
+def with_eval_results(card: dict, metrics: list[dict]) -> dict:
+    """The card with `eval_results`: [{task, metric, value, stderr, n}] (sorted by task and metric;
+    the keys lineage records per metric), which the front matter turns into `model-index`."""
+    rows = [
+        {k: m.get(k) for k in ("task", "metric", "value", "stderr", "n")}
+        for m in sorted(metrics, key=lambda m: (str(m["task"]), str(m["metric"])))
+        if isinstance(m.get("value"), (int, float)) and not isinstance(m.get("value"), bool)
+    ]
+    return {**card, "eval_results": rows}
+
+
 def model_card(card: dict) -> str:
-    """The README.md of a merged model. Every user string (names, paths, parameters) is escaped
-    (md_text) or sits in a code fence it cannot close."""
+    """The README.md of a merged model: Hugging Face front matter (`front_matter`), then the card.
+    Every user string (names, paths, parameters) is escaped (md_text), sits in a code fence it
+    cannot close, or in the YAML front matter (yaml.safe_dump quotes it)."""
     import yaml
 
-    base = next((i["model"] for i in card["inputs"] if i["role"] == "base"), None)
-    front = {"library_name": "transformers", "tags": ["merge", "merge_dag", str(card["method"])]}
-    if base:
-        front["base_model"] = [str(base)]
-    title = card.get("name") or card["recipe"].get("name") or "merged model"
+    front = front_matter(card)
+    title = card_title(card)
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -115,6 +201,33 @@ def model_card(card: dict) -> str:
         lines.append(
             f"| {md_text(i['role'])} | <code>{md_text(i['model'])}</code> | <code>{md_text(i['fingerprint'])}</code> |"
         )
+    voc = card.get("vocabulary")
+    if voc:
+        added = voc.get("union_added_tokens") or []
+        lines += [
+            "",
+            "## Vocabulary",
+            "",
+            f"{md_text(voc.get('size'))} tokens; embedding rows mapped by token in "
+            + ", ".join(f"<code>{md_text(n)}</code>" for n in voc.get("tensors", []))
+            + (f"; `tokenizer_source: union` added {len(added)} token(s): " if added else "")
+            + ", ".join(f"<code>{md_text(t)}</code>" for t in added),
+        ]
+    if card.get("skipped_tensors"):
+        lines += ["", "## Tensors left out (`missing_tensors: skip`)", ""]
+        lines += [f"- <code>{md_text(n)}</code>" for n in card["skipped_tensors"]]
+    if card.get("base_stand_ins"):
+        lines += ["", "## Tensors read from the base for models that lack them (`missing_tensors: base`)", ""]
+        lines += [
+            f"- <code>{md_text(n)}</code>: {', '.join(f'<code>{md_text(m)}</code>' for m in models)}"
+            for n, models in card["base_stand_ins"].items()
+        ]
+    if card.get("eval_results"):
+        lines += ["", "## Evaluation (lm-eval)", "", "| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
+        for r in card["eval_results"]:
+            err = "" if r.get("stderr") is None else f"{r['stderr']:.4f}"
+            n = "" if r.get("n") is None else md_text(r["n"])
+            lines.append(f"| {md_text(r['task'])} | {md_text(r['metric'])} | {r['value']:.4f} | {err} | {n} |")
     recipe_text = yaml.safe_dump(card["recipe"], sort_keys=False).strip()
     fence = _fence(recipe_text)
     lines += [

@@ -17,6 +17,11 @@ class MergeInputError(MergeDagError):
     """The inputs of a merge disagree: tensor names, shapes, non-finite values, duplicates."""
 
 
+class MissingTensorError(MergeInputError):
+    """A tensor is in some inputs and not in others, and the recipe's `missing_tensors` does not say
+    how to merge it (the message names the tensor, the models that have it and those that lack it)."""
+
+
 class OutputError(MergeDagError):
     """The output cannot be written where asked: a folder merge_dag may not replace (a user's folder,
     an input, the working directory), or the file system refused (disk full, read-only)."""

@@ -281,6 +281,8 @@ def _merge_one(
         return raws[0]
     # raw buffers are fresh per read and already hashed, so methods may work on them in place
     floats = [r.to(device=device, dtype=torch.float32) for r in raws]
+    if step.vocab is not None:  # rows by token: each input's rows onto the output vocabulary
+        floats = step.vocab.remap(floats, [s.model for s in srcs])
     base = floats[0] if step.base else None
     models = floats[1:] if step.base else floats
     gen = None
@@ -317,9 +319,23 @@ def write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, str
         writer.write_json("config.json", config)
     base_ck = plan.inputs[0]
     writer.copy_files(base_ck.folder, [n for n in COPIED_FILES if n != "config.json"])
-    if plan.tokenizer_from is not None:  # tokenizer, chat template, special tokens, generation config
+    if plan.vocab is not None and plan.vocab.tokenizer is not None:  # tokenizer_source: union
+        writer.copy_files(plan.tokenizer_from.folder, ("generation_config.json", "chat_template.jinja"))
+        plan.vocab.tokenizer.save_pretrained(str(writer.tmp))
+    elif plan.tokenizer_from is not None:  # tokenizer, chat template, special tokens, generation config
         writer.copy_files(plan.tokenizer_from.folder, TOKENIZER_FILES + ("generation_config.json",))
     inputs = [card_input(ck, role, fps[ck.name]) for ck, role in zip(plan.inputs, plan.roles)]
+    extra = dict(extra)
+    if plan.skipped:  # missing_tensors: skip -- what was left out, on the record
+        extra["skipped_tensors"] = list(plan.skipped)
+    if plan.stand_ins:  # missing_tensors: base -- where the base stood in for a model
+        extra["base_stand_ins"] = dict(plan.stand_ins)
+    if plan.vocab is not None:  # rows were mapped by token onto the output vocabulary
+        extra["vocabulary"] = {
+            "size": plan.vocab.size,
+            "tensors": sorted(plan.vocab.tensors),
+            "union_added_tokens": list(plan.vocab.added),
+        }
     card = build_card(
         plan.method.name,
         plan.recipe.to_yaml_dict(),

@@ -9,7 +9,7 @@ merge_dag.core.merge executes a plan; merge_dag.core.card writes its card.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,10 +17,11 @@ import torch
 
 from . import params as pmap
 from .checkpoint import COPIED_FILES, TOKENIZER_FILES, Checkpoint, check_output_target, copyable_files, parse_dtype
-from .errors import CheckpointError, MergeInputError, RecipeError
+from .errors import CheckpointError, MergeInputError, MissingTensorError, RecipeError
 from .methods.base import MergeMethod
 from .methods.registry import get_method
 from .recipe import Recipe
+from .vocab import VocabMap, plan_vocab
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -45,6 +46,7 @@ class TensorStep:
     sources: list[TensorInput]
     params: dict[str, Any]  # global parameters resolved for this tensor
     t: float  # layer position in [0, 1]
+    vocab: Optional[VocabMap] = None  # rows indexed by token: map each input's rows onto the output vocabulary
 
     @property
     def numel(self) -> int:
@@ -65,6 +67,9 @@ class MergePlan:
     config: dict
     tokenizer_from: Optional[Checkpoint]
     device: str
+    skipped: list[str] = field(default_factory=list)  # tensors left out (`missing_tensors: skip`)
+    stand_ins: dict[str, list[str]] = field(default_factory=dict)  # tensor -> models read as the base there
+    vocab: Optional[VocabMap] = None  # the inputs' vocabularies differ, or tokenizer_source: union
 
     @property
     def out_bytes(self) -> int:
@@ -97,6 +102,7 @@ class MergePlan:
             f"output:     {len(self.steps)} tensors, {self.out_bytes / gb:.3f} GB as "
             f"{str(self.out_dtype).removeprefix('torch.')}",
             f"largest:    {self.largest_tensor:,} elements",
+            *self._notes(),
             f"est. peak memory for tensors: {self.estimated_peak_bytes() / gb:.3f} GB",
             "",
             "tensors (name, shape, parameters):",
@@ -111,6 +117,19 @@ class MergePlan:
         if max_rows is not None and len(self.steps) > max_rows:
             lines.append(f"  ... {len(self.steps) - max_rows} more")
         return "\n".join(lines)
+
+    def _notes(self) -> list[str]:
+        """describe()'s lines on vocabularies and tensors some inputs lack (none when neither applies)."""
+        out = []
+        if self.vocab is not None:
+            mapped = ", ".join(sorted(self.vocab.tensors))
+            added = f" (union added {len(self.vocab.added)})" if self.vocab.added else ""
+            out.append(f"vocabulary: {self.vocab.size} tokens{added}; rows mapped by token in {mapped}")
+        if self.skipped:
+            out.append(f"skipped:    {len(self.skipped)} tensor(s) some inputs lack (missing_tensors: skip)")
+        if self.stand_ins:
+            out.append(f"from base:  {len(self.stand_ins)} tensor(s) some models lack (missing_tensors: base)")
+        return out
 
 
 def format_params(p: dict[str, Any]) -> str:
@@ -172,40 +191,153 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     _check_distinct_paths(recipe, inputs)
 
     ref = inputs[0]
-    names = ref.tensor_names
-    for ck in inputs[1:]:
-        _check_same_tensors(ref, ck)
+    tok_input = _tokenizer_input(recipe, inputs)
+    vocab = plan_vocab(recipe.where, inputs, base_idx, tok_input, _is_union(recipe.tokenizer_source))
+    if vocab is not None and tok_input is None and _names_a_model(recipe.tokenizer_source):
+        raise MergeInputError(
+            f"{recipe.where}: tokenizer_source: {recipe.tokenizer_source!r} is not one of the merged models, "
+            "but their vocabularies differ, so the output's rows follow a merged model's vocabulary; name "
+            "`base`, a merged model, or `union`"
+        )
+    names, holders, skipped = _tensor_names(recipe, inputs, base_idx, vocab.tensors if vocab else set())
     _check_dtypes(method, inputs)
 
     config = ref.config()
+    if vocab is not None and config:
+        config = dict(config)
+        config["vocab_size"] = vocab.size
     n_layers = _num_layers(config, names)
     out_dtype = _out_dtype(recipe, ref)
     offset = 0 if base_idx is None else 1
     deltas = _task_vector_deltas(recipe, method, ref, model_entries, task_vectors, base_idx is not None)
     steps = []
+    stand_ins: dict[str, list[str]] = {}
     for name in names:
         info = ref.info(name)
         t = pmap.layer_position(name, n_layers)
+        have = holders[name]
+        by_token = vocab if vocab is not None and name in vocab.tensors else None
         sources = [
-            TensorInput(offset + i, name, _model_params(method, [m.parameters, recipe.parameters], name, t), deltas[i])
+            TensorInput(
+                offset + i if offset + i in have else 0,  # missing_tensors: base -- the base stands in
+                name,
+                _model_params(method, [m.parameters, recipe.parameters], name, t),
+                _delta_for(deltas[i], name, info.shape) if offset + i in have and by_token is None else None,
+            )
             for i, m in enumerate(model_entries)
         ]
         base = TensorInput(0, name, {}) if base_idx is not None else None
+        if len(have) < len(inputs):
+            stand_ins[name] = [inputs[k].name for k in range(len(inputs)) if k not in have]
         steps.append(
             TensorStep(
                 name,
-                info.shape,
+                (vocab.size, *info.shape[1:]) if by_token else info.shape,
                 info.dtype,
                 out_dtype if info.dtype in FLOAT_DTYPES else info.dtype,
                 base,
                 sources,
                 _global_params(method, recipe.parameters, name, t),
                 t,
+                by_token,
             )
         )
-    return _checked(
-        MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, ref), device)
-    )
+    plan = MergePlan(recipe, method, inputs, roles, steps, out_dtype, config, _tokenizer_source(recipe, ref), device)
+    plan.skipped, plan.stand_ins, plan.vocab = skipped, stand_ins, vocab
+    return _checked(plan)
+
+
+UNION = "union"
+
+
+def _is_union(ref: Optional[str]) -> bool:
+    return ref is not None and ref.strip().lower() == UNION
+
+
+def _names_a_model(ref: Optional[str]) -> bool:
+    return ref is not None and ref != "base" and not _is_union(ref) and ref.strip().lower() != NO_TOKENIZER
+
+
+def _tokenizer_input(recipe: Recipe, inputs: list[Checkpoint]) -> Optional[int]:
+    """The index in `inputs` of the model `tokenizer_source` names (None: the default, or union/none;
+    also None when it names a model that is not merged: its vocabulary cannot map rows it has not)."""
+    ref = recipe.tokenizer_source
+    if not _names_a_model(ref):
+        return None
+    path = recipe.model_location(ref)[0].resolve()
+    for k, ck in enumerate(inputs):
+        if ck.path.resolve() == path:
+            return k
+    return None
+
+
+MISSING_TENSOR_POLICIES = ("error", "base", "skip")
+
+
+def _tensor_names(
+    recipe: Recipe, inputs: list[Checkpoint], base_idx: Optional[int], by_token: set[str] = frozenset()
+) -> tuple[list[str], dict[str, set[int]], list[str]]:
+    """The output tensor names, which inputs hold each, and the names left out.
+
+    The plan is the union of the inputs' safetensors indexes (headers), in the first input's order
+    then each later input's extras: no per-architecture list, so any architecture merges and no
+    tensor is dropped unseen. Where the inputs disagree on the tensor set, `missing_tensors` decides
+    (default `error`: one MissingTensorError naming the tensor, the models that have it and those
+    that lack it); `base`: an expert lacking a tensor is read there as the base (its task vector is
+    zero there), a tensor the base lacks is still an error; `skip`: tensors not in every input are
+    left out of the output (listed in the card). Shapes must agree wherever a tensor exists (for the
+    tensors indexed by token, `by_token`, all but the first dimension: the vocabulary map aligns rows)."""
+    policy = recipe.missing_tensors or "error"
+    union: dict[str, set[int]] = {}
+    for k, ck in enumerate(inputs):
+        for n in ck.tensor_names:
+            union.setdefault(n, set()).add(k)
+    ref_shape: dict[str, tuple[Checkpoint, tuple[int, ...]]] = {}
+    for n, have in union.items():
+        for k in sorted(have):
+            shape = inputs[k].tensors[n].shape
+            if n not in ref_shape:
+                ref_shape[n] = (inputs[k], shape)
+            elif shape != ref_shape[n][1] and not (n in by_token and shape[1:] == ref_shape[n][1][1:]):
+                first = ref_shape[n][0]
+                raise MergeInputError(
+                    f"model {inputs[k].name!r}: tensor {n!r} has shape {list(shape)}, "
+                    f"but {first.name!r} has {list(ref_shape[n][1])}"
+                )
+    partial = {n: have for n, have in union.items() if len(have) < len(inputs)}
+    if not partial:
+        return list(union), union, []
+
+    def names(ks) -> str:
+        return ", ".join(repr(inputs[k].name) for k in sorted(ks))
+
+    def refuse(n: str, hint: str) -> None:
+        have = partial[n]
+        more = f" (and {len(partial) - 1} more tensor(s))" if len(partial) > 1 else ""
+        lack = set(range(len(inputs))) - have
+        raise MissingTensorError(
+            f"{recipe.where}: tensor {n!r} is in {names(have)} but missing from {names(lack)}{more}; {hint}"
+        )
+
+    if policy == "error":
+        refuse(
+            next(iter(partial)),
+            "set `missing_tensors: base` (a missing expert tensor reads as the base's) or `skip` "
+            "(leave such tensors out of the output)",
+        )
+    if policy == "skip":
+        return [n for n in union if n not in partial], union, list(partial)
+    # policy == "base"
+    if base_idx is None:
+        raise RecipeError(
+            f"{recipe.where}: missing_tensors: `base` reads a missing tensor from the base model, but "
+            f"{recipe.merge_method} reads no base_model here; use `error` or `skip`"
+        )
+    no_base = [n for n, have in partial.items() if base_idx not in have]
+    if no_base:
+        partial = {n: partial[n] for n in no_base}
+        refuse(no_base[0], "the base lacks it, so `missing_tensors: base` cannot fill it in (use `skip`)")
+    return list(union), union, []
 
 
 def _task_vector_deltas(
@@ -226,10 +358,18 @@ def _task_vector_deltas(
             raise MergeInputError(
                 f"{recipe.where}: task vector given for {ref_name!r}, which the recipe does not merge"
             )
-        tv = Checkpoint(folder, name=f"task_vector({ref_name})")
-        _check_same_tensors(ref, tv)
-        deltas[hits[0]] = tv
+        deltas[hits[0]] = Checkpoint(folder, name=f"task_vector({ref_name})")
     return deltas
+
+
+def _delta_for(tv: Optional[Checkpoint], name: str, shape: tuple[int, ...]) -> Optional[Checkpoint]:
+    """The task vector to read tensor `name` of an expert from (base + delta), or None to read the
+    expert itself: where the task vector lacks the tensor or holds it at another shape (a task vector
+    covers only what the expert and the base share; core.task_vector.common_layout)."""
+    if tv is None:
+        return None
+    info = tv.tensors.get(name)
+    return tv if info is not None and info.shape == shape else None
 
 
 def _plan_slices(recipe: Recipe, method: type[MergeMethod], device: str) -> MergePlan:
@@ -396,6 +536,8 @@ def _check_dtypes(method: type[MergeMethod], inputs: list[Checkpoint]) -> None:
     ref = inputs[0]
     for ck in inputs[1:]:
         for name, info in ref.tensors.items():
+            if name not in ck.tensors:
+                continue
             other = ck.tensors[name].dtype
             if (info.dtype in FLOAT_DTYPES) != (other in FLOAT_DTYPES):
                 raise MergeInputError(
@@ -435,7 +577,7 @@ def _tokenizer_source(recipe: Recipe, default: Checkpoint) -> Optional[Checkpoin
     ref = recipe.tokenizer_source
     if ref is not None and ref.strip().lower() == NO_TOKENIZER:
         return None
-    tok = default if ref in (None, "base") else _open(recipe, ref)
+    tok = default if ref in (None, "base") or _is_union(ref) else _open(recipe, ref)
     if not copyable_files(tok.folder, TOKENIZER_FILES):
         raise CheckpointError(
             f"{recipe.where}: tokenizer_source: model {tok.name!r} has no tokenizer files in "
@@ -500,7 +642,8 @@ def _checked(plan: MergePlan) -> MergePlan:
 def plan_input_paths(plan: MergePlan) -> list[tuple[str, Path]]:
     """(name, path) of everything a merge reads: inputs, task vectors, the tokenizer source."""
     out = [(ck.name, ck.path) for ck in plan.inputs]
-    out += [(s.delta.name, s.delta.path) for st in plan.steps[:1] for s in st.sources if s.delta is not None]
+    deltas = {s.delta.path: s.delta.name for st in plan.steps for s in st.sources if s.delta is not None}
+    out += [(name, path) for path, name in deltas.items()]
     if plan.tokenizer_from is not None:
         out.append((plan.tokenizer_from.name, plan.tokenizer_from.folder))
     return out
@@ -509,21 +652,3 @@ def plan_input_paths(plan: MergePlan) -> list[tuple[str, Path]]:
 def check_target(plan: MergePlan, out_dir: str | Path, overwrite: bool = False) -> Path:
     """check_output_target for this plan's inputs (what `--dry-run` and `execute` both run)."""
     return check_output_target(out_dir, plan_input_paths(plan), overwrite=overwrite)
-
-
-def _check_same_tensors(ref: Checkpoint, ck: Checkpoint) -> None:
-    for name, info in ref.tensors.items():
-        other = ck.tensors.get(name)
-        if other is None:
-            raise MergeInputError(f"model {ck.name!r}: tensor {name!r} is missing (present in {ref.name!r})")
-        if other.shape != info.shape:
-            raise MergeInputError(
-                f"model {ck.name!r}: tensor {name!r} has shape {list(other.shape)}, "
-                f"but {ref.name!r} has {list(info.shape)}"
-            )
-    extra = [n for n in ck.tensors if n not in ref.tensors]
-    if extra:
-        raise MergeInputError(
-            f"model {ck.name!r}: tensor {extra[0]!r} is not in {ref.name!r}"
-            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; tensor names disagree"
-        )

@@ -12,7 +12,8 @@
     parameters: {lambda: 1.0}
     dtype: float32                        # accepted; merge_dag computes in float32 always
     out_dtype: bfloat16                   # written dtype (default: dtype, else the base's)
-    tokenizer_source: base                # or a model path; `none`: write no tokenizer, on purpose
+    tokenizer_source: base                # or a model path; `union` (merge_dag.core.vocab); `none`: no tokenizer
+    missing_tensors: error                # a tensor some inputs lack: error (default), base or skip
     seed: 0                               # random methods (dare, della) repeat exactly under it
 
 A `models` entry may name experts by glob instead of by path: ``- glob: data/models/math-*`` (with
@@ -156,6 +157,9 @@ class Recipe(_Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    # a tensor in some inputs and not others: `error` (the default, None), `base` (the base stands in
+    # for an expert that lacks it) or `skip` (leave it out of the output); see plan._tensor_names
+    missing_tensors: Optional[Literal["error", "base", "skip"]] = None
     seed: int = 0
     name: Optional[str] = None
     evals: list[str] = Field(default_factory=list)  # lm-eval task names (used by the Dagster layer)
@@ -440,9 +444,6 @@ def validate_recipe(recipe: Recipe) -> None:
 
     if recipe.guidance is not None:
         _validate_guidance(recipe, method, experts)
-
-    if recipe.tokenizer_source == "union":
-        raise RecipeError(f"{where}: tokenizer_source: 'union' is not supported; name `base` or a model path")
 
 
 def _check_value(where: str, method, loc: str, name: str, value: Any, allow_global: bool) -> None:

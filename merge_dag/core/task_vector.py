@@ -7,7 +7,7 @@ merge engine reads experts that way when it is handed their task vectors (engine
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ class TaskVectorResult:
     l2_norm: float  # ||delta||_2 over every tensor
     per_layer_norm: dict[str, float]
     seconds: float
+    left_out: list[str] = field(default_factory=list)  # tensors not in both, or of another shape
 
 
 def compute_task_vector(
@@ -47,10 +48,10 @@ def compute_task_vector(
         and expert.base.path.resolve() == base.path.resolve()
         and not isinstance(base, LoraCheckpoint)
     )
-    _check_same_tensors(base, expert)
+    common, left_out = common_layout(base, expert)
     out_dir = Path(out_dir)
     clean_stale_temporaries(out_dir)
-    plan = [OutTensor(n, i.shape, torch.float32 if i.dtype in FLOATS else i.dtype) for n, i in base.tensors.items()]
+    plan = [OutTensor(n, i.shape, torch.float32 if i.dtype in FLOATS else i.dtype) for n, i in common.items()]
     sq = 0.0
     per_layer: dict[str, float] = {}
     meta = {"kind": "task_vector", **{k: str(v) for k, v in (metadata or {}).items()}}
@@ -69,23 +70,31 @@ def compute_task_vector(
         nbytes = w.bytes_written
         w.commit()
     return TaskVectorResult(
-        out_dir, len(plan), nbytes, sq**0.5, {k: v**0.5 for k, v in per_layer.items()}, time.perf_counter() - t0
+        out_dir,
+        len(plan),
+        nbytes,
+        sq**0.5,
+        {k: v**0.5 for k, v in per_layer.items()},
+        time.perf_counter() - t0,
+        left_out,
     )
 
 
-def _check_same_tensors(base: Checkpoint, expert: Checkpoint) -> None:
-    for name, info in base.tensors.items():
-        other = expert.tensors.get(name)
-        if other is None:
-            raise MergeInputError(f"model {expert.name!r}: tensor {name!r} is missing (present in base {base.name!r})")
-        if other.shape != info.shape:
-            raise MergeInputError(
-                f"model {expert.name!r}: tensor {name!r} has shape {list(other.shape)}, "
-                f"but base {base.name!r} has {list(info.shape)}"
-            )
-    extra = [n for n in expert.tensors if n not in base.tensors]
-    if extra:
-        raise MergeInputError(f"model {expert.name!r}: tensor {extra[0]!r} is not in base {base.name!r}")
+def common_layout(base: Checkpoint, expert: Checkpoint) -> tuple[dict, list[str]]:
+    """({name: base TensorInfo} of the tensors both hold with the same shape, the names left out).
+
+    A task vector covers those; a tensor one of the two lacks, or holds at another shape (an
+    embedding over another vocabulary), is left out, and a merge reads the expert itself there
+    (plan_merge decides, under the recipe's `missing_tensors` and the vocabulary map). Nothing in
+    common at all is an error naming the two models."""
+    common = {n: i for n, i in base.tensors.items() if n in expert.tensors and expert.tensors[n].shape == i.shape}
+    left_out = [n for n in base.tensors if n not in common] + [n for n in expert.tensors if n not in base.tensors]
+    if not common:
+        raise MergeInputError(
+            f"model {expert.name!r}: no tensor has the same name and shape as in base {base.name!r}; "
+            "it is not a fine-tune of that base"
+        )
+    return common, left_out
 
 
 def _require_finite(ck: Checkpoint, name: str, x: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """Asset checks users read next to a merge: its embeddings are sane, and its evaluation against the base.
 
-    merged/<recipe>       embeddings_sane      no NaN/Inf and no new all-zero row in the embedding / lm_head
+    merged/<recipe>       embeddings_sane      no NaN/Inf and no new all-zero, near-zero or copied row in the
+                                               embedding / lm_head (untrained-looking rows)
     merged/<recipe>       evaluated_vs_base    the merge's eval scores beside the base's, per task with Δ
                                                (after eval/merged/<recipe>: the merged page shows this build's scores)
     eval/merged/<recipe>  not_below_base       average of the primary metric >= the base's (WARN if below)
@@ -35,9 +36,35 @@ def _latest_info(context, key: list[str], root: str) -> dict | None:
     return read_json(Path(resolve_path(root, ev.asset_materialization.metadata["path"].value)) / META_FILE)
 
 
+NEAR_ZERO = 1e-3  # a row whose norm is below this fraction of the median row norm looks untrained
+
+
+def untrained_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(near_zero, duplicate) row masks of a 2-D float tensor: rows not all zero whose L2 norm is below
+    NEAR_ZERO x the median row norm, and rows equal to another row (copies, as a vocabulary resized
+    with one fill value leaves them). Duplicates are found through a random projection (rows with
+    equal projections are compared exactly), in O(rows log rows)."""
+    norms = torch.linalg.vector_norm(t, dim=1)
+    nonzero = norms > 0
+    near = torch.zeros_like(nonzero)
+    if bool(nonzero.any()):
+        near = nonzero & (norms < NEAR_ZERO * norms[nonzero].median())
+    g = torch.Generator().manual_seed(0)
+    proj = t.to(torch.float64) @ torch.randn(t.shape[1], generator=g, dtype=torch.float64)
+    order = torch.argsort(proj)
+    same = (proj[order][1:] == proj[order][:-1]).nonzero().flatten().tolist()
+    dup = torch.zeros_like(nonzero)
+    for i in same:
+        a, b = int(order[i]), int(order[i + 1])
+        if bool(nonzero[a]) and torch.equal(t[a], t[b]):
+            dup[a] = dup[b] = True
+    return near, dup
+
+
 def embedding_problems(path: str | Path, reference: str | Path | None = None) -> tuple[list[str], int]:
-    """(problems, tensors checked): every 2-D embedding-like tensor must be finite, with no all-zero row
-    that is not all-zero in `reference` too (a padding token's row is zero in the base already)."""
+    """(problems, tensors checked): every 2-D embedding-like tensor must be finite, with no all-zero row,
+    no near-zero row and no row copied from another (untrained_rows) that is not so in `reference`
+    too (a padding token's row is zero in the base already)."""
     ck = Checkpoint(path)
     ref = Checkpoint(reference) if reference is not None else None
     problems, checked = [], 0
@@ -49,11 +76,21 @@ def embedding_problems(path: str | Path, reference: str | Path | None = None) ->
         if not bool(torch.isfinite(t).all()):
             problems.append(f"{name}: {int((~torch.isfinite(t)).any(dim=1).sum())} row(s) with NaN/Inf")
         zero = (t == 0).all(dim=1)
+        near, dup = untrained_rows(t)
         if ref is not None and name in ref.tensors and ref.info(name).shape == ck.info(name).shape:
-            zero &= ~(ref.get(name, dtype=torch.float32) == 0).all(dim=1)
-        if bool(zero.any()):
-            rows = zero.nonzero().flatten().tolist()
-            problems.append(f"{name}: {len(rows)} all-zero row(s), e.g. {rows[:5]}")
+            r = ref.get(name, dtype=torch.float32)
+            zero &= ~(r == 0).all(dim=1)
+            r_near, r_dup = untrained_rows(r)
+            near &= ~r_near
+            dup &= ~r_dup
+        for mask, what in (
+            (zero, "all-zero row(s)"),
+            (near, f"near-zero row(s) (norm below {NEAR_ZERO:g} x the median row's)"),
+            (dup, "row(s) identical to another row"),
+        ):
+            if bool(mask.any()):
+                rows = mask.nonzero().flatten().tolist()
+                problems.append(f"{name}: {len(rows)} {what}, e.g. {rows[:5]}")
     return problems, checked
 
 
@@ -65,8 +102,9 @@ def embeddings_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
     @dg.asset_check(
         asset=key,
         name="embeddings_sane",
-        description=f"The merged embedding and lm_head matrices hold no NaN/Inf and no all-zero row "
-        f"(other than rows all-zero in {reference.ref} too, e.g. padding).",
+        description=f"The merged embedding and lm_head matrices hold no NaN/Inf and no untrained-looking "
+        f"row: all-zero, near-zero or a copy of another row (other than rows so in {reference.ref} too, "
+        "e.g. padding).",
     )
     def _check(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         ev = context.instance.get_latest_materialization_event(key)

@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 import torch
 
+from ...artifacts import read_json
 from ...core.checkpoint import Checkpoint
 from ...core.engine import execute, write_card
 from ...core.fingerprint import checkpoint_fingerprint
@@ -138,6 +139,26 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
     return _merged
 
 
+def layout_problems(out: Checkpoint, ref: Checkpoint, sliced: bool = False) -> list[str]:
+    """How a merged checkpoint's tensor names and shapes differ from its base's, less what its card
+    (merge_dag.json) says was meant: tensors left out (`skipped_tensors`, missing_tensors: skip) and
+    vocabulary tensors mapped onto another vocabulary size (`vocabulary.tensors`: rows may differ).
+    A passthrough stack (`sliced`) legitimately changes the tensor names."""
+    card = read_json(out.folder / "merge_dag.json") or {}
+    skipped = set(card.get("skipped_tensors") or [])
+    by_token = set((card.get("vocabulary") or {}).get("tensors") or [])
+    problems = []
+    missing = sorted(set(ref.tensors) - set(out.tensors) - skipped)[:5]
+    extra = sorted(set(out.tensors) - set(ref.tensors))[:5]
+    if (missing or extra) and not sliced:
+        problems.append(f"tensor names differ from base: missing {missing}, extra {extra}")
+    for name, info in out.tensors.items():
+        want = ref.tensors[name].shape if name in ref.tensors else info.shape
+        if want != info.shape and not (name in by_token and want[1:] == info.shape[1:]):
+            problems.append(f"{name}: shape {list(info.shape)} != base {list(want)}")
+    return problems
+
+
 def merged_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
     reference = spec.base or spec.experts[0]
 
@@ -151,20 +172,13 @@ def merged_check(spec: RecipeSpec) -> dg.AssetChecksDefinition:
     def _check(context: dg.AssetCheckExecutionContext, merge_dag: MergeDagResource) -> dg.AssetCheckResult:
         ev = context.instance.get_latest_materialization_event(dg.AssetKey(["merged", spec.name]))
         path = resolve_path(merge_dag.root, ev.asset_materialization.metadata["path"].value)
-        problems = []
         try:
             out = Checkpoint(path, name=f"merged/{spec.name}")
             ref = reference.open()
         except Exception as e:  # noqa: BLE001 - reported as a failed check
             return dg.AssetCheckResult(passed=False, metadata={"error": str(e)})
-        if set(out.tensors) != set(ref.tensors):
-            missing = sorted(set(ref.tensors) - set(out.tensors))[:5]
-            extra = sorted(set(out.tensors) - set(ref.tensors))[:5]
-            if not (spec.recipe.slices):  # a passthrough stack legitimately changes the layer count
-                problems.append(f"tensor names differ from base: missing {missing}, extra {extra}")
-        for name, info in out.tensors.items():
-            if name in ref.tensors and ref.tensors[name].shape != info.shape:
-                problems.append(f"{name}: shape {list(info.shape)} != base {list(ref.tensors[name].shape)}")
+        problems = layout_problems(out, ref, bool(spec.recipe.slices))
+        for name in out.tensors:
             t = out.get(name)
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 problems.append(f"{name}: contains NaN/Inf")

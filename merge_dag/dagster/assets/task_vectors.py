@@ -25,6 +25,7 @@ def _step_args(merge_dag: MergeDagResource, name: str, base: ModelSource, expert
             "l2_norm": r.l2_norm,
             "per_layer_norm": r.per_layer_norm,
             "seconds": r.seconds,
+            **({"left_out": r.left_out} if r.left_out else {}),
         }
 
     return dict(
