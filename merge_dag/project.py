@@ -73,6 +73,22 @@ class StatsSpec:
     model: ModelSource
     calibration: CalibrationSource
     sequential: Optional[float] = None  # LEWIS sequential-Wanda variant (its sparsity), activations only
+    tokens: str = "all"  # calibration tokens the statistic covers: "all" or "answer"
+    chat_template: bool = False  # prompt/answer rows rendered with the tokenizer's chat template
+
+    @property
+    def row_options(self) -> dict:
+        """How the pass reads its calibration rows (keyword arguments of `load_batches`)."""
+        return {"tokens": self.tokens, "chat_template": self.chat_template}
+
+    @property
+    def row_settings(self) -> dict:
+        """The row options that differ from the defaults, for the cache key (a statistic without them
+        keeps the key it had before the options existed)."""
+        return {
+            **({"calibration_tokens": self.tokens} if self.tokens != "all" else {}),
+            **({"chat_template": True} if self.chat_template else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -170,12 +186,23 @@ class Project:
         return name if self.task_vectors.get(name) == (base, expert) else None
 
     def stats(
-        self, table: str, model: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
+        self,
+        table: str,
+        model: ModelSource,
+        cal: CalibrationSource,
+        sequential: Optional[float] = None,
+        tokens: str = "all",
+        chat_template: bool = False,
     ) -> StatsSpec:
         """The statistics pass of `model` on `cal` in `table` (activations, grams, sensitivities),
-        registered once whichever recipe asks."""
-        name = f"{model.name}__{cal.name}" + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
-        src = StatsSpec(name, model, cal, sequential)
+        registered once whichever recipe asks (the row options, when not the defaults, name their own)."""
+        name = (
+            f"{model.name}__{cal.name}"
+            + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
+            + ("__answer" if tokens == "answer" else "")
+            + ("__chat" if chat_template else "")
+        )
+        src = StatsSpec(name, model, cal, sequential, tokens, chat_template)
         known = getattr(self, table).setdefault(name, src)
         if known != src:
             raise RecipeError(f"{table} {name!r} would stand for both {known} and {src}")
@@ -183,9 +210,15 @@ class Project:
         return src
 
     def importance(
-        self, base: ModelSource, expert: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
+        self,
+        base: ModelSource,
+        expert: ModelSource,
+        cal: CalibrationSource,
+        sequential: Optional[float] = None,
+        **rows,
     ) -> ImportanceSpec:
-        b, e = self.stats("activations", base, cal, sequential), self.stats("activations", expert, cal, sequential)
+        b = self.stats("activations", base, cal, sequential, **rows)
+        e = self.stats("activations", expert, cal, sequential, **rows)
         name = (
             e.name
             if self.importances.get(e.name, ImportanceSpec(e.name, b, e)).base == b
@@ -340,15 +373,18 @@ def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
     need: dict[str, list] = {"importance": [], "sensitivity": [], "grams": [], "aim": []}
     if g is None:
         return need
+    rows = g.row_options
     if g.sparsity is not None:
         seq = g.sparsity.wanda_sparsity if g.sparsity.sequential else None
-        need["importance"] = [project.importance(spec.base, e, spec.sparsity_calibration(e), seq) for e in spec.experts]
+        need["importance"] = [
+            project.importance(spec.base, e, spec.sparsity_calibration(e), seq, **rows) for e in spec.experts
+        ]
     if g.coefficients is not None:
-        need["sensitivity"] = [project.stats("sensitivities", e, spec.own_calibration(e)) for e in spec.experts]
+        need["sensitivity"] = [project.stats("sensitivities", e, spec.own_calibration(e), **rows) for e in spec.experts]
         for e in spec.experts:  # the alignment reads every expert on every other's texts
             project.calibrations.setdefault(spec.own_calibration(e).name, spec.own_calibration(e))
     if g.aim is not None:
-        need["aim"] = [project.stats("activations", spec.base, spec.calibration(c)) for c in g.aim.calibrations]
+        need["aim"] = [project.stats("activations", spec.base, spec.calibration(c), **rows) for c in g.aim.calibrations]
     if g.regmean is not None:
-        need["grams"] = [project.stats("grams", m, spec.own_calibration(m)) for m in spec.members]
+        need["grams"] = [project.stats("grams", m, spec.own_calibration(m), **rows) for m in spec.members]
     return need

@@ -96,9 +96,15 @@ def test_calibration_rows_and_errors(tmp_path):
     bad = {
         '{"text": "a"}\n{"text": \n': "invalid JSON",
         '{"text": "a"}\n["a"]\n': "expected a JSON object",
-        '{"text": "a"}\n{"txt": "a"}\n': 'no "text" field',
+        '{"text": "a"}\n{"txt": "a"}\n': 'no "text", "prompt" \\+ "answer", or "messages" field',
         '{"text": "a"}\n{"text": 5}\n': "must be a string",
         '{"text": "a"}\n{"text": "  "}\n': "is empty",
+        '{"text": "a"}\n{"text": "a", "prompt": "b", "answer": "c"}\n': "gives 'text' and 'prompt'",
+        '{"text": "a"}\n{"prompt": "a"}\n': 'a "prompt" but no "answer"',
+        '{"text": "a"}\n{"answer": "a"}\n': 'an "answer" but no "prompt"',
+        '{"text": "a"}\n{"prompt": "a", "answer": " "}\n': '"answer" is empty',
+        '{"text": "a"}\n{"messages": []}\n': '"messages" must be a non-empty list',
+        '{"text": "a"}\n{"messages": [{"role": "user"}]}\n': "messages\\[0\\] must be an object",
     }
     for i, (content, msg) in enumerate(bad.items()):
         p = tmp_path / f"bad{i}.jsonl"
@@ -123,6 +129,168 @@ def test_batches_are_padded_with_a_mask(family, batches):
         assert (b.input_ids[b.attention_mask == 0] == tok.pad_token_id).all()
         assert (b.labels()[b.attention_mask == 0] == -100).all()
     assert any((b.attention_mask == 0).any() for b in batches)  # the tests below do see padding
+
+
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}{{ m.role }}:{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _bos_tokenizer(chat=True):
+    """The zoo's character tokenizer, made to add BOS itself and (chat) with a template that writes BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    from merge_dag.zoo.tokenizer import BOS, build_tokenizer
+
+    tok = build_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tok.convert_tokens_to_ids(BOS))]
+    )
+    if chat:
+        tok.chat_template = CHAT
+    return tok
+
+
+def _rows_file(tmp_path, rows, name="rows.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_rows_render_with_one_bos_and_mark_the_answer(tmp_path):
+    from merge_dag.guidance.calibration import load_rows
+
+    tok = _bos_tokenizer()
+    bos = tok.bos_token_id
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    chat = [{"role": "user", "content": "add:1+2="}, {"role": "assistant", "content": "3"}]
+    path = _rows_file(
+        tmp_path,
+        [
+            {"text": "add:1+1=2"},
+            {"text": "<bos>add:1+1=2"},
+            {"prompt": "add:1+2=", "answer": "3"},
+            {"messages": chat},
+            {"prompt": "add:1+2=", "answer": "3", "id": 7},
+        ],
+    )
+    rows = load_rows(path)
+    assert [r.has_answer for r in rows] == [False, False, True, True, True]
+    all_b = make_batches(rows[:4], tok, batch_size=1)
+    ids = [b.input_ids[0].tolist() for b in all_b]
+    assert ids[0] == [bos] + enc("add:1+1=2")  # the tokenizer adds BOS ...
+    assert ids[1] == ids[0]  # ... but not to a text that starts with it: one BOS, never two
+    assert ids[2] == [bos] + enc("add:1+2=3")
+    assert ids[3] == [bos] + enc("user:add:1+2=\nassistant:3\n")  # the chat template writes BOS; once
+    assert all(i.count(bos) == 1 for i in ids) and all(b.answer_mask is None for b in all_b)
+    # tokens="answer": the answer's tokens (the chat's answer is what follows "assistant:")
+    ans = make_batches(rows[2:], tok, batch_size=1, tokens="answer")
+    assert ans[0].answer_mask[0].tolist() == [0] * 9 + [1]
+    n = len(ids[3])
+    assert ans[1].answer_mask[0].tolist() == [0] * (n - 2) + [1, 1]
+    # chat_template=True renders a prompt/answer row as [user, assistant]: the same tokens as the chat row
+    as_chat = make_batches(rows[4:], tok, batch_size=1, tokens="answer", chat_template=True)
+    assert torch.equal(as_chat[0].input_ids, ans[1].input_ids)
+    assert torch.equal(as_chat[0].answer_mask, ans[1].answer_mask)
+    # padding: the answer mask is padded like the attention mask (either side)
+    both = make_batches(rows[2:4], tok, batch_size=2, tokens="answer")[0]
+    assert both.answer_mask[0].tolist() == [0] * 9 + [1] + [0] * (n - 10)
+    assert both.labels()[0].tolist() == [-100] * 9 + [enc("3")[0]] + [-100] * (n - 10)
+    tok.padding_side = "left"
+    left = make_batches(rows[2:4], tok, batch_size=2, tokens="answer")[0]
+    assert left.attention_mask[0].tolist() == [0] * (n - 10) + [1] * 10
+    assert left.answer_mask[0].tolist() == [0] * (n - 1) + [1]
+    assert left.input_ids[0].tolist()[n - 10 :] == ids[2]
+    # errors name the file and line
+    with pytest.raises(CalibrationError, match=f"{path}:1: answer-only calibration"):
+        make_batches(rows, tok, tokens="answer")
+    with pytest.raises(CalibrationError, match=f"{path}:3: no answer token within max_length 5"):
+        make_batches(rows[2:3], tok, tokens="answer", max_length=5)
+    with pytest.raises(CalibrationError, match=f"{path}:4: a chat row needs a tokenizer with a chat template"):
+        make_batches(rows[3:4], _bos_tokenizer(chat=False))
+    with pytest.raises(CalibrationError, match="tokens must be one of all, answer"):
+        make_batches(rows, tok, tokens="prompt")
+    assert load_texts(_rows_file(tmp_path, [{"prompt": "a", "answer": "b"}], "pa.jsonl")) == ["ab"]
+
+
+def answer_rows(texts):
+    """Each zoo text as a prompt (up to and including '=') and its answer."""
+    return [{"prompt": t[: t.index("=") + 1], "answer": t[t.index("=") + 1 :]} for t in texts]
+
+
+@pytest.fixture(scope="module")
+def answer_batches(family, tmp_path_factory):
+    path = _rows_file(tmp_path_factory.mktemp("rows"), answer_rows(TEXTS))
+    tok = load_tokenizer(family["base"])
+    return load_batches(path, tok, batch_size=4), load_batches(path, tok, batch_size=4, tokens="answer")
+
+
+def test_answer_only_statistics_equal_the_answer_positions_by_hand(family, batches, stats, answer_batches):
+    whole, ans = answer_batches
+    for a, b in zip(whole, batches):  # prompt + answer rows, all tokens: the same batches as the texts
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
+    for b, w in zip(ans, whole):
+        assert torch.equal(b.input_ids, w.input_ids)
+        assert not (b.answer_mask.bool() & ~b.attention_mask.bool()).any()
+    model = load_model(family["base"])
+    got = collect_activation_stats(model, ans, gram=True)
+    mods = linear_modules(model)
+    captured = {n: [] for n in mods}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: captured[n].append(args[0].detach().clone()))
+        for n, (_, m) in mods.items()
+    ]
+    with torch.no_grad():
+        for b in ans:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    for h in handles:
+        h.remove()
+    n_answer = sum(len(r["answer"]) for r in answer_rows(TEXTS))
+    assert got.meta["selected_tokens"] == n_answer and got.meta["tokens"] == sum(b.tokens for b in ans)
+    for n in mods:
+        x = torch.cat([c[b.answer_mask.bool()] for c, b in zip(captured[n], ans)]).double()
+        assert x.shape[0] == got.count[n] == n_answer
+        torch.testing.assert_close(got.sumsq[n].double(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.sumabs[n].double(), x.abs().sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.maxabs[n].double(), x.abs().amax(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.gram[n].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+        assert got.count[n] < stats["base"].count[n]
+    every = collect_activation_stats(model, whole)  # tokens "all": the statistics of the plain texts
+    for n in mods:
+        assert every.count[n] == stats["base"].count[n]
+        torch.testing.assert_close(every.sumsq[n], stats["base"].sumsq[n])
+
+
+def test_answer_only_sens_loss_and_alignment_by_hand(family, answer_batches):
+    _, ans = answer_batches
+    model = load_model(family["e0"])
+    got = sens.sensitivity(model, ans)
+    want = [0.0, 0.0]
+    for b in ans:
+        logp = F.log_softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+        terms = [
+            -logp[r, t, b.input_ids[r, t + 1]]
+            for r in range(b.input_ids.shape[0])
+            for t in range(b.input_ids.shape[1] - 1)
+            if b.answer_mask[r, t + 1]
+        ]
+        loss = torch.stack(terms).mean()
+        for li, layer in enumerate(model.model.layers):
+            ps = list(layer.parameters())
+            gs = torch.autograd.grad(loss, ps, retain_graph=True)
+            want[li] += sum(float((p.detach().double() * g.double()).abs().sum()) for p, g in zip(ps, gs))
+    for li in (0, 1):
+        assert got[li] == pytest.approx(want[li] / len(ans), rel=1e-4)
+    other = load_model(family["e1"])
+    kls = []
+    with torch.no_grad():
+        for b in ans:
+            p = torch.softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+            q = torch.softmax(other(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+            kl = (p * (p.log() - q.log())).sum(-1)
+            kls += [kl[r, t] for r in range(kl.shape[0]) for t in range(kl.shape[1] - 1) if b.answer_mask[r, t + 1]]
+    assert sens.logit_kl(model, other, ans) == pytest.approx(float(torch.stack(kls).mean()), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- activations

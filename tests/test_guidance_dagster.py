@@ -15,6 +15,7 @@ from merge_dag.core.checkpoint import Checkpoint
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.guidance.activations import ActivationStats
+from merge_dag.guidance.regmean import regmean_checkpoint
 from merge_dag.lineage.store import LineageStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -405,3 +406,51 @@ def test_guidance_pages_show_heatmaps_saved_in_the_artifact(project, first_run):
     for i, expert in enumerate(("arev", "sort")):
         for j in range(4):
             assert up.values[i][j] == dens[f"{CI}/{expert}"][f"model.layers.{j}.mlp.up_proj.weight"]
+
+
+def test_answer_only_statistics_are_their_own_assets_on_the_answer_tokens(tmp_path, instance):
+    """`guidance.tokens: answer` names its own statistics (`__answer`), computes them on the answer
+    tokens of prompt/answer rows, and leaves the plain recipe's statistics and cache keys alone."""
+    import dagster as dg
+
+    from merge_dag.guidance.calibration import load_batches, load_tokenizer
+    from merge_dag.project import load_project
+
+    plain = RECIPES["regmean"]
+    answer = plain.replace("name: regmean", "name: regmean_answer").replace(
+        "regmean: {a: 0.9}", "regmean: {a: 0.9}\n  tokens: answer"
+    )
+    for t in ("arev", "sort"):
+        answer = answer.replace(f"calibration: {t}", f"calibration: {t}_qa")
+    root = make_project(tmp_path, {"regmean.yaml": plain, "regmean_answer.yaml": answer})
+    cal = root / "data" / "calibration"
+    for task in ("arev", "sort"):
+        rows = [json.loads(line)["text"] for line in (cal / f"{task}.jsonl").read_text().splitlines() if line]
+        (cal / f"{task}_qa.jsonl").write_text(
+            "".join(json.dumps({"prompt": t[: t.index("=") + 1], "answer": t[t.index("=") + 1 :]}) + "\n" for t in rows)
+        )
+    p = load_project(root)
+    assert set(p.grams) == {"ci_arev__arev", "ci_sort__sort", "ci_arev__arev_qa__answer", "ci_sort__sort_qa__answer"}
+    assert p.grams["ci_arev__arev_qa__answer"].row_settings == {"calibration_tokens": "answer"}
+    assert p.grams["ci_arev__arev"].row_settings == {}  # the plain statistic's cache key has no new entry
+    assert "tokens" not in p.recipes["regmean"].recipe.to_yaml_dict()["guidance"]
+    res = MergeDagResource(root=str(root), db_path=str(root / "data" / "lineage.duckdb"), calibration_batch_size=16)
+    keys = [dg.AssetKey(["grams", f"ci_{t}__{t}_qa__answer"]) for t in ("arev", "sort")]
+    job = build_definitions(root, resource=res).resolve_job_def(ALL_JOB)
+    keys.append(dg.AssetKey(["merged", "regmean_answer"]))
+    result = job.execute_in_process(instance=instance, asset_selection=keys)
+    assert result.success
+    stats = []
+    for t in ("arev", "sort"):
+        st = ActivationStats.load(artifact(result, "grams", f"ci_{t}__{t}_qa__answer", root=root))
+        batches = load_batches(cal / f"{t}_qa.jsonl", load_tokenizer(root / CI / t), batch_size=16, tokens="answer")
+        n_answer = sum(b.selected_tokens for b in batches)
+        assert n_answer < sum(b.tokens for b in batches)
+        assert set(st.count.values()) == {n_answer} and st.meta["selected_tokens"] == n_answer
+        assert st.meta["calibration_tokens"] == "answer"
+        stats.append(st)
+    direct = regmean_checkpoint([root / CI / "arev", root / CI / "sort"], stats, tmp_path / "direct", a=0.9)
+    merged = Checkpoint(artifact(result, "merged", "regmean_answer", root=root))
+    want = Checkpoint(direct)
+    for n in want.tensor_names:
+        assert torch.equal(merged.get(n), want.get(n)), n

@@ -145,6 +145,16 @@ class Guidance(_Strict):
     coefficients: Optional[CoefficientGuidance] = None
     aim: Optional[AimGuidance] = None
     regmean: Optional[RegMeanGuidance] = None
+    # how every statistic of the recipe reads its calibration rows (merge_dag.guidance.calibration);
+    # None means the default (all tokens; no chat template for prompt/answer rows) and is left out of
+    # the recipe's dump, so recipes that do not use these options keep their fingerprints
+    tokens: Optional[Literal["all", "answer"]] = None  # "answer": statistics and losses on answer tokens only
+    chat_template: Optional[bool] = None  # render prompt/answer rows as a user/assistant chat
+
+    @property
+    def row_options(self) -> dict:
+        """The calibration options as keyword arguments of `load_batches` (defaults filled in)."""
+        return {"tokens": self.tokens or "all", "chat_template": bool(self.chat_template)}
 
 
 class Recipe(_Strict):

@@ -1,7 +1,8 @@
 """Per-channel input statistics of every linear in the decoder layers, from forward hooks.
 
 For each nn.Linear inside model.model.layers[*] (q, k, v, o, gate, up, down in Llama) and each of
-its input channels j, over the real (non-padding) tokens of the calibration batches:
+its input channels j, over the selected tokens of the calibration batches (every real, non-padding
+token; only the answer tokens with calibration tokens="answer", see calibration.py):
     count        number of tokens N (one number per linear)
     sumsq[j]     sum x_j^2            (LEWIS / Wanda: s_j = sumsq_j / N)
     sumabs[j]    sum |x_j|            (AIM: mean |x_j| = sumabs_j / N)
@@ -177,7 +178,8 @@ def collect_activation_stats(
 ) -> ActivationStats:
     """Run `batches` through `model` (moved to `device`) and accumulate the input statistics of every
     linear in the decoder layers (only those of `layers` if given; the forward pass then stops after
-    the last of them). Padding positions (attention_mask == 0) are excluded."""
+    the last of them). Only the batches' selected positions (`Batch.select`: every real token, or the
+    answer tokens) are accumulated; padding never is."""
     device = torch.device(device)
     model.to(device)
     _, layer_list = decoder_layers(model)
@@ -208,12 +210,12 @@ def collect_activation_stats(
             raise _Stop()
 
         handles.append(layer_list[selected[-1]].register_forward_hook(stop))
-    n_batches = n_seqs = n_tokens = 0
+    n_batches = n_seqs = n_tokens = n_selected = 0
     try:
         with torch.no_grad():
             for b in batches:
                 b = b.to(device)
-                state["mask"] = b.attention_mask.bool()
+                state["mask"] = b.select
                 try:
                     model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
                 except _Stop:
@@ -221,6 +223,7 @@ def collect_activation_stats(
                 n_batches += 1
                 n_seqs += b.input_ids.shape[0]
                 n_tokens += b.tokens
+                n_selected += b.selected_tokens
     finally:
         for h in handles:
             h.remove()
@@ -230,6 +233,7 @@ def collect_activation_stats(
         "batches": n_batches,
         "sequences": n_seqs,
         "tokens": n_tokens,
+        **({"selected_tokens": n_selected} if n_selected != n_tokens else {}),
         "layers": selected if selected is not None else "all",
         **(meta or {}),
     }

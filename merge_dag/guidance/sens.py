@@ -3,12 +3,14 @@
 There is no official code; this is the reconstruction in docs/methods.md with every open choice fixed:
 
 Sensitivity (expert i on its own task's calibration batches b = 1..B, layer l):
-    L_b      = mean next-token cross-entropy over the batch's real tokens (targets at padding ignored)
+    L_b      = mean next-token cross-entropy over the batch's selected targets (every real token; the
+               answer tokens only with answer-only calibration; targets at padding ignored)
     S_i^l    = (1/B) sum_b sum_{theta in layer l} |theta * dL_b/dtheta|     (float32, gradients of the
                parameters of model.model.layers[l] only)
     alpha_i^l = S_i^l / ||S_i||_2        (norm over the layers; all-zero S gives alpha = 0)
 
-Alignment: g_ij = mean over the real tokens t of task j's texts of
+Alignment: g_ij = mean over the real tokens t of task j's texts (with answer-only calibration: the
+positions t whose next token is an answer token) of
     KL( softmax(z_j(t)) || softmax(z_i(t)) )
 the divergence of expert i's next-token distribution from expert j's (the specialist) on task j;
 g_jj = 0, g >= 0, smaller = better aligned.
@@ -40,11 +42,15 @@ from .model import decoder_layers
 
 
 def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets that are real tokens (float32)."""
+    """Mean next-token cross-entropy over the targets that are selected tokens (`Batch.select`: every
+    real token, or the answer tokens) (float32)."""
     labels = batch.labels()[:, 1:]
     n = int((labels != -100).sum())
     if n == 0:
-        raise GuidanceError("calibration batch has no next-token targets (every text is a single token)")
+        raise GuidanceError(
+            "calibration batch has no next-token targets (every text is a single token, or no answer token "
+            "follows another token)"
+        )
     return (
         F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
@@ -93,8 +99,18 @@ def alpha(sens: dict[int, float]) -> dict[int, float]:
     return {layer: (v / norm if norm > 0 else 0.0) for layer, v in sens.items()}
 
 
+def kl_positions(batch: Batch) -> torch.Tensor:
+    """(B, T) bool: the positions the alignment KL averages over: every real token, or (answer-only
+    calibration) the positions whose next token is an answer token, those the Sens loss scores."""
+    if batch.answer_mask is None:
+        return batch.attention_mask.bool()
+    pos = torch.zeros_like(batch.answer_mask, dtype=torch.bool)
+    pos[:, :-1] = batch.answer_mask[:, 1:].bool() & batch.attention_mask[:, :-1].bool()
+    return pos
+
+
 def logit_kl(reference, model, batches: Iterable[Batch], device: str | torch.device = "cpu") -> float:
-    """Mean over the real tokens of KL(softmax(reference logits) || softmax(model logits))."""
+    """Mean over `kl_positions` of KL(softmax(reference logits) || softmax(model logits))."""
     device = torch.device(device)
     reference.to(device)
     model.to(device)
@@ -102,7 +118,7 @@ def logit_kl(reference, model, batches: Iterable[Batch], device: str | torch.dev
     with torch.no_grad():
         for b in batches:
             b = b.to(device)
-            mask = b.attention_mask.bool()
+            mask = kl_positions(b)
             lp = F.log_softmax(
                 reference(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()[mask],
                 dim=-1,

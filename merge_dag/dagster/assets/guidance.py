@@ -1,7 +1,7 @@
 """Data-guided merging as assets: statistics, LEWIS allocations, Sens coefficients (the calibration
 sets they read, calibration/<set>, are source assets: sources.py).
 
-    activations/<model>__<set>[__seqwandaNN]   per-linear input statistics (one forward pass)
+    activations/<model>__<set>[__seqwandaNN][__answer][__chat]   per-linear input statistics (one forward pass)
     grams/<model>__<set>                  per-linear X^T X for RegMean (one forward pass)
     sensitivity/<expert>__<set>           per-layer first-order sensitivity (one forward + backward pass)
     importance/<expert>__<set>            LEWIS importance of expert and base, and its shift
@@ -58,7 +58,8 @@ def _upstream_input(context, role: str, key: list[str]) -> tuple[Input, dict]:
     return Input.artifact(role, up), up
 
 
-def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource):
+def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource, rows: dict | None = None):
+    """The calibration batches of a pass; `rows`: StatsSpec.row_options (answer-only tokens, chat template)."""
     from ...guidance.calibration import load_batches, load_tokenizer
 
     s = res.calibration_settings()
@@ -69,6 +70,7 @@ def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource):
         max_length=s["max_length"],
         max_rows=s["max_rows"],
         device=res.device,
+        **(rows or {}),
     )
 
 
@@ -124,7 +126,12 @@ def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
     )
     def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
-        settings = {**merge_dag.calibration_settings(), "gram": gram, "sequential_wanda": src.sequential}
+        settings = {
+            **merge_dag.calibration_settings(),
+            "gram": gram,
+            "sequential_wanda": src.sequential,
+            **src.row_settings,
+        }
 
         def build(tmp, art):
             from ...guidance.activations import collect_activation_stats
@@ -132,7 +139,7 @@ def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
             from ...guidance.model import load_model
 
             model = load_model(src.model.open(), device=merge_dag.device)
-            batches = _batches(merge_dag, src.model.model_folder, src.calibration)
+            batches = _batches(merge_dag, src.model.model_folder, src.calibration, src.row_options)
             t0 = time.perf_counter()
             if src.sequential is not None:
                 stats = sequential_wanda_stats(model, batches, sparsity=src.sequential, device=merge_dag.device)
@@ -184,7 +191,7 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
             from ...guidance.sens import alpha, sensitivity
 
             model = load_model(src.model.open(), device=merge_dag.device)
-            batches = _batches(merge_dag, src.model.model_folder, src.calibration)
+            batches = _batches(merge_dag, src.model.model_folder, src.calibration, src.row_options)
             t0 = time.perf_counter()
             s = sensitivity(model, batches, device=merge_dag.device)
             out = {
@@ -225,7 +232,7 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
             kind="sensitivity",
             name=src.name,
             code_version=SENS_CODE,
-            settings=merge_dag.calibration_settings(),
+            settings={**merge_dag.calibration_settings(), **src.row_settings},
             inputs=inputs,
             build=build,
             metadata=meta,
@@ -436,7 +443,9 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]
         if g.alignment:
             inputs += [Input.model("expert", by_expert[r].model) for r in refs]
             inputs += [_calibration_input(c) for c in dict.fromkeys(by_expert[r].calibration for r in refs)]
-        settings = {**g.model_dump(mode="json"), **(merge_dag.calibration_settings() if g.alignment else {})}
+        rows = by_expert[refs[0]].row_settings if refs else {}
+        batch_settings = {**merge_dag.calibration_settings(), **rows} if g.alignment else {}
+        settings = {**g.model_dump(mode="json"), **batch_settings}
 
         def build(tmp, art):
             from ...guidance.model import load_model
@@ -449,7 +458,10 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]
             if g.alignment and len(refs) > 1:
                 models = {r: load_model(by_expert[r].model.open(), device=merge_dag.device) for r in refs}
                 tasks = {
-                    r: _batches(merge_dag, by_expert[r].model.model_folder, by_expert[r].calibration) for r in refs
+                    r: _batches(
+                        merge_dag, by_expert[r].model.model_folder, by_expert[r].calibration, by_expert[r].row_options
+                    )
+                    for r in refs
                 }
                 gm = alignment(models, tasks, device=merge_dag.device)
             else:
