@@ -96,6 +96,7 @@ class ImportanceSpec:
     name: str
     base: StatsSpec
     expert: StatsSpec
+    clip_quantile: Optional[float] = None  # LEWIS robust variant: each linear's s clipped at this quantile
 
 
 @dataclass
@@ -215,16 +216,18 @@ class Project:
         expert: ModelSource,
         cal: CalibrationSource,
         sequential: Optional[float] = None,
+        clip_quantile: Optional[float] = None,
         **rows,
     ) -> ImportanceSpec:
         b = self.stats("activations", base, cal, sequential, **rows)
         e = self.stats("activations", expert, cal, sequential, **rows)
+        stem = e.name + (f"__clip{clip_quantile:g}".replace(".", "p") if clip_quantile is not None else "")
         name = (
-            e.name
-            if self.importances.get(e.name, ImportanceSpec(e.name, b, e)).base == b
-            else f"{e.name}__on__{base.name}"
+            stem
+            if self.importances.get(stem, ImportanceSpec(stem, b, e, clip_quantile)).base == b
+            else f"{stem}__on__{base.name}"
         )
-        return self.importances.setdefault(name, ImportanceSpec(name, b, e))
+        return self.importances.setdefault(name, ImportanceSpec(name, b, e, clip_quantile))
 
     def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
         return (
@@ -377,7 +380,8 @@ def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
     if g.sparsity is not None:
         seq = g.sparsity.wanda_sparsity if g.sparsity.sequential else None
         need["importance"] = [
-            project.importance(spec.base, e, spec.sparsity_calibration(e), seq, **rows) for e in spec.experts
+            project.importance(spec.base, e, spec.sparsity_calibration(e), seq, g.sparsity.clip_quantile, **rows)
+            for e in spec.experts
         ]
     if g.coefficients is not None:
         need["sensitivity"] = [project.stats("sensitivities", e, spec.own_calibration(e), **rows) for e in spec.experts]

@@ -432,6 +432,91 @@ def test_sequential_wanda_variant(family, batches, stats):
         assert not torch.allclose(seq.sumsq[n], plain.sumsq[n], rtol=1e-3)
 
 
+def test_lewis_robust_scalings_follow_their_formulas():
+    g = torch.Generator().manual_seed(3)
+    vals = torch.rand(20, generator=g, dtype=torch.float64).tolist() + [100.0]  # one massive outlier
+    d = {f"t{i}": v for i, v in enumerate(vals)}
+    t = torch.tensor(vals, dtype=torch.float64)
+    gamma, eps = 0.2, 0.9
+    mm = lewis.rescale(d, gamma, eps)  # faithful: the outlier squeezes the others near gamma
+    assert mm["t20"] == pytest.approx(eps) and max(v for k, v in mm.items() if k != "t20") < gamma + 0.01
+    rank = lewis.rescale(d, gamma, eps, scaling="rank")
+    want = gamma + t.argsort().argsort().double() / (len(vals) - 1) * (eps - gamma)
+    assert list(rank.values()) == pytest.approx(want.tolist(), rel=1e-12)
+    for q in (0.05, 0.2):
+        got = lewis.rescale(d, gamma, eps, scaling="quantile", quantile=q)
+        lo, hi = torch.quantile(t, q), torch.quantile(t, 1 - q)
+        want = gamma + ((t - lo) / (hi - lo)).clamp(0, 1) * (eps - gamma)
+        assert list(got.values()) == pytest.approx(want.tolist(), rel=1e-12)
+        assert got["t20"] == pytest.approx(eps)  # the outlier saturates instead of squeezing the rest
+    # ties share their mean rank; all equal -> the midpoint under every scaling
+    assert lewis.rescale({"a": 1.0, "b": 1.0, "c": 2.0}, 0.2, 0.8, "rank") == pytest.approx(
+        {"a": 0.2 + 0.25 * 0.6, "b": 0.2 + 0.25 * 0.6, "c": 0.8}
+    )
+    for sc in lewis.SCALINGS:
+        assert lewis.rescale({"a": 0.3, "b": 0.3}, 0.2, 0.6, sc) == pytest.approx({"a": 0.4, "b": 0.4})
+        assert lewis.rescale({"a": 0.3}, 0.2, 0.6, sc) == pytest.approx({"a": 0.4})
+    # the mean-density constraint holds exactly under every scaling
+    sizes = {k: 100 * (i + 1) for i, k in enumerate(d)}
+    for sc in lewis.SCALINGS:
+        m = lewis.match_mean(lewis.rescale(d, gamma, eps, sc), sizes, 0.35)
+        assert lewis.weighted_mean(m, sizes) == pytest.approx(0.35, abs=1e-9)
+    with pytest.raises(GuidanceError, match="scaling must be one of minmax, rank, quantile"):
+        lewis.rescale(d, gamma, eps, "zscore")
+    with pytest.raises(GuidanceError, match="quantile must be in"):
+        lewis.rescale(d, gamma, eps, "quantile", quantile=0.5)
+    from merge_dag.core.recipe import SparsityGuidance
+
+    with pytest.raises(ValueError, match="quantile applies to scaling: quantile"):
+        SparsityGuidance(quantile=0.1)
+
+
+def test_lewis_clipped_importance_and_allocation_options(family, stats):
+    q = 0.75
+    imps = {n: lewis.importance(stats[n], family[n], clip_quantile=q) for n in ("base", "e0")}
+    w = load_file(str(family["e0"] / "model.safetensors"))
+    for t, v in imps["e0"].items():
+        s = stats["e0"].sumsq[t].double() / stats["e0"].count[t]
+        s = torch.minimum(s, torch.quantile(s, q))
+        assert v == pytest.approx(float(torch.sqrt(((w[t].double().abs() * s.sqrt()[None, :]) ** 2).sum())), rel=1e-5)
+    plain = lewis.importance(stats["e0"], family["e0"])
+    assert all(imps["e0"][t] < plain[t] for t in plain)  # the top quarter of channels was clipped
+    alloc = lewis.allocate(imps["base"], {"e0": imps["e0"]}, 0.3, 0.8, scaling="rank")
+    assert alloc["e0"] == lewis.rescale(lewis.shifts(imps["base"], imps["e0"]), 0.3, 0.8, "rank")
+    with pytest.raises(GuidanceError, match="clip_quantile must be in"):
+        lewis.clip_channels(torch.ones(3), 0.0)
+
+
+def test_sens_normalisations_follow_their_formulas():
+    s = {"a": {0: 1.0, 1: 2.0, 2: 4.0}, "b": {0: 3.0, 1: 1.0, 2: 0.5}, "c": {0: 0.0, 1: 0.0, 2: 0.0}}
+    taus = {"a": 1.2, "b": 0.8, "c": 1.0}
+    S = torch.tensor([[s[n][layer] for layer in range(3)] for n in "abc"], dtype=torch.float64)
+    tau_t = torch.tensor([taus[n] for n in "abc"], dtype=torch.float64)[:, None]
+    l2 = S / S.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    rms = S / (S.pow(2).mean(1, keepdim=True).sqrt()).clamp_min(1e-300)
+    layer = rms / rms.mean(0, keepdim=True)
+    for name, al in (("l2", l2), ("rms", rms), ("layer", layer)):
+        got = sens.alphas(s, name)
+        table = torch.tensor([[got[n][li] for li in range(3)] for n in "abc"], dtype=torch.float64)
+        torch.testing.assert_close(table, al, rtol=1e-12, atol=1e-15)
+        sig = torch.softmax(al * tau_t / 0.5, dim=0)
+        c = sens.coefficients(s, taus, temperature=0.5, normalize=name)
+        table = torch.tensor([[c[n][li] for li in range(3)] for n in "abc"], dtype=torch.float64)
+        torch.testing.assert_close(table, sig, rtol=1e-12, atol=1e-15)
+    assert sens.coefficients(s, taus, 0.5) == sens.coefficients(s, taus, 0.5, "l2")  # l2 is the default
+    # depth: the same profile over twice the layers keeps "rms" alphas, while "l2" shrinks by sqrt(2)
+    twice = {n: {li: v for li, v in enumerate(list(p.values()) * 2)} for n, p in s.items()}
+    assert sens.alphas(twice, "rms")["a"][3] == pytest.approx(sens.alphas(s, "rms")["a"][0])
+    assert sens.alphas(twice, "l2")["a"][3] == pytest.approx(sens.alphas(s, "l2")["a"][0] / math.sqrt(2))
+    # "layer": experts with proportional profiles have alpha 1 everywhere: only tau tells them apart
+    prop = {"a": {0: 1.0, 1: 3.0}, "b": {0: 10.0, 1: 30.0}}
+    assert all(v == pytest.approx(1.0) for a in sens.alphas(prop, "layer").values() for v in a.values())
+    zero = sens.alphas({"a": {0: 0.0}, "b": {0: 0.0}}, "layer")
+    assert zero == {"a": {0: 1.0}, "b": {0: 1.0}}
+    with pytest.raises(GuidanceError, match="normalize must be one of l2, rms, layer"):
+        sens.coefficients(s, taus, normalize="zscore")
+
+
 # ---------------------------------------------------------------------------------------------- Sens-Merging
 
 

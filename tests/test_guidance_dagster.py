@@ -454,3 +454,64 @@ def test_answer_only_statistics_are_their_own_assets_on_the_answer_tokens(tmp_pa
     want = Checkpoint(direct)
     for n in want.tensor_names:
         assert torch.equal(merged.get(n), want.get(n)), n
+
+
+def test_robust_variants_are_recipe_options_computed_by_the_core(tmp_path, instance):
+    """LEWIS `scaling: rank` + `clip_quantile` and Sens `normalize: layer` through Dagster equal the core
+    functions on the statistics the run stored; the clipped importance is its own asset, and recipes
+    without the options keep their settings (the new keys are left out while unset)."""
+    import dagster as dg
+
+    from merge_dag.core.recipe import CoefficientGuidance, SparsityGuidance
+    from merge_dag.guidance import lewis, sens
+    from merge_dag.project import load_project
+
+    robust = (
+        RECIPES["ties_lewis"]
+        .replace("name: ties_lewis", "name: lewis_rank")
+        .replace("mean_density: 0.5}", "mean_density: 0.5, scaling: rank, clip_quantile: 0.9}")
+        .replace("evals: [zoo_arev]", "")
+    )
+    layer = (
+        RECIPES["ta_sens"]
+        .replace("name: ta_sens", "name: sens_layer")
+        .replace("temperature: 3}", "temperature: 0.5, normalize: layer, alignment: false}")
+    )
+    recipes = {"lewis_rank.yaml": robust, "sens_layer.yaml": layer}
+    root = make_project(tmp_path, recipes, models=("base", "arev", "ashift", "sort"))
+    p = load_project(root)
+    assert set(p.importances) == {"ci_arev__arev__clip0p9", "ci_sort__sort__clip0p9"}
+    assert set(p.activations) == {"ci_base__arev", "ci_arev__arev", "ci_base__sort", "ci_sort__sort"}
+    assert "scaling" not in SparsityGuidance().settings_dump()
+    assert "normalize" not in CoefficientGuidance().settings_dump()
+    assert SparsityGuidance(scaling="rank").settings_dump()["scaling"] == "rank"
+    res = MergeDagResource(root=str(root), db_path=str(root / "data" / "lineage.duckdb"), calibration_batch_size=16)
+    keys = [dg.AssetKey(["allocation", "lewis_rank"]), dg.AssetKey(["coefficients", "sens_layer"])]
+    job = build_definitions(root, resource=res).resolve_job_def(ALL_JOB)
+    result = job.execute_in_process(
+        instance=instance,
+        asset_selection=keys
+        + [dg.AssetKey(["importance", n]) for n in p.importances]
+        + [dg.AssetKey(["activations", n]) for n in p.activations]
+        + [dg.AssetKey(["sensitivity", n]) for n in p.sensitivities],
+    )
+    assert result.success
+    act = {n: ActivationStats.load(artifact(result, "activations", n, root=root)) for n in p.activations}
+    ck = Checkpoint(root / CI / "base")
+    sizes = {n: ck.info(n).numel for n in ck.tensor_names}
+    alloc = artifact(result, "allocation", "lewis_rank", root=root)
+    dens = json.loads((alloc / "result.json").read_text())["densities"]
+    for e in ("arev", "sort"):
+        ib = lewis.importance(act[f"ci_base__{e}"], root / CI / "base", clip_quantile=0.9)
+        ie = lewis.importance(act[f"ci_{e}__{e}"], root / CI / e, clip_quantile=0.9)
+        want = lewis.match_mean(lewis.rescale(lewis.shifts(ib, ie), 0.2, 0.9, "rank"), sizes, 0.5)
+        assert dens[f"{CI}/{e}"] == pytest.approx(want, rel=1e-9)
+        assert lewis.weighted_mean(dens[f"{CI}/{e}"], sizes) == pytest.approx(0.5, abs=1e-9)
+    sigma = json.loads((artifact(result, "coefficients", "sens_layer", root=root) / "result.json").read_text())
+    s = {}
+    for e in ("arev", "sort", "ashift"):
+        r = json.loads((artifact(result, "sensitivity", f"ci_{e}__{e}", root=root) / "result.json").read_text())
+        s[f"{CI}/{e}"] = {int(k): v for k, v in r["sensitivity"].items()}
+    want = sens.coefficients(s, {r: 1.0 for r in s}, 0.5, "layer")
+    for r, c in sigma["sigma"].items():
+        assert {int(k): v for k, v in c.items()} == pytest.approx(want[r], rel=1e-12)

@@ -37,7 +37,7 @@ import glob as globlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -53,6 +53,12 @@ ParamValue = Any  # checked by params.validate_shape (pydantic unions over lists
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+    NEW_KEYS: ClassVar[tuple[str, ...]] = ()  # options added after the first release (None = unset)
+
+    def settings_dump(self) -> dict:
+        """model_dump for cache keys: options added later are left out while unset (None), so a recipe
+        that does not use them keeps the key it had before they existed."""
+        return self.model_dump(mode="json", exclude={k for k in self.NEW_KEYS if getattr(self, k) is None})
 
 
 class InputModel(_Strict):
@@ -106,11 +112,19 @@ class SparsityGuidance(_Strict):
     mean_density: Optional[float] = Field(default=None, gt=0, le=1)  # shift the map to this parameter-weighted mean
     sequential: bool = False  # the official code's layer-by-layer Wanda-pruned statistics
     wanda_sparsity: float = Field(default=0.5, ge=0, lt=1)
+    # robust variants (None = the faithful default, left out of the dumps so existing keys stay):
+    scaling: Optional[Literal["minmax", "rank", "quantile"]] = None  # how shifts map to [gamma, epsilon]; minmax
+    quantile: Optional[float] = Field(default=None, ge=0, lt=0.5)  # scaling quantile: the tail q (default 0.05)
+    clip_quantile: Optional[float] = Field(default=None, gt=0, le=1)  # clip each linear's s at this quantile
+
+    NEW_KEYS: ClassVar[tuple[str, ...]] = ("scaling", "quantile", "clip_quantile")
 
     @model_validator(mode="after")
     def _order(self) -> "SparsityGuidance":
         if self.gamma > self.epsilon:
             raise ValueError(f"gamma ({self.gamma}) must not exceed epsilon ({self.epsilon})")
+        if self.quantile is not None and self.scaling != "quantile":
+            raise ValueError("quantile applies to scaling: quantile")
         return self
 
 
@@ -120,6 +134,9 @@ class CoefficientGuidance(_Strict):
     method: Literal["sens"] = "sens"
     temperature: float = Field(default=2.0, gt=0)
     alignment: bool = True  # False: tau = 1 (sensitivity only)
+    normalize: Optional[Literal["l2", "rms", "layer"]] = None  # alpha's normalisation; None = l2 (faithful)
+
+    NEW_KEYS: ClassVar[tuple[str, ...]] = ("normalize",)
 
 
 class AimGuidance(_Strict):

@@ -22,6 +22,17 @@ Cross-task factor (direction: better alignment -> larger tau, so it is never pen
 Coefficients (temperature T > 0):
     sigma_i^l = exp(alpha_i^l tau_i / T) / sum_k exp(alpha_k^l tau_k / T)
 so sigma sums to 1 over experts in every layer, and equal alpha*tau gives sigma = 1/K.
+Normalisation of the sensitivities (recipe option `normalize`; "l2" is the faithful default above):
+    "l2"     alpha_i^l = S_i^l / ||S_i||_2                              (shrinks like 1/sqrt(L) with depth L)
+    "rms"    alpha_i^l = S_i^l / sqrt(mean_l (S_i^l)^2) = sqrt(L) * l2  (mean square 1 at any depth, so a
+                                                                         temperature means the same for any L)
+    "layer"  alpha_i^l = r_i^l / mean_k r_k^l,  r the "rms" alpha        (each layer's alpha averages 1 over
+                                                                         the experts: the depth profile all
+                                                                         experts share cancels, and what is
+                                                                         left is each expert's sensitivity
+                                                                         relative to the others at that layer)
+All-zero S gives alpha = 0 ("layer": a layer where every r is 0 gives alpha = 1 for each expert).
+
 The merge is theta^l = theta_0^l + K sum_i sigma_i^l delta_i^l: `tensor_weights` returns the per-tensor
 weights w_i = K sigma_i^l for task arithmetic (lambda 1), so uniform sigma is plain task arithmetic.
 Tensors outside the decoder layers (embeddings, final norm, lm_head) take sigma = 1/K, i.e. w = 1.
@@ -93,10 +104,32 @@ def sensitivity(model, batches: Iterable[Batch], device: str | torch.device = "c
     return {li: float(v) / n for li, v in enumerate(totals)}
 
 
-def alpha(sens: dict[int, float]) -> dict[int, float]:
-    """alpha^l = S^l / ||S||_2 over the layers."""
+NORMALIZE = ("l2", "rms", "layer")
+
+
+def alpha(sens: dict[int, float], normalize: str = "l2") -> dict[int, float]:
+    """alpha^l = S^l / ||S||_2 over the layers ("rms": times sqrt(L); "layer" needs every expert: alphas)."""
+    if normalize not in ("l2", "rms"):
+        raise GuidanceError(f"per-expert Sens normalisation must be l2 or rms, got {normalize!r}")
     norm = math.sqrt(sum(v * v for v in sens.values()))
+    if normalize == "rms":
+        norm /= math.sqrt(max(1, len(sens)))
     return {layer: (v / norm if norm > 0 else 0.0) for layer, v in sens.items()}
+
+
+def alphas(sens: dict[str, dict[int, float]], normalize: str = "l2") -> dict[str, dict[int, float]]:
+    """{expert: {layer: alpha}} under `normalize` (module docstring)."""
+    if normalize not in NORMALIZE:
+        raise GuidanceError(f"Sens-Merging normalize must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    if normalize != "layer":
+        return {n: alpha(s, normalize) for n, s in sens.items()}
+    r = {n: alpha(s, "rms") for n, s in sens.items()}
+    out: dict[str, dict[int, float]] = {n: {} for n in sens}
+    for layer in next(iter(r.values()), {}):
+        mean = sum(r[n][layer] for n in r) / len(r)
+        for n in r:
+            out[n][layer] = r[n][layer] / mean if mean > 0 else 1.0
+    return out
 
 
 def kl_positions(batch: Batch) -> torch.Tensor:
@@ -162,9 +195,9 @@ def tau(g: dict[str, dict[str, float]]) -> dict[str, float]:
 
 
 def coefficients(
-    sens: dict[str, dict[int, float]], taus: dict[str, float], temperature: float = 2.0
+    sens: dict[str, dict[int, float]], taus: dict[str, float], temperature: float = 2.0, normalize: str = "l2"
 ) -> dict[str, dict[int, float]]:
-    """sigma_i^l = softmax over experts i of alpha_i^l * tau_i / T."""
+    """sigma_i^l = softmax over experts i of alpha_i^l * tau_i / T (alpha under `normalize`)."""
     if temperature <= 0:
         raise GuidanceError(f"Sens-Merging temperature must be > 0, got {temperature}")
     names = list(sens)
@@ -176,7 +209,7 @@ def coefficients(
             raise GuidanceError(
                 f"expert {n!r}: sensitivities cover layers {sorted(sens[n])}, expert {names[0]!r} covers {layers}"
             )
-    al = {n: alpha(sens[n]) for n in names}
+    al = alphas(sens, normalize)
     out: dict[str, dict[int, float]] = {n: {} for n in names}
     for layer in layers:
         z = torch.tensor([al[n][layer] * taus[n] / temperature for n in names], dtype=torch.float64)

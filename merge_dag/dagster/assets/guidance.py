@@ -4,7 +4,7 @@ sets they read, calibration/<set>, are source assets: sources.py).
     activations/<model>__<set>[__seqwandaNN][__answer][__chat]   per-linear input statistics (one forward pass)
     grams/<model>__<set>                  per-linear X^T X for RegMean (one forward pass)
     sensitivity/<expert>__<set>           per-layer first-order sensitivity (one forward + backward pass)
-    importance/<expert>__<set>            LEWIS importance of expert and base, and its shift
+    importance/<expert>__<set>[__clipQ]   LEWIS importance of expert and base, and its shift
     allocation/<recipe>                   LEWIS density per expert x tensor (per-layer chart in the UI)
     coefficients/<recipe>                 Sens-Merging sigma per expert x layer (alignment computed here)
 
@@ -251,7 +251,8 @@ def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
         code_version=LEWIS_CODE,
         kinds={"pytorch"},
         description=f"LEWIS importance ||W * sqrt(s)||_F per linear of {md_text(e.model.ref)} and of the base "
-        f"{md_text(b.model.ref)} on {md_text(e.calibration.ref)}, and its normalised shift.",
+        f"{md_text(b.model.ref)} on {md_text(e.calibration.ref)}, and its normalised shift"
+        + (f" (s clipped at its {imp.clip_quantile} quantile per linear)." if imp.clip_quantile is not None else "."),
     )
     def _importance(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         ib, ub = _upstream_input(context, "base_activations", ["activations", b.name])
@@ -262,8 +263,9 @@ def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
             from ...guidance.activations import ActivationStats
             from ...guidance.lewis import importance, shifts
 
-            i_base = importance(ActivationStats.load(ub["path"]), b.model.open(), device=merge_dag.device)
-            i_exp = importance(ActivationStats.load(ue["path"]), e.model.open(), device=merge_dag.device)
+            clip = imp.clip_quantile
+            i_base = importance(ActivationStats.load(ub["path"]), b.model.open(), merge_dag.device, clip)
+            i_exp = importance(ActivationStats.load(ue["path"]), e.model.open(), merge_dag.device, clip)
             out = {"base": i_base, "expert": i_exp, "shift": shifts(i_base, i_exp, e.model.ref)}
             _write_result(tmp, out)
             from ...charts import heatmaps, shift_panel
@@ -296,7 +298,7 @@ def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
             kind="importance",
             name=imp.name,
             code_version=LEWIS_CODE,
-            settings={},
+            settings={} if imp.clip_quantile is None else {"clip_quantile": imp.clip_quantile},
             inputs=inputs,
             build=build,
             metadata=meta,
@@ -352,7 +354,7 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSp
             for ref in (e.ref for e in now.experts)
         }
         inputs = [i for i, _ in ups.values()]
-        settings = g.model_dump(mode="json")
+        settings = g.settings_dump()
 
         def build(tmp, art):
             from ...guidance.lewis import match_mean, rescale, weighted_mean
@@ -361,7 +363,9 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSp
             sizes = {n: ck.info(n).numel for n in ck.tensor_names}
             dens, means = {}, {}
             for ref, (_, up) in ups.items():
-                d = rescale(read_result(up["path"])["shift"], g.gamma, g.epsilon)
+                d = rescale(
+                    read_result(up["path"])["shift"], g.gamma, g.epsilon, g.scaling or "minmax", g.quantile or 0.05
+                )
                 if g.mean_density is not None:
                     d = match_mean(d, sizes, g.mean_density)
                 dens[ref], means[ref] = d, weighted_mean(d, sizes)
@@ -445,7 +449,7 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]
             inputs += [_calibration_input(c) for c in dict.fromkeys(by_expert[r].calibration for r in refs)]
         rows = by_expert[refs[0]].row_settings if refs else {}
         batch_settings = {**merge_dag.calibration_settings(), **rows} if g.alignment else {}
-        settings = {**g.model_dump(mode="json"), **batch_settings}
+        settings = {**g.settings_dump(), **batch_settings}
 
         def build(tmp, art):
             from ...guidance.model import load_model
@@ -467,7 +471,7 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]
             else:
                 gm = {i: {j: 0.0 for j in refs} for i in refs}
             taus = tau(gm)
-            sigma = coefficients(s, taus, g.temperature)
+            sigma = coefficients(s, taus, g.temperature, g.normalize or "l2")
             out = {
                 "sigma": {r: {str(k): v for k, v in c.items()} for r, c in sigma.items()},
                 "tau": taus,
