@@ -99,6 +99,15 @@ class ImportanceSpec:
     clip_quantile: Optional[float] = None  # LEWIS robust variant: each linear's s clipped at this quantile
 
 
+@dataclass(frozen=True)
+class AlignmentSpec:
+    """Sens-Merging's cross-task alignment of a set of experts, each on its own calibration set (the
+    sensitivity passes `members` name the pairs): one asset shared by every recipe with that set."""
+
+    name: str
+    members: tuple[StatsSpec, ...]  # sorted by name
+
+
 @dataclass
 class RecipeSpec:
     name: str
@@ -164,6 +173,7 @@ class Project:
     grams: dict[str, StatsSpec] = field(default_factory=dict)
     sensitivities: dict[str, StatsSpec] = field(default_factory=dict)
     importances: dict[str, ImportanceSpec] = field(default_factory=dict)
+    alignments: dict[str, AlignmentSpec] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.data is None:
@@ -228,6 +238,21 @@ class Project:
             else f"{stem}__on__{base.name}"
         )
         return self.importances.setdefault(name, ImportanceSpec(name, b, e, clip_quantile))
+
+    def alignment(self, members: list[StatsSpec]) -> AlignmentSpec:
+        """The alignment of the experts of `members` (sensitivity passes: expert x own set), registered
+        once whichever recipe asks; named by its members (a hash when that grows past 120 characters)."""
+        ms = tuple(sorted(set(members), key=lambda m: m.name))
+        name = "__and__".join(m.name for m in ms)
+        if len(name) > 120:
+            import hashlib
+
+            name = f"{len(ms)}_experts_" + hashlib.sha256(name.encode()).hexdigest()[:12]
+        spec = AlignmentSpec(name, ms)
+        known = self.alignments.setdefault(name, spec)
+        if known != spec:
+            raise RecipeError(f"alignment {name!r} would stand for two different sets of experts")
+        return known
 
     def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
         return (
@@ -337,6 +362,7 @@ _TABLES = (
     "grams",
     "sensitivities",
     "importances",
+    "alignments",
 )
 
 
@@ -373,7 +399,7 @@ def _register(project: Project, spec: RecipeSpec) -> None:
 def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
     """Register the statistics `spec`'s guidance needs; returns them by role for the merge's deps."""
     g = spec.guidance
-    need: dict[str, list] = {"importance": [], "sensitivity": [], "grams": [], "aim": []}
+    need: dict[str, list] = {"importance": [], "sensitivity": [], "grams": [], "aim": [], "alignment": []}
     if g is None:
         return need
     rows = g.row_options
@@ -387,6 +413,8 @@ def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
         need["sensitivity"] = [project.stats("sensitivities", e, spec.own_calibration(e), **rows) for e in spec.experts]
         for e in spec.experts:  # the alignment reads every expert on every other's texts
             project.calibrations.setdefault(spec.own_calibration(e).name, spec.own_calibration(e))
+        if g.coefficients.alignment and len(spec.experts) > 1:
+            need["alignment"] = [project.alignment(need["sensitivity"])]
     if g.aim is not None:
         need["aim"] = [project.stats("activations", spec.base, spec.calibration(c), **rows) for c in g.aim.calibrations]
     if g.regmean is not None:

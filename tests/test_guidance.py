@@ -254,7 +254,7 @@ def test_answer_only_statistics_equal_the_answer_positions_by_hand(family, batch
         torch.testing.assert_close(got.sumsq[n].double(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.sumabs[n].double(), x.abs().sum(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.maxabs[n].double(), x.abs().amax(0), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got.gram[n].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got.gram_sum(n).double(), x.T @ x, rtol=1e-5, atol=1e-4)
         assert got.count[n] < stats["base"].count[n]
     every = collect_activation_stats(model, whole)  # tokens "all": the statistics of the plain texts
     for n in mods:
@@ -319,7 +319,7 @@ def test_hook_statistics_equal_direct_computation(family, batches, stats):
         torch.testing.assert_close(st.sumsq[n].double(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(st.sumabs[n].double(), x.abs().sum(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(st.maxabs[n].double(), x.abs().amax(0), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(st.gram[n].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(st.gram_sum(n).double(), x.T @ x, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(st.mean_sq(n), st.sumsq[n] / total)
     # padding is excluded: one text per batch (no padding at all) gives the same statistics
     single = make_batches(TEXTS, load_tokenizer(family["base"]), batch_size=1)
@@ -341,14 +341,66 @@ def test_statistics_save_and_load(tmp_path, stats):
     meta = json.loads((folder / "stats.json").read_text())
     assert meta["gram"] is True and meta["tokens"] == st.count["model.layers.0.self_attn.q_proj.weight"]
     back = ActivationStats.load(folder)
-    assert back.count == st.count and back.has_gram
+    assert back.count == st.count and back.has_gram and back.shared == st.shared
     for n in st.names:
-        for kind in ("sumsq", "sumabs", "maxabs", "gram"):
+        for kind in ("sumsq", "sumabs", "maxabs"):
             assert torch.equal(getattr(back, kind)[n], getattr(st, kind)[n])
+        assert torch.equal(back.gram_sum(n), st.gram_sum(n))
     with pytest.raises(GuidanceError, match="no entry for tensor 'nope'"):
         back.mean_sq("nope")
     with pytest.raises(GuidanceError, match="stats.safetensors: activation statistics file is missing"):
         ActivationStats.load(tmp_path / "absent")
+
+
+def test_grams_are_stored_once_per_distinct_linear_input(tmp_path, family, batches, stats):
+    """q/k/v read one input and gate/up another: one Gram each, found from every weight, equal to the
+    Gram of that weight's own input; the file holds 4 Grams per layer instead of 7."""
+    st = stats["base"]
+    want_shared = {}
+    for li in range(2):
+        p = f"model.layers.{li}."
+        want_shared |= {p + f"self_attn.{k}_proj.weight": p + "self_attn.q_proj.weight" for k in "kv"}
+        want_shared[p + "mlp.up_proj.weight"] = p + "mlp.gate_proj.weight"
+    assert st.shared == want_shared
+    assert sorted(st.gram) == sorted(n for n in st.names if n not in want_shared)
+    for f, lead in want_shared.items():
+        assert st.gram_sum(f) is st.gram_sum(lead)
+    # bit for bit the per-linear Grams of before: each linear's own input, accumulated batch by batch in fp32
+    model = load_model(family["base"])
+    mods = linear_modules(model)
+    own = {n: torch.zeros(m.in_features, m.in_features) for n, (_, m) in mods.items()}
+    mask: list = []
+
+    def grab(n):
+        def hook(_m, args):
+            r = args[0].detach()[mask[0]].to(torch.float32)
+            own[n] += r.T @ r
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(grab(n)) for n, (_, m) in mods.items()]
+    with torch.no_grad():
+        for b in batches:
+            mask[:] = [b.select]
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    for h in handles:
+        h.remove()
+    for n in mods:
+        assert torch.equal(st.gram_sum(n), own[n]), n
+    folder = st.save(tmp_path / "stats")
+    raw = load_file(str(folder / "stats.safetensors"))
+    grams = {k: v for k, v in raw.items() if k.endswith("::gram")}
+    assert len(grams) == 2 * 4
+    per_linear = sum(m.in_features**2 * 4 for _, m in linear_modules(load_model(family["base"])).values())
+    stored = sum(v.numel() * v.element_size() for v in grams.values())
+    assert stored == 2 * (3 * 32 * 32 + 64 * 64) * 4 < per_linear == 2 * (6 * 32 * 32 + 64 * 64) * 4
+    assert json.loads((folder / "stats.json").read_text())["gram_shared"] == want_shared
+    # a statistics file whose sharing map names a missing leader is refused, naming the file
+    meta = json.loads((folder / "stats.json").read_text())
+    meta["gram_shared"]["model.layers.0.mlp.down_proj.weight"] = "nope"
+    (folder / "stats.json").write_text(json.dumps(meta))
+    with pytest.raises(GuidanceError, match="stats.json: gram_shared maps .*down_proj.weight' to 'nope'"):
+        ActivationStats.load(folder)
 
 
 # ---------------------------------------------------------------------------------------------- LEWIS
@@ -600,6 +652,30 @@ def test_alignment_is_token_mean_kl(family, batches):
     assert sens.logit_kl(models["e0"], models["e0"], batches[:1]) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_streamed_alignment_equals_the_in_memory_one_holding_one_model(family, batches, tmp_path):
+    import gc
+    import weakref
+
+    names = ("e0", "e1", "base")
+    tasks = {"e0": batches[:2], "e1": batches[2:], "base": batches[1:]}
+    want = sens.alignment({n: load_model(family[n]) for n in names}, tasks)
+    held: list = []
+    loads = []
+
+    def load(n):
+        gc.collect()
+        assert all(r() is None for r in held), "a previous model is still alive"
+        m = load_model(family[n])
+        held.append(weakref.ref(m))
+        loads.append(n)
+        return m
+
+    got = sens.alignment_streamed(load, tasks, tmp_path / "scratch")
+    assert got == want  # the same numbers, bit for bit
+    assert loads == list(names) * 2 and not (tmp_path / "scratch").exists()
+    assert sens.alignment_streamed(load, {"e0": batches[:1]}, tmp_path / "one") == {"e0": {"e0": 0.0}}
+
+
 # ---------------------------------------------------------------------------------------------- AIM
 
 
@@ -680,7 +756,7 @@ def test_regmean_checkpoint(tmp_path, family, stats):
         if t in stats["e0"].count:
             gs = []
             for st in (stats["e0"], stats["e1"]):
-                gm = st.gram[t].double() / st.count[t]
+                gm = st.gram_sum(t).double() / st.count[t]
                 gs.append(0.9 * gm + 0.1 * torch.diag(torch.diag(gm)))
             want = (e0[t].double() @ gs[0] + e1[t].double() @ gs[1]) @ torch.linalg.inv(gs[0] + gs[1])
             torch.testing.assert_close(res[t].double(), want, rtol=1e-3, atol=1e-4)

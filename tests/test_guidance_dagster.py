@@ -88,6 +88,7 @@ ALL_BUILT = {
     "sensitivity/ci_sort__sort",
     "sensitivity/ci_ashift__ashift",
     "coefficients/ta_sens",
+    "alignment/ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort",
     "grams/ci_arev__arev",
     "grams/ci_sort__sort",
     "task_vector/ci_arev",
@@ -114,7 +115,8 @@ AREV_DEPENDENTS = {
     "leaderboard/leaderboard",
     "sensitivity/ci_arev__arev",
     "coefficients/ta_sens",
-    "merged/ta_sens",  # the alignment reads arev's texts
+    "alignment/ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort",  # the alignment reads arev's texts
+    "merged/ta_sens",
     "merged/ta_aim",  # AIM: the base's statistics on arev
     "grams/ci_arev__arev",
     "merged/regmean",
@@ -253,6 +255,19 @@ def test_coefficients_are_the_sens_formula_and_the_merge_uses_them(project, firs
         for e in experts
     }
     g = co["alignment"]
+    # the alignment is its own asset (streamed, one model at a time): the in-memory computation's numbers
+    from merge_dag.guidance.calibration import load_batches, load_tokenizer
+    from merge_dag.guidance.model import load_model
+    from merge_dag.guidance.sens import alignment
+
+    assert result_json(first_run, "alignment", "ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort")[
+        "alignment"
+    ] == {i: {j: pytest.approx(g[i][j], rel=1e-12) for j in experts} for i in experts}
+    tok = load_tokenizer(project / CI / "base")
+    cal = project / "data" / "calibration"
+    tasks = {e: load_batches(cal / f"{e.rsplit('/', 1)[1]}.jsonl", tok, 16) for e in experts}
+    direct = alignment({e: load_model(project / e) for e in experts}, tasks)
+    assert g == {i: {j: pytest.approx(direct[i][j], rel=1e-9) for j in experts} for i in experts}
     assert all(g[i][i] == 0 for i in experts) and all(g[i][j] > 0 for i in experts for j in experts if i != j)
     a = {i: sum(math.exp(-g[i][j]) for j in experts if j != i) / 2 for i in experts}
     tau = {i: a[i] / (sum(a.values()) / 3) for i in experts}
@@ -293,7 +308,7 @@ def test_regmean_solves_each_linear_from_the_gram_matrices(project, first_run):
     ws = [Checkpoint(project / CI / e).get(name, dtype=torch.float32) for e in ("arev", "sort")]
     gs = []
     for st in grams:
-        g = st.gram[name] / st.count[name]
+        g = st.gram_sum(name) / st.count[name]
         gs.append(0.9 * g + 0.1 * torch.diag(torch.diagonal(g)))
     want = sum(w @ g for w, g in zip(ws, gs)) @ torch.linalg.inv(sum(gs))
     got = Checkpoint(artifact(first_run, "merged", "regmean")).get(name, dtype=torch.float32)
@@ -322,6 +337,20 @@ def test_a_second_recipe_reusing_a_calibration_set_runs_no_forward_pass(project,
             "activations/ci_base__sort",
             "activations/ci_sort__sort",
         }
+    finally:
+        extra.unlink()
+
+
+def test_a_second_sens_recipe_reuses_the_alignment(project, instance, first_run):
+    extra = project / "data" / "recipes" / "ta_sens_b.yaml"
+    recipe = RECIPES["ta_sens"].replace("name: ta_sens", "name: ta_sens_b")
+    extra.write_text(recipe.replace("temperature: 3", "temperature: 2"))
+    try:
+        after = run_all(project, instance)
+        assert events(project, after.run_id, "materialized") == {"coefficients/ta_sens_b", "merged/ta_sens_b"}
+        assert "alignment/ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort" in events(
+            project, after.run_id, "cache_hit"
+        )
     finally:
         extra.unlink()
 

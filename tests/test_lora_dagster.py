@@ -150,6 +150,7 @@ def test_adapters_are_sources_not_task_vectors(project, first_run):
         "eval/model/lora_arev",
         "activations/lora_arev__arev",
         "sensitivity/lora_sort__sort",
+        "alignment/lora_arev__arev__and__lora_sort__sort",
         "grams/lora_sort__sort",
         "importance/lora_sort__arev",
         "allocation/ties_glob_lewis",

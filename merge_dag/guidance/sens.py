@@ -41,10 +41,14 @@ Tensors outside the decoder layers (embeddings, final norm, lm_head) take sigma 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ..core.params import layer_index
 from .calibration import Batch
@@ -176,6 +180,61 @@ def alignment(
     return {
         i: {j: (0.0 if i == j else logit_kl(models[j], models[i], tasks[j], device)) for j in models} for i in models
     }
+
+
+def alignment_streamed(
+    load: Callable[[str], torch.nn.Module],
+    tasks: dict[str, list[Batch]],
+    scratch: str | os.PathLike,
+    device: str | torch.device = "cpu",
+) -> dict[str, dict[str, float]]:
+    """The same g as `alignment`, holding one model at a time: `load(name)` returns expert `name`'s
+    model (each is loaded twice and dropped before the next).
+
+    Pass 1 loads each specialist j and writes its float32 log-probabilities at the `kl_positions` of
+    its own task, one safetensors file per batch, under `scratch`; pass 2 loads each expert i and sums
+    KL(p_j || q_i) over every other task j against the stored log-probabilities, batch by batch, in the
+    same order and arithmetic as `logit_kl`, so the numbers are identical. Memory: one model plus one
+    batch's logits; disk: (KL positions of every task) x vocabulary x 4 bytes, removed at the end."""
+    names = list(tasks)
+    scratch = Path(scratch)
+    scratch.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+
+    def logits(model, b: Batch) -> torch.Tensor:
+        return model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits.float()
+
+    try:
+        with torch.no_grad():
+            for j_no, j in enumerate(names):
+                model = load(j).to(device)
+                for b_no, b in enumerate(tasks[j]):
+                    b = b.to(device)
+                    lp = F.log_softmax(logits(model, b)[kl_positions(b)], dim=-1)
+                    save_file({"lp": lp.cpu().contiguous()}, str(scratch / f"{j_no}_{b_no}.safetensors"))
+                del model
+            g: dict[str, dict[str, float]] = {i: {} for i in names}
+            for i in names:
+                model = load(i).to(device) if len(names) > 1 else None
+                for j_no, j in enumerate(names):
+                    if i == j:
+                        g[i][j] = 0.0
+                        continue
+                    total, count = 0.0, 0
+                    for b_no, b in enumerate(tasks[j]):
+                        b = b.to(device)
+                        mask = kl_positions(b)
+                        lp = load_file(str(scratch / f"{j_no}_{b_no}.safetensors"))["lp"].to(device)
+                        lq = F.log_softmax(logits(model, b)[mask], dim=-1)
+                        total += float((lp.exp() * (lp - lq)).sum())
+                        count += int(mask.sum())
+                    if count == 0:
+                        raise GuidanceError(f"alignment: task of expert {j!r} has no calibration tokens")
+                    g[i][j] = total / count
+                del model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {i: {j: g[i][j] for j in names} for i in names}
 
 
 def tau(g: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -6,7 +6,8 @@ sets they read, calibration/<set>, are source assets: sources.py).
     sensitivity/<expert>__<set>           per-layer first-order sensitivity (one forward + backward pass)
     importance/<expert>__<set>[__clipQ]   LEWIS importance of expert and base, and its shift
     allocation/<recipe>                   LEWIS density per expert x tensor (per-layer chart in the UI)
-    coefficients/<recipe>                 Sens-Merging sigma per expert x layer (alignment computed here)
+    alignment/<expert>__<set>__and__...   Sens-Merging cross-task KL matrix of a set of experts (streamed)
+    coefficients/<recipe>                 Sens-Merging sigma per expert x layer
 
 Every statistic is keyed by (model fingerprint, calibration fingerprint, batch settings, code
 version), so it is computed once and shared by every recipe that names the same model and set.
@@ -24,6 +25,7 @@ from ...core.markdown import md_text
 from ...core.params import layer_index
 from ...core.version import code_version
 from ...project import (
+    AlignmentSpec,
     CalibrationSource,
     ImportanceSpec,
     Project,
@@ -410,24 +412,80 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSp
     return _allocation
 
 
-def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]) -> dg.AssetsDefinition:
-    cals = {s.model.ref: s.calibration for s in sens}
-    deps = (
-        [["sensitivity", s.name] for s in sens]
-        + [["model", s.model.name] for s in sens]
-        + [["calibration", c.name] for c in dict.fromkeys(cals.values())]
-        + [["recipe", spec.name]]
+def alignment_asset(al: AlignmentSpec) -> dg.AssetsDefinition:
+    """alignment/<members>: the cross-task KL matrix of a set of experts, each on its own set (streamed:
+    one model in memory at a time), shared by every Sens-Merging recipe with that set of experts."""
+    ms = al.members
+    deps = [["model", m.model.name] for m in ms] + [
+        ["calibration", c.name] for c in dict.fromkeys(m.calibration for m in ms)
+    ]
+
+    @dg.asset(
+        key=["alignment", al.name],
+        deps=deps,
+        group_name=GROUP,
+        code_version=SENS_CODE,
+        pool=torch_pool(),
+        kinds={"pytorch"},
+        description="Sens-Merging cross-task alignment g_ij = mean KL(expert j || expert i) on task j's texts, for "
+        + ", ".join(f"{md_text(m.model.ref)} on {md_text(m.calibration.ref)}" for m in ms)
+        + " (one model in memory at a time).",
     )
+    def _alignment(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        inputs = [Input.model("expert", m.model) for m in ms]
+        inputs += [_calibration_input(c) for c in dict.fromkeys(m.calibration for m in ms)]
+        settings = {**merge_dag.calibration_settings(), **ms[0].row_settings}
+
+        def build(tmp, art):
+            from ...guidance.model import load_model
+            from ...guidance.sens import alignment_streamed
+
+            by_ref = {m.model.ref: m for m in ms}
+            tasks = {
+                r: _batches(merge_dag, m.model.model_folder, m.calibration, m.row_options) for r, m in by_ref.items()
+            }
+            t0 = time.perf_counter()
+            g = alignment_streamed(
+                lambda r: load_model(by_ref[r].model.open(), device=merge_dag.device),
+                tasks,
+                Path(tmp) / "_scratch",
+                device=merge_dag.device,
+            )
+            out = {"alignment": g, "alignment_seconds": time.perf_counter() - t0}
+            _write_result(tmp, out)
+            return out
+
+        return run_step(
+            context,
+            merge_dag,
+            kind="alignment",
+            name=al.name,
+            code_version=SENS_CODE,
+            settings=settings,
+            inputs=inputs,
+            build=build,
+            metadata=lambda art, info: {
+                "alignment_kl": dg.MetadataValue.json(info.get("alignment", {})),
+                "alignment_seconds": info.get("alignment_seconds"),
+            },
+        )
+
+    return _alignment
+
+
+def coefficients_asset(
+    project: Project, spec: RecipeSpec, sens: list[StatsSpec], align: list[AlignmentSpec]
+) -> dg.AssetsDefinition:
+    deps = [["sensitivity", s.name] for s in sens] + [["alignment", a.name] for a in align] + [["recipe", spec.name]]
 
     @dg.asset(
         key=["coefficients", spec.name],
         deps=deps,
         group_name=GROUP,
         code_version=SENS_CODE,
-        pool=torch_pool(),
         kinds={"pytorch"},
-        description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {md_text(spec.file.name)}; "
-        "the cross-task logit alignment is computed here.",
+        description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {md_text(spec.file.name)}, "
+        "from the experts' sensitivities and their cross-task alignment (its own asset).",
     )
     def _coefficients(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         now = current_spec(project, spec)
@@ -444,30 +502,26 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]
         refs = [e.ref for e in now.experts]
         ups = {r: _upstream_input(context, "sensitivity", ["sensitivity", by_expert[r].name]) for r in refs}
         inputs = [i for i, _ in ups.values()]
-        if g.alignment:
-            inputs += [Input.model("expert", by_expert[r].model) for r in refs]
-            inputs += [_calibration_input(c) for c in dict.fromkeys(by_expert[r].calibration for r in refs)]
-        rows = by_expert[refs[0]].row_settings if refs else {}
-        batch_settings = {**merge_dag.calibration_settings(), **rows} if g.alignment else {}
-        settings = {**g.settings_dump(), **batch_settings}
+        aligned = g.alignment and len(refs) > 1
+        if aligned and not align:
+            raise dg.Failure(
+                f"recipe {spec.file}: guidance.coefficients.alignment was switched on after the definitions "
+                "loaded; its alignment asset appears after a reload of the code location"
+            )
+        if aligned:
+            ia, ua = _upstream_input(context, "alignment", ["alignment", align[0].name])
+            inputs.append(ia)
+        settings = g.settings_dump()
 
         def build(tmp, art):
-            from ...guidance.model import load_model
-            from ...guidance.sens import alignment, coefficients, tau
+            from ...guidance.sens import coefficients, tau
 
             s = {
                 r: {int(k): v for k, v in read_result(up["path"])["sensitivity"].items()} for r, (_, up) in ups.items()
             }
-            t0 = time.perf_counter()
-            if g.alignment and len(refs) > 1:
-                models = {r: load_model(by_expert[r].model.open(), device=merge_dag.device) for r in refs}
-                tasks = {
-                    r: _batches(
-                        merge_dag, by_expert[r].model.model_folder, by_expert[r].calibration, by_expert[r].row_options
-                    )
-                    for r in refs
-                }
-                gm = alignment(models, tasks, device=merge_dag.device)
+            if aligned:
+                full = read_result(ua["path"])["alignment"]
+                gm = {i: {j: full[i][j] for j in refs} for i in refs}
             else:
                 gm = {i: {j: 0.0 for j in refs} for i in refs}
             taus = tau(gm)
@@ -476,7 +530,6 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]
                 "sigma": {r: {str(k): v for k, v in c.items()} for r, c in sigma.items()},
                 "tau": taus,
                 "alignment": gm,
-                "alignment_seconds": time.perf_counter() - t0,
             }
             _write_result(tmp, out)
             from ...charts import heatmaps, layer_panel
@@ -528,10 +581,11 @@ def guidance_assets(project: Project) -> list[dg.AssetsDefinition]:
     out += [stats_asset("grams", s) for s in project.grams.values()]
     out += [sensitivity_asset(s) for s in project.sensitivities.values()]
     out += [importance_asset(i) for i in project.importances.values()]
+    out += [alignment_asset(a) for a in project.alignments.values()]
     for spec in project.recipes.values():
         need = register_guidance(project, spec)  # already registered at load: returns the same sources
         if need["importance"]:
             out.append(allocation_asset(project, spec, need["importance"]))
         if need["sensitivity"]:
-            out.append(coefficients_asset(project, spec, need["sensitivity"]))
+            out.append(coefficients_asset(project, spec, need["sensitivity"], need["alignment"]))
     return out
