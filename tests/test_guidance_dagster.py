@@ -544,3 +544,26 @@ def test_robust_variants_are_recipe_options_computed_by_the_core(tmp_path, insta
     want = sens.coefficients(s, {r: 1.0 for r in s}, 0.5, "layer")
     for r, c in sigma["sigma"].items():
         assert {int(k): v for k, v in c.items()} == pytest.approx(want[r], rel=1e-12)
+
+
+def test_merge_dag_merge_runs_a_guided_recipe_like_the_project(project, first_run, monkeypatch, tmp_path, capsys):
+    """`merge-dag merge` on each guided recipe computes its statistics through the same core code and
+    writes the same tensors as the Dagster project's merged/<recipe> (same calibration batch size)."""
+    from merge_dag.cli import main
+
+    monkeypatch.chdir(project)
+    for name in ("ties_lewis", "ta_sens", "ta_aim", "regmean"):
+        out = tmp_path / name
+        args = ["merge", f"data/recipes/{name}.yaml", str(out), "--calibration-batch-size", "16", "--no-progress"]
+        assert main(args) == 0, capsys.readouterr().err
+        got, want = Checkpoint(out), Checkpoint(artifact(first_run, "merged", name))
+        assert got.tensor_names == want.tensor_names
+        for n in want.tensor_names:
+            assert torch.equal(got.get(n), want.get(n)), (name, n)
+        card = json.loads((out / "merge_dag.json").read_text())
+        assert card["guidance"]["statistics"], name
+    assert main(["merge", "data/recipes/ta_sens.yaml", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert "guidance: coefficients: statistics computed before the merge" in capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    assert main(["merge", "data/recipes/ta_sens.yaml", str(tmp_path / "x"), "--calibration-batch-size", "0"]) == 2
+    assert "--calibration-batch-size" in capsys.readouterr().err
