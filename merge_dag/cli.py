@@ -26,6 +26,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
         "working directory",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("guided recipes (`guidance:`): how the calibration statistics are computed")
+    g.add_argument("--calibration-batch-size", type=int, default=8, help="rows per batch (default 8)")
+    g.add_argument("--calibration-max-length", type=int, default=512, help="tokens per row at most (default 512)")
+    g.add_argument("--calibration-max-rows", type=int, default=0, help="rows per calibration set (default 0: all)")
     p.set_defaults(func=_run_merge)
 
 
@@ -39,6 +43,8 @@ def _run_merge(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise MergeDagError(f"--shard-size: {e}") from None
     recipe = load_recipe(args.recipe)
+    if recipe.guidance is not None:
+        return _run_guided(args, recipe, shard)
     plan = plan_merge(recipe, device=args.device)
     if args.dry_run:
         check_target(plan, args.out_dir, overwrite=args.overwrite)
@@ -51,6 +57,42 @@ def _run_merge(args: argparse.Namespace) -> int:
         f"in {result.seconds:.1f} s -> {result.out_dir}"
     )
     print(f"output fingerprint {result.output_fingerprint}")
+    return 0
+
+
+def _run_guided(args: argparse.Namespace, recipe, shard: int) -> int:
+    """A recipe with `guidance:`: its statistics computed here by the core (merge_dag.guidance.offline)."""
+    from .core.engine import check_target, plan_merge
+    from .guidance.offline import guided_merge
+
+    if args.calibration_batch_size < 1 or args.calibration_max_length < 1 or args.calibration_max_rows < 0:
+        raise MergeDagError(
+            "--calibration-batch-size and --calibration-max-length must be >= 1, --calibration-max-rows >= 0"
+        )
+    if args.dry_run:
+        plain = recipe.model_copy(deep=True)
+        plain.guidance = None
+        plain.source_path, plain.root = recipe.source_path, recipe.root
+        plan = plan_merge(plain, device=args.device)
+        check_target(plan, args.out_dir, overwrite=args.overwrite)
+        print(plan.describe())
+        kinds = [k for k in ("sparsity", "coefficients", "aim", "regmean") if getattr(recipe.guidance, k) is not None]
+        print(f"\nguidance: {', '.join(kinds)}: statistics computed before the merge (the plan above is without them)")
+        print(f"plan OK: nothing written (would write {args.out_dir})")
+        return 0
+    res = guided_merge(
+        recipe,
+        args.out_dir,
+        device=args.device,
+        shard_size=shard,
+        batch_size=args.calibration_batch_size,
+        max_length=args.calibration_max_length,
+        max_rows=args.calibration_max_rows or None,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"guided merge ({len(res.statistics)} statistics passes) in {res.seconds:.1f} s -> {res.out_dir}")
     return 0
 
 

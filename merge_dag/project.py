@@ -73,6 +73,22 @@ class StatsSpec:
     model: ModelSource
     calibration: CalibrationSource
     sequential: Optional[float] = None  # LEWIS sequential-Wanda variant (its sparsity), activations only
+    tokens: str = "all"  # calibration tokens the statistic covers: "all" or "answer"
+    chat_template: bool = False  # prompt/answer rows rendered with the tokenizer's chat template
+
+    @property
+    def row_options(self) -> dict:
+        """How the pass reads its calibration rows (keyword arguments of `load_batches`)."""
+        return {"tokens": self.tokens, "chat_template": self.chat_template}
+
+    @property
+    def row_settings(self) -> dict:
+        """The row options that differ from the defaults, for the cache key (a statistic without them
+        keeps the key it had before the options existed)."""
+        return {
+            **({"calibration_tokens": self.tokens} if self.tokens != "all" else {}),
+            **({"chat_template": True} if self.chat_template else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,16 @@ class ImportanceSpec:
     name: str
     base: StatsSpec
     expert: StatsSpec
+    clip_quantile: Optional[float] = None  # LEWIS robust variant: each linear's s clipped at this quantile
+
+
+@dataclass(frozen=True)
+class AlignmentSpec:
+    """Sens-Merging's cross-task alignment of a set of experts, each on its own calibration set (the
+    sensitivity passes `members` name the pairs): one asset shared by every recipe with that set."""
+
+    name: str
+    members: tuple[StatsSpec, ...]  # sorted by name
 
 
 @dataclass
@@ -147,6 +173,7 @@ class Project:
     grams: dict[str, StatsSpec] = field(default_factory=dict)
     sensitivities: dict[str, StatsSpec] = field(default_factory=dict)
     importances: dict[str, ImportanceSpec] = field(default_factory=dict)
+    alignments: dict[str, AlignmentSpec] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.data is None:
@@ -170,12 +197,23 @@ class Project:
         return name if self.task_vectors.get(name) == (base, expert) else None
 
     def stats(
-        self, table: str, model: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
+        self,
+        table: str,
+        model: ModelSource,
+        cal: CalibrationSource,
+        sequential: Optional[float] = None,
+        tokens: str = "all",
+        chat_template: bool = False,
     ) -> StatsSpec:
         """The statistics pass of `model` on `cal` in `table` (activations, grams, sensitivities),
-        registered once whichever recipe asks."""
-        name = f"{model.name}__{cal.name}" + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
-        src = StatsSpec(name, model, cal, sequential)
+        registered once whichever recipe asks (the row options, when not the defaults, name their own)."""
+        name = (
+            f"{model.name}__{cal.name}"
+            + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
+            + ("__answer" if tokens == "answer" else "")
+            + ("__chat" if chat_template else "")
+        )
+        src = StatsSpec(name, model, cal, sequential, tokens, chat_template)
         known = getattr(self, table).setdefault(name, src)
         if known != src:
             raise RecipeError(f"{table} {name!r} would stand for both {known} and {src}")
@@ -183,15 +221,38 @@ class Project:
         return src
 
     def importance(
-        self, base: ModelSource, expert: ModelSource, cal: CalibrationSource, sequential: Optional[float] = None
+        self,
+        base: ModelSource,
+        expert: ModelSource,
+        cal: CalibrationSource,
+        sequential: Optional[float] = None,
+        clip_quantile: Optional[float] = None,
+        **rows,
     ) -> ImportanceSpec:
-        b, e = self.stats("activations", base, cal, sequential), self.stats("activations", expert, cal, sequential)
+        b = self.stats("activations", base, cal, sequential, **rows)
+        e = self.stats("activations", expert, cal, sequential, **rows)
+        stem = e.name + (f"__clip{clip_quantile:g}".replace(".", "p") if clip_quantile is not None else "")
         name = (
-            e.name
-            if self.importances.get(e.name, ImportanceSpec(e.name, b, e)).base == b
-            else f"{e.name}__on__{base.name}"
+            stem
+            if self.importances.get(stem, ImportanceSpec(stem, b, e, clip_quantile)).base == b
+            else f"{stem}__on__{base.name}"
         )
-        return self.importances.setdefault(name, ImportanceSpec(name, b, e))
+        return self.importances.setdefault(name, ImportanceSpec(name, b, e, clip_quantile))
+
+    def alignment(self, members: list[StatsSpec]) -> AlignmentSpec:
+        """The alignment of the experts of `members` (sensitivity passes: expert x own set), registered
+        once whichever recipe asks; named by its members (a hash when that grows past 120 characters)."""
+        ms = tuple(sorted(set(members), key=lambda m: m.name))
+        name = "__and__".join(m.name for m in ms)
+        if len(name) > 120:
+            import hashlib
+
+            name = f"{len(ms)}_experts_" + hashlib.sha256(name.encode()).hexdigest()[:12]
+        spec = AlignmentSpec(name, ms)
+        known = self.alignments.setdefault(name, spec)
+        if known != spec:
+            raise RecipeError(f"alignment {name!r} would stand for two different sets of experts")
+        return known
 
     def tv_name(self, base: ModelSource, expert: ModelSource) -> str:
         return (
@@ -301,6 +362,7 @@ _TABLES = (
     "grams",
     "sensitivities",
     "importances",
+    "alignments",
 )
 
 
@@ -337,18 +399,24 @@ def _register(project: Project, spec: RecipeSpec) -> None:
 def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
     """Register the statistics `spec`'s guidance needs; returns them by role for the merge's deps."""
     g = spec.guidance
-    need: dict[str, list] = {"importance": [], "sensitivity": [], "grams": [], "aim": []}
+    need: dict[str, list] = {"importance": [], "sensitivity": [], "grams": [], "aim": [], "alignment": []}
     if g is None:
         return need
+    rows = g.row_options
     if g.sparsity is not None:
         seq = g.sparsity.wanda_sparsity if g.sparsity.sequential else None
-        need["importance"] = [project.importance(spec.base, e, spec.sparsity_calibration(e), seq) for e in spec.experts]
+        need["importance"] = [
+            project.importance(spec.base, e, spec.sparsity_calibration(e), seq, g.sparsity.clip_quantile, **rows)
+            for e in spec.experts
+        ]
     if g.coefficients is not None:
-        need["sensitivity"] = [project.stats("sensitivities", e, spec.own_calibration(e)) for e in spec.experts]
+        need["sensitivity"] = [project.stats("sensitivities", e, spec.own_calibration(e), **rows) for e in spec.experts]
         for e in spec.experts:  # the alignment reads every expert on every other's texts
             project.calibrations.setdefault(spec.own_calibration(e).name, spec.own_calibration(e))
+        if g.coefficients.alignment and len(spec.experts) > 1:
+            need["alignment"] = [project.alignment(need["sensitivity"])]
     if g.aim is not None:
-        need["aim"] = [project.stats("activations", spec.base, spec.calibration(c)) for c in g.aim.calibrations]
+        need["aim"] = [project.stats("activations", spec.base, spec.calibration(c), **rows) for c in g.aim.calibrations]
     if g.regmean is not None:
-        need["grams"] = [project.stats("grams", m, spec.own_calibration(m)) for m in spec.members]
+        need["grams"] = [project.stats("grams", m, spec.own_calibration(m), **rows) for m in spec.members]
     return need

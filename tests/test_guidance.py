@@ -96,9 +96,15 @@ def test_calibration_rows_and_errors(tmp_path):
     bad = {
         '{"text": "a"}\n{"text": \n': "invalid JSON",
         '{"text": "a"}\n["a"]\n': "expected a JSON object",
-        '{"text": "a"}\n{"txt": "a"}\n': 'no "text" field',
+        '{"text": "a"}\n{"txt": "a"}\n': 'no "text", "prompt" \\+ "answer", or "messages" field',
         '{"text": "a"}\n{"text": 5}\n': "must be a string",
         '{"text": "a"}\n{"text": "  "}\n': "is empty",
+        '{"text": "a"}\n{"text": "a", "prompt": "b", "answer": "c"}\n': "gives 'text' and 'prompt'",
+        '{"text": "a"}\n{"prompt": "a"}\n': 'a "prompt" but no "answer"',
+        '{"text": "a"}\n{"answer": "a"}\n': 'an "answer" but no "prompt"',
+        '{"text": "a"}\n{"prompt": "a", "answer": " "}\n': '"answer" is empty',
+        '{"text": "a"}\n{"messages": []}\n': '"messages" must be a non-empty list',
+        '{"text": "a"}\n{"messages": [{"role": "user"}]}\n': "messages\\[0\\] must be an object",
     }
     for i, (content, msg) in enumerate(bad.items()):
         p = tmp_path / f"bad{i}.jsonl"
@@ -123,6 +129,168 @@ def test_batches_are_padded_with_a_mask(family, batches):
         assert (b.input_ids[b.attention_mask == 0] == tok.pad_token_id).all()
         assert (b.labels()[b.attention_mask == 0] == -100).all()
     assert any((b.attention_mask == 0).any() for b in batches)  # the tests below do see padding
+
+
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}{{ m.role }}:{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _bos_tokenizer(chat=True):
+    """The zoo's character tokenizer, made to add BOS itself and (chat) with a template that writes BOS."""
+    from tokenizers.processors import TemplateProcessing
+
+    from merge_dag.zoo.tokenizer import BOS, build_tokenizer
+
+    tok = build_tokenizer()
+    tok._tokenizer.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tok.convert_tokens_to_ids(BOS))]
+    )
+    if chat:
+        tok.chat_template = CHAT
+    return tok
+
+
+def _rows_file(tmp_path, rows, name="rows.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return p
+
+
+def test_rows_render_with_one_bos_and_mark_the_answer(tmp_path):
+    from merge_dag.guidance.calibration import load_rows
+
+    tok = _bos_tokenizer()
+    bos = tok.bos_token_id
+    enc = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    chat = [{"role": "user", "content": "add:1+2="}, {"role": "assistant", "content": "3"}]
+    path = _rows_file(
+        tmp_path,
+        [
+            {"text": "add:1+1=2"},
+            {"text": "<bos>add:1+1=2"},
+            {"prompt": "add:1+2=", "answer": "3"},
+            {"messages": chat},
+            {"prompt": "add:1+2=", "answer": "3", "id": 7},
+        ],
+    )
+    rows = load_rows(path)
+    assert [r.has_answer for r in rows] == [False, False, True, True, True]
+    all_b = make_batches(rows[:4], tok, batch_size=1)
+    ids = [b.input_ids[0].tolist() for b in all_b]
+    assert ids[0] == [bos] + enc("add:1+1=2")  # the tokenizer adds BOS ...
+    assert ids[1] == ids[0]  # ... but not to a text that starts with it: one BOS, never two
+    assert ids[2] == [bos] + enc("add:1+2=3")
+    assert ids[3] == [bos] + enc("user:add:1+2=\nassistant:3\n")  # the chat template writes BOS; once
+    assert all(i.count(bos) == 1 for i in ids) and all(b.answer_mask is None for b in all_b)
+    # tokens="answer": the answer's tokens (the chat's answer is what follows "assistant:")
+    ans = make_batches(rows[2:], tok, batch_size=1, tokens="answer")
+    assert ans[0].answer_mask[0].tolist() == [0] * 9 + [1]
+    n = len(ids[3])
+    assert ans[1].answer_mask[0].tolist() == [0] * (n - 2) + [1, 1]
+    # chat_template=True renders a prompt/answer row as [user, assistant]: the same tokens as the chat row
+    as_chat = make_batches(rows[4:], tok, batch_size=1, tokens="answer", chat_template=True)
+    assert torch.equal(as_chat[0].input_ids, ans[1].input_ids)
+    assert torch.equal(as_chat[0].answer_mask, ans[1].answer_mask)
+    # padding: the answer mask is padded like the attention mask (either side)
+    both = make_batches(rows[2:4], tok, batch_size=2, tokens="answer")[0]
+    assert both.answer_mask[0].tolist() == [0] * 9 + [1] + [0] * (n - 10)
+    assert both.labels()[0].tolist() == [-100] * 9 + [enc("3")[0]] + [-100] * (n - 10)
+    tok.padding_side = "left"
+    left = make_batches(rows[2:4], tok, batch_size=2, tokens="answer")[0]
+    assert left.attention_mask[0].tolist() == [0] * (n - 10) + [1] * 10
+    assert left.answer_mask[0].tolist() == [0] * (n - 1) + [1]
+    assert left.input_ids[0].tolist()[n - 10 :] == ids[2]
+    # errors name the file and line
+    with pytest.raises(CalibrationError, match=f"{path}:1: answer-only calibration"):
+        make_batches(rows, tok, tokens="answer")
+    with pytest.raises(CalibrationError, match=f"{path}:3: no answer token within max_length 5"):
+        make_batches(rows[2:3], tok, tokens="answer", max_length=5)
+    with pytest.raises(CalibrationError, match=f"{path}:4: a chat row needs a tokenizer with a chat template"):
+        make_batches(rows[3:4], _bos_tokenizer(chat=False))
+    with pytest.raises(CalibrationError, match="tokens must be one of all, answer"):
+        make_batches(rows, tok, tokens="prompt")
+    assert load_texts(_rows_file(tmp_path, [{"prompt": "a", "answer": "b"}], "pa.jsonl")) == ["ab"]
+
+
+def answer_rows(texts):
+    """Each zoo text as a prompt (up to and including '=') and its answer."""
+    return [{"prompt": t[: t.index("=") + 1], "answer": t[t.index("=") + 1 :]} for t in texts]
+
+
+@pytest.fixture(scope="module")
+def answer_batches(family, tmp_path_factory):
+    path = _rows_file(tmp_path_factory.mktemp("rows"), answer_rows(TEXTS))
+    tok = load_tokenizer(family["base"])
+    return load_batches(path, tok, batch_size=4), load_batches(path, tok, batch_size=4, tokens="answer")
+
+
+def test_answer_only_statistics_equal_the_answer_positions_by_hand(family, batches, stats, answer_batches):
+    whole, ans = answer_batches
+    for a, b in zip(whole, batches):  # prompt + answer rows, all tokens: the same batches as the texts
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask)
+    for b, w in zip(ans, whole):
+        assert torch.equal(b.input_ids, w.input_ids)
+        assert not (b.answer_mask.bool() & ~b.attention_mask.bool()).any()
+    model = load_model(family["base"])
+    got = collect_activation_stats(model, ans, gram=True)
+    mods = linear_modules(model)
+    captured = {n: [] for n in mods}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: captured[n].append(args[0].detach().clone()))
+        for n, (_, m) in mods.items()
+    ]
+    with torch.no_grad():
+        for b in ans:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    for h in handles:
+        h.remove()
+    n_answer = sum(len(r["answer"]) for r in answer_rows(TEXTS))
+    assert got.meta["selected_tokens"] == n_answer and got.meta["tokens"] == sum(b.tokens for b in ans)
+    for n in mods:
+        x = torch.cat([c[b.answer_mask.bool()] for c, b in zip(captured[n], ans)]).double()
+        assert x.shape[0] == got.count[n] == n_answer
+        torch.testing.assert_close(got.sumsq[n].double(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.sumabs[n].double(), x.abs().sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.maxabs[n].double(), x.abs().amax(0), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.gram_sum(n).double(), x.T @ x, rtol=1e-5, atol=1e-4)
+        assert got.count[n] < stats["base"].count[n]
+    every = collect_activation_stats(model, whole)  # tokens "all": the statistics of the plain texts
+    for n in mods:
+        assert every.count[n] == stats["base"].count[n]
+        torch.testing.assert_close(every.sumsq[n], stats["base"].sumsq[n])
+
+
+def test_answer_only_sens_loss_and_alignment_by_hand(family, answer_batches):
+    _, ans = answer_batches
+    model = load_model(family["e0"])
+    got = sens.sensitivity(model, ans)
+    want = [0.0, 0.0]
+    for b in ans:
+        logp = F.log_softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+        terms = [
+            -logp[r, t, b.input_ids[r, t + 1]]
+            for r in range(b.input_ids.shape[0])
+            for t in range(b.input_ids.shape[1] - 1)
+            if b.answer_mask[r, t + 1]
+        ]
+        loss = torch.stack(terms).mean()
+        for li, layer in enumerate(model.model.layers):
+            ps = list(layer.parameters())
+            gs = torch.autograd.grad(loss, ps, retain_graph=True)
+            want[li] += sum(float((p.detach().double() * g.double()).abs().sum()) for p, g in zip(ps, gs))
+    for li in (0, 1):
+        assert got[li] == pytest.approx(want[li] / len(ans), rel=1e-4)
+    other = load_model(family["e1"])
+    kls = []
+    with torch.no_grad():
+        for b in ans:
+            p = torch.softmax(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+            q = torch.softmax(other(input_ids=b.input_ids, attention_mask=b.attention_mask).logits.double(), -1)
+            kl = (p * (p.log() - q.log())).sum(-1)
+            kls += [kl[r, t] for r in range(kl.shape[0]) for t in range(kl.shape[1] - 1) if b.answer_mask[r, t + 1]]
+    assert sens.logit_kl(model, other, ans) == pytest.approx(float(torch.stack(kls).mean()), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -151,7 +319,7 @@ def test_hook_statistics_equal_direct_computation(family, batches, stats):
         torch.testing.assert_close(st.sumsq[n].double(), (x * x).sum(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(st.sumabs[n].double(), x.abs().sum(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(st.maxabs[n].double(), x.abs().amax(0), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(st.gram[n].double(), x.T @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(st.gram_sum(n).double(), x.T @ x, rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(st.mean_sq(n), st.sumsq[n] / total)
     # padding is excluded: one text per batch (no padding at all) gives the same statistics
     single = make_batches(TEXTS, load_tokenizer(family["base"]), batch_size=1)
@@ -173,14 +341,66 @@ def test_statistics_save_and_load(tmp_path, stats):
     meta = json.loads((folder / "stats.json").read_text())
     assert meta["gram"] is True and meta["tokens"] == st.count["model.layers.0.self_attn.q_proj.weight"]
     back = ActivationStats.load(folder)
-    assert back.count == st.count and back.has_gram
+    assert back.count == st.count and back.has_gram and back.shared == st.shared
     for n in st.names:
-        for kind in ("sumsq", "sumabs", "maxabs", "gram"):
+        for kind in ("sumsq", "sumabs", "maxabs"):
             assert torch.equal(getattr(back, kind)[n], getattr(st, kind)[n])
+        assert torch.equal(back.gram_sum(n), st.gram_sum(n))
     with pytest.raises(GuidanceError, match="no entry for tensor 'nope'"):
         back.mean_sq("nope")
     with pytest.raises(GuidanceError, match="stats.safetensors: activation statistics file is missing"):
         ActivationStats.load(tmp_path / "absent")
+
+
+def test_grams_are_stored_once_per_distinct_linear_input(tmp_path, family, batches, stats):
+    """q/k/v read one input and gate/up another: one Gram each, found from every weight, equal to the
+    Gram of that weight's own input; the file holds 4 Grams per layer instead of 7."""
+    st = stats["base"]
+    want_shared = {}
+    for li in range(2):
+        p = f"model.layers.{li}."
+        want_shared |= {p + f"self_attn.{k}_proj.weight": p + "self_attn.q_proj.weight" for k in "kv"}
+        want_shared[p + "mlp.up_proj.weight"] = p + "mlp.gate_proj.weight"
+    assert st.shared == want_shared
+    assert sorted(st.gram) == sorted(n for n in st.names if n not in want_shared)
+    for f, lead in want_shared.items():
+        assert st.gram_sum(f) is st.gram_sum(lead)
+    # bit for bit the per-linear Grams of before: each linear's own input, accumulated batch by batch in fp32
+    model = load_model(family["base"])
+    mods = linear_modules(model)
+    own = {n: torch.zeros(m.in_features, m.in_features) for n, (_, m) in mods.items()}
+    mask: list = []
+
+    def grab(n):
+        def hook(_m, args):
+            r = args[0].detach()[mask[0]].to(torch.float32)
+            own[n] += r.T @ r
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(grab(n)) for n, (_, m) in mods.items()]
+    with torch.no_grad():
+        for b in batches:
+            mask[:] = [b.select]
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
+    for h in handles:
+        h.remove()
+    for n in mods:
+        assert torch.equal(st.gram_sum(n), own[n]), n
+    folder = st.save(tmp_path / "stats")
+    raw = load_file(str(folder / "stats.safetensors"))
+    grams = {k: v for k, v in raw.items() if k.endswith("::gram")}
+    assert len(grams) == 2 * 4
+    per_linear = sum(m.in_features**2 * 4 for _, m in linear_modules(load_model(family["base"])).values())
+    stored = sum(v.numel() * v.element_size() for v in grams.values())
+    assert stored == 2 * (3 * 32 * 32 + 64 * 64) * 4 < per_linear == 2 * (6 * 32 * 32 + 64 * 64) * 4
+    assert json.loads((folder / "stats.json").read_text())["gram_shared"] == want_shared
+    # a statistics file whose sharing map names a missing leader is refused, naming the file
+    meta = json.loads((folder / "stats.json").read_text())
+    meta["gram_shared"]["model.layers.0.mlp.down_proj.weight"] = "nope"
+    (folder / "stats.json").write_text(json.dumps(meta))
+    with pytest.raises(GuidanceError, match="stats.json: gram_shared maps .*down_proj.weight' to 'nope'"):
+        ActivationStats.load(folder)
 
 
 # ---------------------------------------------------------------------------------------------- LEWIS
@@ -262,6 +482,91 @@ def test_sequential_wanda_variant(family, batches, stats):
     for n in layer1.names:
         torch.testing.assert_close(seq.sumsq[n], layer1.sumsq[n], rtol=1e-5, atol=1e-6)
         assert not torch.allclose(seq.sumsq[n], plain.sumsq[n], rtol=1e-3)
+
+
+def test_lewis_robust_scalings_follow_their_formulas():
+    g = torch.Generator().manual_seed(3)
+    vals = torch.rand(20, generator=g, dtype=torch.float64).tolist() + [100.0]  # one massive outlier
+    d = {f"t{i}": v for i, v in enumerate(vals)}
+    t = torch.tensor(vals, dtype=torch.float64)
+    gamma, eps = 0.2, 0.9
+    mm = lewis.rescale(d, gamma, eps)  # faithful: the outlier squeezes the others near gamma
+    assert mm["t20"] == pytest.approx(eps) and max(v for k, v in mm.items() if k != "t20") < gamma + 0.01
+    rank = lewis.rescale(d, gamma, eps, scaling="rank")
+    want = gamma + t.argsort().argsort().double() / (len(vals) - 1) * (eps - gamma)
+    assert list(rank.values()) == pytest.approx(want.tolist(), rel=1e-12)
+    for q in (0.05, 0.2):
+        got = lewis.rescale(d, gamma, eps, scaling="quantile", quantile=q)
+        lo, hi = torch.quantile(t, q), torch.quantile(t, 1 - q)
+        want = gamma + ((t - lo) / (hi - lo)).clamp(0, 1) * (eps - gamma)
+        assert list(got.values()) == pytest.approx(want.tolist(), rel=1e-12)
+        assert got["t20"] == pytest.approx(eps)  # the outlier saturates instead of squeezing the rest
+    # ties share their mean rank; all equal -> the midpoint under every scaling
+    assert lewis.rescale({"a": 1.0, "b": 1.0, "c": 2.0}, 0.2, 0.8, "rank") == pytest.approx(
+        {"a": 0.2 + 0.25 * 0.6, "b": 0.2 + 0.25 * 0.6, "c": 0.8}
+    )
+    for sc in lewis.SCALINGS:
+        assert lewis.rescale({"a": 0.3, "b": 0.3}, 0.2, 0.6, sc) == pytest.approx({"a": 0.4, "b": 0.4})
+        assert lewis.rescale({"a": 0.3}, 0.2, 0.6, sc) == pytest.approx({"a": 0.4})
+    # the mean-density constraint holds exactly under every scaling
+    sizes = {k: 100 * (i + 1) for i, k in enumerate(d)}
+    for sc in lewis.SCALINGS:
+        m = lewis.match_mean(lewis.rescale(d, gamma, eps, sc), sizes, 0.35)
+        assert lewis.weighted_mean(m, sizes) == pytest.approx(0.35, abs=1e-9)
+    with pytest.raises(GuidanceError, match="scaling must be one of minmax, rank, quantile"):
+        lewis.rescale(d, gamma, eps, "zscore")
+    with pytest.raises(GuidanceError, match="quantile must be in"):
+        lewis.rescale(d, gamma, eps, "quantile", quantile=0.5)
+    from merge_dag.core.recipe import SparsityGuidance
+
+    with pytest.raises(ValueError, match="quantile applies to scaling: quantile"):
+        SparsityGuidance(quantile=0.1)
+
+
+def test_lewis_clipped_importance_and_allocation_options(family, stats):
+    q = 0.75
+    imps = {n: lewis.importance(stats[n], family[n], clip_quantile=q) for n in ("base", "e0")}
+    w = load_file(str(family["e0"] / "model.safetensors"))
+    for t, v in imps["e0"].items():
+        s = stats["e0"].sumsq[t].double() / stats["e0"].count[t]
+        s = torch.minimum(s, torch.quantile(s, q))
+        assert v == pytest.approx(float(torch.sqrt(((w[t].double().abs() * s.sqrt()[None, :]) ** 2).sum())), rel=1e-5)
+    plain = lewis.importance(stats["e0"], family["e0"])
+    assert all(imps["e0"][t] < plain[t] for t in plain)  # the top quarter of channels was clipped
+    alloc = lewis.allocate(imps["base"], {"e0": imps["e0"]}, 0.3, 0.8, scaling="rank")
+    assert alloc["e0"] == lewis.rescale(lewis.shifts(imps["base"], imps["e0"]), 0.3, 0.8, "rank")
+    with pytest.raises(GuidanceError, match="clip_quantile must be in"):
+        lewis.clip_channels(torch.ones(3), 0.0)
+
+
+def test_sens_normalisations_follow_their_formulas():
+    s = {"a": {0: 1.0, 1: 2.0, 2: 4.0}, "b": {0: 3.0, 1: 1.0, 2: 0.5}, "c": {0: 0.0, 1: 0.0, 2: 0.0}}
+    taus = {"a": 1.2, "b": 0.8, "c": 1.0}
+    S = torch.tensor([[s[n][layer] for layer in range(3)] for n in "abc"], dtype=torch.float64)
+    tau_t = torch.tensor([taus[n] for n in "abc"], dtype=torch.float64)[:, None]
+    l2 = S / S.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    rms = S / (S.pow(2).mean(1, keepdim=True).sqrt()).clamp_min(1e-300)
+    layer = rms / rms.mean(0, keepdim=True)
+    for name, al in (("l2", l2), ("rms", rms), ("layer", layer)):
+        got = sens.alphas(s, name)
+        table = torch.tensor([[got[n][li] for li in range(3)] for n in "abc"], dtype=torch.float64)
+        torch.testing.assert_close(table, al, rtol=1e-12, atol=1e-15)
+        sig = torch.softmax(al * tau_t / 0.5, dim=0)
+        c = sens.coefficients(s, taus, temperature=0.5, normalize=name)
+        table = torch.tensor([[c[n][li] for li in range(3)] for n in "abc"], dtype=torch.float64)
+        torch.testing.assert_close(table, sig, rtol=1e-12, atol=1e-15)
+    assert sens.coefficients(s, taus, 0.5) == sens.coefficients(s, taus, 0.5, "l2")  # l2 is the default
+    # depth: the same profile over twice the layers keeps "rms" alphas, while "l2" shrinks by sqrt(2)
+    twice = {n: {li: v for li, v in enumerate(list(p.values()) * 2)} for n, p in s.items()}
+    assert sens.alphas(twice, "rms")["a"][3] == pytest.approx(sens.alphas(s, "rms")["a"][0])
+    assert sens.alphas(twice, "l2")["a"][3] == pytest.approx(sens.alphas(s, "l2")["a"][0] / math.sqrt(2))
+    # "layer": experts with proportional profiles have alpha 1 everywhere: only tau tells them apart
+    prop = {"a": {0: 1.0, 1: 3.0}, "b": {0: 10.0, 1: 30.0}}
+    assert all(v == pytest.approx(1.0) for a in sens.alphas(prop, "layer").values() for v in a.values())
+    zero = sens.alphas({"a": {0: 0.0}, "b": {0: 0.0}}, "layer")
+    assert zero == {"a": {0: 1.0}, "b": {0: 1.0}}
+    with pytest.raises(GuidanceError, match="normalize must be one of l2, rms, layer"):
+        sens.coefficients(s, taus, normalize="zscore")
 
 
 # ---------------------------------------------------------------------------------------------- Sens-Merging
@@ -347,6 +652,30 @@ def test_alignment_is_token_mean_kl(family, batches):
     assert sens.logit_kl(models["e0"], models["e0"], batches[:1]) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_streamed_alignment_equals_the_in_memory_one_holding_one_model(family, batches, tmp_path):
+    import gc
+    import weakref
+
+    names = ("e0", "e1", "base")
+    tasks = {"e0": batches[:2], "e1": batches[2:], "base": batches[1:]}
+    want = sens.alignment({n: load_model(family[n]) for n in names}, tasks)
+    held: list = []
+    loads = []
+
+    def load(n):
+        gc.collect()
+        assert all(r() is None for r in held), "a previous model is still alive"
+        m = load_model(family[n])
+        held.append(weakref.ref(m))
+        loads.append(n)
+        return m
+
+    got = sens.alignment_streamed(load, tasks, tmp_path / "scratch")
+    assert got == want  # the same numbers, bit for bit
+    assert loads == list(names) * 2 and not (tmp_path / "scratch").exists()
+    assert sens.alignment_streamed(load, {"e0": batches[:1]}, tmp_path / "one") == {"e0": {"e0": 0.0}}
+
+
 # ---------------------------------------------------------------------------------------------- AIM
 
 
@@ -427,7 +756,7 @@ def test_regmean_checkpoint(tmp_path, family, stats):
         if t in stats["e0"].count:
             gs = []
             for st in (stats["e0"], stats["e1"]):
-                gm = st.gram[t].double() / st.count[t]
+                gm = st.gram_sum(t).double() / st.count[t]
                 gs.append(0.9 * gm + 0.1 * torch.diag(torch.diag(gm)))
             want = (e0[t].double() @ gs[0] + e1[t].double() @ gs[1]) @ torch.linalg.inv(gs[0] + gs[1])
             torch.testing.assert_close(res[t].double(), want, rtol=1e-3, atol=1e-4)

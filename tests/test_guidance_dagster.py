@@ -15,6 +15,7 @@ from merge_dag.core.checkpoint import Checkpoint
 from merge_dag.dagster.definitions import ALL_JOB, build_definitions
 from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.guidance.activations import ActivationStats
+from merge_dag.guidance.regmean import regmean_checkpoint
 from merge_dag.lineage.store import LineageStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,7 @@ ALL_BUILT = {
     "sensitivity/ci_sort__sort",
     "sensitivity/ci_ashift__ashift",
     "coefficients/ta_sens",
+    "alignment/ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort",
     "grams/ci_arev__arev",
     "grams/ci_sort__sort",
     "task_vector/ci_arev",
@@ -113,7 +115,8 @@ AREV_DEPENDENTS = {
     "leaderboard/leaderboard",
     "sensitivity/ci_arev__arev",
     "coefficients/ta_sens",
-    "merged/ta_sens",  # the alignment reads arev's texts
+    "alignment/ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort",  # the alignment reads arev's texts
+    "merged/ta_sens",
     "merged/ta_aim",  # AIM: the base's statistics on arev
     "grams/ci_arev__arev",
     "merged/regmean",
@@ -252,6 +255,19 @@ def test_coefficients_are_the_sens_formula_and_the_merge_uses_them(project, firs
         for e in experts
     }
     g = co["alignment"]
+    # the alignment is its own asset (streamed, one model at a time): the in-memory computation's numbers
+    from merge_dag.guidance.calibration import load_batches, load_tokenizer
+    from merge_dag.guidance.model import load_model
+    from merge_dag.guidance.sens import alignment
+
+    assert result_json(first_run, "alignment", "ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort")[
+        "alignment"
+    ] == {i: {j: pytest.approx(g[i][j], rel=1e-12) for j in experts} for i in experts}
+    tok = load_tokenizer(project / CI / "base")
+    cal = project / "data" / "calibration"
+    tasks = {e: load_batches(cal / f"{e.rsplit('/', 1)[1]}.jsonl", tok, 16) for e in experts}
+    direct = alignment({e: load_model(project / e) for e in experts}, tasks)
+    assert g == {i: {j: pytest.approx(direct[i][j], rel=1e-9) for j in experts} for i in experts}
     assert all(g[i][i] == 0 for i in experts) and all(g[i][j] > 0 for i in experts for j in experts if i != j)
     a = {i: sum(math.exp(-g[i][j]) for j in experts if j != i) / 2 for i in experts}
     tau = {i: a[i] / (sum(a.values()) / 3) for i in experts}
@@ -292,7 +308,7 @@ def test_regmean_solves_each_linear_from_the_gram_matrices(project, first_run):
     ws = [Checkpoint(project / CI / e).get(name, dtype=torch.float32) for e in ("arev", "sort")]
     gs = []
     for st in grams:
-        g = st.gram[name] / st.count[name]
+        g = st.gram_sum(name) / st.count[name]
         gs.append(0.9 * g + 0.1 * torch.diag(torch.diagonal(g)))
     want = sum(w @ g for w, g in zip(ws, gs)) @ torch.linalg.inv(sum(gs))
     got = Checkpoint(artifact(first_run, "merged", "regmean")).get(name, dtype=torch.float32)
@@ -321,6 +337,20 @@ def test_a_second_recipe_reusing_a_calibration_set_runs_no_forward_pass(project,
             "activations/ci_base__sort",
             "activations/ci_sort__sort",
         }
+    finally:
+        extra.unlink()
+
+
+def test_a_second_sens_recipe_reuses_the_alignment(project, instance, first_run):
+    extra = project / "data" / "recipes" / "ta_sens_b.yaml"
+    recipe = RECIPES["ta_sens"].replace("name: ta_sens", "name: ta_sens_b")
+    extra.write_text(recipe.replace("temperature: 3", "temperature: 2"))
+    try:
+        after = run_all(project, instance)
+        assert events(project, after.run_id, "materialized") == {"coefficients/ta_sens_b", "merged/ta_sens_b"}
+        assert "alignment/ci_arev__arev__and__ci_ashift__ashift__and__ci_sort__sort" in events(
+            project, after.run_id, "cache_hit"
+        )
     finally:
         extra.unlink()
 
@@ -405,3 +435,135 @@ def test_guidance_pages_show_heatmaps_saved_in_the_artifact(project, first_run):
     for i, expert in enumerate(("arev", "sort")):
         for j in range(4):
             assert up.values[i][j] == dens[f"{CI}/{expert}"][f"model.layers.{j}.mlp.up_proj.weight"]
+
+
+def test_answer_only_statistics_are_their_own_assets_on_the_answer_tokens(tmp_path, instance):
+    """`guidance.tokens: answer` names its own statistics (`__answer`), computes them on the answer
+    tokens of prompt/answer rows, and leaves the plain recipe's statistics and cache keys alone."""
+    import dagster as dg
+
+    from merge_dag.guidance.calibration import load_batches, load_tokenizer
+    from merge_dag.project import load_project
+
+    plain = RECIPES["regmean"]
+    answer = plain.replace("name: regmean", "name: regmean_answer").replace(
+        "regmean: {a: 0.9}", "regmean: {a: 0.9}\n  tokens: answer"
+    )
+    for t in ("arev", "sort"):
+        answer = answer.replace(f"calibration: {t}", f"calibration: {t}_qa")
+    root = make_project(tmp_path, {"regmean.yaml": plain, "regmean_answer.yaml": answer})
+    cal = root / "data" / "calibration"
+    for task in ("arev", "sort"):
+        rows = [json.loads(line)["text"] for line in (cal / f"{task}.jsonl").read_text().splitlines() if line]
+        (cal / f"{task}_qa.jsonl").write_text(
+            "".join(json.dumps({"prompt": t[: t.index("=") + 1], "answer": t[t.index("=") + 1 :]}) + "\n" for t in rows)
+        )
+    p = load_project(root)
+    assert set(p.grams) == {"ci_arev__arev", "ci_sort__sort", "ci_arev__arev_qa__answer", "ci_sort__sort_qa__answer"}
+    assert p.grams["ci_arev__arev_qa__answer"].row_settings == {"calibration_tokens": "answer"}
+    assert p.grams["ci_arev__arev"].row_settings == {}  # the plain statistic's cache key has no new entry
+    assert "tokens" not in p.recipes["regmean"].recipe.to_yaml_dict()["guidance"]
+    res = MergeDagResource(root=str(root), db_path=str(root / "data" / "lineage.duckdb"), calibration_batch_size=16)
+    keys = [dg.AssetKey(["grams", f"ci_{t}__{t}_qa__answer"]) for t in ("arev", "sort")]
+    job = build_definitions(root, resource=res).resolve_job_def(ALL_JOB)
+    keys.append(dg.AssetKey(["merged", "regmean_answer"]))
+    result = job.execute_in_process(instance=instance, asset_selection=keys)
+    assert result.success
+    stats = []
+    for t in ("arev", "sort"):
+        st = ActivationStats.load(artifact(result, "grams", f"ci_{t}__{t}_qa__answer", root=root))
+        batches = load_batches(cal / f"{t}_qa.jsonl", load_tokenizer(root / CI / t), batch_size=16, tokens="answer")
+        n_answer = sum(b.selected_tokens for b in batches)
+        assert n_answer < sum(b.tokens for b in batches)
+        assert set(st.count.values()) == {n_answer} and st.meta["selected_tokens"] == n_answer
+        assert st.meta["calibration_tokens"] == "answer"
+        stats.append(st)
+    direct = regmean_checkpoint([root / CI / "arev", root / CI / "sort"], stats, tmp_path / "direct", a=0.9)
+    merged = Checkpoint(artifact(result, "merged", "regmean_answer", root=root))
+    want = Checkpoint(direct)
+    for n in want.tensor_names:
+        assert torch.equal(merged.get(n), want.get(n)), n
+
+
+def test_robust_variants_are_recipe_options_computed_by_the_core(tmp_path, instance):
+    """LEWIS `scaling: rank` + `clip_quantile` and Sens `normalize: layer` through Dagster equal the core
+    functions on the statistics the run stored; the clipped importance is its own asset, and recipes
+    without the options keep their settings (the new keys are left out while unset)."""
+    import dagster as dg
+
+    from merge_dag.core.recipe import CoefficientGuidance, SparsityGuidance
+    from merge_dag.guidance import lewis, sens
+    from merge_dag.project import load_project
+
+    robust = (
+        RECIPES["ties_lewis"]
+        .replace("name: ties_lewis", "name: lewis_rank")
+        .replace("mean_density: 0.5}", "mean_density: 0.5, scaling: rank, clip_quantile: 0.9}")
+        .replace("evals: [zoo_arev]", "")
+    )
+    layer = (
+        RECIPES["ta_sens"]
+        .replace("name: ta_sens", "name: sens_layer")
+        .replace("temperature: 3}", "temperature: 0.5, normalize: layer, alignment: false}")
+    )
+    recipes = {"lewis_rank.yaml": robust, "sens_layer.yaml": layer}
+    root = make_project(tmp_path, recipes, models=("base", "arev", "ashift", "sort"))
+    p = load_project(root)
+    assert set(p.importances) == {"ci_arev__arev__clip0p9", "ci_sort__sort__clip0p9"}
+    assert set(p.activations) == {"ci_base__arev", "ci_arev__arev", "ci_base__sort", "ci_sort__sort"}
+    assert "scaling" not in SparsityGuidance().settings_dump()
+    assert "normalize" not in CoefficientGuidance().settings_dump()
+    assert SparsityGuidance(scaling="rank").settings_dump()["scaling"] == "rank"
+    res = MergeDagResource(root=str(root), db_path=str(root / "data" / "lineage.duckdb"), calibration_batch_size=16)
+    keys = [dg.AssetKey(["allocation", "lewis_rank"]), dg.AssetKey(["coefficients", "sens_layer"])]
+    job = build_definitions(root, resource=res).resolve_job_def(ALL_JOB)
+    result = job.execute_in_process(
+        instance=instance,
+        asset_selection=keys
+        + [dg.AssetKey(["importance", n]) for n in p.importances]
+        + [dg.AssetKey(["activations", n]) for n in p.activations]
+        + [dg.AssetKey(["sensitivity", n]) for n in p.sensitivities],
+    )
+    assert result.success
+    act = {n: ActivationStats.load(artifact(result, "activations", n, root=root)) for n in p.activations}
+    ck = Checkpoint(root / CI / "base")
+    sizes = {n: ck.info(n).numel for n in ck.tensor_names}
+    alloc = artifact(result, "allocation", "lewis_rank", root=root)
+    dens = json.loads((alloc / "result.json").read_text())["densities"]
+    for e in ("arev", "sort"):
+        ib = lewis.importance(act[f"ci_base__{e}"], root / CI / "base", clip_quantile=0.9)
+        ie = lewis.importance(act[f"ci_{e}__{e}"], root / CI / e, clip_quantile=0.9)
+        want = lewis.match_mean(lewis.rescale(lewis.shifts(ib, ie), 0.2, 0.9, "rank"), sizes, 0.5)
+        assert dens[f"{CI}/{e}"] == pytest.approx(want, rel=1e-9)
+        assert lewis.weighted_mean(dens[f"{CI}/{e}"], sizes) == pytest.approx(0.5, abs=1e-9)
+    sigma = json.loads((artifact(result, "coefficients", "sens_layer", root=root) / "result.json").read_text())
+    s = {}
+    for e in ("arev", "sort", "ashift"):
+        r = json.loads((artifact(result, "sensitivity", f"ci_{e}__{e}", root=root) / "result.json").read_text())
+        s[f"{CI}/{e}"] = {int(k): v for k, v in r["sensitivity"].items()}
+    want = sens.coefficients(s, {r: 1.0 for r in s}, 0.5, "layer")
+    for r, c in sigma["sigma"].items():
+        assert {int(k): v for k, v in c.items()} == pytest.approx(want[r], rel=1e-12)
+
+
+def test_merge_dag_merge_runs_a_guided_recipe_like_the_project(project, first_run, monkeypatch, tmp_path, capsys):
+    """`merge-dag merge` on each guided recipe computes its statistics through the same core code and
+    writes the same tensors as the Dagster project's merged/<recipe> (same calibration batch size)."""
+    from merge_dag.cli import main
+
+    monkeypatch.chdir(project)
+    for name in ("ties_lewis", "ta_sens", "ta_aim", "regmean"):
+        out = tmp_path / name
+        args = ["merge", f"data/recipes/{name}.yaml", str(out), "--calibration-batch-size", "16", "--no-progress"]
+        assert main(args) == 0, capsys.readouterr().err
+        got, want = Checkpoint(out), Checkpoint(artifact(first_run, "merged", name))
+        assert got.tensor_names == want.tensor_names
+        for n in want.tensor_names:
+            assert torch.equal(got.get(n), want.get(n)), (name, n)
+        card = json.loads((out / "merge_dag.json").read_text())
+        assert card["guidance"]["statistics"], name
+    assert main(["merge", "data/recipes/ta_sens.yaml", str(tmp_path / "dry"), "--dry-run"]) == 0
+    assert "guidance: coefficients: statistics computed before the merge" in capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    assert main(["merge", "data/recipes/ta_sens.yaml", str(tmp_path / "x"), "--calibration-batch-size", "0"]) == 2
+    assert "--calibration-batch-size" in capsys.readouterr().err

@@ -150,6 +150,7 @@ def test_adapters_are_sources_not_task_vectors(project, first_run):
         "eval/model/lora_arev",
         "activations/lora_arev__arev",
         "sensitivity/lora_sort__sort",
+        "alignment/lora_arev__arev__and__lora_sort__sort",
         "grams/lora_sort__sort",
         "importance/lora_sort__arev",
         "allocation/ties_glob_lewis",
@@ -270,3 +271,20 @@ def test_task_vector_asset_of_an_adapter_is_its_exact_delta(project, tmp_path):
     ref = peft_merged(project / CI / "base", project / LORA / "arev")
     for n, d in tv.items():
         torch.testing.assert_close(b[n] + d, ref[n], atol=1e-6, rtol=0, msg=n)
+
+
+def test_merge_dag_merge_runs_guided_lora_recipes_like_the_project(project, first_run, monkeypatch, tmp_path):
+    """`merge-dag merge` on guided recipes with LoRA experts (Sens + AIM, RegMean) writes the tensors of
+    the project's merged/<recipe> (the statistics computed in memory through the same core code)."""
+    from merge_dag.cli import main
+
+    monkeypatch.chdir(project)
+    for name in ("ta_sens_aim", "regmean_lora"):
+        out = tmp_path / name
+        batches = ["--calibration-batch-size", "16", "--calibration-max-rows", "32"]  # as the project's resource
+        assert main(["merge", f"data/recipes/{name}.yaml", str(out), *batches, "--no-progress"]) == 0
+        got = load_all(out)
+        want = load_all(artifact(first_run, project, "merged", name))
+        assert set(got) == set(want)
+        for n in want:
+            assert torch.equal(got[n], want[n]), (name, n)

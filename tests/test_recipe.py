@@ -234,6 +234,36 @@ guidance: {guidance}
             r"models\[0\].calibration: calibration set 'missing' not found",
         ),
         ("ties", "c1", "{bogus: 1}", r"guidance.bogus: unknown key"),
+        (
+            "ties",
+            "c1",
+            "{aim: {calibration: c1}, tokens: prompt}",
+            r"guidance.tokens: Input should be 'all' or 'answer'",
+        ),
+        (
+            "ties",
+            "c1",
+            "{sparsity: {calibration: c1, scaling: zscore}}",
+            r"guidance.sparsity.scaling: Input should be 'minmax', 'rank' or 'quantile'",
+        ),
+        (
+            "ties",
+            "c1",
+            "{sparsity: {calibration: c1, quantile: 0.1}}",
+            r"guidance.sparsity: Value error, quantile applies to scaling: quantile",
+        ),
+        (
+            "ties",
+            "c1",
+            "{sparsity: {calibration: c1, clip_quantile: 0}}",
+            r"guidance.sparsity.clip_quantile: Input should be greater than 0",
+        ),
+        (
+            "ties",
+            "c1",
+            "{coefficients: {normalize: zscore}}",
+            r"guidance.coefficients.normalize: Input should be 'l2', 'rms' or 'layer'",
+        ),
     ],
 )
 def test_guidance_errors_name_the_key(tmp_path, method, cal, guidance, message):

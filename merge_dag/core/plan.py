@@ -169,9 +169,9 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
     check_device(device)
     if recipe.guidance is not None:
         raise RecipeError(
-            f"{recipe.where}: guidance: data-guided merges need their calibration statistics, "
-            "which the Dagster layer computes and caches; materialize merged/<recipe> "
-            "(`merge-dag demo`, `merge-dag compare` or `merge-dag dev`) instead of `merge-dag merge`"
+            f"{recipe.where}: guidance: data-guided merges need their calibration statistics first: "
+            "`merge-dag merge` (merge_dag.guidance.offline.guided_merge) computes them, the Dagster "
+            "project computes and caches them (materialize merged/<recipe>)"
         )
     if method.name == "passthrough" and recipe.slices:
         return _checked(_plan_slices(recipe, method, device))

@@ -38,7 +38,7 @@ import glob as globlib
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -54,6 +54,12 @@ ParamValue = Any  # checked by params.validate_shape (pydantic unions over lists
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False, allow_inf_nan=False)
+    NEW_KEYS: ClassVar[tuple[str, ...]] = ()  # options added after the first release (None = unset)
+
+    def settings_dump(self) -> dict:
+        """model_dump for cache keys: options added later are left out while unset (None), so a recipe
+        that does not use them keeps the key it had before they existed."""
+        return self.model_dump(mode="json", exclude={k for k in self.NEW_KEYS if getattr(self, k) is None})
 
 
 class InputModel(_Strict):
@@ -107,11 +113,19 @@ class SparsityGuidance(_Strict):
     mean_density: Optional[float] = Field(default=None, gt=0, le=1)  # shift the map to this parameter-weighted mean
     sequential: bool = False  # the official code's layer-by-layer Wanda-pruned statistics
     wanda_sparsity: float = Field(default=0.5, ge=0, lt=1)
+    # robust variants (None = the faithful default, left out of the dumps so existing keys stay):
+    scaling: Optional[Literal["minmax", "rank", "quantile"]] = None  # how shifts map to [gamma, epsilon]; minmax
+    quantile: Optional[float] = Field(default=None, ge=0, lt=0.5)  # scaling quantile: the tail q (default 0.05)
+    clip_quantile: Optional[float] = Field(default=None, gt=0, le=1)  # clip each linear's s at this quantile
+
+    NEW_KEYS: ClassVar[tuple[str, ...]] = ("scaling", "quantile", "clip_quantile")
 
     @model_validator(mode="after")
     def _order(self) -> "SparsityGuidance":
         if self.gamma > self.epsilon:
             raise ValueError(f"gamma ({self.gamma}) must not exceed epsilon ({self.epsilon})")
+        if self.quantile is not None and self.scaling != "quantile":
+            raise ValueError("quantile applies to scaling: quantile")
         return self
 
 
@@ -121,6 +135,9 @@ class CoefficientGuidance(_Strict):
     method: Literal["sens"] = "sens"
     temperature: float = Field(default=2.0, gt=0)
     alignment: bool = True  # False: tau = 1 (sensitivity only)
+    normalize: Optional[Literal["l2", "rms", "layer"]] = None  # alpha's normalisation; None = l2 (faithful)
+
+    NEW_KEYS: ClassVar[tuple[str, ...]] = ("normalize",)
 
 
 class AimGuidance(_Strict):
@@ -146,6 +163,16 @@ class Guidance(_Strict):
     coefficients: Optional[CoefficientGuidance] = None
     aim: Optional[AimGuidance] = None
     regmean: Optional[RegMeanGuidance] = None
+    # how every statistic of the recipe reads its calibration rows (merge_dag.guidance.calibration);
+    # None means the default (all tokens; no chat template for prompt/answer rows) and is left out of
+    # the recipe's dump, so recipes that do not use these options keep their fingerprints
+    tokens: Optional[Literal["all", "answer"]] = None  # "answer": statistics and losses on answer tokens only
+    chat_template: Optional[bool] = None  # render prompt/answer rows as a user/assistant chat
+
+    @property
+    def row_options(self) -> dict:
+        """The calibration options as keyword arguments of `load_batches` (defaults filled in)."""
+        return {"tokens": self.tokens or "all", "chat_template": bool(self.chat_template)}
 
 
 class Recipe(_Strict):

@@ -172,11 +172,11 @@ def evaluate_models(project: Project, cursor: dict, now: float, settle_seconds: 
 
 
 def is_calibration_set(path: Path) -> bool:
-    from ..guidance.calibration import load_texts
+    from ..guidance.calibration import load_rows
     from ..guidance.errors import CalibrationError
 
     try:
-        load_texts(path)
+        load_rows(path)
         return True
     except CalibrationError:
         return False  # half-written or malformed: wait (the statistics step would name the bad line)

@@ -11,6 +11,19 @@ For each expert, against the base:
 so the modules whose importance moved most keep most of their task vector. Tensors outside the
 linears (embeddings, norms, lm_head) get density 1.
 
+Robust variants (recipe options; the default is the faithful method above):
+    scaling "minmax"   the faithful pooled min-max rescale above
+    scaling "rank"     density = gamma + r / (n - 1) * (epsilon - gamma), r the 0-based rank of d among the
+                       n scored tensors of that expert (ties share their mean rank; n = 1 -> (gamma + epsilon) / 2),
+                       so the densities are spread evenly over [gamma, epsilon] whatever the outliers
+    scaling "quantile" lo, hi = the q and 1 - q quantiles of d (linear interpolation, q = `quantile`, 0.05);
+                       density = gamma + clamp((d - lo) / (hi - lo), 0, 1) * (epsilon - gamma), so the tails
+                       saturate at gamma / epsilon and one outlier cannot squeeze the rest (hi = lo: d above
+                       -> epsilon, below -> gamma, equal -> (gamma + epsilon) / 2)
+    clip_quantile c    before I is computed, each linear's s is clipped per model at its own c-quantile over
+                       the input channels: s_j <- min(s_j, Q_c(s)), so a massive-activation channel weighs
+                       no more than the c-quantile channel in I (and in its shift)
+
 Scaling s by a constant (the official code divides by sequences, we by tokens) scales every I of a
 model alike and cancels in the per-type normalisation when base and expert use the same set.
 
@@ -49,15 +62,29 @@ def wanda_score(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
     return weight.abs() * mean_sq.sqrt().unsqueeze(0)
 
 
+def clip_channels(mean_sq: torch.Tensor, q: float) -> torch.Tensor:
+    """s_j <- min(s_j, Q_q(s)): the q-quantile over the input channels (linear interpolation)."""
+    if not 0 < q <= 1:
+        raise GuidanceError(f"LEWIS clip_quantile must be in (0, 1], got {q}")
+    c = torch.quantile(mean_sq.double(), q).to(mean_sq.dtype)
+    return mean_sq.clamp(max=c)
+
+
 def importance(
-    stats: ActivationStats, checkpoint: str | os.PathLike | Checkpoint, device: str | torch.device = "cpu"
+    stats: ActivationStats,
+    checkpoint: str | os.PathLike | Checkpoint,
+    device: str | torch.device = "cpu",
+    clip_quantile: Optional[float] = None,
 ) -> dict[str, float]:
-    """{weight name: I(l, m)} for every linear in `stats`, reading W one tensor at a time."""
+    """{weight name: I(l, m)} for every linear in `stats`, reading W one tensor at a time (with
+    `clip_quantile`, each linear's s clipped at its own quantile first)."""
     ck = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     out = {}
     for name in stats.names:
         w = ck.get(name, device=device, dtype=torch.float32)
         s = stats.mean_sq(name, device)
+        if clip_quantile is not None:
+            s = clip_channels(s, clip_quantile)
         if w.ndim != 2 or w.shape[1] != s.shape[0]:
             raise GuidanceError(
                 f"model {ck.name!r}: tensor {name!r} has shape {list(w.shape)}, but the activation "
@@ -81,14 +108,53 @@ def shifts(base: dict[str, float], expert: dict[str, float], expert_name: str = 
     return {n: (v / totals[module_type(n)] if totals[module_type(n)] > 0 else 0.0) for n, v in d.items()}
 
 
-def rescale(d: dict[str, float], gamma: float, epsilon: float) -> dict[str, float]:
-    """Min-max rescale into [gamma, epsilon]; all equal -> (gamma + epsilon) / 2."""
+SCALINGS = ("minmax", "rank", "quantile")
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """0-based ranks, ties sharing the mean of their ranks."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def rescale(
+    d: dict[str, float], gamma: float, epsilon: float, scaling: str = "minmax", quantile: float = 0.05
+) -> dict[str, float]:
+    """Rescale the shifts into [gamma, epsilon] by `scaling` (module docstring); all equal -> (gamma + epsilon) / 2."""
+    if scaling not in SCALINGS:
+        raise GuidanceError(f"LEWIS scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
     if not d:
         return {}
-    lo, hi = min(d.values()), max(d.values())
-    if hi == lo:
-        return {n: (gamma + epsilon) / 2 for n in d}
-    return {n: gamma + (v - lo) / (hi - lo) * (epsilon - gamma) for n, v in d.items()}
+    names, vals = list(d), list(d.values())
+    mid = (gamma + epsilon) / 2
+    if scaling == "rank":
+        if len(vals) == 1:
+            return {names[0]: mid}
+        return {n: gamma + r / (len(vals) - 1) * (epsilon - gamma) for n, r in zip(names, _ranks(vals))}
+    if scaling == "quantile":
+        if not 0 <= quantile < 0.5:
+            raise GuidanceError(f"LEWIS quantile must be in [0, 0.5), got {quantile}")
+        t = torch.tensor(vals, dtype=torch.float64)
+        lo, hi = float(torch.quantile(t, quantile)), float(torch.quantile(t, 1 - quantile))
+    else:
+        lo, hi = min(vals), max(vals)
+    out = {}
+    for n, v in d.items():
+        if hi == lo:
+            u = 0.5 if v == lo else (1.0 if v > hi else 0.0)
+        else:
+            u = min(1.0, max(0.0, (v - lo) / (hi - lo)))
+        out[n] = gamma + u * (epsilon - gamma)
+    return out
 
 
 def allocate(
@@ -97,6 +163,8 @@ def allocate(
     gamma: float = 0.3,
     epsilon: float = 0.8,
     tensor_names: Optional[Iterable[str]] = None,
+    scaling: str = "minmax",
+    quantile: float = 0.05,
 ) -> dict[str, dict[str, float]]:
     """{expert: {tensor name: density}} from importances. With `tensor_names` (every tensor of the
     checkpoint), the tensors that are not scored linears are included with density 1."""
@@ -104,7 +172,7 @@ def allocate(
         raise GuidanceError(f"LEWIS needs 0 < gamma <= epsilon <= 1, got gamma={gamma}, epsilon={epsilon}")
     out = {}
     for name, imp in experts.items():
-        dens = rescale(shifts(base, imp, name), gamma, epsilon)
+        dens = rescale(shifts(base, imp, name), gamma, epsilon, scaling, quantile)
         if tensor_names is not None:
             dens = {n: dens.get(n, 1.0) for n in tensor_names}
         out[name] = dens

@@ -1,12 +1,13 @@
 """Data-guided merging as assets: statistics, LEWIS allocations, Sens coefficients (the calibration
 sets they read, calibration/<set>, are source assets: sources.py).
 
-    activations/<model>__<set>[__seqwandaNN]   per-linear input statistics (one forward pass)
+    activations/<model>__<set>[__seqwandaNN][__answer][__chat]   per-linear input statistics (one forward pass)
     grams/<model>__<set>                  per-linear X^T X for RegMean (one forward pass)
     sensitivity/<expert>__<set>           per-layer first-order sensitivity (one forward + backward pass)
-    importance/<expert>__<set>            LEWIS importance of expert and base, and its shift
+    importance/<expert>__<set>[__clipQ]   LEWIS importance of expert and base, and its shift
     allocation/<recipe>                   LEWIS density per expert x tensor (per-layer chart in the UI)
-    coefficients/<recipe>                 Sens-Merging sigma per expert x layer (alignment computed here)
+    alignment/<expert>__<set>__and__...   Sens-Merging cross-task KL matrix of a set of experts (streamed)
+    coefficients/<recipe>                 Sens-Merging sigma per expert x layer
 
 Every statistic is keyed by (model fingerprint, calibration fingerprint, batch settings, code
 version), so it is computed once and shared by every recipe that names the same model and set.
@@ -24,6 +25,7 @@ from ...core.markdown import md_text
 from ...core.params import layer_index
 from ...core.version import code_version
 from ...project import (
+    AlignmentSpec,
     CalibrationSource,
     ImportanceSpec,
     Project,
@@ -58,7 +60,8 @@ def _upstream_input(context, role: str, key: list[str]) -> tuple[Input, dict]:
     return Input.artifact(role, up), up
 
 
-def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource):
+def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource, rows: dict | None = None):
+    """The calibration batches of a pass; `rows`: StatsSpec.row_options (answer-only tokens, chat template)."""
     from ...guidance.calibration import load_batches, load_tokenizer
 
     s = res.calibration_settings()
@@ -69,6 +72,7 @@ def _batches(res: MergeDagResource, model_path: Path, cal: CalibrationSource):
         max_length=s["max_length"],
         max_rows=s["max_rows"],
         device=res.device,
+        **(rows or {}),
     )
 
 
@@ -124,7 +128,12 @@ def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
     )
     def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
-        settings = {**merge_dag.calibration_settings(), "gram": gram, "sequential_wanda": src.sequential}
+        settings = {
+            **merge_dag.calibration_settings(),
+            "gram": gram,
+            "sequential_wanda": src.sequential,
+            **src.row_settings,
+        }
 
         def build(tmp, art):
             from ...guidance.activations import collect_activation_stats
@@ -132,7 +141,7 @@ def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
             from ...guidance.model import load_model
 
             model = load_model(src.model.open(), device=merge_dag.device)
-            batches = _batches(merge_dag, src.model.model_folder, src.calibration)
+            batches = _batches(merge_dag, src.model.model_folder, src.calibration, src.row_options)
             t0 = time.perf_counter()
             if src.sequential is not None:
                 stats = sequential_wanda_stats(model, batches, sparsity=src.sequential, device=merge_dag.device)
@@ -184,7 +193,7 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
             from ...guidance.sens import alpha, sensitivity
 
             model = load_model(src.model.open(), device=merge_dag.device)
-            batches = _batches(merge_dag, src.model.model_folder, src.calibration)
+            batches = _batches(merge_dag, src.model.model_folder, src.calibration, src.row_options)
             t0 = time.perf_counter()
             s = sensitivity(model, batches, device=merge_dag.device)
             out = {
@@ -225,7 +234,7 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
             kind="sensitivity",
             name=src.name,
             code_version=SENS_CODE,
-            settings=merge_dag.calibration_settings(),
+            settings={**merge_dag.calibration_settings(), **src.row_settings},
             inputs=inputs,
             build=build,
             metadata=meta,
@@ -244,7 +253,8 @@ def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
         code_version=LEWIS_CODE,
         kinds={"pytorch"},
         description=f"LEWIS importance ||W * sqrt(s)||_F per linear of {md_text(e.model.ref)} and of the base "
-        f"{md_text(b.model.ref)} on {md_text(e.calibration.ref)}, and its normalised shift.",
+        f"{md_text(b.model.ref)} on {md_text(e.calibration.ref)}, and its normalised shift"
+        + (f" (s clipped at its {imp.clip_quantile} quantile per linear)." if imp.clip_quantile is not None else "."),
     )
     def _importance(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         ib, ub = _upstream_input(context, "base_activations", ["activations", b.name])
@@ -255,8 +265,9 @@ def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
             from ...guidance.activations import ActivationStats
             from ...guidance.lewis import importance, shifts
 
-            i_base = importance(ActivationStats.load(ub["path"]), b.model.open(), device=merge_dag.device)
-            i_exp = importance(ActivationStats.load(ue["path"]), e.model.open(), device=merge_dag.device)
+            clip = imp.clip_quantile
+            i_base = importance(ActivationStats.load(ub["path"]), b.model.open(), merge_dag.device, clip)
+            i_exp = importance(ActivationStats.load(ue["path"]), e.model.open(), merge_dag.device, clip)
             out = {"base": i_base, "expert": i_exp, "shift": shifts(i_base, i_exp, e.model.ref)}
             _write_result(tmp, out)
             from ...charts import heatmaps, shift_panel
@@ -289,7 +300,7 @@ def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
             kind="importance",
             name=imp.name,
             code_version=LEWIS_CODE,
-            settings={},
+            settings={} if imp.clip_quantile is None else {"clip_quantile": imp.clip_quantile},
             inputs=inputs,
             build=build,
             metadata=meta,
@@ -345,7 +356,7 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSp
             for ref in (e.ref for e in now.experts)
         }
         inputs = [i for i, _ in ups.values()]
-        settings = g.model_dump(mode="json")
+        settings = g.settings_dump()
 
         def build(tmp, art):
             from ...guidance.lewis import match_mean, rescale, weighted_mean
@@ -354,7 +365,9 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSp
             sizes = {n: ck.info(n).numel for n in ck.tensor_names}
             dens, means = {}, {}
             for ref, (_, up) in ups.items():
-                d = rescale(read_result(up["path"])["shift"], g.gamma, g.epsilon)
+                d = rescale(
+                    read_result(up["path"])["shift"], g.gamma, g.epsilon, g.scaling or "minmax", g.quantile or 0.05
+                )
                 if g.mean_density is not None:
                     d = match_mean(d, sizes, g.mean_density)
                 dens[ref], means[ref] = d, weighted_mean(d, sizes)
@@ -399,24 +412,80 @@ def allocation_asset(project: Project, spec: RecipeSpec, imps: list[ImportanceSp
     return _allocation
 
 
-def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]) -> dg.AssetsDefinition:
-    cals = {s.model.ref: s.calibration for s in sens}
-    deps = (
-        [["sensitivity", s.name] for s in sens]
-        + [["model", s.model.name] for s in sens]
-        + [["calibration", c.name] for c in dict.fromkeys(cals.values())]
-        + [["recipe", spec.name]]
+def alignment_asset(al: AlignmentSpec) -> dg.AssetsDefinition:
+    """alignment/<members>: the cross-task KL matrix of a set of experts, each on its own set (streamed:
+    one model in memory at a time), shared by every Sens-Merging recipe with that set of experts."""
+    ms = al.members
+    deps = [["model", m.model.name] for m in ms] + [
+        ["calibration", c.name] for c in dict.fromkeys(m.calibration for m in ms)
+    ]
+
+    @dg.asset(
+        key=["alignment", al.name],
+        deps=deps,
+        group_name=GROUP,
+        code_version=SENS_CODE,
+        pool=torch_pool(),
+        kinds={"pytorch"},
+        description="Sens-Merging cross-task alignment g_ij = mean KL(expert j || expert i) on task j's texts, for "
+        + ", ".join(f"{md_text(m.model.ref)} on {md_text(m.calibration.ref)}" for m in ms)
+        + " (one model in memory at a time).",
     )
+    def _alignment(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        inputs = [Input.model("expert", m.model) for m in ms]
+        inputs += [_calibration_input(c) for c in dict.fromkeys(m.calibration for m in ms)]
+        settings = {**merge_dag.calibration_settings(), **ms[0].row_settings}
+
+        def build(tmp, art):
+            from ...guidance.model import load_model
+            from ...guidance.sens import alignment_streamed
+
+            by_ref = {m.model.ref: m for m in ms}
+            tasks = {
+                r: _batches(merge_dag, m.model.model_folder, m.calibration, m.row_options) for r, m in by_ref.items()
+            }
+            t0 = time.perf_counter()
+            g = alignment_streamed(
+                lambda r: load_model(by_ref[r].model.open(), device=merge_dag.device),
+                tasks,
+                Path(tmp) / "_scratch",
+                device=merge_dag.device,
+            )
+            out = {"alignment": g, "alignment_seconds": time.perf_counter() - t0}
+            _write_result(tmp, out)
+            return out
+
+        return run_step(
+            context,
+            merge_dag,
+            kind="alignment",
+            name=al.name,
+            code_version=SENS_CODE,
+            settings=settings,
+            inputs=inputs,
+            build=build,
+            metadata=lambda art, info: {
+                "alignment_kl": dg.MetadataValue.json(info.get("alignment", {})),
+                "alignment_seconds": info.get("alignment_seconds"),
+            },
+        )
+
+    return _alignment
+
+
+def coefficients_asset(
+    project: Project, spec: RecipeSpec, sens: list[StatsSpec], align: list[AlignmentSpec]
+) -> dg.AssetsDefinition:
+    deps = [["sensitivity", s.name] for s in sens] + [["alignment", a.name] for a in align] + [["recipe", spec.name]]
 
     @dg.asset(
         key=["coefficients", spec.name],
         deps=deps,
         group_name=GROUP,
         code_version=SENS_CODE,
-        pool=torch_pool(),
         kinds={"pytorch"},
-        description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {md_text(spec.file.name)}; "
-        "the cross-task logit alignment is computed here.",
+        description=f"Sens-Merging coefficients sigma (expert x layer) for recipe {md_text(spec.file.name)}, "
+        "from the experts' sensitivities and their cross-task alignment (its own asset).",
     )
     def _coefficients(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         now = current_spec(project, spec)
@@ -433,34 +502,34 @@ def coefficients_asset(project: Project, spec: RecipeSpec, sens: list[StatsSpec]
         refs = [e.ref for e in now.experts]
         ups = {r: _upstream_input(context, "sensitivity", ["sensitivity", by_expert[r].name]) for r in refs}
         inputs = [i for i, _ in ups.values()]
-        if g.alignment:
-            inputs += [Input.model("expert", by_expert[r].model) for r in refs]
-            inputs += [_calibration_input(c) for c in dict.fromkeys(by_expert[r].calibration for r in refs)]
-        settings = {**g.model_dump(mode="json"), **(merge_dag.calibration_settings() if g.alignment else {})}
+        aligned = g.alignment and len(refs) > 1
+        if aligned and not align:
+            raise dg.Failure(
+                f"recipe {spec.file}: guidance.coefficients.alignment was switched on after the definitions "
+                "loaded; its alignment asset appears after a reload of the code location"
+            )
+        if aligned:
+            ia, ua = _upstream_input(context, "alignment", ["alignment", align[0].name])
+            inputs.append(ia)
+        settings = g.settings_dump()
 
         def build(tmp, art):
-            from ...guidance.model import load_model
-            from ...guidance.sens import alignment, coefficients, tau
+            from ...guidance.sens import coefficients, tau
 
             s = {
                 r: {int(k): v for k, v in read_result(up["path"])["sensitivity"].items()} for r, (_, up) in ups.items()
             }
-            t0 = time.perf_counter()
-            if g.alignment and len(refs) > 1:
-                models = {r: load_model(by_expert[r].model.open(), device=merge_dag.device) for r in refs}
-                tasks = {
-                    r: _batches(merge_dag, by_expert[r].model.model_folder, by_expert[r].calibration) for r in refs
-                }
-                gm = alignment(models, tasks, device=merge_dag.device)
+            if aligned:
+                full = read_result(ua["path"])["alignment"]
+                gm = {i: {j: full[i][j] for j in refs} for i in refs}
             else:
                 gm = {i: {j: 0.0 for j in refs} for i in refs}
             taus = tau(gm)
-            sigma = coefficients(s, taus, g.temperature)
+            sigma = coefficients(s, taus, g.temperature, g.normalize or "l2")
             out = {
                 "sigma": {r: {str(k): v for k, v in c.items()} for r, c in sigma.items()},
                 "tau": taus,
                 "alignment": gm,
-                "alignment_seconds": time.perf_counter() - t0,
             }
             _write_result(tmp, out)
             from ...charts import heatmaps, layer_panel
@@ -512,10 +581,11 @@ def guidance_assets(project: Project) -> list[dg.AssetsDefinition]:
     out += [stats_asset("grams", s) for s in project.grams.values()]
     out += [sensitivity_asset(s) for s in project.sensitivities.values()]
     out += [importance_asset(i) for i in project.importances.values()]
+    out += [alignment_asset(a) for a in project.alignments.values()]
     for spec in project.recipes.values():
         need = register_guidance(project, spec)  # already registered at load: returns the same sources
         if need["importance"]:
             out.append(allocation_asset(project, spec, need["importance"]))
         if need["sensitivity"]:
-            out.append(coefficients_asset(project, spec, need["sensitivity"]))
+            out.append(coefficients_asset(project, spec, need["sensitivity"], need["alignment"]))
     return out
