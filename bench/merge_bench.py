@@ -249,8 +249,25 @@ def model_dirs(cache: Path) -> tuple[Path, list[Path]]:
     return root / "base", [root / f"expert{i + 1}" for i in range(N_EXPERTS)]
 
 
+def add_tokenizer_stub(cache: Path) -> None:
+    """Give every bench model the same small tokenizer_config.json (merge_dag refuses a
+    tokenizer_source without tokenizer files; the bench measures tensors, not tokenizers, and
+    mergekit runs with --no-copy-tokenizer). Identical bytes in every input: nothing is loaded."""
+    base, experts = model_dirs(cache)
+    for f in [base] + experts:
+        p = f / "tokenizer_config.json"
+        if f.is_dir() and not p.exists():
+            p.write_text(json.dumps({"model_max_length": 2048, "merge_dag_bench": "stub"}) + "\n")
+
+
 def build_models(cache: Path, force: bool = False) -> dict:
     """Build base + experts once; a stamp file records the spec, a changed spec rebuilds."""
+    info = _build_models(cache, force)
+    add_tokenizer_stub(cache)
+    return info
+
+
+def _build_models(cache: Path, force: bool = False) -> dict:
     import torch
     import transformers
     from transformers import LlamaConfig
