@@ -27,7 +27,8 @@ so only which of the tied entries survive can differ, never how many.)
 
 Speed: top-k is a selection, not a sort. It is a two-pass radix select on the float bits:
 |x| as an int32 (sign bit cleared) orders like |x|, so a histogram of its top 16 bits
-(torch.bincount) finds the bucket that holds the k-th largest magnitude, and a histogram of the
+(scatter_add_ of ones into int64 counts: about twice as fast as torch.bincount on the CPU) finds
+the bucket that holds the k-th largest magnitude, and a histogram of the
 low 16 bits of that one bucket pins it exactly. Masking is torch.hardshrink (keeps |x| > lambda);
 when only some of the entries tied at the threshold are kept, the masking pass counts ties chunk
 by chunk and keeps the first ones. Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole
@@ -161,14 +162,17 @@ def _hi_histogram(
 
     def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
         buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+        idx = torch.empty(buf.numel(), dtype=torch.int64, device=dev)
+        ones = torch.ones(buf.numel(), dtype=torch.int64, device=dev)
         hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
         for s, e in spans(lo, hi, step):
             if bflat is not None:
                 flat[s:e].sub_(bflat[s:e])
-            b = buf[: e - s]
+            b, ix = buf[: e - s], idx[: e - s]
             torch.bitwise_and(bits[s:e], _ABS, out=b)
             b.bitwise_right_shift_(16)
-            hist += torch.bincount(b, minlength=_HI_BINS)
+            ix.copy_(b)
+            hist.scatter_add_(0, ix, ones[: e - s])  # counts; twice as fast as bincount on the CPU
         return hist
 
     return sum(run_segments(segs, pass1)).cpu()
@@ -185,15 +189,19 @@ def _lo_histograms(
     def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
         buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
         buf2 = torch.empty_like(buf)
+        idx = torch.empty(buf.numel(), dtype=torch.int64, device=dev)
+        ones = torch.ones(buf.numel(), dtype=torch.int64, device=dev)
         low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
         for s, e in spans(lo, hi, step):
             b = buf[: e - s]
             b2 = buf2[: e - s]
+            ix = idx[: e - s]
             torch.bitwise_and(bits[s:e], _ABS, out=b)
             for bucket in buckets:
                 torch.sub(b, (bucket << 16) - 1, out=b2)
                 b2.clamp_(0, _LO_BINS - 1)
-                low[bucket] += torch.bincount(b2, minlength=_LO_BINS)
+                ix.copy_(b2)
+                low[bucket].scatter_add_(0, ix, ones[: e - s])
         return {b: h.cpu() for b, h in low.items()}
 
     return run_segments(segs, pass2)
