@@ -96,18 +96,29 @@ def _sha256(t: torch.Tensor) -> str:
 
 
 def _read_raw(
-    plan: MergePlan, step: TensorStep, known: Optional[KnownDigests] = None
+    plan: MergePlan,
+    step: TensorStep,
+    known: Optional[KnownDigests] = None,
+    bufs: Optional["Buffers"] = None,
+    slot: int = 0,
 ) -> tuple[list[torch.Tensor], list[str]]:
     """Raw tensors (storage dtype, CPU) of the base then each source, and their sha256 digests
     (from `known` where the fingerprint cache has them, else computed here), each float tensor
     checked for NaN/Inf (MergeInputError naming the model and tensor).
 
     Runs on the read-ahead thread, on one intra-op thread: file reads and hashing release the GIL,
-    so they and the checks overlap the merge arithmetic of the previous tensor.
+    so they and the checks overlap the merge arithmetic of the previous tensor. With `bufs`, the
+    raw bytes go to reused buffers of slot `slot`.
     """
     srcs = ([step.base] if step.base else []) + step.sources
     ckpts = [s.delta or plan.inputs[s.model] for s in srcs]
-    raws = [ck.get(s.tensor) for ck, s in zip(ckpts, srcs)]
+    if bufs is None:
+        raws = [ck.get(s.tensor) for ck, s in zip(ckpts, srcs)]
+    else:  # into this slot's reused byte buffers (see merge_steps for when a slot is free)
+        raws = [
+            ck.get(s.tensor, out=bufs.take(("raw", slot, i), (ck.tensors[s.tensor].nbytes,), torch.uint8))
+            for i, (ck, s) in enumerate(zip(ckpts, srcs))
+        ]
     digests = []
     for ck, s, r in zip(ckpts, srcs, raws):
         d = known.get(ck, s.tensor) if known is not None else None
@@ -270,14 +281,18 @@ def merge_steps(
     # output slots alternate: slot k % 2 is free once the write of step k - 2 has finished, and
     # that write is waited for before step k - 1's is submitted
     bufs = Buffers(device) if device.type == "cpu" else None
+    # raw bytes alternate too: step k + 1 is read into slot (k + 1) % 2 while step k (the other
+    # slot) is merged; every merged output is copied out of them into `bufs` before its write
+    rbufs = Buffers(torch.device("cpu")) if bufs is not None else None
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
     wio = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
     written = None
     try:
-        pending = io.submit(_one_thread, _read_raw, plan, steps[0], known) if steps else None
+        pending = io.submit(_one_thread, _read_raw, plan, steps[0], known, rbufs, 0) if steps else None
         for k, step in enumerate(steps):
             raws, raw_digests = pending.result()
-            pending = io.submit(_one_thread, _read_raw, plan, steps[k + 1], known) if k + 1 < len(steps) else None
+            if k + 1 < len(steps):  # into slot (k + 1) % 2: step k - 1's raw tensors are no longer used
+                pending = io.submit(_one_thread, _read_raw, plan, steps[k + 1], known, rbufs, (k + 1) % 2)
             srcs = ([step.base] if step.base else []) + step.sources
             for s, d in zip(srcs, raw_digests):
                 if s.delta is None:
@@ -389,7 +404,9 @@ def _merge_one_inner(
                         f"{plan.method.name} merges only float tensors (integer and bool tensors are copied "
                         "only when identical in every input; passthrough copies them as they are)"
                     )
-        return raws[0]
+        if bufs is None:
+            return raws[0]
+        return bufs.take(("out", slot), step.shape, raws[0].dtype).copy_(raws[0].view(step.shape))
     # raw buffers are fresh per read and already hashed, so methods may work on them in place; the
     # float32 copies go to reused buffers (on the CPU; bits identical to .to(torch.float32))
     if bufs is None:
