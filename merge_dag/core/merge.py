@@ -2,9 +2,13 @@
 makes the plan).
 
 Memory: for each output tensor the engine holds that tensor of every input (float32), the method's
-temporaries, and the raw bytes of the next tensor being read ahead on a second thread, so peak
-memory is about (inputs + 2) x the largest tensor whatever the model size (more for the methods
-that declare more `work_copies`: sce, multislerp and the SVD-based ones). Everything is checked
+temporaries, the raw bytes (storage dtype) of this step's and of the next step's tensors (read
+ahead on a second thread), and this output and the previous one (written on a third thread), so
+peak memory is a fixed multiple of the largest tensor whatever the model size: for bf16 inputs
+about (2 x inputs + 1) float32 copies of it (more for the methods that declare more `work_copies`:
+sce, multislerp and the SVD-based ones). On the CPU these live in buffers reused from step to step
+(`Buffers`), sized by the largest tensor: a fresh multi-MB tensor costs page faults, a reused one
+does not. Everything is checked
 before the first byte is written (names, shapes, paths, parameters); what can only be seen while
 reading (NaN/Inf, identical inputs) aborts the merge and removes its temporary folder, so no output
 folder ever exists unless it is complete.

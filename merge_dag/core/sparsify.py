@@ -47,7 +47,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from .chunks import chunk_generators, chunk_size, chunked_sum, run_segments, segments, spans, workers
+from .chunks import (
+    chunk_generators,
+    chunk_size,
+    chunked_sum,
+    ones_i64,
+    run_segments,
+    scratch,
+    segments,
+    spans,
+    workers,
+)
 
 MAGNITUDE = "magnitude"
 RANDOM = "random"
@@ -161,9 +171,9 @@ def _hi_histogram(
     bflat = base.reshape(-1) if base is not None else None
 
     def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
-        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
-        idx = torch.empty(buf.numel(), dtype=torch.int64, device=dev)
-        ones = torch.ones(buf.numel(), dtype=torch.int64, device=dev)
+        buf = scratch("topk:bits", min(step, hi - lo), torch.int32, dev)
+        idx = scratch("topk:idx", buf.numel(), torch.int64, dev)
+        ones = ones_i64(buf.numel(), dev)
         hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
         for s, e in spans(lo, hi, step):
             if bflat is not None:
@@ -187,10 +197,10 @@ def _lo_histograms(
     bits = flat.view(torch.int32)
 
     def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
-        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
-        buf2 = torch.empty_like(buf)
-        idx = torch.empty(buf.numel(), dtype=torch.int64, device=dev)
-        ones = torch.ones(buf.numel(), dtype=torch.int64, device=dev)
+        buf = scratch("topk:bits", min(step, hi - lo), torch.int32, dev)
+        buf2 = scratch("topk:bits2", buf.numel(), torch.int32, dev)
+        idx = scratch("topk:idx", buf.numel(), torch.int64, dev)
+        ones = ones_i64(buf.numel(), dev)
         low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
         for s, e in spans(lo, hi, step):
             b = buf[: e - s]
@@ -233,12 +243,12 @@ def _cut_in_bucket(
 class Shrinker:
     """Applies one TopCut to consecutive chunks of one segment (it counts the kept ties)."""
 
-    def __init__(self, cut: TopCut, seg: int, step: int, device: torch.device):
+    def __init__(self, cut: TopCut, seg: int, step: int, device: torch.device, tag: str = "keep"):
         self.cut = cut
         self.left = cut.seg_need[seg] if cut.need > 0 else 0
         if self.left > 0:
-            self.buf = torch.empty(step, dtype=torch.int32, device=device)
-            self.eq = torch.empty(step, dtype=torch.bool, device=device)
+            self.buf = scratch(f"shrink:{tag}:bits", step, torch.int32, device)
+            self.eq = scratch(f"shrink:{tag}:eq", step, torch.bool, device)
 
     def __call__(self, x: torch.Tensor) -> None:
         """Zero, in place, the entries of this chunk (the next one in order) the cut drops."""
@@ -283,8 +293,8 @@ def apply_cuts(flat: torch.Tensor, keep: TopCut, drop: Optional[TopCut] = None) 
         def work(i: int, lo: int, hi: int) -> None:
             keep_i = Shrinker(keep, i, step, flat.device)
             if with_drop:
-                drop_i = Shrinker(drop, i, step, flat.device)
-                tmp = torch.empty(min(step, hi - lo), dtype=flat.dtype, device=flat.device)
+                drop_i = Shrinker(drop, i, step, flat.device, "drop")
+                tmp = scratch("apply_cuts:tmp", min(step, hi - lo), flat.dtype, flat.device)
             for s, e in spans(lo, hi, step):
                 x = flat[s:e]
                 if with_drop:
@@ -324,8 +334,8 @@ def _random(
     bflat = base.reshape(-1) if base is not None else None
 
     def work(_i: int, lo: int, hi: int) -> None:
-        r = torch.empty(min(step, hi - lo), dtype=torch.int32, device=flat.device)
-        keep = torch.empty(r.numel(), dtype=torch.bool, device=flat.device)
+        r = scratch("random:draws", min(step, hi - lo), torch.int32, flat.device)
+        keep = scratch("random:keep", r.numel(), torch.bool, flat.device)
         for s, e in spans(lo, hi, step):
             x = flat[s:e]
             if bflat is not None:
