@@ -68,7 +68,7 @@ def known_methods() -> tuple[str, ...]:
 
 
 # the goals merge_dag is held to on this model (2 cores); the run reports each as met or not
-TARGET_TIES_WALL_S = 15.0
+TARGET_OVER_FLOOR = {"ties": 2.0, "task_arithmetic": 1.3}  # issue 14: wall / floor, same run
 TARGET_PEAK_RSS_GB = 1.5
 
 # ---- the model -----------------------------------------------------------------------------
@@ -249,8 +249,25 @@ def model_dirs(cache: Path) -> tuple[Path, list[Path]]:
     return root / "base", [root / f"expert{i + 1}" for i in range(N_EXPERTS)]
 
 
+def add_tokenizer_stub(cache: Path) -> None:
+    """Give every bench model the same small tokenizer_config.json (merge_dag refuses a
+    tokenizer_source without tokenizer files; the bench measures tensors, not tokenizers, and
+    mergekit runs with --no-copy-tokenizer). Identical bytes in every input: nothing is loaded."""
+    base, experts = model_dirs(cache)
+    for f in [base] + experts:
+        p = f / "tokenizer_config.json"
+        if f.is_dir() and not p.exists():
+            p.write_text(json.dumps({"model_max_length": 2048, "merge_dag_bench": "stub"}) + "\n")
+
+
 def build_models(cache: Path, force: bool = False) -> dict:
     """Build base + experts once; a stamp file records the spec, a changed spec rebuilds."""
+    info = _build_models(cache, force)
+    add_tokenizer_stub(cache)
+    return info
+
+
+def _build_models(cache: Path, force: bool = False) -> dict:
     import torch
     import transformers
     from transformers import LlamaConfig
@@ -882,14 +899,15 @@ def main(argv: list[str] | None = None) -> int:
     ours = results["summary"].get("merge_dag", {})
     if ours:
         results["targets"] = {
-            "ties_wall_s_max": TARGET_TIES_WALL_S,
+            "over_floor_max": TARGET_OVER_FLOOR,
             "peak_rss_gb_max": TARGET_PEAK_RSS_GB,
-            "ties_wall_ok": (ours["ties"]["wall_s"] <= TARGET_TIES_WALL_S) if "ties" in ours else None,
             "rss_ok": {m: v["peak_rss_gb"] <= TARGET_PEAK_RSS_GB for m, v in ours.items()},
         }
         fl = results["summary"].get("floor")
-        if fl and "ties" in ours:
-            results["targets"]["ties_over_floor"] = round(ours["ties"]["wall_s"] / fl["wall_s"], 2)
+        if fl:
+            over = {m: round(v["wall_s"] / fl["wall_s"], 2) for m, v in ours.items()}
+            results["targets"]["over_floor"] = over
+            results["targets"]["over_floor_ok"] = {m: over[m] <= x for m, x in TARGET_OVER_FLOOR.items() if m in over}
 
     if args.parity:
         results["parity"] = {}
@@ -919,11 +937,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, methods, bool(mk)))
     if "targets" in results:
         t = results["targets"]
-        print(
-            f"\ntargets: TIES <= {TARGET_TIES_WALL_S:.0f} s: {t['ties_wall_ok']}; "
-            f"every method <= {TARGET_PEAK_RSS_GB} GB: {all(t['rss_ok'].values())}"
-            + (f"; TIES / floor = {t['ties_over_floor']}×" if "ties_over_floor" in t else "")
+        over = "".join(
+            f"; {m} / floor = {r}×" + (f" (goal <= {TARGET_OVER_FLOOR[m]}×)" if m in TARGET_OVER_FLOOR else "")
+            for m, r in t.get("over_floor", {}).items()
         )
+        print(f"\ntargets: every method <= {TARGET_PEAK_RSS_GB} GB: {all(t['rss_ok'].values())}{over}")
     if args.parity:
         print("\nparity (merge_dag vs mergekit, merged tensors; deltas against the base):")
         print(

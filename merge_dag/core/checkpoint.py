@@ -252,10 +252,17 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     # ---- data ----
-    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor (a fresh, owned buffer), optionally cast, on `device`."""
+    def get(
+        self,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Read one tensor (a fresh, owned buffer, or the first bytes of `out`: a CPU uint8 tensor
+        of at least its size, reused by the caller), optionally cast, on `device`."""
         info = self.info(name)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8) if out is None else out[: info.nbytes]
         with open(info.file, "rb") as f:
             f.seek(info.start)
             got = f.readinto(memoryview(buf.numpy()))

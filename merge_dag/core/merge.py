@@ -2,9 +2,13 @@
 makes the plan).
 
 Memory: for each output tensor the engine holds that tensor of every input (float32), the method's
-temporaries, and the raw bytes of the next tensor being read ahead on a second thread, so peak
-memory is about (inputs + 2) x the largest tensor whatever the model size (more for the methods
-that declare more `work_copies`: sce, multislerp and the SVD-based ones). Everything is checked
+temporaries, the raw bytes (storage dtype) of this step's and of the next step's tensors (read
+ahead on a second thread), and this output and the previous one (written on a third thread), so
+peak memory is a fixed multiple of the largest tensor whatever the model size: for bf16 inputs
+about (2 x inputs + 1) float32 copies of it (more for the methods that declare more `work_copies`:
+sce, multislerp and the SVD-based ones). On the CPU these live in buffers reused from step to step
+(`Buffers`), sized by the largest tensor: a fresh multi-MB tensor costs page faults, a reused one
+does not. Everything is checked
 before the first byte is written (names, shapes, paths, parameters); what can only be seen while
 reading (NaN/Inf, identical inputs) aborts the merge and removes its temporary folder, so no output
 folder ever exists unless it is complete.
@@ -15,12 +19,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -35,8 +40,9 @@ from .checkpoint import (
     clean_stale_temporaries,
     parse_size,
 )
+from .chunks import workers
 from .errors import MergeInputError, MergeOutputError, OutputError
-from .fingerprint import checkpoint_fingerprint
+from .fingerprint import checkpoint_fingerprint, load_cached_digests
 from .methods.base import MergeMethod, TensorTask
 from .plan import (
     FLOAT_DTYPES,
@@ -49,6 +55,8 @@ from .plan import (
     plan_merge,
 )
 from .recipe import Recipe, load_recipe, parse_recipe
+
+R = TypeVar("R")
 
 
 @dataclass
@@ -67,15 +75,58 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-def _read_raw(plan: MergePlan, step: TensorStep) -> tuple[list[torch.Tensor], list[str]]:
-    """Raw tensors (storage dtype, CPU) of the base then each source, and their sha256 digests.
+class KnownDigests:
+    """Tensor digests already in the fingerprint cache (merge_dag.core.fingerprint), per file: a
+    tensor of an unchanged file (same path, size, mtime, inode) is not hashed again while a merge
+    reads it, so fingerprinting costs no pass over inputs seen before. Loaded once per file."""
 
-    Runs on the read-ahead thread: file reads and hashing release the GIL, so both overlap the
-    merge arithmetic of the previous tensor.
+    def __init__(self) -> None:
+        self._files: dict[Path, dict[str, str]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, ckpt: Checkpoint, tensor: str) -> Optional[str]:
+        info = ckpt.tensors.get(tensor)
+        if info is None:
+            return None
+        with self._lock:
+            known = self._files.get(info.file)
+            if known is None:
+                known = self._files[info.file] = load_cached_digests(info.file) or {}
+        return known.get(tensor)
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy())).hexdigest()
+
+
+def _read_raw(
+    plan: MergePlan,
+    step: TensorStep,
+    known: Optional[KnownDigests] = None,
+    bufs: Optional["Buffers"] = None,
+    slot: int = 0,
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Raw tensors (storage dtype, CPU) of the base then each source, and their sha256 digests
+    (from `known` where the fingerprint cache has them, else computed here), each float tensor
+    checked for NaN/Inf (MergeInputError naming the model and tensor).
+
+    Runs on the read-ahead thread, on one intra-op thread: file reads and hashing release the GIL,
+    so they and the checks overlap the merge arithmetic of the previous tensor. With `bufs`, the
+    raw bytes go to reused buffers of slot `slot`.
     """
     srcs = ([step.base] if step.base else []) + step.sources
-    raws = [(s.delta or plan.inputs[s.model]).get(s.tensor) for s in srcs]
-    digests = [hashlib.sha256(memoryview(r.reshape(-1).view(torch.uint8).numpy())).hexdigest() for r in raws]
+    ckpts = [s.delta or plan.inputs[s.model] for s in srcs]
+    if bufs is None:
+        raws = [ck.get(s.tensor) for ck, s in zip(ckpts, srcs)]
+    else:  # into this slot's reused byte buffers (see merge_steps for when a slot is free)
+        raws = [
+            ck.get(s.tensor, out=bufs.take(("raw", slot, i), (ck.tensors[s.tensor].nbytes,), torch.uint8))
+            for i, (ck, s) in enumerate(zip(ckpts, srcs))
+        ]
+    digests = []
+    for ck, s, r in zip(ckpts, srcs, raws):
+        d = known.get(ck, s.tensor) if known is not None else None
+        digests.append(d if d is not None else _sha256(r))
     if step.base and step.in_dtype in FLOAT_DTYPES:
         base32 = None
         for i, s in enumerate(srcs):
@@ -84,7 +135,19 @@ def _read_raw(plan: MergePlan, step: TensorStep) -> tuple[list[torch.Tensor], li
                     base32 = raws[0].to(torch.float32)
                 raws[i] = raws[i].to(torch.float32).add_(base32)
                 digests[i] = "delta:" + digests[i]
+    for s, raw in zip(srcs, raws):
+        if raw.dtype in FLOAT_DTYPES and raw.numel() and not _all_finite(raw):
+            bad = "NaN" if bool(torch.isnan(raw).any()) else "Inf"
+            raise MergeInputError(f"model {plan.inputs[s.model].name!r}: tensor {s.tensor!r} contains {bad} values")
     return raws, digests
+
+
+def _one_thread(fn: Callable[..., R], *args) -> R:
+    """fn(*args) on this (helper) thread with one intra-op thread: small parallel regions on a
+    loaded 2-core machine cost more in waiting than they gain."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return fn(*args)
 
 
 def execute(
@@ -107,6 +170,7 @@ def execute(
     device = merge_device(plan)
     digests = input_digest_maps(plan)
     same_pairs = input_pairs(plan)
+    out_digests: dict[str, str] = {}  # the output's tensor digests, hashed from the bytes written
     bar = None
     if progress:
         from tqdm import tqdm
@@ -126,7 +190,12 @@ def execute(
                 out_dir, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan)
             ) as writer,
         ):
-            merge_steps(plan, plan.steps, device, writer.write, digests, same_pairs, tick)
+
+            def write(name: str, t: torch.Tensor) -> None:  # on the writer thread
+                writer.write(name, t)
+                out_digests[name] = _sha256(t)
+
+            merge_steps(plan, plan.steps, device, write, digests, same_pairs, tick)
             raise_if_identical(plan, same_pairs)
             fps = input_fingerprints(plan, digests)
             card = write_metadata(plan, writer, fps, card_extra or {})
@@ -135,7 +204,7 @@ def execute(
     finally:
         if bar is not None:
             bar.close()
-    out_fp = checkpoint_fingerprint(Checkpoint(out_dir))
+    out_fp = checkpoint_fingerprint(Checkpoint(out_dir), out_digests)  # no second read of the output
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, elapsed, fps, out_fp, plan.method.name, card)
 
 
@@ -204,15 +273,30 @@ def merge_steps(
     tick: Optional[Callable[[int], None]] = None,
 ) -> None:
     """Merge `steps` in order and hand each result to `write`, reading the next tensor ahead on a
-    second thread. Records every input tensor's digest in `digests` (task-vector reads excepted)
-    and drops from `same_pairs` each pair of inputs seen to differ."""
+    second thread and writing the previous result on a third. Records every input tensor's digest
+    in `digests` (task-vector reads excepted) and drops from `same_pairs` each pair of inputs seen
+    to differ.
+
+    In flight at any moment: the tensors of the step being merged, the raw tensors of the next one
+    (read ahead) and the previous step's output (being written): bounded, one of each."""
     method = plan.method()
+    torch.get_num_threads()  # fixes this thread's intra-op setting before the helpers set theirs
+    known = KnownDigests()
+    # output slots alternate: slot k % 2 is free once the write of step k - 2 has finished, and
+    # that write is waited for before step k - 1's is submitted
+    bufs = Buffers(device) if device.type == "cpu" else None
+    # raw bytes alternate too: step k + 1 is read into slot (k + 1) % 2 while step k (the other
+    # slot) is merged; every merged output is copied out of them into `bufs` before its write
+    rbufs = Buffers(torch.device("cpu")) if bufs is not None else None
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
+    wio = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
+    written = None
     try:
-        pending = io.submit(_read_raw, plan, steps[0]) if steps else None
+        pending = io.submit(_one_thread, _read_raw, plan, steps[0], known, rbufs, 0) if steps else None
         for k, step in enumerate(steps):
             raws, raw_digests = pending.result()
-            pending = io.submit(_read_raw, plan, steps[k + 1]) if k + 1 < len(steps) else None
+            if k + 1 < len(steps):  # into slot (k + 1) % 2: step k - 1's raw tensors are no longer used
+                pending = io.submit(_one_thread, _read_raw, plan, steps[k + 1], known, rbufs, (k + 1) % 2)
             srcs = ([step.base] if step.base else []) + step.sources
             for s, d in zip(srcs, raw_digests):
                 if s.delta is None:
@@ -223,13 +307,21 @@ def merge_steps(
                 for a, b in list(same_pairs):
                     if a in by_model and b in by_model and by_model[a] != by_model[b]:
                         same_pairs.discard((a, b))
-            out = _merge_one(plan, method, step, srcs, raws, device)
-            write(step.name, out)
-            del out, raws
+            out = _merge_one(plan, method, step, srcs, raws, device, bufs, k % 2)
+            del raws
+            if written is not None:
+                written.result()  # one output at most waits to be written
+                if tick is not None:
+                    tick(k)
+            written = wio.submit(_one_thread, write, step.name, out)
+            del out
+        if written is not None:
+            written.result()
             if tick is not None:
-                tick(k + 1)
+                tick(len(steps))
     finally:
         io.shutdown(wait=True, cancel_futures=True)
+        wio.shutdown(wait=True, cancel_futures=True)
 
 
 def raise_if_identical(plan: MergePlan, same_pairs: set[tuple[int, int]]) -> None:
@@ -246,6 +338,27 @@ def input_fingerprints(plan: MergePlan, digests: list[dict[str, str]]) -> dict[s
     return {ck.name: checkpoint_fingerprint(ck, digests[i]) for i, ck in enumerate(plan.inputs)}
 
 
+class Buffers:
+    """Flat CPU buffers reused from tensor to tensor, each grown to the largest size asked of it.
+
+    A fresh multi-MB tensor is fresh pages from the kernel, zeroed on first touch: casting a bf16
+    tensor into a new float32 one costs about 10x the cast into an existing buffer. Memory is what
+    the merge held anyway (one float32 copy per input, the output), kept between steps."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[tuple, torch.Tensor] = {}
+
+    def take(self, key: tuple, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        b = self._bufs.get(key)
+        if b is None or b.dtype != dtype or b.numel() < n:
+            self._bufs.pop(key, None)
+            del b  # free the smaller one before allocating
+            b = self._bufs[key] = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+        return b[:n].view(shape)
+
+
 def _all_finite(t: torch.Tensor) -> bool:
     """True if no NaN/Inf: min and max are finite (NaN propagates into both). One reduction pass
     with no temporary: 30x faster than isfinite().all() on bf16 weights."""
@@ -260,11 +373,28 @@ def _merge_one(
     srcs: list[TensorInput],
     raws: list[torch.Tensor],
     device: torch.device,
+    bufs: Optional["Buffers"] = None,
+    slot: int = 0,
 ) -> torch.Tensor:
-    for s, raw in zip(srcs, raws):
-        if raw.dtype in FLOAT_DTYPES and raw.numel() and not _all_finite(raw):
-            bad = "NaN" if bool(torch.isnan(raw).any()) else "Inf"
-            raise MergeInputError(f"model {plan.inputs[s.model].name!r}: tensor {s.tensor!r} contains {bad} values")
+    """One step, inside merge_dag.core.chunks.workers: the dtype casts and checks here run on one
+    intra-op thread (on a shared 2-core machine a 2-thread cast is slower than a 1-thread one), the
+    method's chunk loops still on the segment workers. With `bufs`, the float32 inputs and the
+    output live in reused buffers (the output in buffer `slot`, which must not be in use)."""
+    with workers(torch.empty(0, device=device)):
+        return _merge_one_inner(plan, method, step, srcs, raws, device, bufs, slot)
+
+
+def _merge_one_inner(
+    plan: MergePlan,
+    method: MergeMethod,
+    step: TensorStep,
+    srcs: list[TensorInput],
+    raws: list[torch.Tensor],
+    device: torch.device,
+    bufs: Optional["Buffers"],
+    slot: int,
+) -> torch.Tensor:
+    # the inputs were checked for NaN/Inf on the read-ahead thread (_read_raw)
     if step.in_dtype not in FLOAT_DTYPES:
         # integer/bool tensors: passthrough copies its one source; other methods copy the tensor only
         # when every input holds the same bytes (a buffer such as position ids), else refuse it
@@ -278,9 +408,18 @@ def _merge_one(
                         f"{plan.method.name} merges only float tensors (integer and bool tensors are copied "
                         "only when identical in every input; passthrough copies them as they are)"
                     )
-        return raws[0]
-    # raw buffers are fresh per read and already hashed, so methods may work on them in place
-    floats = [r.to(device=device, dtype=torch.float32) for r in raws]
+        if bufs is None:
+            return raws[0]
+        return bufs.take(("out", slot), step.shape, raws[0].dtype).copy_(raws[0].view(step.shape))
+    # raw buffers are fresh per read and already hashed, so methods may work on them in place; the
+    # float32 copies go to reused buffers (on the CPU; bits identical to .to(torch.float32))
+    if bufs is None:
+        floats = [r.to(device=device, dtype=torch.float32) for r in raws]
+    else:
+        floats = [
+            r if r.dtype == torch.float32 else bufs.take(("in", i), r.shape, torch.float32).copy_(r)
+            for i, r in enumerate(raws)
+        ]
     if step.vocab is not None:  # rows by token: each input's rows onto the output vocabulary
         floats = step.vocab.remap(floats, [s.model for s in srcs])
     base = floats[0] if step.base else None
@@ -295,7 +434,10 @@ def _merge_one(
         raise RuntimeError(
             f"{plan.method.name} returned shape {list(out.shape)} for {step.name!r}, expected {list(step.shape)}"
         )
-    out = out.to(step.out_dtype)
+    if bufs is None:
+        out = out.to(step.out_dtype)
+    else:  # the same cast into this slot's reused buffer (out may be one of the float32 buffers)
+        out = bufs.take(("out", slot), step.shape, step.out_dtype).copy_(out)
     if out.numel() and not _all_finite(out):  # the same single aminmax pass as for the inputs
         bad = "NaN" if bool(torch.isnan(out).any()) else "Inf"
         raise MergeOutputError(

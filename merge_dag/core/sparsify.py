@@ -27,7 +27,8 @@ so only which of the tied entries survive can differ, never how many.)
 
 Speed: top-k is a selection, not a sort. It is a two-pass radix select on the float bits:
 |x| as an int32 (sign bit cleared) orders like |x|, so a histogram of its top 16 bits
-(torch.bincount) finds the bucket that holds the k-th largest magnitude, and a histogram of the
+(scatter_add_ of ones into int64 counts: about twice as fast as torch.bincount on the CPU) finds
+the bucket that holds the k-th largest magnitude, and a histogram of the
 low 16 bits of that one bucket pins it exactly. Masking is torch.hardshrink (keeps |x| > lambda);
 when only some of the entries tied at the threshold are kept, the masking pass counts ties chunk
 by chunk and keeps the first ones. Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole
@@ -46,7 +47,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from .chunks import chunk_generators, chunk_size, chunked_sum, run_segments, segments, spans, workers
+from .chunks import (
+    chunk_generators,
+    chunk_size,
+    chunked_sum,
+    ones_i64,
+    run_segments,
+    scratch,
+    segments,
+    spans,
+    workers,
+)
 
 MAGNITUDE = "magnitude"
 RANDOM = "random"
@@ -160,15 +171,18 @@ def _hi_histogram(
     bflat = base.reshape(-1) if base is not None else None
 
     def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
-        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
+        buf = scratch("topk:bits", min(step, hi - lo), torch.int32, dev)
+        idx = scratch("topk:idx", buf.numel(), torch.int64, dev)
+        ones = ones_i64(buf.numel(), dev)
         hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
         for s, e in spans(lo, hi, step):
             if bflat is not None:
                 flat[s:e].sub_(bflat[s:e])
-            b = buf[: e - s]
+            b, ix = buf[: e - s], idx[: e - s]
             torch.bitwise_and(bits[s:e], _ABS, out=b)
             b.bitwise_right_shift_(16)
-            hist += torch.bincount(b, minlength=_HI_BINS)
+            ix.copy_(b)
+            hist.scatter_add_(0, ix, ones[: e - s])  # counts; twice as fast as bincount on the CPU
         return hist
 
     return sum(run_segments(segs, pass1)).cpu()
@@ -183,17 +197,21 @@ def _lo_histograms(
     bits = flat.view(torch.int32)
 
     def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
-        buf = torch.empty(min(step, hi - lo), dtype=torch.int32, device=dev)
-        buf2 = torch.empty_like(buf)
+        buf = scratch("topk:bits", min(step, hi - lo), torch.int32, dev)
+        buf2 = scratch("topk:bits2", buf.numel(), torch.int32, dev)
+        idx = scratch("topk:idx", buf.numel(), torch.int64, dev)
+        ones = ones_i64(buf.numel(), dev)
         low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
         for s, e in spans(lo, hi, step):
             b = buf[: e - s]
             b2 = buf2[: e - s]
+            ix = idx[: e - s]
             torch.bitwise_and(bits[s:e], _ABS, out=b)
             for bucket in buckets:
                 torch.sub(b, (bucket << 16) - 1, out=b2)
                 b2.clamp_(0, _LO_BINS - 1)
-                low[bucket] += torch.bincount(b2, minlength=_LO_BINS)
+                ix.copy_(b2)
+                low[bucket].scatter_add_(0, ix, ones[: e - s])
         return {b: h.cpu() for b, h in low.items()}
 
     return run_segments(segs, pass2)
@@ -225,12 +243,12 @@ def _cut_in_bucket(
 class Shrinker:
     """Applies one TopCut to consecutive chunks of one segment (it counts the kept ties)."""
 
-    def __init__(self, cut: TopCut, seg: int, step: int, device: torch.device):
+    def __init__(self, cut: TopCut, seg: int, step: int, device: torch.device, tag: str = "keep"):
         self.cut = cut
         self.left = cut.seg_need[seg] if cut.need > 0 else 0
         if self.left > 0:
-            self.buf = torch.empty(step, dtype=torch.int32, device=device)
-            self.eq = torch.empty(step, dtype=torch.bool, device=device)
+            self.buf = scratch(f"shrink:{tag}:bits", step, torch.int32, device)
+            self.eq = scratch(f"shrink:{tag}:eq", step, torch.bool, device)
 
     def __call__(self, x: torch.Tensor) -> None:
         """Zero, in place, the entries of this chunk (the next one in order) the cut drops."""
@@ -275,8 +293,8 @@ def apply_cuts(flat: torch.Tensor, keep: TopCut, drop: Optional[TopCut] = None) 
         def work(i: int, lo: int, hi: int) -> None:
             keep_i = Shrinker(keep, i, step, flat.device)
             if with_drop:
-                drop_i = Shrinker(drop, i, step, flat.device)
-                tmp = torch.empty(min(step, hi - lo), dtype=flat.dtype, device=flat.device)
+                drop_i = Shrinker(drop, i, step, flat.device, "drop")
+                tmp = scratch("apply_cuts:tmp", min(step, hi - lo), flat.dtype, flat.device)
             for s, e in spans(lo, hi, step):
                 x = flat[s:e]
                 if with_drop:
@@ -316,8 +334,8 @@ def _random(
     bflat = base.reshape(-1) if base is not None else None
 
     def work(_i: int, lo: int, hi: int) -> None:
-        r = torch.empty(min(step, hi - lo), dtype=torch.int32, device=flat.device)
-        keep = torch.empty(r.numel(), dtype=torch.bool, device=flat.device)
+        r = scratch("random:draws", min(step, hi - lo), torch.int32, flat.device)
+        keep = scratch("random:keep", r.numel(), torch.bool, flat.device)
         for s, e in spans(lo, hi, step):
             x = flat[s:e]
             if bflat is not None:
