@@ -48,6 +48,24 @@ objective: {tasks: [zoo_arev, zoo_sort], aggregate: min}
 budget: {trials: 2}
 """
 
+PARETO = """
+recipe: ta
+parameters:
+  parameters.lambda: {low: 0.3, high: 1.2}
+objective: {tasks: [zoo_arev, zoo_sort]}
+optimizer: nsga2
+budget: {trials: 2}
+"""
+CMAES = """
+recipe: ta
+parameters:
+  parameters.lambda: {low: 0.3, high: 1.2}
+  models[0].parameters.weight: {low: 0.5, high: 1.5}
+objective: {tasks: [zoo_arev, zoo_sort], aggregate: weighted, weights: {zoo_sort: 3}}
+optimizer: cmaes
+budget: {trials: 2}
+"""
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ci_zoo):
@@ -55,6 +73,8 @@ def project(tmp_path_factory, ci_zoo):
     (root / "data" / "searches").mkdir()
     (root / "data" / "searches" / "lam.yaml").write_text(LAMBDA)
     (root / "data" / "searches" / "same.yaml").write_text(SAME)
+    (root / "data" / "searches" / "par.yaml").write_text(PARETO)
+    (root / "data" / "searches" / "cma.yaml").write_text(CMAES)
     return root
 
 
@@ -172,6 +192,31 @@ def test_identical_parameters_are_merged_once(project, instance):
     assert out.trials[1].key == out.trials[0].key and out.trials[1].values == out.trials[0].values
     assert out.new_trials == 1
     assert out.trials[0].values == [min(out.trials[0].scores.values())]
+
+
+@pytest.mark.parametrize("name", ["par", "cma"])
+def test_cli_runs_nsga2_and_cmaes_searches(project, name, tmp_path, monkeypatch, capsys):
+    """`merge-dag search` with the multi-objective NSGA-II (one value per task) and CMA-ES samplers,
+    runs in the project's DAGSTER_HOME, one progress line per asset."""
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))
+    assert cli(["search", name, "--root", str(project)]) == 0
+    printed = capsys.readouterr().out
+    assert f"search {name}: 2 trials (2 merged now)" in printed
+    assert "cache hit task_vector/ci_arev" in printed and f"built     merged/{name}_" in printed
+    trials = study(project, name).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    scores = [t.user_attrs["scores"] for t in trials]
+    if name == "par":
+        assert [t.values for t in trials] == [[s["zoo_arev"], s["zoo_sort"]] for s in scores]
+        assert set(trials[0].params) == {"parameters.lambda"}
+    else:
+        assert [t.values for t in trials] == [pytest.approx([(s["zoo_arev"] + 3 * s["zoo_sort"]) / 4]) for s in scores]
+    best = (project / "data" / "searches" / name / "best.yaml").read_text()
+    assert f"name: {name}_best" in best
+    # run again: the budget is met, nothing is merged
+    assert cli(["search", name, "--root", str(project)]) == 0
+    assert f"search {name}: 2 trials (0 merged now)" in capsys.readouterr().out
 
 
 BAD = [

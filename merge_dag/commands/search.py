@@ -33,7 +33,9 @@ def run(args: argparse.Namespace) -> int:
     quiet(args.verbose)
     from ..dagster.search import run_search
 
-    out = run_search(args.root.absolute(), args.name, trials=args.trials, log=lambda s: print(s, flush=True))
+    out = run_search(
+        args.root.absolute(), args.name, trials=args.trials, log=lambda s: print(s, flush=True), quiet=not args.verbose
+    )
     print(f"\nsearch {out.name}: {len(out.trials)} trials ({out.new_trials} merged now) in {out.seconds:.1f} s")
     if out.best is None:
         print("no completed trial")

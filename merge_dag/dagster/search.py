@@ -119,7 +119,11 @@ def _trial_project(res: MergeDagResource, search: Search, data: dict, key: str) 
     return project, rname, f
 
 
-def _materialize(project: Project, res: MergeDagResource, instance, keys: list[list[str]], tags: dict):
+def _materialize(
+    project: Project, res: MergeDagResource, instance, keys: list[list[str]], tags: dict, quiet: bool = False
+):
+    """One trial's run: `keys` and everything upstream of them, with every source observed first.
+    `quiet`: one line per asset (the demo's progress logger) instead of Dagster's console log."""
     from .definitions import build_definitions
 
     defs = build_definitions(project=project, resource=res)
@@ -132,7 +136,13 @@ def _materialize(project: Project, res: MergeDagResource, instance, keys: list[l
         jobs=[job],
         resources=dict(defs.resources or {}),
     )
-    result = defs.resolve_job_def("search_trial").execute_in_process(instance=instance, raise_on_error=False, tags=tags)
+    job, run_config = defs.resolve_job_def("search_trial"), None
+    if quiet:
+        from ..commands.demo import progress_logger_def
+
+        job = job.with_logger_defs({"progress": progress_logger_def()})
+        run_config = {"loggers": {"progress": {}}}
+    result = job.execute_in_process(instance=instance, raise_on_error=False, tags=tags, run_config=run_config)
     mats = {}
     for ev in result.get_asset_materialization_events():
         m = ev.event_specific_data.materialization
@@ -194,9 +204,22 @@ def run_search(
     instance: Optional[dg.DagsterInstance] = None,
     trials: Optional[int] = None,
     log: Callable[[str], None] = print,
+    quiet: bool = False,
 ) -> SearchResult:
     """Run (or resume) the search `name` (<data>/searches/<name>.yaml, or a path) until its study
-    holds `trials` (default: the file's budget) completed trials or the wall time is spent."""
+    holds `trials` (default: the file's budget) completed trials or the wall time is spent. Without
+    an `instance`, runs go to the project's DAGSTER_HOME (as `merge-dag demo`'s do)."""
+    if instance is not None:
+        return _run_search(root, name, data, resource, instance, trials, log, quiet)
+    res = resource or resource_from_env(root, data)
+    from ..commands.home import ensure_dagster_home
+
+    ensure_dagster_home(res.root_path.absolute())
+    with dg.DagsterInstance.get() as instance:
+        return _run_search(root, name, data, res, instance, trials, log, quiet)
+
+
+def _run_search(root, name, data, resource, instance, trials, log, quiet) -> SearchResult:
     import optuna
 
     t0 = time.perf_counter()
@@ -204,6 +227,12 @@ def run_search(
     root_path = res.root_path.absolute()
     search = load_search(find_search(res.data_path, name), res.data_path, root_path)
     spec = search.spec
+    if spec.optimizer == "cmaes":
+        try:
+            import cmaes  # noqa: F401 - Optuna's CmaEsSampler imports it at the first CMA-ES proposal
+        except ImportError:
+            need = "needs the `cmaes` package (pip install cmaes)"
+            raise SearchError(f"{search.file}: optimizer: cmaes {need}") from None
     budget = trials if trials is not None else spec.budget.trials
     folder = search_dir(res, search.name)
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,11 +257,6 @@ def run_search(
         sampler=_sampler(search, seed, spec.objective.not_below_base),
     )
     dists = _distributions(search)
-    if instance is None:
-        from ..commands.home import ensure_dagster_home
-
-        ensure_dagster_home(root_path)
-        instance = dg.DagsterInstance.get()
     done = lambda: len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # noqa: E731
     new, run_ids = 0, []
     base_scores: Optional[dict[str, float]] = None
@@ -268,7 +292,8 @@ def run_search(
         if want_base:
             keys.append(["eval", "model", spec_.base.name])
         tags = {"merge_dag/search": search.name, "merge_dag/trial": str(trial.number)}
-        result, mats = _materialize(project, res, instance, keys, tags)
+        log(f"trial {trial.number}: {trial.params} ({rname})")
+        result, mats = _materialize(project, res, instance, keys, tags, quiet)
         run_ids.append(result.run_id)
         new += 1
         ev = mats.get(("eval", "merged", rname))
