@@ -39,6 +39,7 @@ parameters:
 objective: {tasks: [zoo_arev, zoo_sort], aggregate: mean, not_below_base: true}
 budget: {trials: 3}
 keep_best: 2
+report: [zoo_ashift]
 """
 SAME = """
 recipe: ta
@@ -168,6 +169,19 @@ def test_best_recipe_merges_to_its_trials_fingerprint(project, searched, tmp_pat
     assert not (project / ranked[2].merged["path"]).exists()
 
 
+def test_report_tasks_score_the_best_recipe_once_after_the_search(project, searched):
+    """`report`: the best recipe (rebuilt as <name>_best: the same tensors) on the test tasks, and the base."""
+    _, out = searched
+    rep = out.report
+    assert rep["tasks"] == ["zoo_ashift"] and set(rep["scores"]) == set(rep["base_scores"]) == {"zoo_ashift"}
+    assert rep["output_fingerprint"] == out.best.output_fingerprint
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    rows = store.query("SELECT task, value FROM metrics WHERE artifact_id = ?", [rep["eval"]["artifact_id"]])
+    assert {r["task"]: r["value"] for r in rows} == rep["scores"]
+    # no trial was scored on the report task
+    assert all(set(t.scores) == {"zoo_arev", "zoo_sort"} for t in out.trials)
+
+
 def test_search_asset_links_every_trial(project, searched, instance):
     import dagster as dg
 
@@ -177,11 +191,13 @@ def test_search_asset_links_every_trial(project, searched, instance):
     assert md["best_trial"].value == out.best.number
     assert "lambda" in md["best_recipe"].value and md["trial_count"].value == 3
     assert md["objective_chart"].value.startswith("![")
+    assert "never used to choose" in md["report"].value
     store = LineageStore(project / "data" / "lineage.duckdb")
     edges = store.query("SELECT parent_id, role FROM edges WHERE child_id = ?", [md["artifact_id"].value])
-    assert {(e["parent_id"], e["role"]) for e in edges} == {(out.best.merged["artifact_id"], "best_merged")} | {
-        (t.eval["artifact_id"], "trial_eval") for t in out.trials
-    }
+    assert {(e["parent_id"], e["role"]) for e in edges} == {
+        (out.best.merged["artifact_id"], "best_merged"),
+        (out.report["eval"]["artifact_id"], "report_eval"),
+    } | {(t.eval["artifact_id"], "trial_eval") for t in out.trials}
     saved = json.loads((project / md["path"].value / "trials.json").read_text())
     assert [t["number"] for t in saved] == [0, 2, 3]
 
@@ -249,6 +265,10 @@ BAD = [
         "objective.aggregate: must be one of mean, min, weighted, pareto",
     ),
     ("recipe: ta\nparameters: {}\n", "no parameters to search"),
+    (
+        "recipe: ta\nparameters: {parameters.lambda: {low: 0, high: 1}}\nreport: [zoo_ashift, zoo_sort]\n",
+        "report[1]: 'zoo_sort' is also an objective task",
+    ),
 ]
 
 

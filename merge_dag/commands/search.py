@@ -43,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     b = out.best
     scores = ", ".join(f"{t} {v:.4f}" for t, v in b.scores.items())
     print(f"best: trial {b.number} {b.params} -> {scores}{'' if b.feasible else ' (below base on some task)'}")
+    if out.report:
+        base = out.report.get("base_scores") or {}
+        shown = ", ".join(
+            f"{t} {v:.4f}" + (f" (base {base[t]:.4f})" if t in base else "") for t, v in out.report["scores"].items()
+        )
+        print(f"best recipe on the report tasks (once, after the search): {shown}")
     print(f"best recipe: {out.best_file}  (merge-dag merge {out.best_file} <out_dir>)")
     if out.removed:
         print(f"removed {len(out.removed)} merged trial checkpoint(s) outside the best few (keep_best)")

@@ -17,6 +17,7 @@
     seed: 0
     budget: {trials: 20, wall_time: 3600}   # completed trials in the study, seconds of this run
     keep_best: 3                         # merged trial checkpoints kept (the others are deleted)
+    report: [zoo_arev, zoo_sort]         # test-split tasks: the best recipe only, once, after the search
 
 A parameter path is dotted keys into the recipe's YAML; ``models[i]`` picks the i-th models entry
 (0-based, after glob expansion), ``models[ref]`` the entry whose model is ``ref`` or whose folder
@@ -118,6 +119,7 @@ class SearchFile(_Strict):
     seed: int = 0
     budget: Budget = Field(default_factory=Budget)
     keep_best: int = Field(default=3, ge=1)
+    report: list[str] = Field(default_factory=list)  # test-split tasks: the best recipe, once, after the search
 
     @field_validator("optimizer")
     @classmethod
@@ -322,6 +324,9 @@ def load_search(path: str | os.PathLike, data: str | os.PathLike, root: Optional
         if not recipe.evals:
             raise SearchError(f"{p}: objective.tasks: no tasks given and recipe {recipe_file} has no evals")
         spec.objective.tasks = list(recipe.evals)
+    for i, t in enumerate(spec.report):
+        if t in spec.objective.tasks:
+            raise SearchError(f"{p}: report[{i}]: {t!r} is also an objective task (its scores would choose the trial)")
     for t in spec.objective.weights:
         if t not in spec.objective.tasks:
             raise SearchError(f"{p}: objective.weights.{t}: not one of the objective's tasks")

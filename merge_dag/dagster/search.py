@@ -36,6 +36,7 @@ from ..project import Project, _add_recipe, asset_name, recipe_spec
 from .resources import MergeDagResource, resource_from_env
 
 STUDY_FILE = "study.db"
+MAX_FAILURES = 3  # trials in a row whose run fails: the search stops (one failure does not)
 _SET_CONSTRAINT = hasattr(__import__("optuna").trial.Trial, "set_constraint")
 
 
@@ -65,6 +66,7 @@ class SearchResult:
     seconds: float
     removed: list[str] = field(default_factory=list)
     run_ids: list[str] = field(default_factory=list)
+    report: Optional[dict] = None  # the best recipe's scores on the report tasks (and the base's)
 
 
 def search_dir(res: MergeDagResource, name: str) -> Path:
@@ -129,7 +131,11 @@ def _materialize(
     defs = build_definitions(project=project, resource=res)
     selection = dg.AssetSelection.assets(*[dg.AssetKey(k) for k in keys]).upstream()
     sources = dg.AssetSelection.all(include_sources=True) - dg.AssetSelection.all()
-    job = dg.define_asset_job("search_trial", selection=selection | sources)
+    # the merge's soundness checks run (blocking); the score checks compare with whatever baseline
+    # evaluation ran last and are the search's own business (its objective and `not_below_base`)
+    soundness = ("loads_and_matches_base", "embeddings_sane")
+    score_checks = [k for c in defs.asset_checks or [] for k in c.check_keys if k.name not in soundness]
+    job = dg.define_asset_job("search_trial", selection=(selection | sources) - dg.AssetSelection.checks(*score_checks))
     defs = dg.Definitions(
         assets=list(defs.assets or []),
         asset_checks=list(defs.asset_checks or []),
@@ -258,7 +264,7 @@ def _run_search(root, name, data, resource, instance, trials, log, quiet) -> Sea
     )
     dists = _distributions(search)
     done = lambda: len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # noqa: E731
-    new, run_ids = 0, []
+    new, run_ids, failures = 0, [], 0
     base_scores: Optional[dict[str, float]] = None
     while done() < budget:
         if spec.budget.wall_time is not None and time.perf_counter() - t0 > spec.budget.wall_time:
@@ -285,6 +291,10 @@ def _run_search(root, name, data, resource, instance, trials, log, quiet) -> Sea
         except Exception as e:  # noqa: BLE001 - a bad proposal fails its trial, not the search
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             log(f"trial {trial.number}: recipe refused: {str(e).splitlines()[0]}")
+            failures += 1
+            if failures >= MAX_FAILURES:
+                last = str(e).splitlines()[0]
+                raise SearchError(f"{search.file}: {failures} trials in a row failed (last: {last})") from None
             continue
         spec_ = project.recipes[rname]
         keys = [["merged", rname], ["eval", "merged", rname]]
@@ -297,8 +307,14 @@ def _run_search(root, name, data, resource, instance, trials, log, quiet) -> Sea
         run_ids.append(result.run_id)
         new += 1
         ev = mats.get(("eval", "merged", rname))
-        if not result.success or ev is None:
+        if ev is None:  # the merge, a blocking check or the evaluation failed
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            failures += 1
+            if failures >= MAX_FAILURES:
+                raise SearchError(
+                    f"{search.file}: {failures} trials in a row failed (last: run {result.run_id}); "
+                    "see the Dagster runs tagged merge_dag/search"
+                )
             log(f"trial {trial.number}: run {result.run_id[:8]} failed; see the Dagster run")
             continue
         scores = task_scores(_metrics(res, ev), search.tasks, spec.objective.metric, str(search.file))
@@ -322,6 +338,7 @@ def _run_search(root, name, data, resource, instance, trials, log, quiet) -> Sea
         trial.set_user_attr("eval", {k: ev[k] for k in ("artifact_id", "key") if k in ev})
         trial.set_user_attr("run_id", result.run_id)
         study.tell(trial, values)
+        failures = 0
         shown = ", ".join(f"{t} {v:.3f}" for t, v in scores.items())
         objective = ", ".join(f"{v:.4f}" for v in values)
         log(f"trial {trial.number}: {shown} -> {objective}{'' if feasible else ' (below base)'}")
@@ -329,8 +346,8 @@ def _run_search(root, name, data, resource, instance, trials, log, quiet) -> Sea
     best = max(results, key=lambda t: rank_key(search, t)) if results else None
     out = SearchResult(search.name, results, best, None, new, 0.0, run_ids=run_ids)
     if best is not None:
-        out.best_file, out.removed, rid = _finish(search, res, instance, results, best)
-        out.run_ids.append(rid)
+        out.best_file, out.removed, rids, out.report = _finish(search, res, instance, results, best, quiet)
+        out.run_ids += rids
     out.seconds = time.perf_counter() - t0
     return out
 
@@ -344,42 +361,78 @@ def best_recipe(search: Search, res: MergeDagResource, best: TrialResult) -> dic
     return {"name": asset_name(f"{search.name}_best"), **{k: v for k, v in data.items() if k != "name"}}
 
 
-def _finish(search: Search, res: MergeDagResource, instance, results: list[TrialResult], best: TrialResult):
-    """Materialize search/<name> (best recipe, trials table, lineage to every trial); delete merged
+def _finish(search: Search, res: MergeDagResource, instance, results: list[TrialResult], best: TrialResult, quiet):
+    """Write the best recipe, evaluate it once on the `report` tasks (never used to choose),
+    materialize search/<name> (best recipe, trials table, lineage to every trial) and delete merged
     trial checkpoints other than the best `keep_best`."""
     from .assets.search import search_asset
+    from .steps import resolve_path
 
     recipe = best_recipe(search, res, best)
+    if search.spec.report:
+        recipe["evals"] = list(search.spec.report)
+    text = (
+        f"# best of search {search.name} (trial {best.number}, validation objective "
+        f"{', '.join(f'{v:.4f}' for v in best.values)}); merge with `merge-dag merge`\n" + dump_recipe(recipe)
+    )
+    best_file = search_dir(res, search.name) / "best.yaml"
+    tmp = best_file.with_suffix(".yaml.tmp")
+    tmp.write_text(text)
+    tmp.replace(best_file)
+    report, run_ids = None, []
+    if search.spec.report:
+        report, rid = _report(search, res, instance, best_file, quiet)
+        run_ids.append(rid)
     ranked = sorted([t for t in results if t.duplicate_of is None], key=lambda t: rank_key(search, t), reverse=True)
     keep = {t.key for t in ranked[: search.spec.keep_best]}
     removed = []
     for t in ranked:
         if t.key in keep or not t.merged or not t.merged.get("path"):
             continue
-        from .steps import resolve_path
-
         p = Path(resolve_path(res.root, t.merged["path"]))
         if p.is_dir() and p.is_relative_to(res.store().root):  # only the artifact store's own folders
             shutil.rmtree(p)
             removed.append(str(t.merged["path"]))
     objective = [rank_key(search, t)[1] for t in results]
-    asset = search_asset(search, recipe, results, best, removed, objective, trials_json(results))
+    asset = search_asset(search, recipe, text, results, best, removed, objective, trials_json(results), report)
     result = dg.materialize(
         [asset], instance=instance, resources={"merge_dag": res}, tags={"merge_dag/search": search.name}
     )
-    mat = next(
-        e.event_specific_data.materialization
-        for e in result.get_asset_materialization_events()
-        if e.event_specific_data.materialization.asset_key.path == ["search", search.name]
-    )
-    from .steps import resolve_path
+    run_ids.append(result.run_id)
+    return best_file, removed, run_ids, report
 
-    art = Path(resolve_path(res.root, mat.metadata["path"].value))
-    best_file = search_dir(res, search.name) / "best.yaml"
-    tmp = best_file.with_suffix(".yaml.tmp")
-    shutil.copyfile(art / "best.yaml", tmp)
-    tmp.replace(best_file)
-    return best_file, removed, result.run_id
+
+def _report(search: Search, res: MergeDagResource, instance, best_file: Path, quiet: bool):
+    """The best recipe (as written: `<name>_best`) merged and evaluated on the report tasks, with
+    the base's scores on them: the test-split numbers, computed once after the search."""
+    project = Project(root=res.root_path.absolute(), data=res.data_path)
+    spec = recipe_spec(project.root, best_file)
+    _add_recipe(project, spec)
+    keys = [["merged", spec.name], ["eval", "merged", spec.name]]
+    base = spec.base.name if spec.base is not None else None
+    for m in list(project.model_evals):
+        if m != base:
+            del project.model_evals[m]
+    if base:
+        keys.append(["eval", "model", base])
+    tags = {"merge_dag/search": search.name, "merge_dag/trial": "report"}
+    result, mats = _materialize(project, res, instance, keys, tags, quiet)
+    ev = mats.get(("eval", "merged", spec.name))
+    if ev is None:
+        raise SearchError(f"{best_file}: the report run {result.run_id} failed; see the Dagster run")
+    where, metric = str(search.file), search.spec.objective.metric
+    out = {
+        "tasks": list(search.spec.report),
+        "scores": task_scores(_metrics(res, ev), search.spec.report, metric, where),
+        "eval": {k: ev[k] for k in ("artifact_id", "key") if k in ev},
+        "output_fingerprint": mats[("merged", spec.name)].get("output_fingerprint"),
+        "run_id": result.run_id,
+    }
+    if base:
+        out["base_scores"] = task_scores(
+            _metrics(res, mats[("eval", "model", base)]), search.spec.report, metric, where
+        )
+    return out, result.run_id
 
 
 def trials_json(results: list[TrialResult]) -> str:

@@ -42,17 +42,31 @@ def _table(search: "Search", results: list[TrialResult], best: TrialResult) -> s
     return head + "\n".join(rows)
 
 
+def _report_md(report: dict) -> str:
+    """The best recipe on the report (test) tasks, with the base's scores: computed once, after the search."""
+    base = report.get("base_scores") or {}
+    rows = "\n".join(
+        f"| {md_text(t)} | {v:.4f} | {'' if t not in base else f'{base[t]:.4f}'} |" for t, v in report["scores"].items()
+    )
+    return (
+        "Scores of the best recipe on the report tasks (evaluated once, after the search; never used to choose)\n\n"
+        "| task | best recipe | base |\n|---|---|---|\n" + rows
+    )
+
+
 def search_asset(
     search: "Search",
     recipe: dict,
+    recipe_text: str,
     results: list[TrialResult],
     best: TrialResult,
     removed: list[str],
     objective: list[float],
     trials_json: str,
+    report: dict | None = None,
 ) -> dg.AssetsDefinition:
     """`objective`: each trial's objective as ranked (pareto: the mean over tasks); `trials_json`: the
-    trials as written to trials.json."""
+    trials as written to trials.json; `report`: the best recipe's scores on the report tasks."""
     code = code_version("core/search.py", "dagster/search.py", "dagster/assets/search.py")
 
     @dg.asset(
@@ -65,6 +79,8 @@ def search_asset(
     )
     def _search(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input("best_merged", best.merged["artifact_id"], best.merged["key"])]
+        if report:
+            inputs.append(Input("report_eval", report["eval"]["artifact_id"], report["eval"]["key"]))
         inputs += [
             Input("trial_eval", t.eval["artifact_id"], t.eval["key"])
             for t in results
@@ -74,16 +90,14 @@ def search_asset(
             "search": search.spec.model_dump(mode="json"),
             "trials": [[t.number, t.key, t.values, t.feasible] for t in results],
             "best": best.key,
+            "report": report and {k: report[k] for k in ("tasks", "scores", "base_scores") if k in report},
         }
 
         def build(tmp, art):
             from ...charts import search_chart
 
             tmp.mkdir(parents=True, exist_ok=True)
-            (tmp / "best.yaml").write_text(
-                f"# best of search {search.name} (trial {best.number}, validation objective "
-                f"{', '.join(f'{v:.4f}' for v in best.values)}); merge with `merge-dag merge`\n" + dump_recipe(recipe)
-            )
+            (tmp / "best.yaml").write_text(recipe_text)
             (tmp / "trials.json").write_text(trials_json)
             nums = [t.number for t in results]
             running = [max(objective[: i + 1]) for i in range(len(objective))]
@@ -94,6 +108,7 @@ def search_asset(
                 "best_scores": best.scores,
                 "best_params": best.params,
                 "removed_checkpoints": removed,
+                **({"report": report} if report else {}),
             }
 
         def meta(art, info):
@@ -111,6 +126,7 @@ def search_asset(
                     markdown_image(art.path / "objective.png", "objective per trial")
                 ),
                 "removed_checkpoints": len(removed),
+                **({"report": dg.MetadataValue.md(_report_md(report))} if report else {}),
             }
 
         return run_step(
