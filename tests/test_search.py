@@ -235,6 +235,21 @@ def test_cli_runs_nsga2_and_cmaes_searches(project, name, tmp_path, monkeypatch,
     assert f"search {name}: 2 trials (0 merged now)" in capsys.readouterr().out
 
 
+def test_failing_trials_stop_the_search(tmp_path, ci_zoo, instance):
+    """An expert whose weights are truncated fails every trial's run (its task vector cannot be
+    read): each is a failed Optuna trial, and three in a row stop the search with a SearchError."""
+    root = make_project(tmp_path / "p", {"ta.yaml": TA}, data=("tasks", "eval"))
+    (root / "data" / "searches").mkdir()
+    (root / "data" / "searches" / "lam.yaml").write_text(
+        "recipe: ta\nparameters:\n  parameters.lambda: {low: 0.3, high: 1.2}\nbudget: {trials: 5}\n"
+    )
+    f = next((root / "data" / "models" / "ci" / "arev").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:1000])
+    with pytest.raises(SearchError, match=r"lam.yaml: 3 trials in a row failed \(last: run "):
+        run_search(root, "lam", resource=resource(root), instance=instance, log=lambda s: None)
+    assert [t.state.name for t in study(root, "lam").trials] == ["FAIL", "FAIL", "FAIL"]
+
+
 BAD = [
     (
         "recipe: ta\nparameters: {parameters.lambda: {low: 0.3}}\n",
