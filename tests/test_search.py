@@ -250,6 +250,17 @@ def test_failing_trials_stop_the_search(tmp_path, ci_zoo, instance):
     assert [t.state.name for t in study(root, "lam").trials] == ["FAIL", "FAIL", "FAIL"]
 
 
+def test_wall_time_spent_stops_before_a_trial(project, tmp_path, monkeypatch, capsys):
+    """budget.wall_time is checked before each trial: spent, the search stops (resumable), no run."""
+    text = SAME.replace("{trials: 2}", "{trials: 2, wall_time: 1.0e-9}")
+    (project / "data" / "searches" / "quick.yaml").write_text(text)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    assert cli(["search", "quick", "--root", str(project)]) == 1
+    printed = capsys.readouterr().out
+    assert "search quick: wall time 0 s spent; stopping (resume later)" in printed and "no completed trial" in printed
+    assert study(project, "quick").trials == []
+
+
 BAD = [
     (
         "recipe: ta\nparameters: {parameters.lambda: {low: 0.3}}\n",

@@ -255,7 +255,7 @@ def _run_search(root, name, data, resource, instance, trials, log, quiet) -> Sea
         )
     stale = [t for t in probe.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for t in stale:  # interrupted earlier: failed, so the budget counts only finished trials
-        probe._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        probe.tell(t.number, state=optuna.trial.TrialState.FAIL)
     seed = spec.seed + len(probe.trials)
     study = optuna.load_study(
         study_name=search.name,
