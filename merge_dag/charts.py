@@ -215,3 +215,25 @@ def markdown_image(path: str | Path, alt: str = "chart") -> str:
 
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     return f"![{md_text(alt)}](data:image/png;base64,{data})"
+
+
+def search_chart(
+    numbers: list[int], values: list[float], best: list[float], path: str | Path, *, title: str = ""
+) -> Path:
+    """Objective per trial (dots) and the best so far (a step line), for a search's metadata."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 3.0))
+    ax.plot(numbers, values, "o", markersize=4, label="trial")
+    ax.step(numbers, best, where="post", color="black", linewidth=1.2, label="best so far")
+    ax.set_xlabel("trial", fontsize=8)
+    ax.set_ylabel("objective", fontsize=8)
+    ax.tick_params(labelsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path

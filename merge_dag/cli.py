@@ -117,6 +117,11 @@ EXTERNAL = {
         "recorded in lineage with the GGUF's sha256",
     ),
     "audit": ("merge_dag.lineage.command", "print the provenance tree of a merged model (path, name or artifact id)"),
+    "search": (
+        "merge_dag.commands.search",
+        "tune a recipe's numbers with Optuna on validation evals (data/searches/<name>.yaml), "
+        "each trial a cached Dagster run; writes the best recipe",
+    ),
     "card": (
         "merge_dag.lineage.card_command",
         "rewrite a merged model's card (README.md front matter) with its lm-eval results from lineage (model-index)",

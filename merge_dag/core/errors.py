@@ -33,3 +33,7 @@ class MergeOutputError(MergeDagError):
 
 class AdapterError(CheckpointError):
     """A LoRA adapter folder cannot be read, or does not fit its base (module names, shapes, ranks)."""
+
+
+class SearchError(MergeDagError):
+    """A search file is malformed: unknown key, bad range, a parameter path the recipe does not have."""
