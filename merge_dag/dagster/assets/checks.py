@@ -135,12 +135,14 @@ def score_checks(project: Project, spec: RecipeSpec) -> list[dg.AssetChecksDefin
         if not mine or not base:
             return None
         t = ScoreTable.from_results([{**base, "model": base_label}, {**mine, "model": label}])
-        return t if base_label in t.scores and label in t.scores else None
+        if base_label not in t.scores or label not in t.scores or not t.common_tasks(label, base_label):
+            return None  # nothing to compare (e.g. the base's latest eval ran other tasks: a search's report)
+        return t
 
     missing = dg.AssetCheckResult(
         passed=False,
         severity=dg.AssetCheckSeverity.WARN,
-        description=f"no evaluation of {base_label} (or of {label}) to compare with yet",
+        description=f"no evaluation of {base_label} and {label} on a common task to compare yet",
     )
 
     @dg.asset_check(
