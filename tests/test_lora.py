@@ -154,6 +154,17 @@ def test_adapter_reads_as_peft_merge_and_unload(zoo, key):
     assert changed == len(ck.touched) > 0
 
 
+def test_reads_into_a_reused_buffer_give_the_same_tensors(zoo):
+    """The engine reads each step into reused byte buffers (Checkpoint.get(out=...)): an adapter
+    expert takes them too, for adapted, saved-whole (modules_to_save) and untouched tensors alike."""
+    ck = open_model(zoo["a1"], name="a1", base=zoo["base"])
+    buf = torch.full((max(i.nbytes for i in ck.tensors.values()) + 7,), 255, dtype=torch.uint8)
+    kinds = {"adapted": ck.touched[0], "saved whole": "lm_head.weight", "untouched": "model.norm.weight"}
+    assert "lm_head.weight" in ck.replaced and "model.norm.weight" not in ck.touched
+    for what, name in kinds.items():
+        assert torch.equal(ck.get(name, out=buf), ck.get(name)), what
+
+
 def test_variants_are_what_the_config_says(zoo):
     a1 = open_model(zoo["a1"], base=zoo["base"])
     q = a1.factors["model.layers.0.self_attn.q_proj.weight"]

@@ -232,6 +232,11 @@ class Checkpoint:
     def tensor_names(self) -> list[str]:
         return list(self.tensors)
 
+    def reads_stored_bytes(self, name: str) -> bool:
+        """Whether get(name) returns the bytes stored in the file of info(name) (so the file's cached
+        digests describe it). True here; a LoRA expert computes its adapted tensors."""
+        return True
+
     def info(self, name: str) -> TensorInfo:
         try:
             return self.tensors[name]

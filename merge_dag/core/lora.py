@@ -187,6 +187,10 @@ class LoraCheckpoint(Checkpoint):
     def total_bytes(self) -> int:
         return self.base.total_bytes
 
+    def reads_stored_bytes(self, name: str) -> bool:
+        """An adapted or saved-whole tensor is not the base file's bytes (its cached digests are the base's)."""
+        return name not in self.factors and name not in self.replaced
+
     @property
     def touched(self) -> list[str]:
         """Base tensors this adapter changes (adapted or replaced)."""
@@ -217,13 +221,21 @@ class LoraCheckpoint(Checkpoint):
             d = d.T
         return d.mul_(f.scale).contiguous()
 
-    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(
+        self,
+        name: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The adapted model's tensor: base + delta, float32 where the adapter touches it (the sum of a
-        bf16 base and a float32 delta is not rounded back), else the base tensor as stored."""
+        bf16 base and a float32 delta is not rounded back), else the base tensor as stored. `out` (a
+        reused CPU uint8 buffer of at least the base tensor's size, as Checkpoint.get takes) receives
+        the base tensor's bytes; a tensor the adapter saves whole is read into a fresh buffer."""
         if name in self.replaced:  # saved whole (modules_to_save, a targeted embedding's base_layer copy)
             t = self.weights.get(self.replaced[name], device=device)
         else:
-            t = self.base.get(name, device=device)
+            t = self.base.get(name, device=device, out=out)
         if name in self.factors:
             t = t.to(torch.float32).add_(self._low_rank(name, device))
         if dtype is not None and t.dtype != dtype:

@@ -86,7 +86,7 @@ class KnownDigests:
 
     def get(self, ckpt: Checkpoint, tensor: str) -> Optional[str]:
         info = ckpt.tensors.get(tensor)
-        if info is None:
+        if info is None or not ckpt.reads_stored_bytes(tensor):  # e.g. a LoRA expert's adapted tensor
             return None
         with self._lock:
             known = self._files.get(info.file)
