@@ -148,4 +148,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from merge_dag.core.errors import MergeDagError
+
+    try:
+        sys.exit(main())
+    except MergeDagError as e:  # a bad search file, failed trials: one line, as merge-dag search prints it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

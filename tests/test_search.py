@@ -217,8 +217,10 @@ def test_cli_runs_nsga2_and_cmaes_searches(project, name, tmp_path, monkeypatch,
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     monkeypatch.setenv("MERGE_DAG_EVAL_LIMIT", str(EVAL_LIMIT))
     assert cli(["search", name, "--root", str(project)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert f"search {name}: 2 trials (2 merged now)" in printed
+    assert "RUN_START" not in printed + captured.err  # no Dagster console log, the result's run included
     assert "cache hit task_vector/ci_arev" in printed and f"built     merged/{name}_" in printed
     trials = study(project, name).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]

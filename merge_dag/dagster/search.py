@@ -121,6 +121,18 @@ def _trial_project(res: MergeDagResource, search: Search, data: dict, key: str) 
     return project, rname, f
 
 
+def _execute(job, instance, tags: dict, quiet: bool, raise_on_error: bool = False):
+    """Run `job` in process; `quiet`: one line per asset (the demo's progress logger) instead of
+    Dagster's console log."""
+    run_config = None
+    if quiet:
+        from ..commands.demo import progress_logger_def
+
+        job = job.with_logger_defs({"progress": progress_logger_def()})
+        run_config = {"loggers": {"progress": {}}}
+    return job.execute_in_process(instance=instance, raise_on_error=raise_on_error, tags=tags, run_config=run_config)
+
+
 def _materialize(
     project: Project, res: MergeDagResource, instance, keys: list[list[str]], tags: dict, quiet: bool = False
 ):
@@ -142,13 +154,7 @@ def _materialize(
         jobs=[job],
         resources=dict(defs.resources or {}),
     )
-    job, run_config = defs.resolve_job_def("search_trial"), None
-    if quiet:
-        from ..commands.demo import progress_logger_def
-
-        job = job.with_logger_defs({"progress": progress_logger_def()})
-        run_config = {"loggers": {"progress": {}}}
-    result = job.execute_in_process(instance=instance, raise_on_error=False, tags=tags, run_config=run_config)
+    result = _execute(defs.resolve_job_def("search_trial"), instance, tags, quiet)
     mats = {}
     for ev in result.get_asset_materialization_events():
         m = ev.event_specific_data.materialization
@@ -395,8 +401,13 @@ def _finish(search: Search, res: MergeDagResource, instance, results: list[Trial
             removed.append(str(t.merged["path"]))
     objective = [rank_key(search, t)[1] for t in results]
     asset = search_asset(search, recipe, text, results, best, removed, objective, trials_json(results), report)
-    result = dg.materialize(
-        [asset], instance=instance, resources={"merge_dag": res}, tags={"merge_dag/search": search.name}
+    defs = dg.Definitions(
+        assets=[asset],
+        jobs=[dg.define_asset_job("search_result", selection=dg.AssetSelection.assets(asset))],
+        resources={"merge_dag": res},
+    )
+    result = _execute(
+        defs.resolve_job_def("search_result"), instance, {"merge_dag/search": search.name}, quiet, raise_on_error=True
     )
     run_ids.append(result.run_id)
     return best_file, removed, run_ids, report
