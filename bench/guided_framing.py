@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import real_tune as rt  # noqa: E402  (bench/real_tune.py: sweep folder, Dagster run, yaml writer)
+from real_table import latest_result, layer_means  # noqa: E402  (bench/real_table.py: the maps' numbers)
 
 TASKS = rt.TASKS
 TIES = {"density": 0.6, "lambda": 1.0}  # ties' validated point (data/real/recipes/ties.yaml)
@@ -122,19 +123,14 @@ def maps(work: Path, names: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for name in names:
         for kind in ("allocation", "coefficients"):
-            files = sorted((work / "artifacts" / kind).glob(f"{name}-*/result.json"), key=lambda p: p.stat().st_mtime)
-            if not files:
+            result = latest_result(work, kind, name)
+            if result is None:
                 continue
-            d = json.loads(files[-1].read_text())
+            d = json.loads(result.read_text())
             spread = {}
             if kind == "allocation":
                 for model, dens in d["densities"].items():
-                    layers: dict[int, list[float]] = {}
-                    for t, v in dens.items():
-                        parts = t.split(".")
-                        if "layers" in parts:
-                            layers.setdefault(int(parts[parts.index("layers") + 1]), []).append(v)
-                    means = [sum(v) / len(v) for v in layers.values()]
+                    means = layer_means(dens)
                     vals = sorted(dens.values())
                     spread[model.rsplit("/", 1)[-1]] = {
                         "layer_mean_min": min(means),
@@ -146,7 +142,7 @@ def maps(work: Path, names: list[str]) -> dict[str, dict]:
             else:
                 for model, sig in d.get("sigma", {}).items():
                     spread[model.rsplit("/", 1)[-1]] = {"sigma_min": min(sig.values()), "sigma_max": max(sig.values())}
-            out[name] = {"kind": kind, "dir": str(files[-1].parent.relative_to(work)), "spread": spread}
+            out[name] = {"kind": kind, "dir": str(result.parent.relative_to(work)), "spread": spread}
     return out
 
 

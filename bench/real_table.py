@@ -39,14 +39,21 @@ def latest_results(data: Path) -> Path:
     return files[-1]
 
 
-def _latest(data: Path, kind: str) -> Path | None:
-    files = sorted((data / "artifacts" / kind).glob("*/result.json"), key=lambda p: p.stat().st_mtime)
+def latest_result(data: Path, kind: str, name: str = "*") -> Path | None:
+    """The newest <data>/artifacts/<kind>/<name>-<key>/result.json (any name by default)."""
+    pattern = "*/result.json" if name == "*" else f"{name}-*/result.json"
+    files = sorted((data / "artifacts" / kind).glob(pattern), key=lambda p: p.stat().st_mtime)
     return files[-1] if files else None
 
 
-def _layer(name: str) -> int | None:
-    parts = name.split(".")
-    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
+def layer_means(densities: dict[str, float]) -> list[float]:
+    """The mean density of each layer's tensors (tensors outside model.layers.N left out)."""
+    by_layer: dict[int, list[float]] = {}
+    for name, d in densities.items():
+        parts = name.split(".")
+        if "layers" in parts:
+            by_layer.setdefault(int(parts[parts.index("layers") + 1]), []).append(d)
+    return [sum(v) / len(v) for v in by_layer.values()]
 
 
 def _spread(values: list[float]) -> str:
@@ -56,17 +63,13 @@ def _spread(values: list[float]) -> str:
 
 def print_maps(data: Path) -> None:
     """Per expert: LEWIS's per-layer densities and Sens-Merging's per-layer sigma, min – max over layers."""
-    alloc, coef = _latest(data, "allocation"), _latest(data, "coefficients")
+    alloc, coef = latest_result(data, "allocation"), latest_result(data, "coefficients")
     if not (alloc or coef):
         return
     rows = {}
     if alloc:
         for model, dens in json.loads(alloc.read_text())["densities"].items():
-            by_layer: dict[int, list[float]] = {}
-            for name, d in dens.items():
-                if _layer(name) is not None:
-                    by_layer.setdefault(_layer(name), []).append(d)
-            rows.setdefault(model, {})["lewis"] = _spread([sum(v) / len(v) for v in by_layer.values()])
+            rows.setdefault(model, {})["lewis"] = _spread(layer_means(dens))
     if coef:
         c = json.loads(coef.read_text())
         for model, sig in c.get("sigma", {}).items():
