@@ -194,6 +194,9 @@ def recipe(family: str, point: dict, twin_point: dict | None, split: str) -> dic
     return r
 
 
+TRIAL_HEADER = "sweep trial written by bench/real_tune.py"
+
+
 def write_yaml(path: Path, data: dict, header: str) -> None:
     import yaml
 
@@ -218,10 +221,16 @@ def run_sweep(work: Path, recipes: dict[str, dict]) -> dict[str, dict[str, float
     from merge_dag.evaluation.report import ScoreTable
 
     rdir = work / "recipes"
-    for f in rdir.glob("*.yaml"):
+    stale = sorted(rdir.glob("*.yaml"))
+    foreign = [f for f in stale if not f.read_text().startswith(f"# {TRIAL_HEADER}\n")]
+    if foreign:  # never delete what the sweep did not write
+        raise SystemExit(
+            f"error: {foreign[0]}: not a sweep trial of bench/real_tune.py; --work needs a folder of its own"
+        )
+    for f in stale:  # the previous sweep's trials
         f.unlink()
     for name, r in recipes.items():
-        write_yaml(rdir / f"{name}.yaml", {**r, "name": name}, "sweep trial written by bench/real_tune.py")
+        write_yaml(rdir / f"{name}.yaml", {**r, "name": name}, TRIAL_HEADER)
     quiet(False)
     result, summary, leaderboard, seconds = materialize_all(ROOT, verbose=False)
     print(f"sweep run {result.run_id[:8]}: {summary} ({seconds:.0f} s)", flush=True)
