@@ -37,6 +37,19 @@ def test_a_union_output_passes_the_layout_and_embedding_checks(zoo, tmp_path):
     assert embedding_problems(out, zoo["base"]) == ([], 2)
 
 
+def test_padding_rows_pass_the_checks_and_are_not_read_as_untrained(zoo, tmp_path):
+    out = tmp_path / "out"
+    merge(ta(zoo, ["chat", "e"], tokenizer={"source": "union", "pad_to_multiple_of": 64}), out)
+    assert Checkpoint(out).info("model.embed_tokens.weight").shape[0] == 64  # 34 tokens + 30 zero rows
+    assert layout_problems(Checkpoint(out), Checkpoint(zoo["base"])) == []
+    assert embedding_problems(out, zoo["base"]) == ([], 2)
+    # a zero row among the tokenizer's ids is still found
+    state = load_file(out / "model-00001-of-00001.safetensors")
+    state["model.embed_tokens.weight"][33] = 0
+    save_file(state, out / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+    assert embedding_problems(out, zoo["base"])[0] == ["model.embed_tokens.weight: 1 all-zero row(s), e.g. [33]"]
+
+
 def test_layout_problems_name_what_the_card_does_not_explain(zoo, tmp_path):
     out = tmp_path / "out"
     merge(ta(zoo, ["e"]), out)

@@ -269,3 +269,63 @@ def test_tokenizer_source_outside_the_merge_with_differing_vocabularies_is_refus
     merge(ta(zoo, ["chat"], tokenizer_source=str(zoo["chat"])), out)
     assert check_agrees(out, zoo["tied"]) == 34
     assert (out / "tokenizer.json").read_bytes() == (zoo["chat"] / "tokenizer.json").read_bytes()
+
+
+def test_pad_to_multiple_of_adds_zero_rows_past_the_union_tokenizer(zoo, tmp_path):
+    """mergekit's `tokenizer: {source: union, pad_to_multiple_of: N}`: the union's 35 tokens, then zero
+    rows up to 48; config, embedding and lm_head have 48 rows, the tokenizer 35 ids; tied stays tied."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    plain, out = tmp_path / "plain", tmp_path / "out"
+    merge(ta(zoo, ["chat", "tool"], tokenizer_source="union"), plain)
+    res = merge(ta(zoo, ["chat", "tool"], tokenizer={"source": "union", "pad_to_multiple_of": 16}), out)
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 35
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 48
+    assert res.card["vocabulary"]["padding_rows"] == 13
+    assert "35 tokens and 13 zero padding rows (`tokenizer.pad_to_multiple_of`)" in (out / "README.md").read_text()
+    names = ["model.embed_tokens.weight"] + ([] if zoo["tied"] else ["lm_head.weight"])
+    for name in names:
+        M, P = rows(out, name), rows(plain, name)
+        assert M.shape == (48, 16)
+        assert torch.equal(M[:35], P)
+        assert torch.equal(M[35:], torch.zeros(13, 16))
+    assert set(Checkpoint(out).tensors) == set(Checkpoint(plain).tensors)  # tied: no lm_head written
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.get_output_embeddings().weight.shape[0] == 48
+    if zoo["tied"]:
+        assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+def test_pad_to_multiple_of_one_vocabulary_pads_by_id_and_a_multiple_already_is_unchanged(zoo, tmp_path):
+    from merge_dag.core.plan import plan_merge
+    from merge_dag.core.recipe import parse_recipe
+
+    e = make_model(tmp_path / "e", zoo["tied"], 5)  # the base's tokenizer, 32 rows
+    recipe = ta(zoo, ["chat"])
+    recipe["models"] = [{"model": str(e), "parameters": {"weight": 1.0}}]
+    plain = merge(recipe, tmp_path / "plain")
+    padded = merge(recipe | {"tokenizer": {"pad_to_multiple_of": 24}}, tmp_path / "padded")
+    B, E, M = rows(zoo["base"]), rows(e), rows(tmp_path / "padded")
+    assert M.shape == (48, 16)
+    torch.testing.assert_close(M[:32], B + 0.9 * (E - B), rtol=0, atol=1e-6)
+    assert torch.equal(M[32:], torch.zeros(16, 16))
+    assert padded.card["vocabulary"]["padding_rows"] == 16
+    assert (tmp_path / "padded" / "tokenizer.json").read_bytes() == (zoo["base"] / "tokenizer.json").read_bytes()
+    # 32 rows are a multiple of 16 already: nothing to map, the same output as without the option
+    assert plan_merge(parse_recipe(recipe | {"tokenizer": {"pad_to_multiple_of": 16}})).vocab is None
+    same = merge(recipe | {"tokenizer": {"pad_to_multiple_of": 16}}, tmp_path / "same")
+    assert same.output_fingerprint == plain.output_fingerprint
+
+
+def test_the_tokenizer_block_is_tokenizer_source_and_rejects_what_it_does_not_know(zoo, tmp_path):
+    from merge_dag.core.errors import RecipeError
+    from merge_dag.core.recipe import parse_recipe
+
+    r = parse_recipe(ta(zoo, ["chat"], tokenizer={"source": "union"}))
+    assert r.tokenizer_source == "union" and r.pad_vocab_to is None
+    with pytest.raises(RecipeError, match=r"`tokenizer_source` or `tokenizer.source`, not both"):
+        parse_recipe(ta(zoo, ["chat"], tokenizer={"source": "union"}, tokenizer_source="base"))
+    with pytest.raises(RecipeError, match=r"tokenizer\.tokens"):
+        parse_recipe(ta(zoo, ["chat"], tokenizer={"source": "union", "tokens": {"<x>": {"source": "base"}}}))
+    with pytest.raises(RecipeError, match=r"tokenizer\.pad_to_multiple_of"):
+        parse_recipe(ta(zoo, ["chat"], tokenizer={"pad_to_multiple_of": 0}))

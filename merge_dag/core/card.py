@@ -204,11 +204,14 @@ def model_card(card: dict) -> str:
     voc = card.get("vocabulary")
     if voc:
         added = voc.get("union_added_tokens") or []
+        pad = voc.get("padding_rows") or 0
+        size = f"{md_text(voc.get('size'))} tokens" if not pad else f"{md_text(voc['size'] - pad)} tokens and {pad} "
+        size += "zero padding rows (`tokenizer.pad_to_multiple_of`)" if pad else ""
         lines += [
             "",
             "## Vocabulary",
             "",
-            f"{md_text(voc.get('size'))} tokens; embedding rows mapped by token in "
+            f"{size}; embedding rows mapped by token in "
             + ", ".join(f"<code>{md_text(n)}</code>" for n in voc.get("tensors", []))
             + (f"; `tokenizer_source: union` added {len(added)} token(s): " if added else "")
             + ", ".join(f"<code>{md_text(t)}</code>" for t in added),

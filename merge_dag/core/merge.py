@@ -478,6 +478,8 @@ def write_metadata(plan: MergePlan, writer: CheckpointWriter, fps: dict[str, str
             "tensors": sorted(plan.vocab.tensors),
             "union_added_tokens": list(plan.vocab.added),
         }
+        if plan.vocab.padding:
+            extra["vocabulary"]["padding_rows"] = plan.vocab.padding
     card = build_card(
         plan.method.name,
         plan.recipe.to_yaml_dict(),

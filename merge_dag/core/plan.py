@@ -192,7 +192,9 @@ def plan_merge(recipe: Recipe, device: str = "cpu", task_vectors: Optional[dict[
 
     ref = inputs[0]
     tok_input = _tokenizer_input(recipe, inputs)
-    vocab = plan_vocab(recipe.where, inputs, base_idx, tok_input, _is_union(recipe.tokenizer_source))
+    vocab = plan_vocab(
+        recipe.where, inputs, base_idx, tok_input, _is_union(recipe.tokenizer_source), recipe.pad_vocab_to
+    )
     if vocab is not None and tok_input is None and _names_a_model(recipe.tokenizer_source):
         raise MergeInputError(
             f"{recipe.where}: tokenizer_source: {recipe.tokenizer_source!r} is not one of the merged models, "

@@ -13,6 +13,7 @@
     dtype: float32                        # accepted; merge_dag computes in float32 always
     out_dtype: bfloat16                   # written dtype (default: dtype, else the base's)
     tokenizer_source: base                # or a model path; `union` (merge_dag.core.vocab); `none`: no tokenizer
+    # tokenizer: {source: union, pad_to_multiple_of: 64}   # mergekit's block form of the same (+ padding)
     missing_tensors: error                # a tensor some inputs lack: error (default), base or skip
     seed: 0                               # random methods (dare, della) repeat exactly under it
 
@@ -175,6 +176,16 @@ class Guidance(_Strict):
         return {"tokens": self.tokens or "all", "chat_template": bool(self.chat_template)}
 
 
+class TokenizerSpec(_Strict):
+    """mergekit's `tokenizer:` block: `source` (as `tokenizer_source`: base, a model, union, none) and
+    `pad_to_multiple_of` (the output vocabulary's rows rounded up to a multiple of N; the added rows
+    are zero, past the tokenizer's last id). mergekit's per-token `tokens:` overrides are not supported
+    (an unknown key is an error naming it)."""
+
+    source: Optional[str] = None
+    pad_to_multiple_of: Optional[int] = Field(default=None, ge=1)
+
+
 class Recipe(_Strict):
     merge_method: str
     base_model: Optional[str] = None
@@ -184,6 +195,7 @@ class Recipe(_Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerSpec] = None  # mergekit's block form: {source, pad_to_multiple_of}
     # a tensor in some inputs and not others: `error` (the default, None), `base` (the base stands in
     # for an expert that lacks it) or `skip` (leave it out of the output); see plan._tensor_names
     missing_tensors: Optional[Literal["error", "base", "skip"]] = None
@@ -197,6 +209,20 @@ class Recipe(_Strict):
     source_path: Optional[Path] = Field(default=None, exclude=True)
     root: Optional[Path] = Field(default=None, exclude=True)
     _globs: list[str] = []
+
+    @model_validator(mode="after")
+    def _tokenizer_block(self) -> "Recipe":
+        """`tokenizer: {source: X}` is `tokenizer_source: X` (moved there); both at once is an error."""
+        if self.tokenizer is not None and self.tokenizer.source is not None:
+            if self.tokenizer_source is not None:
+                raise ValueError("give the tokenizer's source once: `tokenizer_source` or `tokenizer.source`, not both")
+            self.tokenizer_source, self.tokenizer.source = self.tokenizer.source, None
+        return self
+
+    @property
+    def pad_vocab_to(self) -> Optional[int]:
+        """`tokenizer.pad_to_multiple_of`, or None."""
+        return self.tokenizer.pad_to_multiple_of if self.tokenizer is not None else None
 
     @field_validator("dtype", "out_dtype")
     @classmethod

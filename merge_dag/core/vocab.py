@@ -16,6 +16,9 @@ output vocabulary by token string before the method runs (`VocabMap`):
   the token contributes the default row: the base's row where the base has the token, else the row
   of the one model that has it, else the mean of the rows of the models that have it (mergekit's
   documented rule); a token no input has is an error naming it;
+- `tokenizer: {pad_to_multiple_of: N}` rounds the output's rows up to a multiple of N (mergekit's
+  option): the added rows are held by no input, so every input contributes a zero row there and
+  they come out zero; they lie past the tokenizer's last id, where no token reads them;
 - the method then merges the mapped rows like any tensor; the output's config `vocab_size`, its
   embedding rows and its tokenizer (written with the output) all have the output vocabulary's size,
   and tied embeddings stay tied (only the tensors the inputs hold are written).
@@ -57,6 +60,7 @@ class VocabMap:
     tensors: set[str]  # the tensor names indexed by token
     tokenizer: Any = None  # the union tokenizer to write with the output (None: copy tokenizer_source's files)
     added: list[str] = field(default_factory=list)  # tokens the union appended to the base's vocabulary
+    padding: int = 0  # zero rows added at the end by tokenizer.pad_to_multiple_of
 
     def remap(self, tensors: list[torch.Tensor], models: list[int]) -> list[torch.Tensor]:
         """`tensors[k]` (float32, rows in input models[k]'s vocabulary) as rows of the output
@@ -133,13 +137,18 @@ def plan_vocab(
     base_idx: Optional[int],
     source: Optional[int],
     union: bool,
+    pad_to: Optional[int] = None,
 ) -> Optional[VocabMap]:
-    """The VocabMap of a merge, or None when every input has the same vocabulary rows and the recipe
-    does not ask for `union` (then rows merge by id, as always).
+    """The VocabMap of a merge, or None when every input has the same vocabulary rows, the recipe
+    does not ask for `union` and the rows are a multiple of `pad_to` already (then rows merge by id,
+    as always).
 
-    source: input index whose tokenizer is the output's (tokenizer_source), ignored for union."""
+    source: input index whose tokenizer is the output's (tokenizer_source), ignored for union.
+    pad_to: `tokenizer.pad_to_multiple_of`: the output's rows rounded up to a multiple of it; the added
+    rows are held by no input and come out zero (past the tokenizer's last id, never looked up)."""
     rows = [vocab_rows(ck) for ck in inputs]
-    if not union and len(set(rows)) <= 1 and not _tokenizers_differ(inputs):
+    padded = pad_to is not None and any(r is not None and r % pad_to for r in rows)
+    if not union and len(set(rows)) <= 1 and not padded and not _tokenizers_differ(inputs):
         return None
     if any(r is None for r in rows):
         k = rows.index(None)
@@ -147,9 +156,15 @@ def plan_vocab(
             f"model {inputs[k].name!r}: no input embedding tensor (a name ending in "
             f"{', '.join(INPUT_EMBED_SUFFIXES)}) to map its vocabulary by"
         )
+    if not union and len(set(rows)) <= 1 and not _tokenizers_differ(inputs):
+        # one vocabulary, only the padding asked for: rows by id, then zero rows up to the multiple
+        size = rows[0] + (-rows[0]) % pad_to
+        ids = torch.cat([torch.arange(rows[0]), torch.full((size - rows[0],), -1)])
+        index = {k: ids.clone() for k in range(len(inputs))}
+        return VocabMap(size, index, base_idx, vocab_tensors(inputs, rows), padding=size - rows[0])
     toks = [load_tokenizer(ck.folder, ck.name) for ck in inputs]
     vocabs = [_token_ids(t) for t in toks]
-    if not union and len(set(rows)) <= 1:
+    if not union and len(set(rows)) <= 1 and not padded:
         # same rows, different tokenizer files: map only if some id means another token somewhere
         within = [{s: i for s, i in v.items() if i < r} for v, r in zip(vocabs, rows)]
         if all(w == within[0] for w in within[1:]):
@@ -194,11 +209,14 @@ def plan_vocab(
         src = lead if source is None else source
         size = rows[src]
         out_vocab = {s: i for s, i in vocabs[src].items() if i < size}
+    held_rows = size  # rows some input holds; padding rows past them are zero in every input
+    if pad_to is not None and size % pad_to:
+        size += pad_to - size % pad_to
     by_id: dict[int, str] = {i: s for s, i in out_vocab.items()}
     index: dict[int, torch.Tensor] = {}
     for k in range(len(inputs)):
         m = torch.full((size,), -1, dtype=torch.long)
-        for j in range(size):
+        for j in range(held_rows):
             s = by_id.get(j)
             if s is None:
                 if not union and k == (lead if source is None else source):
@@ -208,11 +226,24 @@ def plan_vocab(
             if i is not None and i < rows[k]:
                 m[j] = i
         index[k] = m
-    held = torch.stack([m >= 0 for m in index.values()]).any(0)
+    held = torch.stack([m[:held_rows] >= 0 for m in index.values()]).any(0)
     if not bool(held.all()):
         j = int((~held).nonzero()[0])
         raise MergeInputError(f"{where}: output token {by_id.get(j)!r} (id {j}) has a row in no input")
-    return VocabMap(size, index, base_idx, vocab_tensors(inputs, rows), out_tok if union else None, added)
+    tok = out_tok if union else None
+    return VocabMap(size, index, base_idx, vocab_tensors(inputs, rows), tok, added, size - held_rows)
+
+
+def tokenizer_length(folder: Path) -> Optional[int]:
+    """The number of ids of a model folder's tokenizer.json (added tokens included), or None without
+    one: embedding rows at and past it are padding (`tokenizer.pad_to_multiple_of`, or a vocabulary
+    the model was trained with rounded up)."""
+    path = Path(folder) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
 
 
 TOKEN_FILES = ("tokenizer.json", "added_tokens.json", "vocab.json", "tokenizer.model")

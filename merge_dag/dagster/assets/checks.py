@@ -20,6 +20,7 @@ import torch
 
 from ...artifacts import read_json
 from ...core.checkpoint import Checkpoint
+from ...core.vocab import tokenizer_length
 from ...evaluation.report import ScoreTable
 from ...project import Project, RecipeSpec
 from ..resources import MergeDagResource
@@ -64,9 +65,11 @@ def untrained_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def embedding_problems(path: str | Path, reference: str | Path | None = None) -> tuple[list[str], int]:
     """(problems, tensors checked): every 2-D embedding-like tensor must be finite, with no all-zero row,
     no near-zero row and no row copied from another (untrained_rows) that is not so in `reference`
-    too (a padding token's row is zero in the base already)."""
+    too (a padding token's row is zero in the base already). Rows past the output tokenizer's ids
+    (padding, e.g. `tokenizer.pad_to_multiple_of`) are checked for NaN/Inf only."""
     ck = Checkpoint(path)
     ref = Checkpoint(reference) if reference is not None else None
+    tokens = tokenizer_length(Path(path))  # rows past the tokenizer are padding, zero on purpose
     problems, checked = [], 0
     for name in ck.tensor_names:
         if not any(h in name for h in EMBEDDING_HINTS) or len(ck.info(name).shape) != 2:
@@ -75,10 +78,14 @@ def embedding_problems(path: str | Path, reference: str | Path | None = None) ->
         t = ck.get(name, dtype=torch.float32)
         if not bool(torch.isfinite(t).all()):
             problems.append(f"{name}: {int((~torch.isfinite(t)).any(dim=1).sum())} row(s) with NaN/Inf")
+        used = t.shape[0] if tokens is None else min(tokens, t.shape[0])
+        t = t[:used]  # rows past the tokenizer's ids are padding (zero after pad_to_multiple_of): not looked up
         zero = (t == 0).all(dim=1)
         near, dup = untrained_rows(t)
-        if ref is not None and name in ref.tensors and ref.info(name).shape == ck.info(name).shape:
-            r = ref.get(name, dtype=torch.float32)
+        ref_shape = ref.info(name).shape if ref is not None and name in ref.tensors else None
+        if ref_shape is not None and (ref_shape == ck.info(name).shape or ref_shape[0] == used):
+            # the same rows (or the reference's are the output's before padding): what is so there is fine
+            r = ref.get(name, dtype=torch.float32)[:used]
             zero &= ~(r == 0).all(dim=1)
             r_near, r_dup = untrained_rows(r)
             near &= ~r_near
