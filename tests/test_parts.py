@@ -86,6 +86,31 @@ def test_split_merge_is_byte_identical_to_one_step(tmp_path, family, method):
         assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_finalize_reads_no_output_tensor_to_fingerprint_it(tmp_path, family, monkeypatch):
+    """The parts hash what they write (manifest `output_digests`), like a one-step merge: finalize
+    fingerprints the output without a second read of its shards."""
+    import merge_dag.core.fingerprint as fp
+
+    plan = plan_merge(recipe(family, "ties"))
+    staging, out = tmp_path / "staging", tmp_path / "split"
+    for k in range(3):
+        execute_part(plan, staging, k, 3, SHARD)
+    assert sum(len(json.loads(m.read_text())["output_digests"]) for m in staging.glob("*.json")) == len(plan.steps)
+    real = fp.digest_tensor_file_range
+    read = []
+
+    def spy(info):
+        read.append(info.file)
+        return real(info)
+
+    monkeypatch.setattr(fp, "digest_tensor_file_range", spy)
+    res = finalize_parts(plan, staging, out, 3, dict(CARD), shard_size=SHARD)
+    assert not [f for f in read if Path(f).parent == out]
+    monkeypatch.setattr(fp, "digest_tensor_file_range", real)
+    again = checkpoint_fingerprint(out)  # now from the digests cached with the shards
+    assert res.output_fingerprint == again
+
+
 def test_split_merge_through_task_vectors_is_byte_identical(tmp_path, family):
     """The Dagster layer reads experts as base + cached task vector: the same holds there."""
     tvs = {}

@@ -95,7 +95,8 @@ class KnownDigests:
         return known.get(tensor)
 
 
-def _sha256(t: torch.Tensor) -> str:
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as written (the digest fingerprints record per tensor)."""
     return hashlib.sha256(memoryview(t.reshape(-1).view(torch.uint8).numpy())).hexdigest()
 
 
@@ -126,7 +127,7 @@ def _read_raw(
     digests = []
     for ck, s, r in zip(ckpts, srcs, raws):
         d = known.get(ck, s.tensor) if known is not None else None
-        digests.append(d if d is not None else _sha256(r))
+        digests.append(d if d is not None else tensor_sha256(r))
     if step.base and step.in_dtype in FLOAT_DTYPES:
         base32 = None
         for i, s in enumerate(srcs):
@@ -193,7 +194,7 @@ def execute(
 
             def write(name: str, t: torch.Tensor) -> None:  # on the writer thread
                 writer.write(name, t)
-                out_digests[name] = _sha256(t)
+                out_digests[name] = tensor_sha256(t)
 
             merge_steps(plan, plan.steps, device, write, digests, same_pairs, tick)
             raise_if_identical(plan, same_pairs)

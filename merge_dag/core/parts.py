@@ -61,6 +61,7 @@ from .merge import (
     output_errors,
     raise_if_identical,
     shard_metadata,
+    tensor_sha256,
     write_metadata,
 )
 from .plan import MergePlan, check_target
@@ -277,6 +278,7 @@ def execute_part(
     digests = input_digest_maps(plan)
     same_pairs = input_pairs(plan)
     sizes: list[int] = []
+    out_digests: dict[str, str] = {}  # the part's output tensors, hashed from the bytes written
     if lay.shards:
         mine = set(lay.tensors)
         steps = [s for s in plan.steps if s.name in mine]
@@ -285,7 +287,12 @@ def execute_part(
         with CheckpointWriter(
             target, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan), only_shards=lay.shards
         ) as writer:
-            merge_steps(plan, steps, device, writer.write, digests, same_pairs)
+
+            def write(name: str, t: torch.Tensor) -> None:  # on the writer thread
+                writer.write(name, t)
+                out_digests[name] = tensor_sha256(t)
+
+            merge_steps(plan, steps, device, write, digests, same_pairs)
             sizes = [writer.shard_file_size(si) for si in lay.shards]
             writer.commit_shards(staging)
     manifest = {
@@ -299,6 +306,7 @@ def execute_part(
         "tensors": list(lay.tensors),
         "inputs": [{"name": ck.name, "digests": digests[i]} for i, ck in enumerate(plan.inputs)],
         "identical_pairs": sorted([a, b] for a, b in same_pairs),
+        "output_digests": out_digests,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     _write_json_atomic(mpath, manifest)
@@ -351,7 +359,10 @@ def finalize_parts(
         writer.commit()
     if cleanup:
         shutil.rmtree(staging, ignore_errors=True)
-    out_fp = checkpoint_fingerprint(Checkpoint(out_dir))
+    out_digests: dict[str, str] = {}
+    for m in manifests:  # the parts hashed what they wrote: the output is not read again
+        out_digests.update(m.get("output_digests") or {})
+    out_fp = checkpoint_fingerprint(Checkpoint(out_dir), out_digests)
     return MergeResult(out_dir, len(plan.steps), plan.out_bytes, elapsed, fps, out_fp, plan.method.name, card)
 
 
