@@ -578,3 +578,35 @@ def test_merge_dag_merge_runs_a_guided_recipe_like_the_project(project, first_ru
     assert not (tmp_path / "dry").exists()
     assert main(["merge", "data/recipes/ta_sens.yaml", str(tmp_path / "x"), "--calibration-batch-size", "0"]) == 2
     assert "--calibration-batch-size" in capsys.readouterr().err
+
+
+def test_statistics_computed_from_the_shell_are_cache_hits_for_dagster(tmp_path, instance, monkeypatch, capsys):
+    """The other direction: `merge-dag merge` inside a fresh project computes the Grams, sensitivities
+    and alignment and stores them under the assets' keys; the next Dagster run of those assets
+    records a cache hit for every one of them and builds nothing."""
+    import dagster as dg
+
+    from merge_dag.cli import main
+    from merge_dag.project import load_project
+
+    recipes = {"regmean.yaml": RECIPES["regmean"], "ta_sens.yaml": RECIPES["ta_sens"]}
+    root = make_project(tmp_path / "p", recipes, models=("base", "arev", "ashift", "sort"))
+    monkeypatch.chdir(root)
+    for name in ("regmean", "ta_sens"):
+        args = ["merge", f"data/recipes/{name}.yaml", str(tmp_path / name), "--calibration-batch-size", "16"]
+        assert main([*args, "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert "(stored in the project's cache)" in err and "cache hit" not in err, err
+    p = load_project(root)
+    keys = (
+        [dg.AssetKey(["grams", n]) for n in p.grams]
+        + [dg.AssetKey(["sensitivity", n]) for n in p.sensitivities]
+        + [dg.AssetKey(["alignment", n]) for n in p.alignments]
+    )
+    assert len(keys) == 2 + 3 + 1
+    res = MergeDagResource(root=str(root), db_path=str(root / "data" / "lineage.duckdb"), calibration_batch_size=16)
+    job = build_definitions(root, resource=res).resolve_job_def(ALL_JOB)
+    result = job.execute_in_process(instance=instance, asset_selection=keys)
+    assert result.success
+    assert events(root, result.run_id, "materialized") == set()
+    assert events(root, result.run_id, "cache_hit") == {"/".join(k.path) for k in keys}

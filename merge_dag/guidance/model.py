@@ -58,17 +58,26 @@ def _load_streamed(ck: Checkpoint, device, dtype: torch.dtype):
     config = AutoConfig.from_pretrained(str(ck.path), local_files_only=True)
     with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied parameters (tie_word_embeddings) become one Parameter, as after loading
     names = set(ck.tensor_names)
-    params = list(model.named_parameters(remove_duplicate=False))
-    if any(n not in names for n, _ in params):
-        return None
+    groups: dict[int, list[str]] = {}  # tied parameters (e.g. lm_head = embed_tokens) share one group
+    params = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    stored = {}
+    for key, group in groups.items():
+        stored[key] = next((n for n in group if n in names), None)
+        if stored[key] is None:
+            return None
     with torch.no_grad():
-        for name, p in params:
-            mod_name, _, attr = name.rpartition(".")
-            mod = model.get_submodule(mod_name)
-            mod._parameters[attr] = torch.nn.Parameter(
-                ck.get(name, device=device, dtype=dtype), requires_grad=p.requires_grad
+        for key, group in groups.items():
+            new = torch.nn.Parameter(
+                ck.get(stored[key], device=device, dtype=dtype), requires_grad=params[key].requires_grad
             )
+            for name in group:  # one tensor for every tied name, as the model ties them
+                mod_name, _, attr = name.rpartition(".")
+                model.get_submodule(mod_name)._parameters[attr] = new
         for name, b in model.named_buffers():
             if b.is_meta:  # a persistent buffer: from the checkpoint when there
                 if name not in names:
