@@ -27,7 +27,8 @@ SHAPE = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4,
 
 def slack(model: int) -> int:
     """What a step holds beyond the model and its statistic: the loader's one-tensor read buffers,
-    the batch's activations and logits, the allocator's free lists and the baseline's own noise
+    the batch's activations and logits, the code the first forward and backward pass import (the
+    baseline runs none), the allocator's free lists and the baseline's own noise
     (about 60 MB between two identical children): 64 MB + one model's worth. Holding all four models
     of the recipe at once (three more) exceeds the bound by more than a model."""
     return 64 * 2**20 + model
