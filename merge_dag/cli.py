@@ -30,6 +30,18 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calibration-batch-size", type=int, default=8, help="rows per batch (default 8)")
     g.add_argument("--calibration-max-length", type=int, default=512, help="tokens per row at most (default 512)")
     g.add_argument("--calibration-max-rows", type=int, default=0, help="rows per calibration set (default 0: all)")
+    g.add_argument(
+        "--stats-dtype",
+        default=None,
+        help="working dtype each statistics pass loads its model in: float32, bfloat16, float16 "
+        "(default $MERGE_DAG_STATS_DTYPE, else float32; statistics accumulate in float32)",
+    )
+    g.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="compute the statistics in memory even inside a project (default: read and store them in the "
+        "project's artifact store, under the Dagster assets' keys)",
+    )
     p.set_defaults(func=_run_merge)
 
 
@@ -64,6 +76,7 @@ def _run_guided(args: argparse.Namespace, recipe, shard: int) -> int:
     """A recipe with `guidance:`: its statistics computed here by the core (merge_dag.guidance.offline)."""
     from .core.engine import check_target, plan_merge
     from .guidance.offline import guided_merge
+    from .settings import settings
 
     if args.calibration_batch_size < 1 or args.calibration_max_length < 1 or args.calibration_max_rows < 0:
         raise MergeDagError(
@@ -80,6 +93,18 @@ def _run_guided(args: argparse.Namespace, recipe, shard: int) -> int:
         print(f"\nguidance: {', '.join(kinds)}: statistics computed before the merge (the plan above is without them)")
         print(f"plan OK: nothing written (would write {args.out_dir})")
         return 0
+    s = settings()
+    dtype = s.checked("stats_dtype") if args.stats_dtype is None else args.stats_dtype
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise MergeDagError(f"--stats-dtype {dtype!r}: not a working dtype (float32, bfloat16, float16)")
+    cache = None
+    root = s.project_root()
+    data = s.data_dir(root)
+    if not args.no_cache and (data / "recipes").is_dir():
+        from .guidance.offline import ProjectCache
+
+        cache = ProjectCache(root, args.recipe, s.artifacts or data / "artifacts")
+        print(f"statistics: the project's cache {cache.store.root}", file=sys.stderr)
     res = guided_merge(
         recipe,
         args.out_dir,
@@ -91,8 +116,11 @@ def _run_guided(args: argparse.Namespace, recipe, shard: int) -> int:
         progress=not args.no_progress,
         overwrite=args.overwrite,
         log=lambda m: print(m, file=sys.stderr),
+        dtype=dtype,
+        cache=cache,
     )
-    print(f"guided merge ({len(res.statistics)} statistics passes) in {res.seconds:.1f} s -> {res.out_dir}")
+    hits = f", {len(res.cache_hits)} from the project's cache" if cache is not None else ""
+    print(f"guided merge ({len(res.statistics)} statistics{hits}) in {res.seconds:.1f} s -> {res.out_dir}")
     return 0
 
 

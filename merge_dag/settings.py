@@ -19,6 +19,9 @@ MERGE_DAG_POOL             pool                        Dagster pool of the torch
 MERGE_DAG_EVAL_LIMIT       eval_limit                  examples per eval task (0 = all)
 MERGE_DAG_EVAL_DTYPE       eval_dtype                  dtype lm-eval runs in (auto: the checkpoint's;
                                                        bfloat16, float16, float32 and their aliases)
+MERGE_DAG_STATS_DTYPE      stats_dtype                 the working dtype statistics passes load each
+                                                       model in (float32; bfloat16, float16); the
+                                                       statistics themselves accumulate in float32
 MERGE_DAG_SETTLE_SECONDS   settle_seconds              how long a new checkpoint must stay unchanged
                                                        before the sensor builds it (30)
 MERGE_DAG_SCHEDULE         schedule                    cron of the nightly rebuild (0 3 * * *)
@@ -55,6 +58,7 @@ VARIABLES = {  # field -> environment variable
     "pool": "MERGE_DAG_POOL",
     "eval_limit": "MERGE_DAG_EVAL_LIMIT",
     "eval_dtype": "MERGE_DAG_EVAL_DTYPE",
+    "stats_dtype": "MERGE_DAG_STATS_DTYPE",
     "settle_seconds": "MERGE_DAG_SETTLE_SECONDS",
     "schedule": "MERGE_DAG_SCHEDULE",
     "tasks_dir": "MERGE_DAG_TASKS_DIR",
@@ -104,6 +108,7 @@ class Settings:
     pool_set: bool = False
     eval_limit: int = 0
     eval_dtype: str = "auto"
+    stats_dtype: str = "float32"
     settle_seconds: float = DEFAULT_SETTLE_SECONDS
     schedule: str = DEFAULT_CRON  # checked as a cron expression by dagster.schedules (Dagster knows cron)
     tasks_dir: Optional[Path] = None
@@ -132,6 +137,19 @@ class Settings:
                     f"MERGE_DAG_EVAL_DTYPE={eval_dtype!r} is not a dtype (auto, float32, bfloat16, float16)"
                 )
                 eval_dtype = "auto"
+        stats_dtype = env.get("MERGE_DAG_STATS_DTYPE", "").strip() or "float32"
+        if stats_dtype != "float32":
+            from .core.checkpoint import parse_dtype  # imports torch: only when a dtype is set
+
+            try:
+                stats_dtype = str(parse_dtype(stats_dtype)).removeprefix("torch.")
+                if stats_dtype not in ("float32", "bfloat16", "float16"):
+                    raise ValueError(stats_dtype)
+            except (MergeDagError, ValueError, KeyError):
+                invalid["stats_dtype"] = (
+                    f"MERGE_DAG_STATS_DTYPE={stats_dtype!r} is not a working dtype (float32, bfloat16, float16)"
+                )
+                stats_dtype = "float32"
         return cls(
             root=_path(env.get("MERGE_DAG_ROOT")),
             data=data_folder(env),
@@ -142,6 +160,7 @@ class Settings:
             pool_set="MERGE_DAG_POOL" in env,
             eval_limit=number("eval_limit", 0, int, " (0 = every example)"),
             eval_dtype=eval_dtype,
+            stats_dtype=stats_dtype,
             settle_seconds=number("settle_seconds", DEFAULT_SETTLE_SECONDS, float),
             schedule=env.get("MERGE_DAG_SCHEDULE", "").strip() or DEFAULT_CRON,
             tasks_dir=_path(env.get("MERGE_DAG_TASKS_DIR")),

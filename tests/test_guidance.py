@@ -833,3 +833,27 @@ def test_guided_recipe_replaces_density_and_scales_weight(tmp_path):
     assert "density" not in y  # no map given for y: unchanged
     with pytest.raises(GuidanceError, match="map for 'z', which the recipe does not merge"):
         guided_recipe(recipe, densities={"z": {t0: 0.5}})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_model_reads_each_tensor_into_the_working_dtype_like_from_pretrained(tmp_path, tied, dtype):
+    """The statistics loader (parameters on meta, each read straight into the working dtype) gives the
+    model transformers' from_pretrained gives: same tensors, tied weights one tensor, same logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from merge_dag.core.checkpoint import Checkpoint
+    from merge_dag.guidance.model import _load_streamed
+
+    torch.manual_seed(3)
+    cfg = LlamaConfig(**{**tiny_config(layers=2, hidden=32, vocab=64), "tie_word_embeddings": tied})
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(tmp_path))
+    assert _load_streamed(Checkpoint(tmp_path), "cpu", dtype) is not None  # not the from_pretrained fallback
+    got = load_model(tmp_path, dtype=dtype)
+    want = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=dtype).eval()
+    assert {p.dtype for p in got.parameters()} == {dtype}
+    assert (got.lm_head.weight is got.model.embed_tokens.weight) == tied
+    sg, sw = got.state_dict(), want.state_dict()
+    assert set(sg) == set(sw) and all(torch.equal(sg[k], sw[k]) for k in sw)
+    ids = torch.tensor([[1, 5, 9, 12, 3]])
+    assert torch.equal(got(ids).logits, want(ids).logits)

@@ -547,23 +547,66 @@ def test_robust_variants_are_recipe_options_computed_by_the_core(tmp_path, insta
 
 
 def test_merge_dag_merge_runs_a_guided_recipe_like_the_project(project, first_run, monkeypatch, tmp_path, capsys):
-    """`merge-dag merge` on each guided recipe computes its statistics through the same core code and
-    writes the same tensors as the Dagster project's merged/<recipe> (same calibration batch size)."""
+    """`merge-dag merge` on each guided recipe, run inside the project, reads every statistic from the
+    project's artifact store (the Dagster assets' artifacts, same keys: a cache hit each, nothing
+    recomputed) and writes the same tensors as the Dagster project's merged/<recipe> (same calibration
+    batch size); with --no-cache it computes them in memory through the same core code, same tensors."""
     from merge_dag.cli import main
 
     monkeypatch.chdir(project)
     for name in ("ties_lewis", "ta_sens", "ta_aim", "regmean"):
         out = tmp_path / name
         args = ["merge", f"data/recipes/{name}.yaml", str(out), "--calibration-batch-size", "16", "--no-progress"]
-        assert main(args) == 0, capsys.readouterr().err
+        assert main(args) == 0
+        err = capsys.readouterr().err
+        # inside the project: every statistic is the Dagster asset's artifact (same key), none recomputed
+        assert "statistics: the project's cache" in err and ": cache hit " in err, err
+        assert "(stored in the project's cache)" not in err, err
         got, want = Checkpoint(out), Checkpoint(artifact(first_run, "merged", name))
         assert got.tensor_names == want.tensor_names
         for n in want.tensor_names:
             assert torch.equal(got.get(n), want.get(n)), (name, n)
         card = json.loads((out / "merge_dag.json").read_text())
         assert card["guidance"]["statistics"], name
+    nocache = ["merge", "data/recipes/regmean.yaml", str(tmp_path / "nc"), "--calibration-batch-size", "16"]
+    assert main([*nocache, "--no-progress", "--no-cache"]) == 0
+    assert "cache hit" not in capsys.readouterr().err  # --no-cache: computed in memory
+    for n in Checkpoint(tmp_path / "regmean").tensor_names:
+        assert torch.equal(Checkpoint(tmp_path / "nc").get(n), Checkpoint(tmp_path / "regmean").get(n)), n
     assert main(["merge", "data/recipes/ta_sens.yaml", str(tmp_path / "dry"), "--dry-run"]) == 0
     assert "guidance: coefficients: statistics computed before the merge" in capsys.readouterr().out
     assert not (tmp_path / "dry").exists()
     assert main(["merge", "data/recipes/ta_sens.yaml", str(tmp_path / "x"), "--calibration-batch-size", "0"]) == 2
     assert "--calibration-batch-size" in capsys.readouterr().err
+
+
+def test_statistics_computed_from_the_shell_are_cache_hits_for_dagster(tmp_path, instance, monkeypatch, capsys):
+    """The other direction: `merge-dag merge` inside a fresh project computes the Grams, sensitivities
+    and alignment and stores them under the assets' keys; the next Dagster run of those assets
+    records a cache hit for every one of them and builds nothing."""
+    import dagster as dg
+
+    from merge_dag.cli import main
+    from merge_dag.project import load_project
+
+    recipes = {"regmean.yaml": RECIPES["regmean"], "ta_sens.yaml": RECIPES["ta_sens"]}
+    root = make_project(tmp_path / "p", recipes, models=("base", "arev", "ashift", "sort"))
+    monkeypatch.chdir(root)
+    for name in ("regmean", "ta_sens"):
+        args = ["merge", f"data/recipes/{name}.yaml", str(tmp_path / name), "--calibration-batch-size", "16"]
+        assert main([*args, "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert "(stored in the project's cache)" in err and "cache hit" not in err, err
+    p = load_project(root)
+    keys = (
+        [dg.AssetKey(["grams", n]) for n in p.grams]
+        + [dg.AssetKey(["sensitivity", n]) for n in p.sensitivities]
+        + [dg.AssetKey(["alignment", n]) for n in p.alignments]
+    )
+    assert len(keys) == 2 + 3 + 1
+    res = MergeDagResource(root=str(root), db_path=str(root / "data" / "lineage.duckdb"), calibration_batch_size=16)
+    job = build_definitions(root, resource=res).resolve_job_def(ALL_JOB)
+    result = job.execute_in_process(instance=instance, asset_selection=keys)
+    assert result.success
+    assert events(root, result.run_id, "materialized") == set()
+    assert events(root, result.run_id, "cache_hit") == {"/".join(k.path) for k in keys}

@@ -35,6 +35,7 @@ def test_every_variable_reaches_its_field():
         "MERGE_DAG_DEVICE": "cuda:1",
         "MERGE_DAG_EVAL_LIMIT": "12",
         "MERGE_DAG_EVAL_DTYPE": "bf16",
+        "MERGE_DAG_STATS_DTYPE": "bfloat16",
         "MERGE_DAG_SETTLE_SECONDS": "2.5",
         "MERGE_DAG_SCHEDULE": " 0 4 * * * ",
         "MERGE_DAG_TASKS_DIR": "/t",
@@ -51,6 +52,7 @@ def test_every_variable_reaches_its_field():
         "cuda:1",
     )
     assert (s.eval_limit, s.eval_dtype, s.settle_seconds, s.schedule) == (12, "bf16", 2.5, "0 4 * * *")
+    assert s.stats_dtype == "bfloat16"
     assert (s.tasks_dir, s.cache) == (Path("/t"), Path("/c"))
     assert s.project_root() == Path("/proj") and s.data_dir("/proj") == Path("/proj/data/real")
     assert s.db_path(s.data_dir("/proj")) == Path("/x/l.duckdb")
@@ -121,3 +123,17 @@ def test_no_module_but_settings_reads_a_merge_dag_variable():
             'os.environ.setdefault("MERGE_DAG_Z", "1")\nos.environ["MERGE_DAG_W"] = "1"'
         )
     ) == [(2, "MERGE_DAG_X"), (3, "MERGE_DAG_Y")]
+
+
+def test_stats_dtype_is_a_working_dtype_or_refused_with_one_line():
+    assert settings({}).stats_dtype == "float32"
+    assert settings({"MERGE_DAG_STATS_DTYPE": "bf16"}).stats_dtype == "bfloat16"
+    assert settings({"MERGE_DAG_STATS_DTYPE": "float16"}).stats_dtype == "float16"
+    for bad in ("int3", "float64"):
+        s = settings({"MERGE_DAG_STATS_DTYPE": bad})
+        assert s.stats_dtype == "float32"
+        assert s.invalid["stats_dtype"] == (
+            f"MERGE_DAG_STATS_DTYPE={bad!r} is not a working dtype (float32, bfloat16, float16)"
+        )
+        with pytest.raises(SettingsError, match="MERGE_DAG_STATS_DTYPE"):
+            s.checked("stats_dtype")

@@ -25,6 +25,7 @@ class MergeDagResource(dg.ConfigurableResource):
     eval_limit: int = 0  # 0: every example of each eval task
     eval_batch_size: int = 32
     eval_dtype: str = "auto"  # $MERGE_DAG_EVAL_DTYPE: auto (the checkpoint's), float32, bfloat16, float16
+    stats_dtype: str = "float32"  # $MERGE_DAG_STATS_DTYPE: the dtype statistics passes load models in
     calibration_batch_size: int = 8  # rows per forward pass of a statistics step
     calibration_max_length: int = 512  # tokens per row (longer rows are truncated)
     calibration_max_rows: int = 0  # 0: every row of each calibration set
@@ -44,6 +45,12 @@ class MergeDagResource(dg.ConfigurableResource):
             "max_length": self.calibration_max_length,
             "max_rows": self.calibration_max_rows or None,
         }
+
+    def stats_torch_dtype(self):
+        """The working dtype of statistics passes (SettingsError naming MERGE_DAG_STATS_DTYPE when bad)."""
+        from ..core.checkpoint import parse_dtype
+
+        return parse_dtype(self.checked("stats_dtype"))
 
     @property
     def root_path(self) -> Path:
@@ -79,7 +86,8 @@ def resource_from_env(root: str | Path, data: str | Path | None = None) -> Merge
         artifacts_dir=str(s.artifacts or ""),
         eval_limit=s.eval_limit,
         eval_dtype=s.eval_dtype,
-        invalid={k: v for k, v in s.invalid.items() if k in ("eval_limit", "eval_dtype")},
+        stats_dtype=s.stats_dtype,
+        invalid={k: v for k, v in s.invalid.items() if k in ("eval_limit", "eval_dtype", "stats_dtype")},
     )
 
 

@@ -33,14 +33,58 @@ def load_model(folder, device: str | torch.device = "cpu", dtype: torch.dtype = 
         return model
     if isinstance(folder, Checkpoint):
         folder = folder.path
-    Checkpoint(folder)
+    ck = Checkpoint(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=dtype, local_files_only=True, use_safetensors=True
-        )
+        model = _load_streamed(ck, device, dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, local_files_only=True, use_safetensors=True
+            )
     except (OSError, ValueError) as e:
         raise GuidanceError(f"{folder}: cannot load as a causal language model: {e}") from e
     return model.to(device).eval()
+
+
+def _load_streamed(ck: Checkpoint, device, dtype: torch.dtype):
+    """The model built with its parameters on the meta device, then each parameter read from the
+    checkpoint straight into its own buffer in `dtype` on `device`, one tensor at a time: memory is the
+    model in the working dtype and nothing else (transformers' from_pretrained holds about 2.3 models
+    at its peak when it converts a bfloat16 checkpoint to float32). None when a parameter is not in
+    the checkpoint under its own name (renamed keys, tied weights stored once): then the caller uses
+    from_pretrained."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(ck.path), local_files_only=True)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) computed
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied parameters (tie_word_embeddings) become one Parameter, as after loading
+    names = set(ck.tensor_names)
+    groups: dict[int, list[str]] = {}  # tied parameters (e.g. lm_head = embed_tokens) share one group
+    params = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    stored = {}
+    for key, group in groups.items():
+        stored[key] = next((n for n in group if n in names), None)
+        if stored[key] is None:
+            return None
+    with torch.no_grad():
+        for key, group in groups.items():
+            new = torch.nn.Parameter(
+                ck.get(stored[key], device=device, dtype=dtype), requires_grad=params[key].requires_grad
+            )
+            for name in group:  # one tensor for every tied name, as the model ties them
+                mod_name, _, attr = name.rpartition(".")
+                model.get_submodule(mod_name)._parameters[attr] = new
+        for name, b in model.named_buffers():
+            if b.is_meta:  # a persistent buffer: from the checkpoint when there
+                if name not in names:
+                    return None
+                mod_name, _, attr = name.rpartition(".")
+                model.get_submodule(mod_name)._buffers[attr] = ck.get(name, device=device, dtype=b.dtype)
+    return model
 
 
 def decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:

@@ -44,7 +44,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,34 +75,61 @@ def lm_loss(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
 
 
 def sensitivity(model, batches: Iterable[Batch], device: str | torch.device = "cpu") -> dict[int, float]:
-    """{layer index: S^l} for `model` (moved to `device`) on `batches`. `.grad` fields are not touched."""
+    """{layer index: S^l} for `model` (moved to `device`) on `batches`. `.grad` fields are left as found.
+
+    Memory: one model, the batch's activations and one parameter's gradient at a time, not a second
+    model of gradients: each decoder-layer parameter's |theta * dL/dtheta| is summed by a hook the
+    moment its gradient is accumulated, and the gradient is dropped there (parameters outside the
+    decoder layers get no gradient). The per-parameter sums are added up per layer in parameter
+    order, the same arithmetic as taking every gradient at once."""
     device = torch.device(device)
     model.to(device)
     _, layers = decoder_layers(model)
     params = [list(layer.parameters()) for layer in layers]
     flat = [p for ps in params for p in ps]
-    saved = [p.requires_grad for p in flat]
+    slot = {id(p): k for k, p in enumerate(flat)}
+    everything = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in everything]
+    contrib: list[Optional[torch.Tensor]] = [None] * len(flat)
+
+    def take(p: torch.Tensor) -> None:
+        contrib[slot[id(p)]] = (p.detach().float() * p.grad.float()).abs().sum()
+        p.grad = None
+
     totals = torch.zeros(len(layers), dtype=torch.float64)
     n = 0
+    hooks = []
     try:
+        for p in everything:
+            p.requires_grad_(False)
+            p.grad = None
         for p in flat:
             p.requires_grad_(True)
+            hooks.append(p.register_post_accumulate_grad_hook(take))
         with torch.enable_grad():
             for b in batches:
                 b = b.to(device)
+                contrib[:] = [None] * len(flat)
                 logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False).logits
-                grads = torch.autograd.grad(lm_loss(logits, b), flat)
+                loss = lm_loss(logits, b)
+                del logits
+                loss.backward()
                 k = 0
                 for li, ps in enumerate(params):
                     s = torch.zeros((), dtype=torch.float32, device=device)
-                    for p in ps:
-                        s += (p.detach().float() * grads[k].float()).abs().sum()
+                    for _ in ps:
+                        if contrib[k] is None:
+                            raise GuidanceError(f"sensitivity: parameter {k} of layer {li} is not on the loss's path")
+                        s += contrib[k]
                         k += 1
                     totals[li] += float(s)
                 n += 1
     finally:
-        for p, r in zip(flat, saved):
+        for h in hooks:
+            h.remove()
+        for p, (r, g) in zip(everything, saved):
             p.requires_grad_(r)
+            p.grad = g
     if n == 0:
         raise GuidanceError("no calibration batches")
     return {li: float(v) / n for li, v in enumerate(totals)}

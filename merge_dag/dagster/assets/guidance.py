@@ -24,6 +24,7 @@ from ...core.fingerprint import file_fingerprint
 from ...core.markdown import md_text
 from ...core.params import layer_index
 from ...core.version import code_version
+from ...guidance.cache import SENS_CODE, STATS_CODE, alignment_settings, stats_settings
 from ...project import (
     AlignmentSpec,
     CalibrationSource,
@@ -38,10 +39,6 @@ from ..resources import MergeDagResource, torch_pool
 from ..steps import Input, run_step, upstream
 
 GROUP = "guidance"
-STATS_CODE = code_version(
-    "guidance/activations.py", "guidance/calibration.py", "guidance/model.py", "guidance/lewis.py"
-)
-SENS_CODE = code_version("guidance/sens.py", "guidance/calibration.py", "guidance/model.py")
 LEWIS_CODE = code_version("guidance/lewis.py", "guidance/activations.py")
 RESULT = "result.json"
 
@@ -128,19 +125,14 @@ def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
     )
     def _stats(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
-        settings = {
-            **merge_dag.calibration_settings(),
-            "gram": gram,
-            "sequential_wanda": src.sequential,
-            **src.row_settings,
-        }
+        settings = stats_settings(kind, src, merge_dag.calibration_settings(), merge_dag.checked("stats_dtype"))
 
         def build(tmp, art):
             from ...guidance.activations import collect_activation_stats
             from ...guidance.lewis import sequential_wanda_stats
             from ...guidance.model import load_model
 
-            model = load_model(src.model.open(), device=merge_dag.device)
+            model = load_model(src.model.open(), device=merge_dag.device, dtype=merge_dag.stats_torch_dtype())
             batches = _batches(merge_dag, src.model.model_folder, src.calibration, src.row_options)
             t0 = time.perf_counter()
             if src.sequential is not None:
@@ -192,7 +184,7 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
             from ...guidance.model import load_model
             from ...guidance.sens import alpha, sensitivity
 
-            model = load_model(src.model.open(), device=merge_dag.device)
+            model = load_model(src.model.open(), device=merge_dag.device, dtype=merge_dag.stats_torch_dtype())
             batches = _batches(merge_dag, src.model.model_folder, src.calibration, src.row_options)
             t0 = time.perf_counter()
             s = sensitivity(model, batches, device=merge_dag.device)
@@ -234,7 +226,9 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
             kind="sensitivity",
             name=src.name,
             code_version=SENS_CODE,
-            settings={**merge_dag.calibration_settings(), **src.row_settings},
+            settings=stats_settings(
+                "sensitivity", src, merge_dag.calibration_settings(), merge_dag.checked("stats_dtype")
+            ),
             inputs=inputs,
             build=build,
             metadata=meta,
@@ -434,19 +428,20 @@ def alignment_asset(al: AlignmentSpec) -> dg.AssetsDefinition:
     def _alignment(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
         inputs = [Input.model("expert", m.model) for m in ms]
         inputs += [_calibration_input(c) for c in dict.fromkeys(m.calibration for m in ms)]
-        settings = {**merge_dag.calibration_settings(), **ms[0].row_settings}
+        settings = alignment_settings(al, merge_dag.calibration_settings(), merge_dag.checked("stats_dtype"))
 
         def build(tmp, art):
             from ...guidance.model import load_model
             from ...guidance.sens import alignment_streamed
 
             by_ref = {m.model.ref: m for m in ms}
+            dtype = merge_dag.stats_torch_dtype()
             tasks = {
                 r: _batches(merge_dag, m.model.model_folder, m.calibration, m.row_options) for r, m in by_ref.items()
             }
             t0 = time.perf_counter()
             g = alignment_streamed(
-                lambda r: load_model(by_ref[r].model.open(), device=merge_dag.device),
+                lambda r: load_model(by_ref[r].model.open(), device=merge_dag.device, dtype=dtype),
                 tasks,
                 Path(tmp) / "_scratch",
                 device=merge_dag.device,
