@@ -221,6 +221,11 @@ def test_identical_parameters_are_merged_once(project, instance):
     assert out.trials[1].key == out.trials[0].key and out.trials[1].values == out.trials[0].values
     assert out.new_trials == 1
     assert out.trials[0].values == [min(out.trials[0].scores.values())]
+    # one partition, one merge of the recipe in lineage
+    assert instance.get_dynamic_partitions("search_same") == [out.trials[0].key[:16]]
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    step = f"merged/{out.trials[0].recipe}"
+    assert [e["event"] for e in store.events() if e["step"] == step] == ["materialized"]
 
 
 @pytest.mark.parametrize("name", ["par", "cma"])

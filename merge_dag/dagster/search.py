@@ -7,13 +7,20 @@ trial), then `merged/<name>_<key>` and `eval/merged/<name>_<key>` (and, for `not
 base's own `eval/model/<base>`, cached). Every step goes through steps.run_step, so every trial is in
 lineage and in the Dagster UI (runs tagged `merge_dag/search` and `merge_dag/trial`).
 
+After each new trial its record (`trials/<key[:16]>.json`) is written and its partition of
+`search_trial/<name>` (dynamic partitions keyed by the recipe hash) is added and materialized: the
+UI shows every trial with its recipe, merged model, scores and the cache hits of its runs. With
+`budget.halving`, a trial's first run evaluates the first `rows` prompts per task; Optuna's
+SuccessiveHalvingPruner decides whether a second run evaluates it in full (else it is PRUNED).
+
 The Optuna study lives in `<data>/searches/<name>/study.db` (SQLite): a search that stops (budget,
 Ctrl-C, a crash) resumes from it; trials still marked running are marked failed and proposed again
 by the sampler if it wants them. A trial whose resolved recipe has the key of a completed trial is
 told that trial's score and merges nothing.
 
-At the end, `search/<name>` is materialized: an artifact holding `best.yaml` (a normal recipe) and
-`trials.json`, with edges to the best trial's merged model and to every trial's evaluation; the
+At the end, `search/<name>` is materialized: an artifact holding `best.yaml` (a normal recipe),
+`trials.json` and the charts, with edges to the best trial's merged model and to every trial's
+evaluation and record; the
 best recipe is also copied to `<data>/searches/<name>/best.yaml`. Merged trial checkpoints other
 than the best `keep_best` are deleted (their lineage rows stay; a later identical trial rebuilds).
 """

@@ -327,13 +327,19 @@ def search_assets(data, root) -> list[dg.AssetsDefinition]:
     from ...core.search import load_search, searches_dir
 
     out: list[dg.AssetsDefinition] = []
+    seen: set[str] = set()
     files = sorted(p for ext in ("*.yaml", "*.yml") for p in searches_dir(Path(data)).glob(ext))
     for f in files:
         try:
             s = load_search(f, data, root)
+            if s.name in seen:
+                raise SearchError(f"{f}: name: another search file is named {s.name!r}")
         except MergeDagError as e:
-            out.append(broken_search_asset(f.stem, str(e)))
+            if f.stem not in seen:
+                seen.add(f.stem)
+                out.append(broken_search_asset(f.stem, str(e)))
             continue
+        seen.add(s.name)
         out += [trial_asset(s.name), search_asset(s)]
     return out
 
