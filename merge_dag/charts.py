@@ -267,8 +267,8 @@ def pareto_chart(
     title: str = "",
 ) -> Path:
     """Trials' per-task scores, one panel per pair of tasks (at most 3 panels): every trial a dot
-    labelled with its number, the Pareto front across all tasks (`front`: indices) in red, joined
-    in the panel's first-task order."""
+    labelled with its number, the Pareto front across all tasks (`front`: indices) in red (joined
+    in order of the first task when there are only two tasks)."""
     plt = _pyplot()
     pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][:3] or [(0, 0)]
     fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs) + 0.4, 3.4), squeeze=False)
@@ -278,7 +278,8 @@ def pareto_chart(
         rest = [k for k in range(len(points)) if k not in on]
         ax.plot([xs[k] for k in rest], [ys[k] for k in rest], "o", color="gray", markersize=4, label="trial")
         f = sorted(front, key=lambda k: (xs[k], -ys[k]))
-        ax.plot([xs[k] for k in f], [ys[k] for k in f], "o-", color="red", markersize=5, label="Pareto front")
+        style = "o-" if len(tasks) == 2 else "o"  # with more tasks a pair's projection of the front is no curve
+        ax.plot([xs[k] for k in f], [ys[k] for k in f], style, color="red", markersize=5, label="Pareto front")
         for k, lab in enumerate(labels):
             ax.annotate(lab, (xs[k], ys[k]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(tasks[i], fontsize=8)
