@@ -6,6 +6,8 @@ an artifact's own folder by its build step and shown in the Dagster UI as markdo
     layer_panel(...)           one value per layer (sensitivity, alpha) as a 1-row heatmap
     shift_panel(...)           LEWIS importance shift per module kind x layer
     leaderboard_chart(...)     score per task and average: merges as bars, base and experts as lines
+    search_chart(...)          a search's objective per trial and the best so far
+    pareto_chart(...)          a multi-objective search's trials per pair of tasks, the Pareto front in red
     markdown_image(path)       ![alt](data:image/png;base64,...) for a metadata markdown value
 
 Pure: no Dagster. Figures are rendered at a low dpi so the PNGs stay a few tens of kB.
@@ -218,12 +220,28 @@ def markdown_image(path: str | Path, alt: str = "chart") -> str:
 
 
 def search_chart(
-    numbers: list[int], values: list[float], best: list[float], path: str | Path, *, title: str = ""
+    numbers: list[int],
+    values: list[float],
+    best: list[float],
+    path: str | Path,
+    *,
+    title: str = "",
+    pruned: Optional[list[bool]] = None,
+    rows: Optional[int] = None,
 ) -> Path:
-    """Objective per trial (dots) and the best so far (a step line), for a search's metadata."""
+    """Objective per trial (dots) and the best fully evaluated so far (a step line), for a search's
+    metadata. `pruned`: trials evaluated only on the small subset (successive halving, `rows`
+    examples per task) are hollow dots."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.0, 3.0))
-    ax.plot(numbers, values, "o", markersize=4, label="trial")
+    pruned = pruned or [False] * len(numbers)
+    full = [(n, v) for n, v, p in zip(numbers, values, pruned) if not p]
+    small = [(n, v) for n, v, p in zip(numbers, values, pruned) if p]
+    if full:
+        ax.plot([n for n, _ in full], [v for _, v in full], "o", markersize=4, label="trial (full evaluation)")
+    if small:
+        label = f"pruned (first {rows} rows)" if rows else "pruned"
+        ax.plot([n for n, _ in small], [v for _, v in small], "o", markersize=4, mfc="none", label=label)
     ax.step(numbers, best, where="post", color="black", linewidth=1.2, label="best so far")
     ax.set_xlabel("trial", fontsize=8)
     ax.set_ylabel("objective", fontsize=8)
@@ -231,6 +249,45 @@ def search_chart(
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def pareto_chart(
+    tasks: list[str],
+    points: list[list[float]],
+    front: list[int],
+    labels: list[str],
+    path: str | Path,
+    *,
+    title: str = "",
+) -> Path:
+    """Trials' per-task scores, one panel per pair of tasks (at most 3 panels): every trial a dot
+    labelled with its number, the Pareto front across all tasks (`front`: indices) in red (joined
+    in order of the first task when there are only two tasks)."""
+    plt = _pyplot()
+    pairs = [(i, j) for i in range(len(tasks)) for j in range(i + 1, len(tasks))][:3] or [(0, 0)]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(3.6 * len(pairs) + 0.4, 3.4), squeeze=False)
+    on = set(front)
+    for ax, (i, j) in zip(axes.flat, pairs):
+        xs, ys = [p[i] for p in points], [p[j] for p in points]
+        rest = [k for k in range(len(points)) if k not in on]
+        ax.plot([xs[k] for k in rest], [ys[k] for k in rest], "o", color="gray", markersize=4, label="trial")
+        f = sorted(front, key=lambda k: (xs[k], -ys[k]))
+        style = "o-" if len(tasks) == 2 else "o"  # with more tasks a pair's projection of the front is no curve
+        ax.plot([xs[k] for k in f], [ys[k] for k in f], style, color="red", markersize=5, label="Pareto front")
+        for k, lab in enumerate(labels):
+            ax.annotate(lab, (xs[k], ys[k]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(tasks[i], fontsize=8)
+        ax.set_ylabel(tasks[j], fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

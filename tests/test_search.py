@@ -12,7 +12,7 @@ from conftest import make_project
 
 from merge_dag.cli import main as cli
 from merge_dag.core.errors import SearchError
-from merge_dag.core.search import aggregate, load_search, trial_key
+from merge_dag.core.search import aggregate, load_search, pareto_front, trial_key
 from merge_dag.dagster import search as search_mod
 from merge_dag.dagster.resources import MergeDagResource
 from merge_dag.dagster.search import run_search
@@ -57,6 +57,16 @@ objective: {tasks: [zoo_arev, zoo_sort]}
 optimizer: nsga2
 budget: {trials: 2}
 """
+HALVING = """
+recipe: ta
+parameters:
+  parameters.lambda: {low: 0.2, high: 2.0}
+objective: {tasks: [zoo_arev, zoo_sort], aggregate: mean}
+optimizer: random
+seed: 1
+budget: {trials: 5, halving: {rows: 4, fraction: 0.5}}
+keep_best: 1
+"""
 CMAES = """
 recipe: ta
 parameters:
@@ -76,6 +86,7 @@ def project(tmp_path_factory, ci_zoo):
     (root / "data" / "searches" / "same.yaml").write_text(SAME)
     (root / "data" / "searches" / "par.yaml").write_text(PARETO)
     (root / "data" / "searches" / "cma.yaml").write_text(CMAES)
+    (root / "data" / "searches" / "halv.yaml").write_text(HALVING)
     return root
 
 
@@ -197,7 +208,9 @@ def test_search_asset_links_every_trial(project, searched, instance):
     assert {(e["parent_id"], e["role"]) for e in edges} == {
         (out.best.merged["artifact_id"], "best_merged"),
         (out.report["eval"]["artifact_id"], "report_eval"),
-    } | {(t.eval["artifact_id"], "trial_eval") for t in out.trials}
+    } | {(t.eval["artifact_id"], "trial_eval") for t in out.trials} | {
+        (t.record["artifact_id"], "trial") for t in out.trials
+    }
     saved = json.loads((project / md["path"].value / "trials.json").read_text())
     assert [t["number"] for t in saved] == [0, 2, 3]
 
@@ -208,6 +221,11 @@ def test_identical_parameters_are_merged_once(project, instance):
     assert out.trials[1].key == out.trials[0].key and out.trials[1].values == out.trials[0].values
     assert out.new_trials == 1
     assert out.trials[0].values == [min(out.trials[0].scores.values())]
+    # one partition, one merge of the recipe in lineage
+    assert instance.get_dynamic_partitions("search_same") == [out.trials[0].key[:16]]
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    step = f"merged/{out.trials[0].recipe}"
+    assert [e["event"] for e in store.events() if e["step"] == step] == ["materialized"]
 
 
 @pytest.mark.parametrize("name", ["par", "cma"])
@@ -228,6 +246,14 @@ def test_cli_runs_nsga2_and_cmaes_searches(project, name, tmp_path, monkeypatch,
     if name == "par":
         assert [t.values for t in trials] == [[s["zoo_arev"], s["zoo_sort"]] for s in scores]
         assert set(trials[0].params) == {"parameters.lambda"}
+        # the Pareto front across tasks: its trials in the metadata, its chart a PNG in the UI
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as inst:
+            md = materialization(inst, ["search", name]).metadata
+        assert md["pareto_front"].value == [trials[i].number for i in pareto_front([t.values for t in trials])]
+        assert md["pareto_chart"].value.startswith("![Pareto front](data:image/png;base64,")
+        assert_png(project / md["path"].value / "pareto.png")
     else:
         assert [t.values for t in trials] == [pytest.approx([(s["zoo_arev"] + 3 * s["zoo_sort"]) / 4]) for s in scores]
     best = (project / "data" / "searches" / name / "best.yaml").read_text()
@@ -324,3 +350,138 @@ def test_trial_key_and_aggregates(project):
     w = o.model_copy(update={"aggregate": "weighted", "weights": {"zoo_sort": 3.0}})
     assert aggregate(w, scores) == pytest.approx([(0.2 + 1.8) / 4])
     assert aggregate(o.model_copy(update={"aggregate": "pareto"}), scores) == [0.2, 0.6]
+
+
+def materialization(instance, key: list[str], partition: str | None = None):
+    import dagster as dg
+
+    f = dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition] if partition else None)
+    return instance.fetch_materializations(f, limit=1).records[0].asset_materialization
+
+
+def assert_png(path: Path) -> None:
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 50
+
+
+def test_each_trial_is_a_dynamic_partition_with_its_record(project, searched, instance):
+    """search_trial/lam: one partition per finished trial (its recipe hash), with its recipe, merged
+    model, validation scores and the steps its run found cached, exactly as lineage recorded them."""
+    _, out = searched
+    assert instance.get_dynamic_partitions("search_lam") == [t.key[:16] for t in out.trials]
+    for n, t in enumerate(out.trials):
+        m = materialization(instance, ["search_trial", "lam"], t.partition)
+        md = m.metadata
+        assert md["trial"].value == t.number and md["merged_asset"].value == f"merged/{t.recipe}"
+        assert md["merged_artifact"].value == t.merged["artifact_id"]
+        assert md["output_fingerprint"].value == t.output_fingerprint
+        assert md["validation_scores"].value == t.scores and md["objective"].value == t.values
+        assert f"name: {t.recipe}" in md["recipe"].value
+        ev = events(project, t.run_id)
+        assert md["cache_hits"].value == [e["step"] for e in ev if e["event"] == "cache_hit"]
+        assert md["built"].value == [e["step"] for e in ev if e["event"] == "materialized"]
+        if n > 0:  # task vectors and the base's evaluation: cache hits, shown on the trial
+            assert {"task_vector/ci_arev", "task_vector/ci_sort", "eval/model_ci_base"} <= set(md["cache_hits"].value)
+        # lineage: the trial's record has its merged model and evaluation as parents
+        store = LineageStore(project / "data" / "lineage.duckdb")
+        edges = store.query("SELECT parent_id, role FROM edges WHERE child_id = ?", [t.record["artifact_id"]])
+        assert {(e["parent_id"], e["role"]) for e in edges} == {
+            (t.merged["artifact_id"], "merged"),
+            (t.eval["artifact_id"], f"eval_{EVAL_LIMIT}"),
+        }
+
+
+def test_search_charts_are_pngs(project, searched, instance):
+    _, out = searched
+    md = materialization(instance, ["search", "lam"]).metadata
+    assert_png(project / md["path"].value / "objective.png")
+    assert "pareto_chart" not in md  # one objective: no Pareto front
+
+
+def test_successive_halving_gives_the_full_evaluation_to_promising_trials_only(project, instance):
+    """halving {rows: 4, fraction: 0.5}: every trial is evaluated on the first 4 examples per task;
+    Optuna's SuccessiveHalvingPruner (eta 2) promotes a trial when its small-subset objective is in
+    the top half of all trials' so far (the best so far while fewer than 2 compete): only those get
+    the full evaluation (8 examples), the others are PRUNED and never evaluated in full."""
+    out = run_search(project, "halv", resource=resource(project), instance=instance, log=lambda s: None)
+    store = LineageStore(project / "data" / "lineage.duckdb")
+    states = {t.number: t.state.name for t in study(project, "halv").trials}
+    assert len(out.trials) == 5 and all(t.duplicate_of is None for t in out.trials)
+    seen = []
+    for t in out.trials:
+        assert t.rung["rows"] == 4 and t.rung["value"] == pytest.approx(sum(t.rung["scores"].values()) / 2)
+        small = store.query("SELECT task, value, n FROM metrics WHERE artifact_id = ?", [t.rung["eval"]["artifact_id"]])
+        assert {r["task"]: r["value"] for r in small} == t.rung["scores"] and {r["n"] for r in small} == {4}
+        seen.append(t.rung["value"])
+        k = max(len(seen) // 2 - 1, 0)
+        promoted = t.rung["value"] >= sorted(seen)[-(k + 1)]
+        assert t.pruned == (not promoted) and states[t.number] == ("PRUNED" if t.pruned else "COMPLETE")
+        # every evaluation of this trial's merged model, by examples per task
+        rows = store.query(
+            "SELECT DISTINCT m.n FROM metrics m JOIN edges e ON e.child_id = m.artifact_id WHERE e.parent_id = ?",
+            [t.merged["artifact_id"]],
+        )
+        assert sorted(r["n"] for r in rows) == ([4] if t.pruned else [4, EVAL_LIMIT])
+        md = materialization(instance, ["search_trial", "halv"], t.partition).metadata
+        assert md["promoted"].value is promoted and md["pruned"].value is t.pruned
+        if not t.pruned:
+            assert t.eval and t.values == pytest.approx([sum(t.scores.values()) / 2])
+    assert out.trials[0].pruned is False  # the first trial is the best so far
+    assert any(t.pruned for t in out.trials) and out.new_trials == 5
+    assert not out.best.pruned
+    assert out.best.values[0] == max(t.values[0] for t in out.trials if not t.pruned)
+    md = materialization(instance, ["search", "halv"]).metadata
+    assert md["pruned_trials"].value == sum(t.pruned for t in out.trials)
+    assert_png(project / md["path"].value / "objective.png")
+    # keep_best 1: every other trial's merged checkpoint (pruned ones included) is deleted
+    assert (project / out.best.merged["path"]).is_dir()
+    assert all(not (project / t.merged["path"]).exists() for t in out.trials if t.number != out.best.number)
+
+
+def test_halving_needs_one_objective(project, tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text(PARETO.replace("{trials: 2}", "{trials: 2, halving: {rows: 4}}"))
+    with pytest.raises(SearchError, match=r"budget.halving needs one objective"):
+        load_search(f, project / "data", project)
+
+
+def test_pareto_front():
+    pts = [[0.1, 0.9], [0.5, 0.5], [0.4, 0.4], [0.9, 0.1], [0.5, 0.5], [0.0, 0.0]]
+    assert pareto_front(pts) == [0, 1, 3, 4]
+
+
+def test_searches_are_in_the_projects_definitions(project, searched, instance):
+    """`merge-dag dev` shows every search of <data>/searches: search/<name> and its trial partitions
+    (not in merge_all); a search file that does not load is only its own failing asset; materialized
+    from the definitions, search/lam is the search's own result again (a cache hit)."""
+    import dagster as dg
+
+    from merge_dag.dagster.definitions import build_definitions
+
+    bad = project / "data" / "searches" / "zbroken.yaml"
+    bad.write_text("recipe: ta\nparameters: {}\n")
+    try:
+        defs = build_definitions(project, resource=resource(project))
+    finally:
+        bad.unlink()
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"search/lam", "search_trial/lam", "search/par", "search/halv", "search/zbroken"} <= keys
+    trial = defs.resolve_assets_def(dg.AssetKey(["search_trial", "lam"]))
+    assert trial.partitions_def == dg.DynamicPartitionsDefinition(name="search_lam")
+    merge_all = defs.resolve_job_def("merge_all")
+    assert not {k for k in merge_all.asset_layer.selected_asset_keys if k.path[0] in ("search", "search_trial")}
+    job = dg.define_asset_job("x", selection=[dg.AssetKey(["search", "lam"])])
+    lam = defs.resolve_assets_def(dg.AssetKey(["search", "lam"]))  # its merge_dag resource bound
+    defs2 = dg.Definitions(assets=[lam, trial], jobs=[job])
+    before = materialization(instance, ["search", "lam"]).metadata["artifact_id"].value
+    assert defs2.resolve_job_def("x").execute_in_process(instance=instance).success
+    md = materialization(instance, ["search", "lam"]).metadata
+    assert md["artifact_id"].value == before and md["cache"].value == "hit"
+    broken = defs.resolve_assets_def(dg.AssetKey(["search", "zbroken"]))
+    res = dg.materialize([broken], instance=instance, raise_on_error=False)
+    assert not res.success

@@ -40,6 +40,9 @@ def run(args: argparse.Namespace) -> int:
     if out.best is None:
         print("no completed trial")
         return 1
+    pruned = sum(t.pruned for t in out.trials)
+    if pruned:
+        print(f"successive halving: {pruned} of {len(out.trials)} trials pruned after the small subset")
     b = out.best
     scores = ", ".join(f"{t} {v:.4f}" for t, v in b.scores.items())
     print(f"best: trial {b.number} {b.params} -> {scores}{'' if b.feasible else ' (below base on some task)'}")

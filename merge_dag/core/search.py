@@ -15,7 +15,11 @@
       not_below_base: false              # a trial with any task below the base's score is infeasible
     optimizer: tpe                       # tpe (default) | cmaes | nsga2 | random
     seed: 0
-    budget: {trials: 20, wall_time: 3600}   # completed trials in the study, seconds of this run
+    budget:
+      trials: 20                         # finished trials in the study (completed or pruned)
+      wall_time: 3600                    # seconds of this run
+      halving: {rows: 16, fraction: 0.25}   # successive halving: every trial first on 16 examples per
+                                         # task; the full evaluation only for the top quarter so far
     keep_best: 3                         # merged trial checkpoints kept (the others are deleted)
     report: [zoo_arev, zoo_sort]         # test-split tasks: the best recipe only, once, after the search
 
@@ -105,9 +109,25 @@ class Objective(_Strict):
         return self
 
 
+class Halving(_Strict):
+    """Successive halving (Optuna's SuccessiveHalvingPruner, one rung): each trial is evaluated on
+    the first `rows` examples of every objective task; it gets the full evaluation only when that
+    small-subset objective is among the best `fraction` of all trials' small-subset objectives so far
+    (reduction factor eta = round(1 / fraction); while fewer than eta trials compete, only the best
+    so far is promoted). Trials not promoted are Optuna's PRUNED trials."""
+
+    rows: int = Field(ge=1)
+    fraction: float = Field(default=0.25, gt=0, le=0.5)
+
+    @property
+    def eta(self) -> int:
+        return max(2, round(1 / self.fraction))
+
+
 class Budget(_Strict):
     trials: int = Field(default=20, ge=1)
     wall_time: Optional[float] = Field(default=None, gt=0)  # seconds
+    halving: Optional[Halving] = None
 
 
 class SearchFile(_Strict):
@@ -136,6 +156,11 @@ class SearchFile(_Strict):
             self.objective.aggregate = "pareto"  # NSGA-II optimizes every task's score at once
         if self.objective.aggregate == "pareto" and self.optimizer == "cmaes":
             raise ValueError("cmaes optimizes one objective; use nsga2 (or tpe) for aggregate: pareto")
+        if self.budget.halving is not None and self.objective.aggregate == "pareto":
+            raise ValueError(
+                "budget.halving needs one objective (Optuna prunes single-objective studies only); "
+                "use aggregate mean, min or weighted, or drop halving"
+            )
         return self
 
 
@@ -366,6 +391,16 @@ def aggregate(objective: Objective, scores: dict[str, float]) -> list[float]:
     return [sum(vals) / len(vals)]
 
 
+def pareto_front(points: list[list[float]]) -> list[int]:
+    """Indices of the non-dominated points (every coordinate maximized): p is dominated when some
+    q has q_i >= p_i for every i and q_j > p_j for some j. Equal points are all on the front."""
+    out = []
+    for i, p in enumerate(points):
+        if not any(all(a >= b for a, b in zip(q, p)) and any(a > b for a, b in zip(q, p)) for q in points):
+            out.append(i)
+    return out
+
+
 def task_scores(metrics: list, tasks: list[str], metric: Optional[str], where: str) -> dict[str, float]:
     """Each task's score from an eval artifact's metrics rows [task, metric, value, stderr, n]."""
     out: dict[str, float] = {}
@@ -385,4 +420,13 @@ def dump_recipe(data: dict) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-__all__ = ["Search", "SearchError", "aggregate", "dump_recipe", "find_search", "load_search", "trial_key"]
+__all__ = [
+    "Search",
+    "SearchError",
+    "aggregate",
+    "dump_recipe",
+    "find_search",
+    "load_search",
+    "pareto_front",
+    "trial_key",
+]

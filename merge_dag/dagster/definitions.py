@@ -14,6 +14,8 @@ from .assets.evals import eval_assets
 from .assets.guidance import guidance_assets
 from .assets.leaderboard import leaderboard_asset
 from .assets.merges import merge_assets
+from .assets.search import GROUP as SEARCH_GROUP
+from .assets.search import search_assets
 from .assets.sources import source_assets
 from .assets.task_vectors import task_vector_assets
 from .resources import MergeDagResource, resource_from_env
@@ -37,11 +39,19 @@ def build_definitions(
     )
     if any(s.evals for s in project.recipes.values()):
         assets.append(leaderboard_asset(project))
+    # searches (<data>/searches/*.yaml): their trials run from `merge-dag search`; the UI shows each
+    # search's result and one partition per trial. Not part of merge_all (a search is not rebuilt
+    # with the other artifacts).
+    searches = search_assets(project.data, project.root)
+    assets += searches
     resource = resource or resource_from_env(project.root, project.data)
     # sources are in the job so every run observes them first: provenance names the current files
+    selection = dg.AssetSelection.all(include_sources=True)
+    if searches:
+        selection = selection - dg.AssetSelection.groups(SEARCH_GROUP)
     merge_all = dg.define_asset_job(
         ALL_JOB,
-        selection=dg.AssetSelection.all(include_sources=True),
+        selection=selection,
         description="Observe every source, then build every artifact (cache hits "
         "for anything whose inputs did not change).",
     )
