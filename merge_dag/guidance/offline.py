@@ -4,9 +4,10 @@ The statistics the recipe's guidance needs are computed in memory by the same co
 Dagster assets call (calibration batches, activation statistics, Grams, sensitivities, LEWIS
 importance and allocation, the streamed Sens alignment, coefficients), then merged as the Dagster
 merge step does: the guided recipe through the engine, AIM relaxing that merge towards the base,
-RegMean solving the linears from the Grams. With the same calibration batch settings the tensors
-equal the Dagster project's (tested). Nothing is cached: every run recomputes its statistics (the
-Dagster project caches each as an asset); each statistics pass holds one model at a time.
+RegMean solving the linears from the Grams, Fisher merging weighting each expert by its Fisher. With
+the same calibration batch settings the tensors equal the Dagster project's (tested). Nothing is
+cached: every run recomputes its statistics (the Dagster project caches each as an asset); each
+statistics pass holds one model at a time.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ class _Stats:
 
         kind = "grams" if gram else "activations"
         return self._once((kind, ref, cal, sequential), f"{kind} of {ref} on {cal}", run)
+
+    def fisher(self, ref: str, cal: str, estimator: str):
+        from .fisher import fisher_diagonal
+
+        return self._once(
+            ("fisher", ref, cal, estimator),
+            f"fisher of {ref} on {cal}",
+            lambda: fisher_diagonal(self.model(ref), self.batches(ref, cal), device=self.device, estimator=estimator),
+        )
 
     def sensitivity(self, ref: str, cal: str):
         from .sens import sensitivity
@@ -161,7 +171,7 @@ def guided_merge(
     plain.guidance = None
     plain.source_path, plain.root = recipe.source_path, recipe.root
     check_target(plan_merge(plain, device=device), out_dir, overwrite=overwrite)  # before any statistics pass
-    if g.regmean is None:
+    if g.regmean is None and g.fisher is None:
         densities, weights = guided_maps(recipe, st)
         layers = base.config().get("num_hidden_layers") if base is not None else None
         plan = plan_merge(guided_recipe(recipe, densities, weights, layers), device=device)
@@ -186,6 +196,39 @@ def guided_merge(
             inputs = [card_input(ck, "model", checkpoint_fingerprint(ck)) for ck in cks]
             card = build_card(
                 "regmean",
+                recipe.to_yaml_dict(),
+                str(recipe.source_path),
+                inputs,
+                dtype,
+                recipe.seed,
+                refs[0],
+                len(out.tensors),
+                extra(),
+            )
+        elif g.fisher is not None:  # as the Dagster merge step: each expert's Fisher, the weighted average, a card
+            from .fisher import fisher_checkpoint, recipe_weights
+
+            experts = [m.model for m in recipe.models or [] if m.model != recipe.base_model]
+            stats = [st.fisher(e, _own(recipe, e), g.fisher.estimator) for e in experts]
+            cks = [recipe.open_model(r) for r in experts]
+            fisher_checkpoint(
+                cks,
+                stats,
+                staged,
+                weights=recipe_weights(recipe, experts),
+                base=base,
+                epsilon=g.fisher.epsilon,
+                device=device,
+                shard_size=shard_size,
+            )
+            out = Checkpoint(staged)
+            dtype = str(next(iter(out.tensors.values())).dtype).removeprefix("torch.")
+            refs = ([recipe.base_model] if recipe.base_model else []) + experts
+            all_cks = ([base] if base is not None else []) + cks
+            roles = (["base"] if base is not None else []) + ["model"] * len(cks)
+            inputs = [card_input(ck, r, checkpoint_fingerprint(ck)) for ck, r in zip(all_cks, roles)]
+            card = build_card(
+                "fisher",
                 recipe.to_yaml_dict(),
                 str(recipe.source_path),
                 inputs,
