@@ -227,6 +227,17 @@ def test_fisher_checkpoint_is_the_formula_per_tensor(tmp_path, family, stats, wi
         torch.testing.assert_close(res[n].double(), want, rtol=1e-4, atol=1e-6)
     assert Checkpoint(out).info("model.norm.weight").dtype == torch.float32
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    half = fisher.fisher_checkpoint(
+        [family["e0"], family["e1"]],
+        [stats["e0"], stats["e1"]],
+        tmp_path / "half",
+        weights,
+        base=base,
+        epsilon=1e-8,
+        out_dtype=torch.bfloat16,
+    )
+    for n, t in load_file(str(next(half.glob("*.safetensors")))).items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, res[n].to(torch.bfloat16)), n
 
 
 def test_bad_input_is_one_typed_error(tmp_path, family, stats):
@@ -353,14 +364,22 @@ def test_the_fisher_statistic_is_a_cached_asset_shared_by_two_recipes(tmp_path, 
     card = json.loads((folder(first, "merged", "fisher_a") / "merge_dag.json").read_text())
     assert card["method"] == "fisher" and set(card["guidance"]["artifacts"]) == {"fishers", "fishers:ci_sort__sort"}
 
-    (root / "data" / "recipes" / "fisher_b.yaml").write_text(FISHER.format(name="fisher_b", w=2.0, eps=1e-4))
+    (root / "data" / "recipes" / "fisher_b.yaml").write_text(
+        FISHER.format(name="fisher_b", w=2.0, eps=1e-4) + "out_dtype: bfloat16\n"
+    )
     second, ev = run(["fisher_a", "fisher_b"])
     assert ev["materialized"] == {"merged/fisher_b"}
     assert {"fishers/ci_arev__arev", "fishers/ci_sort__sort", "merged/fisher_a"} <= ev["cache_hit"]
     b = Checkpoint(folder(second, "merged", "fisher_b"))
     direct_b = fisher.fisher_checkpoint(
-        [root / CI / "arev", root / CI / "sort"], stats, tmp_path / "direct_b", weights=[1.0, 2.0], epsilon=1e-4
+        [root / CI / "arev", root / CI / "sort"],
+        stats,
+        tmp_path / "direct_b",
+        weights=[1.0, 2.0],
+        epsilon=1e-4,
+        out_dtype=torch.bfloat16,
     )
+    assert {b.info(n).dtype for n in b.tensor_names} == {torch.bfloat16}
     for n in b.tensor_names:
         assert torch.equal(b.get(n), Checkpoint(direct_b).get(n)), n
 

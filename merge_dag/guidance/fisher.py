@@ -33,8 +33,9 @@ w_i the linear weight of expert i for that tensor (w_i >= 0; the scale of w canc
                     experts' Fishers are not floored: an element no expert's Fisher reaches stays the
                     base's, elsewhere the base's share is epsilon / (epsilon + sum_i w_i F_i)
 A checkpoint tensor none of the statistics has (not a parameter of the model, e.g. a saved buffer) has no
-Fisher mass: the weighted mean, or the base's. All sums in float32 on the configured device; the output's
-dtypes, config and tokenizer files follow the first expert (the base when there is one).
+Fisher mass: the weighted mean, or the base's. All sums in float32 on the configured device; floating tensors
+are written in `out_dtype` (the recipe's `out_dtype`, else `dtype`), else in the first expert's dtypes (the
+base's when there is one), whose config and tokenizer files the output copies.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from ..core.checkpoint import (
     CheckpointWriter,
     OutTensor,
     atomic_replace_dir,
+    parse_dtype,
     parse_size,
 )
 from .calibration import Batch
@@ -300,6 +302,12 @@ def _weight_of(value: Any, name: str, num_layers: int, ref: str) -> float:
     return float(w)
 
 
+def recipe_out_dtype(recipe) -> Optional[torch.dtype]:
+    """The dtype a recipe asks its floating tensors to be written in (`out_dtype`, else `dtype`), or None."""
+    name = recipe.out_dtype or recipe.dtype
+    return parse_dtype(name) if name else None
+
+
 def recipe_weights(recipe, refs: Sequence[str]) -> list[Any]:
     """Each expert's `weight` parameter value as the recipe gives it (its models entry, else the top-level
     `parameters`; default 1), in the order of `refs`."""
@@ -320,6 +328,7 @@ def fisher_checkpoint(
     epsilon: float = DEFAULT_EPSILON,
     device: str | torch.device = "cpu",
     shard_size: str | int = "2GB",
+    out_dtype: Optional[torch.dtype] = None,
     log: Callable[[str], None] = lambda _m: None,
 ) -> Path:
     """Merge `experts` (fishers[i]: expert i's diagonal Fisher) into `out_dir`, streaming one tensor of
@@ -352,7 +361,11 @@ def fisher_checkpoint(
                     f"model {ck.name!r} {list(ref.info(n).shape)}"
                 )
     num_layers = int(ref.config().get("num_hidden_layers") or 1)
-    plan = [OutTensor(n, i.shape, i.dtype) for n, i in ref.tensors.items()]
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    plan = [
+        OutTensor(n, i.shape, out_dtype if out_dtype is not None and i.dtype in floats else i.dtype)
+        for n, i in ref.tensors.items()
+    ]
     meta = {"guidance": "fisher", "epsilon": str(epsilon)}
     t0 = time.perf_counter()
     with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata=meta) as w:

@@ -206,7 +206,7 @@ def guided_merge(
                 extra(),
             )
         elif g.fisher is not None:  # as the Dagster merge step: each expert's Fisher, the weighted average, a card
-            from .fisher import fisher_checkpoint, recipe_weights
+            from .fisher import fisher_checkpoint, recipe_out_dtype, recipe_weights
 
             experts = [m.model for m in recipe.models or [] if m.model != recipe.base_model]
             stats = [st.fisher(e, _own(recipe, e), g.fisher.estimator) for e in experts]
@@ -220,6 +220,7 @@ def guided_merge(
                 epsilon=g.fisher.epsilon,
                 device=device,
                 shard_size=shard_size,
+                out_dtype=recipe_out_dtype(recipe),
             )
             out = Checkpoint(staged)
             dtype = str(next(iter(out.tensors.values())).dtype).removeprefix("torch.")

@@ -105,7 +105,7 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
 
 def _fisher(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_extra: dict) -> dict:
     from ...core.card import build_card
-    from ...guidance.fisher import FisherStats, fisher_checkpoint, recipe_weights
+    from ...guidance.fisher import FisherStats, fisher_checkpoint, recipe_out_dtype, recipe_weights
 
     spec = prep.spec
     g = spec.guidance.fisher
@@ -119,6 +119,7 @@ def _fisher(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_ex
         base=spec.base.open() if spec.base is not None else None,
         epsilon=g.epsilon,
         device=merge_dag.device,
+        out_dtype=recipe_out_dtype(spec.recipe),
     )
     ck = Checkpoint(out)
     dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
