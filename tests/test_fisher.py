@@ -210,21 +210,38 @@ def stats(family):
     return {n: fisher.fisher_diagonal(load_model(family[n]), batches[n]) for n in ("e0", "e1")}
 
 
-@pytest.mark.parametrize("with_base", [False, True])
-def test_fisher_checkpoint_is_the_formula_per_tensor(tmp_path, family, stats, with_base):
+@pytest.mark.parametrize(
+    "with_base,normalize", [(False, None), (True, None), (False, "global"), (False, "tensor"), (True, "tensor")]
+)
+def test_fisher_checkpoint_is_the_formula_per_tensor(tmp_path, family, stats, with_base, normalize):
     weights = [[{"filter": "mlp", "value": 3.0}, {"value": 1.0}], 1.0]  # a filter list, as recipes give it
     base = family["base"] if with_base else None
+    eps = 1e-8 if normalize is None else 1e-3
     out = fisher.fisher_checkpoint(
-        [family["e0"], family["e1"]], [stats["e0"], stats["e1"]], tmp_path / "fm", weights, base=base, epsilon=1e-8
+        [family["e0"], family["e1"]],
+        [stats["e0"], stats["e1"]],
+        tmp_path / "fm",
+        weights,
+        base=base,
+        epsilon=eps,
+        normalize=normalize,
     )
     res = load_file(str(next(out.glob("*.safetensors"))))
     e0, e1, b = (load_file(str(family[n] / "model.safetensors")) for n in ("e0", "e1", "base"))
     assert set(res) == set(e0)
+    # global: each expert's Fisher over the mean of all its elements, by hand in float64
+    total = {k: torch.cat([stats[k].get(n).double().flatten() for n in stats[k].names]).mean() for k in stats}
     for n in e0:
         w = [3.0 if "mlp" in n else 1.0, 1.0]
         fs = [stats[k].get(n).double() for k in ("e0", "e1")]
-        want = transcription([e0[n].double(), e1[n].double()], fs, w, 1e-8, b[n].double() if with_base else None)
+        if normalize == "global":
+            fs = [f / total[k] for f, k in zip(fs, ("e0", "e1"))]
+        elif normalize == "tensor":
+            fs = [f / f.mean() for f in fs]
+        want = transcription([e0[n].double(), e1[n].double()], fs, w, eps, b[n].double() if with_base else None)
         torch.testing.assert_close(res[n].double(), want, rtol=1e-4, atol=1e-6)
+    if normalize is not None:
+        return
     assert Checkpoint(out).info("model.norm.weight").dtype == torch.float32
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
     half = fisher.fisher_checkpoint(
@@ -253,6 +270,8 @@ def test_bad_input_is_one_typed_error(tmp_path, family, stats):
     other = fisher.FisherStats({"model.layers.9.mlp.up_proj.weight": torch.ones(2)}, {}, {}, "other.safetensors")
     with pytest.raises(GuidanceError, match="other.safetensors: tensor 'model.layers.9.mlp.up_proj.weight' is not in"):
         fisher.fisher_checkpoint([family["e0"], family["e1"]], [stats["e0"], other], tmp_path / "x")
+    with pytest.raises(GuidanceError, match="Fisher normalize must be one of global, tensor"):
+        fisher.fisher_checkpoint([family["e0"]], [stats["e0"]], tmp_path / "x", normalize="layer")
     with pytest.raises(GuidanceError, match="one Fisher per expert: 2 experts, 1 Fishers"):
         fisher.fisher_checkpoint([family["e0"], family["e1"]], [stats["e0"]], tmp_path / "x")
     assert not (tmp_path / "x").exists()
@@ -295,6 +314,9 @@ guidance:
         _recipe(ok + "  regmean: {a: 0.5}\n", tmp_path)
     with pytest.raises(MergeDagError, match="r.yaml.*estimator"):
         _recipe(ok.replace("estimator: empirical", "estimator: exact"), tmp_path)
+    assert _recipe(ok.replace("epsilon: 1.0e-5", "normalize: tensor"), tmp_path).guidance.fisher.normalize == "tensor"
+    with pytest.raises(MergeDagError, match="r.yaml.*normalize"):
+        _recipe(ok.replace("epsilon: 1.0e-5", "normalize: layer"), tmp_path)
     with pytest.raises(MergeDagError, match="r.yaml.*epsilon"):
         _recipe(ok.replace("epsilon: 1.0e-5", "epsilon: 0"), tmp_path)
 

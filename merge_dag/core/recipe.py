@@ -164,6 +164,7 @@ class FisherGuidance(_Strict):
 
     estimator: Literal["sampled", "empirical"] = "sampled"  # y ~ the model's own distribution, or the data's
     epsilon: float = Field(default=1e-6, gt=0)  # the Fisher floor (with base_model: the base's Fisher)
+    normalize: Optional[Literal["global", "tensor"]] = None  # each F_i / its mean (over all parameters, or the tensor)
 
 
 class Guidance(_Strict):

@@ -1,26 +1,8 @@
 """Fisher merging (Matena & Raffel 2022, arXiv 2111.09832): each parameter averaged with weights w_i F_i,
 F_i the diagonal Fisher information of expert i on its own calibration set.
 
-The statistic (`fisher_diagonal`): a calibration row n is one sequence; its targets T_n are the next-token
-positions the batch selects (every real token after the first, or with `tokens: answer` the answer tokens:
-`Batch.select`, as the Sens loss). Per row, one forward and one backward pass of the row alone (no padding)
-give the score of its targets
-    g_n = d/dtheta sum_{t in T_n} log p_theta(y_t | x_<t)
-and the diagonal Fisher is the per-target-token mean of its square (elementwise, float32):
-    F = sum_n g_n^2 / sum_n |T_n|
-Two estimators of y (recipe option `estimator`):
-    sampled    (default; the paper's Fisher, E over y ~ p_theta) y_t drawn from the model's own next-token
-               distribution at every target position independently (torch.Generator seeded with 0 on the
-               configured device). The score has mean zero at each position and the draws are independent,
-               so the cross terms of (sum_t g_t)^2 vanish in expectation: E[g_n^2] = sum_{t in T_n} E[g_t^2],
-               and F is an unbiased Monte Carlo estimate of the mean per-token Fisher (one draw per token).
-    empirical  y_t the calibration text's own next token (the "empirical Fisher" of the data's labels).
-Every parameter of the model is scored (decoder layers, embeddings, norms, lm_head); a parameter tied to
-another (tied embeddings) is one parameter with the sum of both uses' gradients, stored once under its
-first state-dict name (the others in `tied`). Memory: the model, the Fisher (one float32 copy of the
-parameters) and one parameter's gradient at a time (each gradient is squared into F by a post-accumulate
-hook and dropped at once). Saved as `fisher.safetensors` (float32, one tensor per parameter) +
-`fisher.json` (estimator, seed, rows, target tokens, tied names, settings).
+The statistic is fisher_info.py's `fisher_diagonal` (the fishers/<expert>__<set> asset), in its own
+file so that editing the merge never invalidates the cached statistics.
 
 The merge (`fisher_checkpoint`, a `linear` recipe with `guidance.fisher`), per element of each tensor,
 w_i the linear weight of expert i for that tensor (w_i >= 0; the scale of w cancels):
@@ -32,6 +14,14 @@ w_i the linear weight of expert i for that tensor (w_i >= 0; the scale of w canc
                     the base joins as a model with Fisher epsilon everywhere (it gets no Fisher pass), the
                     experts' Fishers are not floored: an element no expert's Fisher reaches stays the
                     base's, elsewhere the base's share is epsilon / (epsilon + sum_i w_i F_i)
+Normalisation (recipe option `normalize`, off by default: the formula above is the paper's), applied to each
+F_i before the floor, so that one expert whose Fisher is larger everywhere (a less confident model on its
+texts) does not take every parameter:
+    global   F_i / mean of F_i over all its parameters      (each expert the same total Fisher mass)
+    tensor   F_i / mean of F_i over the tensor             (each expert the same mass in every tensor; the
+                                                             Fisher only decides which elements of a tensor
+                                                             follow which expert; an all-zero F_i stays 0)
+After either, epsilon is relative to a mean Fisher of 1.
 A checkpoint tensor none of the statistics has (not a parameter of the model, e.g. a saved buffer) has no
 Fisher mass: the weighted mean, or the base's. All sums in float32 on the configured device; floating tensors
 are written in `out_dtype` (the recipe's `out_dtype`, else `dtype`), else in the first expert's dtypes (the
@@ -40,19 +30,12 @@ base's when there is one), whose config and tokenizer files the output copies.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..core import params as pmap
 from ..core.checkpoint import (
@@ -61,195 +44,15 @@ from ..core.checkpoint import (
     Checkpoint,
     CheckpointWriter,
     OutTensor,
-    atomic_replace_dir,
     parse_dtype,
     parse_size,
 )
-from .calibration import Batch
 from .errors import GuidanceError
+from .fisher_info import ESTIMATORS, SEED, FisherStats, fisher_diagonal
 
-FISHER_FILE = "fisher.safetensors"
-META_FILE = "fisher.json"
-ESTIMATORS = ("sampled", "empirical")
+__all__ = ["ESTIMATORS", "SEED", "FisherStats", "fisher_diagonal", "fisher_tensor", "fisher_checkpoint"]
+
 DEFAULT_EPSILON = 1e-6
-SEED = 0
-FORMAT = 1
-
-
-@dataclass
-class FisherStats:
-    """A diagonal Fisher: in memory (`tensors`) or read lazily, one tensor at a time, from a saved folder."""
-
-    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # empty when read from `folder`
-    meta: dict = field(default_factory=dict)
-    tied: dict[str, str] = field(default_factory=dict)  # alias state-dict name -> the name it is stored under
-    source: str = "<memory>"
-    folder: Optional[Path] = None
-    _names: Optional[set] = None
-    _shapes: dict = field(default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        """The stored names (one per parameter)."""
-        return sorted(self._names) if self._names is not None else list(self.tensors)
-
-    def has(self, name: str) -> bool:
-        return self.tied.get(name, name) in (self._names if self._names is not None else self.tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        key = self.tied.get(name, name)
-        return tuple(self._shapes[key]) if self._names is not None else tuple(self.tensors[key].shape)
-
-    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """F of tensor `name` (a tied alias resolves to the stored name), float32 on `device`."""
-        key = self.tied.get(name, name)
-        if not self.has(name):
-            raise GuidanceError(f"Fisher statistics {self.source}: no entry for tensor {name!r}")
-        if self._names is None:
-            return self.tensors[key].to(device, torch.float32)
-        try:
-            with safe_open(str(self.folder / FISHER_FILE), framework="pt", device="cpu") as f:
-                return f.get_tensor(key).to(device, torch.float32)
-        except Exception as e:  # safetensors raises its own error types
-            raise GuidanceError(f"{self.folder / FISHER_FILE}: cannot read tensor {key!r}: {e}") from e
-
-    def save(self, folder: str | os.PathLike) -> Path:
-        """fisher.safetensors + fisher.json into `folder` (atomically: a temporary folder renamed)."""
-        folder = Path(folder).absolute()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            save_file(
-                {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()},
-                str(tmp / FISHER_FILE),
-                metadata={"format": "pt"},
-            )
-            meta = {"format": FORMAT, **self.meta, "tied": dict(sorted(self.tied.items()))}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return atomic_replace_dir(tmp, folder)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike) -> "FisherStats":
-        """The statistics saved in `folder` (the header and meta only; tensors are read by `get`)."""
-        folder = Path(folder)
-        tpath, mpath = folder / FISHER_FILE, folder / META_FILE
-        for p in (tpath, mpath):
-            if not p.is_file():
-                raise GuidanceError(f"{p}: Fisher statistics file is missing")
-        try:
-            meta = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise GuidanceError(f"{mpath}: invalid JSON ({e})") from e
-        if not isinstance(meta, dict) or not isinstance(meta.get("tied", {}), dict):
-            raise GuidanceError(f"{mpath}: expected a JSON object with a 'tied' object")
-        try:
-            with safe_open(str(tpath), framework="pt", device="cpu") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types
-            raise GuidanceError(f"{tpath}: cannot read Fisher statistics: {e}") from e
-        tied = dict(meta.get("tied", {}))
-        for alias, key in tied.items():
-            if key not in shapes:
-                raise GuidanceError(f"{mpath}: tied maps {alias!r} to {key!r}, which has no stored Fisher")
-        return cls({}, meta, tied, str(folder), folder, set(shapes), shapes)
-
-
-def _score_targets(
-    logits: torch.Tensor, ids: torch.Tensor, select: torch.Tensor, estimator: str, gen: Optional[torch.Generator]
-) -> tuple[torch.Tensor, int]:
-    """(sum over the row's target positions of log p(y_t), number of targets). logits (L, V), ids/select (L,)."""
-    pos = select[1:]  # position t predicts token t + 1; a target is a selected next token
-    n = int(pos.sum())
-    if n == 0:
-        return logits.sum() * 0, 0
-    logp = F.log_softmax(logits[:-1][pos].float(), dim=-1)
-    if estimator == "empirical":
-        y = ids[1:][pos]
-    else:
-        y = torch.multinomial(logp.detach().exp(), 1, generator=gen).squeeze(1)
-    return logp.gather(1, y[:, None]).sum(), n
-
-
-def fisher_diagonal(
-    model,
-    batches: Iterable[Batch],
-    device: str | torch.device = "cpu",
-    estimator: str = "sampled",
-    seed: int = SEED,
-    meta: Optional[dict] = None,
-) -> FisherStats:
-    """The diagonal Fisher of `model` (moved to `device`) on `batches` (module docstring), one row at a time.
-    `.grad` fields and `requires_grad` flags are left as they were."""
-    if estimator not in ESTIMATORS:
-        raise GuidanceError(f"Fisher estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-    device = torch.device(device)
-    model.to(device)
-    named = list(model.named_parameters(remove_duplicate=False))
-    if not named:
-        raise GuidanceError(f"{type(model).__name__}: no parameters to score")
-    first: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    params: dict[str, torch.nn.Parameter] = {}
-    for n, p in named:
-        if id(p) in first:
-            tied[n] = first[id(p)]
-        else:
-            first[id(p)] = n
-            params[n] = p
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in params.items()}
-    saved = [(p, p.requires_grad, p.grad) for p in params.values()]
-    gen = torch.Generator(device=device).manual_seed(seed) if estimator == "sampled" else None
-
-    def hook_for(name: str):
-        def hook(p):
-            g = p.grad.float()
-            acc[name].addcmul_(g, g)
-            p.grad = None
-
-        return hook
-
-    handles = []
-    rows = tokens = 0
-    try:
-        for p in params.values():
-            p.grad = None
-            p.requires_grad_(True)
-        handles = [p.register_post_accumulate_grad_hook(hook_for(n)) for n, p in params.items()]
-        with torch.enable_grad():
-            for b in batches:
-                b = b.to(device)
-                for r in range(b.input_ids.shape[0]):
-                    real = b.attention_mask[r].bool()
-                    ids = b.input_ids[r][real]
-                    logits = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], use_cache=False)
-                    score, n = _score_targets(logits.logits[0], ids, b.select[r][real], estimator, gen)
-                    if n == 0:
-                        continue
-                    score.backward()
-                    rows += 1
-                    tokens += n
-    finally:
-        for h in handles:
-            h.remove()
-        for p, req, grad in saved:
-            p.requires_grad_(req)
-            p.grad = grad
-    if tokens == 0:
-        raise GuidanceError(
-            "Fisher: the calibration rows have no target tokens (every text is a single token, or no "
-            "answer token follows another token)"
-        )
-    for a in acc.values():
-        a.div_(tokens)
-    info = {"estimator": estimator, "seed": seed if estimator == "sampled" else None, "rows": rows, "tokens": tokens}
-    return FisherStats(acc, {**info, **(meta or {})}, tied)
-
-
-# ---------------------------------------------------------------------------------------------- the merge
 
 
 def fisher_tensor(
@@ -295,6 +98,18 @@ def fisher_tensor(
     return num.div_(den)
 
 
+NORMALIZE = (None, "global", "tensor")
+
+
+def _normalized(f: torch.Tensor, scale: float, normalize: Optional[str]) -> torch.Tensor:
+    if normalize == "global":
+        return f / scale
+    if normalize == "tensor":
+        m = float(f.double().mean())
+        return f / m if m > 0 else f
+    return f
+
+
 def _weight_of(value: Any, name: str, num_layers: int, ref: str) -> float:
     w = pmap.evaluate(value, name, pmap.layer_position(name, num_layers))
     if w is None or isinstance(w, bool) or not isinstance(w, (int, float)):
@@ -329,6 +144,7 @@ def fisher_checkpoint(
     device: str | torch.device = "cpu",
     shard_size: str | int = "2GB",
     out_dtype: Optional[torch.dtype] = None,
+    normalize: Optional[str] = None,
     log: Callable[[str], None] = lambda _m: None,
 ) -> Path:
     """Merge `experts` (fishers[i]: expert i's diagonal Fisher) into `out_dir`, streaming one tensor of
@@ -343,6 +159,8 @@ def fisher_checkpoint(
         raise GuidanceError(f"Fisher merging: {len(cks)} experts but {len(weights)} weights")
     if epsilon <= 0:
         raise GuidanceError(f"Fisher epsilon must be > 0, got {epsilon}")
+    if normalize not in NORMALIZE:
+        raise GuidanceError(f"Fisher normalize must be one of global, tensor (or unset), got {normalize!r}")
     ref = base_ck if base_ck is not None else cks[0]
     for ck in cks + ([base_ck] if base_ck is not None else []):
         if set(ck.tensors) != set(ref.tensors):
@@ -366,8 +184,14 @@ def fisher_checkpoint(
         OutTensor(n, i.shape, out_dtype if out_dtype is not None and i.dtype in floats else i.dtype)
         for n, i in ref.tensors.items()
     ]
-    meta = {"guidance": "fisher", "epsilon": str(epsilon)}
+    meta = {"guidance": "fisher", "epsilon": str(epsilon), "normalize": str(normalize)}
     t0 = time.perf_counter()
+    scale = [1.0] * len(fishers)
+    if normalize == "global":
+        scale = [fs.mean() for fs in fishers]
+        for fs, c in zip(fishers, scale):
+            if not c > 0:
+                raise GuidanceError(f"Fisher statistics {fs.source}: the Fisher is zero everywhere; cannot normalize")
     with CheckpointWriter(out_dir, plan, parse_size(shard_size), metadata=meta) as w:
         for t in plan:
             have = [fs.has(t.name) for fs in fishers]
@@ -375,7 +199,10 @@ def fisher_checkpoint(
                 missing = fishers[have.index(False)].source
                 raise GuidanceError(f"Fisher statistics {missing}: no entry for tensor {t.name!r}, which others have")
             thetas = [ck.get(t.name, device=device, dtype=torch.float32) for ck in cks]
-            fs = [fs.get(t.name, device) if h else None for fs, h in zip(fishers, have)]
+            fs = [
+                _normalized(fs.get(t.name, device), c, normalize) if h else None
+                for fs, h, c in zip(fishers, have, scale)
+            ]
             ws = [_weight_of(v, t.name, num_layers, ck.name) for v, ck in zip(weights, cks)]
             b = base_ck.get(t.name, device=device, dtype=torch.float32) if base_ck is not None else None
             w.write(t.name, fisher_tensor(thetas, fs, ws, epsilon, b, t.name).to(t.dtype))

@@ -73,7 +73,7 @@ class _Stats:
         return self._once((kind, ref, cal, sequential), f"{kind} of {ref} on {cal}", run)
 
     def fisher(self, ref: str, cal: str, estimator: str):
-        from .fisher import fisher_diagonal
+        from .fisher_info import fisher_diagonal
 
         return self._once(
             ("fisher", ref, cal, estimator),
@@ -221,6 +221,7 @@ def guided_merge(
                 device=device,
                 shard_size=shard_size,
                 out_dtype=recipe_out_dtype(recipe),
+                normalize=g.fisher.normalize,
             )
             out = Checkpoint(staged)
             dtype = str(next(iter(out.tensors.values())).dtype).removeprefix("torch.")

@@ -43,7 +43,7 @@ STATS_CODE = code_version(
     "guidance/activations.py", "guidance/calibration.py", "guidance/model.py", "guidance/lewis.py"
 )
 SENS_CODE = code_version("guidance/sens.py", "guidance/calibration.py", "guidance/model.py")
-FISHER_CODE = code_version("guidance/fisher.py", "guidance/calibration.py", "guidance/model.py")
+FISHER_CODE = code_version("guidance/fisher_info.py", "guidance/calibration.py", "guidance/model.py")
 LEWIS_CODE = code_version("guidance/lewis.py", "guidance/activations.py")
 RESULT = "result.json"
 
@@ -262,7 +262,7 @@ def fisher_asset(src: StatsSpec) -> dg.AssetsDefinition:
         "backward pass per calibration row.",
     )
     def _fisher(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
-        from ...guidance.fisher import SEED
+        from ...guidance.fisher_info import SEED
 
         inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
         settings = {
@@ -273,7 +273,7 @@ def fisher_asset(src: StatsSpec) -> dg.AssetsDefinition:
         }
 
         def build(tmp, art):
-            from ...guidance.fisher import fisher_diagonal
+            from ...guidance.fisher_info import fisher_diagonal
             from ...guidance.model import load_model
 
             model = load_model(src.model.open(), device=merge_dag.device)

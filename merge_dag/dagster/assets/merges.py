@@ -120,6 +120,7 @@ def _fisher(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_ex
         epsilon=g.epsilon,
         device=merge_dag.device,
         out_dtype=recipe_out_dtype(spec.recipe),
+        normalize=g.normalize,
     )
     ck = Checkpoint(out)
     dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
