@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Materialize some recipes of the real project (data/real) through Dagster, not all of them: each named
-recipe's eval and everything upstream of it (its statistics, merge, sources), the evals of the base and
-of the models those recipes merge, and the leaderboard over the evals the instance has, so bench/real_table.py prints
-their rows. What is already in the project's cache is a cache hit.
+recipe's eval and everything upstream of it (its statistics, merge, sources), the evals of the models
+those recipes merge and of their bases (a LoRA expert's base too), and the leaderboard over the evals
+the instance has, so bench/real_table.py prints their rows. What is in the project's cache is a hit.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/real_recipes.py fisher linear
     .venv/bin/python bench/real_table.py
@@ -48,12 +48,9 @@ def main() -> int:
         print(f"error: no recipe named {', '.join(unknown)} in {project.recipes_dir}", file=sys.stderr)
         return 2
     keys = [dg.AssetKey(["eval", "merged", r]) for r in args.recipes]
-    if not args.no_baselines:  # the base's eval and those of the models the recipes merge
-        from merge_dag.dagster.assets.leaderboard import base_label
-
-        names = {m.name for r in args.recipes for m in project.recipes[r].members}
-        base = base_label(project)
-        names |= {base.split("/", 1)[1]} if base else set()
+    if not args.no_baselines:  # the evals of the models the recipes merge and of their bases (a LoRA's too)
+        members = [m for r in args.recipes for m in project.recipes[r].members]
+        names = {m.name for m in members} | {m.base_name for m in members if m.is_adapter}
         keys += [dg.AssetKey(["eval", "model", n]) for n in project.model_evals if n in names]
     defs = build_definitions(root)
     job = defs.resolve_job_def(ALL_JOB).with_logger_defs({"progress": progress_logger_def()})
