@@ -31,6 +31,8 @@ TWINS = [
     ("task_arithmetic_aim", "task_arithmetic", "AIM relaxation vs none"),
     ("regmean", "linear", "RegMean closed form vs plain average"),
     ("fisher", "linear", "Fisher-weighted vs plain average"),
+    ("fisher_global", "linear", "Fisher over each expert's own mean vs plain average"),
+    ("fisher_tensor", "linear", "Fisher over each expert's mean per tensor vs plain average"),
 ]
 
 
