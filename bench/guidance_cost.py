@@ -41,6 +41,7 @@ def main() -> None:
 
     from merge_dag.guidance.activations import collect_activation_stats
     from merge_dag.guidance.calibration import load_batches, load_tokenizer
+    from merge_dag.guidance.fisher_info import fisher_diagonal
     from merge_dag.guidance.lewis import importance, sequential_wanda_stats
     from merge_dag.guidance.model import load_model
     from merge_dag.guidance.sens import logit_kl, sensitivity
@@ -70,6 +71,9 @@ def main() -> None:
             lambda: collect_activation_stats(m_base, batches, device=args.device, gram=True), args.repeat
         ),
         "sensitivity (forward + backward)": best(lambda: sensitivity(m_exp, batches, device=args.device), args.repeat),
+        "fisher (forward + backward per row)": best(
+            lambda: fisher_diagonal(m_exp, batches, device=args.device), args.repeat
+        ),
         "alignment, one expert pair (2 forwards)": best(
             lambda: logit_kl(m_other, m_exp, batches, device=args.device), args.repeat
         ),

@@ -11,7 +11,8 @@ its plain twin (same lambda and mean density): the difference of averages ± SE 
 The two-model methods (numwords + isodate) are scored on those two tasks only.
 Last, the guided methods' per-layer maps, in numbers: LEWIS's density per layer (mean over the
 layer's tensors) and Sens-Merging's layer sensitivity sigma per layer, as min / max over the 30
-layers and their ratio, per expert, with Sens-Merging's cross-task scale tau.
+layers and their ratio, per expert, with Sens-Merging's cross-task scale tau. And the Fisher statistic's
+cost per expert (its pass seconds, rows and target tokens, from each fishers/<expert> artifact).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ TWINS = [
     ("task_arithmetic_sens", "task_arithmetic", "Sens-Merging coefficients vs equal weights"),
     ("task_arithmetic_aim", "task_arithmetic", "AIM relaxation vs none"),
     ("regmean", "linear", "RegMean closed form vs plain average"),
+    ("fisher", "linear", "Fisher-weighted vs plain average"),
+    ("fisher_global", "linear", "Fisher over each expert's own mean vs plain average"),
+    ("fisher_tensor", "linear", "Fisher over each expert's mean per tensor vs plain average"),
 ]
 
 
@@ -81,6 +85,21 @@ def print_maps(data: Path) -> None:
     for model, r in rows.items():
         name = model.rsplit("/", 1)[-1]
         print(f"| {name} | {r.get('lewis', '')} | {r.get('sigma', '')} | {r.get('tau', '')} |")
+
+
+def print_fisher_cost(data: Path) -> None:
+    """Per expert: the newest Fisher statistic's pass time, rows and target tokens (fisher.json)."""
+    newest: dict[str, Path] = {}
+    for f in sorted((data / "artifacts" / "fishers").glob("*/fisher.json"), key=lambda p: p.stat().st_mtime):
+        newest[f.parent.name.rsplit("-", 1)[0]] = f
+    if not newest:
+        return
+    print("\nFisher statistic per expert (one forward + backward pass per calibration row):\n")
+    print("| expert | estimator | rows | target tokens | seconds |\n|---|---|---:|---:|---:|")
+    for name, f in newest.items():
+        m = json.loads(f.read_text())
+        model = str(m.get("model", name)).rsplit("/", 1)[-1]
+        print(f"| {model} | {m.get('estimator')} | {m.get('rows')} | {m.get('tokens')} | {m.get('seconds', 0):.1f} |")
 
 
 def main() -> int:
@@ -149,6 +168,7 @@ def main() -> int:
             d, se = table.diff(a, b)
             print(f"| {g} − {p} ({what}) | {d:+.3f} ± {se:.3f} | {d / se if se else float('nan'):+.1f} |")
     print_maps(args.data)
+    print_fisher_cost(args.data)
     return 0
 
 

@@ -89,7 +89,11 @@ def _run_guided(args: argparse.Namespace, recipe, shard: int) -> int:
         plan = plan_merge(plain, device=args.device)
         check_target(plan, args.out_dir, overwrite=args.overwrite)
         print(plan.describe())
-        kinds = [k for k in ("sparsity", "coefficients", "aim", "regmean") if getattr(recipe.guidance, k) is not None]
+        kinds = [
+            k
+            for k in ("sparsity", "coefficients", "aim", "regmean", "fisher")
+            if getattr(recipe.guidance, k) is not None
+        ]
         print(f"\nguidance: {', '.join(kinds)}: statistics computed before the merge (the plan above is without them)")
         print(f"plan OK: nothing written (would write {args.out_dir})")
         return 0

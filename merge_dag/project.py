@@ -67,7 +67,7 @@ class CalibrationSource:
 
 @dataclass(frozen=True)
 class StatsSpec:
-    """One statistics pass: a model on a calibration set (activations, grams or sensitivity)."""
+    """One statistics pass: a model on a calibration set (activations, grams, sensitivity or fisher)."""
 
     name: str
     model: ModelSource
@@ -75,6 +75,7 @@ class StatsSpec:
     sequential: Optional[float] = None  # LEWIS sequential-Wanda variant (its sparsity), activations only
     tokens: str = "all"  # calibration tokens the statistic covers: "all" or "answer"
     chat_template: bool = False  # prompt/answer rows rendered with the tokenizer's chat template
+    estimator: Optional[str] = None  # Fisher passes only: "sampled" or "empirical" (merge_dag.guidance.fisher)
 
     @property
     def row_options(self) -> dict:
@@ -171,6 +172,7 @@ class Project:
     calibrations: dict[str, CalibrationSource] = field(default_factory=dict)
     activations: dict[str, StatsSpec] = field(default_factory=dict)
     grams: dict[str, StatsSpec] = field(default_factory=dict)
+    fishers: dict[str, StatsSpec] = field(default_factory=dict)
     sensitivities: dict[str, StatsSpec] = field(default_factory=dict)
     importances: dict[str, ImportanceSpec] = field(default_factory=dict)
     alignments: dict[str, AlignmentSpec] = field(default_factory=dict)
@@ -204,16 +206,19 @@ class Project:
         sequential: Optional[float] = None,
         tokens: str = "all",
         chat_template: bool = False,
+        estimator: Optional[str] = None,
     ) -> StatsSpec:
-        """The statistics pass of `model` on `cal` in `table` (activations, grams, sensitivities),
-        registered once whichever recipe asks (the row options, when not the defaults, name their own)."""
+        """The statistics pass of `model` on `cal` in `table` (activations, grams, sensitivities, fishers),
+        registered once whichever recipe asks (the row options, when not the defaults, name their own;
+        so does a Fisher estimator other than the default "sampled")."""
         name = (
             f"{model.name}__{cal.name}"
             + (f"__seqwanda{round(sequential * 100)}" if sequential is not None else "")
+            + (f"__{estimator}" if estimator not in (None, "sampled") else "")
             + ("__answer" if tokens == "answer" else "")
             + ("__chat" if chat_template else "")
         )
-        src = StatsSpec(name, model, cal, sequential, tokens, chat_template)
+        src = StatsSpec(name, model, cal, sequential, tokens, chat_template, estimator)
         known = getattr(self, table).setdefault(name, src)
         if known != src:
             raise RecipeError(f"{table} {name!r} would stand for both {known} and {src}")
@@ -360,6 +365,7 @@ _TABLES = (
     "calibrations",
     "activations",
     "grams",
+    "fishers",
     "sensitivities",
     "importances",
     "alignments",
@@ -399,7 +405,14 @@ def _register(project: Project, spec: RecipeSpec) -> None:
 def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
     """Register the statistics `spec`'s guidance needs; returns them by role for the merge's deps."""
     g = spec.guidance
-    need: dict[str, list] = {"importance": [], "sensitivity": [], "grams": [], "aim": [], "alignment": []}
+    need: dict[str, list] = {
+        "importance": [],
+        "sensitivity": [],
+        "grams": [],
+        "aim": [],
+        "alignment": [],
+        "fishers": [],
+    }
     if g is None:
         return need
     rows = g.row_options
@@ -419,4 +432,9 @@ def register_guidance(project: Project, spec: RecipeSpec) -> dict[str, list]:
         need["aim"] = [project.stats("activations", spec.base, spec.calibration(c), **rows) for c in g.aim.calibrations]
     if g.regmean is not None:
         need["grams"] = [project.stats("grams", m, spec.own_calibration(m), **rows) for m in spec.members]
+    if g.fisher is not None:  # the experts only: with a base_model the base is the prior, with no pass of its own
+        est = g.fisher.estimator
+        need["fishers"] = [
+            project.stats("fishers", e, spec.own_calibration(e), estimator=est, **rows) for e in spec.experts
+        ]
     return need

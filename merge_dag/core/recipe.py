@@ -159,11 +159,21 @@ class RegMeanGuidance(_Strict):
     ridge: float = Field(default=0.0, ge=0)
 
 
+class FisherGuidance(_Strict):
+    """Fisher merging: each parameter averaged with weights w_i F_i, F_i expert i's diagonal Fisher on its
+    own calibration set (merge_dag.guidance.fisher)."""
+
+    estimator: Literal["sampled", "empirical"] = "sampled"  # y ~ the model's own distribution, or the data's
+    epsilon: float = Field(default=1e-6, gt=0)  # the Fisher floor (with base_model: the base's Fisher)
+    normalize: Optional[Literal["global", "tensor"]] = None  # each F_i / its mean (over all parameters, or the tensor)
+
+
 class Guidance(_Strict):
     sparsity: Optional[SparsityGuidance] = None
     coefficients: Optional[CoefficientGuidance] = None
     aim: Optional[AimGuidance] = None
     regmean: Optional[RegMeanGuidance] = None
+    fisher: Optional[FisherGuidance] = None
     # how every statistic of the recipe reads its calibration rows (merge_dag.guidance.calibration);
     # None means the default (all tokens; no chat template for prompt/answer rows) and is left out of
     # the recipe's dump, so recipes that do not use these options keep their fingerprints
@@ -592,6 +602,20 @@ def _validate_guidance(recipe: Recipe, method, experts: list[InputModel]) -> Non
         if g.sparsity or g.coefficients or g.aim:
             raise RecipeError(f"{where}: guidance.regmean: cannot be combined with sparsity, coefficients or aim")
         need_own_calibration("regmean", list(recipe.models or []))
+    if g.fisher is not None:
+        if method.name != "linear":
+            raise RecipeError(
+                f"{where}: guidance.fisher: Fisher merging weights the average of a `linear` merge; "
+                f"merge_method is {method.name!r}"
+            )
+        if g.sparsity or g.coefficients or g.aim or g.regmean:
+            raise RecipeError(
+                f"{where}: guidance.fisher: cannot be combined with sparsity, coefficients, aim or regmean"
+            )
+        if recipe.slices:
+            raise RecipeError(f"{where}: guidance.fisher: merges whole models; give `models`, not `slices`")
+        # the experts are the models besides base_model (with a base_model, the base is Fisher's prior)
+        need_own_calibration("fisher", [m for m in recipe.models or [] if m.model != recipe.base_model])
     if g.sparsity is not None:
         if not method.sparsifies:
             raise RecipeError(

@@ -1,6 +1,6 @@
 """The cache keys of the statistics passes, one definition for the Dagster assets and `merge-dag merge`.
 
-A statistic (activations, grams, sensitivity of one model on one calibration set; the Sens alignment
+A statistic (activations, grams, sensitivity, fishers of one model on one calibration set; the Sens alignment
 of a set of experts) is the artifact
 
     <artifacts>/<kind>/<name>-<key[:16]>/,  key = sha256(kind, code version, settings, inputs)
@@ -24,7 +24,14 @@ STATS_CODE = code_version(
     "guidance/activations.py", "guidance/calibration.py", "guidance/model.py", "guidance/lewis.py"
 )
 SENS_CODE = code_version("guidance/sens.py", "guidance/calibration.py", "guidance/model.py")
-CODE = {"activations": STATS_CODE, "grams": STATS_CODE, "sensitivity": SENS_CODE, "alignment": SENS_CODE}
+FISHER_CODE = code_version("guidance/fisher_info.py", "guidance/calibration.py", "guidance/model.py")
+CODE = {
+    "activations": STATS_CODE,
+    "grams": STATS_CODE,
+    "sensitivity": SENS_CODE,
+    "alignment": SENS_CODE,
+    "fishers": FISHER_CODE,
+}
 META_FILE = "_artifact.json"  # what every step writes beside its artifact (merge_dag.dagster.steps)
 RESULT = "result.json"  # sensitivity and alignment results
 
@@ -39,6 +46,12 @@ def stats_settings(kind: str, src, calibration: dict, dtype: str) -> dict:
     """The settings of the `kind` pass of `src` (calibration: the resource's calibration_settings())."""
     if kind == "sensitivity":
         return {**calibration, **src.row_settings, **dtype_settings(dtype)}
+    if kind == "fishers":  # the estimator, and the sampling seed where it samples
+        from .fisher_info import SEED
+
+        est = src.estimator or "sampled"
+        seed = {"seed": SEED} if est == "sampled" else {}
+        return {**calibration, "estimator": est, **seed, **src.row_settings, **dtype_settings(dtype)}
     if kind not in ("activations", "grams"):
         raise ValueError(f"no statistics pass of kind {kind!r}")
     return {

@@ -4,13 +4,14 @@ The statistics the recipe's guidance needs are computed in memory by the same co
 Dagster assets call (calibration batches, activation statistics, Grams, sensitivities, LEWIS
 importance and allocation, the streamed Sens alignment, coefficients), then merged as the Dagster
 merge step does: the guided recipe through the engine, AIM relaxing that merge towards the base,
-RegMean solving the linears from the Grams. With the same calibration batch settings the tensors
-equal the Dagster project's (tested). Each statistics pass holds one model at a time, loaded in the
-working dtype (`dtype`, as MERGE_DAG_STATS_DTYPE for the assets).
+RegMean solving the linears from the Grams, Fisher merging weighting each expert by its Fisher. With
+the same calibration batch settings the tensors equal the Dagster project's (tested). Each statistics
+pass holds one model at a time, loaded in the working dtype (`dtype`, as MERGE_DAG_STATS_DTYPE for
+the assets).
 
 Inside a project (`cache`: a ProjectCache, which `merge-dag merge` opens when the settings find the
-project's data folder) the per-model statistics (activations, Grams, sensitivities) and the Sens
-alignment come from, and go to, the project's artifact store under the keys the Dagster assets use
+project's data folder) the per-model statistics (activations, Grams, sensitivities, Fishers) and the
+Sens alignment come from, and go to, the project's artifact store under the keys the Dagster assets use
 (merge_dag.guidance.cache): a statistic the UI built is not recomputed here, and one computed here is
 a cache hit for the UI. Outside a project nothing is cached and every run recomputes its statistics.
 """
@@ -51,12 +52,15 @@ class ProjectCache:
         self.store = ArtifactStore(artifacts)
         self.rows = self.spec.guidance.row_options if self.spec.guidance is not None else {}
 
-    def source(self, table: str, ref: str, cal: str, sequential: Optional[float] = None):
-        """The StatsSpec of `ref` on `cal` (table: activations, grams, sensitivities)."""
+    def source(
+        self, table: str, ref: str, cal: str, sequential: Optional[float] = None, estimator: Optional[str] = None
+    ):
+        """The StatsSpec of `ref` on `cal` (table: activations, grams, sensitivities, fishers)."""
         model = next((m for m in self.spec.members if m.ref == ref), None)
         if model is None:
             raise GuidanceError(f"{self.spec.file}: model {ref!r} is not in the recipe")
-        return self.project.stats(table, model, self.spec.calibration(cal), sequential, **self.rows)
+        extra = {"estimator": estimator} if estimator is not None else {}
+        return self.project.stats(table, model, self.spec.calibration(cal), sequential, **self.rows, **extra)
 
 
 class _Stats:
@@ -160,6 +164,38 @@ class _Stats:
                 return self._cached(kind, src.name, key, compute, save, ActivationStats.load)
 
         return self._once((kind, ref, cal, sequential), f"{kind} of {ref} on {cal}", run)
+
+    def fisher(self, ref: str, cal: str, estimator: str):
+        from .fisher_info import FisherStats, fisher_diagonal
+
+        def compute():
+            return fisher_diagonal(self.model(ref), self.batches(ref, cal), device=self.device, estimator=estimator)
+
+        run = compute
+        if self.cache is not None:
+            from .cache import stats_key, stats_settings
+
+            src = self.cache.source("fishers", ref, cal, estimator=estimator)
+            settings = stats_settings("fishers", src, self.batch, self.dtype)
+
+            def save(stats, tmp, seconds):  # what the fishers asset writes
+                stats.meta.update(
+                    {"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings}
+                )
+                stats.save(tmp)
+                n = len(stats.names)
+                return {
+                    "rows": stats.meta["rows"],
+                    "tokens": stats.meta["tokens"],
+                    "parameters": n,
+                    "pass_seconds": seconds,
+                }
+
+            def run():
+                key = stats_key("fishers", src, self.batch, self.dtype)
+                return self._cached("fishers", src.name, key, compute, save, FisherStats.load)
+
+        return self._once(("fisher", ref, cal, estimator), f"fisher of {ref} on {cal}", run)
 
     def sensitivity(self, ref: str, cal: str):
         from .sens import alpha, sensitivity
@@ -314,7 +350,7 @@ def guided_merge(
     plain.guidance = None
     plain.source_path, plain.root = recipe.source_path, recipe.root
     check_target(plan_merge(plain, device=device), out_dir, overwrite=overwrite)  # before any statistics pass
-    if g.regmean is None:
+    if g.regmean is None and g.fisher is None:
         densities, weights = guided_maps(recipe, st)
         layers = base.config().get("num_hidden_layers") if base is not None else None
         plan = plan_merge(guided_recipe(recipe, densities, weights, layers), device=device)
@@ -339,6 +375,41 @@ def guided_merge(
             inputs = [card_input(ck, "model", checkpoint_fingerprint(ck)) for ck in cks]
             card = build_card(
                 "regmean",
+                recipe.to_yaml_dict(),
+                str(recipe.source_path),
+                inputs,
+                dtype,
+                recipe.seed,
+                refs[0],
+                len(out.tensors),
+                extra(),
+            )
+        elif g.fisher is not None:  # as the Dagster merge step: each expert's Fisher, the weighted average, a card
+            from .fisher import fisher_checkpoint, recipe_out_dtype, recipe_weights
+
+            experts = [m.model for m in recipe.models or [] if m.model != recipe.base_model]
+            stats = [st.fisher(e, _own(recipe, e), g.fisher.estimator) for e in experts]
+            cks = [recipe.open_model(r) for r in experts]
+            fisher_checkpoint(
+                cks,
+                stats,
+                staged,
+                weights=recipe_weights(recipe, experts),
+                base=base,
+                epsilon=g.fisher.epsilon,
+                device=device,
+                shard_size=shard_size,
+                out_dtype=recipe_out_dtype(recipe),
+                normalize=g.fisher.normalize,
+            )
+            out = Checkpoint(staged)
+            dtype = str(next(iter(out.tensors.values())).dtype).removeprefix("torch.")
+            refs = ([recipe.base_model] if recipe.base_model else []) + experts
+            all_cks = ([base] if base is not None else []) + cks
+            roles = (["base"] if base is not None else []) + ["model"] * len(cks)
+            inputs = [card_input(ck, r, checkpoint_fingerprint(ck)) for ck, r in zip(all_cks, roles)]
+            card = build_card(
+                "fisher",
                 recipe.to_yaml_dict(),
                 str(recipe.source_path),
                 inputs,

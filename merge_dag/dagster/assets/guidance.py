@@ -3,6 +3,7 @@ sets they read, calibration/<set>, are source assets: sources.py).
 
     activations/<model>__<set>[__seqwandaNN][__answer][__chat]   per-linear input statistics (one forward pass)
     grams/<model>__<set>                  per-linear X^T X for RegMean (one forward pass)
+    fishers/<expert>__<set>[__empirical]  diagonal Fisher of every parameter (a forward + backward pass per row)
     sensitivity/<expert>__<set>           per-layer first-order sensitivity (one forward + backward pass)
     importance/<expert>__<set>[__clipQ]   LEWIS importance of expert and base, and its shift
     allocation/<recipe>                   LEWIS density per expert x tensor (per-layer chart in the UI)
@@ -24,7 +25,7 @@ from ...core.fingerprint import file_fingerprint
 from ...core.markdown import md_text
 from ...core.params import layer_index
 from ...core.version import code_version
-from ...guidance.cache import SENS_CODE, STATS_CODE, alignment_settings, stats_settings
+from ...guidance.cache import FISHER_CODE, SENS_CODE, STATS_CODE, alignment_settings, stats_settings
 from ...project import (
     AlignmentSpec,
     CalibrationSource,
@@ -235,6 +236,62 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
         )
 
     return _sens
+
+
+def fisher_asset(src: StatsSpec) -> dg.AssetsDefinition:
+    """fishers/<name>: the diagonal Fisher of one expert on its own calibration set (Fisher merging),
+    shared by every recipe that merges that expert with that set and estimator."""
+    estimator = src.estimator or "sampled"
+
+    @dg.asset(
+        key=["fishers", src.name],
+        deps=[["model", src.model.name], ["calibration", src.calibration.name]],
+        group_name=GROUP,
+        code_version=FISHER_CODE,
+        pool=torch_pool(),
+        kinds={"pytorch", "safetensors"},
+        description=f"Diagonal Fisher ({estimator}) of every parameter of {md_text(src.model.ref)} on "
+        f"{md_text(src.calibration.ref)}: mean over the target tokens of the squared score, one forward and "
+        "backward pass per calibration row.",
+    )
+    def _fisher(context: dg.AssetExecutionContext, merge_dag: MergeDagResource) -> dg.MaterializeResult:
+        inputs = [Input.model("model", src.model), _calibration_input(src.calibration)]
+        settings = stats_settings("fishers", src, merge_dag.calibration_settings(), merge_dag.checked("stats_dtype"))
+
+        def build(tmp, art):
+            from ...guidance.fisher_info import fisher_diagonal
+            from ...guidance.model import load_model
+
+            model = load_model(src.model.open(), device=merge_dag.device, dtype=merge_dag.stats_torch_dtype())
+            batches = _batches(merge_dag, src.model.model_folder, src.calibration, src.row_options)
+            t0 = time.perf_counter()
+            stats = fisher_diagonal(model, batches, device=merge_dag.device, estimator=estimator)
+            seconds = time.perf_counter() - t0
+            del model
+            stats.meta.update(
+                {"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings}
+            )
+            stats.save(tmp)
+            return {
+                "rows": stats.meta["rows"],
+                "tokens": stats.meta["tokens"],
+                "parameters": len(stats.names),
+                "pass_seconds": seconds,
+            }
+
+        return run_step(
+            context,
+            merge_dag,
+            kind="fishers",
+            name=src.name,
+            code_version=FISHER_CODE,
+            settings=settings,
+            inputs=inputs,
+            build=build,
+            metadata=lambda art, info: {k: info.get(k) for k in ("rows", "tokens", "parameters", "pass_seconds")},
+        )
+
+    return _fisher
 
 
 def importance_asset(imp: ImportanceSpec) -> dg.AssetsDefinition:
@@ -574,6 +631,7 @@ def coefficients_asset(
 def guidance_assets(project: Project) -> list[dg.AssetsDefinition]:
     out: list[dg.AssetsDefinition] = [stats_asset("activations", s) for s in project.activations.values()]
     out += [stats_asset("grams", s) for s in project.grams.values()]
+    out += [fisher_asset(s) for s in project.fishers.values()]
     out += [sensitivity_asset(s) for s in project.sensitivities.values()]
     out += [importance_asset(i) for i in project.importances.values()]
     out += [alignment_asset(a) for a in project.alignments.values()]

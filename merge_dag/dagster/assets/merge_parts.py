@@ -88,6 +88,7 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
             n
             for n, v in (
                 ("guidance.regmean", getattr(prep, "grams", None)),
+                ("guidance.fisher", getattr(prep, "fishers", None)),
                 ("guidance.aim", getattr(prep, "aim_stats", None)),
             )
             if v is not None

@@ -32,6 +32,7 @@ class PreparedMerge:
     guidance: dict  # for the model card: which guidance artifacts shaped the merge
     aim_stats: list[str] | None = None  # AIM: the base's activation statistics folders (summed)
     grams: dict[str, str] | None = None  # RegMean: {model ref: Gram statistics folder}
+    fishers: dict[str, str] | None = None  # Fisher merging: {expert ref: Fisher statistics folder}
 
 
 def prepare_merge(
@@ -96,6 +97,8 @@ def _apply_guidance(context: dg.AssetExecutionContext, project: Project, prep: P
         prep.aim_stats = [take("aim_activations", ["activations", s.name])["path"] for s in need["aim"]]
     if g.regmean is not None:
         prep.grams = {s.model.ref: take("grams", ["grams", s.name])["path"] for s in need["grams"]}
+    if g.fisher is not None:
+        prep.fishers = {s.model.ref: take("fishers", ["fishers", s.name])["path"] for s in need["fishers"]}
 
 
 def merge_card_extra(prep: PreparedMerge, card_extra: dict) -> dict:
@@ -157,4 +160,5 @@ def merged_deps(project: Project, spec: RecipeSpec) -> list[list[str]]:
     if need["sensitivity"]:
         deps.append(["coefficients", spec.name])
     deps += [["activations", s.name] for s in need["aim"]] + [["grams", s.name] for s in need["grams"]]
+    deps += [["fishers", s.name] for s in need["fishers"]]
     return deps

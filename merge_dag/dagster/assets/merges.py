@@ -38,6 +38,8 @@ def build_merge(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, car
     card_extra = merge_card_extra(prep, card_extra)
     if prep.grams is not None:
         return _regmean(prep, merge_dag, out, card_extra)
+    if prep.fishers is not None:
+        return _fisher(prep, merge_dag, out, card_extra)
     plan = merge_plan(prep, merge_dag)
     target = out if prep.aim_stats is None else out.parent / f"{out.name}.premerge"
     res = execute(plan, target, progress=False, card_extra=card_extra)
@@ -96,6 +98,52 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
         "tensor_count": len(ck.tensors),
         "bytes": sum(i.nbytes for i in ck.tensors.values()),
         "method": "regmean",
+        "input_fingerprints": fps,
+        "output_fingerprint": checkpoint_fingerprint(Checkpoint(out)),
+    }
+
+
+def _fisher(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_extra: dict) -> dict:
+    from ...core.card import build_card
+    from ...guidance.fisher import FisherStats, fisher_checkpoint, recipe_out_dtype, recipe_weights
+
+    spec = prep.spec
+    g = spec.guidance.fisher
+    models = spec.members
+    fps = {m.ref: m.fingerprint() for m in models}
+    fisher_checkpoint(
+        [e.open() for e in spec.experts],
+        [FisherStats.load(prep.fishers[e.ref]) for e in spec.experts],
+        out,
+        weights=recipe_weights(spec.recipe, [e.ref for e in spec.experts]),
+        base=spec.base.open() if spec.base is not None else None,
+        epsilon=g.epsilon,
+        device=merge_dag.device,
+        out_dtype=recipe_out_dtype(spec.recipe),
+        normalize=g.normalize,
+    )
+    ck = Checkpoint(out)
+    dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
+    inputs = [
+        {"role": "base" if m is spec.base else "model", "model": m.ref, "path": str(m.path), "fingerprint": fps[m.ref]}
+        for m in models
+    ]
+    card = build_card(
+        "fisher",
+        prep.settings["recipe"],
+        str(spec.file),
+        inputs,
+        dtype,
+        spec.recipe.seed,
+        models[0].ref,
+        len(ck.tensors),
+        card_extra,
+    )
+    write_card(out, card)
+    return {
+        "tensor_count": len(ck.tensors),
+        "bytes": sum(i.nbytes for i in ck.tensors.values()),
+        "method": "fisher",
         "input_fingerprints": fps,
         "output_fingerprint": checkpoint_fingerprint(Checkpoint(out)),
     }
