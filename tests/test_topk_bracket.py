@@ -188,3 +188,42 @@ def test_sparsify_results_unchanged_by_the_bracket(monkeypatch):
     monkeypatch.setattr(sp, "SAMPLE_MIN_N", 1 << 62)
     assert torch.equal(a, sp.sparsify(x.clone(), 0.3, "magnitude"))
     assert torch.equal(b, sp.sparsify(x.clone(), 0.3, "magnitude_outliers", gamma=0.02))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_ties_masks_fused_into_the_combination_are_bit_identical(monkeypatch, threads):
+    """magnitude_cut + combine_ties(cuts=...) (the mask applied chunk by chunk inside the sign
+    election) gives the same bits as sparsify first, then combine_ties; partial tie sets included."""
+    from merge_dag.core.methods._task_arithmetic_family import combine_ties
+
+    monkeypatch.setattr(chunks, "CPU_CHUNK", 997)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (1000, N):
+            g = torch.Generator().manual_seed(n + threads)
+            base = torch.randint(-3, 4, (n,), generator=g).float()
+            experts = [base + torch.randint(-3, 4, (n,), generator=g).float() for _ in range(3)]
+            weights = [1.0, 0.5, 2.0]
+            xs, b1 = [e.clone() for e in experts], base.clone()
+            with chunks.workers(b1):
+                for x in xs:
+                    sp.sparsify(x, 0.3, "magnitude", base=b1)
+                combine_ties(b1, xs, weights, True, 0.7)
+            ys, b2 = [e.clone() for e in experts], base.clone()
+            with chunks.workers(b2):
+                cuts = [sp.magnitude_cut(y, 0.3, b2) for y in ys]
+                assert all(c is not None and c.need > 0 for c in cuts)  # partial tie sets
+                combine_ties(b2, ys, weights, True, 0.7, cuts=cuts)
+            assert torch.equal(b1.view(torch.int32), b2.view(torch.int32))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_magnitude_cut_edges():
+    x, base = torch.randn(50), torch.randn(50)
+    y = x.clone()
+    assert sp.magnitude_cut(y, 1.0, base) is sp.KEEP_ALL and torch.equal(y, x - base)
+    y = x.clone()
+    assert sp.magnitude_cut(y, 0.0, base) is sp.KEEP_NONE and not y.any()
+    assert sp.magnitude_cut(torch.randn(5, 6).t(), 0.5) is None  # not contiguous: use sparsify

@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -514,6 +514,56 @@ def apply_cuts(flat: torch.Tensor, keep: TopCut, drop: Optional[TopCut] = None) 
                     x.sub_(outliers)  # x - x = 0 exactly; x - 0 = x
                 else:
                     keep_i(x)
+
+        run_segments(segs, work)
+
+
+def magnitude_cut(tensor: torch.Tensor, density: float, base: Optional[torch.Tensor] = None) -> Optional[TopCut]:
+    """sparsify(tensor, density, "magnitude", base=base) up to the masking: `tensor` becomes its
+    task vector and the returned cut says which entries the mask keeps (apply it with apply_cuts
+    or, chunk by chunk inside another loop, with each_masked_chunk). None: this tensor is not
+    contiguous (or its base is not), call sparsify instead."""
+    if not tensor.is_contiguous() or (base is not None and not base.is_contiguous()):
+        return None
+    if base is not None and base.shape != tensor.shape:
+        raise ValueError(f"base shape {list(base.shape)} differs from {list(tensor.shape)}")
+    if density >= 1 or tensor.numel() == 0:
+        if base is not None:
+            tensor.sub_(base)
+        return KEEP_ALL
+    if density <= 0:
+        tensor.zero_()
+        return KEEP_NONE
+    flat = tensor.view(-1)
+    with workers(tensor):
+        (cut,) = top_cuts(flat, [max(1, int(density * flat.numel()))], base)
+    return cut
+
+
+def each_masked_chunk(
+    t: torch.Tensor, masked: Sequence[tuple[torch.Tensor, TopCut]], fn: Callable[..., None], scratch_n: int = 0
+) -> None:
+    """fn(s, e, *bufs) for every chunk [s, e) of the 1-D tensor `t` (as chunks.each_chunk), after
+    zeroing in each (tensor, cut) of `masked` the entries of [s, e) that the cut drops: the
+    masking of sparsify fused into the loop that reads the task vectors next, so a tensor is not
+    read and written once more just to be masked. Same result as apply_cuts first."""
+    n = t.numel()
+    step = max(1, min(chunk_size(t), n))
+    with workers(t) as w:
+        segs = segments(n, step, w)
+        for d, cut in masked:
+            if cut.need > 0 and list(cut.segs) != segs:  # cut from other chunking: mask up front
+                apply_cuts(d.view(-1), cut)
+        live = [(d.view(-1), c) for d, c in masked if not c.keeps_all and not (c.need > 0 and list(c.segs) != segs)]
+
+        def work(i: int, lo: int, hi: int) -> None:
+            m = min(step, hi - lo)
+            bufs = [scratch(f"each_chunk:{j}", m, t.dtype, t.device) for j in range(scratch_n)]
+            shrink = [(d, Shrinker(c, i, step, t.device, f"mask{j}")) for j, (d, c) in enumerate(live)]
+            for s, e in spans(lo, hi, step):
+                for d, sh in shrink:
+                    sh(d[s:e])
+                fn(s, e, *(b[: e - s] for b in bufs))
 
         run_segments(segs, work)
 

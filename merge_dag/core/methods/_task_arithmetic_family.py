@@ -28,7 +28,7 @@ import torch
 
 from ..chunks import each_chunk, workers
 from ..errors import RecipeError
-from ..sparsify import sparsify
+from ..sparsify import KEEP_ALL, MAGNITUDE, TopCut, each_masked_chunk, magnitude_cut, sparsify
 from .base import MergeMethod, Param, TensorTask, in_range
 
 
@@ -122,9 +122,18 @@ class TaskArithmeticFamily(MergeMethod):
         p = task.params
         weights = [float(mp["weight"]) for mp in task.model_params]
         combine = combine_ties if self.consensus else combine_linear
+        # TIES: each task vector's top-k mask is applied inside the combination's chunk loop
+        fuse_mask = self.sparsification == MAGNITUDE and self.consensus and not bool(p["rescale"])
+        cuts: Optional[list[TopCut]] = [] if fuse_mask else None
         with workers(base):
             if self.sparsification is not None:
                 for i, (x, mp) in enumerate(zip(experts, task.model_params)):
+                    if cuts is not None:  # x becomes its task vector; its mask is kept for later
+                        cut = magnitude_cut(x, float(mp["density"]), base)
+                        if cut is not None:
+                            cuts.append(cut)
+                            continue
+                        cuts.append(KEEP_ALL)  # not contiguous: masked right away below
                     try:  # x becomes its sparsified task vector (the subtraction is fused in)
                         sparsify(
                             x,
@@ -138,6 +147,8 @@ class TaskArithmeticFamily(MergeMethod):
                         )
                     except ValueError as e:  # della: density +/- epsilon outside (0, 1)
                         raise RecipeError(f"{self.name}: tensor {task.name!r}, model {i}: {e}") from None
+            if cuts is not None:
+                return combine_ties(base, experts, weights, bool(p["normalize"]), float(p["lambda"]), cuts=cuts)
             return combine(
                 base,
                 experts,
@@ -197,10 +208,12 @@ def combine_ties(
     normalize: bool,
     lam: float,
     deltas_ready: bool = True,
+    cuts: Optional[list[TopCut]] = None,
 ) -> torch.Tensor:
-    """TIES: elect a sign per entry, sum the agreeing weighted deltas, in place into base."""
+    """TIES: elect a sign per entry, sum the agreeing weighted deltas, in place into base.
+    `cuts`: each delta's top-k mask (sparsify.magnitude_cut), applied chunk by chunk here."""
     if not base.is_contiguous():
-        return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
+        return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready, cuts))
     b, ds = _contiguous(base, deltas)
     one = torch.ones((), dtype=torch.float32, device=b.device)
     # all weights >= 0: div is 0 exactly where nothing agrees (and mix is 0 there) and otherwise
@@ -246,5 +259,8 @@ def combine_ties(
             m.mul_(lam)
         bc.add_(m)
 
-    each_chunk(b, mix, scratch=4)
+    if cuts is None:
+        each_chunk(b, mix, scratch=4)
+    else:
+        each_masked_chunk(b, list(zip(ds, cuts)), mix, scratch_n=4)
     return base
