@@ -186,7 +186,8 @@ def combine_linear(
             dc = d[s:e]
             if not deltas_ready:
                 dc.sub_(bc)
-            dc.mul_(w)
+            if w != 1:  # (x * 1.0 is x, bit for bit)
+                dc.mul_(w)
             if i == 0:
                 m.copy_(dc)
             else:
@@ -227,7 +228,8 @@ def combine_ties(
         for dc, w in zip(dcs, weights):
             if not deltas_ready:
                 dc.sub_(bc)
-            dc.mul_(w)  # weighted deltas, in place
+            if w != 1:  # (x * 1.0 is x, bit for bit)
+                dc.mul_(w)  # weighted deltas, in place
         # elected sign: +1 where the sum is >= 0 (copysign(1, -0.0) = -1 only if all terms are 0)
         if len(dcs) == 1:
             torch.copysign(one, dcs[0], out=sg)
@@ -241,7 +243,7 @@ def combine_ties(
             if normalize:
                 torch.sign(dc, out=t)  # agreement indicator (zeros never agree)
                 if i == 0:
-                    torch.mul(t, w, out=dv)
+                    dv.copy_(t) if w == 1 else torch.mul(t, w, out=dv)
                 else:
                     dv.add_(t, alpha=w)
             dc.mul_(sg)  # back to w d where it agrees, else 0
