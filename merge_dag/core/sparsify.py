@@ -399,7 +399,9 @@ def _bracket_cuts(
         # one histogram per segment, all in this thread's buffer (a pool thread may run two segments)
         hists = scratch("topk:hists", len(segs) * size, torch.int32, dev).view(len(segs), size)
         per_seg = run_segments(segs, one_pass)
-    total = per_seg[0] if len(per_seg) == 1 else hists.sum(0, dtype=torch.int32)
+    total = per_seg[0]
+    if len(per_seg) > 1:  # summed into a reused buffer (a fresh multi-MB tensor is fresh pages)
+        total = torch.sum(hists, 0, dtype=torch.int32, out=scratch("topk:total", size, torch.int32, dev))
     above = int(total[top:].sum())
     inside = total[_LANES:top]  # counts of the patterns lo .. hi
     n_inside = int(inside.sum())
