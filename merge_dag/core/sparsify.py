@@ -37,8 +37,10 @@ select runs: a histogram of the top 16 bits finds the bucket that holds the k-th
 histogram of the low 16 bits of that one bucket pins it. Both give the same cut, so the mask
 never depends on the path or the sample. Masking is torch.hardshrink (keeps |x| > lambda);
 when only some of the entries tied at the threshold are kept, the masking pass counts ties chunk
-by chunk and keeps the first ones. Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole
-tensor on an accelerator) with preallocated buffers, so no temporary is ever the size of the
+by chunk and keeps the first ones. TIES does not mask in a pass of its own: it takes each cut
+(magnitude_cut) and masks chunk by chunk inside its sign election (each_masked_chunk).
+Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole tensor on an
+accelerator) with preallocated buffers, so no temporary is ever the size of the
 tensor, and with one intra-op thread: thousands of small parallel regions are what makes a
 2-core machine under load crawl. della needs every entry's rank: it sorts each row (rows are
 short), chunk by chunk. Randomness comes only from the torch.Generator passed in.
