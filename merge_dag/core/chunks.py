@@ -100,12 +100,21 @@ def scratch(tag: str, n: int, dtype: torch.dtype, device: torch.device) -> torch
 
 def ones_i64(n: int, device: torch.device) -> torch.Tensor:
     """n int64 ones (read-only): the increments of a scatter_add_ histogram; reused per thread."""
+    return constant("ones", n, torch.int64, device, lambda m, dt: torch.ones(m, dtype=dt))
+
+
+def constant(
+    tag: str, n: int, dtype: torch.dtype, device: torch.device, make: Callable[[int, torch.dtype], torch.Tensor]
+) -> torch.Tensor:
+    """The first n entries of make(m, dtype) (read-only, m >= n; make(m)[:n] must not depend on m),
+    built once per thread, tag and dtype on the CPU and kept (elsewhere built afresh)."""
     if torch.device(device).type != "cpu":
-        return torch.ones(n, dtype=torch.int64, device=device)
+        return make(n, dtype).to(device)
     cache = _local.__dict__.setdefault("scratch", {})
-    b = cache.get("ones")
+    key = ("const", tag, dtype)
+    b = cache.get(key)
     if b is None or b.numel() < n:
-        b = cache["ones"] = torch.ones(max(n, CPU_CHUNK), dtype=torch.int64)
+        b = cache[key] = make(max(n, CPU_CHUNK), dtype)
     return b[:n]
 
 

@@ -25,14 +25,22 @@ della's ranks. So ties at the threshold never keep more than k entries and resul
 exactly. (mergekit breaks ties by whatever torch.argsort returns; a tie set is all one magnitude,
 so only which of the tied entries survive can differ, never how many.)
 
-Speed: top-k is a selection, not a sort. It is a two-pass radix select on the float bits:
-|x| as an int32 (sign bit cleared) orders like |x|, so a histogram of its top 16 bits
-(scatter_add_ of ones into int64 counts: about twice as fast as torch.bincount on the CPU) finds
-the bucket that holds the k-th largest magnitude, and a histogram of the
-low 16 bits of that one bucket pins it exactly. Masking is torch.hardshrink (keeps |x| > lambda);
+Speed: top-k is a selection, not a sort, on the float bits: |x| as an int32 (sign bit cleared)
+orders like |x|. On a large tensor (SAMPLE_MIN_N entries or more) a strided sample of 2**16
+entries at most brackets the k-th largest magnitude: bit patterns [lo, hi] around the sample's
+quantile, 4.5 standard errors either side. One pass (with the base subtraction fused in) then
+histograms |x|'s bits with one bin per pattern of the bracket and lane-spread bins for the
+entries below and above it (scatter_add_ of ones), which pins the k-th largest exactly whenever
+it lies in the bracket. When it does not (a sample that misleads; checked, never assumed), or
+the bracket would be wider than BRACKET_MAX patterns, or the tensor is small, the two-pass radix
+select runs: a histogram of the top 16 bits finds the bucket that holds the k-th largest, a
+histogram of the low 16 bits of that one bucket pins it. Both give the same cut, so the mask
+never depends on the path or the sample. Masking is torch.hardshrink (keeps |x| > lambda);
 when only some of the entries tied at the threshold are kept, the masking pass counts ties chunk
-by chunk and keeps the first ones. Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole
-tensor on an accelerator) with preallocated buffers, so no temporary is ever the size of the
+by chunk and keeps the first ones. TIES does not mask in a pass of its own: it takes each cut
+(magnitude_cut) and masks chunk by chunk inside its sign election (each_masked_chunk).
+Everything runs in cache-sized chunks (merge_dag.core.chunks) on the CPU (the whole tensor on an
+accelerator) with preallocated buffers, so no temporary is ever the size of the
 tensor, and with one intra-op thread: thousands of small parallel regions are what makes a
 2-core machine under load crawl. della needs every entry's rank: it sorts each row (rows are
 short), chunk by chunk. Randomness comes only from the torch.Generator passed in.
@@ -43,7 +51,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -51,6 +59,7 @@ from .chunks import (
     chunk_generators,
     chunk_size,
     chunked_sum,
+    constant,
     ones_i64,
     run_segments,
     scratch,
@@ -119,9 +128,25 @@ KEEP_NONE = TopCut(_INF)
 def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor] = None) -> list[TopCut]:
     """For each k, the cut keeping exactly the k largest magnitudes of `flat` (1-D float32).
 
-    Linear time: one histogram pass over the top 16 bits of |x| and one over the low 16 bits of
-    the bucket(s) holding the thresholds; several ks share both passes (breadcrumbs needs two).
+    Linear time. Large tensors: a sample brackets the thresholds and one histogram pass over the
+    bracket finds them exactly (see `select`); otherwise, or when the bracket misses, the radix
+    select: one histogram pass over the top 16 bits of |x| and one over the low 16 bits of the
+    bucket(s) holding the thresholds; several ks share the passes (breadcrumbs needs two).
     With `base`, flat -= base is done in the first pass."""
+    return select(flat, ks, base)[0]
+
+
+def select(
+    flat: torch.Tensor,
+    ks: Sequence[int],
+    base: Optional[torch.Tensor] = None,
+    bracket: "Optional[tuple[int, int]] | str" = "sample",
+) -> tuple[list[TopCut], str]:
+    """top_cuts, and which path found the cuts: "trivial" (every k is 0 or >= n), "bracket" (one
+    pass), "fallback" (the bracket missed: the radix select after it) or "radix".
+
+    `bracket`: "sample" (from a sample when the tensor is large enough), None (radix only) or an
+    explicit (lo, hi) pair of |x| bit patterns (tests force the paths with it)."""
     n = flat.numel()
     cuts: list[Optional[TopCut]] = [None] * len(ks)
     todo = []
@@ -135,8 +160,31 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
     if not todo:
         if base is not None:
             flat.sub_(base.reshape(-1))
-        return cuts  # type: ignore[return-value]
+        return cuts, "trivial"  # type: ignore[return-value]
 
+    path = "radix"
+    if bracket == "sample":
+        bracket = sample_bracket(flat, base, [ks[j] for j in todo]) if n >= SAMPLE_MIN_N else None
+    if bracket is not None:
+        lo, hi = bracket  # type: ignore[misc]
+        if not 0 <= lo <= hi < lo + BRACKET_MAX:
+            raise ValueError(f"bracket {bracket}: need 0 <= lo <= hi < lo + {BRACKET_MAX}")
+        found = _bracket_cuts(flat, base, [ks[j] for j in todo], lo, hi)
+        base = None  # subtracted by that pass
+        if found is not None:
+            for j, cut in zip(todo, found):
+                cuts[j] = cut
+            return cuts, "bracket"  # type: ignore[return-value]
+        path = "fallback"
+    _radix_cuts(flat, ks, todo, cuts, base)
+    return cuts, path  # type: ignore[return-value]
+
+
+def _radix_cuts(
+    flat: torch.Tensor, ks: Sequence[int], todo: list[int], cuts: list[Optional[TopCut]], base: Optional[torch.Tensor]
+) -> None:
+    """The radix select: fills cuts[j] for j in todo (0 < ks[j] < n)."""
+    n = flat.numel()
     step = min(chunk_size(flat), n)
     with workers(flat) as w:
         segs = segments(n, step, w)
@@ -154,12 +202,11 @@ def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor]
             else:
                 where[j] = (bucket, above)
         if not where:
-            return cuts  # type: ignore[return-value]
+            return
         per_seg = _lo_histograms(flat, step, segs, sorted({b for b, _ in where.values()}))
 
     for j, (bucket, above) in where.items():
         cuts[j] = _cut_in_bucket(ks[j], bucket, above, per_seg, segs)
-    return cuts  # type: ignore[return-value]
 
 
 def _hi_histogram(
@@ -240,6 +287,173 @@ def _cut_in_bucket(
     return TopCut(_f32(t_bits), _f32(t_bits - 1), t_bits, need, tuple(segs), tuple(seg_need))
 
 
+# ---- exact top-k in one pass, from a sampled bracket ------------------------------------------------
+SAMPLE_MIN_N = 1 << 16  # smaller tensors go straight to the radix select
+SAMPLE_MAX = 1 << 16  # entries in the sample at most (one in 32 below that)
+SAMPLE_RUN = 16  # the sample is runs of 16 consecutive entries (one cache line of float32 each)
+BRACKET_Z = 4.5  # half-width of the bracket, in standard errors of the sample's quantile
+BRACKET_MAX = 1 << 20  # the widest bracket (in |x| bit patterns) that one pass histograms exactly
+_LANES = 8  # counts below and above the bracket go to 8 bins each, in turn (no store-to-load chain)
+
+
+def sample_positions(n: int) -> tuple[int, int, int]:
+    """(offset, stride, runs): the sample is the SAMPLE_RUN entries from offset + i * stride on,
+    for i < runs (n >= 16 * SAMPLE_RUN). stride / SAMPLE_RUN is odd, so the runs of a matrix whose
+    rows have a length divisible by a power of two start in every column that is a multiple of
+    SAMPLE_RUN."""
+    runs = max(1, min(SAMPLE_MAX, n // 32) // SAMPLE_RUN)
+    blocks = max(1, n // (runs * SAMPLE_RUN))
+    if blocks % 2 == 0:
+        blocks -= 1
+    stride = blocks * SAMPLE_RUN
+    return (blocks // 2) * SAMPLE_RUN, stride, runs
+
+
+def sample_bracket(flat: torch.Tensor, base: Optional[torch.Tensor], ks: Sequence[int]) -> Optional[tuple[int, int]]:
+    """|x| bit patterns [lo, hi] that hold each k-th largest magnitude of flat (- base) with high
+    probability, from a strided sample; None when the bracket would be wider than BRACKET_MAX.
+
+    The k-th largest of n is the (n - k)-th smallest; in a sample of m it sits near rank
+    r = (n - k) m / n, give or take z sqrt(m q (1 - q)) (q = k / n, binomial). The sample's order
+    statistics come from a histogram of their top 16 bits (no sort), so lo and hi are rounded out
+    to whole 2**16-pattern buckets."""
+    n = flat.numel()
+    off, stride, runs = sample_positions(n)
+    m = runs * SAMPLE_RUN
+    dev = flat.device
+    samp = scratch("topk:sample", m, torch.float32, dev)
+
+    def runs_of(t: torch.Tensor) -> torch.Tensor:
+        return t[off : off + runs * stride].view(runs, stride)[:, :SAMPLE_RUN]
+
+    if base is not None:
+        torch.sub(runs_of(flat), runs_of(base.reshape(-1)), out=samp.view(runs, SAMPLE_RUN))
+    else:
+        samp.view(runs, SAMPLE_RUN).copy_(runs_of(flat))
+    sb = samp.view(torch.int32).bitwise_and_(_ABS).bitwise_right_shift_(16)
+    b_min, b_max = (int(v) for v in torch.aminmax(sb))
+    ix = scratch("topk:sample_idx", m, torch.int64, dev)
+    torch.sub(sb, b_min, out=ix)
+    hist = scratch("topk:sample_hist", b_max - b_min + 1, torch.int64, dev).zero_()
+    hist.scatter_add_(0, ix, ones_i64(m, dev))
+    cum = hist.cumsum(0)  # cum[b]: sample entries in buckets <= b_min + b
+    lo_b, hi_b = _HI_BINS, -1
+    for k in ks:
+        q = k / n
+        r = (n - k) / n * m
+        d = BRACKET_Z * math.sqrt(m * q * (1 - q)) + 1
+        r_lo, r_hi = math.floor(r - d), math.ceil(r + d)
+        # bucket of the sample's r-th smallest (0-based): the first b with cum[b] >= r + 1
+        lo_b = min(lo_b, b_min + int(torch.searchsorted(cum, r_lo + 1)) if r_lo >= 0 else 0)
+        hi_b = max(hi_b, b_min + int(torch.searchsorted(cum, r_hi + 1)) if r_hi < m else _HI_BINS - 1)
+    lo, hi = lo_b << 16, (min(hi_b, _HI_BINS - 1) << 16) | 0xFFFF
+    return (lo, hi) if hi - lo + 1 <= BRACKET_MAX else None
+
+
+def _lanes(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return constant("lanes", n, dtype, device, lambda m, dt: (torch.arange(m) % _LANES).to(dt))
+
+
+def _ones_i32(n: int, device: torch.device) -> torch.Tensor:
+    return constant("ones", n, torch.int32, device, lambda m, dt: torch.ones(m, dtype=dt))
+
+
+def _bracket_cuts(
+    flat: torch.Tensor, base: Optional[torch.Tensor], ks: Sequence[int], lo: int, hi: int
+) -> Optional[list[TopCut]]:
+    """The cuts keeping the k largest magnitudes (0 < k < n), in one pass that also does
+    flat -= base, if every k-th largest |x| lies in the bit patterns [lo, hi]; else None.
+
+    The pass histograms |x|'s bits b as clamp(b - lo + L, lane, W + L + 1 + lane) (W = hi - lo,
+    L lanes, lane = position mod L): each pattern of the bracket has its own bin, entries below
+    it fall in bins [0, L) and those above in the last L bins."""
+    n = flat.numel()
+    dev = flat.device
+    w = hi - lo
+    top = _LANES + w + 1  # first bin above the bracket
+    size = top + _LANES
+    bits = flat.view(torch.int32)
+    bflat = base.reshape(-1) if base is not None else None
+    step = min(chunk_size(flat), n)
+
+    def one_pass(_i: int, s0: int, s1: int) -> torch.Tensor:
+        m = min(step, s1 - s0)
+        b = scratch("topk:bits", m, torch.int32, dev)
+        ix = scratch("topk:idx", m, torch.int64, dev)
+        lane_lo = _lanes(m, torch.int32, dev)
+        lane_hi = torch.add(lane_lo, top, out=scratch("topk:lane_hi", m, torch.int32, dev))
+        ones = _ones_i32(m, dev)
+        hist = hists[_i].zero_()
+        for s, e in spans(s0, s1, step):
+            c = e - s
+            if bflat is not None:
+                flat[s:e].sub_(bflat[s:e])
+            bb = b[:c]
+            torch.bitwise_and(bits[s:e], _ABS, out=bb)
+            bb.sub_(lo - _LANES)
+            torch.clamp(bb, lane_lo[:c], lane_hi[:c], out=bb)
+            ix[:c].copy_(bb)
+            hist.scatter_add_(0, ix[:c], ones[:c])
+        return hist
+
+    with workers(flat) as nw:
+        segs = segments(n, step, nw)
+        # one histogram per segment, all in this thread's buffer (a pool thread may run two segments)
+        hists = scratch("topk:hists", len(segs) * size, torch.int32, dev).view(len(segs), size)
+        per_seg = run_segments(segs, one_pass)
+    total = per_seg[0]
+    if len(per_seg) > 1:  # summed into a reused buffer (a fresh multi-MB tensor is fresh pages)
+        total = torch.sum(hists, 0, dtype=torch.int32, out=scratch("topk:total", size, torch.int32, dev))
+    above = int(total[top:].sum())
+    inside = total[_LANES:top]  # counts of the patterns lo .. hi
+    n_inside = int(inside.sum())
+    cuts = []
+    for k in ks:
+        if not above < k <= above + n_inside:
+            return None  # this threshold lies outside [lo, hi]
+        i, greater = _from_top(inside, k - above)
+        t_bits = lo + i
+        greater += above
+        need = k - greater  # 1 <= need <= ties
+        if t_bits == 0:  # threshold 0: the tied entries are zeros
+            cuts.append(TopCut(0.0))
+        elif need == int(inside[i]):  # every tied entry is kept
+            cuts.append(TopCut(_f32(t_bits - 1)))
+        else:
+            seg_need, left = [], need
+            for h in per_seg:
+                take = min(left, int(h[_LANES + i]))
+                seg_need.append(take)
+                left -= take
+            cuts.append(TopCut(_f32(t_bits), _f32(t_bits - 1), t_bits, need, tuple(segs), tuple(seg_need)))
+    return cuts
+
+
+def _from_top(h: torch.Tensor, kk: int) -> tuple[int, int]:
+    """(i, greater) with greater = sum(h[i + 1:]) < kk <= greater + h[i], for 1 <= kk <= sum(h):
+    block sums first, so a long histogram is not cumsummed whole."""
+    greater, off = 0, 0
+    while h.numel() > 4096:
+        nb = h.numel() // 1024
+        head = h.numel() - nb * 1024  # the partial block is the lowest one
+        sums = h[head:].view(nb, 1024).sum(1).flip(0).cumsum(0)  # from the top block down
+        j = int(torch.searchsorted(sums, kk))
+        if j == nb:  # in the partial block below the whole ones
+            greater += int(sums[-1])
+            kk -= int(sums[-1])
+            h = h[:head]
+        else:
+            above = int(sums[j - 1]) if j > 0 else 0
+            greater += above
+            kk -= above
+            start = head + (nb - 1 - j) * 1024
+            off += start
+            h = h[start : start + 1024]
+    c = h.flip(0).cumsum(0)
+    j = int(torch.searchsorted(c, kk))
+    return off + h.numel() - 1 - j, greater + (int(c[j - 1]) if j > 0 else 0)
+
+
 class Shrinker:
     """Applies one TopCut to consecutive chunks of one segment (it counts the kept ties)."""
 
@@ -304,6 +518,56 @@ def apply_cuts(flat: torch.Tensor, keep: TopCut, drop: Optional[TopCut] = None) 
                     x.sub_(outliers)  # x - x = 0 exactly; x - 0 = x
                 else:
                     keep_i(x)
+
+        run_segments(segs, work)
+
+
+def magnitude_cut(tensor: torch.Tensor, density: float, base: Optional[torch.Tensor] = None) -> Optional[TopCut]:
+    """sparsify(tensor, density, "magnitude", base=base) up to the masking: `tensor` becomes its
+    task vector and the returned cut says which entries the mask keeps (apply it with apply_cuts
+    or, chunk by chunk inside another loop, with each_masked_chunk). None: this tensor is not
+    contiguous (or its base is not), call sparsify instead."""
+    if not tensor.is_contiguous() or (base is not None and not base.is_contiguous()):
+        return None
+    if base is not None and base.shape != tensor.shape:
+        raise ValueError(f"base shape {list(base.shape)} differs from {list(tensor.shape)}")
+    if density >= 1 or tensor.numel() == 0:
+        if base is not None:
+            tensor.sub_(base)
+        return KEEP_ALL
+    if density <= 0:
+        tensor.zero_()
+        return KEEP_NONE
+    flat = tensor.view(-1)
+    with workers(tensor):
+        (cut,) = top_cuts(flat, [max(1, int(density * flat.numel()))], base)
+    return cut
+
+
+def each_masked_chunk(
+    t: torch.Tensor, masked: Sequence[tuple[torch.Tensor, TopCut]], fn: Callable[..., None], scratch_n: int = 0
+) -> None:
+    """fn(s, e, *bufs) for every chunk [s, e) of the 1-D tensor `t` (as chunks.each_chunk), after
+    zeroing in each (tensor, cut) of `masked` the entries of [s, e) that the cut drops: the
+    masking of sparsify fused into the loop that reads the task vectors next, so a tensor is not
+    read and written once more just to be masked. Same result as apply_cuts first."""
+    n = t.numel()
+    step = max(1, min(chunk_size(t), n))
+    with workers(t) as w:
+        segs = segments(n, step, w)
+        for d, cut in masked:
+            if cut.need > 0 and list(cut.segs) != segs:  # cut from other chunking: mask up front
+                apply_cuts(d.view(-1), cut)
+        live = [(d.view(-1), c) for d, c in masked if not c.keeps_all and not (c.need > 0 and list(c.segs) != segs)]
+
+        def work(i: int, lo: int, hi: int) -> None:
+            m = min(step, hi - lo)
+            bufs = [scratch(f"each_chunk:{j}", m, t.dtype, t.device) for j in range(scratch_n)]
+            shrink = [(d, Shrinker(c, i, step, t.device, f"mask{j}")) for j, (d, c) in enumerate(live)]
+            for s, e in spans(lo, hi, step):
+                for d, sh in shrink:
+                    sh(d[s:e])
+                fn(s, e, *(b[: e - s] for b in bufs))
 
         run_segments(segs, work)
 

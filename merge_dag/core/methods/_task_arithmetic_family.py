@@ -28,7 +28,7 @@ import torch
 
 from ..chunks import each_chunk, workers
 from ..errors import RecipeError
-from ..sparsify import sparsify
+from ..sparsify import KEEP_ALL, MAGNITUDE, TopCut, each_masked_chunk, magnitude_cut, sparsify
 from .base import MergeMethod, Param, TensorTask, in_range
 
 
@@ -122,9 +122,18 @@ class TaskArithmeticFamily(MergeMethod):
         p = task.params
         weights = [float(mp["weight"]) for mp in task.model_params]
         combine = combine_ties if self.consensus else combine_linear
+        # TIES: each task vector's top-k mask is applied inside the combination's chunk loop
+        fuse_mask = self.sparsification == MAGNITUDE and self.consensus and not bool(p["rescale"])
+        cuts: Optional[list[TopCut]] = [] if fuse_mask else None
         with workers(base):
             if self.sparsification is not None:
                 for i, (x, mp) in enumerate(zip(experts, task.model_params)):
+                    if cuts is not None:  # x becomes its task vector; its mask is kept for later
+                        cut = magnitude_cut(x, float(mp["density"]), base)
+                        if cut is not None:
+                            cuts.append(cut)
+                            continue
+                        cuts.append(KEEP_ALL)  # not contiguous: masked right away below
                     try:  # x becomes its sparsified task vector (the subtraction is fused in)
                         sparsify(
                             x,
@@ -138,6 +147,8 @@ class TaskArithmeticFamily(MergeMethod):
                         )
                     except ValueError as e:  # della: density +/- epsilon outside (0, 1)
                         raise RecipeError(f"{self.name}: tensor {task.name!r}, model {i}: {e}") from None
+            if cuts is not None:
+                return combine_ties(base, experts, weights, bool(p["normalize"]), float(p["lambda"]), cuts=cuts)
             return combine(
                 base,
                 experts,
@@ -175,7 +186,8 @@ def combine_linear(
             dc = d[s:e]
             if not deltas_ready:
                 dc.sub_(bc)
-            dc.mul_(w)
+            if w != 1:  # (x * 1.0 is x, bit for bit)
+                dc.mul_(w)
             if i == 0:
                 m.copy_(dc)
             else:
@@ -197,10 +209,12 @@ def combine_ties(
     normalize: bool,
     lam: float,
     deltas_ready: bool = True,
+    cuts: Optional[list[TopCut]] = None,
 ) -> torch.Tensor:
-    """TIES: elect a sign per entry, sum the agreeing weighted deltas, in place into base."""
+    """TIES: elect a sign per entry, sum the agreeing weighted deltas, in place into base.
+    `cuts`: each delta's top-k mask (sparsify.magnitude_cut), applied chunk by chunk here."""
     if not base.is_contiguous():
-        return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
+        return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready, cuts))
     b, ds = _contiguous(base, deltas)
     one = torch.ones((), dtype=torch.float32, device=b.device)
     # all weights >= 0: div is 0 exactly where nothing agrees (and mix is 0 there) and otherwise
@@ -214,7 +228,8 @@ def combine_ties(
         for dc, w in zip(dcs, weights):
             if not deltas_ready:
                 dc.sub_(bc)
-            dc.mul_(w)  # weighted deltas, in place
+            if w != 1:  # (x * 1.0 is x, bit for bit)
+                dc.mul_(w)  # weighted deltas, in place
         # elected sign: +1 where the sum is >= 0 (copysign(1, -0.0) = -1 only if all terms are 0)
         if len(dcs) == 1:
             torch.copysign(one, dcs[0], out=sg)
@@ -228,7 +243,7 @@ def combine_ties(
             if normalize:
                 torch.sign(dc, out=t)  # agreement indicator (zeros never agree)
                 if i == 0:
-                    torch.mul(t, w, out=dv)
+                    dv.copy_(t) if w == 1 else torch.mul(t, w, out=dv)
                 else:
                     dv.add_(t, alpha=w)
             dc.mul_(sg)  # back to w d where it agrees, else 0
@@ -246,5 +261,8 @@ def combine_ties(
             m.mul_(lam)
         bc.add_(m)
 
-    each_chunk(b, mix, scratch=4)
+    if cuts is None:
+        each_chunk(b, mix, scratch=4)
+    else:
+        each_masked_chunk(b, list(zip(ds, cuts)), mix, scratch_n=4)
     return base
