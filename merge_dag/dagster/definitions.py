@@ -16,6 +16,7 @@ from .assets.leaderboard import leaderboard_asset
 from .assets.merges import merge_assets
 from .assets.sources import source_assets
 from .assets.task_vectors import task_vector_assets
+from .executors import executor_def
 from .resources import MergeDagResource, resource_from_env
 from .schedules import build_schedule
 from .sensors import build_lineage_sensors, build_sensor
@@ -38,12 +39,14 @@ def build_definitions(
     if any(s.evals for s in project.recipes.values()):
         assets.append(leaderboard_asset(project))
     resource = resource or resource_from_env(project.root, project.data)
+    executor = executor_def(resource)  # multiprocess by default; in_process; celery (executors.py)
     # sources are in the job so every run observes them first: provenance names the current files
     merge_all = dg.define_asset_job(
         ALL_JOB,
         selection=dg.AssetSelection.all(include_sources=True),
         description="Observe every source, then build every artifact (cache hits "
         "for anything whose inputs did not change).",
+        executor_def=executor,
     )
     return dg.Definitions(
         assets=assets,
@@ -52,6 +55,7 @@ def build_definitions(
         sensors=[build_sensor(project, ALL_JOB), *build_lineage_sensors()],
         schedules=[build_schedule(ALL_JOB)],
         resources={"merge_dag": resource},
+        executor=executor,
     )
 
 
