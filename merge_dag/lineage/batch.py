@@ -77,7 +77,7 @@ class Batch:
 
     def __add__(self, other: "Batch") -> "Batch":
         """Both batches' records, in order, as a new batch (one transaction when written)."""
-        out = Batch()
+        out = Batch(at=self.at)
         out.statements = self.statements + other.statements
         out.records = self.records + other.records
         return out
