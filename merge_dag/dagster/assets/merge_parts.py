@@ -80,7 +80,7 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
         name="prepare",
         ins={"deps": dg.In(dg.Nothing)},
         pool=pool,
-        op_tags=torch_tags(),
+        tags=torch_tags(),
         description="Read the recipe and its inputs now, and compute the cache key.",
     )
     def prepare(context: dg.OpExecutionContext, merge_dag: MergeDagResource) -> SplitMerge:
@@ -117,7 +117,7 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
         @dg.op(
             name=f"part_{k + 1}_of_{parts}",
             pool=pool,
-            op_tags=torch_tags(),
+            tags=torch_tags(),
             description=f"Merge the tensors of part {k + 1} of {parts} (whole shards) into the staging folder.",
         )
         def part(context: dg.OpExecutionContext, merge_dag: MergeDagResource, split: SplitMerge) -> dict[str, Any]:
