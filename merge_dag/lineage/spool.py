@@ -108,8 +108,13 @@ def ingest(store: LineageStore, spool: str | os.PathLike) -> IngestResult:
     if not files:
         return out
     store.ensure_schema()
-    done = {r["spool_id"] for r in store.query("SELECT spool_id FROM spool_ingested")}
+    ledger_rows = store.query("SELECT spool_id, file FROM spool_ingested")
+    done = {r["spool_id"] for r in ledger_rows}
+    done_files = {r["file"] for r in ledger_rows}
     for path in files:
+        if path.name in done_files:  # not even read again
+            out.already += 1
+            continue
         try:
             sid, batch = LineageSpool.read(path)
         except ValueError as e:
