@@ -154,6 +154,14 @@ EXTERNAL = {
         "tune a recipe's numbers with Optuna on validation evals (data/searches/<name>.yaml), "
         "each trial a cached Dagster run; writes the best recipe",
     ),
+    "worker": (
+        "merge_dag.commands.worker",
+        "run a Celery worker (queue gpu or cpu) for runs with the celery executor (dagster-celery)",
+    ),
+    "ingest": (
+        "merge_dag.commands.ingest",
+        "write the lineage Celery workers spooled into the lineage database (idempotent)",
+    ),
     "card": (
         "merge_dag.lineage.card_command",
         "rewrite a merged model's card (README.md front matter) with its lm-eval results from lineage (model-index)",

@@ -28,6 +28,11 @@ MERGE_DAG_SCHEDULE         schedule                    cron of the nightly rebui
 MERGE_DAG_TASKS_DIR        tasks_dir                   lm-eval task folder of evaluate() when none is
                                                        given (data/tasks of this checkout)
 MERGE_DAG_CACHE            cache                       fingerprint cache (core.fingerprint)
+MERGE_DAG_LINEAGE          lineage                     direct: steps write the lineage database;
+                                                       spool: they write files that one writer
+                                                       ingests (lineage.spool; `merge-dag worker`)
+MERGE_DAG_BROKER           broker                      Celery broker URL; when set, runs use the
+                                                       celery executor by default (dagster.executors)
 =========================  ==========================  ==============================================
 
 A value merge_dag cannot use does not stop anything from loading: the field keeps its default and
@@ -63,7 +68,10 @@ VARIABLES = {  # field -> environment variable
     "schedule": "MERGE_DAG_SCHEDULE",
     "tasks_dir": "MERGE_DAG_TASKS_DIR",
     "cache": "MERGE_DAG_CACHE",
+    "lineage": "MERGE_DAG_LINEAGE",
+    "broker": "MERGE_DAG_BROKER",
 }
+LINEAGE_MODES = ("direct", "spool")
 
 
 class SettingsError(MergeDagError):
@@ -113,6 +121,8 @@ class Settings:
     schedule: str = DEFAULT_CRON  # checked as a cron expression by dagster.schedules (Dagster knows cron)
     tasks_dir: Optional[Path] = None
     cache: Optional[Path] = None
+    lineage: str = "direct"  # direct | spool
+    broker: Optional[str] = None  # Celery broker URL
     invalid: dict[str, str] = field(default_factory=dict)  # field -> why its variable was refused
 
     @classmethod
@@ -150,6 +160,10 @@ class Settings:
                     f"MERGE_DAG_STATS_DTYPE={stats_dtype!r} is not a working dtype (float32, bfloat16, float16)"
                 )
                 stats_dtype = "float32"
+        lineage = env.get("MERGE_DAG_LINEAGE", "").strip() or "direct"
+        if lineage not in LINEAGE_MODES:
+            invalid["lineage"] = f"MERGE_DAG_LINEAGE={lineage!r} is not one of {', '.join(LINEAGE_MODES)}"
+            lineage = "direct"
         return cls(
             root=_path(env.get("MERGE_DAG_ROOT")),
             data=data_folder(env),
@@ -165,6 +179,8 @@ class Settings:
             schedule=env.get("MERGE_DAG_SCHEDULE", "").strip() or DEFAULT_CRON,
             tasks_dir=_path(env.get("MERGE_DAG_TASKS_DIR")),
             cache=_path(env.get("MERGE_DAG_CACHE")),
+            lineage=lineage,
+            broker=env.get("MERGE_DAG_BROKER", "").strip() or None,
             invalid=invalid,
         )
 

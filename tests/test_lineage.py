@@ -23,7 +23,7 @@ from merge_dag.lineage.batch import Batch
 from merge_dag.lineage.store import LineageLockTimeout, LineageStore
 
 LINEAGE_DIR = Path(engine_mod.__file__).parent
-TABLES = {"meta", "artifacts", "edges", "events", "metrics", "runs"}
+TABLES = {"meta", "artifacts", "edges", "events", "metrics", "runs", "spool_ingested"}
 
 FP = {
     name: "sha256:" + (c * 64)
@@ -672,3 +672,82 @@ def test_reader_waits_for_a_writer_in_another_process_then_reads(tmp_path):
     finally:
         p.join(timeout=30)
     assert len(LineageStore(db).events()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the spool: lineage written as files by workers, ingested by one writer
+# ---------------------------------------------------------------------------------------------
+
+TABLE_ROWS = {
+    "artifacts": "SELECT artifact_id, kind, name, key_hash, path, bytes, data_version, created_at, run_id, "
+    "code_version, params_json FROM artifacts ORDER BY artifact_id",
+    "edges": "SELECT parent_id, child_id, role, fingerprint FROM edges ORDER BY ALL",
+    "events": "SELECT artifact_id, run_id, step, event, seconds, recorded_at FROM events ORDER BY ALL",
+    "metrics": "SELECT artifact_id, model, task, metric, value, stderr, n FROM metrics ORDER BY ALL",
+    "runs": "SELECT run_id, job, started_at, finished_at, status FROM runs ORDER BY ALL",
+}
+
+
+def spool_batches(tmp_path) -> list[Batch]:
+    """A merge's records in three batches (as three steps write them), with fixed times."""
+    from datetime import datetime
+
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901)
+    merged = artifact_kw("merged", "ties", KEY["merged"], tmp_path / "m", {"recipe": RECIPE}, "c1", "run-1", 10)
+    return [
+        Batch(at=at)
+        .artifact(**artifact_kw("model", "base", FP["base"]))
+        .edge(parent_id="gguf-x", child_id=sid("model", FP["base"]), role="gguf", fingerprint=None),
+        Batch(at=at)
+        .artifact(**merged)
+        .edge(parent_id=sid("model", FP["base"]), child_id=merged["artifact_id"], role="base", fingerprint=FP["base"])
+        .event(artifact_id=merged["artifact_id"], run_id="run-1", step="merged/ties", event="materialized", seconds=2)
+        .run(run_id="run-1", status="running", job="merge_all"),
+        Batch(at=at).metric(
+            artifact_id=merged["artifact_id"], task="add", metric="acc", value=0.5, stderr="N/A", n=12, model="m"
+        ),
+    ]
+
+
+def table_rows(db: Path) -> dict[str, list[dict]]:
+    store = LineageStore(db)
+    return {t: store.query(sql) for t, sql in TABLE_ROWS.items()}
+
+
+def test_spooled_batches_ingest_to_exactly_the_rows_of_a_direct_write_once(tmp_path):
+    from merge_dag.lineage.spool import LineageSpool, SpoolingLineageStore, ingest
+
+    direct = LineageStore(tmp_path / "direct.duckdb")
+    for b in spool_batches(tmp_path):
+        direct.write(b)
+    worker = SpoolingLineageStore(tmp_path / "spooled.duckdb", tmp_path / "spool")
+    for b in spool_batches(tmp_path):
+        worker.write(b)
+    worker.write(Batch())  # nothing to say: no file
+    assert not (tmp_path / "spooled.duckdb").exists()  # the worker never opened the database
+    files = LineageSpool(tmp_path / "spool").files()
+    assert len(files) == 3 and not list((tmp_path / "spool").glob(".*"))  # no temporary file left
+
+    store = LineageStore(tmp_path / "spooled.duckdb")
+    assert str(ingest(store, tmp_path / "spool")) == "3 spooled lineage file(s) ingested, 0 already in the database"
+    assert table_rows(tmp_path / "spooled.duckdb") == table_rows(tmp_path / "direct.duckdb")
+    assert sum(len(r) for r in table_rows(tmp_path / "direct.duckdb").values()) == 7
+    # a second ingest (another writer, a sensor after the coordinator) adds nothing
+    again = ingest(store, tmp_path / "spool")
+    assert (again.ingested, again.already) == (0, 3)
+    assert table_rows(tmp_path / "spooled.duckdb") == table_rows(tmp_path / "direct.duckdb")
+    assert len(store.query("SELECT * FROM spool_ingested")) == 3
+
+
+def test_an_unreadable_spool_file_is_one_line_and_the_others_are_ingested(tmp_path):
+    from merge_dag.lineage.spool import LineageSpool, ingest
+
+    spool = LineageSpool(tmp_path / "spool")
+    for b in spool_batches(tmp_path):
+        spool.put(b)
+    bad = tmp_path / "spool" / "00000000T000000000000-1-bad.json"
+    bad.write_text('{"id": "x", "records": [["artifact", {"kind": "merged"}]]')  # cut short
+    result = ingest(LineageStore(tmp_path / "l.duckdb"), tmp_path / "spool")
+    assert result.ingested == 3 and len(result.errors) == 1
+    assert result.errors[0].startswith(f"lineage spool file {bad}: ")
+    assert len(LineageStore(tmp_path / "l.duckdb").events()) == 1

@@ -40,6 +40,8 @@ def test_every_variable_reaches_its_field():
         "MERGE_DAG_SCHEDULE": " 0 4 * * * ",
         "MERGE_DAG_TASKS_DIR": "/t",
         "MERGE_DAG_CACHE": "/c",
+        "MERGE_DAG_LINEAGE": "spool",
+        "MERGE_DAG_BROKER": "redis://h:1/0",
     }
     assert set(env) | {"MERGE_DAG_POOL"} == set(VARIABLES.values())
     s = Settings.from_env(env)
@@ -53,7 +55,7 @@ def test_every_variable_reaches_its_field():
     )
     assert (s.eval_limit, s.eval_dtype, s.settle_seconds, s.schedule) == (12, "bf16", 2.5, "0 4 * * *")
     assert s.stats_dtype == "bfloat16"
-    assert (s.tasks_dir, s.cache) == (Path("/t"), Path("/c"))
+    assert (s.tasks_dir, s.cache, s.lineage, s.broker) == (Path("/t"), Path("/c"), "spool", "redis://h:1/0")
     assert s.project_root() == Path("/proj") and s.data_dir("/proj") == Path("/proj/data/real")
     assert s.db_path(s.data_dir("/proj")) == Path("/x/l.duckdb")
     assert s.torch_pool() == "gpu"  # a CUDA device: one pool
@@ -70,6 +72,10 @@ def test_a_bad_value_keeps_the_default_and_names_the_variable():
         "eval_limit": "MERGE_DAG_EVAL_LIMIT='abc' is not a whole number >= 0 (0 = every example)",
         "settle_seconds": "MERGE_DAG_SETTLE_SECONDS='-1' is not a number >= 0",
         "eval_dtype": "MERGE_DAG_EVAL_DTYPE='int3' is not a dtype (auto, float32, bfloat16, float16)",
+    }
+    bad = Settings.from_env({"MERGE_DAG_LINEAGE": "shared"})
+    assert bad.lineage == "direct" and bad.invalid == {
+        "lineage": "MERGE_DAG_LINEAGE='shared' is not one of direct, spool"
     }
     with pytest.raises(SettingsError, match=r"^MERGE_DAG_EVAL_LIMIT='abc' is not a whole number"):
         s.checked("eval_limit")

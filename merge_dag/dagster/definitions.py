@@ -18,6 +18,7 @@ from .assets.search import GROUP as SEARCH_GROUP
 from .assets.search import search_assets
 from .assets.sources import source_assets
 from .assets.task_vectors import task_vector_assets
+from .executors import executor_def
 from .resources import MergeDagResource, resource_from_env
 from .schedules import build_schedule
 from .sensors import build_lineage_sensors, build_sensor
@@ -45,6 +46,7 @@ def build_definitions(
     searches = search_assets(project.data, project.root)
     assets += searches
     resource = resource or resource_from_env(project.root, project.data)
+    executor = executor_def(resource)  # multiprocess by default; in_process; celery (executors.py)
     # sources are in the job so every run observes them first: provenance names the current files
     selection = dg.AssetSelection.all(include_sources=True)
     if searches:
@@ -54,6 +56,7 @@ def build_definitions(
         selection=selection,
         description="Observe every source, then build every artifact (cache hits "
         "for anything whose inputs did not change).",
+        executor_def=executor,
     )
     return dg.Definitions(
         assets=assets,
@@ -62,6 +65,7 @@ def build_definitions(
         sensors=[build_sensor(project, ALL_JOB), *build_lineage_sensors()],
         schedules=[build_schedule(ALL_JOB)],
         resources={"merge_dag": resource},
+        executor=executor,
     )
 
 

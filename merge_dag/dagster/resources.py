@@ -10,7 +10,11 @@ from ..artifacts import ArtifactStore
 from ..core.paths import data_dir
 from ..settings import SettingsError, settings
 
-__all__ = ["MergeDagResource", "SettingsError", "resource_from_env", "torch_pool"]
+__all__ = ["MergeDagResource", "SettingsError", "resource_from_env", "torch_pool", "torch_tags"]
+
+QUEUE_TAG = "dagster-celery/queue"  # dagster_celery.tags.DAGSTER_CELERY_QUEUE_TAG
+GPU_QUEUE = "gpu"  # the Celery queue of the steps that run torch (executors.py)
+CPU_QUEUE = "cpu"  # every other step's
 
 
 class MergeDagResource(dg.ConfigurableResource):
@@ -29,6 +33,7 @@ class MergeDagResource(dg.ConfigurableResource):
     calibration_batch_size: int = 8  # rows per forward pass of a statistics step
     calibration_max_length: int = 512  # tokens per row (longer rows are truncated)
     calibration_max_rows: int = 0  # 0: every row of each calibration set
+    lineage_spool: bool = False  # $MERGE_DAG_LINEAGE=spool: write lineage as files (lineage.spool), never the DB
     invalid: dict[str, str] = {}  # field -> why its environment variable was refused (see checked)
 
     def checked(self, field: str):
@@ -66,9 +71,20 @@ class MergeDagResource(dg.ConfigurableResource):
     def database(self) -> Path:
         return Path(self.db_path) if self.db_path else settings().db_path(self.data_path)
 
+    def spool_dir(self) -> Path:
+        """Where spooled lineage files go: beside the artifacts, on the file system every worker shares."""
+        from ..lineage.spool import SPOOL_FOLDER
+
+        return self.store().root / SPOOL_FOLDER
+
     def lineage(self):
+        """The lineage store; a worker's (lineage_spool) reads the database and spools every write."""
         from ..lineage.store import LineageStore
 
+        if self.lineage_spool:
+            from ..lineage.spool import SpoolingLineageStore
+
+            return SpoolingLineageStore(self.database(), self.spool_dir())
         return LineageStore(self.database())
 
 
@@ -87,6 +103,7 @@ def resource_from_env(root: str | Path, data: str | Path | None = None) -> Merge
         eval_limit=s.eval_limit,
         eval_dtype=s.eval_dtype,
         stats_dtype=s.stats_dtype,
+        lineage_spool=s.lineage == "spool",
         invalid={k: v for k, v in s.invalid.items() if k in ("eval_limit", "eval_dtype", "stats_dtype")},
     )
 
@@ -94,3 +111,9 @@ def resource_from_env(root: str | Path, data: str | Path | None = None) -> Merge
 def torch_pool() -> str | None:
     """The pool of the steps that run torch on the device: see Settings.torch_pool."""
     return settings().torch_pool()
+
+
+def torch_tags() -> dict[str, str]:
+    """Op tags of the steps that run torch: with the Celery executor they go to the `gpu` queue
+    (every other step to the executor's default queue, `cpu`); other executors ignore the tag."""
+    return {QUEUE_TAG: GPU_QUEUE}

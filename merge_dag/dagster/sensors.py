@@ -100,8 +100,9 @@ LINEAGE_SENSORS = {
 
 def build_lineage_sensors() -> list:
     """Run status sensors that write every run's end (success, failure, canceled) into the lineage
-    `runs` table, for runs the daemon launches (the sensor's, the schedule's, the UI's); steps only
-    ever record `running`. `merge-dag demo` records its own in-process runs."""
+    `runs` table, for runs the daemon launches (the sensor's, the schedule's, the UI's), after
+    ingesting any lineage Celery workers spooled (lineage/spool.py); steps only ever record
+    `running`. `merge-dag demo` records its own in-process runs."""
     from datetime import datetime, timezone
 
     from .resources import MergeDagResource
@@ -115,7 +116,12 @@ def build_lineage_sensors() -> list:
             description=f"Records each run that ends in {dagster_status} as {status!r} in the lineage runs table.",
         )
         def _record(context: dg.RunStatusSensorContext, merge_dag: MergeDagResource):
+            from ..lineage.spool import ingest
+            from ..lineage.store import LineageStore
+
             run = context.dagster_run
+            # what Celery workers spooled, if the run's coordinator did not ingest it (idempotent)
+            ingest(LineageStore(merge_dag.database()), merge_dag.spool_dir())
             merge_dag.lineage().record_run(
                 run_id=run.run_id,
                 status=status,

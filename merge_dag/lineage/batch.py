@@ -56,8 +56,18 @@ def _opt_number(v: Any, kind: type) -> Any:
 class Batch:
     """Records for one lineage transaction; every method returns the batch, to chain."""
 
-    def __init__(self) -> None:
+    def __init__(self, at: Optional[datetime] = None) -> None:
+        """`at`: the time every record of the batch is stamped with (default: now, when each is added);
+        a spooled batch keeps the time its step recorded it, whenever it is ingested (spool.py)."""
         self.statements: list[Stmt] = []
+        self.records: list[tuple[str, dict]] = []  # the same records as plain data (kind, kwargs)
+        self.at = _as_utc(at)
+
+    def _now(self) -> datetime:
+        return self.at or utcnow()
+
+    def _record(self, kind: str, kwargs: dict) -> None:
+        self.records.append((kind, {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in kwargs.items()}))
 
     def __len__(self) -> int:
         return len(self.statements)
@@ -67,8 +77,9 @@ class Batch:
 
     def __add__(self, other: "Batch") -> "Batch":
         """Both batches' records, in order, as a new batch (one transaction when written)."""
-        out = Batch()
+        out = Batch(at=self.at)
         out.statements = self.statements + other.statements
+        out.records = self.records + other.records
         return out
 
     def artifact(
@@ -90,7 +101,22 @@ class Batch:
         for label, v in (("artifact_id", artifact_id), ("kind", kind), ("name", name), ("key_hash", key_hash)):
             if not isinstance(v, str) or not v:
                 raise ValueError(f"lineage artifact: {label} must be a non-empty string, got {v!r}")
-        now = utcnow()
+        now = self._now()
+        self._record(
+            "artifact",
+            dict(
+                artifact_id=artifact_id,
+                kind=kind,
+                name=name,
+                key_hash=key_hash,
+                path=None if path is None else str(path),
+                bytes=bytes,
+                code_version=code_version,
+                params=json.loads(_json(params)),
+                run_id=run_id,
+                data_version=data_version,
+            ),
+        )
         self.statements.append(
             (
                 """
@@ -128,6 +154,7 @@ class Batch:
             raise ValueError(
                 f"lineage edge: parent_id, child_id and role are required, got {parent_id!r}, {child_id!r}, {role!r}"
             )
+        self._record("edge", dict(parent_id=parent_id, child_id=child_id, role=role, fingerprint=fingerprint))
         self.statements.append(
             (
                 """
@@ -135,7 +162,7 @@ class Batch:
         ON CONFLICT (parent_id, child_id, role) DO UPDATE SET
             fingerprint = coalesce(excluded.fingerprint, edges.fingerprint)
         """,
-                [parent_id, child_id, role, fingerprint, utcnow()],
+                [parent_id, child_id, role, fingerprint, self._now()],
             )
         )
         return self
@@ -146,10 +173,11 @@ class Batch:
         """One more row: events accumulate (materialized, cache_hit or observed)."""
         if event not in EVENTS:
             raise ValueError(f"lineage event: event must be one of {', '.join(EVENTS)}, got {event!r}")
+        self._record("event", dict(artifact_id=artifact_id, run_id=run_id, step=step, event=event, seconds=seconds))
         self.statements.append(
             (
                 "INSERT INTO events (artifact_id, run_id, step, event, seconds, recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [artifact_id, run_id, step, event, None if seconds is None else float(seconds), utcnow()],
+                [artifact_id, run_id, step, event, None if seconds is None else float(seconds), self._now()],
             )
         )
         return self
@@ -171,6 +199,10 @@ class Batch:
                 f"lineage metric: artifact_id, task, metric and a numeric value are required, got "
                 f"{artifact_id!r}, {task!r}, {metric!r}, {value!r}"
             )
+        self._record(
+            "metric",
+            dict(artifact_id=artifact_id, task=task, metric=metric, value=value, stderr=stderr, n=n, model=model),
+        )
         self.statements.append(
             (
                 """
@@ -188,7 +220,7 @@ class Batch:
                     float(value),
                     _opt_number(stderr, float),
                     _opt_number(n, int),
-                    utcnow(),
+                    self._now(),
                 ],
             )
         )
@@ -200,8 +232,9 @@ class Batch:
         ones converted to UTC), a Unix timestamp or ISO text."""
         if not run_id or not status:
             raise ValueError("lineage run: run_id and status are required")
-        now = utcnow()
+        now = self._now()
         start, finish = _as_utc(started_at), _as_utc(finished_at)
+        self._record("run", dict(run_id=run_id, started_at=start, finished_at=finish, status=status, job=job))
         terminal = ", ".join(f"'{t}'" for t in TERMINAL_STATUSES)
         self.statements.append(
             (
@@ -221,11 +254,12 @@ class Batch:
         return self
 
     @classmethod
-    def from_records(cls, records: Iterable[tuple[str, dict]]) -> "Batch":
+    def from_records(cls, records: Iterable[tuple[str, dict]], at: Optional[datetime | str] = None) -> "Batch":
         """A batch from records as plain data, [(kind, keyword arguments)] with kind one of artifact,
         edge, event, metric, run: the form the pure core returns (core.gguf_import.lineage_ops), since
-        it cannot import this package. The legacy names record_artifact, ... are accepted too."""
-        batch = cls()
+        it cannot import this package, and a spooled batch (spool.py, `at` its time). The legacy names
+        record_artifact, ... are accepted too."""
+        batch = cls(at=_as_utc(at))
         for record in records:
             try:
                 kind, kwargs = record

@@ -77,6 +77,14 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at      TIMESTAMP NOT NULL
 );
 
+-- Spooled lineage files (lineage/spool.py) already written into this database: one row per file,
+-- inserted in the same transaction as the file's records, so a file is ingested exactly once.
+CREATE TABLE IF NOT EXISTS spool_ingested (
+    spool_id        VARCHAR PRIMARY KEY,
+    file            VARCHAR NOT NULL,
+    ingested_at     TIMESTAMP NOT NULL
+);
+
 -- Every run that recorded anything, with its cache hits and recomputations (from events; a run seen
 -- only in events, never in runs, still appears).
 CREATE OR REPLACE VIEW run_stats AS

@@ -5,7 +5,7 @@ import dagster as dg
 from ...core.markdown import md_text
 from ...core.version import code_version
 from ...project import ModelSource, Project, RecipeSpec
-from ..resources import MergeDagResource, torch_pool
+from ..resources import MergeDagResource, torch_pool, torch_tags
 from ..steps import Input, run_step, upstream
 from .sources import tasks_fingerprint
 
@@ -67,6 +67,7 @@ def merged_eval_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition
         group_name=GROUP,
         code_version=code,
         pool=torch_pool(),
+        op_tags=torch_tags(),
         kinds={"lm_eval"},
         description=f"lm-eval {md_text(', '.join(spec.evals))} on merged/{md_text(spec.name)}.",
     )
@@ -98,6 +99,7 @@ def model_eval_asset(project: Project, m: ModelSource, tasks: list[str]) -> dg.A
         group_name=GROUP,
         code_version=code,
         pool=torch_pool(),
+        op_tags=torch_tags(),
         kinds={"lm_eval"},
         description=f"lm-eval baseline {md_text(', '.join(tasks))} on {md_text(m.ref)}.",
     )

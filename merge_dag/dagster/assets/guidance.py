@@ -36,7 +36,7 @@ from ...project import (
     current_spec,
     register_guidance,
 )
-from ..resources import MergeDagResource, torch_pool
+from ..resources import MergeDagResource, torch_pool, torch_tags
 from ..steps import Input, run_step, upstream
 
 GROUP = "guidance"
@@ -120,6 +120,7 @@ def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
         group_name=GROUP,
         code_version=STATS_CODE,
         pool=torch_pool(),
+        op_tags=torch_tags(),
         kinds={"pytorch", "safetensors"},
         description=f"Per-linear {what} of {md_text(src.model.ref)} on calibration set "
         f"{md_text(src.calibration.ref)}{variant}.",
@@ -174,6 +175,7 @@ def sensitivity_asset(src: StatsSpec) -> dg.AssetsDefinition:
         group_name=GROUP,
         code_version=SENS_CODE,
         pool=torch_pool(),
+        op_tags=torch_tags(),
         kinds={"pytorch"},
         description=f"Sens-Merging per-layer sensitivity of {md_text(src.model.ref)} on {md_text(src.calibration.ref)} "
         "(sum |theta * dL/dtheta| per layer, one backward pass per batch).",
@@ -477,6 +479,7 @@ def alignment_asset(al: AlignmentSpec) -> dg.AssetsDefinition:
         group_name=GROUP,
         code_version=SENS_CODE,
         pool=torch_pool(),
+        op_tags=torch_tags(),
         kinds={"pytorch"},
         description="Sens-Merging cross-task alignment g_ij = mean KL(expert j || expert i) on task j's texts, for "
         + ", ".join(f"{md_text(m.model.ref)} on {md_text(m.calibration.ref)}" for m in ms)

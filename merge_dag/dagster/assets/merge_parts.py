@@ -37,7 +37,7 @@ from ...core.markdown import md_text
 from ...core.parts import execute_part, finalize_parts
 from ...core.version import merge_code_version
 from ...project import Project, RecipeSpec
-from ..resources import MergeDagResource, torch_pool
+from ..resources import MergeDagResource, torch_pool, torch_tags
 from ..steps import run_step, step_key
 from .merge_prep import (
     GROUP,
@@ -80,6 +80,7 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
         name="prepare",
         ins={"deps": dg.In(dg.Nothing)},
         pool=pool,
+        tags=torch_tags(),
         description="Read the recipe and its inputs now, and compute the cache key.",
     )
     def prepare(context: dg.OpExecutionContext, merge_dag: MergeDagResource) -> SplitMerge:
@@ -117,6 +118,7 @@ def merged_parts_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinitio
         @dg.op(
             name=f"part_{k + 1}_of_{parts}",
             pool=pool,
+            tags=torch_tags(),
             description=f"Merge the tensors of part {k + 1} of {parts} (whole shards) into the staging folder.",
         )
         def part(context: dg.OpExecutionContext, merge_dag: MergeDagResource, split: SplitMerge) -> dict[str, Any]:

@@ -133,8 +133,12 @@ def merged_metadata(prep: PreparedMerge, art, info: dict, res: MergeDagResource)
     version, eval scores with Δ vs base; paths relative to the project root)."""
     from ...lineage.audit import provenance_markdown
 
+    if res.lineage_spool:  # a Celery worker: its records reach the database when the run ends
+        text = f"Recorded in the lineage database when the run ends: `merge-dag audit {prep.spec.name}`."
+    else:
+        text = provenance_markdown(res.lineage().provenance(art.id), res.root_path)
     return {
-        "provenance": dg.MetadataValue.md(provenance_markdown(res.lineage().provenance(art.id), res.root_path)),
+        "provenance": dg.MetadataValue.md(text),
         "method": prep.spec.recipe.merge_method,
         "experts": dg.MetadataValue.json([e.ref for e in prep.spec.experts]),
         "parameters": dg.MetadataValue.json(prep.settings["recipe"]),

@@ -18,7 +18,7 @@ from ...core.fingerprint import checkpoint_fingerprint
 from ...core.markdown import md_text
 from ...core.version import merge_code_version
 from ...project import Project, RecipeSpec
-from ..resources import MergeDagResource, torch_pool
+from ..resources import MergeDagResource, torch_pool, torch_tags
 from ..steps import resolve_path, run_step
 from .merge_parts import merged_parts_asset
 from .merge_prep import (
@@ -159,6 +159,7 @@ def merged_asset(project: Project, spec: RecipeSpec) -> dg.AssetsDefinition:
         group_name=GROUP,
         code_version=code,
         pool=torch_pool(),
+        op_tags=torch_tags(),
         kinds={"pytorch", "safetensors"},
         description=f"{md_text(spec.recipe.merge_method)} merge of {len(spec.experts)} model(s), recipe "
         f"{md_text(spec.file.name)}.",

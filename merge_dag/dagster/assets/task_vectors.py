@@ -7,7 +7,7 @@ from ...core.markdown import md_text
 from ...core.task_vector import compute_task_vector
 from ...core.version import code_version
 from ...project import ModelSource, Project
-from ..resources import MergeDagResource, torch_pool
+from ..resources import MergeDagResource, torch_pool, torch_tags
 from ..steps import Input, Outcome, cached_step, record_model, run_step
 
 GROUP = "task_vectors"
@@ -49,6 +49,7 @@ def task_vector_asset(name: str, base: ModelSource, expert: ModelSource) -> dg.A
         group_name=GROUP,
         code_version=CODE,
         pool=torch_pool(),
+        op_tags=torch_tags(),
         kinds={"pytorch", "safetensors"},
         description=f"Task vector of {md_text(expert.ref)} over {md_text(base.ref)} (float32).",
     )
