@@ -43,13 +43,13 @@ def ties_recipe(tmp_path, fam, e1=None) -> str:
 
 def count_hashes(monkeypatch) -> list[int]:
     calls = [0]
-    real = merge_mod._sha256
+    real = merge_mod.tensor_sha256
 
     def counting(t):
         calls[0] += 1
         return real(t)
 
-    monkeypatch.setattr(merge_mod, "_sha256", counting)
+    monkeypatch.setattr(merge_mod, "tensor_sha256", counting)
     return calls
 
 
