@@ -94,3 +94,16 @@ def stats_key(kind: str, src, calibration: dict, dtype: str) -> str:
 
 def alignment_key(al, calibration: dict, dtype: str) -> str:
     return key_of("alignment", SENS_CODE, alignment_settings(al, calibration, dtype), alignment_inputs(al))
+
+
+def save_statistic(kind: str, stats, tmp, src, settings: dict, seconds: float) -> dict:
+    """Write a per-model statistic (ActivationStats for activations/grams, FisherStats for fishers)
+    into `tmp` as its asset stores it (its meta gains the model, calibration, pass time and the
+    settings of its key); the step's info: tokens, pass seconds and the pass's own counts."""
+    stats.meta.update({"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings})
+    stats.save(tmp)
+    if kind == "fishers":
+        counts = {"rows": stats.meta["rows"], "parameters": len(stats.names)}
+    else:
+        counts = {"sequences": stats.meta["sequences"], "linears": len(stats.names)}
+    return {"tokens": stats.meta["tokens"], **counts, "pass_seconds": seconds}

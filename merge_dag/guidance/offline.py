@@ -142,22 +142,13 @@ class _Stats:
         kind = "grams" if gram else "activations"
         run = compute
         if self.cache is not None:
-            from .cache import stats_key, stats_settings
+            from .cache import save_statistic, stats_key, stats_settings
 
             src = self.cache.source(kind, ref, cal, sequential)
             settings = stats_settings(kind, src, self.batch, self.dtype)
 
             def save(stats, tmp, seconds):  # what the activations/grams asset writes
-                stats.meta.update(
-                    {"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings}
-                )
-                stats.save(tmp)
-                return {
-                    "tokens": stats.meta["tokens"],
-                    "sequences": stats.meta["sequences"],
-                    "linears": len(stats.names),
-                    "pass_seconds": seconds,
-                }
+                return save_statistic(kind, stats, tmp, src, settings, seconds)
 
             def run():
                 key = stats_key(kind, src, self.batch, self.dtype)
@@ -173,23 +164,13 @@ class _Stats:
 
         run = compute
         if self.cache is not None:
-            from .cache import stats_key, stats_settings
+            from .cache import save_statistic, stats_key, stats_settings
 
             src = self.cache.source("fishers", ref, cal, estimator=estimator)
             settings = stats_settings("fishers", src, self.batch, self.dtype)
 
             def save(stats, tmp, seconds):  # what the fishers asset writes
-                stats.meta.update(
-                    {"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings}
-                )
-                stats.save(tmp)
-                n = len(stats.names)
-                return {
-                    "rows": stats.meta["rows"],
-                    "tokens": stats.meta["tokens"],
-                    "parameters": n,
-                    "pass_seconds": seconds,
-                }
+                return save_statistic("fishers", stats, tmp, src, settings, seconds)
 
             def run():
                 key = stats_key("fishers", src, self.batch, self.dtype)

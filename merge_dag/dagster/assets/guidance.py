@@ -25,7 +25,14 @@ from ...core.fingerprint import file_fingerprint
 from ...core.markdown import md_text
 from ...core.params import layer_index
 from ...core.version import code_version
-from ...guidance.cache import FISHER_CODE, SENS_CODE, STATS_CODE, alignment_settings, stats_settings
+from ...guidance.cache import (
+    FISHER_CODE,
+    SENS_CODE,
+    STATS_CODE,
+    alignment_settings,
+    save_statistic,
+    stats_settings,
+)
 from ...project import (
     AlignmentSpec,
     CalibrationSource,
@@ -141,17 +148,7 @@ def stats_asset(kind: str, src: StatsSpec) -> dg.AssetsDefinition:
                 stats = sequential_wanda_stats(model, batches, sparsity=src.sequential, device=merge_dag.device)
             else:
                 stats = collect_activation_stats(model, batches, device=merge_dag.device, gram=gram)
-            seconds = time.perf_counter() - t0
-            stats.meta.update(
-                {"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings}
-            )
-            stats.save(tmp)
-            return {
-                "tokens": stats.meta["tokens"],
-                "sequences": stats.meta["sequences"],
-                "linears": len(stats.names),
-                "pass_seconds": seconds,
-            }
+            return save_statistic(kind, stats, tmp, src, settings, time.perf_counter() - t0)
 
         return run_step(
             context,
@@ -270,16 +267,7 @@ def fisher_asset(src: StatsSpec) -> dg.AssetsDefinition:
             stats = fisher_diagonal(model, batches, device=merge_dag.device, estimator=estimator)
             seconds = time.perf_counter() - t0
             del model
-            stats.meta.update(
-                {"model": src.model.ref, "calibration": src.calibration.ref, "seconds": seconds, **settings}
-            )
-            stats.save(tmp)
-            return {
-                "rows": stats.meta["rows"],
-                "tokens": stats.meta["tokens"],
-                "parameters": len(stats.names),
-                "pass_seconds": seconds,
-            }
+            return save_statistic("fishers", stats, tmp, src, settings, seconds)
 
         return run_step(
             context,

@@ -64,13 +64,11 @@ def build_merge(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, car
 
 
 def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_extra: dict) -> dict:
-    from ...core.card import build_card
     from ...guidance.activations import ActivationStats
     from ...guidance.regmean import regmean_checkpoint
 
     g = prep.spec.guidance.regmean
     models = prep.spec.members
-    fps = {m.ref: m.fingerprint() for m in models}
     regmean_checkpoint(
         [m.open() for m in models],
         [ActivationStats.load(prep.grams[m.ref]) for m in models],
@@ -79,38 +77,14 @@ def _regmean(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_e
         ridge=g.ridge,
         device=merge_dag.device,
     )
-    ck = Checkpoint(out)
-    dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
-    inputs = [{"role": "model", "model": m.ref, "path": str(m.path), "fingerprint": fps[m.ref]} for m in models]
-    card = build_card(
-        "regmean",
-        prep.settings["recipe"],
-        str(prep.spec.file),
-        inputs,
-        dtype,
-        prep.spec.recipe.seed,
-        models[0].ref,
-        len(ck.tensors),
-        card_extra,
-    )
-    write_card(out, card)
-    return {
-        "tensor_count": len(ck.tensors),
-        "bytes": sum(i.nbytes for i in ck.tensors.values()),
-        "method": "regmean",
-        "input_fingerprints": fps,
-        "output_fingerprint": checkpoint_fingerprint(Checkpoint(out)),
-    }
+    return _solved_merge_result(prep, out, "regmean", card_extra, base_role=False)
 
 
 def _fisher(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_extra: dict) -> dict:
-    from ...core.card import build_card
     from ...guidance.fisher import FisherStats, fisher_checkpoint, recipe_out_dtype, recipe_weights
 
     spec = prep.spec
     g = spec.guidance.fisher
-    models = spec.members
-    fps = {m.ref: m.fingerprint() for m in models}
     fisher_checkpoint(
         [e.open() for e in spec.experts],
         [FisherStats.load(prep.fishers[e.ref]) for e in spec.experts],
@@ -122,14 +96,31 @@ def _fisher(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_ex
         out_dtype=recipe_out_dtype(spec.recipe),
         normalize=g.normalize,
     )
+    return _solved_merge_result(prep, out, "fisher", card_extra, base_role=True)
+
+
+def _solved_merge_result(prep: PreparedMerge, out: Path, method: str, card_extra: dict, base_role: bool) -> dict:
+    """The model card and step result of a merge written outside the engine (RegMean, Fisher): the
+    recipe's models as inputs (`base_role`: the base, where the recipe has one, in role `base`; RegMean
+    solves every model alike)."""
+    from ...core.card import build_card
+
+    spec = prep.spec
+    models = spec.members
+    fps = {m.ref: m.fingerprint() for m in models}
     ck = Checkpoint(out)
     dtype = str(next(iter(ck.tensors.values())).dtype).removeprefix("torch.")
     inputs = [
-        {"role": "base" if m is spec.base else "model", "model": m.ref, "path": str(m.path), "fingerprint": fps[m.ref]}
+        {
+            "role": "base" if base_role and m is spec.base else "model",
+            "model": m.ref,
+            "path": str(m.path),
+            "fingerprint": fps[m.ref],
+        }
         for m in models
     ]
     card = build_card(
-        "fisher",
+        method,
         prep.settings["recipe"],
         str(spec.file),
         inputs,
@@ -143,9 +134,9 @@ def _fisher(prep: PreparedMerge, merge_dag: MergeDagResource, out: Path, card_ex
     return {
         "tensor_count": len(ck.tensors),
         "bytes": sum(i.nbytes for i in ck.tensors.values()),
-        "method": "fisher",
+        "method": method,
         "input_fingerprints": fps,
-        "output_fingerprint": checkpoint_fingerprint(Checkpoint(out)),
+        "output_fingerprint": checkpoint_fingerprint(ck),
     }
 
 
