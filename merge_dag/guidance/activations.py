@@ -25,22 +25,19 @@ the same in every batch. The vector statistics (count, sums, max) stay per linea
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..core.checkpoint import atomic_replace_dir
 from .calibration import Batch
 from .errors import GuidanceError
 from .model import decoder_layers, linear_modules
+from .stats_io import read_stats_meta, save_stats_folder
 
 STATS_FILE = "stats.safetensors"
 META_FILE = "stats.json"
@@ -109,32 +106,14 @@ class ActivationStats:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write stats.safetensors + stats.json into `folder` (atomically: a temporary folder renamed)."""
-        folder = Path(folder).absolute()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            save_file(self.tensors(), str(tmp / STATS_FILE), metadata={"format": "pt"})
-            meta = {"format": FORMAT, "gram": self.has_gram, "linears": len(self.count), **self.meta}
-            if self.shared:
-                meta["gram_shared"] = dict(sorted(self.shared.items()))
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return atomic_replace_dir(tmp, folder)
+        meta = {"format": FORMAT, "gram": self.has_gram, "linears": len(self.count), **self.meta}
+        if self.shared:
+            meta["gram_shared"] = dict(sorted(self.shared.items()))
+        return save_stats_folder(folder, self.tensors(), (STATS_FILE, META_FILE), meta)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "ActivationStats":
-        folder = Path(folder)
-        tpath, mpath = folder / STATS_FILE, folder / META_FILE
-        for p in (tpath, mpath):
-            if not p.is_file():
-                raise GuidanceError(f"{p}: activation statistics file is missing")
-        try:
-            meta = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise GuidanceError(f"{mpath}: invalid JSON ({e})") from e
+        tpath, mpath, meta = read_stats_meta(folder, (STATS_FILE, META_FILE), "activation statistics")
         try:
             raw = load_file(str(tpath))
         except Exception as e:  # safetensors raises its own error types

@@ -21,10 +21,16 @@ from ..artifacts import artifact_key
 from ..core.version import code_version
 
 STATS_CODE = code_version(
-    "guidance/activations.py", "guidance/calibration.py", "guidance/model.py", "guidance/lewis.py"
+    "guidance/activations.py",
+    "guidance/calibration.py",
+    "guidance/model.py",
+    "guidance/lewis.py",
+    "guidance/stats_io.py",
 )
 SENS_CODE = code_version("guidance/sens.py", "guidance/calibration.py", "guidance/model.py")
-FISHER_CODE = code_version("guidance/fisher_info.py", "guidance/calibration.py", "guidance/model.py")
+FISHER_CODE = code_version(
+    "guidance/fisher_info.py", "guidance/calibration.py", "guidance/model.py", "guidance/stats_io.py"
+)
 CODE = {
     "activations": STATS_CODE,
     "grams": STATS_CODE,

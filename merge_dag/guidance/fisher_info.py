@@ -24,10 +24,7 @@ hook and dropped at once). Saved as `fisher.safetensors` (float32, one tensor pe
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
@@ -35,11 +32,10 @@ from typing import Iterable, Optional
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..core.checkpoint import atomic_replace_dir
 from .calibration import Batch
 from .errors import GuidanceError
+from .stats_io import read_stats_meta, save_stats_folder
 
 FISHER_FILE = "fisher.safetensors"
 META_FILE = "fisher.json"
@@ -96,35 +92,15 @@ class FisherStats:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """fisher.safetensors + fisher.json into `folder` (atomically: a temporary folder renamed)."""
-        folder = Path(folder).absolute()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            save_file(
-                {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()},
-                str(tmp / FISHER_FILE),
-                metadata={"format": "pt"},
-            )
-            meta = {"format": FORMAT, **self.meta, "tied": dict(sorted(self.tied.items()))}
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return atomic_replace_dir(tmp, folder)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.tensors.items()}
+        meta = {"format": FORMAT, **self.meta, "tied": dict(sorted(self.tied.items()))}
+        return save_stats_folder(folder, tensors, (FISHER_FILE, META_FILE), meta)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "FisherStats":
         """The statistics saved in `folder` (the header and meta only; tensors are read by `get`)."""
         folder = Path(folder)
-        tpath, mpath = folder / FISHER_FILE, folder / META_FILE
-        for p in (tpath, mpath):
-            if not p.is_file():
-                raise GuidanceError(f"{p}: Fisher statistics file is missing")
-        try:
-            meta = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise GuidanceError(f"{mpath}: invalid JSON ({e})") from e
+        tpath, mpath, meta = read_stats_meta(folder, (FISHER_FILE, META_FILE), "Fisher statistics")
         if not isinstance(meta, dict) or not isinstance(meta.get("tied", {}), dict):
             raise GuidanceError(f"{mpath}: expected a JSON object with a 'tied' object")
         try:

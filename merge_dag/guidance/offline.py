@@ -230,6 +230,16 @@ class _Stats:
         return self._once(("alignment", tuple(experts)), "alignment of " + ", ".join(experts), run)
 
 
+def _solved_card(method: str, recipe: Recipe, staged: Path, inputs: list[dict], first: str, extra: dict) -> dict:
+    """The model card of a merge written outside the engine (RegMean, Fisher), as the Dagster step's."""
+    from ..core.card import build_card
+
+    out = Checkpoint(staged)
+    dtype = str(next(iter(out.tensors.values())).dtype).removeprefix("torch.")
+    to_yaml, where = recipe.to_yaml_dict(), str(recipe.source_path)
+    return build_card(method, to_yaml, where, inputs, dtype, recipe.seed, first, len(out.tensors), extra)
+
+
 def _write_result(tmp: Path, obj: dict) -> None:
     import json
 
@@ -313,7 +323,7 @@ def guided_merge(
     (atomically; an existing `out_dir` only if it is an earlier merge_dag output, as for plain merges).
     `dtype`: the working dtype each statistics pass loads its model in; `cache`: the project's
     artifact store (statistics read from it and stored in it), None: recomputed in memory."""
-    from ..core.card import build_card, card_input, write_card
+    from ..core.card import card_input, write_card
     from ..core.checkpoint import atomic_replace_dir
     from ..core.engine import check_target, execute, plan_merge
     from ..core.fingerprint import checkpoint_fingerprint
@@ -351,20 +361,8 @@ def guided_merge(
             cks = [recipe.open_model(r) for r in refs]
             rm = g.regmean
             regmean_checkpoint(cks, stats, staged, a=rm.a, ridge=rm.ridge, device=device, shard_size=shard_size)
-            out = Checkpoint(staged)
-            dtype = str(next(iter(out.tensors.values())).dtype).removeprefix("torch.")
             inputs = [card_input(ck, "model", checkpoint_fingerprint(ck)) for ck in cks]
-            card = build_card(
-                "regmean",
-                recipe.to_yaml_dict(),
-                str(recipe.source_path),
-                inputs,
-                dtype,
-                recipe.seed,
-                refs[0],
-                len(out.tensors),
-                extra(),
-            )
+            card = _solved_card("regmean", recipe, staged, inputs, refs[0], extra())
         elif g.fisher is not None:  # as the Dagster merge step: each expert's Fisher, the weighted average, a card
             from .fisher import fisher_checkpoint, recipe_out_dtype, recipe_weights
 
@@ -383,23 +381,11 @@ def guided_merge(
                 out_dtype=recipe_out_dtype(recipe),
                 normalize=g.fisher.normalize,
             )
-            out = Checkpoint(staged)
-            dtype = str(next(iter(out.tensors.values())).dtype).removeprefix("torch.")
             refs = ([recipe.base_model] if recipe.base_model else []) + experts
             all_cks = ([base] if base is not None else []) + cks
             roles = (["base"] if base is not None else []) + ["model"] * len(cks)
             inputs = [card_input(ck, r, checkpoint_fingerprint(ck)) for ck, r in zip(all_cks, roles)]
-            card = build_card(
-                "fisher",
-                recipe.to_yaml_dict(),
-                str(recipe.source_path),
-                inputs,
-                dtype,
-                recipe.seed,
-                refs[0],
-                len(out.tensors),
-                extra(),
-            )
+            card = _solved_card("fisher", recipe, staged, inputs, refs[0], extra())
         else:  # AIM: the guided (or plain) merge, relaxed towards the base by its activations
             from .activations import sum_stats
             from .aim import aim_checkpoint

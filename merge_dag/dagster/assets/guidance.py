@@ -47,7 +47,7 @@ from ..resources import MergeDagResource, torch_pool, torch_tags
 from ..steps import Input, run_step, upstream
 
 GROUP = "guidance"
-LEWIS_CODE = code_version("guidance/lewis.py", "guidance/activations.py")
+LEWIS_CODE = code_version("guidance/lewis.py", "guidance/activations.py", "guidance/stats_io.py")
 RESULT = "result.json"
 
 
