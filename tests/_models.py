@@ -30,6 +30,22 @@ def tiny_config(layers: int = 2, hidden: int = 32, vocab: int = 64) -> dict:
     return d
 
 
+def save_hf_llama(folder, state=None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A tiny transformers Llama (tiny_config) saved as a HF folder with the zoo's tokenizer: its own
+    random init (seed) or `state`; returns the saved state dict."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from merge_dag.zoo.tokenizer import save_tokenizer
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**tiny_config(layers=2, hidden=32, vocab=64)))
+    if state is not None:
+        model.load_state_dict(state)
+    model.save_pretrained(str(folder))
+    save_tokenizer(folder)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def base_state(layers: int = 2, hidden: int = 32, vocab: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -22,7 +22,7 @@ from merge_dag.guidance.calibration import load_batches, load_tokenizer
 from merge_dag.guidance.errors import GuidanceError
 from merge_dag.guidance.model import load_model
 
-from _models import tiny_config
+from _models import save_hf_llama, tiny_config
 
 TEXTS = [
     "add:13+46=59",
@@ -36,29 +36,15 @@ TEXTS = [
 CI = "data/models/ci"
 
 
-def _save_llama(folder, state=None, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from merge_dag.zoo.tokenizer import save_tokenizer
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**tiny_config(layers=2, hidden=32, vocab=64)))
-    if state is not None:
-        model.load_state_dict(state)
-    model.save_pretrained(str(folder))
-    save_tokenizer(folder)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """base + two experts (base + noise), saved HF folders with the zoo's tokenizer, and calibration files."""
     root = tmp_path_factory.mktemp("fisher")
-    base = _save_llama(root / "base")
+    base = save_hf_llama(root / "base")
     out = {"base": root / "base"}
     for i, (seed, sigma) in enumerate([(100, 0.05), (101, 0.01)]):
         g = torch.Generator().manual_seed(seed)
-        _save_llama(root / f"e{i}", {k: v + sigma * torch.randn(v.shape, generator=g) for k, v in base.items()})
+        save_hf_llama(root / f"e{i}", {k: v + sigma * torch.randn(v.shape, generator=g) for k, v in base.items()})
         out[f"e{i}"] = root / f"e{i}"
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     qa = [t.split("=", 1) for t in TEXTS if "=" in t]

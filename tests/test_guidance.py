@@ -16,7 +16,7 @@ from merge_dag.guidance.calibration import load_batches, load_texts, load_tokeni
 from merge_dag.guidance.errors import CalibrationError, GuidanceError
 from merge_dag.guidance.model import linear_modules, load_model
 
-from _models import tiny_config
+from _models import save_hf_llama, tiny_config
 
 TEXTS = [
     "add:13+46=59",
@@ -43,30 +43,16 @@ LINEAR_TYPES = {
 }
 
 
-def _save_llama(folder, state=None, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from merge_dag.zoo.tokenizer import save_tokenizer
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**tiny_config(layers=2, hidden=32, vocab=64)))
-    if state is not None:
-        model.load_state_dict(state)
-    model.save_pretrained(str(folder))
-    save_tokenizer(folder)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     """base + two experts (base + noise), each a saved HF folder with the zoo's tokenizer."""
     root = tmp_path_factory.mktemp("guidance")
-    base = _save_llama(root / "base")
+    base = save_hf_llama(root / "base")
     out = {"base": root / "base"}
     for i, (seed, sigma) in enumerate([(100, 0.02), (101, 0.005)]):
         g = torch.Generator().manual_seed(seed)
         st = {k: v + sigma * torch.randn(v.shape, generator=g) for k, v in base.items()}
-        _save_llama(root / f"e{i}", st)
+        save_hf_llama(root / f"e{i}", st)
         out[f"e{i}"] = root / f"e{i}"
     calib = root / "calib.jsonl"
     calib.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS) + "\n")
