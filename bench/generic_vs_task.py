@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -76,8 +75,6 @@ def main() -> int:
     if not (ROOT / rt.MODELS / "zoo.json").is_file():
         print(f"error: {ROOT / rt.MODELS}: no real zoo; build it with `merge-dag zoo --size real`", file=sys.stderr)
         return 2
-    os.environ["MERGE_DAG_DATA"] = str(args.work.absolute())
-    os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")
     rt.sweep_folder(args.work)
     t0 = time.perf_counter()
     scores = rt.run_sweep(args.work, recipes)

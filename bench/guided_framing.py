@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -164,8 +163,6 @@ def main() -> int:
         for name, r in {**val, **lewis_recipes()}.items():
             print(name, json.dumps({k: r.get(k) for k in ("merge_method", "parameters", "guidance", "evals")}))
         return 0
-    os.environ["MERGE_DAG_DATA"] = str(args.work.absolute())
-    os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")
     rt.sweep_folder(args.work)
     t0 = time.perf_counter()
     vscores = rt.run_sweep(args.work, val)

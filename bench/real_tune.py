@@ -206,7 +206,11 @@ def write_yaml(path: Path, data: dict, header: str) -> None:
 
 
 def sweep_folder(work: Path) -> None:
-    """The sweep's data folder: its own recipes, the real project's tasks, eval and calibration."""
+    """The sweep's data folder: its own recipes, the real project's tasks, eval and calibration; this
+    process's project data folder from now on (MERGE_DAG_DATA), evaluating in bfloat16 unless
+    MERGE_DAG_EVAL_DTYPE says otherwise (as `merge-dag demo --size real`)."""
+    os.environ["MERGE_DAG_DATA"] = str(work.absolute())
+    os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")
     work.mkdir(parents=True, exist_ok=True)
     for name in ("tasks", "eval", "calibration"):
         link = work / name
@@ -298,8 +302,6 @@ def main() -> int:
             for name, r in sweep.items():
                 print(f"  {name}: {json.dumps({k: r[k] for k in ('parameters', 'guidance') if k in r})}")
             continue
-        os.environ["MERGE_DAG_DATA"] = str(args.work.absolute())
-        os.environ.setdefault("MERGE_DAG_EVAL_DTYPE", "bfloat16")  # as `merge-dag demo --size real`
         sweep_folder(args.work)
         scores = run_sweep(args.work, sweep) if sweep else {}
         for fam, ts in trials.items():
