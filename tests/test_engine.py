@@ -237,6 +237,26 @@ def test_inf_in_an_input(tmp_path, family):
     _assert_no_output(tmp_path, out)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("where,bad", [("e2", "nan"), ("base", "inf"), ("e0", "-inf")])
+def test_non_finite_input_is_named_whatever_the_method(tmp_path, family, method, where, bad):
+    """Streamed steps (task_arithmetic, ties) check only their output on the way and then name the
+    input; the other methods check every input as it is read: the same error either way."""
+    name = "model.layers.1.self_attn.q_proj.weight"
+    state = load_all(family[where])
+    state[name][1, 2] = float(bad)
+    shutil.rmtree(family[where])
+    write_model(family[where], state, tiny_config(3))
+    entry = "\n  - model: {}\n    parameters: {{weight: 1.0, density: 0.4}}"
+    models = "".join(entry.format(family[e]) for e in ("e0", "e1", "e2"))
+    recipe = recipe_file(tmp_path, f"merge_method: {method}\nbase_model: {family['base']}\nmodels:{models}\nseed: 1\n")
+    out = tmp_path / "out"
+    word = "NaN" if bad == "nan" else "Inf"
+    with pytest.raises(MergeInputError, match=rf"model '.*{where}': tensor '{name}' contains {word} values"):
+        merge(recipe, out)
+    _assert_no_output(tmp_path, out)
+
+
 def test_truncated_input(tmp_path, family):
     shard = sorted(family["e1"].glob("*.safetensors"))[-1]
     data = shard.read_bytes()

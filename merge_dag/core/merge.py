@@ -1,31 +1,38 @@
 """Executing a merge plan: one tensor at a time, streamed into a new checkpoint (merge_dag.core.plan
 makes the plan).
 
-Memory: for each output tensor the engine holds that tensor of every input (float32), the method's
-temporaries, the raw bytes (storage dtype) of this step's and of the next step's tensors (read
-ahead on a second thread), and this output and the previous one (written on a third thread), so
-peak memory is a fixed multiple of the largest tensor whatever the model size: for bf16 inputs
-about (2 x inputs + 1) float32 copies of it (more for the methods that declare more `work_copies`:
-sce, multislerp and the SVD-based ones). On the CPU these live in buffers reused from step to step
-(`Buffers`), sized by the largest tensor: a fresh multi-MB tensor costs page faults, a reused one
-does not. Everything is checked
-before the first byte is written (names, shapes, paths, parameters); what can only be seen while
-reading (NaN/Inf, identical inputs) aborts the merge and removes its temporary folder, so no output
-folder ever exists unless it is complete.
+Pipeline: while tensor k is merged, tensor k + 1 is read (a second thread) and tensor k - 1 is
+written (a third) and hashed for the output's fingerprint (a fourth). The read-ahead thread also
+checks the inputs for NaN/Inf and, for a streamed method (MergeMethod.prepare), does the work that
+needs one tensor's inputs alone (TIES: the top-k cuts), so it overlaps the merge of tensor k.
+
+Memory: for each output tensor the engine holds the raw bytes (storage dtype) of this step's and
+of the next step's tensors, and this output and the previous one; a method that streams
+(task_arithmetic, TIES; MergeMethod.merge_into) works from those raw bytes chunk by chunk and
+needs nothing more than cache-sized buffers. Any other method gets every input as float32 besides
+(about (2 x inputs + 1) float32 copies of the tensor for bf16 inputs; more for the methods that
+declare more `work_copies`: sce, multislerp and the SVD-based ones). So peak memory is a fixed
+multiple of the largest tensor whatever the model size. On the CPU these live in buffers reused
+from step to step (`Buffers`), sized by the largest tensor: a fresh multi-MB tensor costs page
+faults, a reused one does not. Everything is checked before the first byte is written (names,
+shapes, paths, parameters); what can only be seen while reading (NaN/Inf, identical inputs) aborts
+the merge and removes its temporary folder, so no output folder ever exists unless it is complete.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import math
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
@@ -57,6 +64,10 @@ from .plan import (
 from .recipe import Recipe, load_recipe, parse_recipe
 
 R = TypeVar("R")
+# steps read ahead of the one being merged, and merged outputs still being written behind it: one
+# each (deeper queues measured no faster on the bench, and each step more holds every input once more)
+READ_AHEAD = 1
+WRITE_BEHIND = 1
 
 
 @dataclass
@@ -106,10 +117,12 @@ def _read_raw(
     known: Optional[KnownDigests] = None,
     bufs: Optional["Buffers"] = None,
     slot: int = 0,
+    check_finite: bool = True,
 ) -> tuple[list[torch.Tensor], list[str]]:
     """Raw tensors (storage dtype, CPU) of the base then each source, and their sha256 digests
     (from `known` where the fingerprint cache has them, else computed here), each float tensor
-    checked for NaN/Inf (MergeInputError naming the model and tensor).
+    checked for NaN/Inf (MergeInputError naming the model and tensor) unless `check_finite` is
+    false (a streamed step checks its output instead, see _merge_one_inner).
 
     Runs on the read-ahead thread, on one intra-op thread: file reads and hashing release the GIL,
     so they and the checks overlap the merge arithmetic of the previous tensor. With `bufs`, the
@@ -136,11 +149,56 @@ def _read_raw(
                     base32 = raws[0].to(torch.float32)
                 raws[i] = raws[i].to(torch.float32).add_(base32)
                 digests[i] = "delta:" + digests[i]
+    if check_finite:
+        _check_finite_inputs(plan, srcs, raws)
+    return raws, digests
+
+
+def _check_finite_inputs(plan: MergePlan, srcs: list[TensorInput], raws: list[torch.Tensor]) -> None:
+    """MergeInputError naming the first input whose float tensor holds NaN or Inf."""
     for s, raw in zip(srcs, raws):
         if raw.dtype in FLOAT_DTYPES and raw.numel() and not _all_finite(raw):
             bad = "NaN" if bool(torch.isnan(raw).any()) else "Inf"
             raise MergeInputError(f"model {plan.inputs[s.model].name!r}: tensor {s.tensor!r} contains {bad} values")
-    return raws, digests
+
+
+def _streamed(plan: MergePlan, method: MergeMethod, step: TensorStep, bufs: Optional["Buffers"]) -> bool:
+    """Whether this step merges straight from the raw tensors (MergeMethod.merge_into): on the
+    CPU, float tensors, no vocabulary remapping, and a method that streams these parameters."""
+    return bufs is not None and step.in_dtype in FLOAT_DTYPES and step.vocab is None and method.streams(step.params)
+
+
+def _tensor_task(plan: MergePlan, step: TensorStep, tensors: list[torch.Tensor], device: torch.device) -> TensorTask:
+    """The method's view of one step: base (when the step has one), the other inputs, parameters,
+    and for randomized methods a generator seeded by (recipe seed, tensor name)."""
+    gen = None
+    if plan.method.randomized:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(_tensor_seed(plan.recipe.seed, step.name))
+    base = tensors[0] if step.base else None
+    models = tensors[1:] if step.base else tensors
+    return TensorTask(step.name, base, models, [s.params for s in step.sources], step.params, gen)
+
+
+def _read_step(
+    plan: MergePlan,
+    method: MergeMethod,
+    step: TensorStep,
+    known: KnownDigests,
+    bufs: Optional["Buffers"],
+    rbufs: Optional["Buffers"],
+    slot: int,
+    device: torch.device,
+) -> tuple[list[torch.Tensor], list[str], Optional[tuple[TensorTask, Any]]]:
+    """_read_raw, then for a streamed step the method's task and what its prepare() made of it
+    (TIES: each task vector's top-k cut), here on the read-ahead thread, so that work overlaps the
+    previous step's merge instead of adding to it."""
+    streamed = _streamed(plan, method, step, bufs)
+    raws, digests = _read_raw(plan, step, known, rbufs, slot, check_finite=not streamed)
+    if not streamed:
+        return raws, digests, None
+    task = _tensor_task(plan, step, raws, device)
+    return raws, digests, (task, method.prepare(task))
 
 
 def _one_thread(fn: Callable[..., R], *args) -> R:
@@ -191,12 +249,7 @@ def execute(
                 out_dir, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan)
             ) as writer,
         ):
-
-            def write(name: str, t: torch.Tensor) -> None:  # on the writer thread
-                writer.write(name, t)
-                out_digests[name] = tensor_sha256(t)
-
-            merge_steps(plan, plan.steps, device, write, digests, same_pairs, tick)
+            merge_steps(plan, plan.steps, device, writer.write, digests, same_pairs, tick, out_digests)
             raise_if_identical(plan, same_pairs)
             fps = input_fingerprints(plan, digests)
             card = write_metadata(plan, writer, fps, card_extra or {})
@@ -272,32 +325,56 @@ def merge_steps(
     digests: list[dict[str, str]],
     same_pairs: set[tuple[int, int]],
     tick: Optional[Callable[[int], None]] = None,
+    out_digests: Optional[dict[str, str]] = None,
 ) -> None:
     """Merge `steps` in order and hand each result to `write`, reading the next tensor ahead on a
-    second thread and writing the previous result on a third. Records every input tensor's digest
-    in `digests` (task-vector reads excepted) and drops from `same_pairs` each pair of inputs seen
-    to differ.
+    second thread and writing the previous result on a third (and, with `out_digests`, hashing it
+    into out_digests[name] on a fourth, so the writer only writes). Records every input tensor's
+    digest in `digests` (task-vector reads excepted) and drops from `same_pairs` each pair of
+    inputs seen to differ.
 
     In flight at any moment: the tensors of the step being merged, the raw tensors of the next one
-    (read ahead) and the previous step's output (being written): bounded, one of each."""
+    (read ahead) and the previous step's output (being written and hashed): bounded, one of each.
+    Python's cyclic garbage collector is paused meanwhile (the loop makes no cycles; its full
+    passes over every object of torch cost a second of a large merge)."""
     method = plan.method()
     torch.get_num_threads()  # fixes this thread's intra-op setting before the helpers set theirs
     known = KnownDigests()
-    # output slots alternate: slot k % 2 is free once the write of step k - 2 has finished, and
-    # that write is waited for before step k - 1's is submitted
+    # output slots alternate: slot k % 2 is free once the write (and hash) of step k - 2 has
+    # finished, and those are waited for before step k - 1's are submitted
     bufs = Buffers(device) if device.type == "cpu" else None
     # raw bytes alternate too: step k + 1 is read into slot (k + 1) % 2 while step k (the other
     # slot) is merged; every merged output is copied out of them into `bufs` before its write
     rbufs = Buffers(torch.device("cpu")) if bufs is not None else None
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-read")
     wio = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-write")
-    written = None
+    hio = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merge-hash") if out_digests is not None else None
+
+    def digest(name: str, t: torch.Tensor) -> None:
+        out_digests[name] = tensor_sha256(t)  # type: ignore[index]
+
+    in_flight: deque = deque()  # (step, its write and hash), oldest first
+    reads: deque = deque()  # the read-ahead futures, next step first
+    n_raw, n_out = READ_AHEAD + 1, WRITE_BEHIND + 1  # slots
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        pending = io.submit(_one_thread, _read_raw, plan, steps[0], known, rbufs, 0) if steps else None
+
+        def read(j: int):  # step j into raw slot j % n_raw, on the read-ahead thread
+            return io.submit(_one_thread, _read_step, plan, method, steps[j], known, bufs, rbufs, j % n_raw, device)
+
+        def wait_oldest() -> None:
+            j, futures = in_flight.popleft()
+            for f in futures:
+                f.result()
+            if tick is not None:
+                tick(j + 1)
+
         for k, step in enumerate(steps):
-            raws, raw_digests = pending.result()
-            if k + 1 < len(steps):  # into slot (k + 1) % 2: step k - 1's raw tensors are no longer used
-                pending = io.submit(_one_thread, _read_raw, plan, steps[k + 1], known, rbufs, (k + 1) % 2)
+            # steps k + 1 .. k + READ_AHEAD go to the slots of steps k - READ_AHEAD .. k - 1 (merged)
+            while len(reads) < n_raw and k + len(reads) < len(steps):
+                reads.append(read(k + len(reads)))
+            raws, raw_digests, prepared = reads.popleft().result()
             srcs = ([step.base] if step.base else []) + step.sources
             for s, d in zip(srcs, raw_digests):
                 if s.delta is None:
@@ -308,21 +385,24 @@ def merge_steps(
                 for a, b in list(same_pairs):
                     if a in by_model and b in by_model and by_model[a] != by_model[b]:
                         same_pairs.discard((a, b))
-            out = _merge_one(plan, method, step, srcs, raws, device, bufs, k % 2)
-            del raws
-            if written is not None:
-                written.result()  # one output at most waits to be written
-                if tick is not None:
-                    tick(k)
-            written = wio.submit(_one_thread, write, step.name, out)
+            while in_flight and in_flight[0][0] <= k - n_out:  # output slot k % n_out is free again
+                wait_oldest()
+            out = _merge_one(plan, method, step, srcs, raws, device, bufs, k % n_out, prepared)
+            del raws, prepared
+            futures = [wio.submit(_one_thread, write, step.name, out)]
+            if hio is not None:
+                futures.append(hio.submit(_one_thread, digest, step.name, out))
+            in_flight.append((k, futures))
             del out
-        if written is not None:
-            written.result()
-            if tick is not None:
-                tick(len(steps))
+        while in_flight:
+            wait_oldest()
     finally:
+        if gc_was_enabled:
+            gc.enable()
         io.shutdown(wait=True, cancel_futures=True)
         wio.shutdown(wait=True, cancel_futures=True)
+        if hio is not None:
+            hio.shutdown(wait=True, cancel_futures=True)
 
 
 def raise_if_identical(plan: MergePlan, same_pairs: set[tuple[int, int]]) -> None:
@@ -376,13 +456,14 @@ def _merge_one(
     device: torch.device,
     bufs: Optional["Buffers"] = None,
     slot: int = 0,
+    prepared: Optional[tuple[TensorTask, Any]] = None,
 ) -> torch.Tensor:
     """One step, inside merge_dag.core.chunks.workers: the dtype casts and checks here run on one
     intra-op thread (on a shared 2-core machine a 2-thread cast is slower than a 1-thread one), the
     method's chunk loops still on the segment workers. With `bufs`, the float32 inputs and the
     output live in reused buffers (the output in buffer `slot`, which must not be in use)."""
     with workers(torch.empty(0, device=device)):
-        return _merge_one_inner(plan, method, step, srcs, raws, device, bufs, slot)
+        return _merge_one_inner(plan, method, step, srcs, raws, device, bufs, slot, prepared)
 
 
 def _merge_one_inner(
@@ -394,8 +475,9 @@ def _merge_one_inner(
     device: torch.device,
     bufs: Optional["Buffers"],
     slot: int,
+    prepared: Optional[tuple[TensorTask, Any]] = None,
 ) -> torch.Tensor:
-    # the inputs were checked for NaN/Inf on the read-ahead thread (_read_raw)
+    # the inputs were checked for NaN/Inf on the read-ahead thread (_read_raw), streamed steps' below
     if step.in_dtype not in FLOAT_DTYPES:
         # integer/bool tensors: passthrough copies its one source; other methods copy the tensor only
         # when every input holds the same bytes (a buffer such as position ids), else refuse it
@@ -412,6 +494,18 @@ def _merge_one_inner(
         if bufs is None:
             return raws[0]
         return bufs.take(("out", slot), step.shape, raws[0].dtype).copy_(raws[0].view(step.shape))
+    if _streamed(plan, method, step, bufs):  # straight from the raw tensors into this slot's output buffer
+        if prepared is None:  # (parts and tests call this without the read-ahead thread's work)
+            task = _tensor_task(plan, step, raws, device)
+            prepared = (task, method.prepare(task))
+        task, state = prepared
+        out = bufs.take(("out", slot), step.shape, step.out_dtype)  # type: ignore[union-attr]
+        method.merge_into(task, out, state)
+        # the inputs were not checked on reading: a streaming method's output is non-finite
+        # wherever an input is (MergeMethod.streams), so only then are they checked, to name it
+        if out.numel() and not _all_finite(out):
+            _check_finite_inputs(plan, srcs, raws)
+        return _checked_output(plan, step, out)
     # raw buffers are fresh per read and already hashed, so methods may work on them in place; the
     # float32 copies go to reused buffers (on the CPU; bits identical to .to(torch.float32))
     if bufs is None:
@@ -423,13 +517,7 @@ def _merge_one_inner(
         ]
     if step.vocab is not None:  # rows by token: each input's rows onto the output vocabulary
         floats = step.vocab.remap(floats, [s.model for s in srcs])
-    base = floats[0] if step.base else None
-    models = floats[1:] if step.base else floats
-    gen = None
-    if plan.method.randomized:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(_tensor_seed(plan.recipe.seed, step.name))
-    task = TensorTask(step.name, base, models, [s.params for s in step.sources], step.params, gen)
+    task = _tensor_task(plan, step, floats, device)
     out = method.merge(task)
     if tuple(out.shape) != step.shape:
         raise RuntimeError(
@@ -439,6 +527,11 @@ def _merge_one_inner(
         out = out.to(step.out_dtype)
     else:  # the same cast into this slot's reused buffer (out may be one of the float32 buffers)
         out = bufs.take(("out", slot), step.shape, step.out_dtype).copy_(out)
+    return _checked_output(plan, step, out)
+
+
+def _checked_output(plan: MergePlan, step: TensorStep, out: torch.Tensor) -> torch.Tensor:
+    """`out`, once checked for NaN/Inf (MergeOutputError naming the tensor and the parameters)."""
     if out.numel() and not _all_finite(out):  # the same single aminmax pass as for the inputs
         bad = "NaN" if bool(torch.isnan(out).any()) else "Inf"
         raise MergeOutputError(

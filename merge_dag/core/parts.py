@@ -61,7 +61,6 @@ from .merge import (
     output_errors,
     raise_if_identical,
     shard_metadata,
-    tensor_sha256,
     write_metadata,
 )
 from .plan import MergePlan, check_target
@@ -287,12 +286,7 @@ def execute_part(
         with CheckpointWriter(
             target, out_tensors(plan), parse_size(shard_size), metadata=shard_metadata(plan), only_shards=lay.shards
         ) as writer:
-
-            def write(name: str, t: torch.Tensor) -> None:  # on the writer thread
-                writer.write(name, t)
-                out_digests[name] = tensor_sha256(t)
-
-            merge_steps(plan, steps, device, write, digests, same_pairs)
+            merge_steps(plan, steps, device, writer.write, digests, same_pairs, out_digests=out_digests)
             sizes = [writer.shard_file_size(si) for si in lay.shards]
             writer.commit_shards(staging)
     manifest = {

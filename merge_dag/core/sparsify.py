@@ -125,15 +125,79 @@ KEEP_ALL = TopCut(-_INF)
 KEEP_NONE = TopCut(_INF)
 
 
-def top_cuts(flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor] = None) -> list[TopCut]:
-    """For each k, the cut keeping exactly the k largest magnitudes of `flat` (1-D float32).
+class Deltas:
+    """A task vector `x - base` (or `x`), read chunk by chunk as float32: how every top-k pass and
+    every masked loop below reads it.
+
+    In place (`stream=False`; x is float32, contiguous): the first pass subtracts base into x, which
+    becomes its task vector (as sparsify promises), and `settled()` says so; later passes read x.
+    Streamed (`stream=True`): x and base stay as they are, in any float dtype (the engine's bf16
+    read buffers), and every pass recomputes x - base in float32 into a chunk-sized buffer, so no
+    float32 copy of the tensor is ever made: each pass reads 2 bytes per input entry instead of
+    casting, writing and re-reading 4. The values are the same bits either way (cast, then subtract).
+    """
+
+    def __init__(self, x: torch.Tensor, base: Optional[torch.Tensor] = None, stream: bool = False):
+        if base is not None and base.numel() != x.numel():
+            raise ValueError(f"base shape {list(base.shape)} differs from {list(x.shape)}")
+        self.x = x.reshape(-1)
+        self.base = base.reshape(-1) if base is not None else None
+        self.stream = stream
+
+    def chunk(self, s: int, e: int, buf: torch.Tensor, b32: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Entries [s, e) as float32. Streamed: computed into `buf` (b32: the base's entries [s, e)
+        already in float32, shared by several task vectors); in place: x's own entries (the base
+        subtracted into them until settled())."""
+        if not self.stream:
+            v = self.x[s:e]
+            if self.base is not None:
+                v.sub_(self.base[s:e])
+            return v
+        d = buf[: e - s]
+        if self.base is None:
+            return d.copy_(self.x[s:e])
+        if b32 is None:
+            b32 = scratch("deltas:base", e - s, torch.float32, d.device).copy_(self.base[s:e])
+        if self.x.dtype == torch.float32:
+            return torch.sub(self.x[s:e], b32, out=d)
+        return d.copy_(self.x[s:e]).sub_(b32)
+
+    def sample(self, off: int, stride: int, runs: int, out: torch.Tensor) -> torch.Tensor:
+        """The SAMPLE_RUN entries from off + i * stride on, for i < runs, into `out` (runs x SAMPLE_RUN)."""
+
+        def runs_of(t: torch.Tensor) -> torch.Tensor:
+            return t[off : off + runs * stride].view(runs, stride)[:, :SAMPLE_RUN]
+
+        out.copy_(runs_of(self.x))
+        if self.base is not None:
+            out.sub_(runs_of(self.base))  # in float32 (a bf16 base is cast exactly)
+        return out
+
+    def settled(self) -> None:
+        """A whole pass is done: in place, x now holds the task vector."""
+        if not self.stream:
+            self.base = None
+
+    def materialize(self) -> None:
+        """In place: finish x -= base now (nothing to do when streamed)."""
+        if not self.stream and self.base is not None:
+            self.x.sub_(self.base)
+            self.base = None
+
+
+def top_cuts(
+    flat: torch.Tensor, ks: Sequence[int], base: Optional[torch.Tensor] = None, stream: bool = False
+) -> list[TopCut]:
+    """For each k, the cut keeping exactly the k largest magnitudes of `flat` (1-D float32), or of
+    flat - base.
 
     Linear time. Large tensors: a sample brackets the thresholds and one histogram pass over the
     bracket finds them exactly (see `select`); otherwise, or when the bracket misses, the radix
     select: one histogram pass over the top 16 bits of |x| and one over the low 16 bits of the
     bucket(s) holding the thresholds; several ks share the passes (breadcrumbs needs two).
-    With `base`, flat -= base is done in the first pass."""
-    return select(flat, ks, base)[0]
+    With `base`, flat -= base is done in the first pass; with `stream` (see Deltas) flat and base
+    are left as they are (any float dtype) and only the cuts come back."""
+    return select(flat, ks, base, stream=stream)[0]
 
 
 def select(
@@ -141,13 +205,15 @@ def select(
     ks: Sequence[int],
     base: Optional[torch.Tensor] = None,
     bracket: "Optional[tuple[int, int]] | str" = "sample",
+    stream: bool = False,
 ) -> tuple[list[TopCut], str]:
     """top_cuts, and which path found the cuts: "trivial" (every k is 0 or >= n), "bracket" (one
     pass), "fallback" (the bracket missed: the radix select after it) or "radix".
 
     `bracket`: "sample" (from a sample when the tensor is large enough), None (radix only) or an
     explicit (lo, hi) pair of |x| bit patterns (tests force the paths with it)."""
-    n = flat.numel()
+    src = Deltas(flat, base, stream)
+    n = src.x.numel()
     cuts: list[Optional[TopCut]] = [None] * len(ks)
     todo = []
     for j, k in enumerate(ks):
@@ -158,37 +224,35 @@ def select(
         else:
             todo.append(j)
     if not todo:
-        if base is not None:
-            flat.sub_(base.reshape(-1))
+        src.materialize()
         return cuts, "trivial"  # type: ignore[return-value]
 
     path = "radix"
     if bracket == "sample":
-        bracket = sample_bracket(flat, base, [ks[j] for j in todo]) if n >= SAMPLE_MIN_N else None
+        bracket = sample_bracket(src, [ks[j] for j in todo]) if n >= SAMPLE_MIN_N else None
     if bracket is not None:
         lo, hi = bracket  # type: ignore[misc]
         if not 0 <= lo <= hi < lo + BRACKET_MAX:
             raise ValueError(f"bracket {bracket}: need 0 <= lo <= hi < lo + {BRACKET_MAX}")
-        found = _bracket_cuts(flat, base, [ks[j] for j in todo], lo, hi)
-        base = None  # subtracted by that pass
+        found = _bracket_cuts(src, [ks[j] for j in todo], lo, hi)
+        src.settled()
         if found is not None:
             for j, cut in zip(todo, found):
                 cuts[j] = cut
             return cuts, "bracket"  # type: ignore[return-value]
         path = "fallback"
-    _radix_cuts(flat, ks, todo, cuts, base)
+    _radix_cuts(src, ks, todo, cuts)
     return cuts, path  # type: ignore[return-value]
 
 
-def _radix_cuts(
-    flat: torch.Tensor, ks: Sequence[int], todo: list[int], cuts: list[Optional[TopCut]], base: Optional[torch.Tensor]
-) -> None:
+def _radix_cuts(src: Deltas, ks: Sequence[int], todo: list[int], cuts: list[Optional[TopCut]]) -> None:
     """The radix select: fills cuts[j] for j in todo (0 < ks[j] < n)."""
-    n = flat.numel()
-    step = min(chunk_size(flat), n)
-    with workers(flat) as w:
+    n = src.x.numel()
+    step = min(chunk_size(src.x), n)
+    with workers(src.x) as w:
         segs = segments(n, step, w)
-        hist_c = _hi_histogram(flat, base, step, segs)
+        hist_c = _hi_histogram(src, step, segs)
+        src.settled()
         from_top = hist_c.flip(0).cumsum(0)  # from_top[i]: count in buckets >= 32767 - i
 
         where: dict[int, tuple[int, int]] = {}  # j -> (bucket, count strictly above it)
@@ -203,30 +267,25 @@ def _radix_cuts(
                 where[j] = (bucket, above)
         if not where:
             return
-        per_seg = _lo_histograms(flat, step, segs, sorted({b for b, _ in where.values()}))
+        per_seg = _lo_histograms(src, step, segs, sorted({b for b, _ in where.values()}))
 
     for j, (bucket, above) in where.items():
         cuts[j] = _cut_in_bucket(ks[j], bucket, above, per_seg, segs)
 
 
-def _hi_histogram(
-    flat: torch.Tensor, base: Optional[torch.Tensor], step: int, segs: list[tuple[int, int]]
-) -> torch.Tensor:
-    """Counts of the top 16 bits of |x| over the whole tensor (on the CPU); flat -= base is fused in."""
-    dev = flat.device
-    bits = flat.view(torch.int32)
-    bflat = base.reshape(-1) if base is not None else None
+def _hi_histogram(src: Deltas, step: int, segs: list[tuple[int, int]]) -> torch.Tensor:
+    """Counts of the top 16 bits of |x| over the whole tensor (on the CPU)."""
+    dev = src.x.device
 
     def pass1(_i: int, lo: int, hi: int) -> torch.Tensor:
         buf = scratch("topk:bits", min(step, hi - lo), torch.int32, dev)
         idx = scratch("topk:idx", buf.numel(), torch.int64, dev)
+        dbuf = scratch("topk:delta", buf.numel(), torch.float32, dev)
         ones = ones_i64(buf.numel(), dev)
         hist = torch.zeros(_HI_BINS, dtype=torch.int64, device=dev)
         for s, e in spans(lo, hi, step):
-            if bflat is not None:
-                flat[s:e].sub_(bflat[s:e])
             b, ix = buf[: e - s], idx[: e - s]
-            torch.bitwise_and(bits[s:e], _ABS, out=b)
+            torch.bitwise_and(src.chunk(s, e, dbuf).view(torch.int32), _ABS, out=b)
             b.bitwise_right_shift_(16)
             ix.copy_(b)
             hist.scatter_add_(0, ix, ones[: e - s])  # counts; twice as fast as bincount on the CPU
@@ -236,24 +295,24 @@ def _hi_histogram(
 
 
 def _lo_histograms(
-    flat: torch.Tensor, step: int, segs: list[tuple[int, int]], buckets: list[int]
+    src: Deltas, step: int, segs: list[tuple[int, int]], buckets: list[int]
 ) -> list[dict[int, torch.Tensor]]:
     """Per segment, for each bucket: counts of the low 16 bits of the |x| inside it (bin 0 = below
     the bucket, 65537 = above it), on the CPU."""
-    dev = flat.device
-    bits = flat.view(torch.int32)
+    dev = src.x.device
 
     def pass2(_i: int, lo: int, hi: int) -> dict[int, torch.Tensor]:
         buf = scratch("topk:bits", min(step, hi - lo), torch.int32, dev)
         buf2 = scratch("topk:bits2", buf.numel(), torch.int32, dev)
         idx = scratch("topk:idx", buf.numel(), torch.int64, dev)
+        dbuf = scratch("topk:delta", buf.numel(), torch.float32, dev)
         ones = ones_i64(buf.numel(), dev)
         low = {b: torch.zeros(_LO_BINS, dtype=torch.int64, device=dev) for b in buckets}
         for s, e in spans(lo, hi, step):
             b = buf[: e - s]
             b2 = buf2[: e - s]
             ix = idx[: e - s]
-            torch.bitwise_and(bits[s:e], _ABS, out=b)
+            torch.bitwise_and(src.chunk(s, e, dbuf).view(torch.int32), _ABS, out=b)
             for bucket in buckets:
                 torch.sub(b, (bucket << 16) - 1, out=b2)
                 b2.clamp_(0, _LO_BINS - 1)
@@ -309,27 +368,21 @@ def sample_positions(n: int) -> tuple[int, int, int]:
     return (blocks // 2) * SAMPLE_RUN, stride, runs
 
 
-def sample_bracket(flat: torch.Tensor, base: Optional[torch.Tensor], ks: Sequence[int]) -> Optional[tuple[int, int]]:
-    """|x| bit patterns [lo, hi] that hold each k-th largest magnitude of flat (- base) with high
-    probability, from a strided sample; None when the bracket would be wider than BRACKET_MAX.
+def sample_bracket(src: Deltas, ks: Sequence[int]) -> Optional[tuple[int, int]]:
+    """|x| bit patterns [lo, hi] that hold each k-th largest magnitude of the task vector `src`
+    with high probability, from a strided sample; None when the bracket would be wider than
+    BRACKET_MAX.
 
     The k-th largest of n is the (n - k)-th smallest; in a sample of m it sits near rank
     r = (n - k) m / n, give or take z sqrt(m q (1 - q)) (q = k / n, binomial). The sample's order
     statistics come from a histogram of their top 16 bits (no sort), so lo and hi are rounded out
     to whole 2**16-pattern buckets."""
-    n = flat.numel()
+    n = src.x.numel()
     off, stride, runs = sample_positions(n)
     m = runs * SAMPLE_RUN
-    dev = flat.device
+    dev = src.x.device
     samp = scratch("topk:sample", m, torch.float32, dev)
-
-    def runs_of(t: torch.Tensor) -> torch.Tensor:
-        return t[off : off + runs * stride].view(runs, stride)[:, :SAMPLE_RUN]
-
-    if base is not None:
-        torch.sub(runs_of(flat), runs_of(base.reshape(-1)), out=samp.view(runs, SAMPLE_RUN))
-    else:
-        samp.view(runs, SAMPLE_RUN).copy_(runs_of(flat))
+    src.sample(off, stride, runs, samp.view(runs, SAMPLE_RUN))
     sb = samp.view(torch.int32).bitwise_and_(_ABS).bitwise_right_shift_(16)
     b_min, b_max = (int(v) for v in torch.aminmax(sb))
     ix = scratch("topk:sample_idx", m, torch.int64, dev)
@@ -358,23 +411,19 @@ def _ones_i32(n: int, device: torch.device) -> torch.Tensor:
     return constant("ones", n, torch.int32, device, lambda m, dt: torch.ones(m, dtype=dt))
 
 
-def _bracket_cuts(
-    flat: torch.Tensor, base: Optional[torch.Tensor], ks: Sequence[int], lo: int, hi: int
-) -> Optional[list[TopCut]]:
-    """The cuts keeping the k largest magnitudes (0 < k < n), in one pass that also does
-    flat -= base, if every k-th largest |x| lies in the bit patterns [lo, hi]; else None.
+def _bracket_cuts(src: Deltas, ks: Sequence[int], lo: int, hi: int) -> Optional[list[TopCut]]:
+    """The cuts keeping the k largest magnitudes (0 < k < n), in one pass (the first: in place, it
+    also does x -= base), if every k-th largest |x| lies in the bit patterns [lo, hi]; else None.
 
     The pass histograms |x|'s bits b as clamp(b - lo + L, lane, W + L + 1 + lane) (W = hi - lo,
     L lanes, lane = position mod L): each pattern of the bracket has its own bin, entries below
     it fall in bins [0, L) and those above in the last L bins."""
-    n = flat.numel()
-    dev = flat.device
+    n = src.x.numel()
+    dev = src.x.device
     w = hi - lo
     top = _LANES + w + 1  # first bin above the bracket
     size = top + _LANES
-    bits = flat.view(torch.int32)
-    bflat = base.reshape(-1) if base is not None else None
-    step = min(chunk_size(flat), n)
+    step = min(chunk_size(src.x), n)
 
     def one_pass(_i: int, s0: int, s1: int) -> torch.Tensor:
         m = min(step, s1 - s0)
@@ -383,20 +432,19 @@ def _bracket_cuts(
         lane_lo = _lanes(m, torch.int32, dev)
         lane_hi = torch.add(lane_lo, top, out=scratch("topk:lane_hi", m, torch.int32, dev))
         ones = _ones_i32(m, dev)
+        dbuf = scratch("topk:delta", m, torch.float32, dev)
         hist = hists[_i].zero_()
         for s, e in spans(s0, s1, step):
             c = e - s
-            if bflat is not None:
-                flat[s:e].sub_(bflat[s:e])
             bb = b[:c]
-            torch.bitwise_and(bits[s:e], _ABS, out=bb)
+            torch.bitwise_and(src.chunk(s, e, dbuf).view(torch.int32), _ABS, out=bb)
             bb.sub_(lo - _LANES)
             torch.clamp(bb, lane_lo[:c], lane_hi[:c], out=bb)
             ix[:c].copy_(bb)
             hist.scatter_add_(0, ix[:c], ones[:c])
         return hist
 
-    with workers(flat) as nw:
+    with workers(src.x) as nw:
         segs = segments(n, step, nw)
         # one histogram per segment, all in this thread's buffer (a pool thread may run two segments)
         hists = scratch("topk:hists", len(segs) * size, torch.int32, dev).view(len(segs), size)
@@ -406,7 +454,7 @@ def _bracket_cuts(
         total = torch.sum(hists, 0, dtype=torch.int32, out=scratch("topk:total", size, torch.int32, dev))
     above = int(total[top:].sum())
     inside = total[_LANES:top]  # counts of the patterns lo .. hi
-    n_inside = int(inside.sum())
+    n_inside = int(inside.sum(dtype=torch.int32))  # (counts of < 2**31 entries; int32 sums are 6x faster)
     cuts = []
     for k in ks:
         if not above < k <= above + n_inside:
@@ -436,7 +484,7 @@ def _from_top(h: torch.Tensor, kk: int) -> tuple[int, int]:
     while h.numel() > 4096:
         nb = h.numel() // 1024
         head = h.numel() - nb * 1024  # the partial block is the lowest one
-        sums = h[head:].view(nb, 1024).sum(1).flip(0).cumsum(0)  # from the top block down
+        sums = h[head:].view(nb, 1024).sum(1, dtype=h.dtype).flip(0).cumsum(0)  # from the top block down
         j = int(torch.searchsorted(sums, kk))
         if j == nb:  # in the partial block below the whole ones
             greater += int(sums[-1])
@@ -462,7 +510,6 @@ class Shrinker:
         self.left = cut.seg_need[seg] if cut.need > 0 else 0
         if self.left > 0:
             self.buf = scratch(f"shrink:{tag}:bits", step, torch.int32, device)
-            self.eq = scratch(f"shrink:{tag}:eq", step, torch.bool, device)
 
     def __call__(self, x: torch.Tensor) -> None:
         """Zero, in place, the entries of this chunk (the next one in order) the cut drops."""
@@ -473,15 +520,17 @@ class Shrinker:
             torch.hardshrink(x, cut.lam_gt, out=x)
             return
         m = x.numel()
-        b, q = self.buf[:m], self.eq[:m]
+        b = self.buf[:m]
+        # min(| |x|'s bits - t_bits |, 1): 0 exactly at the tied entries, in int32 arithmetic
+        # (|x|'s bits and t_bits lie in [0, 2**31): no overflow), 4x faster than eq + count_nonzero
         torch.bitwise_and(x.view(torch.int32), _ABS, out=b)
-        torch.eq(b, cut.t_bits, out=q)
-        c = int(torch.count_nonzero(q))
+        b.sub_(cut.t_bits).abs_().clamp_(max=1)
+        c = m - int(b.sum(dtype=torch.int32))
         if c <= self.left:
             torch.hardshrink(x, cut.lam_ge, out=x)
             self.left -= c
             return
-        split = int(q.nonzero()[self.left - 1, 0]) + 1
+        split = int((b == 0).nonzero()[self.left - 1, 0]) + 1
         head, tail = x[:split], x[split:]
         torch.hardshrink(head, cut.lam_ge, out=head)
         torch.hardshrink(tail, cut.lam_gt, out=tail)
@@ -522,54 +571,87 @@ def apply_cuts(flat: torch.Tensor, keep: TopCut, drop: Optional[TopCut] = None) 
         run_segments(segs, work)
 
 
-def magnitude_cut(tensor: torch.Tensor, density: float, base: Optional[torch.Tensor] = None) -> Optional[TopCut]:
-    """sparsify(tensor, density, "magnitude", base=base) up to the masking: `tensor` becomes its
-    task vector and the returned cut says which entries the mask keeps (apply it with apply_cuts
-    or, chunk by chunk inside another loop, with each_masked_chunk). None: this tensor is not
+def magnitude_cut(
+    tensor: torch.Tensor, density: float, base: Optional[torch.Tensor] = None, stream: bool = False
+) -> Optional[TopCut]:
+    """sparsify(tensor, density, "magnitude", base=base) up to the masking: the returned cut says
+    which entries the mask keeps (apply it with apply_cuts or, chunk by chunk inside another loop,
+    with each_masked_chunk). In place, `tensor` becomes its task vector; with `stream` (see
+    Deltas) tensor and base stay as they are, in any float dtype. None: this tensor is not
     contiguous (or its base is not), call sparsify instead."""
     if not tensor.is_contiguous() or (base is not None and not base.is_contiguous()):
         return None
     if base is not None and base.shape != tensor.shape:
         raise ValueError(f"base shape {list(base.shape)} differs from {list(tensor.shape)}")
     if density >= 1 or tensor.numel() == 0:
-        if base is not None:
+        if base is not None and not stream:
             tensor.sub_(base)
         return KEEP_ALL
     if density <= 0:
-        tensor.zero_()
+        if not stream:
+            tensor.zero_()
         return KEEP_NONE
     flat = tensor.view(-1)
     with workers(tensor):
-        (cut,) = top_cuts(flat, [max(1, int(density * flat.numel()))], base)
+        (cut,) = top_cuts(flat, [max(1, int(density * flat.numel()))], base, stream)
     return cut
 
 
 def each_masked_chunk(
-    t: torch.Tensor, masked: Sequence[tuple[torch.Tensor, TopCut]], fn: Callable[..., None], scratch_n: int = 0
+    base: torch.Tensor,
+    masked: Sequence[tuple[Deltas, TopCut]],
+    fn: Callable[..., None],
+    scratch_n: int = 0,
 ) -> None:
-    """fn(s, e, *bufs) for every chunk [s, e) of the 1-D tensor `t` (as chunks.each_chunk), after
-    zeroing in each (tensor, cut) of `masked` the entries of [s, e) that the cut drops: the
-    masking of sparsify fused into the loop that reads the task vectors next, so a tensor is not
-    read and written once more just to be masked. Same result as apply_cuts first."""
-    n = t.numel()
-    step = max(1, min(chunk_size(t), n))
-    with workers(t) as w:
-        segs = segments(n, step, w)
+    """fn(s, e, bc, dcs, *bufs) for every chunk [s, e) of the 1-D tensor `base` (spread over the
+    workers as chunks.each_chunk does): bc is the base's chunk as float32 and dcs[j] the chunk of
+    task vector j of `masked` with the entries its cut drops zeroed. The masking of sparsify
+    fused into the loop that reads the task vectors next, so no tensor is read and written once
+    more just to be masked; same result as apply_cuts first.
+
+    In place (the Deltas are not streamed; base is float32): bc and dcs are views of the tensors
+    themselves (fn may update bc: the result lands in base). Streamed: `base` may be any float
+    dtype; bc and dcs are chunk buffers, computed from the inputs for this chunk only, and fn
+    stores the result wherever it wants."""
+    n = base.numel()
+    step = max(1, min(chunk_size(base), n))
+    stream = any(d.stream for d, _ in masked)
+    with workers(base) as w:
+        # the chunks of the cuts that keep part of a tie set (they count ties segment by segment),
+        # made where the cuts were (perhaps with another number of workers), else this block's
+        segs = next((list(c.segs) for _, c in masked if c.need > 0), None) or segments(n, step, w)
         for d, cut in masked:
             if cut.need > 0 and list(cut.segs) != segs:  # cut from other chunking: mask up front
-                apply_cuts(d.view(-1), cut)
-        live = [(d.view(-1), c) for d, c in masked if not c.keeps_all and not (c.need > 0 and list(c.segs) != segs)]
+                if stream:
+                    raise ValueError("each_masked_chunk: a streamed task vector's cut was made with other chunks")
+                d.materialize()
+                apply_cuts(d.x, cut)
 
         def work(i: int, lo: int, hi: int) -> None:
             m = min(step, hi - lo)
-            bufs = [scratch(f"each_chunk:{j}", m, t.dtype, t.device) for j in range(scratch_n)]
-            shrink = [(d, Shrinker(c, i, step, t.device, f"mask{j}")) for j, (d, c) in enumerate(live)]
+            bufs = [scratch(f"each_chunk:{j}", m, torch.float32, base.device) for j in range(scratch_n)]
+            if stream:
+                b32 = scratch("masked:base", m, torch.float32, base.device)
+                dbufs = [scratch(f"masked:{j}", m, torch.float32, base.device) for j in range(len(masked))]
+            else:
+                dbufs = [None] * len(masked)
+            shrink = [
+                Shrinker(c, i, step, base.device, f"mask{j}") if list(c.segs) == segs or c.need <= 0 else None
+                for j, (_, c) in enumerate(masked)
+            ]
             for s, e in spans(lo, hi, step):
-                for d, sh in shrink:
-                    sh(d[s:e])
-                fn(s, e, *(b[: e - s] for b in bufs))
+                bc = b32[: e - s].copy_(base[s:e]) if stream else base[s:e]
+                dcs = []
+                for (d, _), sh, db in zip(masked, shrink, dbufs):
+                    dc = d.chunk(s, e, db, bc) if stream else d.chunk(s, e, db)
+                    if sh is not None:
+                        sh(dc)
+                    dcs.append(dc)
+                fn(s, e, bc, dcs, *(b[: e - s] for b in bufs))
 
         run_segments(segs, work)
+        for d, _ in masked:
+            d.settled()
 
 
 # ---- the methods ---------------------------------------------------------------------------------

@@ -22,13 +22,13 @@ with the same masks the results agree bit for bit.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 
-from ..chunks import each_chunk, workers
+from ..chunks import workers
 from ..errors import RecipeError
-from ..sparsify import KEEP_ALL, MAGNITUDE, TopCut, each_masked_chunk, magnitude_cut, sparsify
+from ..sparsify import KEEP_ALL, MAGNITUDE, Deltas, TopCut, each_masked_chunk, magnitude_cut, sparsify
 from .base import MergeMethod, Param, TensorTask, in_range
 
 
@@ -113,6 +113,42 @@ class TaskArithmeticFamily(MergeMethod):
         super().__init_subclass__(**kwargs)
         cls.sparsifies = cls.sparsification is not None
 
+    def streams(self, params: dict) -> bool:
+        """task_arithmetic and TIES without rescale merge from the storage dtype (merge_into)."""
+        if self.sparsification is None:
+            return True
+        return self.sparsification == MAGNITUDE and self.consensus and not bool(params["rescale"])
+
+    def prepare(self, task: TensorTask) -> Optional[list[TopCut]]:
+        """TIES, streamed: each task vector's top-k cut (the inputs stay as they are)."""
+        if not self.consensus or task.base is None:
+            return None
+        with workers(task.base):
+            cuts = [
+                magnitude_cut(x, float(mp["density"]) if self.sparsification else 1.0, task.base, stream=True)
+                for x, mp in zip(task.models, task.model_params)
+            ]
+        assert all(c is not None for c in cuts), "streamed inputs are contiguous"
+        return cuts  # type: ignore[return-value]
+
+    def merge_into(self, task: TensorTask, out: torch.Tensor, prepared: Optional[list[TopCut]] = None) -> None:
+        """merge(), streamed: task vectors are recomputed chunk by chunk from the inputs in their
+        storage dtype, each chunk's result cast into `out`; no float32 copy of any tensor exists.
+        `prepared`: prepare(task)'s cuts (TIES)."""
+        base = task.base
+        assert base is not None, f"{self.name} needs a base model"
+        p = task.params
+        if not task.models:
+            out.copy_(base)
+            return
+        weights = [float(mp["weight"]) for mp in task.model_params]
+        with workers(base):
+            if not self.consensus:  # (streams(): no sparsification)
+                combine_linear(base, task.models, weights, bool(p["normalize"]), float(p["lambda"]), out=out)
+                return
+            cuts = prepared if prepared is not None else self.prepare(task)
+            combine_ties(base, task.models, weights, bool(p["normalize"]), float(p["lambda"]), cuts=cuts, out=out)
+
     def merge(self, task: TensorTask) -> torch.Tensor:
         base = task.base
         assert base is not None, f"{self.name} needs a base model"
@@ -159,10 +195,6 @@ class TaskArithmeticFamily(MergeMethod):
             )
 
 
-def _contiguous(base: torch.Tensor, deltas: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return base.view(-1), [d.view(-1) if d.is_contiguous() else d.contiguous().view(-1) for d in deltas]
-
-
 def combine_linear(
     base: torch.Tensor,
     deltas: list[torch.Tensor],
@@ -170,22 +202,23 @@ def combine_linear(
     normalize: bool,
     lam: float,
     deltas_ready: bool = True,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """base += lambda * sum_i w_i d_i [/ sum_i w_i], in place; `deltas` are overwritten.
-    deltas_ready=False: `deltas` hold the experts' weights; d_i = theta_i - base is fused in."""
+    deltas_ready=False: `deltas` hold the experts' weights; d_i = theta_i - base is fused in.
+    `out`: streamed instead (see sparsify.Deltas): `deltas` hold the experts' weights and base and
+    they stay untouched, in any float dtype; the result goes into `out`, in its dtype."""
     div = float(torch.tensor(weights, dtype=torch.float32).sum())
     if abs(div) < 1e-8:
         div = 1.0
-    if not base.is_contiguous():
-        return base.copy_(combine_linear(base.contiguous(), deltas, weights, normalize, lam, deltas_ready))
-    b, ds = _contiguous(base, deltas)
+    return _combine(
+        base, deltas, weights, deltas_ready, out, None, lambda: _linear_mix(weights, normalize, div, lam), 1
+    )
 
-    def mix(s: int, e: int, m: torch.Tensor) -> None:
-        bc = b[s:e]
-        for i, (d, w) in enumerate(zip(ds, weights)):
-            dc = d[s:e]
-            if not deltas_ready:
-                dc.sub_(bc)
+
+def _linear_mix(weights: list[float], normalize: bool, div: float, lam: float) -> Callable[..., None]:
+    def mix(s: int, e: int, bc: torch.Tensor, dcs: list[torch.Tensor], m: torch.Tensor) -> None:
+        for i, (dc, w) in enumerate(zip(dcs, weights)):
             if w != 1:  # (x * 1.0 is x, bit for bit)
                 dc.mul_(w)
             if i == 0:
@@ -198,8 +231,43 @@ def combine_linear(
             m.mul_(lam)
         bc.add_(m)
 
-    each_chunk(b, mix, scratch=1)
-    return base
+    return mix
+
+
+def _combine(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    deltas_ready: bool,
+    out: Optional[torch.Tensor],
+    cuts: Optional[list[TopCut]],
+    make_mix: Callable[[], Callable[..., None]],
+    scratch_n: int,
+) -> torch.Tensor:
+    """The chunk loop under combine_linear and combine_ties: `make_mix()`'s fn(s, e, bc, dcs, *bufs)
+    adds the merged task vector of chunk [s, e) into bc, the base's chunk."""
+    stream = out is not None
+    if not stream and not base.is_contiguous():
+        return base.copy_(_combine(base.contiguous(), deltas, weights, deltas_ready, None, cuts, make_mix, scratch_n))
+    if stream and not (base.is_contiguous() and out.is_contiguous() and all(d.is_contiguous() for d in deltas)):
+        raise ValueError("streamed merge: inputs and output must be contiguous")
+    b = base.view(-1)
+    srcs = [
+        Deltas(d if d.is_contiguous() else d.contiguous(), base if (stream or not deltas_ready) else None, stream)
+        for d in deltas
+    ]
+    mix = make_mix()
+    if stream:
+        o = out.view(-1)
+
+        def fn(s: int, e: int, bc: torch.Tensor, dcs: list[torch.Tensor], *bufs: torch.Tensor) -> None:
+            mix(s, e, bc, dcs, *bufs)
+            o[s:e].copy_(bc)  # the cast to the output dtype, chunk by chunk
+
+    else:
+        fn = mix
+    each_masked_chunk(b, list(zip(srcs, cuts or [KEEP_ALL] * len(srcs))), fn, scratch_n=scratch_n)
+    return out if stream else base
 
 
 def combine_ties(
@@ -210,24 +278,43 @@ def combine_ties(
     lam: float,
     deltas_ready: bool = True,
     cuts: Optional[list[TopCut]] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """TIES: elect a sign per entry, sum the agreeing weighted deltas, in place into base.
-    `cuts`: each delta's top-k mask (sparsify.magnitude_cut), applied chunk by chunk here."""
-    if not base.is_contiguous():
-        return base.copy_(combine_ties(base.contiguous(), deltas, weights, normalize, lam, deltas_ready, cuts))
-    b, ds = _contiguous(base, deltas)
-    one = torch.ones((), dtype=torch.float32, device=b.device)
+    `cuts`: each delta's top-k mask (sparsify.magnitude_cut), applied chunk by chunk here.
+    `out`: streamed, as in combine_linear."""
     # all weights >= 0: div is 0 exactly where nothing agrees (and mix is 0 there) and otherwise
     # at least the smallest positive weight, so clamping to that weight stands for "0 -> 1"
     pos_w = [w for w in weights if w > 0]
     clamp_to = min(pos_w) if pos_w and all(w >= 0 for w in weights) else None
+    return _combine(
+        base,
+        deltas,
+        weights,
+        deltas_ready,
+        out,
+        cuts,
+        lambda: _ties_mix(weights, normalize, lam, clamp_to, base.device),
+        4,
+    )
 
-    def mix(s: int, e: int, m: torch.Tensor, sg: torch.Tensor, dv: torch.Tensor, t: torch.Tensor) -> None:
-        bc = b[s:e]
-        dcs = [d[s:e] for d in ds]
+
+def _ties_mix(
+    weights: list[float], normalize: bool, lam: float, clamp_to: Optional[float], device: torch.device
+) -> Callable[..., None]:
+    one = torch.ones((), dtype=torch.float32, device=device)
+
+    def mix(
+        s: int,
+        e: int,
+        bc: torch.Tensor,
+        dcs: list[torch.Tensor],
+        m: torch.Tensor,
+        sg: torch.Tensor,
+        dv: torch.Tensor,
+        t: torch.Tensor,
+    ) -> None:
         for dc, w in zip(dcs, weights):
-            if not deltas_ready:
-                dc.sub_(bc)
             if w != 1:  # (x * 1.0 is x, bit for bit)
                 dc.mul_(w)  # weighted deltas, in place
         # elected sign: +1 where the sum is >= 0 (copysign(1, -0.0) = -1 only if all terms are 0)
@@ -238,6 +325,8 @@ def combine_ties(
             for dc in dcs[2:]:
                 m.add_(dc)
             torch.copysign(one, m, out=sg)
+        # with s = +-1: sum_i [w_i d_i agrees] w_i d_i = s * sum_i relu(s w_i d_i), exactly (a sign
+        # flip commutes with rounding), so the sum is taken on the magnitudes and signed once
         for i, (dc, w) in enumerate(zip(dcs, weights)):
             dc.mul_(sg).clamp_(min=0)  # |w d| where it agrees, else 0
             if normalize:
@@ -246,11 +335,11 @@ def combine_ties(
                     dv.copy_(t) if w == 1 else torch.mul(t, w, out=dv)
                 else:
                     dv.add_(t, alpha=w)
-            dc.mul_(sg)  # back to w d where it agrees, else 0
             if i == 0:
                 m.copy_(dc)
             else:
                 m.add_(dc)
+        m.mul_(sg)
         if normalize:
             if clamp_to is not None:
                 dv.clamp_(min=clamp_to)
@@ -261,8 +350,4 @@ def combine_ties(
             m.mul_(lam)
         bc.add_(m)
 
-    if cuts is None:
-        each_chunk(b, mix, scratch=4)
-    else:
-        each_masked_chunk(b, list(zip(ds, cuts)), mix, scratch_n=4)
-    return base
+    return mix

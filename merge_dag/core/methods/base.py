@@ -6,6 +6,15 @@ see merge_dag.core.params) and calls `merge(task)`. The method returns the merge
 the engine casts it to the output dtype and writes it. Inputs in `task` belong to the method and
 may be modified in place (this keeps peak memory near (inputs + 2) x one tensor; methods that need
 more temporaries say how many in `work_copies`, which the engine's memory estimate uses).
+
+A method may also stream: where `streams(params)` is true the engine (on the CPU) calls
+`prepare(task)` as soon as a tensor's inputs are read (on the read-ahead thread, so it overlaps
+the previous tensor's merge; TIES finds each task vector's top-k cut there), then
+`merge_into(task, out, prepared)`, with the inputs in their storage dtype (bf16, fp16 or float32;
+read-only) and `out` a tensor of the output's shape and dtype to fill. Computing chunk by chunk
+in float32 from there, the method never makes a float32 copy of a whole tensor: less memory, and
+every input byte is read once per pass instead of cast, written and re-read. The bits must equal
+those of merge() followed by the cast.
 """
 
 from __future__ import annotations
@@ -87,6 +96,20 @@ class MergeMethod:
     takes_coefficients: ClassVar[bool] = False  # scales each task vector by a per-model `weight` (Sens-Merging applies)
 
     def merge(self, task: TensorTask) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def streams(self, params: dict[str, Any]) -> bool:
+        """Whether merge_into handles a tensor with these global parameters (see the module
+        docstring). A method may say so only if its output is NaN or Inf somewhere whenever an
+        input is: the engine then checks the output alone, and the inputs only to name the culprit."""
+        return False
+
+    def prepare(self, task: TensorTask) -> Any:
+        """A streamed merge's work on one tensor's inputs alone (see the module docstring)."""
+        return None
+
+    def merge_into(self, task: TensorTask, out: torch.Tensor, prepared: Any = None) -> None:  # pragma: no cover
+        """merge() from the inputs' storage dtype into `out`, given prepare(task) (module docstring)."""
         raise NotImplementedError
 
     @classmethod
