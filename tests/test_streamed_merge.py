@@ -131,3 +131,22 @@ def test_engine_output_is_the_same_streamed_or_not(tmp_path, family, monkeypatch
     assert streamed.output_fingerprint == plain.output_fingerprint
     a, b = load_all(tmp_path / "a"), load_all(tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_streamed_ties_on_the_one_pass_path(monkeypatch, coarse):
+    """Tensors large enough for the sampled bracket (every tensor of the bench takes it): the
+    experts' cuts come from one shared pass, and the bits still equal the float32 path's."""
+    passes = []
+    real = sp._bracket_cuts_many
+    monkeypatch.setattr(sp, "_bracket_cuts_many", lambda *a: passes.append(len(a[0])) or real(*a))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        raws = inputs(3, torch.bfloat16, seed=5, n=1 << 21, coarse=coarse)
+        mps = [{"weight": w, "density": d} for w, d in ((1.0, 0.3), (0.6, 0.5), (1.2, 0.2))]
+        want, got = both_ways("ties", raws, mps, full_params("ties"), torch.bfloat16)
+    finally:
+        torch.set_num_threads(old)
+    assert passes == [1, 1, 1, 3]  # the float32 path: one pass per expert; the streamed one: one for all
+    assert torch.equal(want.view(torch.int16), got.view(torch.int16))

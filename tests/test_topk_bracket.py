@@ -227,3 +227,40 @@ def test_magnitude_cut_edges():
     y = x.clone()
     assert sp.magnitude_cut(y, 0.0, base) is sp.KEEP_NONE and not y.any()
     assert sp.magnitude_cut(torch.randn(5, 6).t(), 0.5) is None  # not contiguous: use sparsify
+
+
+def test_magnitude_cuts_of_several_task_vectors_in_one_pass(monkeypatch):
+    """magnitude_cuts (TIES's streamed prepare: one loop over the chunks for all experts) gives the
+    cuts magnitude_cut gives one by one, with a bracket that misses (radix select) among them."""
+    n = 1 << 21  # a sample of 2**16 entries: brackets narrow enough for the one-pass path
+    g = torch.Generator().manual_seed(11)
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(n, generator=g) * 0.002).to(torch.bfloat16) for _ in range(2)]
+    xs.append((base.float() + torch.randint(-2, 3, (n,), generator=g).float() * 0.001).to(torch.bfloat16))
+    xs.append(base.clone()[:1000].reshape(10, 100))  # too small for a bracket: magnitude_cut itself
+    densities = [0.3, 0.9, 0.5, 0.4]
+    bases = [base, base, base, base[:1000].reshape(10, 100)]
+    want = [sp.magnitude_cut(x, d, b, stream=True) for x, d, b in zip(xs, densities, bases)]
+    assert want[2].need > 0  # a partial tie set
+    got = sp.magnitude_cuts(xs[:3], densities[:3], base, stream=True)
+    assert got == want[:3]
+    assert sp.magnitude_cuts(xs[3:], densities[3:], bases[3], stream=True) == want[3:]
+    real, calls, passes = sp.sample_bracket, [], []
+    real_pass = sp._bracket_cuts_many
+
+    def one_pass(srcs, kss, brackets):
+        found = real_pass(srcs, kss, brackets)
+        passes.append([f is not None for f in found])
+        return found
+
+    monkeypatch.setattr(sp, "_bracket_cuts_many", one_pass)
+    assert sp.magnitude_cuts(xs[:3], densities[:3], base, stream=True) == want[:3]
+    assert passes == [[True, True, True]]  # all three in one pass, every bracket hit
+
+    def second_misses(src, ks):
+        calls.append(1)
+        return (0, 5) if len(calls) == 2 else real(src, ks)
+
+    monkeypatch.setattr(sp, "sample_bracket", second_misses)
+    assert sp.magnitude_cuts(xs[:3], densities[:3], base, stream=True) == want[:3]
+    assert len(calls) == 3 and passes[-1] == [True, False, True]

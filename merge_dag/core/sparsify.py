@@ -418,40 +418,75 @@ def _bracket_cuts(src: Deltas, ks: Sequence[int], lo: int, hi: int) -> Optional[
     The pass histograms |x|'s bits b as clamp(b - lo + L, lane, W + L + 1 + lane) (W = hi - lo,
     L lanes, lane = position mod L): each pattern of the bracket has its own bin, entries below
     it fall in bins [0, L) and those above in the last L bins."""
-    n = src.x.numel()
-    dev = src.x.device
-    w = hi - lo
-    top = _LANES + w + 1  # first bin above the bracket
-    size = top + _LANES
-    step = min(chunk_size(src.x), n)
+    return _bracket_cuts_many([src], [ks], [(lo, hi)])[0]
 
-    def one_pass(_i: int, s0: int, s1: int) -> torch.Tensor:
+
+def _bracket_cuts_many(
+    srcs: Sequence[Deltas], kss: Sequence[Sequence[int]], brackets: Sequence[tuple[int, int]]
+) -> list[Optional[list[TopCut]]]:
+    """_bracket_cuts for several task vectors of one length at once, in one loop over the chunks:
+    when they are streamed from one base, its chunk is read and cast once for all of them."""
+    n = srcs[0].x.numel()
+    dev = srcs[0].x.device
+    shapes = []  # (lo, top, size) per task vector
+    for lo, hi in brackets:
+        top = _LANES + hi - lo + 1  # first bin above the bracket
+        shapes.append((lo, top, top + _LANES))
+    step = min(chunk_size(srcs[0].x), n)
+    base = srcs[0].base
+    shared = all(s.stream and s.base is base for s in srcs) and base is not None
+
+    def one_pass(_i: int, s0: int, s1: int) -> list[torch.Tensor]:
         m = min(step, s1 - s0)
         b = scratch("topk:bits", m, torch.int32, dev)
         ix = scratch("topk:idx", m, torch.int64, dev)
         lane_lo = _lanes(m, torch.int32, dev)
-        lane_hi = torch.add(lane_lo, top, out=scratch("topk:lane_hi", m, torch.int32, dev))
+        lane_hi = scratch("topk:lane_hi", m, torch.int32, dev)
         ones = _ones_i32(m, dev)
         dbuf = scratch("topk:delta", m, torch.float32, dev)
-        hist = hists[_i].zero_()
+        b32 = scratch("topk:base", m, torch.float32, dev) if shared else None
+        mine = [h[_i].zero_() for h in hists]
         for s, e in spans(s0, s1, step):
             c = e - s
+            bc = b32[:c].copy_(base[s:e]) if b32 is not None else None  # type: ignore[index]
             bb = b[:c]
-            torch.bitwise_and(src.chunk(s, e, dbuf).view(torch.int32), _ABS, out=bb)
-            bb.sub_(lo - _LANES)
-            torch.clamp(bb, lane_lo[:c], lane_hi[:c], out=bb)
-            ix[:c].copy_(bb)
-            hist.scatter_add_(0, ix[:c], ones[:c])
-        return hist
+            for src, (lo, top, _), hist in zip(srcs, shapes, mine):
+                torch.bitwise_and(src.chunk(s, e, dbuf, bc).view(torch.int32), _ABS, out=bb)
+                bb.sub_(lo - _LANES)
+                torch.clamp(bb, lane_lo[:c], torch.add(lane_lo[:c], top, out=lane_hi[:c]), out=bb)
+                ix[:c].copy_(bb)
+                hist.scatter_add_(0, ix[:c], ones[:c])
+        return mine
 
-    with workers(src.x) as nw:
+    with workers(srcs[0].x) as nw:
         segs = segments(n, step, nw)
-        # one histogram per segment, all in this thread's buffer (a pool thread may run two segments)
-        hists = scratch("topk:hists", len(segs) * size, torch.int32, dev).view(len(segs), size)
+        # per task vector one histogram per segment, in this thread's buffers (a pool thread may
+        # run two segments)
+        hists = [
+            scratch(f"topk:hists:{j}", len(segs) * size, torch.int32, dev).view(len(segs), size)
+            for j, (_, _, size) in enumerate(shapes)
+        ]
         per_seg = run_segments(segs, one_pass)
-    total = per_seg[0]
-    if len(per_seg) > 1:  # summed into a reused buffer (a fresh multi-MB tensor is fresh pages)
-        total = torch.sum(hists, 0, dtype=torch.int32, out=scratch("topk:total", size, torch.int32, dev))
+    out: list[Optional[list[TopCut]]] = []
+    for j, (ks, (lo, top, size)) in enumerate(zip(kss, shapes)):
+        seg_hists = [p[j] for p in per_seg]
+        total = seg_hists[0]
+        if len(seg_hists) > 1:  # summed into a reused buffer (a fresh multi-MB tensor is fresh pages)
+            total = torch.sum(hists[j], 0, dtype=torch.int32, out=scratch("topk:total", size, torch.int32, dev))
+        out.append(_cuts_from_histogram(ks, lo, top, total, seg_hists, segs))
+    return out
+
+
+def _cuts_from_histogram(
+    ks: Sequence[int],
+    lo: int,
+    top: int,
+    total: torch.Tensor,
+    per_seg: list[torch.Tensor],
+    segs: list[tuple[int, int]],
+) -> Optional[list[TopCut]]:
+    """The cuts from a bracket pass's histograms (see _bracket_cuts), or None if a threshold lies
+    outside the bracket."""
     above = int(total[top:].sum())
     inside = total[_LANES:top]  # counts of the patterns lo .. hi
     n_inside = int(inside.sum(dtype=torch.int32))  # (counts of < 2**31 entries; int32 sums are 6x faster)
@@ -595,6 +630,38 @@ def magnitude_cut(
     with workers(tensor):
         (cut,) = top_cuts(flat, [max(1, int(density * flat.numel()))], base, stream)
     return cut
+
+
+def magnitude_cuts(
+    tensors: Sequence[torch.Tensor], densities: Sequence[float], base: torch.Tensor, stream: bool = False
+) -> list[Optional[TopCut]]:
+    """magnitude_cut of each tensor (one shape, one base): the same cuts, but the bracket passes of
+    the large ones share one loop over the chunks, so a streamed base is read and cast once per
+    chunk for all of them instead of once per tensor."""
+    cuts: list[Optional[TopCut]] = [None] * len(tensors)
+    todo = []  # (index, task vector, k, bracket)
+    for j, (x, density) in enumerate(zip(tensors, densities)):
+        n = x.numel()
+        k = max(1, int(density * n))
+        if 0 < density < 1 and k < n and n >= SAMPLE_MIN_N and x.is_contiguous() and base.is_contiguous():
+            src = Deltas(x.view(-1), base.view(-1), stream)
+            with workers(x):
+                bracket = sample_bracket(src, [k])
+            if bracket is not None:
+                todo.append((j, src, k, bracket))
+                continue
+        cuts[j] = magnitude_cut(x, density, base, stream)  # small, trivial or a bracket too wide
+    if todo:
+        with workers(base):
+            found = _bracket_cuts_many([t[1] for t in todo], [[t[2]] for t in todo], [t[3] for t in todo])
+            for (j, src, k, _), f in zip(todo, found):
+                src.settled()
+                if f is None:  # the bracket missed: the radix select
+                    one: list[Optional[TopCut]] = [None]
+                    _radix_cuts(src, [k], [0], one)
+                    f = one  # type: ignore[assignment]
+                cuts[j] = f[0]  # type: ignore[index]
+    return cuts
 
 
 def each_masked_chunk(

@@ -28,7 +28,16 @@ import torch
 
 from ..chunks import workers
 from ..errors import RecipeError
-from ..sparsify import KEEP_ALL, MAGNITUDE, Deltas, TopCut, each_masked_chunk, magnitude_cut, sparsify
+from ..sparsify import (
+    KEEP_ALL,
+    MAGNITUDE,
+    Deltas,
+    TopCut,
+    each_masked_chunk,
+    magnitude_cut,
+    magnitude_cuts,
+    sparsify,
+)
 from .base import MergeMethod, Param, TensorTask, in_range
 
 
@@ -123,11 +132,9 @@ class TaskArithmeticFamily(MergeMethod):
         """TIES, streamed: each task vector's top-k cut (the inputs stay as they are)."""
         if not self.consensus or task.base is None:
             return None
+        densities = [float(mp["density"]) if self.sparsification else 1.0 for mp in task.model_params]
         with workers(task.base):
-            cuts = [
-                magnitude_cut(x, float(mp["density"]) if self.sparsification else 1.0, task.base, stream=True)
-                for x, mp in zip(task.models, task.model_params)
-            ]
+            cuts = magnitude_cuts(task.models, densities, task.base, stream=True)
         assert all(c is not None for c in cuts), "streamed inputs are contiguous"
         return cuts  # type: ignore[return-value]
 
