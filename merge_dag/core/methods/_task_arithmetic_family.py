@@ -218,9 +218,7 @@ def combine_linear(
     div = float(torch.tensor(weights, dtype=torch.float32).sum())
     if abs(div) < 1e-8:
         div = 1.0
-    return _combine(
-        base, deltas, weights, deltas_ready, out, None, lambda: _linear_mix(weights, normalize, div, lam), 1
-    )
+    return _combine(base, deltas, weights, deltas_ready, out, None, _linear_mix(weights, normalize, div, lam), 1)
 
 
 def _linear_mix(weights: list[float], normalize: bool, div: float, lam: float) -> Callable[..., None]:
@@ -248,14 +246,14 @@ def _combine(
     deltas_ready: bool,
     out: Optional[torch.Tensor],
     cuts: Optional[list[TopCut]],
-    make_mix: Callable[[], Callable[..., None]],
+    mix: Callable[..., None],
     scratch_n: int,
 ) -> torch.Tensor:
-    """The chunk loop under combine_linear and combine_ties: `make_mix()`'s fn(s, e, bc, dcs, *bufs)
-    adds the merged task vector of chunk [s, e) into bc, the base's chunk."""
+    """The chunk loop under combine_linear and combine_ties: mix(s, e, bc, dcs, *bufs) adds the
+    merged task vector of chunk [s, e) into bc, the base's chunk."""
     stream = out is not None
     if not stream and not base.is_contiguous():
-        return base.copy_(_combine(base.contiguous(), deltas, weights, deltas_ready, None, cuts, make_mix, scratch_n))
+        return base.copy_(_combine(base.contiguous(), deltas, weights, deltas_ready, None, cuts, mix, scratch_n))
     if stream and not (base.is_contiguous() and out.is_contiguous() and all(d.is_contiguous() for d in deltas)):
         raise ValueError("streamed merge: inputs and output must be contiguous")
     b = base.view(-1)
@@ -263,7 +261,6 @@ def _combine(
         Deltas(d if d.is_contiguous() else d.contiguous(), base if (stream or not deltas_ready) else None, stream)
         for d in deltas
     ]
-    mix = make_mix()
     if stream:
         o = out.view(-1)
 
@@ -301,7 +298,7 @@ def combine_ties(
         deltas_ready,
         out,
         cuts,
-        lambda: _ties_mix(weights, normalize, lam, clamp_to, base.device),
+        _ties_mix(weights, normalize, lam, clamp_to, base.device),
         4,
     )
 
